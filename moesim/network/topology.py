@@ -1,0 +1,253 @@
+"""Cluster topologies as networkx DiGraphs, with routing vectorised over device pairs.
+
+Nodes are devices (``n{a}.d{j}``), switches and NICs; every directed edge is a *link* with
+``bandwidth_bytes_per_s`` (one direction) and ``latency_s``, numbered by ``link_id``. A switched
+hop (device -> switch -> device) splits the link's latency between its two edges, so one hop
+costs the catalog latency once.
+
+Routing is structural (computed with numpy from the topology kind, not by graph search) so
+that millions of device pairs route in milliseconds; the test suite checks these paths against
+``networkx`` shortest paths on the same graph.
+
+Intra-node kinds: ``nvswitch`` / ``pcie`` (one switch, full bandwidth per device port),
+``full_mesh`` (a direct link per device pair, e.g. MI300X Infinity Fabric), ``ring``
+(bidirectional, shortest direction). Inter-node kinds: ``rail_optimized`` (NIC r of every node
+on rail switch r; traffic to a device on rail r first crosses the intra-node fabric to the
+local device on rail r, as NCCL's PXN does) and ``fat_tree`` (leaf switches with one spine,
+uplinks sized by ``oversubscription``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+
+from moesim.scenario import ClusterConfig, TopologyConfig
+
+
+@dataclass
+class Topology:
+    """A built topology: the graph, per-link arrays and routing tables."""
+
+    graph: nx.DiGraph
+    nodes: int
+    devices_per_node: int
+    intra_kind: str
+    inter_kind: str
+    link_names: list[str] = field(default_factory=list)
+    link_kinds: list[str] = field(default_factory=list)
+    bandwidth_bytes_per_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    latency_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    tables: dict[str, np.ndarray] = field(default_factory=dict)
+    nodes_per_leaf: int = 1
+    nic_of_local: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @property
+    def n_devices(self) -> int:
+        return self.nodes * self.devices_per_node
+
+    @property
+    def n_links(self) -> int:
+        return len(self.link_names)
+
+    def device_name(self, g: int) -> str:
+        return f"n{g // self.devices_per_node}.d{g % self.devices_per_node}"
+
+    def routes(self, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+        """Link ids along the path of each (src, dst) device pair, padded with -1: ``[F, H]``."""
+        src, dst = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
+        n = self.devices_per_node
+        a, j, b, k = src // n, src % n, dst // n, dst % n
+        local = a == b
+        out = np.full((len(src), 0), -1, dtype=np.int64)
+        if local.any():
+            intra = self._intra(a, j, k)
+            out = _hstack(out, np.where(local[:, None], intra, -1))
+        remote = ~local
+        if remote.any():
+            out = _hstack(out, np.where(remote[:, None], self._inter(a, j, b, k), -1))
+        # left-justify each row so that valid hops come first
+        order = np.argsort(out < 0, axis=1, kind="stable")
+        out = np.take_along_axis(out, order, axis=1)
+        width = int((out >= 0).sum(axis=1).max()) if len(out) else 0
+        return out[:, :width]
+
+    def path_latency_s(self, paths: np.ndarray) -> np.ndarray:
+        """Sum of link latencies along each padded path."""
+        lat = np.where(paths >= 0, self.latency_s[np.maximum(paths, 0)], 0.0)
+        return lat.sum(axis=1)
+
+    # -- routing pieces -------------------------------------------------------------------
+    def _intra(self, a: np.ndarray, j: np.ndarray, k: np.ndarray) -> np.ndarray:
+        """Intra-node path from local device j to k on node a (empty where j == k)."""
+        n, t = self.devices_per_node, self.tables
+        same = (j == k)[:, None]
+        if self.intra_kind in ("nvswitch", "pcie"):
+            hops = np.stack([t["up"][a * n + j], t["down"][a * n + k]], axis=1)
+        elif self.intra_kind == "full_mesh":
+            hops = t["mesh"][a, j, k][:, None]
+        else:  # ring, shortest direction
+            fwd_len = (k - j) % n
+            fwd = fwd_len <= n - fwd_len
+            length = np.where(fwd, fwd_len, n - fwd_len)
+            step = np.arange(max(1, n // 2))[None, :]
+            pos = np.where(fwd[:, None], j[:, None] + step, j[:, None] - step) % n
+            table = np.where(fwd[:, None], t["next"][a[:, None] * n + pos], 0)
+            table = np.where(~fwd[:, None], t["prev"][a[:, None] * n + pos], table)
+            hops = np.where(step < length[:, None], table, -1)
+        return np.where(same, -1, hops)
+
+    def _inter(self, a: np.ndarray, j: np.ndarray, b: np.ndarray, k: np.ndarray) -> np.ndarray:
+        n, t, nic = self.devices_per_node, self.tables, self.nic_of_local
+        r_dst = nic[k]
+        if self.inter_kind == "rail_optimized":
+            # PXN: hop inside the source node to the device on the destination's rail
+            nics = int(nic.max()) + 1
+            first_on_rail = (r_dst * n + nics - 1) // nics
+            p = np.where(nic[j] == r_dst, j, first_on_rail)
+            lead = self._intra(a, j, p)
+            tail = np.stack(
+                [
+                    t["dev_nic_up"][a * n + p],
+                    t["nic_up"][a, r_dst],
+                    t["nic_down"][b, r_dst],
+                    t["dev_nic_down"][b * n + k],
+                ],
+                axis=1,
+            )
+            return _hstack(lead, tail)
+        la, lb = a // self.nodes_per_leaf, b // self.nodes_per_leaf
+        cross = la != lb
+        return np.stack(
+            [
+                t["dev_nic_up"][a * n + j],
+                t["nic_up"][a, nic[j]],
+                np.where(cross, t["leaf_up"][la], -1),
+                np.where(cross, t["leaf_down"][lb], -1),
+                t["nic_down"][b, r_dst],
+                t["dev_nic_down"][b * n + k],
+            ],
+            axis=1,
+        )
+
+
+def _hstack(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return np.concatenate([x, y], axis=1)
+
+
+class _Builder:
+    """Accumulates nodes and links into a DiGraph and parallel arrays."""
+
+    def __init__(self) -> None:
+        self.graph = nx.DiGraph()
+        self.names: list[str] = []
+        self.kinds: list[str] = []
+        self.bw: list[float] = []
+        self.lat: list[float] = []
+
+    def link(self, u: str, v: str, kind: str, bw: float, lat: float) -> int:
+        lid = len(self.names)
+        self.graph.add_edge(u, v, link_id=lid, kind=kind, bandwidth_bytes_per_s=bw, latency_s=lat)
+        self.names.append(f"{u}->{v}")
+        self.kinds.append(kind)
+        self.bw.append(bw)
+        self.lat.append(lat)
+        return lid
+
+
+def build_topology(cluster: ClusterConfig, topo: TopologyConfig) -> Topology:
+    """Build the graph and routing tables for a cluster (topology fields already resolved)."""
+    nodes, n = cluster.nodes, cluster.devices_per_node
+    intra_link, intra_kind = topo.intra_node_link, topo.intra_node
+    b = _Builder()
+    for g in range(nodes * n):
+        b.graph.add_node(f"n{g // n}.d{g % n}", kind="device", device=g)
+    t: dict[str, np.ndarray] = {}
+    dev = [[f"n{a}.d{j}" for j in range(n)] for a in range(nodes)]
+    bw, lat = intra_link.bandwidth_bytes_per_s, intra_link.latency_s
+    if intra_kind in ("nvswitch", "pcie"):
+        up, down = np.empty(nodes * n, np.int64), np.empty(nodes * n, np.int64)
+        for a in range(nodes):
+            sw = f"n{a}.{'nvsw' if intra_kind == 'nvswitch' else 'pcisw'}"
+            b.graph.add_node(sw, kind="switch")
+            for j in range(n):
+                up[a * n + j] = b.link(dev[a][j], sw, "intra", bw, lat / 2)
+                down[a * n + j] = b.link(sw, dev[a][j], "intra", bw, lat / 2)
+        t["up"], t["down"] = up, down
+    elif intra_kind == "full_mesh":
+        mesh = np.full((nodes, n, n), -1, np.int64)
+        for a in range(nodes):
+            for j in range(n):
+                for k in range(n):
+                    if j != k:
+                        mesh[a, j, k] = b.link(dev[a][j], dev[a][k], "intra", bw, lat)
+        t["mesh"] = mesh
+    else:  # ring
+        nxt, prv = np.full(nodes * n, -1, np.int64), np.full(nodes * n, -1, np.int64)
+        for a in range(nodes):
+            for j in range(n):
+                if n > 1:
+                    nxt[a * n + j] = b.link(dev[a][j], dev[a][(j + 1) % n], "intra", bw, lat)
+            for j in range(n):
+                if n > 2:
+                    prv[a * n + j] = b.link(dev[a][j], dev[a][(j - 1) % n], "intra", bw, lat)
+                elif n == 2:
+                    prv[a * n + j] = nxt[a * n + j]
+        t["next"], t["prev"] = nxt, prv
+
+    nics = topo.nics_per_node or n
+    nic_of_local = np.arange(n) * nics // n
+    npl = topo.nodes_per_leaf or nodes
+    if nodes > 1:
+        host, net = topo.nic_host_link, topo.inter_node_link
+        t["dev_nic_up"] = np.empty(nodes * n, np.int64)
+        t["dev_nic_down"] = np.empty(nodes * n, np.int64)
+        t["nic_up"] = np.empty((nodes, nics), np.int64)
+        t["nic_down"] = np.empty((nodes, nics), np.int64)
+        hb, hl = host.bandwidth_bytes_per_s, host.latency_s / 2
+        nb, nl = net.bandwidth_bytes_per_s, net.latency_s / 2
+        for a in range(nodes):
+            for j in range(n):
+                nic = f"n{a}.nic{nic_of_local[j]}"
+                b.graph.add_node(nic, kind="nic")
+                t["dev_nic_up"][a * n + j] = b.link(dev[a][j], nic, "host", hb, hl)
+                t["dev_nic_down"][a * n + j] = b.link(nic, dev[a][j], "host", hb, hl)
+        if topo.inter_node == "rail_optimized":
+            for r in range(nics):
+                sw = f"rail{r}"
+                b.graph.add_node(sw, kind="switch")
+                for a in range(nodes):
+                    t["nic_up"][a, r] = b.link(f"n{a}.nic{r}", sw, "network", nb, nl)
+                    t["nic_down"][a, r] = b.link(sw, f"n{a}.nic{r}", "network", nb, nl)
+        else:
+            n_leaves = nodes // npl
+            t["leaf_up"] = np.full(n_leaves, -1, np.int64)
+            t["leaf_down"] = np.full(n_leaves, -1, np.int64)
+            uplink_bw = npl * nics * nb / topo.oversubscription
+            for leaf in range(n_leaves):
+                sw = f"leaf{leaf}"
+                b.graph.add_node(sw, kind="switch")
+                for a in range(leaf * npl, (leaf + 1) * npl):
+                    for r in range(nics):
+                        t["nic_up"][a, r] = b.link(f"n{a}.nic{r}", sw, "network", nb, nl)
+                        t["nic_down"][a, r] = b.link(sw, f"n{a}.nic{r}", "network", nb, nl)
+                if n_leaves > 1:
+                    b.graph.add_node("spine", kind="switch")
+                    t["leaf_up"][leaf] = b.link(sw, "spine", "spine", uplink_bw, nl)
+                    t["leaf_down"][leaf] = b.link("spine", sw, "spine", uplink_bw, nl)
+    return Topology(
+        graph=b.graph,
+        nodes=nodes,
+        devices_per_node=n,
+        intra_kind=intra_kind,
+        inter_kind=topo.inter_node,
+        link_names=b.names,
+        link_kinds=b.kinds,
+        bandwidth_bytes_per_s=np.array(b.bw, dtype=float),
+        latency_s=np.array(b.lat, dtype=float),
+        tables=t,
+        nodes_per_leaf=npl,
+        nic_of_local=nic_of_local,
+    )

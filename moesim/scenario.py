@@ -1,0 +1,299 @@
+"""Scenario schema and loading: one YAML file describes model, cluster, layout, workload, routing.
+
+Catalog names (``model: mixtral-8x7b``, ``device: h100-sxm``, ``inter_node_link: ib-ndr-400``)
+resolve to full specs; ``{preset: NAME, field: value}`` overrides single fields of a catalog
+entry; a full mapping describes a new one. Every error names the file, the field path and why.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from moesim import catalog
+from moesim.specs import DTYPE_BYTES, Dtype, GpuSpec, LinkSpec, ModelSpec
+
+
+class ScenarioError(Exception):
+    """A scenario problem located by file and dotted field path; printed as one line."""
+
+    def __init__(self, path: str, reason: str, file: str | None = None) -> None:
+        self.path, self.reason, self.file = path, reason, file
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = f"{self.file}: " if self.file else ""
+        return f"{where}{self.path or '(top level)'}: {self.reason}"
+
+
+def _resolver(kind: str):
+    """A before-validator turning a catalog name or ``{preset: ...}`` into spec data."""
+
+    def resolve(value: Any) -> Any:
+        if isinstance(value, str):
+            return catalog.lookup(kind, value)
+        if isinstance(value, dict) and "preset" in value:
+            overrides = {k: v for k, v in value.items() if k != "preset"}
+            return catalog.lookup(kind, value["preset"], **overrides)
+        return value
+
+    return resolve
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClusterConfig(Config):
+    """Identical nodes of identical devices."""
+
+    nodes: PositiveInt = Field(1, description="number of nodes (servers)")
+    devices_per_node: PositiveInt = Field(8, description="accelerators per node")
+    device: GpuSpec = Field(description="catalog device name, {preset: name, ...} or a full spec")
+
+    _device = field_validator("device", mode="before")(_resolver("devices"))
+
+    @property
+    def n_devices(self) -> int:
+        return self.nodes * self.devices_per_node
+
+
+class TopologyConfig(Config):
+    """Interconnect by dimension: inside a node, then between nodes."""
+
+    intra_node: Literal["nvswitch", "full_mesh", "ring", "pcie"] | None = Field(
+        None, description="default: the device's catalog intra_node_topology"
+    )
+    intra_node_link: LinkSpec | None = Field(
+        None, description="default: the device's catalog intra_node_link"
+    )
+    inter_node: Literal["rail_optimized", "fat_tree"] = Field(
+        "rail_optimized",
+        description="rail_optimized: NIC k of every node on rail switch k, cross-rail traffic "
+        "forwarded over the intra-node fabric first (PXN); fat_tree: leaf switches and a spine",
+    )
+    inter_node_link: LinkSpec = Field("ib-ndr-400", validate_default=True)
+    nics_per_node: PositiveInt | None = Field(None, description="default: one NIC per device")
+    nic_host_link: LinkSpec = Field(
+        "pcie5-x16", validate_default=True, description="device-to-NIC link"
+    )
+    nodes_per_leaf: PositiveInt | None = Field(
+        None, description="fat_tree: nodes under one leaf switch (default: all on one leaf)"
+    )
+    oversubscription: float = Field(
+        1.0, ge=1.0, description="fat_tree: leaf downlink over uplink bandwidth"
+    )
+
+    _links = field_validator(
+        "intra_node_link", "inter_node_link", "nic_host_link", mode="before"
+    )(_resolver("links"))
+
+
+class ParallelismConfig(Config):
+    """Device layout. Attention: tp x dp = devices. Experts: ep x etp x edp = devices."""
+
+    tp: PositiveInt = Field(1, description="tensor parallel degree of attention / dense layers")
+    dp: PositiveInt | None = Field(None, description="attention data parallel (devices / tp)")
+    ep: PositiveInt = Field(1, description="expert parallel degree: ranks experts are spread over")
+    etp: PositiveInt = Field(1, description="expert tensor parallel: shards per expert (MiniMax-01)")
+    edp: PositiveInt | None = Field(
+        None, description="expert data parallel: replicas of the expert set (devices / ep / etp)"
+    )
+    expert_placement: Literal["contiguous", "round_robin"] = Field(
+        "contiguous", description="expert e on EP rank e // (E/ep) or e % ep"
+    )
+
+
+class DtypeConfig(Config):
+    """Storage dtype per tensor kind; ``compute`` picks the peak FLOP/s used."""
+
+    weights: Dtype = "bf16"
+    expert_weights: Dtype | None = Field(None, description="default: weights")
+    activations: Dtype = "bf16"
+    kv_cache: Dtype = "bf16"
+    compute: Dtype = "bf16"
+
+    def bytes_of(self, kind: str) -> float:
+        """Bytes per element of a tensor kind."""
+        dtype = getattr(self, kind)
+        if dtype is None and kind == "expert_weights":
+            dtype = self.weights
+        return DTYPE_BYTES[dtype]
+
+
+class WorkloadConfig(Config):
+    """One forward step: ``prefill`` processes whole prompts, ``decode`` one token per sequence."""
+
+    phase: Literal["prefill", "decode"] = "prefill"
+    batch_size: PositiveInt = Field(description="sequences in the step, whole cluster")
+    seq_len: PositiveInt = Field(
+        description="prompt length (prefill) or context already in the KV cache (decode)"
+    )
+    dtypes: DtypeConfig = DtypeConfig()
+
+    @property
+    def tokens(self) -> int:
+        """Tokens processed by the step."""
+        return self.batch_size * (self.seq_len if self.phase == "prefill" else 1)
+
+
+class RoutingConfig(Config):
+    """Where router scores come from and whether tokens over capacity are dropped."""
+
+    distribution: Literal["uniform", "zipf"] = "uniform"
+    zipf_s: float = Field(1.0, ge=0, description="Zipf exponent: p(rank r) ~ r^-s")
+    capacity_factor: PositiveFloat | None = Field(
+        None, description="capacity per expert = ceil(cf * tokens * top_k / experts); None: no drop"
+    )
+    shuffle_hot_experts: bool = Field(True, description="permute which experts are hot per layer")
+
+
+class SimConfig(Config):
+    """Engine options."""
+
+    seed: NonNegativeInt = Field(0, description="one seed; per-layer seeds derive from it")
+    network_tolerance: float = Field(
+        1e-3,
+        gt=0,
+        lt=0.1,
+        description="relative tolerance of the fluid network solver: fair-share levels and flow "
+        "completions within this fraction are resolved together (bounds timing error)",
+    )
+    trace: bool = Field(True, description="record device/link timelines for trace.json")
+    progress: bool = Field(True, description="progress bar on runs longer than a few seconds")
+
+
+class Scenario(Config):
+    """A complete, validated simulation input."""
+
+    name: str = "scenario"
+    description: str = ""
+    model: ModelSpec
+    cluster: ClusterConfig
+    topology: TopologyConfig = TopologyConfig()
+    parallelism: ParallelismConfig = ParallelismConfig()
+    workload: WorkloadConfig
+    routing: RoutingConfig = RoutingConfig()
+    sim: SimConfig = SimConfig()
+
+    _model = field_validator("model", mode="before")(_resolver("models"))
+
+    @model_validator(mode="after")
+    def _resolve_and_check(self) -> Scenario:
+        n_dev = self.cluster.n_devices
+        par, m = self.parallelism, self.model
+        if n_dev % par.tp:
+            raise ScenarioError("parallelism.tp", f"{par.tp} does not divide {n_dev} devices")
+        if n_dev % (par.ep * par.etp):
+            raise ScenarioError(
+                "parallelism.ep", f"ep x etp = {par.ep * par.etp} does not divide {n_dev} devices"
+            )
+        if m.n_experts % par.ep:
+            raise ScenarioError(
+                "parallelism.ep", f"{par.ep} does not divide the model's {m.n_experts} experts"
+            )
+        dp, edp = n_dev // par.tp, n_dev // (par.ep * par.etp)
+        if par.dp is not None and par.dp != dp:
+            raise ScenarioError("parallelism.dp", f"must be devices / tp = {dp}")
+        if par.edp is not None and par.edp != edp:
+            raise ScenarioError("parallelism.edp", f"must be devices / (ep x etp) = {edp}")
+        if m.d_ff_expert % par.etp:
+            raise ScenarioError("parallelism.etp", f"{par.etp} does not divide d_ff_expert")
+        if self.workload.batch_size % dp and self.workload.phase == "decode":
+            raise ScenarioError(
+                "workload.batch_size", f"decode batch {self.workload.batch_size} not divisible "
+                f"by attention data-parallel degree {dp}"
+            )
+        topo = self.topology
+        nics = topo.nics_per_node or self.cluster.devices_per_node
+        if nics > self.cluster.devices_per_node:
+            raise ScenarioError("topology.nics_per_node", "more NICs than devices per node")
+        if topo.nodes_per_leaf and self.cluster.nodes % topo.nodes_per_leaf:
+            raise ScenarioError("topology.nodes_per_leaf", "must divide cluster.nodes")
+        dev = self.cluster.device
+        resolved = {
+            "intra_node": topo.intra_node or dev.intra_node_topology,
+            "intra_node_link": topo.intra_node_link or catalog.link(dev.intra_node_link),
+            "nics_per_node": nics,
+            "nodes_per_leaf": topo.nodes_per_leaf or self.cluster.nodes,
+        }
+        object.__setattr__(self, "topology", topo.model_copy(update=resolved))
+        object.__setattr__(
+            self, "parallelism", par.model_copy(update={"dp": dp, "edp": edp})
+        )
+        return self
+
+
+def _set_dotted(data: dict[str, Any], path: str, value: Any) -> None:
+    """Set ``a.b.c`` in nested dicts; a catalog name on the way becomes ``{preset: name}``."""
+    keys = path.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.get(key)
+        if isinstance(child, str):
+            child = {"preset": child}
+        elif child is None:
+            child = {}
+        node[key] = child
+        node = child
+    node[keys[-1]] = value
+
+
+def _format_validation_error(err: ValidationError) -> tuple[str, str]:
+    """First error as (dotted path, reason); the count of others appended to the reason."""
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"] if not str(p).startswith("function-")]
+    reason = first["msg"].removeprefix("Value error, ")
+    if first.get("input") is not None and first["type"] == "extra_forbidden":
+        reason = "unknown key"
+    more = len(err.errors()) - 1
+    if more:
+        reason += f" (and {more} more error{'s' if more > 1 else ''})"
+    return ".".join(loc), reason
+
+
+def scenario_from_dict(
+    data: dict[str, Any], overrides: dict[str, Any] | None = None, file: str | None = None
+) -> Scenario:
+    """Validate a scenario mapping, after applying dotted-path ``overrides``."""
+    if not isinstance(data, dict):
+        raise ScenarioError("", "a scenario must be a YAML mapping", file)
+    data = yaml.safe_load(yaml.safe_dump(data))  # deep copy of plain data
+    for path, value in (overrides or {}).items():
+        _set_dotted(data, path, value)
+    try:
+        return Scenario.model_validate(data)
+    except ValidationError as err:
+        path, reason = _format_validation_error(err)
+        raise ScenarioError(path, reason, file) from None
+    except ScenarioError as err:
+        err.file = file
+        raise
+
+
+def load_scenario(path: str | Path, overrides: dict[str, Any] | None = None) -> Scenario:
+    """Read and validate a scenario YAML file; raises :class:`ScenarioError`."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ScenarioError("", "file not found", str(path)) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ScenarioError(where, f"invalid YAML: {problem}", str(path)) from None
+    return scenario_from_dict(data, overrides, str(path))

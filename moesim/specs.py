@@ -1,0 +1,150 @@
+"""Frozen specifications: what a model, a device and a link *are*.
+
+Catalog entries (``moesim/catalog/*.yaml``) and inline scenario blocks both validate into these
+pydantic models. Units are in the field names: ``_bytes``, ``_s``, ``_bytes_per_s`` (bytes per
+second, per direction), ``_flops_per_s``, ``_w``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+DTYPE_BYTES: dict[str, float] = {
+    "fp32": 4.0,
+    "tf32": 4.0,
+    "fp16": 2.0,
+    "bf16": 2.0,
+    "fp8": 1.0,
+    "int8": 1.0,
+    "int4": 0.5,
+}
+"""Storage size of one element per dtype (int4 packs two values per byte)."""
+
+Dtype = Literal["fp32", "tf32", "fp16", "bf16", "fp8", "int8", "int4"]
+AttentionKind = Literal["softmax", "linear", "mla"]
+
+
+class Spec(BaseModel):
+    """Base for all specs: immutable, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MLASpec(Spec):
+    """Multi-head latent attention dimensions (DeepSeek-V2/V3)."""
+
+    q_lora_rank: PositiveInt
+    kv_lora_rank: PositiveInt
+    qk_nope_head_dim: PositiveInt
+    qk_rope_head_dim: PositiveInt
+    v_head_dim: PositiveInt
+
+
+class ModelSpec(Spec):
+    """Transformer MoE architecture: enough to count FLOPs, bytes and parameters per op."""
+
+    name: str = "custom"
+    description: str = ""
+    n_layers: PositiveInt
+    d_model: PositiveInt
+    n_heads: PositiveInt
+    n_kv_heads: PositiveInt
+    head_dim: PositiveInt
+    vocab_size: PositiveInt = 32000
+    d_ff_expert: PositiveInt
+    n_experts: PositiveInt
+    top_k: PositiveInt
+    n_shared_experts: int = Field(0, ge=0)
+    d_ff_shared: int = Field(0, ge=0)
+    n_dense_layers: int = Field(0, ge=0, description="leading layers with a dense FFN")
+    d_ff_dense: int = Field(0, ge=0)
+    attention_pattern: tuple[AttentionKind, ...] = Field(
+        ("softmax",), min_length=1, description="attention kind per layer, repeated cyclically"
+    )
+    router: Literal["linear", "attention"] = "linear"
+    kv_share_group: PositiveInt = Field(1, description="consecutive layers sharing one KV cache")
+    mla: MLASpec | None = None
+    tied_embeddings: bool = False
+    total_params: float | None = Field(None, description="published total parameters")
+    active_params: float | None = Field(None, description="published active parameters/token")
+    sources: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if self.top_k > self.n_experts:
+            raise ValueError(f"top_k ({self.top_k}) exceeds n_experts ({self.n_experts})")
+        if self.n_dense_layers > self.n_layers:
+            raise ValueError("n_dense_layers exceeds n_layers")
+        if self.n_dense_layers and not self.d_ff_dense:
+            raise ValueError("n_dense_layers > 0 needs d_ff_dense")
+        if self.n_shared_experts and not self.d_ff_shared:
+            raise ValueError("n_shared_experts > 0 needs d_ff_shared")
+        if "mla" in self.attention_pattern and self.mla is None:
+            raise ValueError("attention_pattern uses 'mla' but no mla dimensions are given")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError("n_heads must be a multiple of n_kv_heads")
+        return self
+
+    def attention_kind(self, layer: int) -> AttentionKind:
+        """Attention kind of ``layer`` (0-based): the pattern repeated cyclically."""
+        return self.attention_pattern[layer % len(self.attention_pattern)]
+
+    def is_moe(self, layer: int) -> bool:
+        """Layers after the leading dense ones carry an MoE block."""
+        return layer >= self.n_dense_layers
+
+
+class GpuSpec(Spec):
+    """A GPU-like device: roofline constants plus its intra-node interconnect."""
+
+    type: Literal["gpu"] = "gpu"
+    name: str = "custom-gpu"
+    description: str = ""
+    memory_bytes: PositiveFloat
+    memory_bandwidth_bytes_per_s: PositiveFloat
+    peak_flops_per_s: dict[str, PositiveFloat] = Field(
+        description="dense peak per compute dtype (no sparsity)"
+    )
+    compute_efficiency: float = Field(
+        0.7, gt=0, le=1, description="fraction of peak FLOP/s a large kernel reaches"
+    )
+    memory_efficiency: float = Field(
+        0.8, gt=0, le=1, description="fraction of peak memory bandwidth a streaming kernel reaches"
+    )
+    kernel_launch_s: float = Field(4e-6, ge=0, description="fixed cost per kernel")
+    intra_node_link: str = "nvlink4"
+    intra_node_topology: Literal["nvswitch", "full_mesh", "ring", "pcie"] = "nvswitch"
+    power_w: float | None = None
+    sources: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> GpuSpec:
+        unknown = set(self.peak_flops_per_s) - set(DTYPE_BYTES)
+        if unknown:
+            raise ValueError(f"peak_flops_per_s has unknown dtypes {sorted(unknown)}")
+        return self
+
+    def flops_per_s(self, dtype: str) -> float:
+        """Peak for ``dtype``; int4 and narrower run at the device's bf16 rate (dequantised)."""
+        if dtype in self.peak_flops_per_s:
+            return self.peak_flops_per_s[dtype]
+        for fallback in ("bf16", "fp16"):
+            if fallback in self.peak_flops_per_s:
+                return self.peak_flops_per_s[fallback]
+        raise ValueError(f"device {self.name} has no peak for {dtype}")
+
+
+DeviceSpec = GpuSpec
+"""Union of device kinds; PIM devices join it with their own ``type``."""
+
+
+class LinkSpec(Spec):
+    """One direction of one port: bandwidth and the latency one hop adds."""
+
+    name: str = "custom-link"
+    description: str = ""
+    bandwidth_bytes_per_s: PositiveFloat
+    latency_s: float = Field(ge=0)
+    sources: dict[str, str] = Field(default_factory=dict)

@@ -1,0 +1,278 @@
+"""Workload plan: what every device computes and sends in every layer of one step.
+
+Pure numpy, no time ordering: per layer, per-device kernel times (roofline), the routing
+counts, and the traffic of each collective as aggregated flows per (source, destination).
+
+Layout (see README): device ``g`` is attention data-parallel replica ``g // tp`` and tensor
+rank ``g % tp``; in the MoE block each device owns a ``1/tp`` slice of its replica's tokens
+(sequence parallel) and dispatches them within its expert group ``g // (ep * etp)``, where
+expert ``e`` lives on EP rank ``placement[e]``, split over ``etp`` consecutive devices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from moesim.hardware import kernel_time_s, op_time_s
+from moesim.model import (
+    Bytes,
+    OpCost,
+    attention_ops,
+    attention_weight_params,
+    expert_ops,
+    ffn_ops,
+    kv_cache_bytes_per_token,
+    linear_state_bytes_per_seq,
+    lm_head_ops,
+    router_ops,
+)
+from moesim.routing import apply_capacity, expert_probabilities, sample_topk_counts
+from moesim.scenario import Scenario, ScenarioError
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Aggregated flows of one collective: ``bytes[i]`` from ``src[i]`` to ``dst[i]``.
+
+    ``local_bytes`` stayed on the sending device. ``latency_steps`` multiplies path latency
+    (a ring all-reduce pays it once per step).
+    """
+
+    src: np.ndarray
+    dst: np.ndarray
+    nbytes: np.ndarray
+    local_bytes: float = 0.0
+    latency_steps: float = 1.0
+
+    def reversed(self) -> Traffic:
+        return Traffic(self.dst, self.src, self.nbytes, self.local_bytes, self.latency_steps)
+
+    def inbound_flows(self, n_devices: int) -> np.ndarray:
+        return np.bincount(self.dst, minlength=n_devices)
+
+    @property
+    def total_bytes(self) -> float:
+        return float(self.nbytes.sum())
+
+
+@dataclass
+class LayerPlan:
+    """One transformer layer on every device."""
+
+    index: int
+    attention_kind: str
+    moe: bool
+    compute_s: dict[str, np.ndarray]
+    flops: dict[str, np.ndarray]
+    tp_comm: Traffic | None = None
+    tp_comm_after: Traffic | None = None
+    dispatch: Traffic | None = None
+    expert_load: np.ndarray | None = None
+    device_tokens: np.ndarray | None = None
+    routed_pairs: int = 0
+    dropped_pairs: int = 0
+    cross_node_pairs: int = 0
+
+    @property
+    def combine(self) -> Traffic | None:
+        return self.dispatch.reversed() if self.dispatch is not None else None
+
+
+@dataclass
+class WorkloadPlan:
+    """The whole step: layers, final head, memory per device."""
+
+    scenario: Scenario
+    n_devices: int
+    tokens: int
+    layers: list[LayerPlan]
+    lm_head_s: np.ndarray
+    memory_bytes: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def memory_used_bytes(self) -> np.ndarray:
+        return sum(self.memory_bytes.values())  # type: ignore[return-value]
+
+
+def _split(total: np.ndarray | int, parts: int) -> np.ndarray:
+    """Split integer(s) into ``parts`` near-equal integers (remainder to the first ones)."""
+    total = np.asarray(total, dtype=np.int64)
+    base, rem = np.divmod(total[..., None], parts)
+    return base + (np.arange(parts) < rem)
+
+
+def _time(device, ops: list[OpCost], dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    t = sum(op_time_s(device, op, dtype) for op in ops)
+    f = sum(np.asarray(op.flops, dtype=float) for op in ops)
+    return np.asarray(t, dtype=float), np.asarray(f, dtype=float)
+
+
+def _ring(groups: np.ndarray, nbytes: np.ndarray, steps: float) -> Traffic:
+    """Ring collective inside each row of ``groups``: every member sends ``nbytes`` to its
+    successor (bandwidth-optimal ring, Patarasuk & Yuan 2009, aggregated over its steps)."""
+    src = groups.ravel()
+    dst = np.roll(groups, -1, axis=1).ravel()
+    keep = nbytes[src] > 0
+    return Traffic(src[keep], dst[keep], nbytes[src][keep], 0.0, steps)
+
+
+def build_plan(sc: Scenario) -> WorkloadPlan:
+    """Turn a scenario into per-layer, per-device work and traffic."""
+    m, par, wl, dev = sc.model, sc.parallelism, sc.workload, sc.cluster.device
+    n_dev, tp, ep, etp = sc.cluster.n_devices, par.tp, par.ep, par.etp
+    dp, edp = n_dev // tp, n_dev // (ep * etp)
+    dt = wl.dtypes
+    b = Bytes(dt.bytes_of("weights"), dt.bytes_of("expert_weights"),
+              dt.bytes_of("activations"), dt.bytes_of("kv_cache"))
+    cdt = dt.compute
+    g = np.arange(n_dev)
+    replica = g // tp
+    seqs_dp = _split(wl.batch_size, dp)  # sequences per attention replica
+    new_per_seq = wl.seq_len if wl.phase == "prefill" else 1
+    context = 0 if wl.phase == "prefill" else wl.seq_len
+    tokens_dp = seqs_dp * new_per_seq
+    tokens_dev = _split(tokens_dp, tp).ravel()  # MoE-block tokens owned by each device
+    seqs_dev = seqs_dp[replica]
+    act_bytes_per_token = m.d_model * b.activations
+
+    # expert layout
+    group = g // (ep * etp)
+    ep_rank = (g % (ep * etp)) // etp
+    per_rank = m.n_experts // ep
+    e_ids = np.arange(m.n_experts)
+    placement = e_ids // per_rank if par.expert_placement == "contiguous" else e_ids % ep
+    on_rank = placement[None, :] == ep_rank[:, None]  # [device, expert]
+    d_ff_local = m.d_ff_expert / etp
+    node = g // sc.cluster.devices_per_node
+
+    root = np.random.SeedSequence(sc.sim.seed)
+    layer_seeds = root.spawn(m.n_layers)
+    layers: list[LayerPlan] = []
+    cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for i in range(m.n_layers):
+        kind = m.attention_kind(i)
+        if kind not in cache:
+            cache[kind] = _time(
+                dev, attention_ops(m, kind, seqs_dev, new_per_seq, context, tp, b), cdt
+            )
+        att_s, att_f = cache[kind]
+        compute_s = {"attention": att_s}
+        flops = {"attention": att_f}
+        tp_comm = tp_after = None
+        if tp > 1:
+            rows = g.reshape(dp, tp)
+            full = tokens_dp[replica] * act_bytes_per_token
+            tp_comm = _ring(rows, 2.0 * (tp - 1) / tp * full, 2 * (tp - 1))
+        lp = LayerPlan(i, kind, m.is_moe(i), compute_s, flops, tp_comm)
+        if not m.is_moe(i):
+            compute_s["dense_ffn"], flops["dense_ffn"] = _time(
+                dev, [ffn_ops("dense_ffn", tokens_dp[replica], m.d_model, m.d_ff_dense / tp, b)],
+                cdt,
+            )
+            if tp > 1:
+                lp.tp_comm_after = _ring(rows, 2.0 * (tp - 1) / tp * full, 2 * (tp - 1))
+            layers.append(lp)
+            continue
+        rng = np.random.default_rng(layer_seeds[i])
+        r = sc.routing
+        probs = expert_probabilities(m.n_experts, r.distribution, r.zipf_s, rng,
+                                     r.shuffle_hot_experts)
+        counts = sample_topk_counts(tokens_dev, probs, m.top_k, rng)
+        kept, dropped = apply_capacity(counts, group, edp, r.capacity_factor)
+        compute_s["router"], flops["router"] = _time(dev, router_ops(m, tokens_dev, b), cdt)
+        if m.n_shared_experts:
+            compute_s["shared_experts"], flops["shared_experts"] = _time(
+                dev,
+                [ffn_ops("shared", tokens_dev, m.d_model, m.n_shared_experts * m.d_ff_shared, b)],
+                cdt,
+            )
+        # tokens each expert processes per group, and what each device computes
+        group_load = np.zeros((edp, m.n_experts), dtype=np.int64)
+        np.add.at(group_load, group, kept)
+        load = np.where(on_rank, group_load[group], 0)  # [device, expert]
+        op = expert_ops(load, m.d_model, d_ff_local, b)
+        per_expert = kernel_time_s(dev, op.flops, op.memory_bytes, cdt, kernels=0)
+        busy = load.sum(axis=1) > 0
+        compute_s["experts"] = per_expert.sum(axis=1) + busy * op.kernels * dev.kernel_launch_s
+        flops["experts"] = np.asarray(op.flops).sum(axis=1)
+        # dispatch: tokens from each source to each EP rank of its group, to every etp shard
+        to_rank = np.zeros((n_dev, ep), dtype=np.int64)
+        for rank in range(ep):
+            to_rank[:, rank] = kept[:, placement == rank].sum(axis=1)
+        src, rank_idx = np.nonzero(to_rank)
+        pairs = to_rank[src, rank_idx]
+        base = group[src] * ep * etp + rank_idx * etp
+        src = np.repeat(src, etp)
+        dst = (base[:, None] + np.arange(etp)[None, :]).ravel()
+        nbytes = np.repeat(pairs, etp) * act_bytes_per_token
+        local = src == dst
+        lp.dispatch = Traffic(src[~local], dst[~local], nbytes[~local].astype(float),
+                              float(nbytes[local].sum()))
+        lp.expert_load = group_load
+        lp.device_tokens = load.sum(axis=1)
+        lp.routed_pairs = int(counts.sum())
+        lp.dropped_pairs = int(dropped.sum())
+        lp.cross_node_pairs = int(np.repeat(pairs, etp)[node[src] != node[dst]].sum() // etp)
+        if tp > 1:
+            lp.tp_comm_after = _ring(rows, (tp - 1) / tp * full, tp - 1)
+        layers.append(lp)
+
+    last_tokens = seqs_dev if wl.phase == "prefill" else tokens_dp[replica]
+    lm_s, _ = _time(dev, [lm_head_ops(m, last_tokens, tp, b)], cdt)
+    plan = WorkloadPlan(sc, n_dev, wl.tokens, layers, lm_s)
+    plan.memory_bytes = _memory(sc, b, seqs_dev, tokens_dp[replica], tokens_dev, layers)
+    _check_fits(sc, plan)
+    return plan
+
+
+def _memory(sc: Scenario, b: Bytes, seqs_dev: np.ndarray, tokens_att: np.ndarray,
+            tokens_dev: np.ndarray, layers: list[LayerPlan]) -> dict[str, np.ndarray]:
+    """Bytes resident per device: weights, KV cache / linear state, peak activations."""
+    m, par = sc.model, sc.parallelism
+    n_dev, tp = sc.cluster.n_devices, par.tp
+    attn = sum(attention_weight_params(m, m.attention_kind(i)) for i in range(m.n_layers))
+    n_moe = m.n_layers - m.n_dense_layers
+    expert = 3 * m.d_model * m.d_ff_expert / par.etp
+    weights = (
+        attn / tp * b.weights
+        + m.vocab_size * m.d_model * (1 if m.tied_embeddings else 2) / tp * b.weights
+        + m.n_dense_layers * 3 * m.d_model * m.d_ff_dense / tp * b.weights
+        + n_moe * m.n_shared_experts * 3 * m.d_model * m.d_ff_shared * b.weights
+        + n_moe * m.d_model * m.n_experts * b.weights
+        + n_moe * (m.n_experts // par.ep) * expert * b.expert_weights
+    )
+    context = sc.workload.seq_len + (1 if sc.workload.phase == "decode" else 0)
+    kv_per_token = sum(kv_cache_bytes_per_token(m, i, tp, b) for i in range(m.n_layers))
+    state_per_seq = sum(linear_state_bytes_per_seq(m, i, tp) for i in range(m.n_layers))
+    kv = seqs_dev * (context * kv_per_token + state_per_seq)
+    # peak activations: the largest of one attention block and one expert block's working set
+    moe_tokens = max((int(lp.device_tokens.max()) for lp in layers if lp.moe), default=0)
+    act = np.maximum(
+        tokens_att * (4 * m.d_model + 2 * (m.n_heads + 2 * m.n_kv_heads) * m.head_dim / tp),
+        tokens_dev * 2 * m.d_model + moe_tokens * (2 * m.d_model + 3 * m.d_ff_expert / par.etp),
+    ) * b.activations
+    return {
+        "weights": np.full(n_dev, float(weights)),
+        "kv_cache": kv.astype(float),
+        "activations": act.astype(float),
+    }
+
+
+def _check_fits(sc: Scenario, plan: WorkloadPlan) -> None:
+    used = plan.memory_used_bytes
+    cap = sc.cluster.device.memory_bytes
+    worst = int(np.argmax(used))
+    if used[worst] > cap:
+        parts = ", ".join(f"{k} {v[worst] / GB:.1f} GB" for k, v in plan.memory_bytes.items())
+        n = sc.cluster.devices_per_node
+        raise ScenarioError(
+            "cluster.device",
+            f"model does not fit: device n{worst // n}.d{worst % n} needs "
+            f"{used[worst] / GB:.1f} GB ({parts}) but {sc.cluster.device.name} has "
+            f"{cap / GB:.1f} GB (short by {(used[worst] - cap) / GB:.1f} GB); add devices, raise "
+            f"parallelism.ep/tp, or use smaller dtypes",
+        )
