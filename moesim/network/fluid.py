@@ -24,32 +24,49 @@ def maxmin_rates(
     """Weighted max-min fair rates by progressive filling (Bertsekas & Gallager, *Data
     Networks*, Sec. 6.5.2), vectorised over a flow-link incidence.
 
-    ``paths`` is ``[F, H]`` link ids padded with -1. All unfrozen flows grow together at
-    ``weight`` per unit; the link with the smallest remaining share saturates and freezes its
-    flows; links whose share is within ``tolerance`` of the smallest saturate in the same round.
+    ``paths`` is ``[F, H]`` link ids padded with -1. All unfrozen flows grow together, flow
+    ``f`` at ``weight[f]`` per unit of fill level; the link with the smallest remaining
+    headroom saturates and freezes its flows; links within ``tolerance`` (relative) of that
+    level saturate in the same round. Link loads are updated incrementally by the flows each
+    round freezes, so a solve costs O(incidences + rounds x links).
     """
     n_flows = len(paths)
-    weight = np.ones(n_flows) if weight is None else np.asarray(weight, dtype=float)
     rate = np.zeros(n_flows)
+    if n_flows == 0:
+        return rate
+    weight = np.ones(n_flows) if weight is None else np.asarray(weight, dtype=float)
+    cap = np.asarray(capacity_bytes_per_s, dtype=float).copy()
+    n_links = len(cap)
     valid = paths >= 0
     flow_of = np.nonzero(valid)[0]
     link_of = paths[valid]
-    cap = np.asarray(capacity_bytes_per_s, dtype=float).copy()
-    n_links = len(cap)
+    by_link = np.argsort(link_of, kind="stable")
+    flows_by_link = flow_of[by_link]
+    ptr = np.searchsorted(link_of[by_link], np.arange(n_links + 1))
+    load = np.bincount(link_of, weights=weight[flow_of], minlength=n_links)
+    eps = 1e-9 * float(weight.min())
+    alive = np.flatnonzero(load > eps)
     frozen = np.zeros(n_flows, dtype=bool)
-    while len(flow_of):
-        load = np.bincount(link_of, weights=weight[flow_of], minlength=n_links)
-        used = load > 0
-        share = np.full(n_links, np.inf)
-        share[used] = cap[used] / load[used]
-        level = share.min()
-        growing = np.unique(flow_of)
-        rate[growing] += level * weight[growing]
-        cap[used] -= level * load[used]
-        saturated = used & (share <= level * (1.0 + tolerance))
-        frozen[flow_of[saturated[link_of]]] = True
-        keep = ~frozen[flow_of]
-        flow_of, link_of = flow_of[keep], link_of[keep]
+    level = 0.0
+    while len(alive):
+        share = cap[alive] / load[alive]
+        step = float(share.min())
+        level += step
+        cap[alive] -= step * load[alive]
+        sat = alive[share <= step * (1.0 + tolerance) + 1e-300]
+        starts, lens = ptr[sat], ptr[sat + 1] - ptr[sat]
+        idx = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())
+        new = flows_by_link[idx]
+        new = np.unique(new[~frozen[new]])
+        frozen[new] = True
+        rate[new] = level * weight[new]
+        rows = paths[new]
+        ok = rows >= 0
+        load -= np.bincount(rows[ok], weights=np.broadcast_to(weight[new][:, None],
+                                                               rows.shape)[ok],
+                            minlength=n_links)
+        load[sat] = 0.0
+        alive = alive[load[alive] > eps]
     return rate
 
 
@@ -192,7 +209,9 @@ class FluidNetwork:
         done = self._remaining <= slack
         if not done.any():
             return
-        lat, gids = self._latency[done], self._gid[done]
+        # deliver each retiring flow at its own finish time at the current rate (no bias)
+        finish = self._remaining[done] / np.where(self._rate[done] > 0, self._rate[done], np.inf)
+        lat, gids = self._latency[done] + np.maximum(finish, 0.0), self._gid[done]
         for value in np.unique(lat):
             arriving = gids[lat == value]
             if value > 0:

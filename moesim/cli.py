@@ -1,0 +1,185 @@
+"""Command line: ``moesim run | catalog | schema``; ``moesim --help`` for the list."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from moesim import __version__
+from moesim.scenario import Scenario, ScenarioError, load_scenario
+
+EXIT_BAD_INPUT = 2
+
+
+def _fmt_s(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.3f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.3f} ms"
+    return f"{seconds * 1e6:.1f} us"
+
+
+def _print_summary(summary: dict) -> None:
+    s = summary
+    step = s["step_time_s"]
+    print(f"scenario          {s['scenario']}  ({s['devices']} devices, {s['links']} links)")
+    print(f"step time         {_fmt_s(step)}")
+    print(f"tokens/s          {s['tokens_per_s']:,.0f}  ({s['tokens']:,} tokens per step)")
+    print(f"breakdown         (timeline of {s['critical_device']}, the last device to finish)")
+    for phase, sec in s["breakdown_s"].items():
+        if sec > 0:
+            share = sec / step if step else 0
+            print(f"  {phase:<15} {_fmt_s(sec):>12}  {share:6.1%}  {'#' * round(share * 40)}")
+    bd, bl, r = s["busiest_device"], s["busiest_link"], s["routing"]
+    print(f"busiest device    {bd['device']}: compute {_fmt_s(bd['compute_busy_s'])}, "
+          f"utilization {bd['utilization']:.1%}")
+    if bl:
+        print(f"busiest link      {bl['link']}: {bl['bytes_carried'] / 1e6:,.1f} MB, "
+              f"utilization {bl['utilization']:.1%}")
+    print(f"routing           expert max/mean load {r['max_over_mean_load']:.3f} (worst layer "
+          f"{r['max_over_mean_load_worst_layer']:.3f}), device max/mean "
+          f"{r['device_max_over_mean_load']:.3f}, drop rate {r['drop_rate']:.2%}, "
+          f"cross-node {r['cross_node_fraction']:.1%}")
+    mem = s["memory"]
+    print(f"memory            {mem['max_used_bytes'] / 1e9:.1f} of "
+          f"{mem['capacity_bytes'] / 1e9:.1f} GB on the fullest device")
+    print(f"simulated in      {s['sim']['wall_s']:.2f} s wall, {s['sim']['events']:,} events")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from moesim import simulate
+    from moesim.results import write_outputs
+
+    overrides = dict(_parse_set(item) for item in args.set or [])
+    if args.seed is not None:
+        overrides["sim.seed"] = args.seed
+    if args.no_trace:
+        overrides["sim.trace"] = False
+    scenario = load_scenario(args.scenario, overrides)
+    try:
+        result = simulate(scenario, progress=not args.quiet)
+    except ScenarioError as err:
+        err.file = str(args.scenario)
+        raise
+    if args.json:
+        print(json.dumps({k: v for k, v in result.summary.items() if k != "scenario_resolved"},
+                         indent=2))
+    elif not args.quiet:
+        _print_summary(result.summary)
+    if args.out:
+        out = write_outputs(result, args.out)
+        if not args.quiet:
+            print(f"wrote             {out}/summary.json devices.csv links.csv routing.csv "
+                  "trace.json (open trace.json in https://ui.perfetto.dev)")
+    return 0
+
+
+def _parse_set(item: str) -> tuple[str, object]:
+    import yaml
+
+    if "=" not in item:
+        raise ScenarioError(item, "--set expects PATH=VALUE, e.g. workload.batch_size=64")
+    path, value = item.split("=", 1)
+    return path.strip(), yaml.safe_load(value)
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    from moesim import catalog
+    from moesim.model import param_counts
+
+    kinds = [args.kind] if args.kind else ["models", "devices", "links"]
+    for kind in kinds:
+        print(f"{kind}:")
+        for name in catalog.names(kind):
+            spec = catalog.lookup(kind, name)
+            if kind == "models":
+                p = param_counts(spec)
+                extra = (f"{spec.n_layers} layers, d_model {spec.d_model}, {spec.n_experts} "
+                         f"experts top-{spec.top_k}, {spec.n_shared_experts} shared; "
+                         f"{p['total'] / 1e9:.1f}B total / {p['active'] / 1e9:.1f}B active")
+            elif kind == "devices":
+                extra = (f"{spec.peak_flops_per_s.get('bf16', 0) / 1e12:,.0f} TFLOP/s bf16, "
+                         f"{spec.memory_bytes / 1e9:.0f} GB at "
+                         f"{spec.memory_bandwidth_bytes_per_s / 1e12:.2f} TB/s, "
+                         f"{spec.intra_node_topology} over {spec.intra_node_link}")
+            else:
+                extra = (f"{spec.bandwidth_bytes_per_s / 1e9:,.1f} GB/s per direction, "
+                         f"{spec.latency_s * 1e6:.2f} us")
+            print(f"  {name:<24} {extra}")
+            if args.sources:
+                for field, src in spec.sources.items():
+                    print(f"      {field}: {src}")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(Scenario.model_json_schema(), indent=2))
+    return 0
+
+
+RUN_HELP = """\
+Simulate one step of a scenario with the discrete-event engine and print step time,
+tokens/s, the time breakdown of the slowest device, the busiest device and link, routing
+imbalance and memory. With --out DIR it also writes:
+  summary.json  step_time_s, tokens_per_s, breakdown_s, routing, devices, links, resolved scenario
+  devices.csv   one row per device: seconds per phase (compute and waits), utilization, memory
+  links.csv     one row per link: bytes carried, busy seconds, utilization
+  routing.csv   one row per MoE layer: load imbalance, drops, cross-node pairs
+  trace.json    Chrome trace events, one track per device and per link (open in Perfetto)
+A bad scenario exits with code 2 and one line: error: FILE: field.path: reason.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moesim",
+        description="Simulate what a Mixture-of-Experts model costs on a GPU cluster.",
+    )
+    parser.add_argument("--version", action="version", version=f"moesim {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="simulate one step of a scenario YAML",
+                         description=RUN_HELP,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("scenario", type=Path, help="scenario YAML file (see scenarios/)")
+    run.add_argument("--out", type=Path, metavar="DIR",
+                     help="write summary.json, devices.csv, links.csv, routing.csv, trace.json")
+    run.add_argument("--set", action="append", metavar="PATH=VALUE",
+                     help="override a scenario field by dotted path, e.g. --set "
+                     "routing.zipf_s=1.2 --set model.n_layers=4 (repeatable)")
+    run.add_argument("--seed", type=int, help="override sim.seed")
+    run.add_argument("--json", action="store_true", help="print the summary as JSON")
+    run.add_argument("--no-trace", action="store_true",
+                     help="skip recording timelines (faster, smaller output on big clusters)")
+    run.add_argument("-q", "--quiet", action="store_true", help="print nothing, no progress bar")
+    run.set_defaults(func=cmd_run)
+
+    cat = sub.add_parser("catalog", help="list catalog models, devices and links",
+                         description="List the built-in models, devices and links.")
+    cat.add_argument("kind", nargs="?", choices=["models", "devices", "links"])
+    cat.add_argument("--sources", action="store_true", help="print each number's source")
+    cat.set_defaults(func=cmd_catalog)
+
+    schema = sub.add_parser("schema", help="print the scenario JSON Schema (for YAML editors)",
+                            description="Print the scenario JSON Schema. Point your editor's "
+                            "YAML language server at it for completion and validation.")
+    schema.set_defaults(func=cmd_schema)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ScenarioError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Engine end to end: conservation, timelines, outputs, and a hand-computed single device."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from moesim import catalog, simulate
+from moesim.engine import Engine
+from moesim.model import Bytes, expert_ops
+from moesim.results import collect, write_outputs
+from moesim.workload import build_plan
+
+
+def test_tokens_and_bytes_are_conserved(small):
+    sc = small(**{"routing.capacity_factor": 1.0, "routing.distribution": "zipf",
+                  "workload.batch_size": 512})
+    plan = build_plan(sc)
+    engine = Engine(plan, progress=False).run()
+    d_bytes = sc.model.d_model * 2
+    total_traffic = 0.0
+    for lp in plan.layers:
+        kept = lp.routed_pairs - lp.dropped_pairs
+        assert lp.routed_pairs == sc.workload.tokens * sc.model.top_k
+        assert lp.device_tokens.sum() == kept  # etp 1: each kept pair processed once
+        assert lp.expert_load.sum() == kept
+        sent = lp.dispatch.total_bytes + lp.dispatch.local_bytes
+        assert sent == kept * d_bytes
+        total_traffic += 2 * lp.dispatch.total_bytes  # dispatch + combine
+    # bytes received: what the links into devices delivered (single switch: last hop)
+    links = collect(engine).links
+    into_device = links["link"].str.contains(r"->n\d+\.d\d+$")
+    assert links.loc[into_device, "bytes_carried"].sum() == pytest.approx(total_traffic)
+    assert links.loc[~into_device, "bytes_carried"].sum() == pytest.approx(total_traffic)
+
+
+def test_breakdown_tiles_the_critical_timeline_and_trace_has_no_overlaps(small, tmp_path):
+    result = simulate(small(**{"routing.distribution": "zipf", "routing.zipf_s": 1.2}))
+    s = result.summary
+    assert sum(s["breakdown_s"].values()) == pytest.approx(s["step_time_s"], rel=1e-9)
+    assert s["tokens_per_s"] == pytest.approx(s["tokens"] / s["step_time_s"])
+    out = write_outputs(result, tmp_path)
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("step_time_s", "tokens_per_s", "breakdown_s", "routing", "devices", "links",
+                "scenario_resolved"):
+        assert key in summary
+    for key in ("attention", "router", "dispatch", "experts", "combine"):
+        assert key in summary["breakdown_s"]
+    assert {"max_over_mean_load", "drop_rate"} <= set(summary["routing"])
+    devices = pd.read_csv(out / "devices.csv")
+    links = pd.read_csv(out / "links.csv")
+    assert len(devices) == summary["devices"] == 8
+    assert len(links) == summary["links"] == 16
+    assert {"utilization", "memory_used_bytes", "experts_s", "combine_wait_s"} <= set(devices)
+    assert {"bytes_carried", "busy_s", "utilization"} <= set(links)
+    trace = json.loads((out / "trace.json").read_text())["traceEvents"]
+    slices = [e for e in trace if e["ph"] == "X"]
+    assert {e["pid"] for e in slices} == {1, 2}
+    for (pid, tid), grp in pd.DataFrame(slices).groupby(["pid", "tid"]):
+        grp = grp.sort_values("ts")
+        ends = (grp["ts"] + grp["dur"]).to_numpy()[:-1]
+        assert (grp["ts"].to_numpy()[1:] >= ends - 1e-6).all(), (pid, tid)
+
+
+def test_imbalance_shows_as_waiting_on_other_devices(small):
+    result = simulate(small(**{"routing.distribution": "zipf", "routing.zipf_s": 1.5,
+                               "routing.shuffle_hot_experts": False,
+                               "workload.batch_size": 512}))
+    dev = result.devices
+    hot = dev["experts_s"].idxmax()
+    # expert 0 is the hottest (no shuffle) and lives on device 0 (contiguous placement)
+    assert hot == 0
+    others = dev.drop(index=hot)
+    assert (others["combine_wait_s"] > dev.at[hot, "combine_wait_s"]).all()
+    # the hot device's extra expert time is what the others wait for at the combine
+    gap = dev.at[hot, "experts_s"] - others["experts_s"]
+    assert (others["combine_wait_s"] >= 0.9 * gap).all()
+
+
+def test_single_device_step_is_sum_of_closed_form_kernels():
+    """One device, one MoE layer, 1 expert top-1, no attention context: hand-computed."""
+    from moesim import scenario_from_dict
+
+    d, f, heads, hd, vocab, tokens = 1024, 4096, 8, 128, 1000, 2048
+    sc = scenario_from_dict({
+        "model": {"n_layers": 1, "d_model": d, "n_heads": heads, "n_kv_heads": heads,
+                  "head_dim": hd, "vocab_size": vocab, "d_ff_expert": f, "n_experts": 1,
+                  "top_k": 1},
+        "cluster": {"nodes": 1, "devices_per_node": 1, "device": "h100-sxm"},
+        "workload": {"phase": "prefill", "batch_size": 1, "seq_len": tokens},
+        "sim": {"progress": False},
+    })
+    dev = catalog.device("h100-sxm")
+    peak = 989.4e12 * dev.compute_efficiency
+    bw = 3.35e12 * dev.memory_efficiency
+    launch = dev.kernel_launch_s
+
+    def roof(flops, nbytes, kernels=1):
+        return max(flops / peak, nbytes / bw) + kernels * launch
+
+    qkv = roof(2 * tokens * d * 3 * heads * hd, 2 * (d * 3 * heads * hd + tokens * (d + 3 * heads * hd)))
+    keys = (tokens + 1) / 2
+    core = roof(4 * tokens * keys * heads * hd,
+                tokens * 2 * heads * hd * 2 + tokens * 2 * heads * hd * 2)
+    o = roof(2 * tokens * heads * hd * d, 2 * (heads * hd * d + tokens * (heads * hd + d)))
+    gate = roof(2 * tokens * d * 1, 2 * (d + tokens * (d + 1)))
+    op = expert_ops(tokens, d, f, Bytes())
+    experts = roof(float(op.flops), float(op.memory_bytes), 0) + 3 * launch
+    head = roof(2 * 1 * d * vocab, 2 * (d * vocab + (d + vocab)))
+    expected = qkv + core + o + gate + experts + head
+    result = simulate(sc)
+    assert result.step_time_s == pytest.approx(expected, rel=1e-9)
+    assert result.summary["breakdown_s"]["dispatch"] == 0.0
+
+
+def test_rerun_is_deterministic(small):
+    a = simulate(small(**{"routing.distribution": "zipf"}))
+    b = simulate(small(**{"routing.distribution": "zipf"}))
+    assert a.step_time_s == b.step_time_s
+    np.testing.assert_array_equal(a.devices["finish_s"], b.devices["finish_s"])

@@ -1,0 +1,128 @@
+"""Fluid network: closed-form alpha-beta times, fair sharing, routing against networkx."""
+
+from __future__ import annotations
+
+import itertools
+
+import networkx as nx
+import numpy as np
+import pytest
+import simpy
+
+from moesim import scenario_from_dict
+from moesim.network import FluidNetwork, build_topology, maxmin_rates
+
+MB = 1e6
+
+
+def _topology(nodes=1, per_node=8, device="h100-sxm", **topo):
+    sc = scenario_from_dict({
+        "model": {"preset": "mixtral-8x7b", "n_layers": 1},
+        "cluster": {"nodes": nodes, "devices_per_node": per_node, "device": device},
+        "topology": topo,
+        "workload": {"phase": "decode", "batch_size": nodes * per_node, "seq_len": 16},
+        "parallelism": {"ep": 8},
+    })
+    return build_topology(sc.cluster, sc.topology)
+
+
+def _run_flows(topo, src, dst, nbytes, tolerance=1e-3):
+    """Send flows at t=0; return each destination group's arrival time."""
+    env = simpy.Environment()
+    net = FluidNetwork(env, topo, tolerance)
+    done: dict[int, float] = {}
+    gids = {}
+    for d in sorted(set(dst)):
+        gid, ev = net.group(int(np.sum(np.asarray(dst) == d)))
+        gids[d] = gid
+        ev.callbacks.append(lambda _e, d=d: done.__setitem__(d, env.now))
+    net.send(np.asarray(src), np.asarray(dst), np.asarray(nbytes, float),
+             np.array([gids[d] for d in dst]))
+    env.run()
+    return done, net
+
+
+def test_uniform_all_to_all_on_switch_matches_alpha_beta():
+    topo = _topology()
+    n, per_pair = 8, 4 * MB
+    pairs = [(s, d) for s, d in itertools.product(range(n), repeat=2) if s != d]
+    src, dst = zip(*pairs, strict=True)
+    done, _ = _run_flows(topo, src, dst, [per_pair] * len(pairs))
+    bw = 450e9  # NVLink4 per direction (catalog)
+    latency = 0.6e-6  # one NVSwitch hop (catalog)
+    expected = (n - 1) * per_pair / bw + latency
+    for t in done.values():
+        assert t == pytest.approx(expected, rel=0.01)
+
+
+def test_two_flows_sharing_a_link_each_get_half():
+    topo = _topology()
+    nbytes = 9 * MB
+    # d0 -> d2 and d1 -> d2 share only the switch -> d2 link
+    done, net = _run_flows(topo, [0, 1], [2, 2], [nbytes, nbytes])
+    expected = 2 * nbytes / 450e9 + 0.6e-6
+    assert done[2] == pytest.approx(expected, rel=1e-6)
+    rates = maxmin_rates(topo.routes(np.array([0, 1]), np.array([2, 2])),
+                         topo.bandwidth_bytes_per_s)
+    np.testing.assert_allclose(rates, [225e9, 225e9])
+
+
+def test_maxmin_textbook_example():
+    # link 0 (cap 1): flows A, B; link 1 (cap 1): flows A, C, D -> A, C, D get 1/3, B gets 2/3
+    paths = np.array([[0, 1], [0, -1], [1, -1], [1, -1]])
+    np.testing.assert_allclose(maxmin_rates(paths, np.array([1.0, 1.0])),
+                               [1 / 3, 2 / 3, 1 / 3, 1 / 3])
+    # weighted: a flow of weight 3 gets three times the share of a weight-1 flow
+    np.testing.assert_allclose(
+        maxmin_rates(np.array([[0], [0]]), np.array([4.0]), weight=np.array([3.0, 1.0])),
+        [3.0, 1.0])
+
+
+def test_link_bytes_equal_traffic_times_hops():
+    topo = _topology(nodes=2, inter_node="rail_optimized")
+    rng = np.random.default_rng(1)
+    src = rng.integers(0, 16, 200)
+    dst = rng.integers(0, 16, 200)
+    keep = src != dst
+    src, dst = src[keep], dst[keep]
+    nbytes = rng.integers(1, 1000, len(src)).astype(float)
+    _, net = _run_flows(topo, src, dst, nbytes)
+    hops = (topo.routes(src, dst) >= 0).sum(axis=1)
+    assert net.stats.bytes_carried.sum() == pytest.approx(float((nbytes * hops).sum()))
+
+
+def test_inter_node_flow_crosses_nics_and_costs_alpha_beta():
+    topo = _topology(nodes=2, inter_node="rail_optimized")
+    nbytes = 50 * MB
+    done, _ = _run_flows(topo, [0], [8], [nbytes])  # n0.d0 -> n1.d0, same rail
+    # bottleneck: NDR port 50 GB/s; latency: PCIe (1.0 us) + IB (2.7 us) from the catalog
+    assert done[8] == pytest.approx(nbytes / 50e9 + 1.0e-6 + 2.7e-6, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"intra_node": "nvswitch"},
+        {"intra_node": "ring"},
+        {"intra_node": "pcie"},
+        {"intra_node": "full_mesh"},
+        {"inter_node": "fat_tree", "nodes_per_leaf": 1, "nics_per_node": 4},
+        {"inter_node": "fat_tree"},
+        {"inter_node": "rail_optimized", "nics_per_node": 2},
+    ],
+)
+def test_routes_are_shortest_paths_in_the_graph(kw):
+    topo = _topology(nodes=2, **kw)
+    n = topo.n_devices
+    src, dst = np.array([(s, d) for s in range(n) for d in range(n) if s != d]).T
+    paths = topo.routes(src, dst)
+    edges = {data["link_id"]: (u, v) for u, v, data in topo.graph.edges(data=True)}
+    for s, d, row in zip(src, dst, paths, strict=True):
+        hops = [edges[int(lid)] for lid in row if lid >= 0]
+        assert hops[0][0] == topo.device_name(s) and hops[-1][1] == topo.device_name(d)
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(hops))  # contiguous
+        shortest = nx.shortest_path_length(topo.graph, topo.device_name(s), topo.device_name(d))
+        if topo.inter_kind == "rail_optimized" and s // 8 != d // 8:
+            assert len(hops) <= shortest + 2  # PXN: one extra intra-node hop at most
+        else:
+            assert len(hops) == shortest

@@ -1,0 +1,54 @@
+"""Roofline: compute-bound and memory-bound kernels against the closed form."""
+
+from __future__ import annotations
+
+import pytest
+
+from moesim import catalog
+from moesim.hardware import kernel_time_s, op_time_s
+from moesim.model import Bytes, expert_ops
+
+H100 = catalog.device("h100-sxm")
+
+
+def test_compute_bound_gemm_is_flops_over_peak():
+    m = n = k = 8192
+    flops = 2 * m * n * k
+    memory = 2 * (m * k + k * n + m * n)  # bf16 operands and result
+    t = float(kernel_time_s(H100, flops, memory, "bf16"))
+    peak = 989.4e12 * H100.compute_efficiency
+    assert flops / peak > memory / (3.35e12 * H100.memory_efficiency)  # truly compute-bound
+    assert t == pytest.approx(flops / peak + H100.kernel_launch_s, rel=0.01)
+
+
+def test_memory_bound_gemv_is_bytes_over_bandwidth():
+    k, n = 8192, 8192
+    flops = 2 * k * n  # one token
+    memory = 2 * (k * n + k + n)
+    t = float(kernel_time_s(H100, flops, memory, "bf16"))
+    bw = 3.35e12 * H100.memory_efficiency
+    assert memory / bw > flops / (989.4e12 * H100.compute_efficiency)
+    assert t == pytest.approx(memory / bw + H100.kernel_launch_s, rel=0.01)
+
+
+def test_fp8_doubles_compute_rate_and_int4_weights_quarter_the_bytes():
+    big = 1e15
+    t_bf16 = float(kernel_time_s(H100, big, 0, "bf16"))
+    t_fp8 = float(kernel_time_s(H100, big, 0, "fp8"))
+    assert t_bf16 / t_fp8 == pytest.approx(1978.9 / 989.4, rel=0.01)
+    # decode expert: 1 token, weights dominate; int4 weights read 1/4 the bytes of bf16
+    d, f = 4096, 14336
+    bf16 = op_time_s(H100, expert_ops(1, d, f, Bytes(expert_weights=2.0)), "bf16")
+    int4 = op_time_s(H100, expert_ops(1, d, f, Bytes(expert_weights=0.5)), "bf16")
+    launch = 3 * H100.kernel_launch_s
+    assert (float(bf16) - launch) / (float(int4) - launch) == pytest.approx(4.0, rel=0.01)
+
+
+def test_expert_flops_and_bytes_closed_form():
+    d, f, n = 4096, 14336, 100
+    op = expert_ops(n, d, f, Bytes())
+    assert float(op.flops) == 6 * n * d * f
+    assert float(op.memory_bytes) == 3 * d * f * 2 + n * (2 * d + 3 * f) * 2
+    # an expert with no tokens costs nothing
+    empty = expert_ops(0, d, f, Bytes())
+    assert float(op_time_s(H100, empty, "bf16")) == 0.0

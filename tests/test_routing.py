@@ -1,0 +1,85 @@
+"""Routing: sampling statistics, capacity drops, skew, determinism, summary consistency."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moesim import simulate
+from moesim.routing import (
+    apply_capacity,
+    expert_probabilities,
+    max_over_mean,
+    sample_topk_counts,
+)
+from moesim.workload import build_plan
+
+
+def test_topk_counts_conserve_tokens_and_pick_distinct_experts():
+    rng = np.random.default_rng(0)
+    tokens = np.array([100, 37, 0, 5])
+    counts = sample_topk_counts(tokens, np.full(8, 1 / 8), 2, rng)
+    np.testing.assert_array_equal(counts.sum(axis=1), tokens * 2)
+    # distinct experts per token: no expert can receive more than one pair per token
+    assert (counts <= tokens[:, None]).all()
+
+
+def test_aggregate_sampling_matches_inclusion_probabilities():
+    rng = np.random.default_rng(0)
+    probs = expert_probabilities(16, "zipf", 1.0, rng, shuffle=False)
+    big = np.array([2_000_000])  # above the exact-sampling threshold
+    counts = sample_topk_counts(big, probs, 2, rng)[0]
+    exact = sample_topk_counts(np.array([200_000]), probs, 2, rng)[0]
+    np.testing.assert_allclose(counts / counts.sum(), exact / exact.sum(), atol=3e-3)
+
+
+def test_capacity_drops_and_keeps_capacity():
+    counts = np.array([[10, 0, 2, 0], [6, 2, 0, 0]])  # group load: 16, 2, 2, 0 -> 20 pairs
+    kept, dropped = apply_capacity(counts, np.array([0, 0]), 1, capacity_factor=1.0)
+    capacity = 5  # ceil(1.0 * 20 / 4)
+    assert kept.sum(axis=0).tolist() == [capacity, 2, 2, 0]
+    assert dropped.sum() == 16 - capacity
+    assert kept.sum() + dropped.sum() == counts.sum()
+    # no drops once capacity covers every pair
+    kept, dropped = apply_capacity(counts, np.array([0, 0]), 1, capacity_factor=4.0)
+    assert dropped.sum() == 0 and (kept == counts).all()
+
+
+def test_drop_rate_falls_as_capacity_grows(small):
+    rates = []
+    for cf in (0.8, 1.0, 1.25, 2.0, 8.0):
+        plan = build_plan(small(**{"routing.capacity_factor": cf,
+                                   "routing.distribution": "zipf", "routing.zipf_s": 1.0}))
+        moe = [lp for lp in plan.layers if lp.moe]
+        rates.append(sum(lp.dropped_pairs for lp in moe) / sum(lp.routed_pairs for lp in moe))
+    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))
+    assert rates[0] > 0 and rates[-1] == 0
+
+
+def test_zipf_is_slower_than_uniform_and_summary_imbalance_matches_counts(small):
+    uniform = simulate(small(**{"workload.batch_size": 256}))
+    skewed = simulate(small(**{"workload.batch_size": 256, "routing.distribution": "zipf",
+                               "routing.zipf_s": 1.5}))
+    assert skewed.step_time_s > uniform.step_time_s
+    assert uniform.summary["tokens"] == skewed.summary["tokens"]
+    plan = build_plan(small(**{"workload.batch_size": 256, "routing.distribution": "zipf",
+                               "routing.zipf_s": 1.5}))
+    direct = np.mean([lp.expert_load.sum(axis=0).max() / lp.expert_load.sum(axis=0).mean()
+                      for lp in plan.layers if lp.moe])
+    assert skewed.summary["routing"]["max_over_mean_load"] == pytest.approx(direct)
+    assert skewed.summary["routing"]["max_over_mean_load"] > 1.5
+
+
+def test_same_seed_same_assignment_different_seed_different(small):
+    a = build_plan(small(**{"sim.seed": 7}))
+    b = build_plan(small(**{"sim.seed": 7}))
+    c = build_plan(small(**{"sim.seed": 8}))
+    la, lb, lc = (np.stack([lp.expert_load for lp in p.layers]) for p in (a, b, c))
+    np.testing.assert_array_equal(la, lb)
+    assert not np.array_equal(la, lc)
+
+
+def test_max_over_mean():
+    assert max_over_mean(np.array([1, 1, 1, 1])) == 1.0
+    assert max_over_mean(np.array([4, 0, 0, 0])) == 4.0
+    assert max_over_mean(np.zeros(3)) == 1.0
