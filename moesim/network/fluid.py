@@ -40,7 +40,9 @@ def maxmin_rates(
     valid = paths >= 0
     flow_of = np.nonzero(valid)[0]
     link_of = paths[valid]
-    by_link = np.argsort(link_of, kind="stable")
+    # stable argsort of small ints is a radix sort in numpy: much faster than a comparison sort
+    keys = link_of.astype(np.uint16) if n_links <= np.iinfo(np.uint16).max else link_of
+    by_link = np.argsort(keys, kind="stable")
     flows_by_link = flow_of[by_link]
     ptr = np.searchsorted(link_of[by_link], np.arange(n_links + 1))
     load = np.bincount(link_of, weights=weight[flow_of], minlength=n_links)
@@ -53,7 +55,8 @@ def maxmin_rates(
         step = float(share.min())
         level += step
         cap[alive] -= step * load[alive]
-        sat = alive[share <= step * (1.0 + tolerance) + 1e-300]
+        # links whose fair level is within `tolerance` of this one saturate together
+        sat = alive[share <= step + tolerance * level]
         starts, lens = ptr[sat], ptr[sat + 1] - ptr[sat]
         idx = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())
         new = flows_by_link[idx]
@@ -201,10 +204,12 @@ class FluidNetwork:
         self._pending = []
 
     def _retire(self) -> None:
-        """Finish flows whose remaining time is within tolerance of their age (or ~0)."""
+        """Finish flows whose remaining time is within ``tolerance`` of their end-to-end time
+        (age plus path latency), or ~0; each is delivered at its own finish time."""
         if not len(self._remaining):
             return
-        age = self.env.now - self._start
+        # a flow's end-to-end time so far is its age plus the latency still ahead of it
+        age = self.env.now - self._start + self._latency
         slack = self._rate * self.tolerance * age + 1e-9
         done = self._remaining <= slack
         if not done.any():
