@@ -33,18 +33,26 @@ def _print_summary(summary: dict) -> None:
             share = sec / step if step else 0
             print(f"  {phase:<15} {_fmt_s(sec):>12}  {share:6.1%}  {'#' * round(share * 40)}")
     bd, bl, r = s["busiest_device"], s["busiest_link"], s["routing"]
-    print(f"busiest device    {bd['device']}: compute {_fmt_s(bd['compute_busy_s'])}, "
-          f"utilization {bd['utilization']:.1%}")
+    print(
+        f"busiest device    {bd['device']}: compute {_fmt_s(bd['compute_busy_s'])}, "
+        f"utilization {bd['utilization']:.1%}"
+    )
     if bl:
-        print(f"busiest link      {bl['link']}: {bl['bytes_carried'] / 1e6:,.1f} MB, "
-              f"utilization {bl['utilization']:.1%}")
-    print(f"routing           expert max/mean load {r['max_over_mean_load']:.3f} (worst layer "
-          f"{r['max_over_mean_load_worst_layer']:.3f}), device max/mean "
-          f"{r['device_max_over_mean_load']:.3f}, drop rate {r['drop_rate']:.2%}, "
-          f"cross-node {r['cross_node_fraction']:.1%}")
+        print(
+            f"busiest link      {bl['link']}: {bl['bytes_carried'] / 1e6:,.1f} MB, "
+            f"utilization {bl['utilization']:.1%}"
+        )
+    print(
+        f"routing           expert max/mean load {r['max_over_mean_load']:.3f} (worst layer "
+        f"{r['max_over_mean_load_worst_layer']:.3f}), device max/mean "
+        f"{r['device_max_over_mean_load']:.3f}, drop rate {r['drop_rate']:.2%}, "
+        f"cross-node {r['cross_node_fraction']:.1%}"
+    )
     mem = s["memory"]
-    print(f"memory            {mem['max_used_bytes'] / 1e9:.1f} of "
-          f"{mem['capacity_bytes'] / 1e9:.1f} GB on the fullest device")
+    print(
+        f"memory            {mem['max_used_bytes'] / 1e9:.1f} of "
+        f"{mem['capacity_bytes'] / 1e9:.1f} GB on the fullest device"
+    )
     print(f"simulated in      {s['sim']['wall_s']:.2f} s wall, {s['sim']['events']:,} events")
 
 
@@ -64,15 +72,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         err.file = str(args.scenario)
         raise
     if args.json:
-        print(json.dumps({k: v for k, v in result.summary.items() if k != "scenario_resolved"},
-                         indent=2))
+        print(
+            json.dumps(
+                {k: v for k, v in result.summary.items() if k != "scenario_resolved"}, indent=2
+            )
+        )
     elif not args.quiet:
         _print_summary(result.summary)
     if args.out:
         out = write_outputs(result, args.out)
         if not args.quiet:
-            print(f"wrote             {out}/summary.json devices.csv links.csv routing.csv "
-                  "trace.json (open trace.json in https://ui.perfetto.dev)")
+            print(
+                f"wrote             {out}/summary.json devices.csv links.csv routing.csv "
+                "trace.json (open trace.json in https://ui.perfetto.dev)"
+            )
     return 0
 
 
@@ -96,17 +109,23 @@ def cmd_catalog(args: argparse.Namespace) -> int:
             spec = catalog.lookup(kind, name)
             if kind == "models":
                 p = param_counts(spec)
-                extra = (f"{spec.n_layers} layers, d_model {spec.d_model}, {spec.n_experts} "
-                         f"experts top-{spec.top_k}, {spec.n_shared_experts} shared; "
-                         f"{p['total'] / 1e9:.1f}B total / {p['active'] / 1e9:.1f}B active")
+                extra = (
+                    f"{spec.n_layers} layers, d_model {spec.d_model}, {spec.n_experts} "
+                    f"experts top-{spec.top_k}, {spec.n_shared_experts} shared; "
+                    f"{p['total'] / 1e9:.1f}B total / {p['active'] / 1e9:.1f}B active"
+                )
             elif kind == "devices":
-                extra = (f"{spec.peak_flops_per_s.get('bf16', 0) / 1e12:,.0f} TFLOP/s bf16, "
-                         f"{spec.memory_bytes / 1e9:.0f} GB at "
-                         f"{spec.memory_bandwidth_bytes_per_s / 1e12:.2f} TB/s, "
-                         f"{spec.intra_node_topology} over {spec.intra_node_link}")
+                extra = (
+                    f"{spec.peak_flops_per_s.get('bf16', 0) / 1e12:,.0f} TFLOP/s bf16, "
+                    f"{spec.memory_bytes / 1e9:.0f} GB at "
+                    f"{spec.memory_bandwidth_bytes_per_s / 1e12:.2f} TB/s, "
+                    f"{spec.intra_node_topology} over {spec.intra_node_link}"
+                )
             else:
-                extra = (f"{spec.bandwidth_bytes_per_s / 1e9:,.1f} GB/s per direction, "
-                         f"{spec.latency_s * 1e6:.2f} us")
+                extra = (
+                    f"{spec.bandwidth_bytes_per_s / 1e9:,.1f} GB/s per direction, "
+                    f"{spec.latency_s * 1e6:.2f} us"
+                )
             print(f"  {name:<24} {extra}")
             if args.sources:
                 for field, src in spec.sources.items():
@@ -140,31 +159,51 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"moesim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="simulate one step of a scenario YAML",
-                         description=RUN_HELP,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = sub.add_parser(
+        "run",
+        help="simulate one step of a scenario YAML",
+        description=RUN_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument("scenario", type=Path, help="scenario YAML file (see scenarios/)")
-    run.add_argument("--out", type=Path, metavar="DIR",
-                     help="write summary.json, devices.csv, links.csv, routing.csv, trace.json")
-    run.add_argument("--set", action="append", metavar="PATH=VALUE",
-                     help="override a scenario field by dotted path, e.g. --set "
-                     "routing.zipf_s=1.2 --set model.n_layers=4 (repeatable)")
+    run.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="write summary.json, devices.csv, links.csv, routing.csv, trace.json",
+    )
+    run.add_argument(
+        "--set",
+        action="append",
+        metavar="PATH=VALUE",
+        help="override a scenario field by dotted path, e.g. --set "
+        "routing.zipf_s=1.2 --set model.n_layers=4 (repeatable)",
+    )
     run.add_argument("--seed", type=int, help="override sim.seed")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
-    run.add_argument("--no-trace", action="store_true",
-                     help="skip recording timelines (faster, smaller output on big clusters)")
+    run.add_argument(
+        "--no-trace",
+        action="store_true",
+        help="skip recording timelines (faster, smaller output on big clusters)",
+    )
     run.add_argument("-q", "--quiet", action="store_true", help="print nothing, no progress bar")
     run.set_defaults(func=cmd_run)
 
-    cat = sub.add_parser("catalog", help="list catalog models, devices and links",
-                         description="List the built-in models, devices and links.")
+    cat = sub.add_parser(
+        "catalog",
+        help="list catalog models, devices and links",
+        description="List the built-in models, devices and links.",
+    )
     cat.add_argument("kind", nargs="?", choices=["models", "devices", "links"])
     cat.add_argument("--sources", action="store_true", help="print each number's source")
     cat.set_defaults(func=cmd_catalog)
 
-    schema = sub.add_parser("schema", help="print the scenario JSON Schema (for YAML editors)",
-                            description="Print the scenario JSON Schema. Point your editor's "
-                            "YAML language server at it for completion and validation.")
+    schema = sub.add_parser(
+        "schema",
+        help="print the scenario JSON Schema (for YAML editors)",
+        description="Print the scenario JSON Schema. Point your editor's "
+        "YAML language server at it for completion and validation.",
+    )
     schema.set_defaults(func=cmd_schema)
     return parser
 

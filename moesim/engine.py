@@ -20,7 +20,12 @@ from moesim.network import FluidNetwork, Topology, build_topology
 from moesim.workload import LayerPlan, Traffic, WorkloadPlan
 
 COMPUTE_PHASES = (
-    "attention", "router", "shared_experts", "experts", "dense_ffn", "lm_head",
+    "attention",
+    "router",
+    "shared_experts",
+    "experts",
+    "dense_ffn",
+    "lm_head",
 )
 COMM_PHASES = ("tp_comm", "dispatch", "combine")
 
@@ -73,19 +78,27 @@ class _Prepared:
 class Engine:
     """Runs one step of a :class:`WorkloadPlan` on its topology."""
 
-    def __init__(self, plan: WorkloadPlan, topology: Topology | None = None,
-                 progress: bool | None = None) -> None:
+    def __init__(
+        self, plan: WorkloadPlan, topology: Topology | None = None, progress: bool | None = None
+    ) -> None:
         sc = plan.scenario
         self.plan = plan
         self.topology = topology or build_topology(sc.cluster, sc.topology)
         self.env = CountingEnvironment()
-        self.net = FluidNetwork(self.env, self.topology, sc.sim.network_tolerance,
-                                record_intervals=sc.sim.trace)
+        self.net = FluidNetwork(
+            self.env, self.topology, sc.sim.network_tolerance, record_intervals=sc.sim.trace
+        )
         self.rec = Recorder(plan.n_devices, sc.sim.trace)
         self._prepared: dict[tuple[int, str], _Prepared] = {}
         show = sc.sim.progress if progress is None else progress
-        self._bar = tqdm(total=plan.n_devices * len(plan.layers), delay=2.0, disable=not show,
-                         unit="device-layer", desc=sc.name, leave=False)
+        self._bar = tqdm(
+            total=plan.n_devices * len(plan.layers),
+            delay=2.0,
+            disable=not show,
+            unit="device-layer",
+            desc=sc.name,
+            leave=False,
+        )
         self.wall_s = 0.0
 
     def run(self) -> Engine:
@@ -116,8 +129,9 @@ class Engine:
                 yield from self._compute(g, "router", lp.compute_s["router"][g], i)
                 arrived = self._send(g, lp, "dispatch", lp.dispatch)
                 if "shared_experts" in lp.compute_s:
-                    yield from self._compute(g, "shared_experts",
-                                             lp.compute_s["shared_experts"][g], i)
+                    yield from self._compute(
+                        g, "shared_experts", lp.compute_s["shared_experts"][g], i
+                    )
                 start = env.now
                 yield arrived
                 self.rec.add(g, "dispatch", start, env.now, i)
@@ -143,8 +157,9 @@ class Engine:
         prep = self._prepare(lp, key, traffic)
         lo, hi = prep.offsets[g], prep.offsets[g + 1]
         if hi > lo:
-            self.net.send_routed(prep.paths[lo:hi], prep.nbytes[lo:hi], prep.latency_s[lo:hi],
-                                 prep.gid[lo:hi])
+            self.net.send_routed(
+                prep.paths[lo:hi], prep.nbytes[lo:hi], prep.latency_s[lo:hi], prep.gid[lo:hi]
+            )
         event = prep.events[g]
         prep.senders_left -= 1
         if prep.senders_left == 0:

@@ -39,7 +39,9 @@ class Bytes:
     @classmethod
     def from_dtypes(cls, weights: str, expert_weights: str, activations: str, kv: str) -> Bytes:
         return cls(
-            DTYPE_BYTES[weights], DTYPE_BYTES[expert_weights], DTYPE_BYTES[activations],
+            DTYPE_BYTES[weights],
+            DTYPE_BYTES[expert_weights],
+            DTYPE_BYTES[activations],
             DTYPE_BYTES[kv],
         )
 
@@ -48,8 +50,15 @@ LINEAR_ATTENTION_STATE_BYTES = 4.0
 """Lightning-attention state is kept in fp32 (MiniMax-01 report, Sec. 2.2)."""
 
 
-def _gemm(name: str, tokens: ArrayLike, k: float, n: float, w_bytes: float, a_bytes: float,
-          kernels: int = 1) -> OpCost:
+def _gemm(
+    name: str,
+    tokens: ArrayLike,
+    k: float,
+    n: float,
+    w_bytes: float,
+    a_bytes: float,
+    kernels: int = 1,
+) -> OpCost:
     """``tokens x k`` times ``k x n`` with weights read once (skipped when no tokens)."""
     tokens = np.asarray(tokens, dtype=float)
     flops = 2.0 * tokens * k * n
@@ -75,8 +84,13 @@ def attention_weight_params(m: ModelSpec, kind: str) -> float:
 
 
 def attention_ops(
-    m: ModelSpec, kind: str, batch: ArrayLike, new_tokens_per_seq: int, context_len: int,
-    tp: int, b: Bytes,
+    m: ModelSpec,
+    kind: str,
+    batch: ArrayLike,
+    new_tokens_per_seq: int,
+    context_len: int,
+    tp: int,
+    b: Bytes,
 ) -> list[OpCost]:
     """Attention of ``batch`` sequences each adding ``new_tokens_per_seq`` tokens after
     ``context_len`` cached ones, sharded over ``tp`` heads.
@@ -103,8 +117,11 @@ def attention_ops(
         ops.append(_gemm("q_down", tokens, d, a.q_lora_rank, wb, ab))
         ops.append(_gemm("q_up", tokens, a.q_lora_rank, h_loc * qk, wb, ab))
         ops.append(_gemm("kv_down", tokens, d, lat, wb, ab))
-        ops.append(_gemm("kv_up", tokens, a.kv_lora_rank, h_loc * (a.qk_nope_head_dim +
-                                                                   a.v_head_dim), wb, ab))
+        ops.append(
+            _gemm(
+                "kv_up", tokens, a.kv_lora_rank, h_loc * (a.qk_nope_head_dim + a.v_head_dim), wb, ab
+            )
+        )
         core_flops = 2.0 * tokens * keys_per_query * h_loc * (qk + a.v_head_dim)
         core_bytes = batch * (c + s) * lat * kvb + tokens * h_loc * (qk + a.v_head_dim) * ab
         ops.append(OpCost("attention_core", core_flops, core_bytes))
@@ -146,8 +163,10 @@ def expert_ops(tokens_per_expert: np.ndarray, d_model: int, d_ff: float, b: Byte
     """
     n = np.asarray(tokens_per_expert, dtype=float)
     flops = 6.0 * n * d_model * d_ff
-    memory = (np.where(n > 0, 3.0 * d_model * d_ff * b.expert_weights, 0.0)
-              + n * (2 * d_model + 3 * d_ff) * b.activations)
+    memory = (
+        np.where(n > 0, 3.0 * d_model * d_ff * b.expert_weights, 0.0)
+        + n * (2 * d_model + 3 * d_ff) * b.activations
+    )
     return OpCost("experts", flops, memory, kernels=3)
 
 
@@ -155,8 +174,10 @@ def ffn_ops(name: str, tokens: ArrayLike, d_model: int, d_ff: float, b: Bytes) -
     """A dense SwiGLU FFN (dense layers, shared experts), weights at ``b.weights``."""
     n = np.asarray(tokens, dtype=float)
     flops = 6.0 * n * d_model * d_ff
-    memory = (np.where(n > 0, 3.0 * d_model * d_ff * b.weights, 0.0)
-              + n * (2 * d_model + 3 * d_ff) * b.activations)
+    memory = (
+        np.where(n > 0, 3.0 * d_model * d_ff * b.weights, 0.0)
+        + n * (2 * d_model + 3 * d_ff) * b.activations
+    )
     return OpCost(name, flops, memory, kernels=3)
 
 

@@ -13,8 +13,17 @@ import pandas as pd
 from moesim.engine import COMPUTE_PHASES, Engine
 from moesim.routing import max_over_mean
 
-BREAKDOWN_KEYS = ("attention", "tp_comm", "router", "shared_experts", "dispatch", "experts",
-                  "combine", "dense_ffn", "lm_head")
+BREAKDOWN_KEYS = (
+    "attention",
+    "tp_comm",
+    "router",
+    "shared_experts",
+    "dispatch",
+    "experts",
+    "combine",
+    "dense_ffn",
+    "lm_head",
+)
 
 
 @dataclass
@@ -41,16 +50,20 @@ def routing_table(engine: Engine) -> pd.DataFrame:
         if not lp.moe:
             continue
         per_expert = lp.expert_load.sum(axis=0)
-        rows.append({
-            "layer": lp.index,
-            "max_over_mean_load": max_over_mean(per_expert),
-            "cv_load": float(per_expert.std() / per_expert.mean()) if per_expert.mean() else 0.0,
-            "device_max_over_mean_load": max_over_mean(lp.device_tokens),
-            "routed_pairs": lp.routed_pairs,
-            "dropped_pairs": lp.dropped_pairs,
-            "cross_node_pairs": lp.cross_node_pairs,
-            "dispatch_bytes": lp.dispatch.total_bytes,
-        })
+        rows.append(
+            {
+                "layer": lp.index,
+                "max_over_mean_load": max_over_mean(per_expert),
+                "cv_load": float(per_expert.std() / per_expert.mean())
+                if per_expert.mean()
+                else 0.0,
+                "device_max_over_mean_load": max_over_mean(lp.device_tokens),
+                "routed_pairs": lp.routed_pairs,
+                "dropped_pairs": lp.dropped_pairs,
+                "cross_node_pairs": lp.cross_node_pairs,
+                "dispatch_bytes": lp.dispatch.total_bytes,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -61,8 +74,9 @@ def collect(engine: Engine) -> Result:
     step = float(rec.finish_s.max())
     n = topo.devices_per_node
     g = np.arange(plan.n_devices)
-    dev = pd.DataFrame({"device": [topo.device_name(i) for i in g], "node": g // n,
-                        "local_index": g % n})
+    dev = pd.DataFrame(
+        {"device": [topo.device_name(i) for i in g], "node": g // n, "local_index": g % n}
+    )
     for phase, seconds in rec.phase_s.items():
         col = f"{phase}_s" if phase in COMPUTE_PHASES else f"{phase}_wait_s"
         dev[col] = seconds
@@ -70,23 +84,29 @@ def collect(engine: Engine) -> Result:
     dev["compute_busy_s"] = dev[compute_cols].sum(axis=1)
     dev["utilization"] = dev["compute_busy_s"] / step if step > 0 else 0.0
     dev["flops"] = sum(sum(lp.flops.values()) for lp in plan.layers)
-    dev["expert_tokens"] = sum(lp.device_tokens for lp in plan.layers if lp.moe) if any(
-        lp.moe for lp in plan.layers) else 0
+    dev["expert_tokens"] = (
+        sum(lp.device_tokens for lp in plan.layers if lp.moe)
+        if any(lp.moe for lp in plan.layers)
+        else 0
+    )
     for kind, used in plan.memory_bytes.items():
         dev[f"{kind}_bytes"] = used
     dev["memory_used_bytes"] = plan.memory_used_bytes
     dev["finish_s"] = rec.finish_s
 
-    links = pd.DataFrame({
-        "link": topo.link_names,
-        "kind": topo.link_kinds,
-        "bandwidth_bytes_per_s": topo.bandwidth_bytes_per_s,
-        "latency_s": topo.latency_s,
-        "bytes_carried": net.stats.bytes_carried,
-        "busy_s": net.stats.busy_s,
-    })
-    links["utilization"] = (links["bytes_carried"] / (links["bandwidth_bytes_per_s"] * step)
-                            if step > 0 else 0.0)
+    links = pd.DataFrame(
+        {
+            "link": topo.link_names,
+            "kind": topo.link_kinds,
+            "bandwidth_bytes_per_s": topo.bandwidth_bytes_per_s,
+            "latency_s": topo.latency_s,
+            "bytes_carried": net.stats.bytes_carried,
+            "busy_s": net.stats.busy_s,
+        }
+    )
+    links["utilization"] = (
+        links["bytes_carried"] / (links["bandwidth_bytes_per_s"] * step) if step > 0 else 0.0
+    )
     routing = routing_table(engine)
 
     crit = int(np.argmax(rec.finish_s))
@@ -104,13 +124,16 @@ def collect(engine: Engine) -> Result:
         "routing": {
             "max_over_mean_load": float(routing["max_over_mean_load"].mean()) if routed else 1.0,
             "max_over_mean_load_worst_layer": float(routing["max_over_mean_load"].max())
-            if routed else 1.0,
+            if routed
+            else 1.0,
             "device_max_over_mean_load": float(routing["device_max_over_mean_load"].mean())
-            if routed else 1.0,
+            if routed
+            else 1.0,
             "cv_load": float(routing["cv_load"].mean()) if routed else 0.0,
             "drop_rate": float(routing["dropped_pairs"].sum() / routed) if routed else 0.0,
             "cross_node_fraction": float(routing["cross_node_pairs"].sum() / routed)
-            if routed else 0.0,
+            if routed
+            else 0.0,
         },
         "devices": plan.n_devices,
         "links": topo.n_links,
@@ -119,7 +142,9 @@ def collect(engine: Engine) -> Result:
             "compute_busy_s": float(dev.at[busiest_dev, "compute_busy_s"]),
             "utilization": float(dev.at[busiest_dev, "utilization"]),
         },
-        "busiest_link": None if busiest_link is None else {
+        "busiest_link": None
+        if busiest_link is None
+        else {
             "link": links.at[busiest_link, "link"],
             "bytes_carried": float(links.at[busiest_link, "bytes_carried"]),
             "utilization": float(links.at[busiest_link, "utilization"]),
@@ -128,8 +153,9 @@ def collect(engine: Engine) -> Result:
             "max_used_bytes": float(dev["memory_used_bytes"].max()),
             "capacity_bytes": float(sc.cluster.device.memory_bytes),
         },
-        "all_to_all_bytes": float(sum(
-            lp.dispatch.total_bytes * 2 if lp.moe else 0.0 for lp in plan.layers)),
+        "all_to_all_bytes": float(
+            sum(lp.dispatch.total_bytes * 2 if lp.moe else 0.0 for lp in plan.layers)
+        ),
         "sim": {
             "wall_s": engine.wall_s,
             "events": engine.env.events_processed,
@@ -148,20 +174,47 @@ def chrome_trace(result: Result, link_names: list[str], device_names: list[str])
         {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "links"}},
     ]
     for g, name in enumerate(device_names):
-        events.append({"ph": "M", "pid": 1, "tid": g, "name": "thread_name",
-                       "args": {"name": name}})
+        events.append(
+            {"ph": "M", "pid": 1, "tid": g, "name": "thread_name", "args": {"name": name}}
+        )
     used_links = sorted({lid for lid, _, _ in result.link_intervals})
     for lid in used_links:
-        events.append({"ph": "M", "pid": 2, "tid": lid, "name": "thread_name",
-                       "args": {"name": link_names[lid]}})
+        events.append(
+            {
+                "ph": "M",
+                "pid": 2,
+                "tid": lid,
+                "name": "thread_name",
+                "args": {"name": link_names[lid]},
+            }
+        )
     for g, phase, start, end, layer in result.slices:
         cat = "compute" if phase in COMPUTE_PHASES else "wait"
-        events.append({"ph": "X", "pid": 1, "tid": g, "name": phase, "cat": cat,
-                       "ts": start * 1e6, "dur": (end - start) * 1e6, "args": {"layer": layer}})
+        events.append(
+            {
+                "ph": "X",
+                "pid": 1,
+                "tid": g,
+                "name": phase,
+                "cat": cat,
+                "ts": start * 1e6,
+                "dur": (end - start) * 1e6,
+                "args": {"layer": layer},
+            }
+        )
     for lid, start, end in result.link_intervals:
         if end > start:
-            events.append({"ph": "X", "pid": 2, "tid": lid, "name": "busy", "cat": "link",
-                           "ts": start * 1e6, "dur": (end - start) * 1e6})
+            events.append(
+                {
+                    "ph": "X",
+                    "pid": 2,
+                    "tid": lid,
+                    "name": "busy",
+                    "cat": "link",
+                    "ts": start * 1e6,
+                    "dur": (end - start) * 1e6,
+                }
+            )
     return {"traceEvents": events, "displayTimeUnit": "ns"}
 
 

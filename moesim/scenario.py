@@ -97,9 +97,9 @@ class TopologyConfig(Config):
         1.0, ge=1.0, description="fat_tree: leaf downlink over uplink bandwidth"
     )
 
-    _links = field_validator(
-        "intra_node_link", "inter_node_link", "nic_host_link", mode="before"
-    )(_resolver("links"))
+    _links = field_validator("intra_node_link", "inter_node_link", "nic_host_link", mode="before")(
+        _resolver("links")
+    )
 
 
 class ParallelismConfig(Config):
@@ -108,7 +108,9 @@ class ParallelismConfig(Config):
     tp: PositiveInt = Field(1, description="tensor parallel degree of attention / dense layers")
     dp: PositiveInt | None = Field(None, description="attention data parallel (devices / tp)")
     ep: PositiveInt = Field(1, description="expert parallel degree: ranks experts are spread over")
-    etp: PositiveInt = Field(1, description="expert tensor parallel: shards per expert (MiniMax-01)")
+    etp: PositiveInt = Field(
+        1, description="expert tensor parallel: shards per expert (MiniMax-01)"
+    )
     edp: PositiveInt | None = Field(
         None, description="expert data parallel: replicas of the expert set (devices / ep / etp)"
     )
@@ -214,8 +216,9 @@ class Scenario(Config):
             raise ScenarioError("parallelism.etp", f"{par.etp} does not divide d_ff_expert")
         if self.workload.batch_size % dp and self.workload.phase == "decode":
             raise ScenarioError(
-                "workload.batch_size", f"decode batch {self.workload.batch_size} not divisible "
-                f"by attention data-parallel degree {dp}"
+                "workload.batch_size",
+                f"decode batch {self.workload.batch_size} not divisible "
+                f"by attention data-parallel degree {dp}",
             )
         topo = self.topology
         nics = topo.nics_per_node or self.cluster.devices_per_node
@@ -231,9 +234,7 @@ class Scenario(Config):
             "nodes_per_leaf": topo.nodes_per_leaf or self.cluster.nodes,
         }
         object.__setattr__(self, "topology", topo.model_copy(update=resolved))
-        object.__setattr__(
-            self, "parallelism", par.model_copy(update={"dp": dp, "edp": edp})
-        )
+        object.__setattr__(self, "parallelism", par.model_copy(update={"dp": dp, "edp": edp}))
         return self
 
 

@@ -126,8 +126,12 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
     n_dev, tp, ep, etp = sc.cluster.n_devices, par.tp, par.ep, par.etp
     dp, edp = n_dev // tp, n_dev // (ep * etp)
     dt = wl.dtypes
-    b = Bytes(dt.bytes_of("weights"), dt.bytes_of("expert_weights"),
-              dt.bytes_of("activations"), dt.bytes_of("kv_cache"))
+    b = Bytes(
+        dt.bytes_of("weights"),
+        dt.bytes_of("expert_weights"),
+        dt.bytes_of("activations"),
+        dt.bytes_of("kv_cache"),
+    )
     cdt = dt.compute
     g = np.arange(n_dev)
     replica = g // tp
@@ -162,7 +166,7 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
         att_s, att_f = cache[kind]
         compute_s = {"attention": att_s}
         flops = {"attention": att_f}
-        tp_comm = tp_after = None
+        tp_comm = None
         if tp > 1:
             rows = g.reshape(dp, tp)
             full = tokens_dp[replica] * act_bytes_per_token
@@ -170,7 +174,8 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
         lp = LayerPlan(i, kind, m.is_moe(i), compute_s, flops, tp_comm)
         if not m.is_moe(i):
             compute_s["dense_ffn"], flops["dense_ffn"] = _time(
-                dev, [ffn_ops("dense_ffn", tokens_dp[replica], m.d_model, m.d_ff_dense / tp, b)],
+                dev,
+                [ffn_ops("dense_ffn", tokens_dp[replica], m.d_model, m.d_ff_dense / tp, b)],
                 cdt,
             )
             if tp > 1:
@@ -179,8 +184,9 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
             continue
         rng = np.random.default_rng(layer_seeds[i])
         r = sc.routing
-        probs = expert_probabilities(m.n_experts, r.distribution, r.zipf_s, rng,
-                                     r.shuffle_hot_experts)
+        probs = expert_probabilities(
+            m.n_experts, r.distribution, r.zipf_s, rng, r.shuffle_hot_experts
+        )
         counts = sample_topk_counts(tokens_dev, probs, m.top_k, rng)
         kept, dropped = apply_capacity(counts, group, edp, r.capacity_factor)
         compute_s["router"], flops["router"] = _time(dev, router_ops(m, tokens_dev, b), cdt)
@@ -210,8 +216,9 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
         dst = (base[:, None] + np.arange(etp)[None, :]).ravel()
         nbytes = np.repeat(pairs, etp) * act_bytes_per_token
         local = src == dst
-        lp.dispatch = Traffic(src[~local], dst[~local], nbytes[~local].astype(float),
-                              float(nbytes[local].sum()))
+        lp.dispatch = Traffic(
+            src[~local], dst[~local], nbytes[~local].astype(float), float(nbytes[local].sum())
+        )
         lp.expert_load = group_load
         lp.device_tokens = load.sum(axis=1)
         lp.routed_pairs = int(counts.sum())
@@ -229,8 +236,14 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
     return plan
 
 
-def _memory(sc: Scenario, b: Bytes, seqs_dev: np.ndarray, tokens_att: np.ndarray,
-            tokens_dev: np.ndarray, layers: list[LayerPlan]) -> dict[str, np.ndarray]:
+def _memory(
+    sc: Scenario,
+    b: Bytes,
+    seqs_dev: np.ndarray,
+    tokens_att: np.ndarray,
+    tokens_dev: np.ndarray,
+    layers: list[LayerPlan],
+) -> dict[str, np.ndarray]:
     """Bytes resident per device: weights, KV cache / linear state, peak activations."""
     m, par = sc.model, sc.parallelism
     n_dev, tp = sc.cluster.n_devices, par.tp
@@ -251,10 +264,13 @@ def _memory(sc: Scenario, b: Bytes, seqs_dev: np.ndarray, tokens_att: np.ndarray
     kv = seqs_dev * (context * kv_per_token + state_per_seq)
     # peak activations: the largest of one attention block and one expert block's working set
     moe_tokens = max((int(lp.device_tokens.max()) for lp in layers if lp.moe), default=0)
-    act = np.maximum(
-        tokens_att * (4 * m.d_model + 2 * (m.n_heads + 2 * m.n_kv_heads) * m.head_dim / tp),
-        tokens_dev * 2 * m.d_model + moe_tokens * (2 * m.d_model + 3 * m.d_ff_expert / par.etp),
-    ) * b.activations
+    act = (
+        np.maximum(
+            tokens_att * (4 * m.d_model + 2 * (m.n_heads + 2 * m.n_kv_heads) * m.head_dim / tp),
+            tokens_dev * 2 * m.d_model + moe_tokens * (2 * m.d_model + 3 * m.d_ff_expert / par.etp),
+        )
+        * b.activations
+    )
     return {
         "weights": np.full(n_dev, float(weights)),
         "kv_cache": kv.astype(float),

@@ -16,8 +16,13 @@ from moesim.workload import build_plan
 
 
 def test_tokens_and_bytes_are_conserved(small):
-    sc = small(**{"routing.capacity_factor": 1.0, "routing.distribution": "zipf",
-                  "workload.batch_size": 512})
+    sc = small(
+        **{
+            "routing.capacity_factor": 1.0,
+            "routing.distribution": "zipf",
+            "workload.batch_size": 512,
+        }
+    )
     plan = build_plan(sc)
     engine = Engine(plan, progress=False).run()
     d_bytes = sc.model.d_model * 2
@@ -44,8 +49,15 @@ def test_breakdown_tiles_the_critical_timeline_and_trace_has_no_overlaps(small, 
     assert s["tokens_per_s"] == pytest.approx(s["tokens"] / s["step_time_s"])
     out = write_outputs(result, tmp_path)
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("step_time_s", "tokens_per_s", "breakdown_s", "routing", "devices", "links",
-                "scenario_resolved"):
+    for key in (
+        "step_time_s",
+        "tokens_per_s",
+        "breakdown_s",
+        "routing",
+        "devices",
+        "links",
+        "scenario_resolved",
+    ):
         assert key in summary
     for key in ("attention", "router", "dispatch", "experts", "combine"):
         assert key in summary["breakdown_s"]
@@ -66,9 +78,16 @@ def test_breakdown_tiles_the_critical_timeline_and_trace_has_no_overlaps(small, 
 
 
 def test_imbalance_shows_as_waiting_on_other_devices(small):
-    result = simulate(small(**{"routing.distribution": "zipf", "routing.zipf_s": 1.5,
-                               "routing.shuffle_hot_experts": False,
-                               "workload.batch_size": 512}))
+    result = simulate(
+        small(
+            **{
+                "routing.distribution": "zipf",
+                "routing.zipf_s": 1.5,
+                "routing.shuffle_hot_experts": False,
+                "workload.batch_size": 512,
+            }
+        )
+    )
     dev = result.devices
     hot = dev["experts_s"].idxmax()
     # expert 0 is the hottest (no shuffle) and lives on device 0 (contiguous placement)
@@ -85,14 +104,24 @@ def test_single_device_step_is_sum_of_closed_form_kernels():
     from moesim import scenario_from_dict
 
     d, f, heads, hd, vocab, tokens = 1024, 4096, 8, 128, 1000, 2048
-    sc = scenario_from_dict({
-        "model": {"n_layers": 1, "d_model": d, "n_heads": heads, "n_kv_heads": heads,
-                  "head_dim": hd, "vocab_size": vocab, "d_ff_expert": f, "n_experts": 1,
-                  "top_k": 1},
-        "cluster": {"nodes": 1, "devices_per_node": 1, "device": "h100-sxm"},
-        "workload": {"phase": "prefill", "batch_size": 1, "seq_len": tokens},
-        "sim": {"progress": False},
-    })
+    sc = scenario_from_dict(
+        {
+            "model": {
+                "n_layers": 1,
+                "d_model": d,
+                "n_heads": heads,
+                "n_kv_heads": heads,
+                "head_dim": hd,
+                "vocab_size": vocab,
+                "d_ff_expert": f,
+                "n_experts": 1,
+                "top_k": 1,
+            },
+            "cluster": {"nodes": 1, "devices_per_node": 1, "device": "h100-sxm"},
+            "workload": {"phase": "prefill", "batch_size": 1, "seq_len": tokens},
+            "sim": {"progress": False},
+        }
+    )
     dev = catalog.device("h100-sxm")
     peak = 989.4e12 * dev.compute_efficiency
     bw = 3.35e12 * dev.memory_efficiency
@@ -101,10 +130,13 @@ def test_single_device_step_is_sum_of_closed_form_kernels():
     def roof(flops, nbytes, kernels=1):
         return max(flops / peak, nbytes / bw) + kernels * launch
 
-    qkv = roof(2 * tokens * d * 3 * heads * hd, 2 * (d * 3 * heads * hd + tokens * (d + 3 * heads * hd)))
+    qkv = roof(
+        2 * tokens * d * 3 * heads * hd, 2 * (d * 3 * heads * hd + tokens * (d + 3 * heads * hd))
+    )
     keys = (tokens + 1) / 2
-    core = roof(4 * tokens * keys * heads * hd,
-                tokens * 2 * heads * hd * 2 + tokens * 2 * heads * hd * 2)
+    core = roof(
+        4 * tokens * keys * heads * hd, tokens * 2 * heads * hd * 2 + tokens * 2 * heads * hd * 2
+    )
     o = roof(2 * tokens * heads * hd * d, 2 * (heads * hd * d + tokens * (heads * hd + d)))
     gate = roof(2 * tokens * d * 1, 2 * (d + tokens * (d + 1)))
     op = expert_ops(tokens, d, f, Bytes())

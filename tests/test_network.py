@@ -16,13 +16,15 @@ MB = 1e6
 
 
 def _topology(nodes=1, per_node=8, device="h100-sxm", **topo):
-    sc = scenario_from_dict({
-        "model": {"preset": "mixtral-8x7b", "n_layers": 1},
-        "cluster": {"nodes": nodes, "devices_per_node": per_node, "device": device},
-        "topology": topo,
-        "workload": {"phase": "decode", "batch_size": nodes * per_node, "seq_len": 16},
-        "parallelism": {"ep": 8},
-    })
+    sc = scenario_from_dict(
+        {
+            "model": {"preset": "mixtral-8x7b", "n_layers": 1},
+            "cluster": {"nodes": nodes, "devices_per_node": per_node, "device": device},
+            "topology": topo,
+            "workload": {"phase": "decode", "batch_size": nodes * per_node, "seq_len": 16},
+            "parallelism": {"ep": 8},
+        }
+    )
     return build_topology(sc.cluster, sc.topology)
 
 
@@ -36,8 +38,12 @@ def _run_flows(topo, src, dst, nbytes, tolerance=1e-3):
         gid, ev = net.group(int(np.sum(np.asarray(dst) == d)))
         gids[d] = gid
         ev.callbacks.append(lambda _e, d=d: done.__setitem__(d, env.now))
-    net.send(np.asarray(src), np.asarray(dst), np.asarray(nbytes, float),
-             np.array([gids[d] for d in dst]))
+    net.send(
+        np.asarray(src),
+        np.asarray(dst),
+        np.asarray(nbytes, float),
+        np.array([gids[d] for d in dst]),
+    )
     env.run()
     return done, net
 
@@ -59,23 +65,25 @@ def test_two_flows_sharing_a_link_each_get_half():
     topo = _topology()
     nbytes = 9 * MB
     # d0 -> d2 and d1 -> d2 share only the switch -> d2 link
-    done, net = _run_flows(topo, [0, 1], [2, 2], [nbytes, nbytes])
+    done, _net = _run_flows(topo, [0, 1], [2, 2], [nbytes, nbytes])
     expected = 2 * nbytes / 450e9 + 0.6e-6
     assert done[2] == pytest.approx(expected, rel=1e-6)
-    rates = maxmin_rates(topo.routes(np.array([0, 1]), np.array([2, 2])),
-                         topo.bandwidth_bytes_per_s)
+    rates = maxmin_rates(
+        topo.routes(np.array([0, 1]), np.array([2, 2])), topo.bandwidth_bytes_per_s
+    )
     np.testing.assert_allclose(rates, [225e9, 225e9])
 
 
 def test_maxmin_textbook_example():
     # link 0 (cap 1): flows A, B; link 1 (cap 1): flows A, C, D -> A, C, D get 1/3, B gets 2/3
     paths = np.array([[0, 1], [0, -1], [1, -1], [1, -1]])
-    np.testing.assert_allclose(maxmin_rates(paths, np.array([1.0, 1.0])),
-                               [1 / 3, 2 / 3, 1 / 3, 1 / 3])
+    np.testing.assert_allclose(
+        maxmin_rates(paths, np.array([1.0, 1.0])), [1 / 3, 2 / 3, 1 / 3, 1 / 3]
+    )
     # weighted: a flow of weight 3 gets three times the share of a weight-1 flow
     np.testing.assert_allclose(
-        maxmin_rates(np.array([[0], [0]]), np.array([4.0]), weight=np.array([3.0, 1.0])),
-        [3.0, 1.0])
+        maxmin_rates(np.array([[0], [0]]), np.array([4.0]), weight=np.array([3.0, 1.0])), [3.0, 1.0]
+    )
 
 
 def test_link_bytes_equal_traffic_times_hops():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -48,24 +50,38 @@ def test_capacity_drops_and_keeps_capacity():
 def test_drop_rate_falls_as_capacity_grows(small):
     rates = []
     for cf in (0.8, 1.0, 1.25, 2.0, 8.0):
-        plan = build_plan(small(**{"routing.capacity_factor": cf,
-                                   "routing.distribution": "zipf", "routing.zipf_s": 1.0}))
+        plan = build_plan(
+            small(
+                **{
+                    "routing.capacity_factor": cf,
+                    "routing.distribution": "zipf",
+                    "routing.zipf_s": 1.0,
+                }
+            )
+        )
         moe = [lp for lp in plan.layers if lp.moe]
         rates.append(sum(lp.dropped_pairs for lp in moe) / sum(lp.routed_pairs for lp in moe))
-    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(rates))
     assert rates[0] > 0 and rates[-1] == 0
 
 
 def test_zipf_is_slower_than_uniform_and_summary_imbalance_matches_counts(small):
     uniform = simulate(small(**{"workload.batch_size": 256}))
-    skewed = simulate(small(**{"workload.batch_size": 256, "routing.distribution": "zipf",
-                               "routing.zipf_s": 1.5}))
+    skewed = simulate(
+        small(**{"workload.batch_size": 256, "routing.distribution": "zipf", "routing.zipf_s": 1.5})
+    )
     assert skewed.step_time_s > uniform.step_time_s
     assert uniform.summary["tokens"] == skewed.summary["tokens"]
-    plan = build_plan(small(**{"workload.batch_size": 256, "routing.distribution": "zipf",
-                               "routing.zipf_s": 1.5}))
-    direct = np.mean([lp.expert_load.sum(axis=0).max() / lp.expert_load.sum(axis=0).mean()
-                      for lp in plan.layers if lp.moe])
+    plan = build_plan(
+        small(**{"workload.batch_size": 256, "routing.distribution": "zipf", "routing.zipf_s": 1.5})
+    )
+    direct = np.mean(
+        [
+            lp.expert_load.sum(axis=0).max() / lp.expert_load.sum(axis=0).mean()
+            for lp in plan.layers
+            if lp.moe
+        ]
+    )
     assert skewed.summary["routing"]["max_over_mean_load"] == pytest.approx(direct)
     assert skewed.summary["routing"]["max_over_mean_load"] > 1.5
 

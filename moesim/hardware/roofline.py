@@ -13,7 +13,10 @@ from moesim.specs import GpuSpec
 
 
 def kernel_time_s(
-    device: GpuSpec, flops: ArrayLike, memory_bytes: ArrayLike, compute_dtype: str,
+    device: GpuSpec,
+    flops: ArrayLike,
+    memory_bytes: ArrayLike,
+    compute_dtype: str,
     kernels: int = 1,
 ) -> np.ndarray:
     """Roofline seconds; elementwise over arrays of FLOPs and bytes. No work costs nothing."""

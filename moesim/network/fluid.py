@@ -18,7 +18,9 @@ from moesim.network.topology import Topology
 
 
 def maxmin_rates(
-    paths: np.ndarray, capacity_bytes_per_s: np.ndarray, weight: np.ndarray | None = None,
+    paths: np.ndarray,
+    capacity_bytes_per_s: np.ndarray,
+    weight: np.ndarray | None = None,
     tolerance: float = 1e-9,
 ) -> np.ndarray:
     """Weighted max-min fair rates by progressive filling (Bertsekas & Gallager, *Data
@@ -65,9 +67,11 @@ def maxmin_rates(
         rate[new] = level * weight[new]
         rows = paths[new]
         ok = rows >= 0
-        load -= np.bincount(rows[ok], weights=np.broadcast_to(weight[new][:, None],
-                                                               rows.shape)[ok],
-                            minlength=n_links)
+        load -= np.bincount(
+            rows[ok],
+            weights=np.broadcast_to(weight[new][:, None], rows.shape)[ok],
+            minlength=n_links,
+        )
         load[sat] = 0.0
         alive = alive[load[alive] > eps]
     return rate
@@ -96,8 +100,13 @@ class FluidNetwork:
     event succeeds when its last flow has arrived.
     """
 
-    def __init__(self, env: simpy.Environment, topology: Topology, tolerance: float = 1e-3,
-                 record_intervals: bool = True) -> None:
+    def __init__(
+        self,
+        env: simpy.Environment,
+        topology: Topology,
+        tolerance: float = 1e-3,
+        record_intervals: bool = True,
+    ) -> None:
         self.env, self.topology, self.tolerance = env, topology, tolerance
         self.capacity = topology.bandwidth_bytes_per_s
         n_links = topology.n_links
@@ -131,21 +140,29 @@ class FluidNetwork:
             self._groups[gid] = _Group(n_flows, event)
         return gid, event
 
-    def send(self, src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray, gid: np.ndarray,
-             latency_steps: float = 1.0) -> None:
+    def send(
+        self,
+        src: np.ndarray,
+        dst: np.ndarray,
+        nbytes: np.ndarray,
+        gid: np.ndarray,
+        latency_steps: float = 1.0,
+    ) -> None:
         """Start flows now. ``latency_steps`` multiplies path latency (ring collectives)."""
         paths = self.topology.routes(src, dst)
         latency = self.topology.path_latency_s(paths) * latency_steps
         self.send_routed(paths, np.asarray(nbytes, float), latency, np.asarray(gid))
 
-    def send_routed(self, paths: np.ndarray, nbytes: np.ndarray, latency_s: np.ndarray,
-                    gid: np.ndarray) -> None:
+    def send_routed(
+        self, paths: np.ndarray, nbytes: np.ndarray, latency_s: np.ndarray, gid: np.ndarray
+    ) -> None:
         """Start flows whose paths (``[F, H]`` link ids, -1 padded) are already routed."""
         if len(nbytes) == 0:
             return
         valid = paths >= 0
         self.stats.bytes_carried += np.bincount(
-            paths[valid], weights=np.broadcast_to(nbytes[:, None], paths.shape)[valid],
+            paths[valid],
+            weights=np.broadcast_to(nbytes[:, None], paths.shape)[valid],
             minlength=self.topology.n_links,
         )
         self._pending.append((paths, nbytes, latency_s, gid))
@@ -156,8 +173,7 @@ class FluidNetwork:
         """End the busy intervals of links still marked active (call after the run)."""
         if self.record_intervals:
             for lid in np.flatnonzero(self._link_active):
-                self.stats.intervals.append((int(lid), float(self._link_since[lid]),
-                                             self.env.now))
+                self.stats.intervals.append((int(lid), float(self._link_since[lid]), self.env.now))
         self._link_active[:] = False
 
     # -- the network process ---------------------------------------------------------------
@@ -189,11 +205,13 @@ class FluidNetwork:
     def _admit(self) -> None:
         if not self._pending:
             return
-        batches = [(self._paths, self._remaining, self._latency, self._gid)] + self._pending
+        batches = [(self._paths, self._remaining, self._latency, self._gid), *self._pending]
         width = max(b[0].shape[1] for b in batches)
         self._paths = np.concatenate(
-            [np.pad(b[0], ((0, 0), (0, width - b[0].shape[1])), constant_values=-1)
-             for b in batches]
+            [
+                np.pad(b[0], ((0, 0), (0, width - b[0].shape[1])), constant_values=-1)
+                for b in batches
+            ]
         )
         self._remaining = np.concatenate([b[1] for b in batches])
         self._latency = np.concatenate([b[2] for b in batches])

@@ -1,0 +1,27 @@
+"""Every shipped scenario validates and runs: small ones in full, large ones with fewer layers."""
+
+from __future__ import annotations
+
+import pytest
+
+from moesim import load_scenario, simulate
+
+from .conftest import SCENARIOS
+
+LARGE_DEVICE_LAYERS = 8 * 32 * 2  # devices x layers above this run with fewer layers
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
+def test_scenario_runs(path):
+    sc = load_scenario(path)
+    assert sc.name == path.stem, "scenario name should match its file name"
+    overrides = {"sim.progress": False}
+    if sc.cluster.n_devices * sc.model.n_layers > LARGE_DEVICE_LAYERS:
+        overrides["model.n_layers"] = sc.model.n_dense_layers + 1 + (sc.model.n_dense_layers == 0)
+        overrides["sim.network_tolerance"] = 0.01
+        overrides["sim.trace"] = False
+    result = simulate(load_scenario(path, overrides))
+    s = result.summary
+    assert s["step_time_s"] > 0 and s["tokens_per_s"] > 0
+    assert sum(s["breakdown_s"].values()) == pytest.approx(s["step_time_s"], rel=1e-6)
+    assert s["memory"]["max_used_bytes"] <= s["memory"]["capacity_bytes"]
