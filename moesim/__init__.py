@@ -16,12 +16,15 @@ except PackageNotFoundError:  # running from a source tree
 
 
 def simulate(scenario: Scenario, progress: bool | None = None):
-    """Run one step of ``scenario`` with the discrete-event engine; returns a ``Result``."""
+    """Run one step of ``scenario`` (``sim.fidelity``: discrete-event or analytic); returns a
+    ``Result`` with ``summary``, ``devices``, ``links`` and ``routing``."""
+    from moesim.analytic import AnalyticEngine
     from moesim.engine import Engine
     from moesim.results import collect
     from moesim.workload import build_plan
 
-    return collect(Engine(build_plan(scenario), progress=progress).run())
+    engine_cls = AnalyticEngine if scenario.sim.fidelity == "analytic" else Engine
+    return collect(engine_cls(build_plan(scenario), progress=progress).run())
 
 
 __all__ = [

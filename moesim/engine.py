@@ -17,6 +17,7 @@ import simpy
 from tqdm import tqdm
 
 from moesim.network import FluidNetwork, Topology, build_topology
+from moesim.network.fluid import LinkStats
 from moesim.workload import LayerPlan, Traffic, WorkloadPlan
 
 COMPUTE_PHASES = (
@@ -100,6 +101,16 @@ class Engine:
             leave=False,
         )
         self.wall_s = 0.0
+
+    fidelity = "des"
+
+    @property
+    def link_stats(self) -> LinkStats:
+        return self.net.stats
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return {"events": self.env.events_processed, "network_solves": self.net.solves}
 
     def run(self) -> Engine:
         start = time.perf_counter()

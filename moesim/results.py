@@ -69,7 +69,7 @@ def routing_table(engine: Engine) -> pd.DataFrame:
 
 def collect(engine: Engine) -> Result:
     """Summarise a finished engine run."""
-    plan, topo, rec, net = engine.plan, engine.topology, engine.rec, engine.net
+    plan, topo, rec, stats = engine.plan, engine.topology, engine.rec, engine.link_stats
     sc = plan.scenario
     step = float(rec.finish_s.max())
     n = topo.devices_per_node
@@ -100,8 +100,8 @@ def collect(engine: Engine) -> Result:
             "kind": topo.link_kinds,
             "bandwidth_bytes_per_s": topo.bandwidth_bytes_per_s,
             "latency_s": topo.latency_s,
-            "bytes_carried": net.stats.bytes_carried,
-            "busy_s": net.stats.busy_s,
+            "bytes_carried": stats.bytes_carried,
+            "busy_s": stats.busy_s,
         }
     )
     links["utilization"] = (
@@ -110,7 +110,11 @@ def collect(engine: Engine) -> Result:
     routing = routing_table(engine)
 
     crit = int(np.argmax(rec.finish_s))
-    breakdown = {k: float(rec.phase_s[k][crit]) for k in BREAKDOWN_KEYS}
+    spans = getattr(engine, "breakdown_s", None)  # analytic: per-phase spans
+    if spans is not None:
+        breakdown = {k: float(spans.get(k, 0.0)) for k in BREAKDOWN_KEYS}
+    else:
+        breakdown = {k: float(rec.phase_s[k][crit]) for k in BREAKDOWN_KEYS}
     busiest_dev = int(dev["compute_busy_s"].idxmax())
     busiest_link = int(links["bytes_carried"].idxmax()) if len(links) else None
     routed = int(routing["routed_pairs"].sum()) if len(routing) else 0
@@ -158,12 +162,12 @@ def collect(engine: Engine) -> Result:
         ),
         "sim": {
             "wall_s": engine.wall_s,
-            "events": engine.env.events_processed,
-            "network_solves": net.solves,
+            "fidelity": engine.fidelity,
+            **engine.counters,
         },
         "scenario_resolved": sc.model_dump(mode="json"),
     }
-    return Result(summary, dev, links, routing, rec.slices, net.stats.intervals)
+    return Result(summary, dev, links, routing, rec.slices, stats.intervals)
 
 
 def chrome_trace(result: Result, link_names: list[str], device_names: list[str]) -> dict:

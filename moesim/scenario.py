@@ -167,6 +167,11 @@ class SimConfig(Config):
     """Engine options."""
 
     seed: NonNegativeInt = Field(0, description="one seed; per-layer seeds derive from it")
+    fidelity: Literal["des", "analytic"] = Field(
+        "des",
+        description="des: discrete-event engine with max-min fair flows; analytic: closed form "
+        "per phase (slowest device, bottleneck link), no event loop",
+    )
     network_tolerance: float = Field(
         1e-3,
         gt=0,

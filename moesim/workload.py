@@ -6,7 +6,8 @@ counts, and the traffic of each collective as aggregated flows per (source, dest
 Layout (see README): device ``g`` is attention data-parallel replica ``g // tp`` and tensor
 rank ``g % tp``; in the MoE block each device owns a ``1/tp`` slice of its replica's tokens
 (sequence parallel) and dispatches them within its expert group ``g // (ep * etp)``, where
-expert ``e`` lives on EP rank ``placement[e]``, split over ``etp`` consecutive devices.
+expert ``e`` lives on EP rank ``placement[e]``, split over ``etp`` consecutive devices. Shared
+experts and dense FFNs are tensor-parallel over the replica's tokens, like attention.
 """
 
 from __future__ import annotations
@@ -193,7 +194,15 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
         if m.n_shared_experts:
             compute_s["shared_experts"], flops["shared_experts"] = _time(
                 dev,
-                [ffn_ops("shared", tokens_dev, m.d_model, m.n_shared_experts * m.d_ff_shared, b)],
+                [
+                    ffn_ops(
+                        "shared",
+                        tokens_dp[replica],
+                        m.d_model,
+                        m.n_shared_experts * m.d_ff_shared / tp,
+                        b,
+                    )
+                ],
                 cdt,
             )
         # tokens each expert processes per group, and what each device computes
@@ -254,7 +263,7 @@ def _memory(
         attn / tp * b.weights
         + m.vocab_size * m.d_model * (1 if m.tied_embeddings else 2) / tp * b.weights
         + m.n_dense_layers * 3 * m.d_model * m.d_ff_dense / tp * b.weights
-        + n_moe * m.n_shared_experts * 3 * m.d_model * m.d_ff_shared * b.weights
+        + n_moe * m.n_shared_experts * 3 * m.d_model * m.d_ff_shared / tp * b.weights
         + n_moe * m.d_model * m.n_experts * b.weights
         + n_moe * (m.n_experts // par.ep) * expert * b.expert_weights
     )
