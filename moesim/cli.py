@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from moesim import __version__
@@ -98,6 +99,90 @@ def _parse_set(item: str) -> tuple[str, object]:
     return path.strip(), yaml.safe_load(value)
 
 
+PLOT_METRICS = (
+    "step_time_s",
+    "tokens_per_s",
+    "routing.max_over_mean_load",
+    "breakdown_s.experts",
+    "breakdown_s.dispatch",
+    "breakdown_s.combine",
+)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import matplotlib.pyplot as plt
+
+    from moesim.report import plot_metric_vs_axes
+    from moesim.sweep import JOURNAL, execute, load_sweep, make_executor, prepare
+
+    spec, base = load_sweep(args.sweep)
+    out = args.out
+    if (out / JOURNAL).exists() and not args.resume:
+        raise ScenarioError(
+            "",
+            f"{out} already holds a sweep: add --resume to continue it, or choose another --out",
+            str(args.sweep),
+        )
+    run = prepare(spec, base, out, str(args.sweep), args.format)
+    done_before = len({r["key"] for r in run.done_rows()} & {p.key for p in run.points})
+    if not args.quiet:
+        print(
+            f"sweep             {spec.name}: {len(run.points)} points "
+            f"({len(run.skipped)} skipped by constraints), {done_before} already done"
+        )
+    start = time.perf_counter()
+    try:
+        with make_executor(args.executor, args.workers, args.address) as executor:
+            table = execute(run, executor, progress=not args.quiet)
+    except KeyboardInterrupt:
+        n = len({r["key"] for r in run.done_rows()})
+        print(
+            f"interrupted: {n} of {len(run.points)} points kept in {out}; rerun with --resume",
+            file=sys.stderr,
+        )
+        return 130
+    wall = time.perf_counter() - start
+    axes = list(spec.axes)
+    failed = int((table["status"] != "ok").sum()) if len(table) else 0
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    for metric in PLOT_METRICS:
+        if metric in table and table[metric].notna().any():
+            fig = plot_metric_vs_axes(table, metric, axes)
+            fig.savefig(plots / f"{metric.replace('.', '_')}.png", dpi=110)
+            plt.close(fig)
+    shown = [
+        c for c in [*axes, "repetition", "step_time_s", "tokens_per_s", "status"] if c in table
+    ]
+    summary = (
+        table[shown].sort_values("tokens_per_s", ascending=False)
+        if ("tokens_per_s" in table)
+        else table[shown]
+    )
+    (out / "summary.md").write_text(
+        f"# {spec.name}\n\n{len(table)} points, {failed} failed, {wall:.1f} s\n\n"
+        + _markdown(summary)
+        + "\n"
+    )
+    if not args.quiet:
+        print(summary.head(args.top).to_string(index=False))
+        print(
+            f"ran               {len(table) - done_before} points in {wall:.1f} s "
+            f"({failed} failed); results in {run.results_path}, plots in {plots}/"
+        )
+    return 0
+
+
+def _markdown(df) -> str:
+    head = "| " + " | ".join(map(str, df.columns)) + " |"
+    rule = "|" + "---|" * len(df.columns)
+    rows = [
+        "| " + " | ".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in r) + " |"
+        for r in df.itertuples(index=False)
+    ]
+    return "\n".join([head, rule, *rows])
+
+
 def cmd_catalog(args: argparse.Namespace) -> int:
     from moesim import catalog
     from moesim.model import param_counts
@@ -151,6 +236,29 @@ A bad scenario exits with code 2 and one line: error: FILE: field.path: reason.
 """
 
 
+SWEEP_HELP = """\
+Run every point of a sweep file and collect one row per point (axis values and every summary
+metric) into DIR/results.parquet (or .csv), with DIR/points.jsonl as the durable journal,
+DIR/summary.md and DIR/plots/*.png (each metric against each axis).
+
+A sweep file:
+  name: ep-vs-skew
+  base: ../mixtral-8x7b-8xh100-prefill.yaml   # or an inline scenario mapping
+  overrides: {sim.fidelity: analytic}         # applied to every point
+  axes:                                       # dotted paths into the scenario
+    parallelism.ep: [2, 4, 8]
+    routing.zipf_s: [0.0, 0.5, 1.0, 1.5]
+  mode: grid                                  # grid | zip | random | lhs (with samples: N)
+  constraints: ["parallelism.ep <= cluster.devices_per_node * cluster.nodes"]
+  repetitions: 1                              # seeds per point
+  seed: 0
+
+Every point is validated before anything runs. A point that fails while running is recorded
+with its error and the sweep goes on. Ctrl-C (or a crash) keeps every finished point: rerun
+with --resume to do only the rest. Per-point seeds come from the sweep seed and the point.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moesim",
@@ -188,6 +296,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("-q", "--quiet", action="store_true", help="print nothing, no progress bar")
     run.set_defaults(func=cmd_run)
+
+    sweep = sub.add_parser(
+        "sweep",
+        help="run many scenario variants (grid / zip / random / Latin hypercube)",
+        description=SWEEP_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sweep.add_argument("sweep", type=Path, help="sweep YAML (see scenarios/sweeps/)")
+    sweep.add_argument("--out", type=Path, required=True, metavar="DIR", help="results folder")
+    sweep.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted sweep in DIR: finished points are kept",
+    )
+    sweep.add_argument(
+        "--executor",
+        choices=["local", "dask"],
+        default="local",
+        help="local process pool (default) or Dask distributed",
+    )
+    sweep.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="Dask scheduler, e.g. tcp://scheduler:8786 (default: a LocalCluster)",
+    )
+    sweep.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes (default: one per core; 1 runs in-process)",
+    )
+    sweep.add_argument(
+        "--format",
+        choices=["parquet", "csv"],
+        default="parquet",
+        help="results table format (default parquet)",
+    )
+    sweep.add_argument("--top", type=int, default=15, help="rows of the summary to print")
+    sweep.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
+    sweep.set_defaults(func=cmd_sweep)
 
     cat = sub.add_parser(
         "catalog",
