@@ -183,6 +183,70 @@ def _markdown(df) -> str:
     return "\n".join([head, rule, *rows])
 
 
+def cmd_routing(args: argparse.Namespace) -> int:
+    import matplotlib.pyplot as plt
+
+    from moesim.network import build_topology
+    from moesim.report import plot_device_load, plot_expert_heatmap
+    from moesim.results import device_load_table, expert_load_table, routing_table
+    from moesim.workload import build_plan
+
+    overrides = dict(_parse_set(item) for item in args.set or [])
+    sc = load_scenario(args.scenario, overrides)
+    try:
+        plan = build_plan(sc)
+    except ScenarioError as err:
+        err.file = str(args.scenario)
+        raise
+    topo = build_topology(sc.cluster, sc.topology)
+    names = [topo.device_name(g) for g in range(plan.n_devices)]
+    table = routing_table(plan)
+    experts, devices = expert_load_table(plan), device_load_table(plan, names)
+    if table.empty:
+        print("no MoE layers")
+        return 0
+    cols = [
+        "layer",
+        "max_over_mean_load",
+        "cv_load",
+        "device_max_over_mean_load",
+        "routed_pairs",
+        "dropped_pairs",
+        "cross_node_pairs",
+        "imbalance_s",
+    ]
+    print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    per_expert = experts.groupby("expert")["tokens"].sum()
+    per_device = devices.groupby("device", sort=False)["tokens"].sum()
+    routed = table["routed_pairs"].sum()
+    print(
+        f"all layers        expert max/mean {per_expert.max() / per_expert.mean():.3f}, "
+        f"device max/mean {per_device.max() / per_device.mean():.3f}, drop rate "
+        f"{table['dropped_pairs'].sum() / routed:.2%}, cross-node "
+        f"{table['cross_node_pairs'].sum() / routed:.1%}, slowest-device expert time over "
+        f"the mean {table['imbalance_s'].sum() * 1e3:.3f} ms"
+    )
+    hottest = per_expert.sort_values(ascending=False).head(5)
+    print("hottest experts   " + ", ".join(f"{e}: {t:,}" for e, t in hottest.items()))
+    if args.out:
+        out = args.out
+        out.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out / "routing.csv", index=False)
+        experts.to_csv(out / "expert_load.csv", index=False)
+        devices.to_csv(out / "device_load.csv", index=False)
+        for name, fig in (
+            ("expert_load_heatmap.png", plot_expert_heatmap(experts)),
+            ("device_load.png", plot_device_load(devices)),
+        ):
+            fig.savefig(out / name, dpi=110)
+            plt.close(fig)
+        print(
+            f"wrote             {out}/routing.csv expert_load.csv device_load.csv "
+            "expert_load_heatmap.png device_load.png"
+        )
+    return 0
+
+
 def cmd_catalog(args: argparse.Namespace) -> int:
     from moesim import catalog
     from moesim.model import param_counts
@@ -296,6 +360,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("-q", "--quiet", action="store_true", help="print nothing, no progress bar")
     run.set_defaults(func=cmd_run)
+
+    routing = sub.add_parser(
+        "routing",
+        help="routing load table, heatmap and per-device bars (no simulation)",
+        description="Route every MoE layer of a scenario (no timing simulation) and print "
+        "per-layer imbalance (max/mean expert and device load, coefficient of variation), "
+        "drops, node crossings and the expert time the slowest device adds. With --out DIR: "
+        "routing.csv, expert_load.csv, device_load.csv, expert_load_heatmap.png (experts x "
+        "layers) and device_load.png.",
+    )
+    routing.add_argument("scenario", type=Path)
+    routing.add_argument("--out", type=Path, metavar="DIR")
+    routing.add_argument(
+        "--set",
+        action="append",
+        metavar="PATH=VALUE",
+        help="override a scenario field (repeatable)",
+    )
+    routing.set_defaults(func=cmd_routing)
 
     sweep = sub.add_parser(
         "sweep",

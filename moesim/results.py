@@ -12,6 +12,7 @@ import pandas as pd
 
 from moesim.engine import COMPUTE_PHASES, Engine
 from moesim.routing import max_over_mean
+from moesim.workload import WorkloadPlan
 
 BREAKDOWN_KEYS = (
     "attention",
@@ -43,10 +44,10 @@ class Result:
         return float(self.summary["step_time_s"])
 
 
-def routing_table(engine: Engine) -> pd.DataFrame:
+def routing_table(plan: WorkloadPlan) -> pd.DataFrame:
     """One row per MoE layer: load imbalance, drops and node crossings from the routing counts."""
     rows = []
-    for lp in engine.plan.layers:
+    for lp in plan.layers:
         if not lp.moe:
             continue
         per_expert = lp.expert_load.sum(axis=0)
@@ -62,6 +63,13 @@ def routing_table(engine: Engine) -> pd.DataFrame:
                 "dropped_pairs": lp.dropped_pairs,
                 "cross_node_pairs": lp.cross_node_pairs,
                 "dispatch_bytes": lp.dispatch.total_bytes,
+                # seconds the slowest device's experts add over the average device's
+                "imbalance_s": float(
+                    lp.compute_s["experts"].max() - lp.compute_s["experts"].mean()
+                ),
+                "balance_steps": len(lp.balance_history),
+                "balance_first": float(lp.balance_history[0]) if len(lp.balance_history) else None,
+                "balance_last": float(lp.balance_history[-1]) if len(lp.balance_history) else None,
             }
         )
     return pd.DataFrame(rows)
@@ -107,7 +115,7 @@ def collect(engine: Engine) -> Result:
     links["utilization"] = (
         links["bytes_carried"] / (links["bandwidth_bytes_per_s"] * step) if step > 0 else 0.0
     )
-    routing = routing_table(engine)
+    routing = routing_table(plan)
 
     crit = int(np.argmax(rec.finish_s))
     spans = getattr(engine, "breakdown_s", None)  # analytic: per-phase spans
@@ -233,3 +241,47 @@ def write_outputs(result: Result, out_dir: str | Path) -> Path:
     trace = chrome_trace(result, list(result.links["link"]), list(result.devices["device"]))
     (out / "trace.json").write_text(json.dumps(trace))
     return out
+
+
+def expert_load_table(plan: WorkloadPlan) -> pd.DataFrame:
+    """Tokens per (MoE layer, expert-data-parallel group, expert): the expert-load heatmap data."""
+    frames = []
+    for lp in plan.layers:
+        if lp.moe:
+            groups, experts = np.nonzero(np.ones_like(lp.expert_load, dtype=bool))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "layer": lp.index,
+                        "group": groups,
+                        "expert": experts,
+                        "tokens": lp.expert_load[groups, experts],
+                    }
+                )
+            )
+    return (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=["layer", "group", "expert", "tokens"])
+    )
+
+
+def device_load_table(plan: WorkloadPlan, topology_names: list[str]) -> pd.DataFrame:
+    """Expert tokens processed per (MoE layer, device)."""
+    frames = [
+        pd.DataFrame(
+            {
+                "layer": lp.index,
+                "device": topology_names,
+                "tokens": lp.device_tokens,
+                "experts_s": lp.compute_s["experts"],
+            }
+        )
+        for lp in plan.layers
+        if lp.moe
+    ]
+    return (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=["layer", "device", "tokens", "experts_s"])
+    )

@@ -6,6 +6,8 @@ sees individual tokens.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
 EXACT_SAMPLING_MAX_ELEMENTS = 1 << 24
@@ -70,16 +72,89 @@ def sample_topk_counts(
     return rng.multinomial(tokens_per_source * top_k, pi / pi.sum())
 
 
-def apply_capacity(
+def max_over_mean(loads: np.ndarray) -> float:
+    """Imbalance of a load vector: max / mean (1.0 is perfectly even; 0 loads give 1.0)."""
+    mean = float(np.mean(loads))
+    return float(np.max(loads)) / mean if mean > 0 else 1.0
+
+
+# -- score models ----------------------------------------------------------------------------
+def hot_expert_probabilities(
+    n_experts: int, n_hot: int, weight: float, drift: int, step: int, rng: np.random.Generator
+) -> np.ndarray:
+    """``n_hot`` experts preferred ``weight`` times over the others; each step ``drift`` of the
+    hot ones are replaced by random cold ones (deterministic in the layer's seed and step)."""
+    hot = list(rng.choice(n_experts, size=min(n_hot, n_experts), replace=False))
+    for _ in range(step):
+        cold = [e for e in range(n_experts) if e not in hot]
+        for _ in range(min(drift, len(hot), len(cold))):
+            out = int(rng.integers(len(hot)))
+            new = cold.pop(int(rng.integers(len(cold))))
+            hot[out] = new
+    probs = np.ones(n_experts)
+    probs[hot] = weight
+    return probs / probs.sum()
+
+
+def layer_probabilities(
+    cfg, n_experts: int, moe_layer: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Router preference per expert for one MoE layer under ``cfg`` (a RoutingConfig)."""
+    if cfg.distribution == "zipf":
+        return expert_probabilities(
+            n_experts, "zipf", cfg.zipf_for(moe_layer), rng, cfg.shuffle_hot_experts
+        )
+    if cfg.distribution == "dirichlet":
+        return rng.dirichlet(np.full(n_experts, cfg.dirichlet_alpha))
+    if cfg.distribution == "hot":
+        return hot_expert_probabilities(
+            n_experts, cfg.hot_experts, cfg.hot_weight, cfg.hot_drift, cfg.step, rng
+        )
+    return np.full(n_experts, 1.0 / n_experts)
+
+
+def router_weights(
+    d_model: int, n_experts: int, rng: np.random.Generator, d_router: int = 64
+) -> np.ndarray:
+    """A layer's linear router ``W ~ N(0, 1/d)`` over the first ``d_router`` embedding dims."""
+    d = min(d_model, d_router)
+    return rng.normal(0.0, 1.0 / np.sqrt(d), size=(d, n_experts))
+
+
+def synthetic_router_logits(
+    weights: np.ndarray, n_tokens: int, rng: np.random.Generator
+) -> np.ndarray:
+    """A real linear router on synthetic token embeddings ``x ~ N(0, I)``: logits ``x W``."""
+    x = rng.normal(size=(n_tokens, weights.shape[0]))
+    return x @ weights
+
+
+def load_trace(path: str) -> list[np.ndarray]:
+    """Expert ids per MoE layer, each ``[tokens, top_k]``, from an NPZ (``expert_ids``:
+    ``[layers, tokens, k]`` or ``[tokens, k]``) or CSV (columns ``layer, token, slot,
+    expert``; layer counts MoE layers from 0)."""
+    if path.endswith(".npz"):
+        ids = np.load(path)["expert_ids"]
+        ids = ids[None] if ids.ndim == 2 else ids
+        return [np.asarray(layer, dtype=np.int64) for layer in ids]
+    import pandas as pd
+
+    df = pd.read_csv(path)
+    layers = []
+    for _, grp in df.groupby("layer", sort=True):
+        t, k = int(grp["token"].max()) + 1, int(grp["slot"].max()) + 1
+        ids = np.full((t, k), -1, dtype=np.int64)
+        ids[grp["token"].to_numpy(), grp["slot"].to_numpy()] = grp["expert"].to_numpy()
+        layers.append(ids)
+    return layers
+
+
+# -- one layer's routing ---------------------------------------------------------------------
+def position_capacity(
     counts: np.ndarray, group_of_source: np.ndarray, n_groups: int, capacity_factor: float | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Drop token-expert pairs beyond each expert's capacity within its expert-parallel group.
-
-    Capacity per expert = ceil(cf * T_group * k / E) (GShard / Switch Transformer), with
-    ``T_group * k`` the group's routed pairs. Excess pairs are removed from the group's sources in
-    proportion to what each sent (largest-remainder rounding, so it is deterministic).
-    Returns (kept counts, dropped pairs per [group, expert]).
-    """
+    """Capacity drops in token order (Switch Transformer): within each group, sources hold
+    consecutive positions, so earlier sources fill each expert's capacity first."""
     n_exp = counts.shape[1]
     dropped = np.zeros((n_groups, n_exp), dtype=np.int64)
     if capacity_factor is None:
@@ -88,20 +163,140 @@ def apply_capacity(
     for g in range(n_groups):
         rows = np.flatnonzero(group_of_source == g)
         block = counts[rows]
-        load = block.sum(axis=0)
-        capacity = int(np.ceil(capacity_factor * load.sum() / n_exp))
-        for e in np.flatnonzero(load > capacity):
-            share = block[:, e] * capacity / load[e]
-            base = np.floor(share).astype(np.int64)
-            extra = capacity - base.sum()
-            order = np.argsort(-(share - base), kind="stable")[:extra]
-            base[order] += 1
-            kept[rows, e] = base
-            dropped[g, e] = load[e] - capacity
+        capacity = int(np.ceil(capacity_factor * block.sum() / n_exp))
+        before = np.cumsum(block, axis=0) - block
+        kept[rows] = np.clip(capacity - before, 0, block)
+        dropped[g] = block.sum(axis=0) - kept[rows].sum(axis=0)
     return kept, dropped
 
 
-def max_over_mean(loads: np.ndarray) -> float:
-    """Imbalance of a load vector: max / mean (1.0 is perfectly even; 0 loads give 1.0)."""
-    mean = float(np.mean(loads))
-    return float(np.max(loads)) / mean if mean > 0 else 1.0
+def expected_drop_rate_uniform(
+    tokens: int, n_experts: int, top_k: int, capacity_factor: float
+) -> float:
+    """Closed form for uniform top-k: each expert's load is Binomial(T, k/E) (a token picks a
+    given expert with probability k/E, independently of other tokens), capacity
+    ``C = ceil(cf T k / E)``; drop rate = E * E[(X - C)+] / (T k)."""
+    from math import ceil, exp, lgamma, log
+
+    p = top_k / n_experts
+    cap = ceil(capacity_factor * tokens * top_k / n_experts)
+    excess = 0.0
+    for x in range(cap + 1, tokens + 1):
+        logpmf = (
+            lgamma(tokens + 1)
+            - lgamma(x + 1)
+            - lgamma(tokens - x + 1)
+            + x * log(p)
+            + (tokens - x) * log(1 - p)
+            if p < 1
+            else 0.0
+        )
+        excess += (x - cap) * exp(logpmf)
+    return n_experts * excess / (tokens * top_k)
+
+
+@dataclass
+class LayerRouting:
+    """One MoE layer's routing: kept pairs per (source device, expert), drops per (group,
+    expert), the preference it was drawn from and the bias-balancing history."""
+
+    kept: np.ndarray
+    dropped: np.ndarray
+    routed_pairs: int
+    probs: np.ndarray
+    balance_history: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+
+def _bias_history(
+    cfg, probs: np.ndarray, total_tokens: int, top_k: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Simulate aux-loss-free bias updates over ``cfg.bias_balancing.steps`` earlier steps:
+    ``b_e += rate * sign(mean_load - load_e)``; returns the final bias and max/mean per step."""
+    steps, rate = cfg.bias_balancing.steps, cfg.bias_balancing.rate
+    bias = np.zeros(len(probs))
+    history = []
+    for _ in range(steps):
+        tilted = probs * np.exp(bias)
+        load = sample_topk_counts(np.array([total_tokens]), tilted / tilted.sum(), top_k, rng)[0]
+        history.append(max_over_mean(load))
+        bias += rate * np.sign(load.mean() - load)
+    return bias, np.array(history)
+
+
+def route_layer(
+    cfg,
+    probs: np.ndarray,
+    top_k: int,
+    d_model: int,
+    tokens_per_source: np.ndarray,
+    group_of_source: np.ndarray,
+    n_groups: int,
+    limit_group_of_expert: np.ndarray | None,
+    moe_layer: int,
+    rng: np.random.Generator,
+    trace: list[np.ndarray] | None = None,
+) -> LayerRouting:
+    """Route one MoE layer. ``limit_group_of_expert[G, e]`` is the node (or device) that
+    serves expert ``e`` for sources of group ``G`` when routing is node/device limited."""
+    from moesim import gating
+
+    n_experts = len(probs)
+    total = int(tokens_per_source.sum())
+    bias, history = (np.zeros(n_experts), np.zeros(0))
+    if cfg.bias_balancing.steps and cfg.distribution not in ("trace", "router"):
+        bias, history = _bias_history(cfg, probs, total, top_k, rng)
+    n_src = len(tokens_per_source)
+    if not cfg.per_token and total * n_experts > EXACT_SAMPLING_MAX_ELEMENTS:
+        tilted = probs * np.exp(bias)
+        counts = sample_topk_counts(tokens_per_source, tilted / tilted.sum(), top_k, rng)
+        kept, dropped = position_capacity(counts, group_of_source, n_groups, cfg.capacity_factor)
+        return LayerRouting(kept, dropped, int(counts.sum()), probs, history)
+    kept = np.zeros((n_src, n_experts), dtype=np.int64)
+    dropped = np.zeros((n_groups, n_experts), dtype=np.int64)
+    routed = 0
+    weights = router_weights(d_model, n_experts, rng) if cfg.distribution == "router" else None
+    offset = 0
+    for g in range(n_groups):
+        rows = np.flatnonzero(group_of_source == g)
+        n_tok = tokens_per_source[rows]
+        t = int(n_tok.sum())
+        if t == 0:
+            continue
+        source = np.repeat(rows, n_tok)
+        cap = None
+        if cfg.capacity_factor is not None:
+            cap = int(np.ceil(cfg.capacity_factor * t * top_k / n_experts))
+        if cfg.distribution == "trace":
+            layer_ids = trace[moe_layer % len(trace)]
+            take = (offset + np.arange(t)) % len(layer_ids)
+            experts = layer_ids[take][:, :top_k]
+            offset += t
+        elif cfg.gating == "hash":
+            experts = gating.hash_gate(rng.integers(0, 32000, t), n_experts, top_k, seed=moe_layer)
+        else:
+            if weights is not None:
+                logits = synthetic_router_logits(weights, t, rng)
+            else:
+                logits = np.log(probs) + rng.gumbel(size=(t, n_experts))
+            if cfg.gating == "expert_choice":
+                c = int(np.ceil((cfg.capacity_factor or 1.0) * t * top_k / n_experts))
+                tok, _ = gating.expert_choice_gate(logits, c)
+                np.add.at(
+                    kept, (source[tok.ravel()], np.repeat(np.arange(n_experts), tok.shape[1])), 1
+                )
+                routed += tok.size
+                continue
+            if limit_group_of_expert is not None:
+                limit = cfg.node_limit or cfg.device_limit
+                experts, _ = gating.limited_topk_gate(
+                    logits, top_k, limit_group_of_expert[g], limit, bias
+                )
+            else:
+                experts, _ = gating.topk_gate(logits, top_k, bias)
+        routed += int((experts >= 0).sum())
+        keep = experts >= 0
+        if cap is not None:
+            keep &= gating.drop_over_capacity(experts, cap, n_experts, cfg.drop_priority)
+        kept += gating.counts_by_source(experts, keep, source, n_src, n_experts)
+        dropped[g] = np.bincount(experts[(experts >= 0) & ~keep], minlength=n_experts)
+    return LayerRouting(kept, dropped, routed, probs, history)

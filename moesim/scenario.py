@@ -114,8 +114,10 @@ class ParallelismConfig(Config):
     edp: PositiveInt | None = Field(
         None, description="expert data parallel: replicas of the expert set (devices / ep / etp)"
     )
-    expert_placement: Literal["contiguous", "round_robin"] = Field(
-        "contiguous", description="expert e on EP rank e // (E/ep) or e % ep"
+    expert_placement: Literal["contiguous", "round_robin", "lpt"] = Field(
+        "contiguous",
+        description="expert e on EP rank e // (E/ep), e % ep, or lpt: greedy longest-processing-"
+        "time packing of each layer's experts by expected load, E/ep per rank",
     )
 
 
@@ -152,15 +154,91 @@ class WorkloadConfig(Config):
         return self.batch_size * (self.seq_len if self.phase == "prefill" else 1)
 
 
-class RoutingConfig(Config):
-    """Where router scores come from and whether tokens over capacity are dropped."""
+class BiasBalancingConfig(Config):
+    """Auxiliary-loss-free balancing (DeepSeek-V3, arXiv:2412.19437 Sec. 2.1.2): after each
+    step, every expert's selection bias moves by ``rate`` toward the mean load."""
 
-    distribution: Literal["uniform", "zipf"] = "uniform"
-    zipf_s: float = Field(1.0, ge=0, description="Zipf exponent: p(rank r) ~ r^-s")
+    steps: int = Field(0, ge=0, description="training steps simulated before this one")
+    rate: PositiveFloat = Field(0.001, description="bias update speed (gamma in the paper)")
+
+
+class RoutingConfig(Config):
+    """How tokens choose experts: the score model, the gating policy, drops and mitigations."""
+
+    distribution: Literal["uniform", "zipf", "dirichlet", "hot", "trace", "router"] = Field(
+        "uniform",
+        description="where router preferences come from: uniform; zipf (p ~ rank^-s); dirichlet "
+        "(p ~ Dir(alpha)); hot (hot_experts preferred hot_weight x, the set drifting hot_drift "
+        "experts per step); trace (expert ids from a file); router (a random linear router on "
+        "synthetic token embeddings)",
+    )
+    zipf_s: float | list[float] = Field(
+        1.0, description="Zipf exponent; a list gives one per MoE layer (cycled)"
+    )
+    dirichlet_alpha: PositiveFloat = Field(1.0, description="Dirichlet concentration")
+    hot_experts: int = Field(2, ge=1, description="hot: how many experts are hot")
+    hot_weight: PositiveFloat = Field(8.0, description="hot: preference of a hot vs a cold expert")
+    hot_drift: int = Field(1, ge=0, description="hot: hot experts replaced per step")
+    step: int = Field(0, ge=0, description="which step this is (hot drift, bias balancing)")
+    trace: str | None = Field(
+        None,
+        description="trace: NPZ (expert_ids [moe_layers, tokens, top_k]) or CSV (layer, "
+        "token, slot, expert); relative paths are relative to the scenario file",
+    )
+    gating: Literal["topk", "expert_choice", "hash"] = Field(
+        "topk", description="token-choice top-k, expert choice, or hash routing"
+    )
+    node_limit: PositiveInt | None = Field(
+        None, description="each token reaches at most this many nodes (DeepSeek-V3: 4)"
+    )
+    device_limit: PositiveInt | None = Field(
+        None, description="each token reaches at most this many devices"
+    )
     capacity_factor: PositiveFloat | None = Field(
         None, description="capacity per expert = ceil(cf * tokens * top_k / experts); None: no drop"
     )
+    drop_priority: Literal["position", "choice"] = Field(
+        "position",
+        description="who is dropped first over capacity: later tokens (Switch), or second "
+        "choices before any first choice (GShard)",
+    )
+    replicate_hot: int = Field(
+        0,
+        ge=0,
+        description="replicate the k hottest experts of each layer on the least "
+        "loaded EP ranks; their tokens split between replicas",
+    )
+    global_routing: bool = Field(
+        False,
+        description="MiniMax-01 global routing: tokens may go to an expert's replica in "
+        "any expert-data-parallel group, split evenly, so groups share the load",
+    )
+    bias_balancing: BiasBalancingConfig = BiasBalancingConfig()
     shuffle_hot_experts: bool = Field(True, description="permute which experts are hot per layer")
+
+    @field_validator("zipf_s")
+    @classmethod
+    def _non_negative(cls, value: float | list[float]) -> float | list[float]:
+        values = value if isinstance(value, list) else [value]
+        if not values or any(v < 0 for v in values):
+            raise ValueError("Zipf exponents must be >= 0 (and the list non-empty)")
+        return value
+
+    def zipf_for(self, moe_layer: int) -> float:
+        """Zipf exponent of the ``moe_layer``-th MoE layer."""
+        s = self.zipf_s
+        return s[moe_layer % len(s)] if isinstance(s, list) else s
+
+    @property
+    def per_token(self) -> bool:
+        """Policies that need per-token scores (no aggregate shortcut)."""
+        return (
+            self.gating != "topk"
+            or self.node_limit is not None
+            or self.device_limit is not None
+            or self.drop_priority == "choice"
+            or self.distribution in ("trace", "router")
+        )
 
 
 class SimConfig(Config):
@@ -231,6 +309,13 @@ class Scenario(Config):
             raise ScenarioError("topology.nics_per_node", "more NICs than devices per node")
         if topo.nodes_per_leaf and self.cluster.nodes % topo.nodes_per_leaf:
             raise ScenarioError("topology.nodes_per_leaf", "must divide cluster.nodes")
+        r = self.routing
+        if r.distribution == "trace" and (r.trace is None or not Path(r.trace).exists()):
+            raise ScenarioError("routing.trace", f"trace file {r.trace!r} not found")
+        if r.gating == "expert_choice" and (r.node_limit or r.device_limit):
+            raise ScenarioError("routing.gating", "expert_choice cannot be node/device limited")
+        if r.replicate_hot > m.n_experts:
+            raise ScenarioError("routing.replicate_hot", "more replicas than experts")
         dev = self.cluster.device
         resolved = {
             "intra_node": topo.intra_node or dev.intra_node_topology,
@@ -302,4 +387,7 @@ def load_scenario(path: str | Path, overrides: dict[str, Any] | None = None) -> 
         where = f"line {mark.line + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ScenarioError(where, f"invalid YAML: {problem}", str(path)) from None
+    trace = (data or {}).get("routing", {}).get("trace") if isinstance(data, dict) else None
+    if isinstance(trace, str) and not Path(trace).is_absolute():
+        data["routing"]["trace"] = str((path.parent / trace).resolve())
     return scenario_from_dict(data, overrides, str(path))

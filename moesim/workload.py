@@ -29,7 +29,8 @@ from moesim.model import (
     lm_head_ops,
     router_ops,
 )
-from moesim.routing import apply_capacity, expert_probabilities, sample_topk_counts
+from moesim.placement import base_placement, replicate_hot, share_matrix, split_integer
+from moesim.routing import layer_probabilities, load_trace, route_layer
 from moesim.scenario import Scenario, ScenarioError
 
 GB = 1e9
@@ -77,6 +78,8 @@ class LayerPlan:
     routed_pairs: int = 0
     dropped_pairs: int = 0
     cross_node_pairs: int = 0
+    local_experts: np.ndarray | None = None
+    balance_history: np.ndarray | None = None
 
     @property
     def combine(self) -> Traffic | None:
@@ -147,17 +150,16 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
     # expert layout
     group = g // (ep * etp)
     ep_rank = (g % (ep * etp)) // etp
-    per_rank = m.n_experts // ep
-    e_ids = np.arange(m.n_experts)
-    placement = e_ids // per_rank if par.expert_placement == "contiguous" else e_ids % ep
-    on_rank = placement[None, :] == ep_rank[:, None]  # [device, expert]
     d_ff_local = m.d_ff_expert / etp
     node = g // sc.cluster.devices_per_node
+    r = sc.routing
+    trace = load_trace(r.trace) if r.distribution == "trace" else None
 
     root = np.random.SeedSequence(sc.sim.seed)
     layer_seeds = root.spawn(m.n_layers)
     layers: list[LayerPlan] = []
     cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    moe_index = 0
     for i in range(m.n_layers):
         kind = m.attention_kind(i)
         if kind not in cache:
@@ -183,13 +185,32 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
                 lp.tp_comm_after = _ring(rows, 2.0 * (tp - 1) / tp * full, 2 * (tp - 1))
             layers.append(lp)
             continue
-        rng = np.random.default_rng(layer_seeds[i])
-        r = sc.routing
-        probs = expert_probabilities(
-            m.n_experts, r.distribution, r.zipf_s, rng, r.shuffle_hot_experts
+        place_rng, route_rng = (np.random.default_rng(s) for s in layer_seeds[i].spawn(2))
+        probs = layer_probabilities(r, m.n_experts, moe_index, place_rng)
+        expected = _expected_load(r, probs, m.top_k, trace, moe_index)
+        share = share_matrix(base_placement(m.n_experts, ep, par.expert_placement, expected), ep)
+        if r.replicate_hot:
+            share = replicate_hot(share, expected, r.replicate_hot)
+        primary = np.argmax(share, axis=1)  # rank serving each expert for limited routing
+        limit_groups = None
+        if r.node_limit or r.device_limit:
+            dev_of = (np.arange(edp)[:, None] * ep + primary[None, :]) * etp  # [group, expert]
+            limit_groups = dev_of // sc.cluster.devices_per_node if r.node_limit else dev_of
+        routing = route_layer(
+            r,
+            probs,
+            m.top_k,
+            m.d_model,
+            tokens_dev,
+            group,
+            edp,
+            limit_groups,
+            moe_index,
+            route_rng,
+            trace,
         )
-        counts = sample_topk_counts(tokens_dev, probs, m.top_k, rng)
-        kept, dropped = apply_capacity(counts, group, edp, r.capacity_factor)
+        moe_index += 1
+        kept = routing.kept
         compute_s["router"], flops["router"] = _time(dev, router_ops(m, tokens_dev, b), cdt)
         if m.n_shared_experts:
             compute_s["shared_experts"], flops["shared_experts"] = _time(
@@ -205,22 +226,26 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
                 ],
                 cdt,
             )
-        # tokens each expert processes per group, and what each device computes
-        group_load = np.zeros((edp, m.n_experts), dtype=np.int64)
-        np.add.at(group_load, group, kept)
-        load = np.where(on_rank, group_load[group], 0)  # [device, expert]
+        # which expert-data-parallel groups serve each source: its own, or all (global routing)
+        to_groups = np.full((n_dev, edp), 1.0 / edp) if r.global_routing else np.eye(edp)[group]
+        # tokens each group processes per expert, then per rank by the placement shares
+        arriving = (to_groups.T @ kept.astype(float)).round().astype(np.int64)  # [group, e]
+        arriving = _conserve(arriving, kept.sum(axis=0))
+        per_rank = split_integer(arriving, share[None, :, :])  # [group, expert, rank]
+        load = per_rank[group, :, ep_rank]  # [device, expert]
         op = expert_ops(load, m.d_model, d_ff_local, b)
         per_expert = kernel_time_s(dev, op.flops, op.memory_bytes, cdt, kernels=0)
         busy = load.sum(axis=1) > 0
         compute_s["experts"] = per_expert.sum(axis=1) + busy * op.kernels * dev.kernel_launch_s
         flops["experts"] = np.asarray(op.flops).sum(axis=1)
-        # dispatch: tokens from each source to each EP rank of its group, to every etp shard
-        to_rank = np.zeros((n_dev, ep), dtype=np.int64)
-        for rank in range(ep):
-            to_rank[:, rank] = kept[:, placement == rank].sum(axis=1)
-        src, rank_idx = np.nonzero(to_rank)
-        pairs = to_rank[src, rank_idx]
-        base = group[src] * ep * etp + rank_idx * etp
+        # dispatch: tokens from each source to each (group, EP rank), to every etp shard
+        to_rank = kept.astype(float) @ share  # [source, rank]
+        weights = (to_groups[:, :, None] * to_rank[:, None, :]).reshape(n_dev, edp * ep)
+        totals = kept.sum(axis=1)
+        flows = split_integer(totals, weights / np.maximum(totals, 1)[:, None])
+        src, slot = np.nonzero(flows)
+        pairs = flows[src, slot]
+        base = (slot // ep) * ep * etp + (slot % ep) * etp
         src = np.repeat(src, etp)
         dst = (base[:, None] + np.arange(etp)[None, :]).ravel()
         nbytes = np.repeat(pairs, etp) * act_bytes_per_token
@@ -228,11 +253,13 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
         lp.dispatch = Traffic(
             src[~local], dst[~local], nbytes[~local].astype(float), float(nbytes[local].sum())
         )
-        lp.expert_load = group_load
+        lp.expert_load = per_rank.sum(axis=2)
         lp.device_tokens = load.sum(axis=1)
-        lp.routed_pairs = int(counts.sum())
-        lp.dropped_pairs = int(dropped.sum())
+        lp.local_experts = (share[:, ep_rank] > 0).sum(axis=0)
+        lp.routed_pairs = routing.routed_pairs
+        lp.dropped_pairs = int(routing.dropped.sum())
         lp.cross_node_pairs = int(np.repeat(pairs, etp)[node[src] != node[dst]].sum() // etp)
+        lp.balance_history = routing.balance_history
         if tp > 1:
             lp.tp_comm_after = _ring(rows, (tp - 1) / tp * full, tp - 1)
         layers.append(lp)
@@ -243,6 +270,27 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
     plan.memory_bytes = _memory(sc, b, seqs_dev, tokens_dp[replica], tokens_dev, layers)
     _check_fits(sc, plan)
     return plan
+
+
+def _expected_load(
+    r, probs: np.ndarray, top_k: int, trace: list[np.ndarray] | None, moe_index: int
+) -> np.ndarray:
+    """Expected share of routed pairs per expert, for placement decisions (LPT, replicas)."""
+    if trace is not None:
+        ids = trace[moe_index % len(trace)]
+        counts = np.bincount(ids[ids >= 0], minlength=len(probs)).astype(float)
+        return counts / max(counts.sum(), 1.0)
+    if r.distribution == "router":
+        return np.full(len(probs), 1.0 / len(probs))
+    return probs
+
+
+def _conserve(arriving: np.ndarray, totals: np.ndarray) -> np.ndarray:
+    """Fix rounding so that each expert's tokens over groups sum to ``totals`` exactly."""
+    diff = totals - arriving.sum(axis=0)
+    arriving = arriving.copy()
+    arriving[0] += diff
+    return arriving
 
 
 def _memory(
@@ -265,8 +313,10 @@ def _memory(
         + m.n_dense_layers * 3 * m.d_model * m.d_ff_dense / tp * b.weights
         + n_moe * m.n_shared_experts * 3 * m.d_model * m.d_ff_shared / tp * b.weights
         + n_moe * m.d_model * m.n_experts * b.weights
-        + n_moe * (m.n_experts // par.ep) * expert * b.expert_weights
     )
+    local = [lp.local_experts for lp in layers if lp.moe]
+    experts_held = np.sum(local, axis=0) if local else np.zeros(n_dev)
+    weights = weights + experts_held * expert * b.expert_weights
     context = sc.workload.seq_len + (1 if sc.workload.phase == "decode" else 0)
     kv_per_token = sum(kv_cache_bytes_per_token(m, i, tp, b) for i in range(m.n_layers))
     state_per_seq = sum(linear_state_bytes_per_seq(m, i, tp) for i in range(m.n_layers))
@@ -281,7 +331,7 @@ def _memory(
         * b.activations
     )
     return {
-        "weights": np.full(n_dev, float(weights)),
+        "weights": np.asarray(weights, dtype=float) * np.ones(n_dev),
         "kv_cache": kv.astype(float),
         "activations": act.astype(float),
     }

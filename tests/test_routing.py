@@ -9,9 +9,9 @@ import pytest
 
 from moesim import simulate
 from moesim.routing import (
-    apply_capacity,
     expert_probabilities,
     max_over_mean,
+    position_capacity,
     sample_topk_counts,
 )
 from moesim.workload import build_plan
@@ -37,13 +37,14 @@ def test_aggregate_sampling_matches_inclusion_probabilities():
 
 def test_capacity_drops_and_keeps_capacity():
     counts = np.array([[10, 0, 2, 0], [6, 2, 0, 0]])  # group load: 16, 2, 2, 0 -> 20 pairs
-    kept, dropped = apply_capacity(counts, np.array([0, 0]), 1, capacity_factor=1.0)
+    kept, dropped = position_capacity(counts, np.array([0, 0]), 1, capacity_factor=1.0)
     capacity = 5  # ceil(1.0 * 20 / 4)
     assert kept.sum(axis=0).tolist() == [capacity, 2, 2, 0]
+    assert kept[:, 0].tolist() == [5, 0]  # position order: the first source fills it
     assert dropped.sum() == 16 - capacity
     assert kept.sum() + dropped.sum() == counts.sum()
     # no drops once capacity covers every pair
-    kept, dropped = apply_capacity(counts, np.array([0, 0]), 1, capacity_factor=4.0)
+    kept, dropped = position_capacity(counts, np.array([0, 0]), 1, capacity_factor=4.0)
     assert dropped.sum() == 0 and (kept == counts).all()
 
 

@@ -34,3 +34,37 @@ def plot_metric_vs_axes(df: pd.DataFrame, metric: str, axes: list[str]) -> Figur
     fig.suptitle(metric)
     fig.tight_layout()
     return fig
+
+
+def plot_expert_heatmap(expert_load: pd.DataFrame) -> Figure:
+    """Experts x MoE layers, colour = tokens / mean tokens of that layer (1 = even)."""
+    table = expert_load.groupby(["layer", "expert"])["tokens"].sum().unstack("layer")
+    rel = table / table.mean(axis=0)
+    fig, ax = plt.subplots(
+        figsize=(min(14, 2 + 0.25 * rel.shape[1]), min(10, 1.5 + 0.18 * rel.shape[0]))
+    )
+    im = ax.imshow(rel.to_numpy(), aspect="auto", cmap="magma", interpolation="nearest")
+    ax.set_xlabel("MoE layer")
+    ax.set_ylabel("expert")
+    ax.set_xticks(range(rel.shape[1]), [str(c) for c in rel.columns], fontsize=6)
+    fig.colorbar(im, ax=ax, label="tokens / layer mean")
+    ax.set_title("expert load")
+    fig.tight_layout()
+    return fig
+
+
+def plot_device_load(device_load: pd.DataFrame) -> Figure:
+    """Expert tokens per device over all MoE layers, against the mean."""
+    per_device = device_load.groupby("device", sort=False)["tokens"].sum()
+    fig, ax = plt.subplots(figsize=(min(14, 2 + 0.3 * len(per_device)), 3.4))
+    ax.bar(range(len(per_device)), per_device.to_numpy(), color="tab:blue")
+    ax.axhline(per_device.mean(), color="black", linestyle="--", label="mean")
+    step = max(1, len(per_device) // 32)
+    ax.set_xticks(
+        range(0, len(per_device), step), list(per_device.index[::step]), rotation=90, fontsize=6
+    )
+    ax.set_ylabel("expert tokens (all MoE layers)")
+    ax.set_title(f"device load, max/mean {per_device.max() / per_device.mean():.3f}")
+    ax.legend()
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,123 @@
+"""Gating policies: from router scores ``[tokens, experts]`` to a token-expert assignment.
+
+Plain numpy functions shared by the simulator (on sampled or traced scores) and the numpy
+reference layer. An assignment is ``experts [T, k]`` (expert id per token and slot, -1 where
+the pair is dropped) with ``weights [T, k]`` (combine weights, 0 where dropped).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax."""
+    z = logits - logits.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def topk_gate(
+    logits: np.ndarray, k: int, bias: np.ndarray | None = None, normalize: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token-choice top-k (Mixtral, MiniMax-01): each token takes its ``k`` best experts.
+
+    ``bias`` (DeepSeek-V3's auxiliary-loss-free balancing) shifts *selection* only; combine
+    weights are the softmax probabilities of the chosen experts, renormalised over the k
+    (Mixtral) when ``normalize``.
+    """
+    select = logits if bias is None else logits + bias
+    idx = np.argpartition(-select, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(select, idx, axis=1), axis=1, kind="stable")
+    experts = np.take_along_axis(idx, order, axis=1)
+    probs = np.take_along_axis(softmax(logits), experts, axis=1)
+    if normalize:
+        probs = probs / probs.sum(axis=1, keepdims=True)
+    return experts, probs
+
+
+def limited_topk_gate(
+    logits: np.ndarray,
+    k: int,
+    group_of_expert: np.ndarray,
+    max_groups: int,
+    bias: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Group-limited top-k (DeepSeek-V3 node-limited routing, arXiv:2412.19437 Sec. 2.1.2):
+    keep the ``max_groups`` groups (nodes or devices) whose best ``k // max_groups`` scores sum
+    highest, then take the top-k experts inside them. Each token reaches at most
+    ``max_groups`` groups."""
+    select = logits if bias is None else logits + bias
+    groups = np.unique(group_of_expert)
+    if max_groups >= len(groups):
+        return topk_gate(logits, k, bias)
+    per = max(1, k // max_groups)
+    affinity = np.full((len(select), len(groups)), -np.inf)
+    for gi, grp in enumerate(groups):
+        cols = select[:, group_of_expert == grp]
+        top = -np.sort(-cols, axis=1)[:, : min(per, cols.shape[1])]
+        affinity[:, gi] = top.sum(axis=1)
+    keep_groups = np.argpartition(-affinity, max_groups - 1, axis=1)[:, :max_groups]
+    allowed = np.zeros_like(select, dtype=bool)
+    for gi in range(max_groups):
+        allowed |= group_of_expert[None, :] == groups[keep_groups[:, gi]][:, None]
+    masked = np.where(allowed, logits, -np.inf)
+    masked_bias = None if bias is None else np.where(allowed, bias, 0.0)
+    return topk_gate(masked, k, masked_bias)
+
+
+def expert_choice_gate(logits: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """Expert choice (Zhou et al. 2022): each expert takes its ``capacity`` best tokens.
+
+    Returns ``(token ids [E, C], weights [E, C])``; every expert gets exactly ``capacity``
+    tokens (so no drops and even load), a token may get any number of experts.
+    """
+    probs = softmax(logits)
+    cap = min(capacity, len(logits))
+    tokens = np.argpartition(-probs.T, cap - 1, axis=1)[:, :cap]
+    return tokens, np.take_along_axis(probs.T, tokens, axis=1)
+
+
+def hash_gate(token_ids: np.ndarray, n_experts: int, k: int, seed: int = 0) -> np.ndarray:
+    """Hash routing baseline (Roller et al. 2021): a fixed pseudo-random map from token id to
+    ``k`` distinct experts, independent of the hidden state."""
+    rng = np.random.default_rng(seed)
+    table = np.argsort(rng.random((int(token_ids.max()) + 1, n_experts)), axis=1)[:, :k]
+    return table[token_ids]
+
+
+def drop_over_capacity(
+    experts: np.ndarray, capacity: int, n_experts: int, priority: str = "position"
+) -> np.ndarray:
+    """Keep-mask ``[T, k]`` after dropping pairs beyond ``capacity`` per expert.
+
+    ``position``: tokens earlier in the batch first (Switch Transformer); ``choice``: every
+    token's first choice before any second choice, then by position (GShard).
+    """
+    t, k = experts.shape
+    # slot-major (all first choices, then all second choices) or token-major
+    flat = experts.T.ravel() if priority == "choice" else experts.ravel()
+    valid = flat >= 0
+    ids = np.where(valid, flat, n_experts)
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    starts = np.searchsorted(sorted_ids, sorted_ids, side="left")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(flat)) - starts
+    keep_flat = valid & (rank < capacity)
+    keep = keep_flat.reshape(k, t).T if priority == "choice" else keep_flat.reshape(t, k)
+    return keep
+
+
+def counts_by_source(
+    experts: np.ndarray,
+    keep: np.ndarray,
+    source_of_token: np.ndarray,
+    n_sources: int,
+    n_experts: int,
+) -> np.ndarray:
+    """Kept pairs per (source, expert) from a per-token assignment."""
+    src = np.broadcast_to(source_of_token[:, None], experts.shape)[keep]
+    counts = np.zeros((n_sources, n_experts), dtype=np.int64)
+    np.add.at(counts, (src, experts[keep]), 1)
+    return counts

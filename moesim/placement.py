@@ -1,0 +1,83 @@
+"""Expert placement: which EP rank serves which share of each expert's tokens.
+
+A placement is ``share[e, r]``: the fraction of expert ``e``'s tokens served by EP rank ``r``
+(rows sum to 1). Plain placements are one-hot; replicated hot experts split their row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def base_placement(n_experts: int, ep: int, kind: str, expected_load: np.ndarray) -> np.ndarray:
+    """Rank of each expert: ``contiguous`` (e // (E/ep)), ``round_robin`` (e % ep) or ``lpt``."""
+    e = np.arange(n_experts)
+    if kind == "contiguous":
+        return e // (n_experts // ep)
+    if kind == "round_robin":
+        return e % ep
+    return lpt_placement(expected_load, ep)
+
+
+def lpt_placement(load: np.ndarray, ep: int) -> np.ndarray:
+    """Greedy longest-processing-time packing (Graham 1969): experts by decreasing load, each
+    onto the least-loaded rank that still has room (``E/ep`` experts per rank, so memory per
+    device is unchanged). Ties go to the lowest rank."""
+    n = len(load)
+    room = np.full(ep, n // ep)
+    total = np.zeros(ep)
+    rank = np.empty(n, dtype=np.int64)
+    for e in np.argsort(-load, kind="stable"):
+        open_ranks = np.flatnonzero(room > 0)
+        r = open_ranks[np.argmin(total[open_ranks])]
+        rank[e] = r
+        total[r] += load[e]
+        room[r] -= 1
+    return rank
+
+
+def share_matrix(rank: np.ndarray, ep: int) -> np.ndarray:
+    """One-hot ``share[e, r]`` from a rank per expert."""
+    share = np.zeros((len(rank), ep))
+    share[np.arange(len(rank)), rank] = 1.0
+    return share
+
+
+def replicate_hot(share: np.ndarray, expected_load: np.ndarray, k: int) -> np.ndarray:
+    """Give each of the ``k`` hottest experts one more replica, on the rank with the least
+    expected load that does not hold it yet; its tokens split evenly between replicas."""
+    share = share.copy()
+    ep = share.shape[1]
+    if ep < 2:
+        return share
+    for e in np.argsort(-expected_load, kind="stable")[:k]:
+        rank_load = expected_load @ share
+        holders = share[e] > 0
+        candidates = np.flatnonzero(~holders)
+        if not len(candidates):
+            continue
+        target = candidates[np.argmin(rank_load[candidates])]
+        holders[target] = True
+        share[e] = holders / holders.sum()
+    return share
+
+
+def split_integer(total: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Split integer totals ``[...]`` over ``weights [..., m]`` (rows summing to 1) into integers
+    that sum back exactly (largest remainder; ties to the lower index)."""
+    total = np.asarray(total, dtype=np.int64)
+    exact = total[..., None] * weights
+    base = np.floor(exact + 1e-9).astype(np.int64)
+    short = total - base.sum(axis=-1)
+    frac = exact - base
+    order = np.argsort(-frac, axis=-1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(
+        ranks,
+        order,
+        np.arange(weights.shape[-1])[None, :]
+        .repeat(int(np.prod(order.shape[:-1])), axis=0)
+        .reshape(order.shape),
+        axis=-1,
+    )
+    return base + (ranks < short[..., None])
