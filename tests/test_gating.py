@@ -281,3 +281,31 @@ def test_global_routing_evens_load_across_expert_groups():
     assert np.abs(pooled.expert_load[0] - pooled.expert_load[1]).max() <= 1
     assert pooled.expert_load.sum() == local.expert_load.sum()
     assert pooled.cross_node_pairs > local.cross_node_pairs
+
+
+def test_router_distribution_and_per_layer_skews_are_deterministic():
+    a = build_plan(_skew_scenario(distribution="router"))
+    b = build_plan(_skew_scenario(distribution="router"))
+    for la, lb in zip(a.layers, b.layers, strict=True):
+        np.testing.assert_array_equal(la.expert_load, lb.expert_load)
+    per_layer = build_plan(_skew_scenario(distribution="zipf", zipf_s=[0.0, 2.0]))
+    flat, steep = (lp.expert_load.sum(axis=0) for lp in per_layer.layers)
+    assert flat.max() / flat.mean() < 1.2 < 2.0 < steep.max() / steep.mean()
+
+
+def test_routing_command_writes_tables_and_plots(tmp_path, capsys):
+    from moesim.cli import main
+
+    path = tmp_path / "s.yaml"
+    path.write_text(_skew_scenario(distribution="zipf").model_dump_json())
+    out = tmp_path / "r"
+    assert main(["routing", str(path), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "max_over_mean_load" in text and "hottest experts" in text
+    for name in ("routing.csv", "expert_load.csv", "device_load.csv",
+                 "expert_load_heatmap.png", "device_load.png"):
+        assert (out / name).exists(), name
+    import pandas as pd
+
+    experts = pd.read_csv(out / "expert_load.csv")
+    assert experts["tokens"].sum() == 2 * 8 * 2048 * 2  # 2 layers x tokens x top-2
