@@ -302,8 +302,13 @@ def test_routing_command_writes_tables_and_plots(tmp_path, capsys):
     assert main(["routing", str(path), "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "max_over_mean_load" in text and "hottest experts" in text
-    for name in ("routing.csv", "expert_load.csv", "device_load.csv",
-                 "expert_load_heatmap.png", "device_load.png"):
+    for name in (
+        "routing.csv",
+        "expert_load.csv",
+        "device_load.csv",
+        "expert_load_heatmap.png",
+        "device_load.png",
+    ):
         assert (out / name).exists(), name
     import pandas as pd
 
