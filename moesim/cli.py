@@ -295,6 +295,7 @@ imbalance and memory. With --out DIR it also writes:
   devices.csv   one row per device: seconds per phase (compute and waits), utilization, memory
   links.csv     one row per link: bytes carried, busy seconds, utilization
   routing.csv   one row per MoE layer: load imbalance, drops, cross-node pairs
+  expert_load.csv  tokens per (MoE layer, expert group, expert)
   trace.json    Chrome trace events, one track per device and per link (open in Perfetto)
 A bad scenario exits with code 2 and one line: error: FILE: field.path: reason.
 """

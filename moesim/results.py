@@ -36,6 +36,7 @@ class Result:
     devices: pd.DataFrame
     links: pd.DataFrame
     routing: pd.DataFrame
+    expert_load: pd.DataFrame = field(default_factory=pd.DataFrame)
     slices: list[tuple[int, str, float, float, int]] = field(default_factory=list)
     link_intervals: list[tuple[int, float, float]] = field(default_factory=list)
 
@@ -175,7 +176,9 @@ def collect(engine: Engine) -> Result:
         },
         "scenario_resolved": sc.model_dump(mode="json"),
     }
-    return Result(summary, dev, links, routing, rec.slices, stats.intervals)
+    return Result(
+        summary, dev, links, routing, expert_load_table(plan), rec.slices, stats.intervals
+    )
 
 
 def chrome_trace(result: Result, link_names: list[str], device_names: list[str]) -> dict:
@@ -231,13 +234,15 @@ def chrome_trace(result: Result, link_names: list[str], device_names: list[str])
 
 
 def write_outputs(result: Result, out_dir: str | Path) -> Path:
-    """Write summary.json, devices.csv, links.csv, routing.csv and trace.json into ``out_dir``."""
+    """Write summary.json, devices.csv, links.csv, routing.csv, expert_load.csv and trace.json
+    into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(result.summary, indent=2) + "\n")
     result.devices.to_csv(out / "devices.csv", index=False)
     result.links.to_csv(out / "links.csv", index=False)
     result.routing.to_csv(out / "routing.csv", index=False)
+    result.expert_load.to_csv(out / "expert_load.csv", index=False)
     trace = chrome_trace(result, list(result.links["link"]), list(result.devices["device"]))
     (out / "trace.json").write_text(json.dumps(trace))
     return out
