@@ -118,15 +118,22 @@ def router_weights(
 ) -> np.ndarray:
     """A layer's linear router ``W ~ N(0, 1/d)`` over the first ``d_router`` embedding dims."""
     d = min(d_model, d_router)
-    return rng.normal(0.0, 1.0 / np.sqrt(d), size=(d, n_experts))
+    return rng.standard_normal(size=(d, n_experts), dtype=np.float32) / np.float32(np.sqrt(d))
+
+
+def synthetic_router_inputs(
+    weights: np.ndarray, n_tokens: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Synthetic token embeddings ``x ~ N(0, I)`` (float32) over the router's input dims."""
+    return rng.standard_normal(size=(n_tokens, weights.shape[0]), dtype=np.float32)
 
 
 def synthetic_router_logits(
     weights: np.ndarray, n_tokens: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """A real linear router on synthetic token embeddings ``x ~ N(0, I)``: logits ``x W``."""
-    x = rng.normal(size=(n_tokens, weights.shape[0]))
-    return x @ weights
+    """A real linear router on synthetic token embeddings: logits ``x W`` in float32, exactly
+    as the numpy reference layer computes them."""
+    return synthetic_router_inputs(weights, n_tokens, rng) @ weights
 
 
 def load_trace(path: str) -> list[np.ndarray]:

@@ -102,6 +102,15 @@ class WorkloadPlan:
         return sum(self.memory_bytes.values())  # type: ignore[return-value]
 
 
+def layer_generators(
+    layer_seed: np.random.SeedSequence,
+) -> tuple[np.random.Generator, np.random.Generator]:
+    """The two random streams of a layer: expert preferences / placement, and routing. The
+    reference layer uses the same streams to reproduce the simulator's routing exactly."""
+    place, route = layer_seed.spawn(2)
+    return np.random.default_rng(place), np.random.default_rng(route)
+
+
 def _split(total: np.ndarray | int, parts: int) -> np.ndarray:
     """Split integer(s) into ``parts`` near-equal integers (remainder to the first ones)."""
     total = np.asarray(total, dtype=np.int64)
@@ -185,7 +194,7 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
                 lp.tp_comm_after = _ring(rows, 2.0 * (tp - 1) / tp * full, 2 * (tp - 1))
             layers.append(lp)
             continue
-        place_rng, route_rng = (np.random.default_rng(s) for s in layer_seeds[i].spawn(2))
+        place_rng, route_rng = layer_generators(layer_seeds[i])
         probs = layer_probabilities(r, m.n_experts, moe_index, place_rng)
         expected = _expected_load(r, probs, m.top_k, trace, moe_index)
         share = share_matrix(base_placement(m.n_experts, ep, par.expert_placement, expected), ep)
