@@ -49,10 +49,12 @@ class AnalyticEngine:
                 self._collective("tp_comm", lp.tp_comm, i)
             if lp.moe:
                 self._compute("router", lp.compute_s["router"], i)
+                self._compute("permute", lp.compute_s["permute"], i)
                 shared = lp.compute_s.get("shared_experts")
                 self._collective("dispatch", lp.dispatch, i, overlap=shared)
                 self._compute("experts", lp.compute_s["experts"], i)
                 self._collective("combine", lp.combine, i)
+                self._compute("unpermute", lp.compute_s["unpermute"], i)
             else:
                 self._compute("dense_ffn", lp.compute_s["dense_ffn"], i)
             if lp.tp_comm_after is not None:

@@ -1,8 +1,9 @@
 """Discrete-event engine: orders the workload plan in time with simpy.
 
-One process per device walks the layers: attention -> [tp collective] -> router -> dispatch
-(send, then shared experts, then wait for its inbound tokens) -> experts -> combine (send, wait)
--> [tp collective]. A single :class:`~moesim.network.FluidNetwork` process carries every flow.
+One process per device walks the layers: attention -> [tp collective] -> router -> permute ->
+dispatch (send, then shared experts, then wait for its inbound tokens) -> experts -> combine
+(send, wait) -> unpermute -> [tp collective]. A single :class:`~moesim.network.FluidNetwork`
+process carries every flow.
 Events are per (layer, device kernel) and per flow batch, never per token. Metrics are
 collected around the processes (:class:`Recorder`), not inside the network or device models.
 """
@@ -23,8 +24,10 @@ from moesim.workload import LayerPlan, Traffic, WorkloadPlan
 COMPUTE_PHASES = (
     "attention",
     "router",
+    "permute",
     "shared_experts",
     "experts",
+    "unpermute",
     "dense_ffn",
     "lm_head",
 )
@@ -138,6 +141,7 @@ class Engine:
                 yield from self._exchange(g, lp, "tp_comm", lp.tp_comm)
             if lp.moe:
                 yield from self._compute(g, "router", lp.compute_s["router"][g], i)
+                yield from self._compute(g, "permute", lp.compute_s["permute"][g], i)
                 arrived = self._send(g, lp, "dispatch", lp.dispatch)
                 if "shared_experts" in lp.compute_s:
                     yield from self._compute(
@@ -148,6 +152,7 @@ class Engine:
                 self.rec.add(g, "dispatch", start, env.now, i)
                 yield from self._compute(g, "experts", lp.compute_s["experts"][g], i)
                 yield from self._exchange(g, lp, "combine", lp.combine)
+                yield from self._compute(g, "unpermute", lp.compute_s["unpermute"][g], i)
             else:
                 yield from self._compute(g, "dense_ffn", lp.compute_s["dense_ffn"][g], i)
             if lp.tp_comm_after is not None:

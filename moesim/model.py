@@ -147,12 +147,41 @@ def router_ops(m: ModelSpec, tokens: ArrayLike, b: Bytes) -> list[OpCost]:
     Q, K, V projections to E each (``6 T d E``) and an E x E attention (``4 T E^2``)."""
     d, e = m.d_model, m.n_experts
     if m.router == "linear":
-        return [_gemm("gate", tokens, d, e, b.weights, b.activations)]
+        return [_gemm("gate", tokens, d, e, b.weights, b.activations), gating_ops(tokens, e)]
     tokens = np.asarray(tokens, dtype=float)
     return [
         _gemm("gate_qkv", tokens, d, 3 * e, b.weights, b.activations),
         OpCost("gate_attention", 4.0 * tokens * e * e, tokens * 3 * e * b.activations),
+        gating_ops(tokens, e),
     ]
+
+
+GATING_PASSES = 3
+"""Softmax and top-k read the fp32 scores about three times (max, exp-sum, select)."""
+
+
+def gating_ops(tokens: ArrayLike, n_experts: int) -> OpCost:
+    """Softmax and top-k selection over fp32 scores: ``~5 T E`` FLOPs (exp, sums, divisions),
+    ``GATING_PASSES`` passes over ``T x E`` fp32 values."""
+    tokens = np.asarray(tokens, dtype=float)
+    return OpCost("gating", 5.0 * tokens * n_experts, GATING_PASSES * tokens * n_experts * 4.0)
+
+
+def permute_ops(pairs: ArrayLike, d_model: int, b: Bytes) -> OpCost:
+    """Dispatch permutation: gather each routed token-expert pair's activation into
+    expert-contiguous order (one read and one write of ``d`` values per pair)."""
+    pairs = np.asarray(pairs, dtype=float)
+    return OpCost("permute", np.zeros_like(pairs), 2.0 * pairs * d_model * b.activations)
+
+
+def unpermute_ops(pairs: ArrayLike, tokens: ArrayLike, d_model: int, b: Bytes) -> OpCost:
+    """Combine: scale each returned pair by its gate weight and add it into its token's
+    output (``2 d`` FLOPs per pair; read the pair and read-modify-write the output row)."""
+    pairs = np.asarray(pairs, dtype=float)
+    tokens = np.asarray(tokens, dtype=float)
+    return OpCost(
+        "unpermute", 2.0 * pairs * d_model, (3.0 * pairs + tokens) * d_model * b.activations
+    )
 
 
 def expert_ops(tokens_per_expert: np.ndarray, d_model: int, d_ff: float, b: Bytes) -> OpCost:

@@ -18,10 +18,12 @@ BREAKDOWN_KEYS = (
     "attention",
     "tp_comm",
     "router",
+    "permute",
     "shared_experts",
     "dispatch",
     "experts",
     "combine",
+    "unpermute",
     "dense_ffn",
     "lm_head",
 )

@@ -27,7 +27,9 @@ from moesim.model import (
     kv_cache_bytes_per_token,
     linear_state_bytes_per_seq,
     lm_head_ops,
+    permute_ops,
     router_ops,
+    unpermute_ops,
 )
 from moesim.placement import base_placement, replicate_hot, share_matrix, split_integer
 from moesim.routing import layer_probabilities, load_trace, route_layer
@@ -221,6 +223,13 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
         moe_index += 1
         kept = routing.kept
         compute_s["router"], flops["router"] = _time(dev, router_ops(m, tokens_dev, b), cdt)
+        pairs_out = kept.sum(axis=1) * etp
+        compute_s["permute"], flops["permute"] = _time(
+            dev, [permute_ops(pairs_out, m.d_model, b)], cdt
+        )
+        compute_s["unpermute"], flops["unpermute"] = _time(
+            dev, [unpermute_ops(pairs_out, tokens_dev, m.d_model, b)], cdt
+        )
         if m.n_shared_experts:
             compute_s["shared_experts"], flops["shared_experts"] = _time(
                 dev,

@@ -139,10 +139,13 @@ def test_single_device_step_is_sum_of_closed_form_kernels():
     )
     o = roof(2 * tokens * heads * hd * d, 2 * (heads * hd * d + tokens * (heads * hd + d)))
     gate = roof(2 * tokens * d * 1, 2 * (d + tokens * (d + 1)))
+    gating = roof(5 * tokens * 1, 3 * tokens * 1 * 4)  # softmax + top-k over fp32 scores
+    permute = roof(0, 2 * tokens * d * 2)  # gather: read + write each pair's activation
+    unpermute = roof(2 * tokens * d, (3 * tokens + tokens) * d * 2)  # weighted scatter-add
     op = expert_ops(tokens, d, f, Bytes())
     experts = roof(float(op.flops), float(op.memory_bytes), 0) + 3 * launch
     head = roof(2 * 1 * d * vocab, 2 * (d * vocab + (d + vocab)))
-    expected = qkv + core + o + gate + experts + head
+    expected = qkv + core + o + gate + gating + permute + experts + unpermute + head
     result = simulate(sc)
     assert result.step_time_s == pytest.approx(expected, rel=1e-9)
     assert result.summary["breakdown_s"]["dispatch"] == 0.0
