@@ -25,6 +25,7 @@ class OpCost:
     flops: ArrayLike
     memory_bytes: ArrayLike
     kernels: int = 1
+    rows: ArrayLike | None = None  # GEMM M dimension, for small-GEMM efficiency
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def _gemm(
     tokens = np.asarray(tokens, dtype=float)
     flops = 2.0 * tokens * k * n
     memory = np.where(tokens > 0, k * n * w_bytes, 0.0) + tokens * (k + n) * a_bytes
-    return OpCost(name, flops, memory, kernels)
+    return OpCost(name, flops, memory, kernels, rows=tokens)
 
 
 def attention_weight_params(m: ModelSpec, kind: str) -> float:
@@ -196,7 +197,7 @@ def expert_ops(tokens_per_expert: np.ndarray, d_model: int, d_ff: float, b: Byte
         np.where(n > 0, 3.0 * d_model * d_ff * b.expert_weights, 0.0)
         + n * (2 * d_model + 3 * d_ff) * b.activations
     )
-    return OpCost("experts", flops, memory, kernels=3)
+    return OpCost("experts", flops, memory, kernels=3, rows=n)
 
 
 def ffn_ops(name: str, tokens: ArrayLike, d_model: int, d_ff: float, b: Bytes) -> OpCost:
@@ -207,7 +208,7 @@ def ffn_ops(name: str, tokens: ArrayLike, d_model: int, d_ff: float, b: Bytes) -
         np.where(n > 0, 3.0 * d_model * d_ff * b.weights, 0.0)
         + n * (2 * d_model + 3 * d_ff) * b.activations
     )
-    return OpCost(name, flops, memory, kernels=3)
+    return OpCost(name, flops, memory, kernels=3, rows=n)
 
 
 def lm_head_ops(m: ModelSpec, tokens: ArrayLike, tp: int, b: Bytes) -> OpCost:

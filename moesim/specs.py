@@ -99,7 +99,7 @@ class ModelSpec(Spec):
 class GpuSpec(Spec):
     """A GPU-like device: roofline constants plus its intra-node interconnect."""
 
-    type: Literal["gpu"] = "gpu"
+    type: Literal["gpu", "cpu"] = "gpu"
     name: str = "custom-gpu"
     description: str = ""
     memory_bytes: PositiveFloat
@@ -114,6 +114,17 @@ class GpuSpec(Spec):
         0.8, gt=0, le=1, description="fraction of peak memory bandwidth a streaming kernel reaches"
     )
     kernel_launch_s: float = Field(4e-6, ge=0, description="fixed cost per kernel")
+    gemm_m_half: float = Field(
+        0.0,
+        ge=0,
+        description="GEMM rows at which a GEMM reaches half its compute efficiency: "
+        "efficiency x m / (m + gemm_m_half); 0 = no small-GEMM penalty (calibrated on CPUs)",
+    )
+    grouped_experts: bool = Field(
+        True,
+        description="experts run as one grouped launch (GPU grouped GEMM); false: one "
+        "launch per active expert and projection (a loop over experts, as numpy does)",
+    )
     intra_node_link: str = "nvlink4"
     intra_node_topology: Literal["nvswitch", "full_mesh", "ring", "pcie"] = "nvswitch"
     power_w: float | None = None

@@ -252,9 +252,10 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
         per_rank = split_integer(arriving, share[None, :, :])  # [group, expert, rank]
         load = per_rank[group, :, ep_rank]  # [device, expert]
         op = expert_ops(load, m.d_model, d_ff_local, b)
-        per_expert = kernel_time_s(dev, op.flops, op.memory_bytes, cdt, kernels=0)
-        busy = load.sum(axis=1) > 0
-        compute_s["experts"] = per_expert.sum(axis=1) + busy * op.kernels * dev.kernel_launch_s
+        per_expert = kernel_time_s(dev, op.flops, op.memory_bytes, cdt, kernels=0, rows=load)
+        # one grouped launch per projection, or (numpy-style loop) one per active expert
+        launches = (load.sum(axis=1) > 0) if dev.grouped_experts else (load > 0).sum(axis=1)
+        compute_s["experts"] = per_expert.sum(axis=1) + launches * op.kernels * dev.kernel_launch_s
         flops["experts"] = np.asarray(op.flops).sum(axis=1)
         # dispatch: tokens from each source to each (group, EP rank), to every etp shard
         to_rank = kept.astype(float) @ share  # [source, rank]
