@@ -185,30 +185,45 @@ def unpermute_ops(pairs: ArrayLike, tokens: ArrayLike, d_model: int, b: Bytes) -
     )
 
 
-def expert_ops(tokens_per_expert: np.ndarray, d_model: int, d_ff: float, b: Bytes) -> OpCost:
-    """SwiGLU experts as one grouped launch; ``tokens_per_expert`` is ``[..., experts]``.
-
-    FLOPs ``6 n d f``; bytes: ``3 d f`` weights of each expert that has tokens, plus per token
-    the input and output (d each) and the gate/up/activation intermediates (3 f).
-    """
-    n = np.asarray(tokens_per_expert, dtype=float)
-    flops = 6.0 * n * d_model * d_ff
-    memory = (
-        np.where(n > 0, 3.0 * d_model * d_ff * b.expert_weights, 0.0)
-        + n * (2 * d_model + 3 * d_ff) * b.activations
-    )
-    return OpCost("experts", flops, memory, kernels=3, rows=n)
+SWIGLU_ACT_FLOPS_PER_ELEMENT = 5.0
+"""silu(g) * u per hidden element: exp, add, divide, two multiplies."""
 
 
-def ffn_ops(name: str, tokens: ArrayLike, d_model: int, d_ff: float, b: Bytes) -> OpCost:
-    """A dense SwiGLU FFN (dense layers, shared experts), weights at ``b.weights``."""
+def swiglu_ops(
+    name: str, tokens: ArrayLike, d_model: int, d_ff: float, w_bytes: float, b: Bytes
+) -> list[OpCost]:
+    """A SwiGLU FFN ``down(silu(x Wg) * (x Wu))`` as its three kernels: the gate/up GEMM
+    (``4 n d f`` FLOPs, ``2 d f`` weights), the elementwise activation (read g and u, write h:
+    ``3 n f`` values) and the down GEMM (``2 n d f``, ``d f`` weights). Weights are read only
+    when the FFN has tokens. ``tokens`` may be an array (one FFN per element)."""
     n = np.asarray(tokens, dtype=float)
-    flops = 6.0 * n * d_model * d_ff
-    memory = (
-        np.where(n > 0, 3.0 * d_model * d_ff * b.weights, 0.0)
-        + n * (2 * d_model + 3 * d_ff) * b.activations
-    )
-    return OpCost(name, flops, memory, kernels=3, rows=n)
+    has = n > 0
+    ab = b.activations
+    return [
+        OpCost(
+            f"{name}_gate_up",
+            4.0 * n * d_model * d_ff,
+            np.where(has, 2.0 * d_model * d_ff * w_bytes, 0.0) + n * (d_model + 2 * d_ff) * ab,
+            rows=n,
+        ),
+        OpCost(f"{name}_act", SWIGLU_ACT_FLOPS_PER_ELEMENT * n * d_ff, 3.0 * n * d_ff * ab),
+        OpCost(
+            f"{name}_down",
+            2.0 * n * d_model * d_ff,
+            np.where(has, d_model * d_ff * w_bytes, 0.0) + n * (d_ff + d_model) * ab,
+            rows=n,
+        ),
+    ]
+
+
+def expert_ops(tokens_per_expert: np.ndarray, d_model: int, d_ff: float, b: Bytes) -> list[OpCost]:
+    """Routed SwiGLU experts (``tokens_per_expert`` is ``[..., experts]``), expert weights."""
+    return swiglu_ops("experts", tokens_per_expert, d_model, d_ff, b.expert_weights, b)
+
+
+def ffn_ops(name: str, tokens: ArrayLike, d_model: int, d_ff: float, b: Bytes) -> list[OpCost]:
+    """A dense SwiGLU FFN (dense layers, shared experts), weights at ``b.weights``."""
+    return swiglu_ops(name, tokens, d_model, d_ff, b.weights, b)
 
 
 def lm_head_ops(m: ModelSpec, tokens: ArrayLike, tp: int, b: Bytes) -> OpCost:

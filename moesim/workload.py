@@ -189,7 +189,7 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
         if not m.is_moe(i):
             compute_s["dense_ffn"], flops["dense_ffn"] = _time(
                 dev,
-                [ffn_ops("dense_ffn", tokens_dp[replica], m.d_model, m.d_ff_dense / tp, b)],
+                ffn_ops("dense_ffn", tokens_dp[replica], m.d_model, m.d_ff_dense / tp, b),
                 cdt,
             )
             if tp > 1:
@@ -233,15 +233,13 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
         if m.n_shared_experts:
             compute_s["shared_experts"], flops["shared_experts"] = _time(
                 dev,
-                [
-                    ffn_ops(
-                        "shared",
-                        tokens_dp[replica],
-                        m.d_model,
-                        m.n_shared_experts * m.d_ff_shared / tp,
-                        b,
-                    )
-                ],
+                ffn_ops(
+                    "shared",
+                    tokens_dp[replica],
+                    m.d_model,
+                    m.n_shared_experts * m.d_ff_shared / tp,
+                    b,
+                ),
                 cdt,
             )
         # which expert-data-parallel groups serve each source: its own, or all (global routing)
@@ -251,12 +249,15 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
         arriving = _conserve(arriving, kept.sum(axis=0))
         per_rank = split_integer(arriving, share[None, :, :])  # [group, expert, rank]
         load = per_rank[group, :, ep_rank]  # [device, expert]
-        op = expert_ops(load, m.d_model, d_ff_local, b)
-        per_expert = kernel_time_s(dev, op.flops, op.memory_bytes, cdt, kernels=0, rows=load)
-        # one grouped launch per projection, or (numpy-style loop) one per active expert
+        ops = expert_ops(load, m.d_model, d_ff_local, b)
+        per_expert = sum(
+            kernel_time_s(dev, op.flops, op.memory_bytes, cdt, kernels=0, rows=op.rows)
+            for op in ops
+        )
+        # one grouped launch per kernel, or (numpy-style loop) one per active expert
         launches = (load.sum(axis=1) > 0) if dev.grouped_experts else (load > 0).sum(axis=1)
-        compute_s["experts"] = per_expert.sum(axis=1) + launches * op.kernels * dev.kernel_launch_s
-        flops["experts"] = np.asarray(op.flops).sum(axis=1)
+        compute_s["experts"] = per_expert.sum(axis=1) + launches * len(ops) * dev.kernel_launch_s
+        flops["experts"] = sum(np.asarray(op.flops) for op in ops).sum(axis=1)
         # dispatch: tokens from each source to each (group, EP rank), to every etp shard
         to_rank = kept.astype(float) @ share  # [source, rank]
         weights = (to_groups[:, :, None] * to_rank[:, None, :]).reshape(n_dev, edp * ep)

@@ -38,17 +38,22 @@ def test_fp8_doubles_compute_rate_and_int4_weights_quarter_the_bytes():
     assert t_bf16 / t_fp8 == pytest.approx(1978.9 / 989.4, rel=0.01)
     # decode expert: 1 token, weights dominate; int4 weights read 1/4 the bytes of bf16
     d, f = 4096, 14336
-    bf16 = op_time_s(H100, expert_ops(1, d, f, Bytes(expert_weights=2.0)), "bf16")
-    int4 = op_time_s(H100, expert_ops(1, d, f, Bytes(expert_weights=0.5)), "bf16")
+
+    def expert_s(b):
+        return sum(float(op_time_s(H100, op, "bf16")) for op in expert_ops(1, d, f, b))
+
+    bf16 = expert_s(Bytes(expert_weights=2.0))
+    int4 = expert_s(Bytes(expert_weights=0.5))
     launch = 3 * H100.kernel_launch_s
     assert (float(bf16) - launch) / (float(int4) - launch) == pytest.approx(4.0, rel=0.01)
 
 
 def test_expert_flops_and_bytes_closed_form():
     d, f, n = 4096, 14336, 100
-    op = expert_ops(n, d, f, Bytes())
-    assert float(op.flops) == 6 * n * d * f
-    assert float(op.memory_bytes) == 3 * d * f * 2 + n * (2 * d + 3 * f) * 2
+    gate_up, act, down = expert_ops(n, d, f, Bytes())
+    assert float(gate_up.flops + down.flops) == 6 * n * d * f
+    assert float(gate_up.memory_bytes) == 2 * d * f * 2 + n * (d + 2 * f) * 2
+    assert float(act.memory_bytes) == 3 * n * f * 2  # read gate and up, write h
+    assert float(down.memory_bytes) == d * f * 2 + n * (f + d) * 2
     # an expert with no tokens costs nothing
-    empty = expert_ops(0, d, f, Bytes())
-    assert float(op_time_s(H100, empty, "bf16")) == 0.0
+    assert sum(float(op_time_s(H100, op, "bf16")) for op in expert_ops(0, d, f, Bytes())) == 0
