@@ -28,6 +28,19 @@ def _silu_grad(x: np.ndarray) -> np.ndarray:
     return s * (1.0 + x * (1.0 - s))
 
 
+def combine(rows: np.ndarray, token: np.ndarray, n_tokens: int) -> np.ndarray:
+    """Sum expert outputs back into their tokens: a second permutation (sort by token) and a
+    segmented sum (``np.add.reduceat``), the numpy equivalent of an unpermute kernel."""
+    y = np.zeros((n_tokens, rows.shape[1]), dtype=rows.dtype)
+    if not len(token):
+        return y
+    order = np.argsort(token, kind="stable")
+    sorted_tok = token[order]
+    starts = np.flatnonzero(np.r_[True, sorted_tok[1:] != sorted_tok[:-1]])
+    y[sorted_tok[starts]] = np.add.reduceat(rows[order], starts, axis=0)
+    return y
+
+
 @dataclass
 class ReferenceRouting:
     """Routing of one forward pass: pairs (token, expert, weight) kept, and what was dropped."""
@@ -126,8 +139,7 @@ class MoELayer:
             h = silu(g) * u
             out[lo:hi] = h @ self.w_down[e]
             acts.append((g, u, h))
-        y = np.zeros_like(x)
-        np.add.at(y, tok, out * w[:, None])  # combine: weighted scatter-add
+        y = combine(out * w[:, None], tok, len(x))
         if self.shared is not None:
             sg, su, sd = self.shared
             g_s, u_s = x @ sg, x @ su
