@@ -26,6 +26,10 @@ class OpCost:
     memory_bytes: ArrayLike
     kernels: int = 1
     rows: ArrayLike | None = None  # GEMM M dimension, for small-GEMM efficiency
+    inner: float | None = None  # GEMM K dimension
+    unfused_memory_bytes: ArrayLike | None = None  # traffic when each elementwise step is a pass
+    unfused_kernels: int | None = None
+    scores: ArrayLike | None = None  # router scores handled (for gating_s_per_score)
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,7 @@ def _gemm(
     tokens = np.asarray(tokens, dtype=float)
     flops = 2.0 * tokens * k * n
     memory = np.where(tokens > 0, k * n * w_bytes, 0.0) + tokens * (k + n) * a_bytes
-    return OpCost(name, flops, memory, kernels, rows=tokens)
+    return OpCost(name, flops, memory, kernels, rows=tokens, inner=float(k))
 
 
 def attention_weight_params(m: ModelSpec, kind: str) -> float:
@@ -162,10 +166,23 @@ GATING_PASSES = 3
 
 
 def gating_ops(tokens: ArrayLike, n_experts: int) -> OpCost:
-    """Softmax and top-k selection over fp32 scores: ``~5 T E`` FLOPs (exp, sums, divisions),
-    ``GATING_PASSES`` passes over ``T x E`` fp32 values."""
+    """Softmax and top-k selection over fp32 scores: ``~5 T E`` FLOPs (exp, sums, divisions).
+    Fused (GPU): ``GATING_PASSES`` passes over the ``T x E`` scores. Unfused (numpy): max,
+    subtract, exp, sum, divide, select, gather: ``UNFUSED_GATING_PASSES`` passes, 8 kernels."""
     tokens = np.asarray(tokens, dtype=float)
-    return OpCost("gating", 5.0 * tokens * n_experts, GATING_PASSES * tokens * n_experts * 4.0)
+    scores = tokens * n_experts
+    return OpCost(
+        "gating",
+        5.0 * scores,
+        GATING_PASSES * scores * 4.0,
+        unfused_memory_bytes=UNFUSED_GATING_PASSES * scores * 4.0,
+        unfused_kernels=8,
+        scores=scores,
+    )
+
+
+UNFUSED_GATING_PASSES = 12
+"""Reads and writes of the score matrix when softmax and top-k run as separate numpy calls."""
 
 
 def permute_ops(pairs: ArrayLike, d_model: int, b: Bytes) -> OpCost:
@@ -181,7 +198,12 @@ def unpermute_ops(pairs: ArrayLike, tokens: ArrayLike, d_model: int, b: Bytes) -
     pairs = np.asarray(pairs, dtype=float)
     tokens = np.asarray(tokens, dtype=float)
     return OpCost(
-        "unpermute", 2.0 * pairs * d_model, (3.0 * pairs + tokens) * d_model * b.activations
+        "unpermute",
+        2.0 * pairs * d_model,
+        (3.0 * pairs + tokens) * d_model * b.activations,
+        # unfused: scale (r+w), gather the output rows (r), add (2r+w), scatter (w), zero (w)
+        unfused_memory_bytes=(7.0 * pairs + tokens) * d_model * b.activations,
+        unfused_kernels=6,
     )
 
 
@@ -205,13 +227,23 @@ def swiglu_ops(
             4.0 * n * d_model * d_ff,
             np.where(has, 2.0 * d_model * d_ff * w_bytes, 0.0) + n * (d_model + 2 * d_ff) * ab,
             rows=n,
+            inner=float(d_model),
+            unfused_kernels=2,  # gate and up as two GEMMs (one concatenated GEMM when fused)
         ),
-        OpCost(f"{name}_act", SWIGLU_ACT_FLOPS_PER_ELEMENT * n * d_ff, 3.0 * n * d_ff * ab),
+        OpCost(
+            f"{name}_act",
+            SWIGLU_ACT_FLOPS_PER_ELEMENT * n * d_ff,
+            3.0 * n * d_ff * ab,
+            # unfused: -g, exp, +1, g / (.), * u: 2 + 2 + 2 + 3 + 3 array passes
+            unfused_memory_bytes=12.0 * n * d_ff * ab,
+            unfused_kernels=5,
+        ),
         OpCost(
             f"{name}_down",
             2.0 * n * d_model * d_ff,
             np.where(has, d_model * d_ff * w_bytes, 0.0) + n * (d_ff + d_model) * ab,
             rows=n,
+            inner=float(d_ff),
         ),
     ]
 

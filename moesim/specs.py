@@ -120,6 +120,23 @@ class GpuSpec(Spec):
         description="GEMM rows at which a GEMM reaches half its compute efficiency: "
         "efficiency x m / (m + gemm_m_half); 0 = no small-GEMM penalty (calibrated on CPUs)",
     )
+    gemm_k_half: float = Field(
+        0.0,
+        ge=0,
+        description="GEMM inner dimension at which efficiency halves: efficiency x "
+        "k / (k + gemm_k_half); 0 = no penalty (calibrated on CPUs)",
+    )
+    fused_elementwise: bool = Field(
+        True,
+        description="elementwise chains (SwiGLU activation, softmax, weighted combine) "
+        "run as one fused kernel (GPU); false: one memory pass per step, as numpy does",
+    )
+    gating_s_per_score: float = Field(
+        0.0,
+        ge=0,
+        description="measured seconds per (token, expert) score for softmax, top-k "
+        "and capacity (numpy's selection is compute-bound); 0 = roofline only",
+    )
     grouped_experts: bool = Field(
         True,
         description="experts run as one grouped launch (GPU grouped GEMM); false: one "

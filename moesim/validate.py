@@ -9,6 +9,7 @@ and its output must equal a dense per-token loop.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -135,3 +136,113 @@ def _tokens_per_device(plan: WorkloadPlan) -> np.ndarray:
     wl = sc.workload
     per_seq = wl.seq_len if wl.phase == "prefill" else 1
     return _split(_split(wl.batch_size, dp) * per_seq, tp).ravel()
+
+
+# -- timing cross-validation -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    """One held-out MoE layer shape for timing validation."""
+
+    tokens: int
+    d_model: int
+    d_ff: int
+    n_experts: int
+    top_k: int
+    zipf_s: float
+    capacity_factor: float | None
+
+    @property
+    def name(self) -> str:
+        cf = "none" if self.capacity_factor is None else f"{self.capacity_factor:g}"
+        return (
+            f"T{self.tokens}-d{self.d_model}-f{self.d_ff}-E{self.n_experts}-k{self.top_k}"
+            f"-s{self.zipf_s:g}-cf{cf}"
+        )
+
+
+def timing_cases(n: int, seed: int = 1) -> list[Case]:
+    """``n`` shapes sampled from a grid disjoint from the calibration GEMMs' shapes."""
+    rng = np.random.default_rng(seed)
+    cases: list[Case] = []
+    seen = set()
+    while len(cases) < n:
+        c = Case(
+            tokens=int(rng.choice([192, 384, 768, 1536, 3072])),
+            d_model=int(rng.choice([192, 384, 768])),
+            d_ff=int(rng.choice([384, 768, 1536])),
+            n_experts=int(rng.choice([4, 8, 16])),
+            top_k=int(rng.choice([1, 2])),
+            zipf_s=float(rng.choice([0.0, 0.0, 0.8, 1.4])),
+            capacity_factor=[None, None, 1.25, 1.0][int(rng.integers(4))],
+        )
+        if c not in seen:
+            seen.add(c)
+            cases.append(c)
+    return cases
+
+
+def _case_layer(case: Case, seed: int):
+    from moesim.routing import expert_probabilities
+
+    layer = make_layer(case.d_model, case.d_ff, case.n_experts, case.top_k, seed=seed)
+    rng = np.random.default_rng(seed)
+    probs = expert_probabilities(case.n_experts, "zipf", case.zipf_s, rng, shuffle=True)
+    layer.router_bias = np.log(probs).astype(np.float32) * 2.0
+    x = rng.standard_normal((case.tokens, case.d_model), dtype=np.float32)
+    return layer, x
+
+
+def measure_case(case: Case, seed: int = 0) -> tuple[float, np.ndarray]:
+    """Median seconds of the reference layer's forward (router to combine), and its routing."""
+    from moesim.calibrate import median_time_s
+
+    layer, x = _case_layer(case, seed)
+    r = layer.route(x, capacity_factor=case.capacity_factor)
+    seconds = median_time_s(
+        lambda: layer.forward(x, capacity_factor=case.capacity_factor), repeats=5, min_sample_s=0.02
+    )
+    return seconds, r.chosen
+
+
+def predict_case(case: Case, chosen: np.ndarray, device: dict, link: dict, workdir: Path) -> float:
+    """The simulator's time for the same layer on the calibrated device, routed as the
+    reference routed it (its top-k choices as a trace)."""
+    from moesim import scenario_from_dict
+
+    trace = workdir / f"{case.name}.npz"
+    np.savez(trace, expert_ids=chosen[None])
+    sc = scenario_from_dict(
+        {
+            "model": {
+                "n_layers": 1,
+                "d_model": case.d_model,
+                "n_heads": 1,
+                "n_kv_heads": 1,
+                "head_dim": 8,
+                "vocab_size": 8,
+                "d_ff_expert": case.d_ff,
+                "n_experts": case.n_experts,
+                "top_k": case.top_k,
+            },
+            "cluster": {"nodes": 1, "devices_per_node": 1, "device": device},
+            "topology": {"intra_node_link": link},
+            "workload": {
+                "phase": "prefill",
+                "batch_size": 1,
+                "seq_len": case.tokens,
+                "dtypes": {
+                    "weights": "fp32",
+                    "activations": "fp32",
+                    "kv_cache": "fp32",
+                    "compute": "fp32",
+                },
+            },
+            "routing": {
+                "distribution": "trace",
+                "trace": str(trace),
+                "capacity_factor": case.capacity_factor,
+            },
+        }
+    )
+    lp = build_plan(sc).layers[0]
+    return float(sum(lp.compute_s[k][0] for k in ("router", "permute", "experts", "unpermute")))

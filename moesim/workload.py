@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moesim.hardware import kernel_time_s, op_time_s
+from moesim.hardware import op_time_s
+from moesim.hardware.roofline import op_kernels
 from moesim.model import (
     Bytes,
     OpCost,
@@ -250,13 +251,11 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
         per_rank = split_integer(arriving, share[None, :, :])  # [group, expert, rank]
         load = per_rank[group, :, ep_rank]  # [device, expert]
         ops = expert_ops(load, m.d_model, d_ff_local, b)
-        per_expert = sum(
-            kernel_time_s(dev, op.flops, op.memory_bytes, cdt, kernels=0, rows=op.rows)
-            for op in ops
-        )
+        per_expert = sum(op_time_s(dev, op, cdt, launches=False) for op in ops)
         # one grouped launch per kernel, or (numpy-style loop) one per active expert
         launches = (load.sum(axis=1) > 0) if dev.grouped_experts else (load > 0).sum(axis=1)
-        compute_s["experts"] = per_expert.sum(axis=1) + launches * len(ops) * dev.kernel_launch_s
+        kernels = sum(op_kernels(dev, op) for op in ops)
+        compute_s["experts"] = per_expert.sum(axis=1) + launches * kernels * dev.kernel_launch_s
         flops["experts"] = sum(np.asarray(op.flops) for op in ops).sum(axis=1)
         # dispatch: tokens from each source to each (group, EP rank), to every etp shard
         to_rank = kept.astype(float) @ share  # [source, rank]

@@ -19,23 +19,42 @@ def kernel_time_s(
     compute_dtype: str,
     kernels: int = 1,
     rows: ArrayLike | None = None,
+    inner: float | None = None,
 ) -> np.ndarray:
     """Roofline seconds; elementwise over arrays of FLOPs and bytes. No work costs nothing.
 
-    ``rows`` (the GEMM M dimension) lowers compute efficiency for small GEMMs by
-    ``m / (m + gemm_m_half)`` when the device sets ``gemm_m_half``.
+    ``rows`` and ``inner`` (a GEMM's M and K) lower compute efficiency for small GEMMs by
+    ``m / (m + gemm_m_half)`` and ``k / (k + gemm_k_half)`` when the device sets them.
     """
     flops, memory_bytes = np.asarray(flops, dtype=float), np.asarray(memory_bytes, dtype=float)
     eff = device.compute_efficiency
     if rows is not None and device.gemm_m_half > 0:
         m = np.asarray(rows, dtype=float)
         eff = eff * np.where(m > 0, m / (m + device.gemm_m_half), 1.0)
+    if inner is not None and device.gemm_k_half > 0:
+        eff = eff * inner / (inner + device.gemm_k_half)
     compute_s = flops / (device.flops_per_s(compute_dtype) * eff)
     memory_s = memory_bytes / (device.memory_bandwidth_bytes_per_s * device.memory_efficiency)
     busy = (flops > 0) | (memory_bytes > 0)
     return np.maximum(compute_s, memory_s) + np.where(busy, kernels * device.kernel_launch_s, 0.0)
 
 
-def op_time_s(device: GpuSpec, op: OpCost, compute_dtype: str) -> np.ndarray:
-    """Roofline seconds of one :class:`OpCost`."""
-    return kernel_time_s(device, op.flops, op.memory_bytes, compute_dtype, op.kernels, op.rows)
+def op_kernels(device: GpuSpec, op: OpCost) -> int:
+    """Kernel launches of an op on ``device`` (unfused elementwise chains launch more)."""
+    if not device.fused_elementwise and op.unfused_kernels is not None:
+        return op.unfused_kernels
+    return op.kernels
+
+
+def op_time_s(device: GpuSpec, op: OpCost, compute_dtype: str, launches: bool = True) -> np.ndarray:
+    """Seconds of one :class:`OpCost` on ``device``: the roofline with the op's fused or
+    unfused traffic, and at least the measured per-score cost for gating."""
+    memory = op.memory_bytes
+    if not device.fused_elementwise and op.unfused_memory_bytes is not None:
+        memory = op.unfused_memory_bytes
+    kernels = op_kernels(device, op) if launches else 0
+    t = kernel_time_s(device, op.flops, memory, compute_dtype, kernels, op.rows, op.inner)
+    if op.scores is not None and device.gating_s_per_score > 0:
+        floor = np.asarray(op.scores, dtype=float) * device.gating_s_per_score
+        t = np.maximum(t, floor + kernels * device.kernel_launch_s)
+    return t

@@ -29,15 +29,20 @@ def _silu_grad(x: np.ndarray) -> np.ndarray:
 
 
 def combine(rows: np.ndarray, token: np.ndarray, n_tokens: int) -> np.ndarray:
-    """Sum expert outputs back into their tokens: a second permutation (sort by token) and a
-    segmented sum (``np.add.reduceat``), the numpy equivalent of an unpermute kernel."""
+    """Sum expert outputs back into their tokens (the unpermute). Pairs are numbered within
+    their token (0, 1, ...); each round adds one pair per token with a plain fancy-index add,
+    so a token-choice layer takes ``top_k`` vectorised rounds."""
     y = np.zeros((n_tokens, rows.shape[1]), dtype=rows.dtype)
     if not len(token):
         return y
     order = np.argsort(token, kind="stable")
     sorted_tok = token[order]
-    starts = np.flatnonzero(np.r_[True, sorted_tok[1:] != sorted_tok[:-1]])
-    y[sorted_tok[starts]] = np.add.reduceat(rows[order], starts, axis=0)
+    first = np.r_[True, sorted_tok[1:] != sorted_tok[:-1]]
+    starts = np.flatnonzero(first)
+    rank = np.arange(len(token)) - np.repeat(starts, np.diff(np.r_[starts, len(token)]))
+    for j in range(int(rank.max()) + 1):
+        sel = order[rank == j]
+        y[token[sel]] += rows[sel]
     return y
 
 
@@ -66,6 +71,7 @@ class MoELayer:
     w_down: np.ndarray  # [E, f, d]
     shared: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (gate, up, down)
     top_k: int = 2
+    router_bias: np.ndarray | None = None  # [E] added to the logits (a skewed router)
     cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -86,6 +92,8 @@ class MoELayer:
     ) -> ReferenceRouting:
         """Router logits, then the gating policy and capacity drops (moesim.gating)."""
         logits = x[:, : self.router.shape[0]] @ self.router
+        if self.router_bias is not None:
+            logits = logits + self.router_bias
         t, n_exp, k = len(x), self.n_experts, self.top_k
         if policy == "expert_choice":
             cap = int(np.ceil((capacity_factor or 1.0) * t * k / n_exp))
