@@ -247,6 +247,50 @@ def cmd_routing(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from moesim.calibrate import calibrate, write_calibration
+
+    devices, links = calibrate(quick=args.quick)
+    write_calibration(args.out, devices, links)
+    dev = next(iter(devices.values()))
+    link = next(iter(links.values()))
+    print(
+        f"peak              {dev['peak_flops_per_s']['fp32'] / 1e9:,.1f} GFLOP/s fp32 "
+        f"(small-GEMM halves at m={dev['gemm_m_half']:.0f}, k={dev['gemm_k_half']:.0f})"
+    )
+    print(
+        f"memory            {dev['memory_bandwidth_bytes_per_s'] / 1e9:,.1f} GB/s; "
+        f"{dev['kernel_launch_s'] * 1e6:.2f} us per call; gating "
+        f"{dev['gating_s_per_score'] * 1e9:.1f} ns per score"
+    )
+    print(
+        f"shared memory     {link['bandwidth_bytes_per_s'] / 1e9:,.1f} GB/s, "
+        f"{link['latency_s'] * 1e6:.1f} us per hand-off between processes"
+    )
+    print(f"wrote             {args.out}/devices.yaml links.yaml")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from moesim.validate import error_stats, run_validation
+
+    df = run_validation(
+        args.out, quick=args.quick, calibration=args.calibration, progress=not args.quiet
+    )
+    functional = df[df["kind"] == "functional"]
+    exact = int(functional["exact"].sum())
+    print(
+        f"functional        {exact}/{len(functional)} layouts: per-expert tokens, drops and "
+        "dispatch bytes equal the reference exactly"
+        f"; output max rel error {functional['output_rel_error'].max():.1e}"
+    )
+    for kind, label in (("timing", "MoE layer time"), ("comm", "shm dispatch time")):
+        med, p90, n = error_stats(df, kind)
+        print(f"{kind:<17} {label}: median |error| {med:.1%}, p90 {p90:.1%} over {n} cases")
+    print(f"wrote             {args.out}/validation.csv validation.png")
+    return 0 if exact == len(functional) else 1
+
+
 def cmd_catalog(args: argparse.Namespace) -> int:
     from moesim import catalog
     from moesim.model import param_counts
@@ -380,6 +424,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a scenario field (repeatable)",
     )
     routing.set_defaults(func=cmd_routing)
+
+    cal = sub.add_parser(
+        "calibrate",
+        help="measure this host (numpy) as a moesim device",
+        description="Measure this host's numpy float32 GEMM rate (with small-GEMM efficiency), "
+        "memory bandwidth, per-call overhead, gating cost, and a shared-memory link between "
+        "two processes; write DIR/devices.yaml and DIR/links.yaml in the catalog format.",
+    )
+    cal.add_argument("--out", type=Path, required=True, metavar="DIR")
+    cal.add_argument("--quick", action="store_true", help="smaller measurements (seconds)")
+    cal.set_defaults(func=cmd_calibrate)
+
+    val = sub.add_parser(
+        "validate",
+        help="cross-validate the simulator against real numpy MoE layers on this host",
+        description="Functional checks (exact routing counts, drops and dispatch bytes against "
+        "the numpy reference layer), then timing: calibrate this host (or --calibration DIR), "
+        "time the reference layer on held-out shapes and a two-process shared-memory dispatch, "
+        "and compare with moesim's predictions. Writes DIR/validation.csv (case, kind, "
+        "predicted_s, measured_s, rel_error, shape columns) and DIR/validation.png.",
+    )
+    val.add_argument("--out", type=Path, required=True, metavar="DIR")
+    val.add_argument("--quick", action="store_true", help="8 layer shapes and 2 exchanges")
+    val.add_argument(
+        "--calibration",
+        type=Path,
+        metavar="DIR",
+        help="use this calibration instead of measuring now",
+    )
+    val.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    val.set_defaults(func=cmd_validate)
 
     sweep = sub.add_parser(
         "sweep",

@@ -74,7 +74,7 @@ class ClusterConfig(Config):
 class TopologyConfig(Config):
     """Interconnect by dimension: inside a node, then between nodes."""
 
-    intra_node: Literal["nvswitch", "full_mesh", "ring", "pcie"] | None = Field(
+    intra_node: Literal["nvswitch", "full_mesh", "ring", "pcie", "bus"] | None = Field(
         None, description="default: the device's catalog intra_node_topology"
     )
     intra_node_link: LinkSpec | None = Field(

@@ -143,7 +143,7 @@ class GpuSpec(Spec):
         "launch per active expert and projection (a loop over experts, as numpy does)",
     )
     intra_node_link: str = "nvlink4"
-    intra_node_topology: Literal["nvswitch", "full_mesh", "ring", "pcie"] = "nvswitch"
+    intra_node_topology: Literal["nvswitch", "full_mesh", "ring", "pcie", "bus"] = "nvswitch"
     power_w: float | None = None
     sources: dict[str, str] = Field(default_factory=dict)
 

@@ -8,6 +8,7 @@ and its output must equal a dense per-token loop.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -246,3 +247,251 @@ def predict_case(case: Case, chosen: np.ndarray, device: dict, link: dict, workd
     )
     lp = build_plan(sc).layers[0]
     return float(sum(lp.compute_s[k][0] for k in ("router", "permute", "experts", "unpermute")))
+
+
+# -- communication cross-validation ------------------------------------------------------------
+def _exchange_peer(
+    name_out: str, name_in: str, n_out: int, n_in: int, d: int, barrier, rounds: int
+) -> None:
+    """The second rank: write its outgoing rows to shared memory, read the other rank's."""
+    from multiprocessing import shared_memory
+
+    out_shm = shared_memory.SharedMemory(name=name_out)
+    in_shm = shared_memory.SharedMemory(name=name_in)
+    out = np.ndarray((max(n_out, 1), d), dtype=np.float32, buffer=out_shm.buf)
+    inbox = np.ndarray((max(n_in, 1), d), dtype=np.float32, buffer=in_shm.buf)
+    rows = np.ones((n_out, d), dtype=np.float32)
+    got = np.empty((n_in, d), dtype=np.float32)
+    for _ in range(rounds):
+        barrier.wait()
+        out[:n_out] = rows
+        barrier.wait()
+        got[:] = inbox[:n_in]
+        barrier.wait()
+    del out, inbox
+    out_shm.close()
+    in_shm.close()
+
+
+def measure_exchange(n01: int, n10: int, d: int, rounds: int = 7) -> float:
+    """Median seconds of one dispatch between two OS processes through shared memory: each
+    writes the rows bound for the other, a barrier, each copies its inbound rows out."""
+    import multiprocessing as mp
+    from multiprocessing import shared_memory
+
+    ctx = mp.get_context("spawn")
+    a = shared_memory.SharedMemory(create=True, size=max(n01, 1) * d * 4)
+    b = shared_memory.SharedMemory(create=True, size=max(n10, 1) * d * 4)
+    try:
+        barrier = ctx.Barrier(2)
+        peer = ctx.Process(
+            target=_exchange_peer, args=(b.name, a.name, n10, n01, d, barrier, rounds + 1)
+        )
+        peer.start()
+        out = np.ndarray((max(n01, 1), d), dtype=np.float32, buffer=a.buf)
+        inbox = np.ndarray((max(n10, 1), d), dtype=np.float32, buffer=b.buf)
+        rows = np.ones((n01, d), dtype=np.float32)
+        got = np.empty((n10, d), dtype=np.float32)
+        times = []
+        for _ in range(rounds + 1):
+            barrier.wait()
+            t0 = time.perf_counter()
+            out[:n01] = rows
+            barrier.wait()
+            got[:] = inbox[:n10]
+            barrier.wait()
+            times.append(time.perf_counter() - t0)
+        peer.join()
+        del out, inbox
+    finally:
+        for shm in (a, b):
+            shm.close()
+            shm.unlink()
+    return float(np.median(times[1:]))
+
+
+def predict_exchange(n01: int, n10: int, d: int, device: dict, link: dict) -> float:
+    """The simulator's fluid network for the same two flows on the calibrated shm link."""
+    import simpy
+
+    from moesim import scenario_from_dict
+    from moesim.network import FluidNetwork, build_topology
+
+    sc = scenario_from_dict(
+        {
+            "model": {
+                "n_layers": 1,
+                "d_model": d,
+                "n_heads": 1,
+                "n_kv_heads": 1,
+                "head_dim": 8,
+                "vocab_size": 8,
+                "d_ff_expert": 8,
+                "n_experts": 2,
+                "top_k": 1,
+            },
+            "cluster": {"nodes": 1, "devices_per_node": 2, "device": device},
+            "topology": {"intra_node_link": link},
+            "parallelism": {"ep": 2},
+            "workload": {"phase": "prefill", "batch_size": 2, "seq_len": 1},
+        }
+    )
+    env = simpy.Environment()
+    net = FluidNetwork(
+        env, build_topology(sc.cluster, sc.topology), tolerance=1e-6, record_intervals=False
+    )
+    src, dst, nbytes = [], [], []
+    for s_, d_, n in ((0, 1, n01), (1, 0, n10)):
+        if n:
+            src.append(s_)
+            dst.append(d_)
+            nbytes.append(n * d * 4.0)
+    gid, done = net.group(len(src))
+    net.send(np.array(src), np.array(dst), np.array(nbytes), np.full(len(src), gid))
+    env.run(until=done)
+    return float(env.now)
+
+
+def comm_cases(quick: bool) -> list[tuple[int, int, int]]:
+    """(rows 0->1, rows 1->0, d_model) for a two-rank dispatch of a top-2 layer, 8 experts
+    split 4 + 4: each rank sends about half its token-expert pairs to the other."""
+    tokens = (1024, 8192) if quick else (512, 2048, 8192, 32768)
+    dims = (512,) if quick else (256, 1024)
+    rng = np.random.default_rng(7)
+    cases = []
+    for t in tokens:
+        for d in dims:
+            n01, n10 = rng.binomial(t, 0.5, size=2)  # each of t pairs crosses with p = 1/2
+            cases.append((int(n01), int(n10), d))
+    return cases
+
+
+# -- the whole validation run --------------------------------------------------------------------
+FUNCTIONAL_CASES = [
+    ({"ep": 8}, 1, 8, {}),
+    ({"ep": 4, "etp": 2}, 1, 8, {"capacity_factor": 1.0}),
+    ({"ep": 4, "tp": 2}, 2, 4, {"capacity_factor": 0.9, "drop_priority": "choice"}),
+    ({"ep": 8, "expert_placement": "round_robin"}, 2, 4, {"gating": "expert_choice"}),
+]
+
+
+def functional_rows() -> list[dict]:
+    """Exact functional checks on a few layouts and gating policies."""
+    from moesim import scenario_from_dict
+
+    rows = []
+    for par, nodes, per_node, routing in FUNCTIONAL_CASES:
+        sc = scenario_from_dict(
+            {
+                "model": {
+                    "n_layers": 1,
+                    "d_model": 128,
+                    "n_heads": 4,
+                    "n_kv_heads": 4,
+                    "head_dim": 32,
+                    "d_ff_expert": 256,
+                    "n_experts": 8,
+                    "top_k": 2,
+                },
+                "cluster": {"nodes": nodes, "devices_per_node": per_node, "device": "h100-sxm"},
+                "parallelism": par,
+                "workload": {"phase": "prefill", "batch_size": 4, "seq_len": 100},
+                "routing": {"distribution": "router", **routing},
+            }
+        )
+        c = functional_check(sc)
+        name = "functional-" + "-".join(f"{k}{v}" for k, v in {**par, **routing}.items())
+        rows.append(
+            {
+                "case": name,
+                "kind": "functional",
+                "exact": c.exact,
+                "output_rel_error": c.output_max_abs_error / max(c.output_scale, 1e-30),
+            }
+        )
+    return rows
+
+
+def run_validation(
+    out: Path, quick: bool = False, calibration: Path | None = None, progress: bool = True
+):
+    """Calibrate (or load a calibration), then run the functional, timing and communication
+    checks; writes ``validation.csv`` and ``validation.png`` into ``out``."""
+    import pandas as pd
+    import yaml
+    from tqdm import tqdm
+
+    from moesim.calibrate import calibrate, write_calibration
+
+    out.mkdir(parents=True, exist_ok=True)
+    if calibration is not None:
+        devices = yaml.safe_load((calibration / "devices.yaml").read_text())
+        links = yaml.safe_load((calibration / "links.yaml").read_text())
+    else:
+        devices, links = calibrate(quick=quick)
+        write_calibration(out / "calibration", devices, links)
+    dev_name, dev = next(iter(devices.items()))
+    link_name, link = next(iter(links.items()))
+    device, link_spec = {"name": dev_name, **dev}, {"name": link_name, **link}
+    rows = functional_rows()
+    cases = timing_cases(8 if quick else 36)
+    exchanges = comm_cases(quick)
+    bar = tqdm(
+        total=len(cases) + len(exchanges),
+        disable=not progress,
+        desc="validate",
+        unit="case",
+        leave=False,
+    )
+    workdir = out / "traces"
+    workdir.mkdir(exist_ok=True)
+    for c in cases:
+        measured, chosen = measure_case(c)
+        predicted = predict_case(c, chosen, device, link_spec, workdir)
+        rows.append(
+            {
+                "case": c.name,
+                "kind": "timing",
+                "predicted_s": predicted,
+                "measured_s": measured,
+                **c.__dict__,
+            }
+        )
+        bar.update()
+    for n01, n10, d in exchanges:
+        measured = measure_exchange(n01, n10, d)
+        predicted = predict_exchange(n01, n10, d, device, link_spec)
+        rows.append(
+            {
+                "case": f"dispatch-{n01}+{n10}x{d}",
+                "kind": "comm",
+                "predicted_s": predicted,
+                "measured_s": measured,
+                "rows_0to1": n01,
+                "rows_1to0": n10,
+                "d_model": d,
+            }
+        )
+        bar.update()
+    bar.close()
+    df = pd.DataFrame(rows)
+    df["rel_error"] = (df["predicted_s"] - df["measured_s"]) / df["measured_s"]
+    first = ["case", "kind", "predicted_s", "measured_s", "rel_error"]
+    df = df[first + [c for c in df.columns if c not in first]]
+    df.to_csv(out / "validation.csv", index=False)
+    from moesim.report import plot_validation
+
+    fig = plot_validation(df)
+    fig.savefig(out / "validation.png", dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return df
+
+
+def error_stats(df, kind: str) -> tuple[float, float, int]:
+    """Median and 90th-percentile absolute relative error of one kind of case."""
+    err = df.loc[df["kind"] == kind, "rel_error"].abs().dropna()
+    if err.empty:
+        return float("nan"), float("nan"), 0
+    return float(err.median()), float(err.quantile(0.9)), len(err)

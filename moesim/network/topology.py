@@ -10,6 +10,7 @@ that millions of device pairs route in milliseconds; the test suite checks these
 ``networkx`` shortest paths on the same graph.
 
 Intra-node kinds: ``nvswitch`` / ``pcie`` (one switch, full bandwidth per device port),
+``bus`` (every transfer also crosses one shared link: host shared memory, a PCIe root),
 ``full_mesh`` (a direct link per device pair, e.g. MI300X Infinity Fabric), ``ring``
 (bidirectional, shortest direction). Inter-node kinds: ``rail_optimized`` (NIC r of every node
 on rail switch r; traffic to a device on rail r first crosses the intra-node fabric to the
@@ -86,6 +87,8 @@ class Topology:
         same = (j == k)[:, None]
         if self.intra_kind in ("nvswitch", "pcie"):
             hops = np.stack([t["up"][a * n + j], t["down"][a * n + k]], axis=1)
+        elif self.intra_kind == "bus":
+            hops = np.stack([t["up"][a * n + j], t["bus"][a], t["down"][a * n + k]], axis=1)
         elif self.intra_kind == "full_mesh":
             hops = t["mesh"][a, j, k][:, None]
         else:  # ring, shortest direction
@@ -176,6 +179,18 @@ def build_topology(cluster: ClusterConfig, topo: TopologyConfig) -> Topology:
                 up[a * n + j] = b.link(dev[a][j], sw, "intra", bw, lat / 2)
                 down[a * n + j] = b.link(sw, dev[a][j], "intra", bw, lat / 2)
         t["up"], t["down"] = up, down
+    elif intra_kind == "bus":
+        up, down = np.empty(nodes * n, np.int64), np.empty(nodes * n, np.int64)
+        bus = np.empty(nodes, np.int64)
+        for a in range(nodes):
+            src, dst = f"n{a}.bus", f"n{a}.bus_out"
+            b.graph.add_node(src, kind="switch")
+            b.graph.add_node(dst, kind="switch")
+            bus[a] = b.link(src, dst, "intra", bw, 0.0)
+            for j in range(n):
+                up[a * n + j] = b.link(dev[a][j], src, "intra", bw, lat / 2)
+                down[a * n + j] = b.link(dst, dev[a][j], "intra", bw, lat / 2)
+        t["up"], t["down"], t["bus"] = up, down, bus
     elif intra_kind == "full_mesh":
         mesh = np.full((nodes, n, n), -1, np.int64)
         for a in range(nodes):

@@ -1,5 +1,10 @@
 """Tables and matplotlib figures built from result DataFrames (each plot returns a Figure)."""
 
-from moesim.report.plots import plot_device_load, plot_expert_heatmap, plot_metric_vs_axes
+from moesim.report.plots import (
+    plot_device_load,
+    plot_expert_heatmap,
+    plot_metric_vs_axes,
+    plot_validation,
+)
 
-__all__ = ["plot_device_load", "plot_expert_heatmap", "plot_metric_vs_axes"]
+__all__ = ["plot_device_load", "plot_expert_heatmap", "plot_metric_vs_axes", "plot_validation"]

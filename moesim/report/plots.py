@@ -68,3 +68,36 @@ def plot_device_load(device_load: pd.DataFrame) -> Figure:
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def plot_validation(df: pd.DataFrame) -> Figure:
+    """Predicted vs measured seconds (log-log), the y = x line and +-15% / +-30% bands."""
+    fig, ax = plt.subplots(figsize=(5.2, 5.0))
+    timed = df.dropna(subset=["predicted_s", "measured_s"])
+    for kind, grp in timed.groupby("kind"):
+        ax.scatter(grp["measured_s"], grp["predicted_s"], label=f"{kind} ({len(grp)})", s=18)
+    if len(timed):
+        lo = min(timed["measured_s"].min(), timed["predicted_s"].min()) / 1.5
+        hi = max(timed["measured_s"].max(), timed["predicted_s"].max()) * 1.5
+        xs = [lo, hi]
+        ax.plot(xs, xs, color="black", lw=1)
+        for band, style in ((0.15, "--"), (0.30, ":")):
+            ax.plot(xs, [x * (1 + band) for x in xs], color="gray", ls=style, lw=0.8)
+            ax.plot(
+                xs,
+                [x * (1 - band) for x in xs],
+                color="gray",
+                ls=style,
+                lw=0.8,
+                label=f"+-{band:.0%}",
+            )
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured (s)")
+    ax.set_ylabel("predicted by moesim (s)")
+    ax.set_title("moesim vs the numpy reference on this host")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
