@@ -32,7 +32,8 @@ def _print_summary(summary: dict) -> None:
     for phase, sec in s["breakdown_s"].items():
         if sec > 0:
             share = sec / step if step else 0
-            print(f"  {phase:<15} {_fmt_s(sec):>12}  {share:6.1%}  {'#' * round(share * 40)}")
+            bar = "#" * round(share * 40)
+            print(f"  {phase:<15} {_fmt_s(sec):>12}  {share:6.1%}  {bar}".rstrip())
     bd, bl, r = s["busiest_device"], s["busiest_link"], s["routing"]
     print(
         f"busiest device    {bd['device']}: compute {_fmt_s(bd['compute_busy_s'])}, "
