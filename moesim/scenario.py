@@ -375,11 +375,10 @@ def scenario_from_dict(
         raise
 
 
-def load_scenario(path: str | Path, overrides: dict[str, Any] | None = None) -> Scenario:
-    """Read and validate a scenario YAML file; raises :class:`ScenarioError`."""
-    path = Path(path)
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file; a missing file or bad YAML is a one-line :class:`ScenarioError`."""
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ScenarioError("", "file not found", str(path)) from None
     except yaml.YAMLError as err:
@@ -387,6 +386,12 @@ def load_scenario(path: str | Path, overrides: dict[str, Any] | None = None) -> 
         where = f"line {mark.line + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ScenarioError(where, f"invalid YAML: {problem}", str(path)) from None
+
+
+def load_scenario(path: str | Path, overrides: dict[str, Any] | None = None) -> Scenario:
+    """Read and validate a scenario YAML file; raises :class:`ScenarioError`."""
+    path = Path(path)
+    data = read_yaml(path)
     trace = (data or {}).get("routing", {}).get("trace") if isinstance(data, dict) else None
     if isinstance(trace, str) and not Path(trace).is_absolute():
         data["routing"]["trace"] = str((path.parent / trace).resolve())

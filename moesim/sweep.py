@@ -28,10 +28,14 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from moesim.scenario import ScenarioError, _format_validation_error, scenario_from_dict
+from moesim.scenario import (
+    ScenarioError,
+    _format_validation_error,
+    read_yaml,
+    scenario_from_dict,
+)
 
 JOURNAL = "points.jsonl"
 WALL_COLUMNS = ("sim.wall_s",)
@@ -100,12 +104,7 @@ class Point:
 def load_sweep(path: str | Path) -> tuple[SweepSpec, dict[str, Any]]:
     """Read a sweep file and its base scenario mapping; raises :class:`ScenarioError`."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ScenarioError("", "file not found", str(path)) from None
-    except yaml.YAMLError as err:
-        raise ScenarioError("", f"invalid YAML: {err}".splitlines()[0], str(path)) from None
+    data = read_yaml(path)
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as err:
@@ -115,7 +114,7 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, dict[str, Any]]:
         base_path = (path.parent / spec.base).resolve()
         if not base_path.exists():
             raise ScenarioError("base", f"scenario file {spec.base} not found", str(path))
-        base = yaml.safe_load(base_path.read_text())
+        base = read_yaml(base_path)
     else:
         base = spec.base
     if spec.mode in ("random", "lhs") and spec.samples is None:

@@ -375,30 +375,35 @@ FUNCTIONAL_CASES = [
 ]
 
 
-def functional_rows() -> list[dict]:
-    """Exact functional checks on a few layouts and gating policies."""
+def functional_scenario(par: dict, nodes: int, per_node: int, routing: dict) -> Scenario:
+    """A small one-layer MoE (128 wide, 8 experts, top-2, 400 tokens) for functional checks."""
     from moesim import scenario_from_dict
 
+    return scenario_from_dict(
+        {
+            "model": {
+                "n_layers": 1,
+                "d_model": 128,
+                "n_heads": 4,
+                "n_kv_heads": 4,
+                "head_dim": 32,
+                "d_ff_expert": 256,
+                "n_experts": 8,
+                "top_k": 2,
+            },
+            "cluster": {"nodes": nodes, "devices_per_node": per_node, "device": "h100-sxm"},
+            "parallelism": par,
+            "workload": {"phase": "prefill", "batch_size": 4, "seq_len": 100},
+            "routing": {"distribution": "router", **routing},
+        }
+    )
+
+
+def functional_rows() -> list[dict]:
+    """Exact functional checks on a few layouts and gating policies."""
     rows = []
     for par, nodes, per_node, routing in FUNCTIONAL_CASES:
-        sc = scenario_from_dict(
-            {
-                "model": {
-                    "n_layers": 1,
-                    "d_model": 128,
-                    "n_heads": 4,
-                    "n_kv_heads": 4,
-                    "head_dim": 32,
-                    "d_ff_expert": 256,
-                    "n_experts": 8,
-                    "top_k": 2,
-                },
-                "cluster": {"nodes": nodes, "devices_per_node": per_node, "device": "h100-sxm"},
-                "parallelism": par,
-                "workload": {"phase": "prefill", "batch_size": 4, "seq_len": 100},
-                "routing": {"distribution": "router", **routing},
-            }
-        )
+        sc = functional_scenario(par, nodes, per_node, routing)
         c = functional_check(sc)
         name = "functional-" + "-".join(f"{k}{v}" for k, v in {**par, **routing}.items())
         rows.append(

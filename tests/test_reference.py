@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moesim import scenario_from_dict
 from moesim.reference import make_layer
-from moesim.validate import functional_check
+from moesim.validate import functional_check, functional_scenario
 
 
 def _layer_and_input(cf=None, shared=16):
@@ -78,24 +77,7 @@ LAYOUTS = [
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: str(lay[0]))
 def test_simulator_counts_drops_and_dispatch_bytes_equal_the_reference(routing, layout):
     par, nodes, per_node = layout
-    sc = scenario_from_dict(
-        {
-            "model": {
-                "n_layers": 1,
-                "d_model": 128,
-                "n_heads": 4,
-                "n_kv_heads": 4,
-                "head_dim": 32,
-                "d_ff_expert": 256,
-                "n_experts": 8,
-                "top_k": 2,
-            },
-            "cluster": {"nodes": nodes, "devices_per_node": per_node, "device": "h100-sxm"},
-            "parallelism": par,
-            "workload": {"phase": "prefill", "batch_size": 4, "seq_len": 100},
-            "routing": {"distribution": "router", **routing},
-        }
-    )
+    sc = functional_scenario(par, nodes, per_node, routing)
     check = functional_check(sc)
     np.testing.assert_array_equal(check.expert_tokens_ref, check.expert_tokens_sim)
     assert check.dropped_ref == check.dropped_sim
