@@ -292,6 +292,58 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0 if exact == len(functional) else 1
 
 
+def cmd_model(args: argparse.Namespace) -> int:
+    from moesim import catalog
+    from moesim.model import (
+        Bytes,
+        forward_flops_per_token,
+        kv_cache_bytes_per_token,
+        linear_state_bytes_per_seq,
+        param_counts,
+    )
+    from moesim.specs import DTYPE_BYTES, ModelSpec
+
+    target = args.model
+    if target.endswith(".json") or Path(target).exists():
+        from moesim.hf import load_hf_config
+
+        spec = ModelSpec.model_validate(load_hf_config(target))
+    else:
+        spec = catalog.model(target)
+    p = param_counts(spec)
+    kv = sum(kv_cache_bytes_per_token(spec, i, 1, Bytes()) for i in range(spec.n_layers))
+    state = sum(linear_state_bytes_per_seq(spec, i, 1) for i in range(spec.n_layers))
+    print(
+        f"model             {spec.name}: {spec.n_layers} layers ({spec.n_dense_layers} dense), "
+        f"d_model {spec.d_model}, {spec.n_experts} experts top-{spec.top_k}"
+        f"{f' + {spec.n_shared_experts} shared' if spec.n_shared_experts else ''}"
+    )
+    published = ""
+    if spec.total_params:
+        published = (
+            f" (published {spec.total_params / 1e9:.1f}B / {(spec.active_params or 0) / 1e9:.1f}B)"
+        )
+    print(
+        f"parameters        {p['total'] / 1e9:.2f}B total, {p['active'] / 1e9:.2f}B active per "
+        f"token{published}"
+    )
+    print(
+        f"forward FLOPs     {forward_flops_per_token(spec, args.context) / 1e9:.2f} GFLOP per "
+        f"token at {args.context:,} tokens of context"
+    )
+    print(
+        "weights           "
+        + ", ".join(
+            f"{p['total'] * DTYPE_BYTES[d] / 1e9:,.1f} GB {d}" for d in ("bf16", "fp8", "int4")
+        )
+    )
+    line = f"KV cache          {kv / 1e3:,.1f} kB per token (bf16)"
+    if state:
+        line += f", plus {state / 1e6:,.1f} MB of linear-attention state per sequence"
+    print(line)
+    return 0
+
+
 def cmd_catalog(args: argparse.Namespace) -> int:
     from moesim import catalog
     from moesim.model import param_counts
@@ -456,6 +508,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     val.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     val.set_defaults(func=cmd_validate)
+
+    mdl = sub.add_parser(
+        "model",
+        help="parameters, FLOPs per token, weight and KV-cache bytes of a model",
+        description="Describe a catalog model or a local Hugging Face config.json: total and "
+        "active parameters, forward FLOPs per token, weight bytes per dtype, KV-cache bytes "
+        "per token. Supported config.json architectures: mixtral, qwen2_moe, qwen3_moe, "
+        "deepseek_v2, deepseek_v3, olmoe, dbrx, and dense llama / mistral / qwen2.",
+    )
+    mdl.add_argument("model", help="catalog name (moesim catalog models) or config.json path")
+    mdl.add_argument(
+        "--context",
+        type=int,
+        default=4096,
+        help="context length for attention FLOPs (default 4096)",
+    )
+    mdl.set_defaults(func=cmd_model)
 
     sweep = sub.add_parser(
         "sweep",

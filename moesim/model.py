@@ -78,8 +78,11 @@ def attention_weight_params(m: ModelSpec, kind: str) -> float:
         a = m.mla
         assert a is not None
         return (
-            d * a.q_lora_rank
-            + a.q_lora_rank * h * (a.qk_nope_head_dim + a.qk_rope_head_dim)
+            (
+                d * a.q_lora_rank + a.q_lora_rank * h * (a.qk_nope_head_dim + a.qk_rope_head_dim)
+                if a.q_lora_rank
+                else d * h * (a.qk_nope_head_dim + a.qk_rope_head_dim)
+            )
             + d * (a.kv_lora_rank + a.qk_rope_head_dim)
             + a.kv_lora_rank * h * (a.qk_nope_head_dim + a.v_head_dim)
             + h * a.v_head_dim * d
@@ -119,8 +122,11 @@ def attention_ops(
         a = m.mla
         assert a is not None
         qk, lat = a.qk_nope_head_dim + a.qk_rope_head_dim, a.kv_lora_rank + a.qk_rope_head_dim
-        ops.append(_gemm("q_down", tokens, d, a.q_lora_rank, wb, ab))
-        ops.append(_gemm("q_up", tokens, a.q_lora_rank, h_loc * qk, wb, ab))
+        if a.q_lora_rank:
+            ops.append(_gemm("q_down", tokens, d, a.q_lora_rank, wb, ab))
+            ops.append(_gemm("q_up", tokens, a.q_lora_rank, h_loc * qk, wb, ab))
+        else:
+            ops.append(_gemm("q_proj", tokens, d, h_loc * qk, wb, ab))
         ops.append(_gemm("kv_down", tokens, d, lat, wb, ab))
         ops.append(
             _gemm(
@@ -307,3 +313,24 @@ def param_counts(m: ModelSpec) -> dict[str, float]:
         "shared_experts": float(shared),
         "dense_ffn": float(dense),
     }
+
+
+def forward_flops_per_token(m: ModelSpec, context: int) -> float:
+    """Forward FLOPs of one token at ``context`` cached tokens: ``2 x`` the active matmul
+    parameters (embedding lookup excluded, LM head included) plus the attention core per
+    layer (softmax ``4 C h hd``; MLA ``2 C h (qk + v)``; linear ``4 h hd^2``)."""
+    p = param_counts(m)
+    emb_in = m.vocab_size * m.d_model if not m.tied_embeddings else 0
+    matmul = 2.0 * (p["active"] - emb_in - m.n_layers * 2 * m.d_model)
+    core = 0.0
+    for i in range(m.n_layers):
+        kind = m.attention_kind(i)
+        if kind == "linear":
+            core += 4.0 * m.n_heads * m.head_dim**2
+        elif kind == "mla":
+            a = m.mla
+            qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+            core += 2.0 * context * m.n_heads * (qk + a.v_head_dim)
+        else:
+            core += 4.0 * context * m.n_heads * m.head_dim
+    return matmul + core

@@ -40,11 +40,17 @@ class ScenarioError(Exception):
 
 
 def _resolver(kind: str):
-    """A before-validator turning a catalog name or ``{preset: ...}`` into spec data."""
+    """A before-validator turning a catalog name, ``{preset: ...}`` or (models)
+    ``{hf_config: path}`` into spec data."""
 
     def resolve(value: Any) -> Any:
         if isinstance(value, str):
             return catalog.lookup(kind, value)
+        if kind == "models" and isinstance(value, dict) and "hf_config" in value:
+            from moesim.hf import load_hf_config
+
+            overrides = {k: v for k, v in value.items() if k != "hf_config"}
+            return {**load_hf_config(value["hf_config"]), **overrides}
         if isinstance(value, dict) and "preset" in value:
             overrides = {k: v for k, v in value.items() if k != "preset"}
             return catalog.lookup(kind, value["preset"], **overrides)
@@ -375,6 +381,14 @@ def scenario_from_dict(
         raise
 
 
+def _resolve_relative(data: Any, section: str, key: str, base: Path) -> None:
+    """Make a file path at ``data[section][key]`` absolute, relative to the scenario file."""
+    block = data.get(section) if isinstance(data, dict) else None
+    value = block.get(key) if isinstance(block, dict) else None
+    if isinstance(value, str) and not Path(value).is_absolute():
+        block[key] = str((base / value).resolve())
+
+
 def read_yaml(path: Path) -> Any:
     """Parse a YAML file; a missing file or bad YAML is a one-line :class:`ScenarioError`."""
     try:
@@ -392,7 +406,6 @@ def load_scenario(path: str | Path, overrides: dict[str, Any] | None = None) -> 
     """Read and validate a scenario YAML file; raises :class:`ScenarioError`."""
     path = Path(path)
     data = read_yaml(path)
-    trace = (data or {}).get("routing", {}).get("trace") if isinstance(data, dict) else None
-    if isinstance(trace, str) and not Path(trace).is_absolute():
-        data["routing"]["trace"] = str((path.parent / trace).resolve())
+    for section, key in (("model", "hf_config"), ("routing", "trace")):
+        _resolve_relative(data, section, key, path.parent)
     return scenario_from_dict(data, overrides, str(path))

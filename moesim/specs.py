@@ -35,7 +35,7 @@ class Spec(BaseModel):
 class MLASpec(Spec):
     """Multi-head latent attention dimensions (DeepSeek-V2/V3)."""
 
-    q_lora_rank: PositiveInt
+    q_lora_rank: PositiveInt | None = Field(None, description="None: queries not compressed")
     kv_lora_rank: PositiveInt
     qk_nope_head_dim: PositiveInt
     qk_rope_head_dim: PositiveInt
