@@ -169,7 +169,8 @@ def measure_shm_link(nbytes: int = 64_000_000, rounds: int = 5) -> tuple[float, 
 
 
 def calibrate(quick: bool = False) -> tuple[dict, dict]:
-    """Measure the host; returns (devices.yaml mapping, links.yaml mapping)."""
+    """Measure the host; returns (devices.yaml mapping, links.yaml mapping). The device's
+    ``measured_gemms`` (not a spec field) holds the GEMM timings for ``kernels.csv``."""
     when = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     host = (
         f"{platform.node()} ({platform.processor() or platform.machine()}, "
@@ -227,11 +228,29 @@ def calibrate(quick: bool = False) -> tuple[dict, dict]:
             "latency_s": f"{src}: a two-barrier hand-off between processes (no data)",
         },
     }
+    device["measured_gemms"] = [
+        {"op": "gemm", "m": m, "k": k, "n": n, "dtype": "fp32", "seconds": t}
+        for m, k, n, t in gemms
+    ]
     return {"host-cpu": device}, {"host-shm": link}
 
 
 def write_calibration(out: Path, devices: dict, links: dict) -> None:
+    """Write ``devices.yaml``, ``links.yaml`` and the measured GEMMs as ``kernels.csv`` (the
+    kernel-table format); the device points at the table by absolute path."""
+    import pandas as pd
+
+    from moesim.hardware.kernels import COLUMNS
+
     out.mkdir(parents=True, exist_ok=True)
+    devices = {name: dict(entry) for name, entry in devices.items()}
+    for entry in devices.values():
+        rows = entry.pop("measured_gemms", None)
+        if rows:
+            table = out / "kernels.csv"
+            pd.DataFrame(rows, columns=COLUMNS).to_csv(table, index=False)
+            entry["kernel_table"] = str(table.resolve())
+            entry["sources"]["kernel_table"] = "GEMMs timed by moesim calibrate (cold weights)"
     header = "# written by `moesim calibrate`; catalog format (see moesim/catalog/)\n"
     (out / "devices.yaml").write_text(header + yaml.safe_dump(devices, sort_keys=False))
     (out / "links.yaml").write_text(header + yaml.safe_dump(links, sort_keys=False))

@@ -176,6 +176,6 @@ def load_hf_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise ScenarioError("model.hf_config", f"{path}: not a JSON object")
     try:
-        return model_fields(cfg, path.parent.name or path.stem)
+        return model_fields(cfg, str(cfg.get("_name_or_path") or path.stem))
     except ScenarioError as err:
         raise ScenarioError(f"model.hf_config.{err.path}", f"{path}: {err.reason}") from None

@@ -30,6 +30,8 @@ class OpCost:
     unfused_memory_bytes: ArrayLike | None = None  # traffic when each elementwise step is a pass
     unfused_kernels: int | None = None
     scores: ArrayLike | None = None  # router scores handled (for gating_s_per_score)
+    gemm: tuple[float, float] | None = None  # (k, n) of each GEMM, for measured kernel tables
+    gemm_count: int = 1  # how many (m x k) @ (k x n) GEMMs the op is
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,9 @@ def _gemm(
     tokens = np.asarray(tokens, dtype=float)
     flops = 2.0 * tokens * k * n
     memory = np.where(tokens > 0, k * n * w_bytes, 0.0) + tokens * (k + n) * a_bytes
-    return OpCost(name, flops, memory, kernels, rows=tokens, inner=float(k))
+    return OpCost(
+        name, flops, memory, kernels, rows=tokens, inner=float(k), gemm=(float(k), float(n))
+    )
 
 
 def attention_weight_params(m: ModelSpec, kind: str) -> float:
@@ -235,6 +239,8 @@ def swiglu_ops(
             rows=n,
             inner=float(d_model),
             unfused_kernels=2,  # gate and up as two GEMMs (one concatenated GEMM when fused)
+            gemm=(float(d_model), float(d_ff)),
+            gemm_count=2,
         ),
         OpCost(
             f"{name}_act",
@@ -250,6 +256,7 @@ def swiglu_ops(
             np.where(has, d_model * d_ff * w_bytes, 0.0) + n * (d_ff + d_model) * ab,
             rows=n,
             inner=float(d_ff),
+            gemm=(float(d_ff), float(d_model)),
         ),
     ]
 

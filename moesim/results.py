@@ -168,6 +168,7 @@ def collect(engine: Engine) -> Result:
             "max_used_bytes": float(dev["memory_used_bytes"].max()),
             "capacity_bytes": float(sc.cluster.device.memory_bytes),
         },
+        "measured_kernel_fraction": plan.measured_fraction(),
         "all_to_all_bytes": float(
             sum(lp.dispatch.total_bytes * 2 if lp.moe else 0.0 for lp in plan.layers)
         ),

@@ -137,6 +137,11 @@ class GpuSpec(Spec):
         description="measured seconds per (token, expert) score for softmax, top-k "
         "and capacity (numpy's selection is compute-bound); 0 = roofline only",
     )
+    kernel_table: str | None = Field(
+        None,
+        description="CSV of measured kernels (op, m, k, n, dtype, seconds); GEMMs it "
+        "covers use it, interpolated in log space over m, the rest fall back to the roofline",
+    )
     grouped_experts: bool = Field(
         True,
         description="experts run as one grouped launch (GPU grouped GEMM); false: one "

@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moesim.hardware import op_time_s
-from moesim.hardware.roofline import op_kernels
+from moesim.hardware.roofline import op_kernels, op_time_split
 from moesim.model import (
     Bytes,
     OpCost,
@@ -76,6 +75,7 @@ class LayerPlan:
     tp_comm: Traffic | None = None
     tp_comm_after: Traffic | None = None
     dispatch: Traffic | None = None
+    measured_s: dict[str, np.ndarray] = field(default_factory=dict)
     expert_load: np.ndarray | None = None
     device_tokens: np.ndarray | None = None
     routed_pairs: int = 0
@@ -99,6 +99,18 @@ class WorkloadPlan:
     layers: list[LayerPlan]
     lm_head_s: np.ndarray
     memory_bytes: dict[str, np.ndarray] = field(default_factory=dict)
+    lm_head_measured_s: np.ndarray | None = None
+
+    def measured_fraction(self) -> float:
+        """Share of all devices' compute seconds that came from measured kernel tables."""
+        total = float(self.lm_head_s.sum())
+        measured = (
+            float(np.sum(self.lm_head_measured_s)) if self.lm_head_measured_s is not None else 0.0
+        )
+        for lp in self.layers:
+            total += sum(float(v.sum()) for v in lp.compute_s.values())
+            measured += sum(float(np.sum(v)) for v in lp.measured_s.values())
+        return measured / total if total > 0 else 0.0
 
     @property
     def memory_used_bytes(self) -> np.ndarray:
@@ -121,10 +133,13 @@ def _split(total: np.ndarray | int, parts: int) -> np.ndarray:
     return base + (np.arange(parts) < rem)
 
 
-def _time(device, ops: list[OpCost], dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    t = sum(op_time_s(device, op, dtype) for op in ops)
+def _time(device, ops: list[OpCost], dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-device seconds, FLOPs and measured-kernel seconds of a phase's ops."""
+    parts = [op_time_split(device, op, dtype) for op in ops]
+    t = np.asarray(sum(p[0] for p in parts), dtype=float)
+    measured = np.asarray(sum(p[1] for p in parts), dtype=float)
     f = sum(np.asarray(op.flops, dtype=float) for op in ops)
-    return np.asarray(t, dtype=float), np.asarray(f, dtype=float)
+    return t, np.asarray(f, dtype=float), measured
 
 
 def _ring(groups: np.ndarray, nbytes: np.ndarray, steps: float) -> Traffic:
@@ -178,17 +193,18 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
             cache[kind] = _time(
                 dev, attention_ops(m, kind, seqs_dev, new_per_seq, context, tp, b), cdt
             )
-        att_s, att_f = cache[kind]
+        att_s, att_f, att_m = cache[kind]
         compute_s = {"attention": att_s}
         flops = {"attention": att_f}
+        measured = {"attention": att_m}
         tp_comm = None
         if tp > 1:
             rows = g.reshape(dp, tp)
             full = tokens_dp[replica] * act_bytes_per_token
             tp_comm = _ring(rows, 2.0 * (tp - 1) / tp * full, 2 * (tp - 1))
-        lp = LayerPlan(i, kind, m.is_moe(i), compute_s, flops, tp_comm)
+        lp = LayerPlan(i, kind, m.is_moe(i), compute_s, flops, tp_comm, measured_s=measured)
         if not m.is_moe(i):
-            compute_s["dense_ffn"], flops["dense_ffn"] = _time(
+            compute_s["dense_ffn"], flops["dense_ffn"], measured["dense_ffn"] = _time(
                 dev,
                 ffn_ops("dense_ffn", tokens_dp[replica], m.d_model, m.d_ff_dense / tp, b),
                 cdt,
@@ -223,25 +239,29 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
         )
         moe_index += 1
         kept = routing.kept
-        compute_s["router"], flops["router"] = _time(dev, router_ops(m, tokens_dev, b), cdt)
+        compute_s["router"], flops["router"], measured["router"] = _time(
+            dev, router_ops(m, tokens_dev, b), cdt
+        )
         pairs_out = kept.sum(axis=1) * etp
-        compute_s["permute"], flops["permute"] = _time(
+        compute_s["permute"], flops["permute"], measured["permute"] = _time(
             dev, [permute_ops(pairs_out, m.d_model, b)], cdt
         )
-        compute_s["unpermute"], flops["unpermute"] = _time(
+        compute_s["unpermute"], flops["unpermute"], measured["unpermute"] = _time(
             dev, [unpermute_ops(pairs_out, tokens_dev, m.d_model, b)], cdt
         )
         if m.n_shared_experts:
-            compute_s["shared_experts"], flops["shared_experts"] = _time(
-                dev,
-                ffn_ops(
-                    "shared",
-                    tokens_dp[replica],
-                    m.d_model,
-                    m.n_shared_experts * m.d_ff_shared / tp,
-                    b,
-                ),
-                cdt,
+            compute_s["shared_experts"], flops["shared_experts"], measured["shared_experts"] = (
+                _time(
+                    dev,
+                    ffn_ops(
+                        "shared",
+                        tokens_dp[replica],
+                        m.d_model,
+                        m.n_shared_experts * m.d_ff_shared / tp,
+                        b,
+                    ),
+                    cdt,
+                )
             )
         # which expert-data-parallel groups serve each source: its own, or all (global routing)
         to_groups = np.full((n_dev, edp), 1.0 / edp) if r.global_routing else np.eye(edp)[group]
@@ -251,7 +271,9 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
         per_rank = split_integer(arriving, share[None, :, :])  # [group, expert, rank]
         load = per_rank[group, :, ep_rank]  # [device, expert]
         ops = expert_ops(load, m.d_model, d_ff_local, b)
-        per_expert = sum(op_time_s(dev, op, cdt, launches=False) for op in ops)
+        split = [op_time_split(dev, op, cdt, launches=False) for op in ops]
+        per_expert = sum(t for t, _ in split)
+        measured["experts"] = sum(mt for _, mt in split).sum(axis=1)
         # one grouped launch per kernel, or (numpy-style loop) one per active expert
         launches = (load.sum(axis=1) > 0) if dev.grouped_experts else (load > 0).sum(axis=1)
         kernels = sum(op_kernels(dev, op) for op in ops)
@@ -284,8 +306,8 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
         layers.append(lp)
 
     last_tokens = seqs_dev if wl.phase == "prefill" else tokens_dp[replica]
-    lm_s, _ = _time(dev, [lm_head_ops(m, last_tokens, tp, b)], cdt)
-    plan = WorkloadPlan(sc, n_dev, wl.tokens, layers, lm_s)
+    lm_s, _, lm_measured = _time(dev, [lm_head_ops(m, last_tokens, tp, b)], cdt)
+    plan = WorkloadPlan(sc, n_dev, wl.tokens, layers, lm_s, lm_head_measured_s=lm_measured)
     plan.memory_bytes = _memory(sc, b, seqs_dev, tokens_dp[replica], tokens_dev, layers)
     _check_fits(sc, plan)
     return plan

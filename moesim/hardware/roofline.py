@@ -46,9 +46,14 @@ def op_kernels(device: GpuSpec, op: OpCost) -> int:
     return op.kernels
 
 
-def op_time_s(device: GpuSpec, op: OpCost, compute_dtype: str, launches: bool = True) -> np.ndarray:
-    """Seconds of one :class:`OpCost` on ``device``: the roofline with the op's fused or
-    unfused traffic, and at least the measured per-score cost for gating."""
+def op_time_split(
+    device: GpuSpec, op: OpCost, compute_dtype: str, launches: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """(seconds, of which measured) of one :class:`OpCost` on ``device``.
+
+    The roofline with the op's fused or unfused traffic, at least the measured per-score cost
+    for gating, and, for GEMMs a device's kernel table covers, the measured time instead
+    (which includes its own call overhead)."""
     memory = op.memory_bytes
     if not device.fused_elementwise and op.unfused_memory_bytes is not None:
         memory = op.unfused_memory_bytes
@@ -57,4 +62,18 @@ def op_time_s(device: GpuSpec, op: OpCost, compute_dtype: str, launches: bool = 
     if op.scores is not None and device.gating_s_per_score > 0:
         floor = np.asarray(op.scores, dtype=float) * device.gating_s_per_score
         t = np.maximum(t, floor + kernels * device.kernel_launch_s)
-    return t
+    measured = np.zeros_like(t)
+    if device.kernel_table and op.gemm is not None and op.rows is not None:
+        from moesim.hardware.kernels import measured_gemm_s
+
+        seconds, covered = measured_gemm_s(device.kernel_table, op.rows, *op.gemm, compute_dtype)
+        if covered.any():
+            seconds = np.where(covered, seconds * op.gemm_count, 0.0)
+            t = np.where(covered, seconds, t)
+            measured = seconds
+    return t, measured
+
+
+def op_time_s(device: GpuSpec, op: OpCost, compute_dtype: str, launches: bool = True) -> np.ndarray:
+    """Seconds of one :class:`OpCost` on ``device`` (see :func:`op_time_split`)."""
+    return op_time_split(device, op, compute_dtype, launches)[0]
