@@ -170,11 +170,6 @@ def test_calibration_writes_a_kernel_table_the_cost_model_uses(tmp_path):
     table = pd.read_csv(entry["kernel_table"])
     assert list(table.columns) == ["op", "m", "k", "n", "dtype", "seconds"]
     row = table.iloc[0]
-    dev = (
-        catalog.GpuSpec.model_validate({"name": name, **entry})
-        if hasattr(catalog, "GpuSpec")
-        else None
-    )
     from moesim.specs import GpuSpec
 
     dev = GpuSpec.model_validate({"name": name, **entry})
