@@ -381,11 +381,15 @@ def scenario_from_dict(
         raise
 
 
-def _resolve_relative(data: Any, section: str, key: str, base: Path) -> None:
-    """Make a file path at ``data[section][key]`` absolute, relative to the scenario file."""
-    block = data.get(section) if isinstance(data, dict) else None
+def _resolve_relative(data: Any, dotted: str, base: Path) -> None:
+    """Make a file path at ``data[a][b]...`` absolute, relative to the scenario file, when
+    that file exists (a bare name may instead name shipped data, e.g. a kernel table)."""
+    *parents, key = dotted.split(".")
+    block = data
+    for part in parents:
+        block = block.get(part) if isinstance(block, dict) else None
     value = block.get(key) if isinstance(block, dict) else None
-    if isinstance(value, str) and not Path(value).is_absolute():
+    if isinstance(value, str) and not Path(value).is_absolute() and (base / value).exists():
         block[key] = str((base / value).resolve())
 
 
@@ -406,6 +410,6 @@ def load_scenario(path: str | Path, overrides: dict[str, Any] | None = None) -> 
     """Read and validate a scenario YAML file; raises :class:`ScenarioError`."""
     path = Path(path)
     data = read_yaml(path)
-    for section, key in (("model", "hf_config"), ("routing", "trace")):
-        _resolve_relative(data, section, key, path.parent)
+    for dotted in ("model.hf_config", "routing.trace", "cluster.device.kernel_table"):
+        _resolve_relative(data, dotted, path.parent)
     return scenario_from_dict(data, overrides, str(path))

@@ -23,10 +23,21 @@ import pandas as pd
 COLUMNS = ["op", "m", "k", "n", "dtype", "seconds"]
 
 
+def resolve_table(path: str) -> Path:
+    """A table path as given, or a bare file name from ``moesim/catalog/kernels/``."""
+    given = Path(path)
+    if given.exists() or given.is_absolute():
+        return given
+    from importlib import resources
+
+    shipped = Path(str(resources.files("moesim.catalog").joinpath("kernels", path)))
+    return shipped if shipped.exists() else given
+
+
 @cache
 def load_table(path: str) -> dict[tuple[str, int, int, str], tuple[np.ndarray, np.ndarray]]:
     """``(op, k, n, dtype) -> (log m, log seconds)`` sorted by m, from a CSV file."""
-    df = pd.read_csv(Path(path))
+    df = pd.read_csv(resolve_table(path))
     missing = set(COLUMNS) - set(df.columns)
     if missing:
         raise ValueError(f"kernel table {path} lacks columns {sorted(missing)}")
