@@ -206,3 +206,11 @@ def test_shipped_h100_table_is_found_by_name_and_used():
         )
     )
     assert with_table.summary["breakdown_s"]["experts"] > roofline.summary["breakdown_s"]["experts"]
+
+
+def test_invalid_json_config_exits_2(tmp_path, capsys):
+    path = _scenario_file(tmp_path, {})
+    (tmp_path / "config.json").write_text('{"model_type": "mixtral",')
+    assert main(["run", path, "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.hf_config: " in err and "invalid JSON" in err
