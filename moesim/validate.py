@@ -16,7 +16,7 @@ import numpy as np
 
 from moesim.placement import base_placement
 from moesim.reference import make_layer
-from moesim.routing import layer_probabilities, router_weights, synthetic_router_inputs
+from moesim.routing import router_weights, synthetic_router_inputs
 from moesim.scenario import Scenario, ScenarioError
 from moesim.workload import WorkloadPlan, build_plan, layer_generators
 
@@ -65,12 +65,10 @@ def functional_check(sc: Scenario, plan: WorkloadPlan | None = None) -> Function
     n_dev, ep, etp, edp = plan.n_devices, par.ep, par.etp, n_dev_groups(sc)
     # the simulator's own layout and random streams for this layer
     seeds = np.random.SeedSequence(sc.sim.seed).spawn(m.n_layers)
-    place_rng, route_rng = layer_generators(seeds[layer])
-    probs = layer_probabilities(r, m.n_experts, 0, place_rng)
+    _, route_rng = layer_generators(seeds[layer])
     rank_of = base_placement(
         m.n_experts, ep, par.expert_placement, np.full(m.n_experts, 1 / m.n_experts)
     )
-    del probs
     weights = router_weights(m.d_model, m.n_experts, route_rng)
     d_ff_small = 32  # the expert width does not change routing or dispatch bytes
     ref = make_layer(m.d_model, d_ff_small, m.n_experts, m.top_k, seed=sc.sim.seed, router=weights)

@@ -55,9 +55,6 @@ class Traffic:
     def reversed(self) -> Traffic:
         return Traffic(self.dst, self.src, self.nbytes, self.local_bytes, self.latency_steps)
 
-    def inbound_flows(self, n_devices: int) -> np.ndarray:
-        return np.bincount(self.dst, minlength=n_devices)
-
     @property
     def total_bytes(self) -> float:
         return float(self.nbytes.sum())
