@@ -7,10 +7,11 @@ sees individual tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
-EXACT_SAMPLING_MAX_ELEMENTS = 1 << 24
+EXACT_SAMPLING_MAX_ELEMENTS = 1 << 20
 """Above this many (token, expert) scores per layer, top-k counts are sampled in aggregate."""
 
 
@@ -44,12 +45,24 @@ def _gumbel_topk_counts(
     return counts
 
 
-def inclusion_probabilities(
-    probs: np.ndarray, top_k: int, rng: np.random.Generator, samples: int = 1 << 15
-) -> np.ndarray:
-    """P(expert e is among a token's top-k draws); exact ``k/E`` for uniform, else Monte Carlo."""
+def inclusion_probabilities(probs: np.ndarray, top_k: int) -> np.ndarray:
+    """P(expert e is among a token's top-k draws): exactly ``k/E`` for uniform preferences,
+    otherwise estimated by Monte Carlo with about 2^22 scores (a fixed seed, so results do
+    not depend on the caller's stream), computed once per distinct set of values."""
     if np.allclose(probs, probs[0]):
         return np.full(len(probs), top_k / len(probs))
+    order = np.argsort(-probs, kind="stable")
+    pi_sorted = _inclusion_sorted(tuple(np.round(probs[order], 12)), top_k)
+    pi = np.empty(len(probs))
+    pi[order] = pi_sorted
+    return pi
+
+
+@lru_cache(maxsize=64)
+def _inclusion_sorted(sorted_probs: tuple[float, ...], top_k: int) -> np.ndarray:
+    probs = np.asarray(sorted_probs)
+    samples = max(1 << 14, (1 << 22) // len(probs))
+    rng = np.random.default_rng(0x5EED)
     counts = _gumbel_topk_counts(np.array([samples]), np.log(probs), top_k, rng)[0]
     return counts / samples
 
@@ -68,7 +81,7 @@ def sample_topk_counts(
     tokens_per_source = np.asarray(tokens_per_source, dtype=np.int64)
     if tokens_per_source.sum() * len(probs) <= EXACT_SAMPLING_MAX_ELEMENTS:
         return _gumbel_topk_counts(tokens_per_source, np.log(probs), top_k, rng)
-    pi = inclusion_probabilities(probs, top_k, rng)
+    pi = inclusion_probabilities(probs, top_k)
     return rng.multinomial(tokens_per_source * top_k, pi / pi.sum())
 
 

@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""Simulator speed: run a fixed set of scenarios and print a table (no assertions).
+
+    python benchmarks/run.py                      # analytic for all, discrete-event where quick
+    python benchmarks/run.py --des-layers 0       # discrete-event on every scenario, full depth
+    python benchmarks/run.py --only mixtral --fidelity des
+
+Columns: scenario, devices, layers, fidelity, simulated step time, wall seconds (plan +
+simulation + results, imports excluded), simpy events,
+events per wall second, peak resident memory of the process that ran it (each run is its own
+process, so the number is that run's). Also written to benchmarks/results.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import multiprocessing as mp
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SKEW = {"routing.distribution": "zipf", "routing.zipf_s": 1.2}
+DS_PREFILL_2048 = {
+    "workload.phase": "prefill",
+    "workload.batch_size": 512,
+    "workload.seq_len": 4096,
+}
+BENCH = [
+    ("mixtral-8x7b-8xh100-decode", "mixtral-8x7b-8xh100-decode.yaml", {}),
+    ("mixtral-8x7b-8xh100-decode-zipf", "mixtral-8x7b-8xh100-decode.yaml", SKEW),
+    ("minimax-text-01-64xh100-prefill", "minimax-text-01-64xh100-prefill.yaml", {}),
+    ("minimax-text-01-64xh100-prefill-zipf", "minimax-text-01-64xh100-prefill.yaml", SKEW),
+    ("deepseek-v3-256xh800-prefill", "deepseek-v3-256xh800-prefill.yaml", {}),
+    ("deepseek-v3-256xh800-prefill-zipf", "deepseek-v3-256xh800-prefill.yaml", SKEW),
+    ("deepseek-v3-2048xh800-prefill", "deepseek-v3-2048xh800-decode.yaml", DS_PREFILL_2048),
+    (
+        "deepseek-v3-2048xh800-prefill-zipf",
+        "deepseek-v3-2048xh800-decode.yaml",
+        {**DS_PREFILL_2048, **SKEW},
+    ),
+]
+
+
+def _run(path: str, overrides: dict, queue) -> None:
+    import moesim
+    import moesim.analytic
+    import moesim.engine
+    import moesim.results
+
+    sc = moesim.load_scenario(path, {**overrides, "sim.progress": False, "sim.trace": False})
+    start = time.perf_counter()
+    result = moesim.simulate(sc)
+    wall = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    s = result.summary
+    queue.put(
+        {
+            "devices": s["devices"],
+            "layers": sc.model.n_layers,
+            "step_time_s": s["step_time_s"],
+            "wall_s": wall,
+            "events": s["sim"]["events"],
+            "peak_memory_bytes": peak,
+        }
+    )
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", help="run scenarios whose name contains this")
+    p.add_argument("--fidelity", choices=["des", "analytic", "both"], default="both")
+    p.add_argument(
+        "--des-layers",
+        type=int,
+        default=4,
+        help="discrete-event runs of scenarios over 64 devices keep this many MoE "
+        "layers (0: all); analytic runs are always full depth",
+    )
+    p.add_argument(
+        "--des-max-devices",
+        type=int,
+        default=256,
+        help="skip discrete-event runs above this many devices",
+    )
+    p.add_argument("--csv", default=str(ROOT / "benchmarks" / "results.csv"))
+    args = p.parse_args()
+    ctx = mp.get_context("spawn")
+    rows = []
+    fidelities = ["analytic", "des"] if args.fidelity == "both" else [args.fidelity]
+    header = (
+        f"{'scenario':<38} {'dev':>5} {'layers':>6} {'fidelity':>8} {'step_s':>10} "
+        f"{'wall_s':>8} {'events':>9} {'ev/s':>9} {'peak_GiB':>8}"
+    )
+    print(header)
+    for name, file, overrides in BENCH:
+        if args.only and args.only not in name:
+            continue
+        for fid in fidelities:
+            over = {**overrides, "sim.fidelity": fid}
+            path = str(ROOT / "scenarios" / file)
+            if fid == "des":
+                import moesim
+
+                sc = moesim.load_scenario(path, overrides)
+                if sc.cluster.n_devices > args.des_max_devices:
+                    continue
+                if args.des_layers and sc.cluster.n_devices > 64:
+                    over["model.n_layers"] = sc.model.n_dense_layers + args.des_layers
+            queue = ctx.Queue()
+            proc = ctx.Process(target=_run, args=(path, over, queue))
+            proc.start()
+            out = queue.get()
+            proc.join()
+            label = name if "model.n_layers" not in over else f"{name} (cut)"
+            rate = out["events"] / out["wall_s"] if out["wall_s"] > 0 else 0.0
+            row = {"scenario": label, "fidelity": fid, **out, "events_per_s": rate}
+            rows.append(row)
+            print(
+                f"{label:<38} {out['devices']:>5} {out['layers']:>6} {fid:>8} "
+                f"{out['step_time_s']:>10.4f} {out['wall_s']:>8.2f} {out['events']:>9,} "
+                f"{rate:>9,.0f} {out['peak_memory_bytes'] / 2**30:>8.2f}",
+                flush=True,
+            )
+    with open(args.csv, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
