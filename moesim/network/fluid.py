@@ -36,6 +36,7 @@ def maxmin_rates(
     rate = np.zeros(n_flows)
     if n_flows == 0:
         return rate
+    unit = weight is None  # equal weights: cheaper unweighted counts below
     weight = np.ones(n_flows) if weight is None else np.asarray(weight, dtype=float)
     cap = np.asarray(capacity_bytes_per_s, dtype=float).copy()
     n_links = len(cap)
@@ -47,7 +48,10 @@ def maxmin_rates(
     by_link = np.argsort(keys, kind="stable")
     flows_by_link = flow_of[by_link]
     ptr = np.searchsorted(link_of[by_link], np.arange(n_links + 1))
-    load = np.bincount(link_of, weights=weight[flow_of], minlength=n_links)
+    if unit:
+        load = np.bincount(link_of, minlength=n_links).astype(float)
+    else:
+        load = np.bincount(link_of, weights=weight[flow_of], minlength=n_links)
     eps = 1e-9 * float(weight.min())
     alive = np.flatnonzero(load > eps)
     frozen = np.zeros(n_flows, dtype=bool)
@@ -62,16 +66,22 @@ def maxmin_rates(
         starts, lens = ptr[sat], ptr[sat + 1] - ptr[sat]
         idx = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())
         new = flows_by_link[idx]
-        new = np.unique(new[~frozen[new]])
+        new = new[~frozen[new]]
+        if len(new) > 1:
+            new = np.unique(new)
         frozen[new] = True
-        rate[new] = level * weight[new]
         rows = paths[new]
         ok = rows >= 0
-        load -= np.bincount(
-            rows[ok],
-            weights=np.broadcast_to(weight[new][:, None], rows.shape)[ok],
-            minlength=n_links,
-        )
+        if unit:
+            rate[new] = level
+            load -= np.bincount(rows[ok], minlength=n_links)
+        else:
+            rate[new] = level * weight[new]
+            load -= np.bincount(
+                rows[ok],
+                weights=np.broadcast_to(weight[new][:, None], rows.shape)[ok],
+                minlength=n_links,
+            )
         load[sat] = 0.0
         alive = alive[load[alive] > eps]
     return rate
