@@ -271,10 +271,14 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
         split = [op_time_split(dev, op, cdt, launches=False) for op in ops]
         per_expert = sum(t for t, _ in split)
         measured["experts"] = sum(mt for _, mt in split).sum(axis=1)
-        # one grouped launch per kernel, or (numpy-style loop) one per active expert
-        launches = (load.sum(axis=1) > 0) if dev.grouped_experts else (load > 0).sum(axis=1)
-        kernels = sum(op_kernels(dev, op) for op in ops)
-        compute_s["experts"] = per_expert.sum(axis=1) + launches * kernels * dev.kernel_launch_s
+        # one grouped launch per kernel, or (numpy-style loop) one per active expert; a
+        # kernel timed from a measured table already includes its launch
+        launch_s = np.zeros(n_dev)
+        for op, (_, measured_part) in zip(ops, split, strict=True):
+            roofline = (load > 0) & (measured_part == 0)
+            count = roofline.any(axis=1) if dev.grouped_experts else roofline.sum(axis=1)
+            launch_s += count * op_kernels(dev, op) * dev.kernel_launch_s
+        compute_s["experts"] = per_expert.sum(axis=1) + launch_s
         flops["experts"] = sum(np.asarray(op.flops) for op in ops).sum(axis=1)
         # dispatch: tokens from each source to each (group, EP rank), to every etp shard
         to_rank = kept.astype(float) @ share  # [source, rank]
