@@ -349,6 +349,14 @@ def _set_dotted(data: dict[str, Any], path: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of a scenario mapping with dotted-path ``overrides`` applied."""
+    data = yaml.safe_load(yaml.safe_dump(data))  # deep copy of plain data
+    for path, value in overrides.items():
+        _set_dotted(data, path, value)
+    return data
+
+
 def _format_validation_error(err: ValidationError) -> tuple[str, str]:
     """First error as (dotted path, reason); the count of others appended to the reason."""
     first = err.errors()[0]
@@ -368,9 +376,7 @@ def scenario_from_dict(
     """Validate a scenario mapping, after applying dotted-path ``overrides``."""
     if not isinstance(data, dict):
         raise ScenarioError("", "a scenario must be a YAML mapping", file)
-    data = yaml.safe_load(yaml.safe_dump(data))  # deep copy of plain data
-    for path, value in (overrides or {}).items():
-        _set_dotted(data, path, value)
+    data = apply_overrides(data, overrides or {})
     try:
         return Scenario.model_validate(data)
     except ValidationError as err:

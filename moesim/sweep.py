@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from moesim.scenario import (
     ScenarioError,
     _format_validation_error,
+    apply_overrides,
     read_yaml,
     scenario_from_dict,
 )
@@ -96,8 +97,13 @@ class Point:
     @property
     def key(self) -> str:
         """Stable identity for resuming: the values and the repetition."""
-        blob = json.dumps([self.values, self.repetition], sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return _digest(self.values, self.repetition).hex()[:16]
+
+
+def _digest(values: dict[str, Any], repetition: int) -> bytes:
+    """SHA-256 of a point's values and repetition (canonical JSON)."""
+    blob = json.dumps([values, repetition], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).digest()
 
 
 # -- loading and expanding --------------------------------------------------------------------
@@ -171,8 +177,7 @@ def expand(spec: SweepSpec) -> list[Point]:
     points = []
     for values in combos:
         for rep in range(spec.repetitions):
-            blob = json.dumps([values, rep], sort_keys=True, default=str).encode()
-            digest = int.from_bytes(hashlib.sha256(blob).digest()[:8], "little")
+            digest = int.from_bytes(_digest(values, rep)[:8], "little")
             seed = int(np.random.SeedSequence([spec.seed, digest]).generate_state(1)[0])
             points.append(Point(len(points), values, rep, seed))
     return points
@@ -342,7 +347,7 @@ def prepare(
     for point in expand(spec):
         over = point_overrides(spec, point)
         try:
-            ok = all(check_constraint(c, _merged(base, over)) for c in spec.constraints)
+            ok = all(check_constraint(c, apply_overrides(base, over)) for c in spec.constraints)
         except (ValueError, SyntaxError) as err:
             raise ScenarioError("constraints", str(err), file) from None
         if not ok:
@@ -361,15 +366,6 @@ def prepare(
             raise ScenarioError(err.path, f"{err.reason} (at point {point.values})", file) from None
         kept.append(point)
     return SweepRun(spec, base, kept, skipped, out, fmt)
-
-
-def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    from moesim.scenario import _set_dotted
-
-    data = json.loads(json.dumps(base))
-    for path, value in overrides.items():
-        _set_dotted(data, path, value)
-    return data
 
 
 @contextlib.contextmanager
@@ -402,6 +398,26 @@ def make_executor(
         yield pool
 
 
+def _finished(
+    run: SweepRun, todo: list[Point], executor: Executor | None
+) -> Iterator[tuple[Point, dict[str, Any]]]:
+    """(point, metrics) as points finish: in order in-process, or as the executor completes
+    them (pending ones are cancelled if the caller stops early)."""
+    if executor is None:
+        for point in todo:
+            yield point, run_point(run.base, point_overrides(run.spec, point))
+        return
+    futures: dict[Future, Point] = {
+        executor.submit(run_point, run.base, point_overrides(run.spec, p)): p for p in todo
+    }
+    try:
+        for fut in as_completed(futures):
+            yield futures[fut], fut.result()
+    finally:
+        for fut in futures:
+            fut.cancel()
+
+
 def execute(
     run: SweepRun, executor: Executor | None, progress: bool = True, checkpoint_s: float = 2.0
 ) -> pd.DataFrame:
@@ -421,27 +437,12 @@ def execute(
     )
     last = time.monotonic()
     try:
-        if executor is None:
-            for point in todo:
-                run.append(run.row(point, run_point(run.base, point_overrides(run.spec, point))))
-                bar.update()
-                if time.monotonic() - last > checkpoint_s:
-                    run.write_results()
-                    last = time.monotonic()
-        else:
-            futures: dict[Future, Point] = {
-                executor.submit(run_point, run.base, point_overrides(run.spec, p)): p for p in todo
-            }
-            try:
-                for fut in as_completed(futures):
-                    run.append(run.row(futures[fut], fut.result()))
-                    bar.update()
-                    if time.monotonic() - last > checkpoint_s:
-                        run.write_results()
-                        last = time.monotonic()
-            finally:
-                for fut in futures:
-                    fut.cancel()
+        for point, metrics in _finished(run, todo, executor):
+            run.append(run.row(point, metrics))
+            bar.update()
+            if time.monotonic() - last > checkpoint_s:
+                run.write_results()
+                last = time.monotonic()
     finally:
         bar.close()
         table = run.write_results()
