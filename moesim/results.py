@@ -95,10 +95,8 @@ def collect(engine: Engine) -> Result:
     dev["compute_busy_s"] = dev[compute_cols].sum(axis=1)
     dev["utilization"] = dev["compute_busy_s"] / step if step > 0 else 0.0
     dev["flops"] = sum(sum(lp.flops.values()) for lp in plan.layers)
-    dev["expert_tokens"] = (
-        sum(lp.device_tokens for lp in plan.layers if lp.moe)
-        if any(lp.moe for lp in plan.layers)
-        else 0
+    dev["expert_tokens"] = sum(
+        (lp.device_tokens for lp in plan.layers if lp.moe), np.zeros(plan.n_devices, dtype=np.int64)
     )
     for kind, used in plan.memory_bytes.items():
         dev[f"{kind}_bytes"] = used
