@@ -147,6 +147,8 @@ def collect(engine: Engine) -> Result:
             "cross_node_fraction": float(routing["cross_node_pairs"].sum() / routed)
             if routed
             else 0.0,
+            # seconds the slowest device's experts add over the mean device's, all MoE layers
+            "imbalance_s": float(routing["imbalance_s"].sum()) if routed else 0.0,
         },
         "devices": plan.n_devices,
         "links": topo.n_links,
