@@ -61,6 +61,8 @@ from moesim.scenario import (
 from moesim.sweep import check_constraint
 
 HOUR_S = 3600.0
+CLOSEST_PRUNED = 3
+"""Bound-pruned candidates simulated anyway when nothing is feasible (to name the closest)."""
 COMPUTE_KEYS = tuple(k for k in BREAKDOWN_KEYS if k not in ("dispatch", "combine", "tp_comm"))
 """Step-time breakdown phases that are device compute (the rest are communication waits)."""
 
@@ -621,11 +623,13 @@ def run_plan(
                         row.update(
                             status="pruned_bound",
                             reason=f"{metric} at most {hi:,.4g} < {target.min:,.4g}",
+                            bound_miss=1 - hi / target.min,
                         )
                     elif target.max is not None and lo > target.max:
                         row.update(
                             status="pruned_bound",
                             reason=f"{metric} at least {lo:,.4g} > {target.max:,.4g}",
+                            bound_miss=lo / target.max - 1,
                         )
                     if row["status"]:
                         break
@@ -659,7 +663,8 @@ def run_plan(
             row.update(metrics)
             row["fidelity"] = fidelity
             if status == "ok":
-                row.update(status="ok", reason="")
+                note = "bound-pruned; simulated: nothing is feasible" if stage == "closest" else ""
+                row.update(status="ok", reason=note)
                 _derive(spec, row)
             else:
                 fit = "does not fit" in str(error)
@@ -691,6 +696,17 @@ def run_plan(
             batch = [i for i in feas if i not in confirmed][: conf.top]
             simulate_rows(batch, conf.fidelity, f"confirm{rnd}")
             confirmed.update(batch)
+            evaluate()
+
+    if not any(r["feasible"] for r in rows):
+        # nothing feasible: simulate the pruned candidates nearest their target, so the report
+        # can name the closest candidate with simulated (not bound) numbers
+        near = sorted(
+            (i for i, r in enumerate(rows) if r["status"] == "pruned_bound"),
+            key=lambda i: (rows[i]["bound_miss"], rows[i]["cost_per_hour_usd"]),
+        )[:CLOSEST_PRUNED]
+        if near:
+            simulate_rows(near, spec.screen_fidelity, "closest")
             evaluate()
 
     table = pd.DataFrame(rows)
