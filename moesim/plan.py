@@ -214,6 +214,12 @@ def _split(total: int, parts: int) -> np.ndarray:
     return base + (np.arange(parts) < rem)
 
 
+def total_devices(sc: Scenario) -> int:
+    """Devices paid for: the cluster, times the serving replicas when a run has several."""
+    serve = getattr(sc.workload, "serve", None)
+    return sc.cluster.n_devices * int(getattr(serve, "replicas", 1) or 1)
+
+
 def bounds_apply(sc: Scenario) -> bool:
     """The bounds below are derived for forward steps (prefill, decode) without PIM."""
     return sc.workload.phase in ("prefill", "decode") and getattr(sc, "pim", None) is None
@@ -450,6 +456,15 @@ def _margins(spec: PlanSpec, row: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _worst_miss(spec: PlanSpec, row: dict[str, Any]) -> float:
+    """The largest relative shortfall over the targets (0 when every target is met)."""
+    return max(max(0.0, -m) for m in _margins(spec, row).values())
+
+
+def _g(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
 def _budget_ok(spec: PlanSpec, row: dict[str, Any]) -> bool:
     bud = spec.budget
     if (
@@ -530,9 +545,9 @@ class PlanResult:
         for metric, target in self.spec.targets.items():
             v = _num(row.get(metric))
             if target.min is not None and not v >= target.min:
-                out.append(f"{metric} {v:,.4g} < {target.min:,.4g} ({v / target.min - 1:+.1%})")
+                out.append(f"{metric} {_g(v)} < {_g(target.min)} ({v / target.min - 1:+.1%})")
             if target.max is not None and not v <= target.max:
-                out.append(f"{metric} {v:,.4g} > {target.max:,.4g} ({v / target.max - 1:+.1%})")
+                out.append(f"{metric} {_g(v)} > {_g(target.max)} ({v / target.max - 1:+.1%})")
         if not _budget_ok(self.spec, row):
             out.append(f"over budget (cost {row['cost_per_hour_usd']:,.2f} USD/h)")
         return out
@@ -582,15 +597,16 @@ def run_plan(
             scenarios.append(None)
             continue
         dev = sc.cluster.device
+        n_total = total_devices(sc)
         try:
             price = price_per_device_hour_usd(spec, dev.name)
         except ScenarioError as err:
             raise ScenarioError(err.path, err.reason, file) from None
         row.update(
             device=dev.name,
-            devices=sc.cluster.n_devices,
+            devices=n_total,
             price_per_device_hour_usd=price,
-            cost_per_hour_usd=price * sc.cluster.n_devices,
+            cost_per_hour_usd=price * n_total,
             power_w=dev.power_w,
             memory_capacity_bytes=dev.memory_bytes,
             status="",
@@ -622,13 +638,13 @@ def run_plan(
                     if target.min is not None and hi < target.min:
                         row.update(
                             status="pruned_bound",
-                            reason=f"{metric} at most {hi:,.4g} < {target.min:,.4g}",
+                            reason=f"{metric} at most {_g(hi)} < {_g(target.min)}",
                             bound_miss=1 - hi / target.min,
                         )
                     elif target.max is not None and lo > target.max:
                         row.update(
                             status="pruned_bound",
-                            reason=f"{metric} at least {lo:,.4g} > {target.max:,.4g}",
+                            reason=f"{metric} at least {_g(lo)} > {_g(target.max)}",
                             bound_miss=lo / target.max - 1,
                         )
                     if row["status"]:
@@ -689,7 +705,11 @@ def run_plan(
         for rnd in range(conf.rounds):
             feas = sorted(
                 (i for i, r in enumerate(rows) if r["feasible"]),
-                key=lambda i: (_num(rows[i].get(spec.objective)), rows[i]["candidate"]),
+                key=lambda i: (
+                    _num(rows[i].get(spec.objective)),
+                    -_num(rows[i].get(spec.throughput_metric)),
+                    rows[i]["candidate"],
+                ),
             )
             if not feas or feas[0] in confirmed:
                 break
@@ -728,16 +748,14 @@ def run_plan(
     feas = table[table["feasible"]]
     chosen = closest = None
     if len(feas):
-        order = feas.assign(_o=obj[feas.index]).sort_values(["_o", "candidate"])
+        # ties (same price) go to the higher throughput
+        order = feas.assign(_o=obj[feas.index], _t=-thr[feas.index].astype(float))
+        order = order.sort_values(["_o", "_t", "candidate"])
         chosen = int(order["candidate"].iloc[0])
     else:
         sims = table[sim_ok].copy()
         if len(sims):
-            worst = [
-                max(max(0.0, -m) for m in _margins(spec, r).values())
-                for r in sims.to_dict("records")
-            ]
-            sims["_miss"] = worst
+            sims["_miss"] = [_worst_miss(spec, r) for r in sims.to_dict("records")]
             sims["_o"] = obj[sims.index] if obj is not None else 0.0
             closest = int(sims.sort_values(["_miss", "_o", "candidate"])["candidate"].iloc[0])
     counts = table["status"].value_counts().to_dict()
@@ -753,42 +771,60 @@ def run_plan(
     return result
 
 
+def _step_text(row: dict[str, Any]) -> str:
+    name, share = row.get("limited_by") or "", _num(row.get("limited_by_share"))
+    return f"its step is {share:.0%} {name}" if name and not math.isnan(share) else ""
+
+
+def _tightest(spec: PlanSpec, row: dict[str, Any]) -> tuple[str, float]:
+    """The target with the least headroom, and that headroom."""
+    margins = _margins(spec, row)
+    name = min(margins, key=lambda k: margins[k])
+    return name, margins[name]
+
+
 def binding_constraint(result: PlanResult) -> tuple[str, str]:
-    """What decided the answer: why nothing cheaper works (memory capacity, or the resource that
-    limits the best cheaper simulated candidate), else what limits the chosen one."""
+    """What decided the answer: why nothing cheaper works (memory capacity, or what limits the
+    best cheaper simulated candidate: compute, all-to-all, imbalance, or for runs without a
+    step breakdown the target it misses), else what limits the chosen one."""
     spec, table = result.spec, result.table
     focus = result.chosen if result.chosen is not None else result.closest
     if focus is None:
         mem = table["status"].isin(["pruned_memory", "no_fit"])
-        if mem.all() or (mem.any() and not (table["status"] == "ok").any()):
+        if mem.any() and not (table["status"] == "ok").any():
             return "memory capacity", "no candidate fits in device memory"
         return "", "nothing was simulated successfully"
     row = result.row(focus)
     obj = spec.objective
-    own, share = row.get("limited_by", ""), row.get("limited_by_share", math.nan)
+    tight, margin = _tightest(spec, row)
+    own = row.get("limited_by") or tight
+    own_text = "; ".join(
+        t for t in (_step_text(row), f"tightest target {tight} ({margin:+.1%})") if t
+    )
     if result.chosen is None:
-        return own, f"the closest candidate's step is {share:.0%} {own}"
+        return own, f"the closest candidate: {own_text}"
     cheaper = table[
         (table[obj].astype(float) < float(row[obj]))
         & ~table["status"].isin(["invalid", "over_budget"])
     ]
     if not len(cheaper):
-        return own, (
-            f"nothing cheaper in the candidate space; the chosen step is {share:.0%} {own}"
-        )
+        return own, f"nothing cheaper in the candidate space; the chosen: {own_text}"
     mem = cheaper["status"].isin(["pruned_memory", "no_fit"])
     if mem.all():
         return "memory capacity", (
-            f"every cheaper candidate ({len(cheaper)}) does not fit in memory; the chosen "
-            f"step is {share:.0%} {own}"
+            f"every cheaper candidate ({len(cheaper)}) does not fit in memory; the chosen: "
+            f"{own_text}"
         )
     sims = cheaper[cheaper["status"] == "ok"]
     if len(sims):
-        best = sims.sort_values(obj, ascending=False).iloc[0]
-        miss = "; ".join(result.misses(int(best["candidate"])))
-        return best["limited_by"], (
-            f"the next cheaper candidate ({best['label']}) misses: {miss}; its step is "
-            f"{best['limited_by_share']:.0%} {best['limited_by']}"
+        miss = [_worst_miss(spec, r) for r in sims.to_dict("records")]
+        best = sims.assign(_m=miss).sort_values(["_m", obj]).iloc[0].to_dict()
+        misses = result.misses(int(best["candidate"]))
+        step = _step_text(best)
+        name = best.get("limited_by") or (misses[0].split(" ", 1)[0] if misses else tight)
+        return name, (
+            f"the closest cheaper candidate ({best['label']}) misses: {'; '.join(misses)}"
+            + (f"; {step}" if step else "")
         )
     pruned = cheaper[cheaper["status"] == "pruned_bound"].iloc[0]
     return (

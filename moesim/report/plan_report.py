@@ -221,6 +221,7 @@ def build_report(result: PlanResult, out: Path) -> list[Block]:
     blocks.append(("h2", "Answer"))
     if result.feasible:
         energy = row.get("energy_per_token_j", math.nan)
+        step = float(row.get("step_time_s", math.nan))
         blocks.append(
             (
                 "p",
@@ -229,8 +230,8 @@ def build_report(result: PlanResult, out: Path) -> list[Block]:
                 f"({row['price_per_device_hour_usd']:.2f} per device-hour), "
                 f"{_fmt(row.get('cost_per_million_tokens_usd', math.nan))} USD per million "
                 f"tokens, {_fmt(energy)} J per token ({row.get('energy_source', '')}); "
-                f"step {_seconds(float(row.get('step_time_s', math.nan)))}, "
-                f"{_fmt(float(row.get(thr, math.nan)))} {thr} "
+                + (f"step {_seconds(step)}, " if math.isfinite(step) else "")
+                + f"{_fmt(float(row.get(thr, math.nan)))} {thr} "
                 f"({row.get('fidelity', '')} engine). It is the lowest `{spec.objective}` "
                 "among the candidates that meet every target and the budget.",
             )
@@ -305,8 +306,10 @@ def build_report(result: PlanResult, out: Path) -> list[Block]:
     d = result.detail
     if d is not None:
         what = "chosen" if result.feasible else "closest"
-        if len(d.expert_load):
-            save("expert_load", plot_expert_heatmap(d.expert_load))
+        expert_load = getattr(d, "expert_load", None)
+        links = getattr(d, "links", None)
+        if expert_load is not None and len(expert_load):
+            save("expert_load", plot_expert_heatmap(expert_load))
             blocks.append(("h3", f"Expert load on the {what} configuration"))
             r = d.summary.get("routing", {})
             blocks.append(
@@ -319,11 +322,11 @@ def build_report(result: PlanResult, out: Path) -> list[Block]:
                 )
             )
             blocks.append(("img", ("expert_load", "expert load heatmap")))
-        if len(d.links):
-            save("link_utilization", plot_link_utilization(d.links))
+        if links is not None and len(links):
+            save("link_utilization", plot_link_utilization(links))
             blocks.append(("h3", f"Link utilization on the {what} configuration"))
             blocks.append(("img", ("link_utilization", "link utilization")))
-        if d.slices:
+        if getattr(d, "slices", None) and getattr(d, "devices", None) is not None:
             save("timeline", plot_gantt(_slices_frame(result)))
             blocks.append(
                 ("h3", f"One step on the {what} configuration ({result.detail_fidelity})")
