@@ -17,7 +17,12 @@ except PackageNotFoundError:  # running from a source tree
 
 def simulate(scenario: Scenario, progress: bool | None = None):
     """Run one step of ``scenario`` (``sim.fidelity``: discrete-event or analytic); returns a
-    ``Result`` with ``summary``, ``devices``, ``links`` and ``routing``."""
+    ``Result`` with ``summary``, ``devices``, ``links`` and ``routing``. ``phase: serve`` runs
+    the request stream instead and returns a ``moesim.serving.ServeResult``."""
+    if scenario.workload.phase == "serve":
+        from moesim.serving import simulate_serving
+
+        return simulate_serving(scenario, progress=progress)
     from moesim.analytic import AnalyticEngine
     from moesim.engine import Engine
     from moesim.results import collect

@@ -73,6 +73,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ScenarioError as err:
         err.file = str(args.scenario)
         raise
+    if scenario.workload.phase == "serve":
+        return _serve_outputs(result, args)
     if args.json:
         print(
             json.dumps(
@@ -88,6 +90,22 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"wrote             {out}/summary.json devices.csv links.csv routing.csv "
                 "trace.json (open trace.json in https://ui.perfetto.dev)"
             )
+    return 0
+
+
+def _serve_outputs(result, args: argparse.Namespace) -> int:
+    """Print and write a serving run (``workload.phase: serve``)."""
+    from moesim.serving import print_serving_summary, write_serving_outputs
+
+    summary = {k: v for k, v in result.summary.items() if k != "scenario_resolved"}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    elif not args.quiet:
+        print_serving_summary(summary)
+    if args.out:
+        out = write_serving_outputs(result, args.out)
+        if not args.quiet:
+            print(f"wrote             {out}/summary.json requests.csv iterations.csv kv_cache.png")
     return 0
 
 

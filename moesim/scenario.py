@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from moesim import catalog
+from moesim.serving_config import ServeConfig
 from moesim.specs import DTYPE_BYTES, Dtype, GpuSpec, LinkSpec, ModelSpec
 
 
@@ -147,12 +148,30 @@ class DtypeConfig(Config):
 class WorkloadConfig(Config):
     """One forward step: ``prefill`` processes whole prompts, ``decode`` one token per sequence."""
 
-    phase: Literal["prefill", "decode"] = "prefill"
-    batch_size: PositiveInt = Field(description="sequences in the step, whole cluster")
-    seq_len: PositiveInt = Field(
-        description="prompt length (prefill) or context already in the KV cache (decode)"
+    phase: Literal["prefill", "decode", "serve"] = "prefill"
+    batch_size: PositiveInt | None = Field(
+        None, description="sequences in the step, whole cluster (required except for serve)"
+    )
+    seq_len: PositiveInt | None = Field(
+        None,
+        description="prompt length (prefill) or context already in the KV cache (decode); "
+        "required except for serve",
     )
     dtypes: DtypeConfig = DtypeConfig()
+    serve: ServeConfig | None = Field(
+        None, description="request stream and scheduler (phase: serve; defaults filled in)"
+    )
+
+    @model_validator(mode="after")
+    def _phase_fields(self) -> WorkloadConfig:
+        if self.phase == "serve":
+            if self.serve is None:
+                object.__setattr__(self, "serve", ServeConfig())
+            return self
+        for key in ("batch_size", "seq_len"):
+            if getattr(self, key) is None:
+                raise ScenarioError(f"workload.{key}", f"Field required for phase {self.phase}")
+        return self
 
     @property
     def tokens(self) -> int:
@@ -303,7 +322,7 @@ class Scenario(Config):
             raise ScenarioError("parallelism.edp", f"must be devices / (ep x etp) = {edp}")
         if m.d_ff_expert % par.etp:
             raise ScenarioError("parallelism.etp", f"{par.etp} does not divide d_ff_expert")
-        if self.workload.batch_size % dp and self.workload.phase == "decode":
+        if self.workload.phase == "decode" and self.workload.batch_size % dp:
             raise ScenarioError(
                 "workload.batch_size",
                 f"decode batch {self.workload.batch_size} not divisible "
@@ -416,6 +435,11 @@ def load_scenario(path: str | Path, overrides: dict[str, Any] | None = None) -> 
     """Read and validate a scenario YAML file; raises :class:`ScenarioError`."""
     path = Path(path)
     data = read_yaml(path)
-    for dotted in ("model.hf_config", "routing.trace", "cluster.device.kernel_table"):
+    for dotted in (
+        "model.hf_config",
+        "routing.trace",
+        "cluster.device.kernel_table",
+        "workload.serve.trace",
+    ):
         _resolve_relative(data, dotted, path.parent)
     return scenario_from_dict(data, overrides, str(path))

@@ -16,6 +16,9 @@ def test_scenario_runs(path):
     sc = load_scenario(path)
     assert sc.name == path.stem, "scenario name should match its file name"
     overrides = {"sim.progress": False}
+    if sc.workload.phase == "serve":
+        _check_serve(path, sc, overrides)
+        return
     if sc.cluster.n_devices * sc.model.n_layers > LARGE_DEVICE_LAYERS:
         overrides["model.n_layers"] = sc.model.n_dense_layers + 1 + (sc.model.n_dense_layers == 0)
         overrides["sim.network_tolerance"] = 0.01
@@ -25,3 +28,18 @@ def test_scenario_runs(path):
     assert s["step_time_s"] > 0 and s["tokens_per_s"] > 0
     assert sum(s["breakdown_s"].values()) == pytest.approx(s["step_time_s"], rel=1e-6)
     assert s["memory"]["max_used_bytes"] <= s["memory"]["capacity_bytes"]
+
+
+def _check_serve(path, sc, overrides):
+    """Serving scenarios: a short stream on a model cut to one attention pattern period."""
+    overrides.update(
+        {
+            "workload.serve.n_requests": 12,
+            "workload.serve.grid_points": 2,
+            "model.n_layers": len(sc.model.attention_pattern),
+        }
+    )
+    s = simulate(load_scenario(path, overrides)).summary
+    assert s["requests"] == 12 and s["throughput_tokens_per_s"] > 0
+    assert 0 <= s["ttft_p50_s"] <= s["ttft_p99_s"] <= s["latency_p99_s"]
+    assert 0 < s["kv_cache"]["utilization_max"] <= 1

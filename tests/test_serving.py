@@ -1,0 +1,259 @@
+"""Serving (workload.phase: serve): queueing laws, KV-cache memory, scheduler limits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moesim import ScenarioError, catalog, load_scenario, simulate
+from moesim.cli import main
+from moesim.serving import kv_bytes_per_token, state_bytes_per_seq
+
+from .conftest import small_scenario
+
+PROMPT, OUTPUT = 256, 32
+
+
+def serve_scenario(serve=None, **overrides):
+    """Mixtral with 2 layers on one H100 node, constant prompt and output lengths."""
+    base = {
+        "rate_per_s": 1.0,
+        "n_requests": 200,
+        "prompt_tokens": {"mean": PROMPT},
+        "output_tokens": {"mean": OUTPUT},
+        "grid_points": 4,
+        "max_batch_size": 64,
+        "max_batched_tokens": 4096,
+    }
+    wl = {"phase": "serve", "serve": {**base, **(serve or {})}}
+    return small_scenario(workload=wl, **{"sim.fidelity": "analytic", **overrides})
+
+
+def one_step_s(sc, phase: str, batch: int, length: int) -> float:
+    """An ordinary moesim step of the same model and cluster, simulated on its own."""
+    step = sc.model_copy(
+        update={
+            "workload": sc.workload.model_copy(
+                update={"phase": phase, "batch_size": batch, "seq_len": length, "serve": None}
+            )
+        }
+    )
+    return simulate(step).step_time_s
+
+
+def test_low_load_ttft_is_one_prefill_and_tpot_one_decode():
+    sc = serve_scenario({"rate_per_s": 0.01, "n_requests": 40})
+    req = simulate(sc).requests
+    gaps = np.diff(req["arrival_s"])
+    assert gaps.min() > req["latency_s"].max(), "requests should not overlap at this rate"
+    prefill = one_step_s(sc, "prefill", 1, PROMPT)
+    assert np.allclose(req["ttft_s"], prefill, rtol=1e-9)
+    assert np.allclose(req["queue_s"], 0.0)
+    # every later token is one decode step of batch 1; contexts PROMPT .. PROMPT + OUTPUT - 2
+    mid = one_step_s(sc, "decode", 1, PROMPT + (OUTPUT - 2) // 2)
+    assert req["tpot_s"].to_numpy() == pytest.approx(mid, rel=0.01)
+
+
+def test_latency_rises_with_rate_and_throughput_saturates():
+    rates = [100.0, 200.0, 400.0, 800.0, 1600.0, 3200.0, 6400.0, 12800.0]
+    lengths = {
+        "n_requests": 1500,
+        "prompt_tokens": {"distribution": "uniform", "low": 64, "high": 512},
+        "output_tokens": {"distribution": "lognormal", "mean": 32, "high": 256},
+    }
+    results = [simulate(serve_scenario({"rate_per_s": r, **lengths})) for r in rates]
+    runs = [r.summary for r in results]
+    for metric in ("ttft", "latency"):
+        for q in ("p50", "p90", "p99"):
+            values = [s[f"{metric}_{q}_s"] for s in runs]
+            assert np.all(np.diff(values) > 0), (metric, q, values)
+    assert runs[-1]["ttft_p99_s"] > 100 * runs[0]["ttft_p99_s"]
+    outputs = results[0].requests["output_tokens"]  # the same requests at every rate
+    offered = np.array(rates) * outputs.mean()
+    thr = np.array([s["throughput_tokens_per_s"] for s in runs])
+    # light load: everything offered is served (the tail of the last request aside)
+    assert thr[0] == pytest.approx(offered[0], rel=0.05)
+    # time per output token rises with the batch while the instance keeps up; past
+    # saturation prefills arrive batched and it levels off (README: Serving)
+    keeps_up = thr > 0.9 * offered
+    assert keeps_up.sum() >= 4
+    for q in ("p50", "p90", "p99"):
+        values = [s[f"tpot_{q}_s"] for s, k in zip(runs, keeps_up, strict=True) if k]
+        assert np.all(np.diff(values) > 0), (q, values)
+    # overload: doubling the rate no longer buys throughput ...
+    assert thr[-1] / thr[-2] < 1.02 and thr[-1] < 0.5 * offered[-1]
+    # ... which stays below a full batch decoding back to back at the shortest context
+    # (plus the first tokens, which prefills produce)
+    full_batch_s = one_step_s(serve_scenario(), "decode", 64, 64)
+    assert thr[-1] < 64 / full_batch_s * outputs.mean() / (outputs.mean() - 1)
+
+
+def test_littles_law_on_the_simulated_queue():
+    rate = 400.0
+    result = simulate(
+        serve_scenario(
+            {
+                "rate_per_s": rate,
+                "n_requests": 3000,
+                "prompt_tokens": {"distribution": "uniform", "low": 64, "high": 1024},
+                "output_tokens": {"distribution": "lognormal", "mean": 48, "high": 512},
+            }
+        )
+    )
+    s, req = result.summary, result.requests
+    in_system = s["mean_requests_in_system"]  # time average of the scheduler's own count
+    assert in_system > 5, "the test needs a queue"
+    assert in_system == pytest.approx(rate * req["latency_s"].mean(), rel=0.05)
+    # over the whole run (empty at both ends) the identity is exact
+    assert in_system == pytest.approx(req["latency_s"].sum() / s["duration_s"], rel=1e-9)
+
+
+def hunyuan(kv_share_group: int, tp: int = 8):
+    model = {"preset": "hunyuan-large", "n_layers": 4, "kv_share_group": kv_share_group}
+    return serve_scenario(
+        {"rate_per_s": 200.0, "n_requests": 100},
+        model=model,
+        **{"parallelism.tp": tp, "parallelism.ep": 8},
+    )
+
+
+def test_hunyuan_cross_layer_kv_sharing_halves_kv_memory():
+    shared, unshared = hunyuan(2), hunyuan(1)
+    # hand count: 8 KV heads over tp 8 = 1 per device, head_dim 80, bf16, K and V
+    per_layer = 2 * 1 * 80 * 2
+    assert kv_bytes_per_token(unshared) == 4 * per_layer
+    assert kv_bytes_per_token(shared) == 2 * per_layer
+    a, b = simulate(shared), simulate(unshared)
+    # same schedule (iteration times do not depend on where the cache lives), half the bytes
+    assert np.array_equal(a.iterations["end_s"], b.iterations["end_s"])
+    assert np.allclose(a.iterations["kv_used_bytes"] * 2, b.iterations["kv_used_bytes"])
+    assert a.iterations["kv_used_bytes"].max() > 0
+    assert a.summary["kv_cache"]["capacity_tokens"] == pytest.approx(
+        2 * b.summary["kv_cache"]["capacity_tokens"]
+    )
+
+
+def test_minimax_linear_attention_state():
+    sc = serve_scenario(
+        model={"preset": "minimax-text-01", "n_layers": 8},
+        **{"parallelism.tp": 8, "parallelism.ep": 8},
+    )
+    m = catalog.model("minimax-text-01")
+    assert m.attention_pattern.count("linear") == 7
+    # one softmax layer in 8: K and V of one kv head per device (8 heads / tp 8), bf16
+    assert kv_bytes_per_token(sc) == 2 * 1 * 128 * 2
+    # seven lightning layers: an fp32 state of (64 / 8) heads x 128 x 128 per sequence
+    assert state_bytes_per_seq(sc) == 7 * 8 * 128 * 128 * 4
+
+
+def test_kv_memory_limits_the_running_batch():
+    serve = {"rate_per_s": 5000.0, "n_requests": 300, "max_batch_size": 256}
+    probe = simulate(serve_scenario({**serve, "n_requests": 2})).summary["kv_cache"]
+    # Mixtral: 8 KV heads x 128 x bf16 x K,V per layer, 2 layers, whole heads on each device
+    per_token = 2 * 8 * 128 * 2 * 2
+    assert probe["bytes_per_token"] == per_token
+    weights = (
+        simulate(small_scenario(**{"sim.fidelity": "analytic"})).devices["weights_bytes"].max()
+    )
+    assert probe["weights_bytes_per_device"] == pytest.approx(weights)
+    # usable memory that leaves room for 40.5 requests over the 8 attention replicas
+    request_bytes = (PROMPT + OUTPUT) * per_token
+    memory = 8e10
+    share = (weights + probe["activations_bytes_per_device"] + 40.5 * request_bytes / 8) / memory
+    sc = serve_scenario(serve, **{"workload.serve.memory_utilization": share})
+    result = simulate(sc)
+    kv = result.summary["kv_cache"]
+    assert kv["budget_bytes_per_device"] == pytest.approx(40.5 * request_bytes / 8)
+    assert result.iterations["running"].max() == 40
+    assert result.iterations["kv_utilization"].max() == pytest.approx(40 / 40.5)
+
+
+def test_disaggregated_pools_pay_one_kv_transfer():
+    serve = {"rate_per_s": 0.01, "n_requests": 20}
+    link = "ib-ndr-400"
+    dis = simulate(
+        serve_scenario(
+            {
+                **serve,
+                "disaggregated": {
+                    "prefill_replicas": 1,
+                    "decode_replicas": 1,
+                    "kv_transfer_link": link,
+                },
+            }
+        )
+    )
+    col = simulate(serve_scenario(serve))
+    spec = catalog.link(link)
+    transfer = PROMPT * 2 * 8 * 128 * 2 * 2 / spec.bandwidth_bytes_per_s + spec.latency_s
+    d, c = dis.requests, col.requests
+    assert np.allclose(d["ttft_s"], c["ttft_s"])
+    assert np.allclose(
+        d["done_s"] - d["first_token_s"], c["done_s"] - c["first_token_s"] + transfer
+    )
+    assert set(d["instance"]) == {0} and set(d["decode_instance"]) == {1}
+
+
+def test_replicas_share_the_load():
+    serve = {"rate_per_s": 20000.0, "n_requests": 1000}
+    one = simulate(serve_scenario(serve)).summary
+    two = simulate(serve_scenario({**serve, "replicas": 2}))
+    counts = np.bincount(two.requests["instance"])
+    assert len(counts) == 2 and abs(counts[0] - counts[1]) <= 10
+    assert two.summary["throughput_tokens_per_s"] > 1.8 * one["throughput_tokens_per_s"]
+
+
+def test_trace_arrivals_relative_to_scenario(tmp_path):
+    (tmp_path / "reqs.csv").write_text(
+        "arrival_s,prompt_tokens,output_tokens\n0.5,100,5\n0.0,300,1\n2.0,50,10\n"
+    )
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(
+        "model: {preset: mixtral-8x7b, n_layers: 2}\n"
+        "cluster: {nodes: 1, devices_per_node: 8, device: h100-sxm}\n"
+        "parallelism: {ep: 8}\n"
+        "workload: {phase: serve, serve: {arrivals: trace, trace: reqs.csv, grid_points: 2}}\n"
+        "sim: {progress: false}\n"
+    )
+    req = simulate(load_scenario(scenario)).requests
+    assert list(req["arrival_s"]) == [0.0, 0.5, 2.0]
+    assert list(req["output_tokens"]) == [1, 5, 10]
+    assert np.isnan(req["tpot_s"][0]) and req["done_s"][0] == req["first_token_s"][0]
+    (tmp_path / "reqs.csv").write_text("arrival_s,prompt_tokens\n0.0,10\n")
+    with pytest.raises(ScenarioError, match="missing columns"):
+        simulate(load_scenario(scenario))
+
+
+def test_bad_serving_input_is_one_line(tmp_path, capsys):
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(
+        "model: {preset: mixtral-8x7b, n_layers: 2}\n"
+        "cluster: {nodes: 1, devices_per_node: 8, device: h100-sxm}\n"
+        "parallelism: {ep: 8}\n"
+        "workload: {phase: serve, serve: {output_tokens: {mean: 50000000}, grid_points: 2}}\n"
+    )
+    assert main(["run", str(scenario), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(
+        f"error: {scenario}: workload.serve: a request of 512 prompt + 50000000 output"
+    )
+    assert len(err.splitlines()) == 1
+    with pytest.raises(ScenarioError, match=r"workload\.batch_size: Field required"):
+        small_scenario(workload={"phase": "decode", "seq_len": 16})
+
+
+def test_run_writes_serving_outputs_and_is_deterministic(tmp_path):
+    sc = serve_scenario({"rate_per_s": 300.0, "n_requests": 100})
+    assert simulate(sc).requests.equals(simulate(sc).requests)
+    path = tmp_path / "s.yaml"
+    import yaml
+
+    data = sc.model_dump(mode="json", exclude={"scenario_resolved"})
+    path.write_text(yaml.safe_dump(data))
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    out = tmp_path / "out"
+    for name in ("summary.json", "requests.csv", "iterations.csv", "step_grid.csv", "kv_cache.png"):
+        assert (out / name).exists(), name
+    import pandas as pd
+
+    assert len(pd.read_csv(out / "requests.csv")) == 100
