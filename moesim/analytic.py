@@ -30,7 +30,7 @@ class AnalyticEngine:
     def __init__(self, plan: WorkloadPlan, topology: Topology | None = None, **_: object) -> None:
         sc = plan.scenario
         self.plan = plan
-        self.topology = topology or build_topology(sc.cluster, sc.topology)
+        self.topology = topology or build_topology(sc.cluster, sc.topology, sc.pim)
         self.rec = Recorder(plan.n_devices, sc.sim.trace)
         n_links = self.topology.n_links
         self.link_stats = LinkStats(np.zeros(n_links), np.zeros(n_links))
@@ -44,7 +44,7 @@ class AnalyticEngine:
         start = time.perf_counter()
         for lp in self.plan.layers:
             i = lp.index
-            self._compute("attention", lp.compute_s["attention"], i)
+            self._with_pim("attention", lp.compute_s["attention"], lp, i)
             if lp.tp_comm is not None:
                 self._collective("tp_comm", lp.tp_comm, i)
             if lp.moe:
@@ -52,7 +52,7 @@ class AnalyticEngine:
                 self._compute("permute", lp.compute_s["permute"], i)
                 shared = lp.compute_s.get("shared_experts")
                 self._collective("dispatch", lp.dispatch, i, overlap=shared)
-                self._compute("experts", lp.compute_s["experts"], i)
+                self._with_pim("experts", lp.compute_s["experts"], lp, i)
                 self._collective("combine", lp.combine, i)
                 self._compute("unpermute", lp.compute_s["unpermute"], i)
             else:
@@ -63,6 +63,43 @@ class AnalyticEngine:
         self.rec.finish_s[:] = self._now
         self.wall_s = time.perf_counter() - start
         return self
+
+    # -- processing in memory (moesim/pim.py) -----------------------------------------------
+    def _with_pim(self, phase: str, gpu_s: np.ndarray, lp, layer: int) -> None:
+        """A GPU phase and its PIM work, as the engine runs them: attention's PIM part after
+        the GPU's, experts' PIM part beside the GPU's experts (the GPU waits, phase ``pim``)."""
+        work = lp.pim
+        if work is None or work.phase != phase:
+            self._compute(phase, gpu_s, layer)
+            return
+        pim_s = self._pim_s(work)
+        if phase == "attention":
+            self._compute(phase, gpu_s, layer)
+            self._compute("pim", pim_s, layer)
+            return
+        wait = np.maximum(pim_s - gpu_s, 0.0)
+        total = gpu_s + wait
+        span, gpu_span = float(total.max()), float(gpu_s.max())
+        self._slices(phase, self._now, gpu_s, layer)
+        self._slices("pim", self._now + gpu_s, wait, layer)
+        self.rec.phase_s[phase] += gpu_s
+        self.rec.phase_s["pim"] += wait
+        self._idle += span - total
+        self._advance(phase, gpu_span)
+        self._advance("pim", span - gpu_span)
+
+    def _pim_s(self, work) -> np.ndarray:
+        """Per device: activations in over its PIM link, the PIM kernels, results back (no
+        other traffic shares a PIM link); the link bytes and busy time are recorded."""
+        topo = self.topology
+        total = np.where((work.seconds > 0) | (work.in_bytes > 0), work.seconds, 0.0)
+        for key, nbytes in (("pim_up", work.in_bytes), ("pim_down", work.out_bytes)):
+            link = topo.tables[key]
+            busy = nbytes / topo.bandwidth_bytes_per_s[link]
+            total = total + np.where(nbytes > 0, busy + topo.latency_s[link], 0.0)
+            self.link_stats.bytes_carried[link] += nbytes
+            self.link_stats.busy_s[link] += busy
+        return total
 
     def _compute(self, phase: str, seconds: np.ndarray, layer: int) -> None:
         """All devices start together and the phase lasts as long as the slowest one; a

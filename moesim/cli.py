@@ -408,6 +408,16 @@ def cmd_catalog(args: argparse.Namespace) -> int:
                     f"experts top-{spec.top_k}, {spec.n_shared_experts} shared; "
                     f"{p['total'] / 1e9:.1f}B total / {p['active'] / 1e9:.1f}B active"
                 )
+            elif kind == "devices" and spec.type in ("pim", "cim"):
+                peaks = ", ".join(
+                    f"{v / 1e12:,.2f} TFLOP/s {k}" for k, v in spec.peak_flops_per_s.items()
+                )
+                inside = spec.internal_bandwidth_bytes_per_s
+                extra = (
+                    f"{spec.type}: {peaks}, {spec.capacity_bytes / 1e9:.2f} GB"
+                    + (f" at {inside / 1e12:.2f} TB/s inside" if inside else ", weight-stationary")
+                    + f", {spec.host_link} to the GPU"
+                )
             elif kind == "devices":
                 extra = (
                     f"{spec.peak_flops_per_s.get('bf16', 0) / 1e12:,.0f} TFLOP/s bf16, "

@@ -31,7 +31,7 @@ COMPUTE_PHASES = (
     "dense_ffn",
     "lm_head",
 )
-COMM_PHASES = ("tp_comm", "dispatch", "combine")
+COMM_PHASES = ("tp_comm", "dispatch", "combine", "pim")  # pim: waiting for PIM units
 
 
 class CountingEnvironment(simpy.Environment):
@@ -87,7 +87,7 @@ class Engine:
     ) -> None:
         sc = plan.scenario
         self.plan = plan
-        self.topology = topology or build_topology(sc.cluster, sc.topology)
+        self.topology = topology or build_topology(sc.cluster, sc.topology, sc.pim)
         self.env = CountingEnvironment()
         self.net = FluidNetwork(
             self.env, self.topology, sc.sim.network_tolerance, record_intervals=sc.sim.trace
@@ -137,6 +137,7 @@ class Engine:
         for lp in self.plan.layers:
             i = lp.index
             yield from self._compute(g, "attention", lp.compute_s["attention"][g], i)
+            yield from self._pim_wait(g, lp, self._pim_start(g, lp, "attention"))
             if lp.tp_comm is not None:
                 yield from self._exchange(g, lp, "tp_comm", lp.tp_comm)
             if lp.moe:
@@ -150,7 +151,9 @@ class Engine:
                 start = env.now
                 yield arrived
                 self.rec.add(g, "dispatch", start, env.now, i)
+                pim = self._pim_start(g, lp, "experts")  # PIM experts beside the GPU's
                 yield from self._compute(g, "experts", lp.compute_s["experts"][g], i)
+                yield from self._pim_wait(g, lp, pim)
                 yield from self._exchange(g, lp, "combine", lp.combine)
                 yield from self._compute(g, "unpermute", lp.compute_s["unpermute"][g], i)
             else:
@@ -160,6 +163,39 @@ class Engine:
             self._bar.update()
         yield from self._compute(g, "lm_head", self.plan.lm_head_s[g], len(self.plan.layers))
         self.rec.finish_s[g] = env.now
+
+    # -- processing in memory (moesim/pim.py) -----------------------------------------------
+    def _pim_start(self, g: int, lp: LayerPlan, phase: str) -> simpy.Process | None:
+        """Start device g's PIM work of ``phase`` in this layer, if any: activations in over
+        its PIM link, the PIM kernels, results back (flows on the topology)."""
+        work = lp.pim
+        if work is None or work.phase != phase or not (work.seconds[g] or work.in_bytes[g]):
+            return None
+        return self.env.process(self._pim_run(g, work))
+
+    def _pim_run(self, g: int, work):
+        tables = self.topology.tables
+        yield self._pim_flow(int(tables["pim_up"][g]), float(work.in_bytes[g]))
+        if work.seconds[g] > 0:
+            yield self.env.timeout(float(work.seconds[g]))
+        yield self._pim_flow(int(tables["pim_down"][g]), float(work.out_bytes[g]))
+
+    def _pim_flow(self, link: int, nbytes: float) -> simpy.Event:
+        gid, event = self.net.group(1 if nbytes > 0 else 0)
+        if nbytes > 0:  # one flow on one link
+            path = np.array([[link]], dtype=np.int64)
+            self.net.send_routed(
+                path, np.array([nbytes]), self.topology.latency_s[[link]], np.array([gid])
+            )
+        return event
+
+    def _pim_wait(self, g: int, lp: LayerPlan, proc: simpy.Process | None):
+        """The GPU waits (phase ``pim``) for its PIM work to finish."""
+        if proc is None:
+            return
+        start = self.env.now
+        yield proc
+        self.rec.add(g, "pim", start, self.env.now, lp.index)
 
     def _exchange(self, g: int, lp: LayerPlan, key: str, traffic: Traffic):
         """Send this device's part of a collective, then wait for what it receives."""

@@ -10,7 +10,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from moesim.energy import add_energy
 from moesim.engine import COMPUTE_PHASES, Engine
+from moesim.pim import pim_summary
 from moesim.routing import max_over_mean
 from moesim.workload import WorkloadPlan
 
@@ -22,6 +24,7 @@ BREAKDOWN_KEYS = (
     "shared_experts",
     "dispatch",
     "experts",
+    "pim",
     "combine",
     "unpermute",
     "dense_ffn",
@@ -117,6 +120,9 @@ def collect(engine: Engine) -> Result:
         links["bytes_carried"] / (links["bandwidth_bytes_per_s"] * step) if step > 0 else 0.0
     )
     routing = routing_table(plan)
+    energy = add_energy(plan, topo, dev, links, step)  # energy columns (moesim/energy.py)
+    pim = pim_summary(plan, dev)  # PIM columns, None without PIM units (moesim/pim.py)
+
 
     crit = int(np.argmax(rec.finish_s))
     spans = getattr(engine, "breakdown_s", None)  # analytic: per-phase spans
@@ -169,6 +175,8 @@ def collect(engine: Engine) -> Result:
             "capacity_bytes": float(sc.cluster.device.memory_bytes),
         },
         "measured_kernel_fraction": plan.measured_fraction(),
+        "energy_j": energy,
+        "pim": pim,
         "all_to_all_bytes": float(
             sum(lp.dispatch.total_bytes * 2 if lp.moe else 0.0 for lp in plan.layers)
         ),

@@ -25,7 +25,7 @@ from pydantic import (
 
 from moesim import catalog
 from moesim.serving_config import ServeConfig
-from moesim.specs import DTYPE_BYTES, Dtype, GpuSpec, LinkSpec, ModelSpec
+from moesim.specs import DTYPE_BYTES, Dtype, GpuSpec, LinkSpec, ModelSpec, PimSpec
 
 
 class ScenarioError(Exception):
@@ -286,6 +286,42 @@ class SimConfig(Config):
     progress: bool = Field(True, description="progress bar on runs longer than a few seconds")
 
 
+class PimConfig(Config):
+    """Processing-in-memory units attached to every GPU and what runs on them (README
+    "Processing in memory"; cost model in moesim/hardware/pim.py, placement in moesim/pim.py)."""
+
+    device: PimSpec = Field(description="catalog pim/cim part, {preset: name, ...} or a full spec")
+    units_per_gpu: PositiveInt = Field(1, description="PIM units (stacks, chips) per GPU")
+    policy: Literal["gpu_only", "all_experts", "cold_experts", "attention", "by_batch"] = Field(
+        "all_experts",
+        description="gpu_only: nothing on PIM; all_experts: every routed expert on PIM; "
+        "cold_experts: experts whose expected tokens per step are at most token_threshold on "
+        "PIM, hot ones on the GPU; attention: the attention core and KV cache on PIM; "
+        "by_batch: each expert runs on PIM when it has at most token_threshold tokens this "
+        "step, else on the GPU (weights kept on both)",
+    )
+    token_threshold: int | None = Field(
+        None,
+        ge=0,
+        description="cold_experts / by_batch: tokens per expert at or below which PIM runs it; "
+        "default: the crossover where PIM stops being faster than the GPU",
+    )
+    compute_dtype: Dtype | None = Field(None, description="PIM compute dtype (default: workload)")
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, value: Any) -> Any:
+        spec = _resolver("devices")(value)
+        if isinstance(spec, GpuSpec):
+            raise ValueError(f"{spec.name} is a {spec.type}, not a pim or cim part")
+        return spec
+
+    @model_validator(mode="after")
+    def _link(self) -> PimConfig:
+        catalog.link(self.device.host_link)  # unknown link: ValueError naming the known ones
+        return self
+
+
 class Scenario(Config):
     """A complete, validated simulation input."""
 
@@ -298,6 +334,7 @@ class Scenario(Config):
     workload: WorkloadConfig
     routing: RoutingConfig = RoutingConfig()
     sim: SimConfig = SimConfig()
+    pim: PimConfig | None = Field(None, description="processing-in-memory units per GPU")
 
     _model = field_validator("model", mode="before")(_resolver("models"))
 
@@ -341,6 +378,17 @@ class Scenario(Config):
             raise ScenarioError("routing.gating", "expert_choice cannot be node/device limited")
         if r.replicate_hot > m.n_experts:
             raise ScenarioError("routing.replicate_hot", "more replicas than experts")
+        pim = self.pim
+        if pim is not None:  # processing in memory (moesim/pim.py)
+            cdt = pim.compute_dtype or self.workload.dtypes.compute
+            if cdt not in pim.device.peak_flops_per_s:
+                have = ", ".join(sorted(pim.device.peak_flops_per_s))
+                raise ScenarioError(
+                    "pim.compute_dtype", f"{pim.device.name} computes {have}, not {cdt}"
+                )
+            if self.workload.phase not in ("prefill", "decode") and pim.policy != "gpu_only":
+                raise ScenarioError("pim.policy", "PIM placement models prefill and decode only")
+            object.__setattr__(self, "pim", pim.model_copy(update={"compute_dtype": cdt}))
         dev = self.cluster.device
         resolved = {
             "intra_node": topo.intra_node or dev.intra_node_topology,

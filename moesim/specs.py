@@ -7,7 +7,7 @@ second, per direction), ``_flops_per_s``, ``_w``.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
@@ -150,6 +150,15 @@ class GpuSpec(Spec):
     intra_node_link: str = "nvlink4"
     intra_node_topology: Literal["nvswitch", "full_mesh", "ring", "pcie", "bus"] = "nvswitch"
     power_w: float | None = None
+    energy_pj_per_flop: float = Field(
+        0.0, ge=0, description="dynamic energy per FLOP (energy model; 0 = not modelled)"
+    )
+    memory_energy_pj_per_bit: float = Field(
+        0.0, ge=0, description="DRAM energy per bit read or written (0 = not modelled)"
+    )
+    idle_power_w: float = Field(
+        0.0, ge=0, description="static power drawn for the whole step (0 = not modelled)"
+    )
     sources: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -169,8 +178,72 @@ class GpuSpec(Spec):
         raise ValueError(f"device {self.name} has no peak for {dtype}")
 
 
-DeviceSpec = GpuSpec
-"""Union of device kinds; PIM devices join it with their own ``type``."""
+class PimSpec(Spec):
+    """A processing-in-memory part (``pim``: compute units beside the DRAM banks, e.g. HBM-PIM,
+    GDDR6-AiM) or a weight-stationary compute-in-memory accelerator (``cim``).
+
+    One *unit* as attached to a GPU (a stack, a chip or a card); a scenario attaches
+    ``pim.units_per_gpu`` of them. Weights placed on it are read by its compute units at
+    ``internal_bandwidth_bytes_per_s`` (``cim``: in place, at no bandwidth cost); activations
+    cross ``external_bandwidth_bytes_per_s`` over ``host_link`` (see moesim/hardware/pim.py).
+    """
+
+    type: Literal["pim", "cim"] = "pim"
+    name: str = "custom-pim"
+    description: str = ""
+    capacity_bytes: PositiveFloat
+    internal_bandwidth_bytes_per_s: PositiveFloat | None = Field(
+        None,
+        description="bank-level bandwidth seen by the compute units, all banks (pim; "
+        "weight-stationary cim parts keep operands in their arrays and need none)",
+    )
+    external_bandwidth_bytes_per_s: PositiveFloat = Field(
+        description="off-chip pin bandwidth per direction (activations in and out)"
+    )
+    peak_flops_per_s: dict[str, PositiveFloat] = Field(
+        description="peak per supported compute dtype; other dtypes are not supported"
+    )
+    compute_efficiency: float = Field(1.0, gt=0, le=1, description="fraction of peak FLOP/s")
+    memory_efficiency: float = Field(
+        1.0, gt=0, le=1, description="fraction of internal bandwidth a streaming kernel reaches"
+    )
+    command_overhead_s: float = Field(
+        0.0, ge=0, description="fixed cost per kernel (host command sequence, mode switches)"
+    )
+    weight_stationary: bool = Field(
+        False, description="cim: weights stay in the compute arrays (no weight traffic)"
+    )
+    host_link: str = Field(description="links.yaml entry joining the unit to its GPU")
+    energy_pj_per_bit_internal: float = Field(
+        0.0, ge=0, description="bank to compute unit (the host link's energy covers the pins)"
+    )
+    energy_pj_per_flop: float = Field(0.0, ge=0, description="per FLOP (or integer op)")
+    adc_energy_pj_per_flop: float = Field(
+        0.0, ge=0, description="cim: analog/digital conversion energy, amortised per op"
+    )
+    idle_power_w: float = Field(0.0, ge=0, description="static power per unit")
+    sources: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> PimSpec:
+        unknown = set(self.peak_flops_per_s) - set(DTYPE_BYTES)
+        if unknown:
+            raise ValueError(f"peak_flops_per_s has unknown dtypes {sorted(unknown)}")
+        if self.internal_bandwidth_bytes_per_s is None and not self.weight_stationary:
+            raise ValueError("internal_bandwidth_bytes_per_s is required unless weight_stationary")
+        return self
+
+    def flops_per_s(self, dtype: str) -> float:
+        """Peak for ``dtype``; no fallback: a PIM unit computes only the dtypes it has."""
+        if dtype not in self.peak_flops_per_s:
+            raise ValueError(
+                f"{self.name} computes {', '.join(sorted(self.peak_flops_per_s))}, not {dtype}"
+            )
+        return self.peak_flops_per_s[dtype]
+
+
+DeviceSpec = Annotated[GpuSpec | PimSpec, Field(discriminator="type")]
+"""Union of device kinds, told apart by ``type``: ``gpu``/``cpu`` or ``pim``/``cim``."""
 
 
 class LinkSpec(Spec):
@@ -180,4 +253,7 @@ class LinkSpec(Spec):
     description: str = ""
     bandwidth_bytes_per_s: PositiveFloat
     latency_s: float = Field(ge=0)
+    energy_pj_per_bit: float = Field(
+        0.0, ge=0, description="energy per bit carried, end to end of the hop (0 = not modelled)"
+    )
     sources: dict[str, str] = Field(default_factory=dict)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from moesim.hardware.pim import weight_bytes
 from moesim.hardware.roofline import op_kernels, op_time_split
 from moesim.model import (
     Bytes,
@@ -31,6 +32,7 @@ from moesim.model import (
     router_ops,
     unpermute_ops,
 )
+from moesim.pim import PimWork, apply_memory, split_attention, split_experts
 from moesim.placement import base_placement, replicate_hot, share_matrix, split_integer
 from moesim.routing import layer_probabilities, load_trace, route_layer
 from moesim.scenario import Scenario, ScenarioError
@@ -80,6 +82,8 @@ class LayerPlan:
     cross_node_pairs: int = 0
     local_experts: np.ndarray | None = None
     balance_history: np.ndarray | None = None
+    pim: PimWork | None = None  # work on the processing-in-memory units (moesim/pim.py)
+    expert_weight_bytes: np.ndarray | None = None  # expert weights the GPU reads (energy)
 
     @property
     def combine(self) -> Traffic | None:
@@ -97,6 +101,7 @@ class WorkloadPlan:
     lm_head_s: np.ndarray
     memory_bytes: dict[str, np.ndarray] = field(default_factory=dict)
     lm_head_measured_s: np.ndarray | None = None
+    pim_memory_bytes: dict[str, np.ndarray] = field(default_factory=dict)  # on PIM units
 
     def measured_fraction(self) -> float:
         """Share of all devices' compute seconds that came from measured kernel tables."""
@@ -183,13 +188,15 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
     layer_seeds = root.spawn(m.n_layers)
     layers: list[LayerPlan] = []
     cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    pim_attention: dict[str, PimWork | None] = {}
     moe_index = 0
     for i in range(m.n_layers):
         kind = m.attention_kind(i)
         if kind not in cache:
-            cache[kind] = _time(
-                dev, attention_ops(m, kind, seqs_dev, new_per_seq, context, tp, b), cdt
+            att_ops, pim_attention[kind] = split_attention(
+                sc, kind, attention_ops(m, kind, seqs_dev, new_per_seq, context, tp, b), n_dev
             )
+            cache[kind] = _time(dev, att_ops, cdt)
         att_s, att_f, att_m = cache[kind]
         compute_s = {"attention": att_s}
         flops = {"attention": att_f}
@@ -200,6 +207,7 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
             full = tokens_dp[replica] * act_bytes_per_token
             tp_comm = _ring(rows, 2.0 * (tp - 1) / tp * full, 2 * (tp - 1))
         lp = LayerPlan(i, kind, m.is_moe(i), compute_s, flops, tp_comm, measured_s=measured)
+        lp.pim = pim_attention[kind]
         if not m.is_moe(i):
             compute_s["dense_ffn"], flops["dense_ffn"], measured["dense_ffn"] = _time(
                 dev,
@@ -267,7 +275,8 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
         arriving = _conserve(arriving, kept.sum(axis=0))
         per_rank = split_integer(arriving, share[None, :, :])  # [group, expert, rank]
         load = per_rank[group, :, ep_rank]  # [device, expert]
-        ops = expert_ops(load, m.d_model, d_ff_local, b)
+        gpu_load = split_experts(sc, lp, load, expected, share, d_ff_local, b)  # rest on PIM
+        ops = expert_ops(gpu_load, m.d_model, d_ff_local, b)
         split = [op_time_split(dev, op, cdt, launches=False) for op in ops]
         per_expert = sum(t for t, _ in split)
         measured["experts"] = sum(mt for _, mt in split).sum(axis=1)
@@ -275,11 +284,12 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
         # kernel timed from a measured table already includes its launch
         launch_s = np.zeros(n_dev)
         for op, (_, measured_part) in zip(ops, split, strict=True):
-            roofline = (load > 0) & (measured_part == 0)
+            roofline = (gpu_load > 0) & (measured_part == 0)
             count = roofline.any(axis=1) if dev.grouped_experts else roofline.sum(axis=1)
             launch_s += count * op_kernels(dev, op) * dev.kernel_launch_s
         compute_s["experts"] = per_expert.sum(axis=1) + launch_s
         flops["experts"] = sum(np.asarray(op.flops) for op in ops).sum(axis=1)
+        lp.expert_weight_bytes = sum(weight_bytes(op, b.expert_weights) for op in ops).sum(axis=1)
         # dispatch: tokens from each source to each (group, EP rank), to every etp shard
         to_rank = kept.astype(float) @ share  # [source, rank]
         weights = (to_groups[:, :, None] * to_rank[:, None, :]).reshape(n_dev, edp * ep)
@@ -310,6 +320,7 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
     lm_s, _, lm_measured = _time(dev, [lm_head_ops(m, last_tokens, tp, b)], cdt)
     plan = WorkloadPlan(sc, n_dev, wl.tokens, layers, lm_s, lm_head_measured_s=lm_measured)
     plan.memory_bytes = _memory(sc, b, seqs_dev, tokens_dp[replica], tokens_dev, layers)
+    apply_memory(sc, plan, b)  # what lives on PIM units leaves the GPU (moesim/pim.py)
     _check_fits(sc, plan)
     return plan
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from moesim.specs import GpuSpec, LinkSpec, ModelSpec
+from moesim.specs import GpuSpec, LinkSpec, ModelSpec, PimSpec
 
 _KINDS = {"models": ModelSpec, "devices": GpuSpec, "links": LinkSpec}
 
@@ -39,6 +39,8 @@ def lookup(kind: str, name: str, **overrides: Any) -> ModelSpec | GpuSpec | Link
             **entries[name].get("sources", {}),
             **{k: "scenario override" for k in overrides if k != "sources"},
         }
+    if kind == "devices" and data.get("type") in ("pim", "cim"):
+        return PimSpec.model_validate(data)
     return _KINDS[kind].model_validate(data)
 
 
@@ -50,6 +52,14 @@ def model(name: str, **overrides: Any) -> ModelSpec:
 def device(name: str, **overrides: Any) -> GpuSpec:
     """A catalog device, e.g. ``device("h100-sxm")``."""
     return lookup("devices", name, **overrides)  # type: ignore[return-value]
+
+
+def pim(name: str, **overrides: Any) -> PimSpec:
+    """A catalog processing-in-memory part, e.g. ``pim("hbm-pim-aquabolt-xl")``."""
+    spec = lookup("devices", name, **overrides)
+    if not isinstance(spec, PimSpec):
+        raise ValueError(f"device '{name}' is a {spec.type}, not a pim or cim part")
+    return spec
 
 
 def link(name: str, **overrides: Any) -> LinkSpec:

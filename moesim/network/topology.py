@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 import numpy as np
 
-from moesim.scenario import ClusterConfig, TopologyConfig
+from moesim.scenario import ClusterConfig, PimConfig, TopologyConfig
 
 
 @dataclass
@@ -160,8 +160,31 @@ class _Builder:
         return lid
 
 
-def build_topology(cluster: ClusterConfig, topo: TopologyConfig) -> Topology:
-    """Build the graph and routing tables for a cluster (topology fields already resolved)."""
+def attach_pim(
+    b: _Builder, t: dict[str, np.ndarray], n_devices: int, n: int, pim: PimConfig
+) -> None:
+    """A PIM node per device (``n{a}.d{j}.pim``: its ``units_per_gpu`` units) joined by one
+    link each way of kind ``pim``: ``units x min(unit pins, host link)`` bytes/s, the host
+    link's latency (moesim/hardware/pim.py). Links are appended after all others, so device
+    pairs route exactly as without PIM; ``t["pim_up"][g]`` / ``t["pim_down"][g]`` are the ids."""
+    from moesim import catalog
+    from moesim.hardware.pim import link_bandwidth_bytes_per_s
+
+    link = catalog.link(pim.device.host_link)
+    bw = link_bandwidth_bytes_per_s(pim.device, link, pim.units_per_gpu)
+    t["pim_up"], t["pim_down"] = np.empty(n_devices, np.int64), np.empty(n_devices, np.int64)
+    for g in range(n_devices):
+        dev, unit = f"n{g // n}.d{g % n}", f"n{g // n}.d{g % n}.pim"
+        b.graph.add_node(unit, kind="pim", device=g)
+        t["pim_up"][g] = b.link(dev, unit, "pim", bw, link.latency_s)
+        t["pim_down"][g] = b.link(unit, dev, "pim", bw, link.latency_s)
+
+
+def build_topology(
+    cluster: ClusterConfig, topo: TopologyConfig, pim: PimConfig | None = None
+) -> Topology:
+    """Build the graph and routing tables for a cluster (topology fields already resolved);
+    with ``pim``, each device's PIM units too (:func:`attach_pim`)."""
     nodes, n = cluster.nodes, cluster.devices_per_node
     intra_link, intra_kind = topo.intra_node_link, topo.intra_node
     b = _Builder()
@@ -252,6 +275,8 @@ def build_topology(cluster: ClusterConfig, topo: TopologyConfig) -> Topology:
                     b.graph.add_node("spine", kind="switch")
                     t["leaf_up"][leaf] = b.link(sw, "spine", "spine", uplink_bw, nl)
                     t["leaf_down"][leaf] = b.link("spine", sw, "spine", uplink_bw, nl)
+    if pim is not None:
+        attach_pim(b, t, nodes * n, n, pim)
     return Topology(
         graph=b.graph,
         nodes=nodes,
