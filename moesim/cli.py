@@ -55,6 +55,25 @@ def _print_summary(summary: dict) -> None:
         f"memory            {mem['max_used_bytes'] / 1e9:.1f} of "
         f"{mem['capacity_bytes'] / 1e9:.1f} GB on the fullest device"
     )
+    pim = s.get("pim")
+    if pim:
+        threshold = pim["token_threshold"]
+        print(
+            f"pim               {pim['units_per_gpu']} x {pim['device']} per GPU, policy "
+            f"{pim['policy']}"
+            + (f" (at most {threshold} tokens)" if threshold is not None else "")
+            + f", busy {_fmt_s(pim['max_busy_s'])}, {pim['max_used_bytes'] / 1e9:.1f} of "
+            f"{pim['capacity_bytes'] / 1e9:.1f} GB"
+        )
+    energy = s.get("energy_j")
+    if energy:
+        total = energy["total"]
+        top = sorted(energy["breakdown"].items(), key=lambda kv: -kv[1])[:3]
+        shares = ", ".join(f"{k} {v / total:.0%}" for k, v in top) if total > 0 else ""
+        print(
+            f"energy            {total:.3f} J per step, {energy['per_token']:.4f} J "
+            f"per token ({shares})"
+        )
     print(f"simulated in      {s['sim']['wall_s']:.2f} s wall, {s['sim']['events']:,} events")
 
 
