@@ -211,8 +211,8 @@ def apply_memory(sc: Scenario, plan, b: Bytes) -> None:
             f"does not fit: the {pc.units_per_gpu} x {pc.device.name} of GPU "
             f"n{worst // n}.d{worst % n} must hold {_size(used[worst])} (expert weights "
             f"{_size(weights[worst])}, kv_cache {_size(kv[worst])}) but they hold "
-            f"{_size(cap)} (short by {_size(used[worst] - cap)}); add pim.units_per_gpu, "
-            f"use smaller dtypes or policy cold_experts",
+            f"{_size(cap)} (short by {_size(used[worst] - cap)}); add pim.units_per_gpu or "
+            f"use smaller dtypes",
         )
 
 
