@@ -55,6 +55,7 @@ def maxmin_rates(
     eps = 1e-9 * float(weight.min())
     alive = np.flatnonzero(load > eps)
     frozen = np.zeros(n_flows, dtype=bool)
+    stamp = np.empty(n_flows, dtype=np.int64)
     level = 0.0
     while len(alive):
         share = cap[alive] / load[alive]
@@ -67,8 +68,9 @@ def maxmin_rates(
         idx = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())
         new = flows_by_link[idx]
         new = new[~frozen[new]]
-        if len(new) > 1:
-            new = np.unique(new)
+        if len(new) > 1:  # drop duplicates (a flow on two saturated links): keep last stamp
+            stamp[new] = np.arange(len(new))
+            new = new[stamp[new] == np.arange(len(new))]
         frozen[new] = True
         rows = paths[new]
         ok = rows >= 0
@@ -78,9 +80,7 @@ def maxmin_rates(
         else:
             rate[new] = level * weight[new]
             load -= np.bincount(
-                rows[ok],
-                weights=np.broadcast_to(weight[new][:, None], rows.shape)[ok],
-                minlength=n_links,
+                rows[ok], weights=np.repeat(weight[new], ok.sum(axis=1)), minlength=n_links
             )
         load[sat] = 0.0
         alive = alive[load[alive] > eps]
@@ -88,9 +88,18 @@ def maxmin_rates(
 
 
 @dataclass
-class _Group:
-    remaining: int
-    event: simpy.Event
+class _Block:
+    """Slots (flows that may receive bytes from several senders) registered together."""
+
+    paths: np.ndarray
+    latency_s: np.ndarray
+    cap_min: np.ndarray  # slowest link on each slot's path (lower bound on its duration)
+    group_ptr: np.ndarray  # CSR: slot -> global group ids it feeds
+    groups: np.ndarray
+    contributors_left: np.ndarray
+    pos: np.ndarray  # index in the active arrays, -1 while idle
+    slots_left: int
+    open: bool = True  # some sender has yet to contribute
 
 
 @dataclass
@@ -105,9 +114,17 @@ class LinkStats:
 class FluidNetwork:
     """Flows between devices over a :class:`Topology`, sharing links max-min fairly.
 
-    Senders call :meth:`send` with arrays of (src, dst, bytes) for one *group* (e.g. all
-    dispatch traffic into one device for one layer, registered with :meth:`group`); the group's
-    event succeeds when its last flow has arrived.
+    Traffic is registered as a *block* of slots (:meth:`add_block`): each slot is one flow
+    on one path that one or more senders fill (:meth:`contribute`); it feeds one or more
+    receiver *groups* (:meth:`group`), whose event succeeds when every slot feeding them has
+    received its last contribution and delivered it. A slot that drains before its last
+    contribution idles until the next one. :meth:`send` is the one-sender shortcut.
+
+    New contributions are admitted together: each waits at most ``tolerance`` times the
+    shortest time its sender's contribution could take (its longest flow alone: bytes over
+    the slowest link on the path plus path latency), so nearly simultaneous senders cost one
+    re-solve; a flow admitted late is then credited with what its first fair rate would
+    have carried while it waited.
     """
 
     def __init__(
@@ -122,33 +139,99 @@ class FluidNetwork:
         n_links = topology.n_links
         self.stats = LinkStats(np.zeros(n_links), np.zeros(n_links))
         self.record_intervals = record_intervals
-        self._groups: dict[int, _Group] = {}
+        # receiver groups: slots still to deliver, latest arrival so far, completion event
+        self._group_left = np.zeros(1024, dtype=np.int64)
+        self._group_at = np.zeros(1024)
+        self._group_event: dict[int, simpy.Event] = {}
         self._next_group = 0
-        self._pending: list[tuple[np.ndarray, ...]] = []
-        self._paths = np.zeros((0, 0), dtype=np.int64)
+        self._blocks: dict[int, _Block] = {}
+        self._next_block = 0
+        self._pending: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, float]] = []
+        self._waited = np.zeros(0)  # seconds a just-admitted flow waited to be admitted
+        self._admit_at = np.inf
+        # active flows (one per busy slot)
+        self._blk = np.zeros(0, dtype=np.int64)
+        self._loc = np.zeros(0, dtype=np.int64)
+        self._paths = np.zeros((0, 1), dtype=np.int64)
         self._remaining = np.zeros(0)
+        self._weight = np.zeros(0)
         self._rate = np.zeros(0)
         self._start = np.zeros(0)
         self._latency = np.zeros(0)
-        self._gid = np.zeros(0, dtype=np.int64)
         self._link_active = np.zeros(n_links, dtype=bool)
         self._link_since = np.zeros(n_links)
         self._last_t = 0.0
         self._wake = env.event()
+        self._sleeping = False
+        self._wake_at = np.inf
         self.solves = 0
         env.process(self._run())
 
     # -- API for senders -------------------------------------------------------------------
-    def group(self, n_flows: int) -> tuple[int, simpy.Event]:
-        """Register a group expecting ``n_flows`` flows; its event fires when all arrived."""
+    def group(self, n_slots: int) -> tuple[int, simpy.Event]:
+        """Register a group fed by ``n_slots`` slots; its event fires when all delivered."""
         gid = self._next_group
         self._next_group += 1
         event = self.env.event()
-        if n_flows == 0:
+        if n_slots == 0:
             event.succeed()
-        else:
-            self._groups[gid] = _Group(n_flows, event)
+            return gid, event
+        if gid >= len(self._group_left):
+            self._group_left = np.concatenate([self._group_left, np.zeros_like(self._group_left)])
+            self._group_at = np.concatenate([self._group_at, np.zeros_like(self._group_at)])
+        self._group_left[gid] = n_slots
+        self._group_at[gid] = 0.0
+        self._group_event[gid] = event
         return gid, event
+
+    def add_block(
+        self,
+        paths: np.ndarray,
+        latency_s: np.ndarray,
+        group_ptr: np.ndarray,
+        groups: np.ndarray,
+        contributors: np.ndarray,
+    ) -> int:
+        """Register slots (``[S, H]`` link ids, -1 padded) and the groups each feeds (CSR)."""
+        cap = np.where(paths >= 0, self.capacity[np.maximum(paths, 0)], np.inf)
+        bid = self._next_block
+        self._next_block += 1
+        self._blocks[bid] = _Block(
+            paths=paths,
+            latency_s=np.asarray(latency_s, float),
+            cap_min=cap.min(axis=1) if paths.shape[1] else np.full(len(paths), np.inf),
+            group_ptr=group_ptr,
+            groups=groups,
+            contributors_left=np.asarray(contributors, np.int64).copy(),
+            pos=np.full(len(paths), -1, dtype=np.int64),
+            slots_left=len(paths),
+        )
+        return bid
+
+    def contribute(
+        self, block: int, slots: np.ndarray, nbytes: np.ndarray, weight: np.ndarray
+    ) -> None:
+        """One sender's bytes into ``slots`` of ``block`` (each slot once per sender)."""
+        if len(slots) == 0:
+            return
+        blk = self._blocks[block]
+        nbytes = np.asarray(nbytes, float)
+        rows = blk.paths[slots]
+        valid = rows >= 0
+        self.stats.bytes_carried += np.bincount(
+            rows[valid],
+            weights=np.broadcast_to(nbytes[:, None], rows.shape)[valid],
+            minlength=self.topology.n_links,
+        )
+        self._pending.append(
+            (block, np.asarray(slots), nbytes, np.asarray(weight, float), self.env.now)
+        )
+        # the contribution cannot finish sooner than its longest flow alone would take
+        floor_s = float(np.max(nbytes / blk.cap_min[slots] + blk.latency_s[slots]))
+        self._admit_at = min(self._admit_at, self.env.now + self.tolerance * floor_s)
+        # wake the network only if it would otherwise sleep past the admission time
+        if self._sleeping and self._admit_at < self._wake_at and not self._wake.triggered:
+            self._wake.succeed()
 
     def send(
         self,
@@ -158,26 +241,15 @@ class FluidNetwork:
         gid: np.ndarray,
         latency_steps: float = 1.0,
     ) -> None:
-        """Start flows now. ``latency_steps`` multiplies path latency (ring collectives)."""
+        """Start one flow per (src, dst) now, each feeding group ``gid``; ``latency_steps``
+        multiplies path latency (ring collectives)."""
         paths = self.topology.routes(src, dst)
         latency = self.topology.path_latency_s(paths) * latency_steps
-        self.send_routed(paths, np.asarray(nbytes, float), latency, np.asarray(gid))
-
-    def send_routed(
-        self, paths: np.ndarray, nbytes: np.ndarray, latency_s: np.ndarray, gid: np.ndarray
-    ) -> None:
-        """Start flows whose paths (``[F, H]`` link ids, -1 padded) are already routed."""
-        if len(nbytes) == 0:
-            return
-        valid = paths >= 0
-        self.stats.bytes_carried += np.bincount(
-            paths[valid],
-            weights=np.broadcast_to(nbytes[:, None], paths.shape)[valid],
-            minlength=self.topology.n_links,
+        n = len(paths)
+        bid = self.add_block(
+            paths, latency, np.arange(n + 1), np.asarray(gid, np.int64), np.ones(n, np.int64)
         )
-        self._pending.append((paths, nbytes, latency_s, gid))
-        if not self._wake.triggered:
-            self._wake.succeed()
+        self.contribute(bid, np.arange(n), nbytes, np.ones(n))
 
     def close_intervals(self) -> None:
         """End the busy intervals of links still marked active (call after the run)."""
@@ -190,19 +262,26 @@ class FluidNetwork:
     def _run(self):
         env = self.env
         while True:
-            if len(self._remaining) == 0 and not self._pending:
-                self._wake = env.event()
-                yield self._wake
-                yield env.timeout(0)  # let senders at the same instant join this batch
             self._advance()
-            self._admit()
-            self._retire()
-            self._solve()
-            self._wake = env.event()
+            changed = False
+            if self._pending and env.now >= self._admit_at:
+                self._admit()
+                changed = True
+            changed |= self._retire()
+            if changed:
+                self._solve()
+                self._backdate()
+            wait = self._admit_at - env.now
             if len(self._remaining):
-                dt = float(np.min(self._remaining / self._rate))
-                yield env.any_of([env.timeout(max(dt, 0.0)), self._wake])
-            # else: loop back and sleep until woken
+                wait = min(wait, float(np.min(self._remaining / self._rate)))
+            self._wake = env.event()
+            self._sleeping = True
+            self._wake_at = env.now + max(wait, 0.0)
+            if np.isfinite(wait):
+                yield env.any_of([env.timeout(max(wait, 0.0)), self._wake])
+            else:
+                yield self._wake
+            self._sleeping = False
 
     def _advance(self) -> None:
         now = self.env.now
@@ -213,68 +292,137 @@ class FluidNetwork:
         self._last_t = now
 
     def _admit(self) -> None:
-        if not self._pending:
+        """Add pending bytes to their slots: a busy slot's flow grows, an idle slot starts."""
+        now = self.env.now
+        new = []
+        by_block: dict[int, list] = {}
+        for item in self._pending:
+            by_block.setdefault(item[0], []).append(item)
+        for block, items in by_block.items():
+            blk = self._blocks[block]
+            slots, inverse = np.unique(np.concatenate([x[1] for x in items]), return_inverse=True)
+            nbytes = np.bincount(inverse, np.concatenate([x[2] for x in items]), len(slots))
+            weight = np.bincount(inverse, np.concatenate([x[3] for x in items]), len(slots))
+            sent = np.full(len(slots), np.inf)
+            np.minimum.at(sent, inverse, np.concatenate([np.full(len(x[1]), x[4]) for x in items]))
+            np.subtract.at(blk.contributors_left, slots[inverse], 1)
+            blk.open = bool(blk.contributors_left.any())
+            pos = blk.pos[slots]
+            busy = pos >= 0
+            self._remaining[pos[busy]] += nbytes[busy]
+            self._weight[pos[busy]] += weight[busy]
+            idle = ~busy
+            if idle.any():
+                new.append((block, slots[idle], nbytes[idle], weight[idle], sent[idle]))
+        self._pending = []
+        self._admit_at = np.inf
+        if not new:
             return
-        batches = [(self._paths, self._remaining, self._latency, self._gid), *self._pending]
-        width = max(b[0].shape[1] for b in batches)
+        base = len(self._remaining)
+        blks = [np.full(len(x[1]), x[0], dtype=np.int64) for x in new]
+        locs = [x[1] for x in new]
+        paths = [self._blocks[x[0]].paths[x[1]] for x in new]
+        width = max(self._paths.shape[1], *(p.shape[1] for p in paths))
         self._paths = np.concatenate(
             [
-                np.pad(b[0], ((0, 0), (0, width - b[0].shape[1])), constant_values=-1)
-                for b in batches
+                np.pad(p, ((0, 0), (0, width - p.shape[1])), constant_values=-1)
+                for p in [self._paths, *paths]
             ]
         )
-        self._remaining = np.concatenate([b[1] for b in batches])
-        self._latency = np.concatenate([b[2] for b in batches])
-        self._gid = np.concatenate([b[3] for b in batches])
-        new = sum(len(b[1]) for b in self._pending)
-        self._start = np.concatenate([self._start, np.full(new, self.env.now)])
-        self._rate = np.concatenate([self._rate, np.zeros(new)])
-        self._pending = []
+        self._blk = np.concatenate([self._blk, *blks])
+        self._loc = np.concatenate([self._loc, *locs])
+        self._remaining = np.concatenate([self._remaining, *(x[2] for x in new)])
+        self._weight = np.concatenate([self._weight, *(x[3] for x in new)])
+        lat = [self._blocks[x[0]].latency_s[x[1]] for x in new]
+        self._latency = np.concatenate([self._latency, *lat])
+        added = len(self._remaining) - base
+        sent = np.concatenate([x[4] for x in new])
+        self._start = np.concatenate([self._start, sent])
+        self._rate = np.concatenate([self._rate, np.zeros(added)])
+        self._waited = np.concatenate([self._waited, now - sent])
+        offset = base
+        for b, s, _, _, _ in new:
+            self._blocks[b].pos[s] = np.arange(offset, offset + len(s))
+            offset += len(s)
 
-    def _retire(self) -> None:
+    def _backdate(self) -> None:
+        """Credit flows admitted late (see class docstring) with what their first fair rate
+        would have carried since they were sent, so batching admissions adds no delay."""
+        idx = np.flatnonzero(self._waited > 0)
+        if len(idx):
+            credit = self._rate[idx] * self._waited[idx]
+            self._remaining[idx] = np.maximum(self._remaining[idx] - credit, 0.0)
+        self._waited[:] = 0.0
+
+    def _retire(self) -> bool:
         """Finish flows whose remaining time is within ``tolerance`` of their end-to-end time
-        (age plus path latency), or ~0; each is delivered at its own finish time."""
+        (age plus path latency), or ~0. A finished slot with senders still to come idles;
+        otherwise it is delivered at its own finish time plus path latency."""
         if not len(self._remaining):
-            return
-        # a flow's end-to-end time so far is its age plus the latency still ahead of it
+            return False
         age = self.env.now - self._start + self._latency
         slack = self._rate * self.tolerance * age + 1e-9
         done = self._remaining <= slack
         if not done.any():
-            return
-        # deliver each retiring flow at its own finish time at the current rate (no bias)
-        finish = self._remaining[done] / np.where(self._rate[done] > 0, self._rate[done], np.inf)
-        lat, gids = self._latency[done] + np.maximum(finish, 0.0), self._gid[done]
-        for value in np.unique(lat):
-            arriving = gids[lat == value]
-            if value > 0:
-                ev = self.env.timeout(value)
-                ev.callbacks.append(lambda _e, g=arriving: self._deliver(g))
-            else:
-                self._deliver(arriving)
+            return False
+        idx = np.flatnonzero(done)
+        finish = self._remaining[idx] / np.where(self._rate[idx] > 0, self._rate[idx], np.inf)
+        delay = self._latency[idx] + np.maximum(finish, 0.0)
+        blk_ids, locs = self._blk[idx], self._loc[idx]
+        for b in np.unique(blk_ids).tolist():
+            sel = blk_ids == b
+            blk = self._blocks[b]
+            s = locs[sel]
+            blk.pos[s] = -1
+            final = blk.contributors_left[s] == 0
+            s, d = s[final], delay[sel][final]
+            if not len(s):
+                continue
+            blk.slots_left -= len(s)
+            starts, lens = blk.group_ptr[s], blk.group_ptr[s + 1] - blk.group_ptr[s]
+            gidx = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())
+            self._arrive(blk.groups[gidx], self.env.now + np.repeat(d, lens))
+            if blk.slots_left == 0:
+                del self._blocks[b]
         keep = ~done
         self._paths, self._remaining = self._paths[keep], self._remaining[keep]
         self._rate, self._start = self._rate[keep], self._start[keep]
-        self._latency, self._gid = self._latency[keep], self._gid[keep]
+        self._latency, self._weight = self._latency[keep], self._weight[keep]
+        self._blk, self._loc = self._blk[keep], self._loc[keep]
+        self._waited = self._waited[keep]
+        # positions of the flows that stay, in blocks that can still receive bytes
+        for b, blk in self._blocks.items():
+            if blk.open:
+                sel = np.flatnonzero(self._blk == b)
+                blk.pos[self._loc[sel]] = sel
+        return True
 
-    def _deliver(self, gids: np.ndarray) -> None:
+    def _arrive(self, gids: np.ndarray, at_s: np.ndarray) -> None:
+        """Count slots delivered to their groups (arriving at ``at_s``); a group whose last
+        slot is in gets one event, at its latest arrival."""
+        np.maximum.at(self._group_at, gids, at_s)
         ids, counts = np.unique(gids, return_counts=True)
-        for gid, n in zip(ids.tolist(), counts.tolist(), strict=True):
-            grp = self._groups[gid]
-            grp.remaining -= n
-            if grp.remaining == 0:
-                del self._groups[gid]
-                grp.event.succeed()
+        self._group_left[ids] -= counts
+        for gid in ids[self._group_left[ids] == 0].tolist():
+            event = self._group_event.pop(gid)
+            delay = max(float(self._group_at[gid]) - self.env.now, 0.0)
+            if delay > 0:
+                self.env.timeout(delay).callbacks.append(lambda _e, ev=event: ev.succeed())
+            else:
+                event.succeed()
 
     def _solve(self) -> None:
         self.solves += 1
+        active = np.zeros(self.topology.n_links, dtype=bool)
         if len(self._remaining):
-            self._rate = maxmin_rates(self._paths, self.capacity, tolerance=self.tolerance)
-            valid = self._paths >= 0
-            active = np.zeros(self.topology.n_links, dtype=bool)
-            active[self._paths[valid]] = True
-        else:
-            active = np.zeros(self.topology.n_links, dtype=bool)
+            unit = bool(np.all(self._weight == 1.0))
+            self._rate = maxmin_rates(
+                self._paths,
+                self.capacity,
+                weight=None if unit else self._weight,
+                tolerance=self.tolerance,
+            )
+            active[self._paths[self._paths >= 0]] = True
         if self.record_intervals:
             now = self.env.now
             ended = self._link_active & ~active
