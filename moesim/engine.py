@@ -18,7 +18,9 @@ import simpy
 from tqdm import tqdm
 
 from moesim.network import FluidNetwork, Topology, build_topology
+from moesim.network.aggregate import FlowPattern, PatternCache
 from moesim.network.fluid import LinkStats
+from moesim.collectives import scaled
 from moesim.workload import LayerPlan, Traffic, WorkloadPlan
 
 COMPUTE_PHASES = (
@@ -32,6 +34,10 @@ COMPUTE_PHASES = (
     "lm_head",
 )
 COMM_PHASES = ("tp_comm", "dispatch", "combine", "pim")  # pim: waiting for PIM units
+TRAIN_COMPUTE_PHASES = tuple(f"{p}_bwd" for p in COMPUTE_PHASES) + ("recompute", "optimizer")
+TRAIN_COMM_PHASES = ("combine_bwd", "dispatch_bwd", "grad_reduce", "param_gather")
+COMPUTE_PHASES = COMPUTE_PHASES + TRAIN_COMPUTE_PHASES
+COMM_PHASES = COMM_PHASES + TRAIN_COMM_PHASES
 
 
 class CountingEnvironment(simpy.Environment):
@@ -68,13 +74,11 @@ class Recorder:
 
 @dataclass
 class _Prepared:
-    """A collective's flows routed once, sorted by source, with the group of each flow."""
+    """A collective mapped onto flows: its pattern, network block, bytes per contribution."""
 
-    paths: np.ndarray
-    latency_s: np.ndarray
+    pattern: FlowPattern
+    block: int
     nbytes: np.ndarray
-    gid: np.ndarray
-    offsets: np.ndarray
     events: list[simpy.Event]
     senders_left: int
 
@@ -92,6 +96,7 @@ class Engine:
         self.net = FluidNetwork(
             self.env, self.topology, sc.sim.network_tolerance, record_intervals=sc.sim.trace
         )
+        self.patterns = PatternCache(self.topology, sc.sim.aggregate)
         self.rec = Recorder(plan.n_devices, sc.sim.trace)
         self._prepared: dict[tuple[int, str], _Prepared] = {}
         show = sc.sim.progress if progress is None else progress
@@ -134,6 +139,9 @@ class Engine:
 
     def _device(self, g: int):
         env = self.env
+        if self.plan.train is not None:
+            yield from self._train_device(g)
+            return
         for lp in self.plan.layers:
             i = lp.index
             yield from self._compute(g, "attention", lp.compute_s["attention"][g], i)
@@ -164,6 +172,118 @@ class Engine:
         yield from self._compute(g, "lm_head", self.plan.lm_head_s[g], len(self.plan.layers))
         self.rec.finish_s[g] = env.now
 
+    # -- training step (workload.phase: train; moesim/training.py) ---------------------------
+    def _train_device(self, g: int):
+        """Micro-batches of forward then backward (layers reversed; full recomputation reruns
+        a layer's forward first), then gradient reduction, optimizer, weight all-gather.
+        Collective keys carry the pass, so passes of the same layer never share flows."""
+        plan, tr = self.plan, self.plan.train
+        n_layers = len(plan.layers)
+        step = LayerPlan(n_layers, "none", False, {}, {})  # step-level collectives
+        for mb in range(tr.micro_batches):
+            for lp in plan.layers:
+                yield from self._forward_layer(g, lp, f"f{mb}", recompute=False)
+            yield from self._compute(g, "lm_head", plan.lm_head_s[g], n_layers)
+            yield from self._compute(g, "lm_head_bwd", tr.lm_head_bwd_s[g], n_layers)
+            for lp, bl in zip(reversed(plan.layers), reversed(tr.backward), strict=True):
+                if tr.full_recompute:
+                    yield from self._forward_layer(g, lp, f"r{mb}", recompute=True)
+                yield from self._compute(g, "recompute", bl.recompute_s[g], lp.index)
+                yield from self._backward_layer(g, lp, bl.compute_s, f"b{mb}")
+        for k, traffic in enumerate(tr.grad_reduce):
+            yield from self._collective(g, step, f"grad{k}", "grad_reduce", traffic)
+        yield from self._compute(g, "optimizer", tr.optimizer_s[g], n_layers)
+        for k, traffic in enumerate(tr.param_gather):
+            yield from self._collective(g, step, f"gather{k}", "param_gather", traffic)
+        self.rec.finish_s[g] = self.env.now
+
+    def _collective(self, g: int, lp: LayerPlan, key: str, phase: str, traffic: Traffic):
+        """Send, wait for this device's inbound bytes, record the wait as ``phase``."""
+        arrived = self._send(g, lp, key, traffic)
+        start = self.env.now
+        yield arrived
+        self.rec.add(g, phase, start, self.env.now, lp.index)
+
+    def _forward_layer(self, g: int, lp: LayerPlan, tag: str, recompute: bool):
+        """One layer's forward in a training pass (``recompute``: its compute recorded as
+        ``recompute``, its collectives as usual)."""
+        i, cs = lp.index, lp.compute_s
+
+        def phase(name: str) -> str:
+            return "recompute" if recompute else name
+
+        yield from self._compute(g, phase("attention"), cs["attention"][g], i)
+        if lp.tp_comm is not None:
+            yield from self._collective(g, lp, f"tp/{tag}", "tp_comm", lp.tp_comm)
+        if lp.moe:
+            yield from self._compute(g, phase("router"), cs["router"][g], i)
+            yield from self._compute(g, phase("permute"), cs["permute"][g], i)
+            shared = cs["shared_experts"][g] if "shared_experts" in cs else 0.0
+            yield from self._moe_exchange(
+                g, lp, tag, ("dispatch", lp.dispatch), (phase("experts"), cs["experts"][g]),
+                ("combine", self.plan.train.combine[i]), (phase("shared_experts"), shared),
+            )  # fmt: skip
+            yield from self._compute(g, phase("unpermute"), cs["unpermute"][g], i)
+        else:
+            yield from self._compute(g, phase("dense_ffn"), cs["dense_ffn"][g], i)
+        if lp.tp_comm_after is not None:
+            yield from self._collective(g, lp, f"tpa/{tag}", "tp_comm", lp.tp_comm_after)
+
+    def _backward_layer(self, g: int, lp: LayerPlan, cs: dict, tag: str):
+        """One layer's backward: the forward in reverse; the combine's gradient travels the
+        dispatch's way (``combine_bwd``) and the dispatch's the combine's (``dispatch_bwd``)."""
+        i = lp.index
+        if lp.tp_comm_after is not None:
+            yield from self._collective(g, lp, f"tpa/{tag}", "tp_comm", lp.tp_comm_after)
+        if lp.moe:
+            yield from self._compute(g, "unpermute_bwd", cs["unpermute_bwd"][g], i)
+            shared = cs["shared_experts_bwd"][g] if "shared_experts_bwd" in cs else 0.0
+            yield from self._moe_exchange(
+                g, lp, tag, ("combine_bwd", lp.dispatch), ("experts_bwd", cs["experts_bwd"][g]),
+                ("dispatch_bwd", self.plan.train.combine[i]), ("shared_experts_bwd", shared),
+            )  # fmt: skip
+            yield from self._compute(g, "permute_bwd", cs["permute_bwd"][g], i)
+            yield from self._compute(g, "router_bwd", cs["router_bwd"][g], i)
+        else:
+            yield from self._compute(g, "dense_ffn_bwd", cs["dense_ffn_bwd"][g], i)
+        if lp.tp_comm is not None:
+            yield from self._collective(g, lp, f"tp/{tag}", "tp_comm", lp.tp_comm)
+        yield from self._compute(g, "attention_bwd", cs["attention_bwd"][g], i)
+
+    def _moe_exchange(self, g: int, lp: LayerPlan, tag: str, first, work, second, side):
+        """All-to-all ``first``, expert ``work``, all-to-all ``second``; ``side`` (shared
+        experts) runs while the first one's tokens travel. With ``chunks`` > 1 the tokens go
+        in chunks on a communication stream (first of every chunk, then second of every
+        chunk, each after its chunk's experts) while the compute stream runs each chunk's
+        experts once its tokens are in: chunk c's experts overlap chunk c+1's transfer."""
+        env, i = self.env, lp.index
+        chunks = self.plan.train.chunks
+        (p1, t1), (pw, sec), (p2, t2), (ps, side_s) = first, work, second, side
+        if chunks > 1:
+            t1, t2 = scaled(t1, 1.0 / chunks), scaled(t2, 1.0 / chunks)
+        got = [env.event() for _ in range(chunks)]
+        done = [env.event() for _ in range(chunks)]
+
+        def comm():
+            for c in range(chunks):
+                yield self._send(g, lp, f"{p1}/{tag}/{c}", t1)
+                got[c].succeed()
+            for c in range(chunks):
+                yield done[c]
+                yield self._send(g, lp, f"{p2}/{tag}/{c}", t2)
+
+        stream = env.process(comm())
+        yield from self._compute(g, ps, side_s, i)
+        for c in range(chunks):
+            start = env.now
+            yield got[c]
+            self.rec.add(g, p1, start, env.now, i)
+            yield from self._compute(g, pw, sec / chunks, i)
+            done[c].succeed()
+        start = env.now
+        yield stream
+        self.rec.add(g, p2, start, env.now, i)
+
     # -- processing in memory (moesim/pim.py) -----------------------------------------------
     def _pim_start(self, g: int, lp: LayerPlan, phase: str) -> simpy.Process | None:
         """Start device g's PIM work of ``phase`` in this layer, if any: activations in over
@@ -182,11 +302,13 @@ class Engine:
 
     def _pim_flow(self, link: int, nbytes: float) -> simpy.Event:
         gid, event = self.net.group(1 if nbytes > 0 else 0)
-        if nbytes > 0:  # one flow on one link
+        if nbytes > 0:  # one flow on one link (as FluidNetwork.send, with the path given)
             path = np.array([[link]], dtype=np.int64)
-            self.net.send_routed(
-                path, np.array([nbytes]), self.topology.latency_s[[link]], np.array([gid])
+            one = np.ones(1, np.int64)
+            block = self.net.add_block(
+                path, self.topology.latency_s[[link]], np.arange(2), np.array([gid]), one
             )
+            self.net.contribute(block, np.arange(1), np.array([nbytes]), np.ones(1))
         return event
 
     def _pim_wait(self, g: int, lp: LayerPlan, proc: simpy.Process | None):
@@ -207,10 +329,11 @@ class Engine:
 
     def _send(self, g: int, lp: LayerPlan, key: str, traffic: Traffic) -> simpy.Event:
         prep = self._prepare(lp, key, traffic)
-        lo, hi = prep.offsets[g], prep.offsets[g + 1]
+        pat = prep.pattern
+        lo, hi = pat.contrib_offsets[g], pat.contrib_offsets[g + 1]
         if hi > lo:
-            self.net.send_routed(
-                prep.paths[lo:hi], prep.nbytes[lo:hi], prep.latency_s[lo:hi], prep.gid[lo:hi]
+            self.net.contribute(
+                prep.block, pat.contrib_slot[lo:hi], prep.nbytes[lo:hi], pat.contrib_weight[lo:hi]
             )
         event = prep.events[g]
         prep.senders_left -= 1
@@ -219,26 +342,29 @@ class Engine:
         return event
 
     def _prepare(self, lp: LayerPlan, key: str, traffic: Traffic) -> _Prepared:
-        """Route a collective's flows once, on first use, and register one group per receiver."""
+        """Map a collective onto flows once, on first use (routing cached across layers), and
+        register one group per receiver, fed by every flow that carries bytes to it."""
         slot = (lp.index, key)
         if slot in self._prepared:
             return self._prepared[slot]
         n = self.plan.n_devices
-        order = np.argsort(traffic.src, kind="stable")
-        src, dst = traffic.src[order], traffic.dst[order]
-        paths = self.topology.routes(src, dst)
-        latency = self.topology.path_latency_s(paths) * traffic.latency_steps
-        inbound = np.bincount(dst, minlength=n)
+        pat = self.patterns.get(traffic.src, traffic.dst)
+        inbound = np.bincount(pat.receivers, minlength=n)
         gids, events = np.empty(n, dtype=np.int64), []
         for d in range(n):
             gids[d], ev = self.net.group(int(inbound[d]))
             events.append(ev)
+        block = self.net.add_block(
+            pat.paths,
+            pat.latency_s * traffic.latency_steps,
+            pat.receiver_ptr,
+            gids[pat.receivers],
+            pat.contributors,
+        )
         prep = _Prepared(
-            paths=paths,
-            latency_s=latency,
-            nbytes=traffic.nbytes[order],
-            gid=gids[dst],
-            offsets=np.searchsorted(src, np.arange(n + 1)),
+            pattern=pat,
+            block=block,
+            nbytes=pat.contribution_bytes(traffic.nbytes),
             events=events,
             senders_left=n,
         )

@@ -145,10 +145,46 @@ class DtypeConfig(Config):
         return DTYPE_BYTES[dtype]
 
 
+class TrainConfig(Config):
+    """A training step (``workload.phase: train``): forward and backward of every micro-batch,
+    then gradient reduction and the optimizer step (see README "Training")."""
+
+    micro_batches: PositiveInt = Field(
+        1, description="gradient accumulation: batch_size sequences run in this many passes"
+    )
+    recompute: Literal["none", "selective", "full"] = Field(
+        "none",
+        description="activation recomputation: none; selective (attention core and SwiGLU "
+        "activation recomputed, Korthikanti et al. 2022); full (each layer's forward rerun, "
+        "its all-to-all included, before its backward)",
+    )
+    overlap: Literal["none", "chunked"] = Field(
+        "none",
+        description="chunked: the MoE block's tokens split into `chunks`; the all-to-all of one "
+        "chunk overlaps the experts of another (Tutel / DeepEP-style pipelining)",
+    )
+    chunks: PositiveInt = Field(2, description="chunks per MoE block when overlap: chunked")
+    grad_allreduce: Literal["ring", "tree"] = Field(
+        "ring", description="gradient all-reduce algorithm: ring or NCCL double binary tree"
+    )
+    zero_stage: Literal[0, 1, 2] = Field(
+        1,
+        description="ZeRO (Rajbhandari et al. 2020): 0 replicated optimizer states and "
+        "all-reduce; 1 optimizer states sharded over data-parallel ranks, gradients "
+        "reduce-scattered and weights all-gathered; 2 gradients sharded too",
+    )
+    grad_dtype: Dtype = Field("fp32", description="gradient storage and reduction dtype")
+    optimizer_bytes_per_param: PositiveFloat = Field(
+        12.0,
+        description="Adam in mixed precision: fp32 master weight, momentum and variance "
+        "(K = 12 in ZeRO, Rajbhandari et al. 2020 Sec. 3.1)",
+    )
+
+
 class WorkloadConfig(Config):
     """One forward step: ``prefill`` processes whole prompts, ``decode`` one token per sequence."""
 
-    phase: Literal["prefill", "decode", "serve"] = "prefill"
+    phase: Literal["prefill", "decode", "train", "serve"] = "prefill"
     batch_size: PositiveInt | None = Field(
         None, description="sequences in the step, whole cluster (required except for serve)"
     )
@@ -158,6 +194,9 @@ class WorkloadConfig(Config):
         "required except for serve",
     )
     dtypes: DtypeConfig = DtypeConfig()
+    train: TrainConfig | None = Field(
+        None, description="training step options (phase: train; defaults filled in)"
+    )
     serve: ServeConfig | None = Field(
         None, description="request stream and scheduler (phase: serve; defaults filled in)"
     )
@@ -175,8 +214,15 @@ class WorkloadConfig(Config):
 
     @property
     def tokens(self) -> int:
-        """Tokens processed by the step."""
-        return self.batch_size * (self.seq_len if self.phase == "prefill" else 1)
+        """Tokens processed by the step (train: every micro-batch)."""
+        return self.batch_size * (self.seq_len if self.phase in ("prefill", "train") else 1)
+
+    @property
+    def pass_batch_size(self) -> int:
+        """Sequences in one forward pass: a micro-batch in training, else the batch."""
+        if self.phase == "train" and self.train is not None:
+            return self.batch_size // self.train.micro_batches
+        return self.batch_size
 
 
 class BiasBalancingConfig(Config):
@@ -282,6 +328,13 @@ class SimConfig(Config):
         description="relative tolerance of the fluid network solver: fair-share levels and flow "
         "completions within this fraction are resolved together (bounds timing error)",
     )
+    aggregate: Literal["auto", "device", "node"] = Field(
+        "auto",
+        description="flow granularity: device (one flow per device pair), node (inter-node "
+        "traffic merged per source node and shared path suffix: exact where sources share "
+        "the whole path out of their node, as with rail-optimized PXN), auto (node where "
+        "that merges anything, i.e. rail-optimized topologies)",
+    )
     trace: bool = Field(True, description="record device/link timelines for trace.json")
     progress: bool = Field(True, description="progress bar on runs longer than a few seconds")
 
@@ -359,6 +412,16 @@ class Scenario(Config):
             raise ScenarioError("parallelism.edp", f"must be devices / (ep x etp) = {edp}")
         if m.d_ff_expert % par.etp:
             raise ScenarioError("parallelism.etp", f"{par.etp} does not divide d_ff_expert")
+        wl = self.workload
+        if wl.phase == "train":
+            if wl.train is None:
+                object.__setattr__(wl, "train", TrainConfig())
+            if wl.batch_size % (dp * wl.train.micro_batches):
+                raise ScenarioError(
+                    "workload.batch_size",
+                    f"training batch {wl.batch_size} not divisible by micro_batches x "
+                    f"attention data-parallel degree = {wl.train.micro_batches} x {dp}",
+                )
         if self.workload.phase == "decode" and self.workload.batch_size % dp:
             raise ScenarioError(
                 "workload.batch_size",
