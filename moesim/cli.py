@@ -144,6 +144,9 @@ PLOT_METRICS = (
     "breakdown_s.experts",
     "breakdown_s.dispatch",
     "breakdown_s.combine",
+    "ttft_p99_s",
+    "tpot_p99_s",
+    "goodput_requests_per_s",
 )
 
 

@@ -240,13 +240,17 @@ def build_cost_model(
     topology = build_topology(sc.cluster, sc.topology)
     digest = _digest(sc)
     p_lo, p_hi = int(prompts.min()), int(prompts.max())
+    longest = int((prompts + outputs).max()) - 1  # a request recomputed after preemption
+    _check_longest_fits(sc, prompts, outputs, _timed_step(sc, digest, "decode", 1, p_lo, topology))
+    if serve.kv_allocation == "on_demand" and serve.disaggregated is None:
+        p_hi = max(p_hi, longest)
     lengths = _length_axis(p_lo, p_hi, serve.grid_points)
     prefill_batches = tuple(
         _batch_axis(max(1, min(serve.max_batch_size, serve.max_batched_tokens // int(p))))
         for p in lengths
     )
     decode_batches = _batch_axis(serve.max_batch_size)
-    contexts = _length_axis(p_lo, p_hi + int(outputs.max()), serve.grid_points)
+    contexts = _length_axis(p_lo, max(longest, p_lo), serve.grid_points)
     points = [
         ("prefill", int(b), int(p))
         for p, bs in zip(lengths, prefill_batches, strict=True)
@@ -296,6 +300,26 @@ def build_cost_model(
         dp=sc.parallelism.dp,
         grid_wall_s=time.perf_counter() - start,
     )
+
+
+def _check_longest_fits(
+    sc: Scenario, prompts: np.ndarray, outputs: np.ndarray, step: tuple[float, float, float]
+) -> None:
+    """Before timing the grid: the longest request's KV cache must fit what the weights leave
+    (activations come on top; the scheduler checks again with them)."""
+    serve, dev = sc.workload.serve, sc.cluster.device
+    free = serve.memory_utilization * dev.memory_bytes - step[1]
+    total = prompts + outputs
+    worst = int(np.argmax(total))
+    need = total[worst] * kv_bytes_per_token(sc) + state_bytes_per_seq(sc)
+    if need > free:
+        raise ScenarioError(
+            "workload.serve",
+            f"a request of {prompts[worst]} prompt + {outputs[worst]} output tokens needs "
+            f"{need / 1e9:.2f} GB of KV cache per device but only {max(free, 0) / 1e9:.2f} GB "
+            "is left after weights; shorten requests, add devices or use a smaller kv_cache "
+            "dtype",
+        )
 
 
 # -- the request stream ----------------------------------------------------------------------
@@ -396,6 +420,7 @@ class ServingSimulation:
         self.first_token_s = np.full(n, np.nan)
         self.done_s = np.full(n, np.nan)
         self.held = np.zeros(n)  # KV bytes reserved by each request on its current instance
+        self.preemptions = np.zeros(n, dtype=np.int64)
         cap = costs.capacity_bytes
         dis = self.serve.disaggregated
         if dis is None:
@@ -496,22 +521,35 @@ class ServingSimulation:
     def _admit(self, inst: _Instance) -> list[int]:
         """First come, first served while the KV cache, the batch size and the prompt-token
         budget allow (a prompt longer than the budget runs alone)."""
-        serve, batch, tokens = self.serve, [], 0
-        reserve_output = inst.role == "both"
+        serve, costs, batch, tokens = self.serve, self.costs, [], 0
+        on_demand = serve.kv_allocation == "on_demand" or inst.role == "prefill"
+        decodes = inst.role == "both"
         while inst.waiting and len(inst.running) + len(batch) < serve.max_batch_size:
             r = inst.waiting[0]
-            p = int(self.prompt[r])
+            p = self._prefill_tokens(r)
             if batch and tokens + p > serve.max_batched_tokens:
                 break
-            need = float(self.costs.footprint_bytes(p + (self.output[r] if reserve_output else 0)))
-            if inst.used_bytes + need > inst.capacity_bytes:
+            if on_demand:
+                # the prompt, and room for the next decode step of everyone running
+                need = float(costs.footprint_bytes(p))
+                room = (len(inst.running) + len(batch) + 1) * costs.kv_bytes_per_token * decodes
+            else:
+                need = float(costs.footprint_bytes(self.prompt[r] + self.output[r]))
+                room = 0.0
+            if inst.used_bytes + need + room > inst.capacity_bytes:
                 break
             inst.waiting.popleft()
             self._reserve(inst, r, need)
-            self.admitted_s[r] = self.env.now
+            if np.isnan(self.admitted_s[r]):  # first admission (not a recompute)
+                self.admitted_s[r] = self.env.now
             batch.append(r)
             tokens += p
         return batch
+
+    def _prefill_tokens(self, r: int) -> int:
+        """Tokens a prefill of ``r`` processes: its prompt, or after a preemption its prompt and
+        every token it generated but the last (recomputed into the cache)."""
+        return int(self.prompt[r] + max(self.generated[r] - 1, 0))
 
     def _front(self, inst: _Instance):
         """A colocated (prefill and decode) or prefill-only instance."""
@@ -520,17 +558,19 @@ class ServingSimulation:
             batch = self._admit(inst)
             if batch:
                 start = env.now
-                yield env.timeout(grid.prefill_time(self.prompt[batch]))
+                lengths = np.array([self._prefill_tokens(r) for r in batch])
+                yield env.timeout(grid.prefill_time(lengths))
                 for r in batch:
-                    self.first_token_s[r] = env.now
-                    self.generated[r] = 1
+                    if self.generated[r] == 0:
+                        self.first_token_s[r] = env.now
+                        self.generated[r] = 1
                     if self.output[r] == 1:
                         self._finish(inst, r)
                     elif inst.role == "both":
                         inst.running.append(r)
                     else:
                         self._hand_off(r)
-                self._record(inst, "prefill", start, len(batch), int(self.prompt[batch].sum()))
+                self._record(inst, "prefill", start, len(batch), int(lengths.sum()))
             elif inst.role == "both" and inst.running:
                 yield from self._decode(inst)
             else:
@@ -538,6 +578,8 @@ class ServingSimulation:
 
     def _decode(self, inst: _Instance):
         env = self.env
+        if inst.role == "both" and self.serve.kv_allocation == "on_demand":
+            self._grow(inst)
         running = np.asarray(inst.running)
         context = self.prompt[running] + self.generated[running] - 1
         start = env.now
@@ -548,6 +590,23 @@ class ServingSimulation:
             self._finish(inst, int(r))
         inst.running = [int(r) for r in running[~done]]
         self._record(inst, "decode", start, len(running), len(running))
+
+    def _grow(self, inst: _Instance) -> None:
+        """Give every running request one more token of KV; when that does not fit, preempt
+        the newest running requests (their KV freed, back to the head of the queue, recomputed
+        when readmitted), as vLLM does."""
+        per_token = self.costs.kv_bytes_per_token
+        while (
+            len(inst.running) > 1
+            and inst.used_bytes + len(inst.running) * per_token > inst.capacity_bytes
+        ):
+            victim = inst.running.pop()
+            self._release(inst, victim)
+            self.preemptions[victim] += 1
+            inst.waiting.appendleft(victim)
+        running = np.asarray(inst.running)
+        self.held[running] += per_token
+        self._kv(inst, len(running) * per_token)
 
     def _hand_off(self, r: int) -> None:
         target = min(self.back, key=lambda i: (i.load, i.index))
@@ -653,6 +712,7 @@ def collect_serving(sim: ServingSimulation, wall_s: float) -> ServeResult:
             "ttft_s": ttft,
             "tpot_s": tpot,
             "latency_s": latency,
+            "preemptions": sim.preemptions,
             "slo_met": good,
         }
     )
@@ -723,6 +783,7 @@ def collect_serving(sim: ServingSimulation, wall_s: float) -> ServeResult:
             "decode": len(decodes),
             "mean_decode_batch": float(decodes["sequences"].mean()) if len(decodes) else 0.0,
             "mean_prefill_tokens": float(prefills["tokens"].mean()) if len(prefills) else 0.0,
+            "preemptions": int(sim.preemptions.sum()),
         },
         "sim": {
             "wall_s": wall_s,

@@ -135,6 +135,14 @@ class ServeConfig(_Config):
         "gpu_memory_utilization default 0.9); the KV cache gets what weights and peak "
         "activations leave",
     )
+    kv_allocation: Literal["on_demand", "reserve"] = Field(
+        "on_demand",
+        description="on_demand (vLLM paged attention): KV grows token by token; a request is "
+        "admitted when its prompt and the next decode step of every running request fit, and "
+        "when a decode step does not fit the newest running requests are preempted and later "
+        "recomputed; reserve: prompt plus all output tokens reserved at admission, never "
+        "preempted (as if output lengths were known)",
+    )
     slo: SloConfig = SloConfig()
     disaggregated: DisaggregatedConfig | None = Field(
         None, description="separate prefill and decode pools (replicas is then ignored)"

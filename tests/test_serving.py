@@ -147,7 +147,12 @@ def test_minimax_linear_attention_state():
 
 
 def test_kv_memory_limits_the_running_batch():
-    serve = {"rate_per_s": 5000.0, "n_requests": 300, "max_batch_size": 256}
+    serve = {
+        "rate_per_s": 5000.0,
+        "n_requests": 300,
+        "max_batch_size": 256,
+        "kv_allocation": "reserve",
+    }
     probe = simulate(serve_scenario({**serve, "n_requests": 2})).summary["kv_cache"]
     # Mixtral: 8 KV heads x 128 x bf16 x K,V per layer, 2 layers, whole heads on each device
     per_token = 2 * 8 * 128 * 2 * 2
@@ -166,6 +171,42 @@ def test_kv_memory_limits_the_running_batch():
     assert kv["budget_bytes_per_device"] == pytest.approx(40.5 * request_bytes / 8)
     assert result.iterations["running"].max() == 40
     assert result.iterations["kv_utilization"].max() == pytest.approx(40 / 40.5)
+
+
+def test_on_demand_kv_preempts_and_conserves_tokens():
+    serve = {
+        "rate_per_s": 5000.0,
+        "n_requests": 300,
+        "max_batch_size": 256,
+        "output_tokens": {"distribution": "uniform", "low": 2, "high": 400},
+    }
+    probe = simulate(serve_scenario({**serve, "n_requests": 2})).summary["kv_cache"]
+    # room for 20 requests of prompt + 200 tokens over the 8 attention replicas
+    budget = 20 * (PROMPT + 200) * probe["bytes_per_token"] / 8
+    share = (
+        probe["weights_bytes_per_device"] + probe["activations_bytes_per_device"] + budget
+    ) / 8e10
+    tight = {"workload.serve.memory_utilization": share}
+    paged = simulate(serve_scenario(serve, **tight))
+    reserved = simulate(serve_scenario({**serve, "kv_allocation": "reserve"}, **tight))
+    req, it = paged.requests, paged.iterations
+    assert req["preemptions"].sum() > 0 and reserved.requests["preemptions"].sum() == 0
+    assert it["kv_utilization"].max() <= 1.0
+    # every output token is produced once: the first by a prefill, the rest by decode steps,
+    # however often a request was preempted and recomputed
+    decode_tokens = it.loc[it["kind"] == "decode", "tokens"].sum()
+    assert decode_tokens == (req["output_tokens"] - 1).sum()
+    prefill_tokens = it.loc[it["kind"] == "prefill", "tokens"].sum()
+    assert prefill_tokens > req["prompt_tokens"].sum()  # recomputation costs prefill work
+    assert (
+        reserved.iterations.loc[reserved.iterations["kind"] == "prefill", "tokens"].sum()
+        == req["prompt_tokens"].sum()
+    )
+    # paging packs more requests into the same memory than reserving their full length
+    assert (
+        paged.summary["iterations"]["mean_decode_batch"]
+        > reserved.summary["iterations"]["mean_decode_batch"]
+    )
 
 
 def test_disaggregated_pools_pay_one_kv_transfer():
