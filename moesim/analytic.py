@@ -18,6 +18,7 @@ import numpy as np
 
 from moesim.engine import Recorder
 from moesim.network import Topology, build_topology
+from moesim.network.aggregate import PatternCache
 from moesim.network.fluid import LinkStats
 from moesim.workload import Traffic, WorkloadPlan
 
@@ -31,6 +32,7 @@ class AnalyticEngine:
         sc = plan.scenario
         self.plan = plan
         self.topology = topology or build_topology(sc.cluster, sc.topology, sc.pim)
+        self._patterns = PatternCache(self.topology, "device")
         self.rec = Recorder(plan.n_devices, sc.sim.trace)
         n_links = self.topology.n_links
         self.link_stats = LinkStats(np.zeros(n_links), np.zeros(n_links))
@@ -39,9 +41,12 @@ class AnalyticEngine:
         self.wall_s = 0.0
         self._now = 0.0
         self._idle = np.zeros(plan.n_devices)
+        self._link_loads: dict[int, tuple[Traffic, np.ndarray, float]] = {}
 
     def run(self) -> AnalyticEngine:
         start = time.perf_counter()
+        if self.plan.train is not None:
+            return self._run_train(start)
         for lp in self.plan.layers:
             i = lp.index
             self._with_pim("attention", lp.compute_s["attention"], lp, i)
@@ -63,6 +68,112 @@ class AnalyticEngine:
         self.rec.finish_s[:] = self._now
         self.wall_s = time.perf_counter() - start
         return self
+
+    # -- training step (workload.phase: train; the same walk as Engine._train_device) ------
+    def _run_train(self, start: float) -> AnalyticEngine:
+        plan, tr = self.plan, self.plan.train
+        n_layers = len(plan.layers)
+        for _ in range(tr.micro_batches):
+            for lp in plan.layers:
+                self._train_forward(lp, recompute=False)
+            self._compute("lm_head", plan.lm_head_s, n_layers)
+            self._compute("lm_head_bwd", tr.lm_head_bwd_s, n_layers)
+            for lp, bl in zip(reversed(plan.layers), reversed(tr.backward), strict=True):
+                if tr.full_recompute:
+                    self._train_forward(lp, recompute=True)
+                if bl.recompute_s.any():
+                    self._compute("recompute", bl.recompute_s, lp.index)
+                self._train_backward(lp, bl.compute_s)
+        for traffic in tr.grad_reduce:
+            self._collective("grad_reduce", traffic, n_layers)
+        self._compute("optimizer", tr.optimizer_s, n_layers)
+        for traffic in tr.param_gather:
+            self._collective("param_gather", traffic, n_layers)
+        self.rec.finish_s[:] = self._now
+        self.wall_s = time.perf_counter() - start
+        return self
+
+    def _train_forward(self, lp, recompute: bool) -> None:
+        i, cs = lp.index, lp.compute_s
+
+        def phase(name: str) -> str:
+            return "recompute" if recompute else name
+
+        self._compute(phase("attention"), cs["attention"], i)
+        if lp.tp_comm is not None:
+            self._collective("tp_comm", lp.tp_comm, i)
+        if lp.moe:
+            self._compute(phase("router"), cs["router"], i)
+            self._compute(phase("permute"), cs["permute"], i)
+            self._moe_block(
+                ("dispatch", lp.dispatch), (phase("experts"), cs["experts"]),
+                ("combine", self.plan.train.combine[i]),
+                (phase("shared_experts"), cs.get("shared_experts")), i,
+            )  # fmt: skip
+            self._compute(phase("unpermute"), cs["unpermute"], i)
+        else:
+            self._compute(phase("dense_ffn"), cs["dense_ffn"], i)
+        if lp.tp_comm_after is not None:
+            self._collective("tp_comm", lp.tp_comm_after, i)
+
+    def _train_backward(self, lp, cs: dict[str, np.ndarray]) -> None:
+        i = lp.index
+        if lp.tp_comm_after is not None:
+            self._collective("tp_comm", lp.tp_comm_after, i)
+        if lp.moe:
+            self._compute("unpermute_bwd", cs["unpermute_bwd"], i)
+            self._moe_block(
+                ("combine_bwd", lp.dispatch), ("experts_bwd", cs["experts_bwd"]),
+                ("dispatch_bwd", self.plan.train.combine[i]),
+                ("shared_experts_bwd", cs.get("shared_experts_bwd")),
+                i,
+            )  # fmt: skip
+            self._compute("permute_bwd", cs["permute_bwd"], i)
+            self._compute("router_bwd", cs["router_bwd"], i)
+        else:
+            self._compute("dense_ffn_bwd", cs["dense_ffn_bwd"], i)
+        if lp.tp_comm is not None:
+            self._collective("tp_comm", lp.tp_comm, i)
+        self._compute("attention_bwd", cs["attention_bwd"], i)
+
+    def _moe_block(self, first, work, second, side, layer: int) -> None:
+        """All-to-all, experts, all-to-all; with ``chunks`` > 1 the chunked pipeline of
+        ``Engine._moe_exchange`` in lock step: a communication stream runs the first
+        all-to-all of every chunk, then the second of each chunk once its experts are done;
+        the compute stream runs chunk c's experts (slowest device) once chunk c arrived."""
+        (p1, t1), (pw, sec), (p2, t2), (ps, side_s) = first, work, second, side
+        chunks = self.plan.train.chunks
+        if chunks == 1:
+            self._collective(p1, t1, layer, overlap=side_s, overlap_phase=ps)
+            self._compute(pw, sec, layer)
+            self._collective(p2, t2, layer)
+            return
+        n = self.plan.n_devices
+        side_s = np.zeros(n) if side_s is None else side_s
+        d1 = [self._network_s(t1, 1.0 / chunks) for _ in range(chunks)]
+        d2 = [self._network_s(t2, 1.0 / chunks) for _ in range(chunks)]
+        e, s, t0 = float(sec.max()) / chunks, float(side_s.max()), self._now
+        comm, arrived = t0, []
+        for c in range(chunks):
+            comm += d1[c]
+            arrived.append(comm)
+        comp, wait1 = t0 + s, 0.0
+        ends = []
+        for c in range(chunks):
+            wait1 += max(0.0, arrived[c] - comp)
+            comp = max(comp, arrived[c]) + e
+            ends.append(comp)
+        for c in range(chunks):
+            comm = max(comm, ends[c]) + d2[c]
+        wait2 = comm - ends[-1]
+        for name, span in ((ps, s), (p1, wait1), (pw, chunks * e), (p2, wait2)):
+            self._advance(name, span, move=False)
+        self.rec.phase_s[ps] += side_s
+        self.rec.phase_s[pw] += sec
+        self.rec.phase_s[p1] += self._idle + wait1 + (s - side_s) + (chunks * e - sec)
+        self.rec.phase_s[p2] += wait2
+        self._idle = np.zeros(n)
+        self._now = comm
 
     # -- processing in memory (moesim/pim.py) -----------------------------------------------
     def _with_pim(self, phase: str, gpu_s: np.ndarray, lp, layer: int) -> None:
@@ -111,7 +222,12 @@ class AnalyticEngine:
         self._advance(phase, span)
 
     def _collective(
-        self, phase: str, traffic: Traffic, layer: int, overlap: np.ndarray | None = None
+        self,
+        phase: str,
+        traffic: Traffic,
+        layer: int,
+        overlap: np.ndarray | None = None,
+        overlap_phase: str = "shared_experts",
     ) -> None:
         """Bottleneck link time plus the longest path latency (alpha-beta bound); devices
         run ``overlap`` (shared experts) while their tokens travel."""
@@ -122,23 +238,31 @@ class AnalyticEngine:
         # idle carried from the previous phase, then (after any overlap) waiting for the network
         self._slices(phase, self._now - self._idle, self._idle, layer)
         if overlap is not None:
-            self._slices("shared_experts", self._now, overlap, layer)
-            self.rec.phase_s["shared_experts"] += overlap
-            self._advance("shared_experts", float(own.max()), move=False)
+            self._slices(overlap_phase, self._now, overlap, layer)
+            self.rec.phase_s[overlap_phase] += overlap
+            self._advance(overlap_phase, float(own.max()), move=False)
         self._slices(phase, self._now + own, total - own, layer)
         self.rec.phase_s[phase] += self._idle + total - own
         self._idle = np.zeros(n)
         self._advance(phase, total - float(own.max()), move=False)
         self._now += total
 
-    def _network_s(self, traffic: Traffic) -> float:
+    def _network_s(self, traffic: Traffic, factor: float = 1.0) -> float:
+        """Bottleneck time of ``traffic`` with its bytes scaled by ``factor`` (a chunk).
+        Link loads are computed once per traffic object (training repeats each collective
+        every pass); the cache holds the object, so its id stays unique."""
         if not len(traffic.src):
             return 0.0
         topo = self.topology
-        paths = topo.routes(traffic.src, traffic.dst)
-        valid = paths >= 0
-        weights = np.broadcast_to(traffic.nbytes[:, None], paths.shape)[valid]
-        link_bytes = np.bincount(paths[valid], weights=weights, minlength=topo.n_links)
+        hit = self._link_loads.get(id(traffic))
+        if hit is None:
+            # routing is cached per pair set: every layer's dispatch shares one pattern
+            pattern = self._patterns.get(traffic.src, traffic.dst)
+            loads = pattern.link_bytes(traffic.nbytes, topo.n_links)
+            latency_s = float(pattern.latency_s.max()) * traffic.latency_steps
+            hit = self._link_loads[id(traffic)] = (traffic, loads, latency_s)
+        _, loads, latency_s = hit
+        link_bytes = loads * factor
         busy = link_bytes / topo.bandwidth_bytes_per_s
         self.link_stats.bytes_carried += link_bytes
         self.link_stats.busy_s += busy
@@ -147,8 +271,7 @@ class AnalyticEngine:
                 self.link_stats.intervals.append(
                     (int(lid), self._now, self._now + float(busy[lid]))
                 )
-        latency = topo.path_latency_s(paths) * traffic.latency_steps
-        return float(busy.max() + latency.max())
+        return float(busy.max()) + latency_s
 
     def _advance(self, phase: str, seconds: float, move: bool = True) -> None:
         self.breakdown_s[phase] = self.breakdown_s.get(phase, 0.0) + seconds

@@ -17,10 +17,10 @@ import numpy as np
 import simpy
 from tqdm import tqdm
 
+from moesim.collectives import scaled
 from moesim.network import FluidNetwork, Topology, build_topology
 from moesim.network.aggregate import FlowPattern, PatternCache
 from moesim.network.fluid import LinkStats
-from moesim.collectives import scaled
 from moesim.workload import LayerPlan, Traffic, WorkloadPlan
 
 COMPUTE_PHASES = (
@@ -34,10 +34,11 @@ COMPUTE_PHASES = (
     "lm_head",
 )
 COMM_PHASES = ("tp_comm", "dispatch", "combine", "pim")  # pim: waiting for PIM units
-TRAIN_COMPUTE_PHASES = tuple(f"{p}_bwd" for p in COMPUTE_PHASES) + ("recompute", "optimizer")
+# training (moesim/training.py): the backward of each forward phase, recomputation, optimizer
+TRAIN_COMPUTE_PHASES = (*(f"{p}_bwd" for p in COMPUTE_PHASES), "recompute", "optimizer")
 TRAIN_COMM_PHASES = ("combine_bwd", "dispatch_bwd", "grad_reduce", "param_gather")
-COMPUTE_PHASES = COMPUTE_PHASES + TRAIN_COMPUTE_PHASES
-COMM_PHASES = COMM_PHASES + TRAIN_COMM_PHASES
+COMPUTE_PHASES = (*COMPUTE_PHASES, *TRAIN_COMPUTE_PHASES)
+COMM_PHASES = (*COMM_PHASES, *TRAIN_COMM_PHASES)
 
 
 class CountingEnvironment(simpy.Environment):

@@ -11,7 +11,13 @@ import numpy as np
 import pandas as pd
 
 from moesim.energy import add_energy
-from moesim.engine import COMPUTE_PHASES, Engine
+from moesim.engine import (
+    COMM_PHASES,
+    COMPUTE_PHASES,
+    TRAIN_COMM_PHASES,
+    TRAIN_COMPUTE_PHASES,
+    Engine,
+)
 from moesim.pim import pim_summary
 from moesim.routing import max_over_mean
 from moesim.workload import WorkloadPlan
@@ -30,6 +36,7 @@ BREAKDOWN_KEYS = (
     "dense_ffn",
     "lm_head",
 )
+TRAIN_BREAKDOWN_KEYS = TRAIN_COMPUTE_PHASES + TRAIN_COMM_PHASES
 
 
 @dataclass
@@ -91,13 +98,18 @@ def collect(engine: Engine) -> Result:
     dev = pd.DataFrame(
         {"device": [topo.device_name(i) for i in g], "node": g // n, "local_index": g % n}
     )
+    train_phases = TRAIN_COMPUTE_PHASES + TRAIN_COMM_PHASES
     for phase, seconds in rec.phase_s.items():
+        if plan.train is None and phase in train_phases:
+            continue  # training-only columns
         col = f"{phase}_s" if phase in COMPUTE_PHASES else f"{phase}_wait_s"
         dev[col] = seconds
-    compute_cols = [f"{p}_s" for p in COMPUTE_PHASES]
+    compute_cols = [f"{p}_s" for p in COMPUTE_PHASES if f"{p}_s" in dev]
     dev["compute_busy_s"] = dev[compute_cols].sum(axis=1)
     dev["utilization"] = dev["compute_busy_s"] / step if step > 0 else 0.0
     dev["flops"] = sum(sum(lp.flops.values()) for lp in plan.layers)
+    if plan.train is not None:  # every pass, backward and recomputation included
+        dev["flops"] = plan.train.executed_flops
     dev["expert_tokens"] = sum(
         (lp.device_tokens for lp in plan.layers if lp.moe), np.zeros(plan.n_devices, dtype=np.int64)
     )
@@ -123,13 +135,13 @@ def collect(engine: Engine) -> Result:
     energy = add_energy(plan, topo, dev, links, step)  # energy columns (moesim/energy.py)
     pim = pim_summary(plan, dev)  # PIM columns, None without PIM units (moesim/pim.py)
 
-
     crit = int(np.argmax(rec.finish_s))
     spans = getattr(engine, "breakdown_s", None)  # analytic: per-phase spans
+    keys = BREAKDOWN_KEYS + (TRAIN_BREAKDOWN_KEYS if plan.train is not None else ())
     if spans is not None:
-        breakdown = {k: float(spans.get(k, 0.0)) for k in BREAKDOWN_KEYS}
+        breakdown = {k: float(spans.get(k, 0.0)) for k in keys}
     else:
-        breakdown = {k: float(rec.phase_s[k][crit]) for k in BREAKDOWN_KEYS}
+        breakdown = {k: float(rec.phase_s[k][crit]) for k in keys}
     busiest_dev = int(dev["compute_busy_s"].idxmax())
     busiest_link = int(links["bytes_carried"].idxmax()) if len(links) else None
     routed = int(routing["routed_pairs"].sum()) if len(routing) else 0
@@ -187,6 +199,13 @@ def collect(engine: Engine) -> Result:
         },
         "scenario_resolved": sc.model_dump(mode="json"),
     }
+    if plan.train is not None:
+        from moesim.training import training_summary
+
+        train = training_summary(plan, breakdown, COMM_PHASES, step)
+        summary["mfu"], summary["exposed_comm_s"] = train["mfu"], train["exposed_comm_s"]
+        summary["all_to_all_bytes"] = train["all_to_all_bytes"]
+        summary["train"] = train
     return Result(
         summary, dev, links, routing, expert_load_table(plan), rec.slices, stats.intervals
     )

@@ -13,6 +13,7 @@ experts and dense FFNs are tensor-parallel over the replica's tokens, like atten
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -36,6 +37,9 @@ from moesim.pim import PimWork, apply_memory, split_attention, split_experts
 from moesim.placement import base_placement, replicate_hot, share_matrix, split_integer
 from moesim.routing import layer_probabilities, load_trace, route_layer
 from moesim.scenario import Scenario, ScenarioError
+
+if TYPE_CHECKING:
+    from moesim.training import TrainingPlan
 
 GB = 1e9
 
@@ -82,6 +86,8 @@ class LayerPlan:
     cross_node_pairs: int = 0
     local_experts: np.ndarray | None = None
     balance_history: np.ndarray | None = None
+    expert_tokens: np.ndarray | None = None  # [device, expert] (training only)
+    pairs_out: np.ndarray | None = None  # token-expert pairs each device sends (training only)
     pim: PimWork | None = None  # work on the processing-in-memory units (moesim/pim.py)
     expert_weight_bytes: np.ndarray | None = None  # expert weights the GPU reads (energy)
 
@@ -101,6 +107,7 @@ class WorkloadPlan:
     lm_head_s: np.ndarray
     memory_bytes: dict[str, np.ndarray] = field(default_factory=dict)
     lm_head_measured_s: np.ndarray | None = None
+    train: TrainingPlan | None = None  # phase: train (moesim/training.py)
     pim_memory_bytes: dict[str, np.ndarray] = field(default_factory=dict)  # on PIM units
 
     def measured_fraction(self) -> float:
@@ -168,9 +175,10 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
     cdt = dt.compute
     g = np.arange(n_dev)
     replica = g // tp
-    seqs_dp = _split(wl.batch_size, dp)  # sequences per attention replica
-    new_per_seq = wl.seq_len if wl.phase == "prefill" else 1
-    context = 0 if wl.phase == "prefill" else wl.seq_len
+    seqs_dp = _split(wl.pass_batch_size, dp)  # sequences per attention replica (per pass)
+    whole = wl.phase in ("prefill", "train")  # whole sequences, no KV cache before them
+    new_per_seq = wl.seq_len if whole else 1
+    context = 0 if whole else wl.seq_len
     tokens_dp = seqs_dp * new_per_seq
     tokens_dev = _split(tokens_dp, tp).ravel()  # MoE-block tokens owned by each device
     seqs_dev = seqs_dp[replica]
@@ -312,6 +320,8 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
         lp.dropped_pairs = int(routing.dropped.sum())
         lp.cross_node_pairs = int(np.repeat(pairs, etp)[node[src] != node[dst]].sum() // etp)
         lp.balance_history = routing.balance_history
+        if wl.phase == "train":
+            lp.expert_tokens, lp.pairs_out = load, pairs_out
         if tp > 1:
             lp.tp_comm_after = _ring(rows, (tp - 1) / tp * full, tp - 1)
         layers.append(lp)
@@ -320,6 +330,10 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
     lm_s, _, lm_measured = _time(dev, [lm_head_ops(m, last_tokens, tp, b)], cdt)
     plan = WorkloadPlan(sc, n_dev, wl.tokens, layers, lm_s, lm_head_measured_s=lm_measured)
     plan.memory_bytes = _memory(sc, b, seqs_dev, tokens_dp[replica], tokens_dev, layers)
+    if wl.phase == "train":
+        from moesim.training import add_training
+
+        add_training(plan, b)  # backward, gradient reduction, optimizer, training memory
     apply_memory(sc, plan, b)  # what lives on PIM units leaves the GPU (moesim/pim.py)
     _check_fits(sc, plan)
     return plan

@@ -23,6 +23,8 @@ def test_scenario_runs(path):
         overrides["model.n_layers"] = sc.model.n_dense_layers + 1 + (sc.model.n_dense_layers == 0)
         overrides["sim.network_tolerance"] = 0.01
         overrides["sim.trace"] = False
+    if sc.workload.phase == "train":  # every layer runs forward, backward, per micro-batch
+        overrides["model.n_layers"] = sc.model.n_dense_layers + 2
     result = simulate(load_scenario(path, overrides))
     s = result.summary
     assert s["step_time_s"] > 0 and s["tokens_per_s"] > 0
