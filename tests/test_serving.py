@@ -298,3 +298,13 @@ def test_run_writes_serving_outputs_and_is_deterministic(tmp_path):
     import pandas as pd
 
     assert len(pd.read_csv(out / "requests.csv")) == 100
+
+
+def test_sweep_rows_carry_serving_metrics():
+    from moesim.sweep import run_point
+
+    base = serve_scenario().model_dump(mode="json")
+    row = run_point(base, {"workload.serve.rate_per_s": 50.0, "workload.serve.n_requests": 50})
+    assert row["status"] == "ok", row["error"]
+    assert row["requests"] == 50 and row["ttft_p50_s"] <= row["ttft_p99_s"]
+    assert 0 < row["kv_cache.utilization_max"] <= 1
