@@ -183,11 +183,13 @@ class AnalyticEngine:
         if work is None or work.phase != phase:
             self._compute(phase, gpu_s, layer)
             return
-        pim_s = self._pim_s(work)
+        pim_s, in_s = self._pim_s(work)
         if phase == "attention":
             self._compute(phase, gpu_s, layer)
+            self._pim_track(work, self._now + in_s, layer)
             self._compute("pim", pim_s, layer)
             return
+        self._pim_track(work, self._now + in_s, layer)
         wait = np.maximum(pim_s - gpu_s, 0.0)
         total = gpu_s + wait
         span, gpu_span = float(total.max()), float(gpu_s.max())
@@ -199,18 +201,28 @@ class AnalyticEngine:
         self._advance(phase, gpu_span)
         self._advance("pim", span - gpu_span)
 
-    def _pim_s(self, work) -> np.ndarray:
+    def _pim_s(self, work) -> tuple[np.ndarray, np.ndarray]:
         """Per device: activations in over its PIM link, the PIM kernels, results back (no
-        other traffic shares a PIM link); the link bytes and busy time are recorded."""
+        other traffic shares a PIM link), and the first part alone; the link bytes and busy
+        time are recorded."""
         topo = self.topology
         total = np.where((work.seconds > 0) | (work.in_bytes > 0), work.seconds, 0.0)
+        transfer = []
         for key, nbytes in (("pim_up", work.in_bytes), ("pim_down", work.out_bytes)):
             link = topo.tables[key]
             busy = nbytes / topo.bandwidth_bytes_per_s[link]
-            total = total + np.where(nbytes > 0, busy + topo.latency_s[link], 0.0)
+            transfer.append(np.where(nbytes > 0, busy + topo.latency_s[link], 0.0))
             self.link_stats.bytes_carried[link] += nbytes
             self.link_stats.busy_s[link] += busy
-        return total
+        return total + transfer[0] + transfer[1], transfer[0]
+
+    def _pim_track(self, work, start: np.ndarray, layer: int) -> None:
+        """The PIM units' busy slices (their own tracks in trace.json)."""
+        if self.rec.keep_slices:
+            for g in np.flatnonzero(work.seconds > 0):
+                s0 = float(start[g])
+                end = s0 + float(work.seconds[g])
+                self.rec.pim_slices.append((int(g), work.phase, s0, end, layer))
 
     def _compute(self, phase: str, seconds: np.ndarray, layer: int) -> None:
         """All devices start together and the phase lasts as long as the slowest one; a

@@ -62,6 +62,7 @@ class Recorder:
     phase_s: dict[str, np.ndarray] = field(default_factory=dict)
     finish_s: np.ndarray | None = None
     slices: list[tuple[int, str, float, float, int]] = field(default_factory=list)
+    pim_slices: list[tuple[int, str, float, float, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.phase_s = {p: np.zeros(self.n_devices) for p in COMPUTE_PHASES + COMM_PHASES}
@@ -292,13 +293,16 @@ class Engine:
         work = lp.pim
         if work is None or work.phase != phase or not (work.seconds[g] or work.in_bytes[g]):
             return None
-        return self.env.process(self._pim_run(g, work))
+        return self.env.process(self._pim_run(g, work, lp.index))
 
-    def _pim_run(self, g: int, work):
+    def _pim_run(self, g: int, work, layer: int):
         tables = self.topology.tables
         yield self._pim_flow(int(tables["pim_up"][g]), float(work.in_bytes[g]))
         if work.seconds[g] > 0:
+            start = self.env.now
             yield self.env.timeout(float(work.seconds[g]))
+            if self.rec.keep_slices:  # the PIM units' own track (trace.json)
+                self.rec.pim_slices.append((g, work.phase, start, self.env.now, layer))
         yield self._pim_flow(int(tables["pim_down"][g]), float(work.out_bytes[g]))
 
     def _pim_flow(self, link: int, nbytes: float) -> simpy.Event:

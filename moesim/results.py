@@ -51,6 +51,7 @@ class Result:
     expert_load: pd.DataFrame = field(default_factory=pd.DataFrame)
     slices: list[tuple[int, str, float, float, int]] = field(default_factory=list)
     link_intervals: list[tuple[int, float, float]] = field(default_factory=list)
+    pim_slices: list[tuple[int, str, float, float, int]] = field(default_factory=list)
 
     @property
     def step_time_s(self) -> float:
@@ -207,7 +208,14 @@ def collect(engine: Engine) -> Result:
         summary["all_to_all_bytes"] = train["all_to_all_bytes"]
         summary["train"] = train
     return Result(
-        summary, dev, links, routing, expert_load_table(plan), rec.slices, stats.intervals
+        summary,
+        dev,
+        links,
+        routing,
+        expert_load_table(plan),
+        rec.slices,
+        stats.intervals,
+        pim_slices=rec.pim_slices,
     )
 
 
@@ -242,6 +250,23 @@ def chrome_trace(result: Result, link_names: list[str], device_names: list[str])
                 "tid": g,
                 "name": phase,
                 "cat": cat,
+                "ts": start * 1e6,
+                "dur": (end - start) * 1e6,
+                "args": {"layer": layer},
+            }
+        )
+    n = len(device_names)  # PIM units: one track each after the devices (moesim/pim.py)
+    for g in sorted({g for g, *_ in result.pim_slices}):
+        name = {"name": f"{device_names[g]}.pim"}
+        events.append({"ph": "M", "pid": 1, "tid": n + g, "name": "thread_name", "args": name})
+    for g, phase, start, end, layer in result.pim_slices:
+        events.append(
+            {
+                "ph": "X",
+                "pid": 1,
+                "tid": n + g,
+                "name": f"pim_{phase}",
+                "cat": "pim",
                 "ts": start * 1e6,
                 "dur": (end - start) * 1e6,
                 "args": {"layer": layer},

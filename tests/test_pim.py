@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -278,3 +279,33 @@ def test_bad_pim_input_is_one_line_error():
         load_scenario(HBMPIM, {"pim.device": "h100-sxm"})
     with pytest.raises(ScenarioError, match="weight-stationary"):
         build_plan(load_scenario(EDGE, {"pim.policy": "attention"}))
+
+
+@pytest.mark.parametrize("fidelity", ["des", "analytic"])
+def test_trace_has_a_track_per_pim_unit_without_overlaps(tmp_path, fidelity):
+    import json
+
+    from moesim.results import write_outputs
+
+    r = simulate(_hbmpim(**{"sim.fidelity": fidelity, "workload.batch_size": 8}))
+    trace = json.loads((write_outputs(r, tmp_path) / "trace.json").read_text())["traceEvents"]
+    names = {
+        e["tid"]: e["args"]["name"] for e in trace if e["name"] == "thread_name" and e["pid"] == 1
+    }
+    pim = [e for e in trace if e.get("cat") == "pim"]
+    assert pim and all(names[e["tid"]].endswith(".pim") and e["tid"] >= 8 for e in pim)
+    busy = sum(e["dur"] for e in pim) * 1e-6
+    assert busy == pytest.approx(r.devices["pim_busy_s"].sum(), rel=1e-9)
+    for tid in {e["tid"] for e in trace if e["ph"] == "X" and e["pid"] == 1}:
+        spans = sorted(
+            (e["ts"], e["ts"] + e["dur"])
+            for e in trace
+            if e["ph"] == "X" and e["pid"] == 1 and e["tid"] == tid
+        )
+        assert all(b[0] >= a[1] - 1e-6 for a, b in itertools.pairwise(spans))
+
+
+def test_catalog_lists_pim_parts(capsys):
+    assert main(["catalog", "devices"]) == 0
+    out = capsys.readouterr().out
+    assert "hbm-pim-aquabolt-xl      pim:" in out and "mythic-m1076             cim:" in out
