@@ -23,6 +23,7 @@ the activations as flows over the GPU-PIM links.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,6 +31,11 @@ from moesim import catalog
 from moesim.hardware.pim import crossover_tokens, internal_bytes, pim_op_time_s
 from moesim.model import Bytes, OpCost, expert_ops, kv_cache_bytes_per_token
 from moesim.scenario import Scenario, ScenarioError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from moesim.workload import LayerPlan, WorkloadPlan
 
 
 @dataclass
@@ -88,7 +94,7 @@ def _work(sc: Scenario, phase: str, ops: list[OpCost], w_bytes: float) -> tuple[
 
 def split_experts(
     sc: Scenario,
-    lp,
+    lp: LayerPlan,
     load: np.ndarray,
     expected: np.ndarray,
     share: np.ndarray,
@@ -163,7 +169,7 @@ def _size(nbytes: float) -> str:
     return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
-def apply_memory(sc: Scenario, plan, b: Bytes) -> None:
+def apply_memory(sc: Scenario, plan: WorkloadPlan, b: Bytes) -> None:
     """Move what lives on PIM out of the GPU's memory, into ``plan.pim_memory_bytes``
     (``{"weights": ..., "kv_cache": ...}`` per device), and check it fits on the units.
 
@@ -216,7 +222,7 @@ def apply_memory(sc: Scenario, plan, b: Bytes) -> None:
         )
 
 
-def pim_summary(plan, devices) -> dict | None:
+def pim_summary(plan: WorkloadPlan, devices: pd.DataFrame) -> dict | None:
     """Add ``pim_busy_s``, ``pim_flops``, ``pim_tokens`` and ``pim_memory_bytes`` to the
     devices table; return the summary's ``pim`` entry (None without PIM units)."""
     sc = plan.scenario
