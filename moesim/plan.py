@@ -49,7 +49,7 @@ from moesim.model import (
     lm_head_ops,
     router_ops,
 )
-from moesim.results import BREAKDOWN_KEYS, Result
+from moesim.results import Result
 from moesim.scenario import (
     Scenario,
     ScenarioError,
@@ -58,13 +58,16 @@ from moesim.scenario import (
     read_yaml,
     scenario_from_dict,
 )
-from moesim.sweep import check_constraint
+from moesim.sweep import check_constraint, flatten
 
 HOUR_S = 3600.0
+TIMELINE_DEVICE_LAYERS = 2048
+"""Devices x layers above which the timeline is recorded on a cut model (see timeline_layers)."""
+PLAN_KEYS = ("devices", "device", "price_per_device_hour_usd", "cost_per_hour_usd", "power_w")
+"""Candidate columns the plan sets (devices paid for, price); a run's summary never overrides
+them (its ``devices`` counts one instance)."""
 CLOSEST_PRUNED = 3
 """Bound-pruned candidates simulated anyway when nothing is feasible (to name the closest)."""
-COMPUTE_KEYS = tuple(k for k in BREAKDOWN_KEYS if k not in ("dispatch", "combine", "tp_comm"))
-"""Step-time breakdown phases that are device compute (the rest are communication waits)."""
 
 
 class Target(BaseModel):
@@ -185,7 +188,9 @@ def load_plan(path: str | Path) -> tuple[PlanSpec, dict[str, Any]]:
 
 
 def price_per_device_hour_usd(spec: PlanSpec, device: str) -> float:
-    """The plan's price for ``device``, else the catalog's (``prices.yaml``)."""
+    """The plan's price for ``device``, else the catalog's (``prices.yaml``). PIM parts have
+    no catalog price (none is published): a plan that uses them names one (0 compares GPUs
+    only)."""
     if device in spec.prices:
         return float(spec.prices[device])
     entry = catalog.raw("prices").get(device)
@@ -217,7 +222,11 @@ def _split(total: int, parts: int) -> np.ndarray:
 def total_devices(sc: Scenario) -> int:
     """Devices paid for: the cluster, times the serving replicas when a run has several."""
     serve = getattr(sc.workload, "serve", None)
-    return sc.cluster.n_devices * int(getattr(serve, "replicas", 1) or 1)
+    if serve is None:
+        return sc.cluster.n_devices
+    split = getattr(serve, "disaggregated", None)
+    copies = split.prefill_replicas + split.decode_replicas if split else serve.replicas
+    return sc.cluster.n_devices * int(copies)
 
 
 def bounds_apply(sc: Scenario) -> bool:
@@ -426,12 +435,17 @@ def _num(value: Any) -> float:
 def _derive(spec: PlanSpec, row: dict[str, Any]) -> None:
     """Cost per million tokens and energy per token from a row's throughput and power."""
     thr = _num(row.get(spec.throughput_metric))
+    copies, per_copy = _num(row.get("instances")), _num(row.get("devices_per_instance"))
+    if copies > 0 and per_copy > 0:  # a serving run says how many devices it used
+        row["devices"] = int(copies * per_copy)
+        row["cost_per_hour_usd"] = row["price_per_device_hour_usd"] * row["devices"]
     cost_h = row["cost_per_hour_usd"]
     row["cost_per_million_tokens_usd"] = cost_h * 1e6 / (HOUR_S * thr) if thr > 0 else math.nan
-    energy = _num(row.get("energy_j"))
+    per_token = _num(row.get("energy_j.per_token"))
+    energy = _num(row.get("energy_j.total", row.get("energy_j")))
     tokens = _num(row.get("tokens"))
-    if energy > 0 and tokens > 0:
-        row["energy_per_token_j"] = energy / tokens
+    if per_token > 0 or (energy > 0 and tokens > 0):
+        row["energy_per_token_j"] = per_token if per_token > 0 else energy / tokens
         row["energy_source"] = "simulated"
     elif thr > 0 and row.get("power_w"):
         # every device at its board power for the whole step: an upper estimate
@@ -481,22 +495,40 @@ def _budget_ok(spec: PlanSpec, row: dict[str, Any]) -> bool:
     )
 
 
+COMM_CLASSES = {
+    "dispatch": "all-to-all",
+    "combine": "all-to-all",
+    "tp_comm": "tp communication",
+    "grad_reduce": "gradient communication",
+    "param_gather": "gradient communication",
+}
+"""Breakdown phases (and their ``_bwd`` twins) that wait on the network, by kind."""
+
+
+def phase_class(phase: str) -> str:
+    """compute, or the kind of communication a step-breakdown phase waits for."""
+    return COMM_CLASSES.get(phase.removesuffix("_bwd"), "compute")
+
+
 def limited_by(row: dict[str, Any]) -> tuple[str, float]:
-    """What dominates a simulated step: compute (less the imbalance), all-to-all (dispatch and
-    combine waits), tensor-parallel communication, or imbalance (the seconds the slowest
-    device's experts add over the average device's, summed over MoE layers); and its share."""
-    parts = {
-        "compute": sum(_num(row.get(f"breakdown_s.{k}")) for k in COMPUTE_KEYS),
-        "all-to-all": _num(row.get("breakdown_s.dispatch")) + _num(row.get("breakdown_s.combine")),
-        "tp communication": _num(row.get("breakdown_s.tp_comm")),
-        "imbalance": _num(row.get("routing.imbalance_s")),
-    }
-    if math.isnan(parts["imbalance"]):
-        parts["imbalance"] = 0.0
-    parts["compute"] -= parts["imbalance"]
-    parts = {k: v for k, v in parts.items() if not math.isnan(v)}
+    """What dominates a simulated step, from its breakdown (the timeline of the last device to
+    finish): compute (device kernels, FLOP- or HBM-bound, less the imbalance), all-to-all
+    (dispatch and combine waits), tensor-parallel or gradient communication, or imbalance (the
+    seconds the slowest device's experts add over the mean device's, summed over MoE layers);
+    and its share of the step."""
+    parts: dict[str, float] = {}
+    for key, value in row.items():
+        if key.startswith("breakdown_s.") and not math.isnan(_num(value)):
+            kind = phase_class(key.split(".", 1)[1])
+            parts[kind] = parts.get(kind, 0.0) + _num(value)
+    if not parts:
+        return "", math.nan
+    imbalance = _num(row.get("routing.imbalance_s"))
+    if not math.isnan(imbalance) and imbalance > 0:
+        parts["imbalance"] = min(imbalance, parts.get("compute", 0.0))
+        parts["compute"] = parts.get("compute", 0.0) - parts["imbalance"]
     total = sum(parts.values())
-    if not parts or total <= 0:
+    if total <= 0:
         return "", math.nan
     name = max(parts, key=lambda k: parts[k])
     return name, parts[name] / total
@@ -527,6 +559,10 @@ class PlanResult:
     binding_reason: str
     detail: Result | None = None
     detail_fidelity: str = ""
+    timeline: Result | None = None
+    step_table: pd.DataFrame = field(default_factory=pd.DataFrame)
+    step_note: str = ""
+    timeline_layers: tuple[int, int] = (0, 0)
     wall_s: float = 0.0
     counts: dict[str, int] = field(default_factory=dict)
 
@@ -598,13 +634,19 @@ def run_plan(
             continue
         dev = sc.cluster.device
         n_total = total_devices(sc)
+        pim = getattr(sc, "pim", None)
+        pim_units = 0 if pim is None or pim.policy == "gpu_only" else pim.units_per_gpu
         try:
             price = price_per_device_hour_usd(spec, dev.name)
+            if pim_units:  # PIM units bought with every GPU
+                price += pim_units * price_per_device_hour_usd(spec, pim.device.name)
         except ScenarioError as err:
             raise ScenarioError(err.path, err.reason, file) from None
         row.update(
             device=dev.name,
             devices=n_total,
+            pim_units_per_device=pim_units,
+            pim_device=pim.device.name if pim_units else "",
             price_per_device_hour_usd=price,
             cost_per_hour_usd=price * n_total,
             power_w=dev.power_w,
@@ -670,10 +712,11 @@ def run_plan(
             if stage != "screen":
                 row["screen_step_time_s"] = row.get("step_time_s")
                 row[f"screen_{spec.throughput_metric}"] = row.get(spec.throughput_metric)
+            skip = {"point", "key", "repetition", "seed", *spec.candidates, *PLAN_KEYS}
             metrics = {
                 k: v
                 for k, v in res.items()
-                if k not in ("point", "key", "repetition", "seed", *spec.candidates)
+                if k not in skip and not (isinstance(v, float) and math.isnan(v))
             }
             status, error = metrics.pop("status", "error"), metrics.pop("error", "")
             row.update(metrics)
@@ -764,11 +807,82 @@ def run_plan(
     focus = chosen if chosen is not None else closest
     if detail and focus is not None:
         fid = conf.fidelity if conf.top > 0 else spec.screen_fidelity
-        over = {**_overrides(spec, candidate_values[focus], fid), "sim.trace": True}
-        result.detail = simulate(scenario_from_dict(base, over), progress=False)
+
+        def step_overrides(cand: int, fidelity: str) -> dict[str, Any]:
+            over = _overrides(spec, candidate_values[cand], fidelity)
+            sc = scenario_from_dict(base, over)
+            if sc.workload.phase != "serve":
+                return over
+            return {**over, **representative_step(sc, result.row(cand))}
+
+        # the top candidates' steps, for the breakdown plot
+        ok_rows = table[table["status"] == "ok"]
+        top = ok_rows.assign(_o=ok_rows[spec.objective].astype(float))
+        top = top.sort_values(["feasible", "_o"], ascending=[False, True]).head(spec.report_top)
+        serving = scenario_from_dict(base, _overrides(spec, candidate_values[focus], fid))
+        if serving.workload.phase == "serve":
+            steps = []
+            for cand, label in zip(top["candidate"], top["label"], strict=True):
+                over = step_overrides(int(cand), spec.screen_fidelity)
+                res = simulate(scenario_from_dict(base, over))
+                steps.append({"candidate": cand, "label": label, **flatten(res.summary)})
+            result.step_table = pd.DataFrame(steps)
+            result.step_note = SERVE_STEP_NOTE
+        else:
+            result.step_table = top
+        over = step_overrides(focus, fid)
+        sc = scenario_from_dict(base, over)
+        layers = sc.model.n_layers
+        keep = timeline_layers(sc)
+        result.detail = simulate(scenario_from_dict(base, {**over, "sim.trace": keep == layers}))
         result.detail_fidelity = fid
+        result.timeline = result.detail
+        if keep < layers:  # the timeline of a cut model: the first `keep` layers
+            cut = {**over, "sim.trace": True, "model.n_layers": keep}
+            result.timeline = simulate(scenario_from_dict(base, cut))
+        result.timeline_layers = (keep, layers)
     result.wall_s = time.perf_counter() - start
     return result
+
+
+SERVE_STEP_NOTE = (
+    "serving runs record requests, not steps: the step plots show one decode step of each "
+    "candidate at its run's mean decode batch (rounded to the attention data-parallel degree) "
+    "and mean context (mean prompt plus half the mean output)"
+)
+
+
+def representative_step(sc: Scenario, row: dict[str, Any]) -> dict[str, Any]:
+    """Overrides that turn a serving candidate into one decode step at its mean operating
+    point (see ``SERVE_STEP_NOTE``), for the step breakdown, expert load, link and timeline
+    plots that a request-level run does not record."""
+    serve = sc.workload.serve
+    dp = sc.cluster.n_devices // sc.parallelism.tp
+    batch = _num(row.get("iterations.mean_decode_batch"))
+    if not batch > 0:
+        batch = serve.max_batch_size
+
+    def mean(lengths) -> float:
+        return float(lengths.mean) if lengths.mean else sum(lengths.bounds) / 2
+
+    context = int(mean(serve.prompt_tokens) + mean(serve.output_tokens) / 2)
+    return {
+        "workload.phase": "decode",
+        "workload.batch_size": max(dp, round(batch / dp) * dp),
+        "workload.seq_len": context,
+        "workload.serve": None,
+    }
+
+
+def timeline_layers(sc: Scenario) -> int:
+    """Layers to record for the one-step timeline: all of them while devices x layers stays
+    within ``TIMELINE_DEVICE_LAYERS``, else the dense layers and enough MoE layers to fill it
+    (at least two), so that big clusters keep the trace small."""
+    m = sc.model
+    if sc.cluster.n_devices * m.n_layers <= TIMELINE_DEVICE_LAYERS:
+        return m.n_layers
+    fit = TIMELINE_DEVICE_LAYERS // sc.cluster.n_devices
+    return min(m.n_layers, max(m.n_dense_layers + 2, fit))
 
 
 def _step_text(row: dict[str, Any]) -> str:

@@ -13,19 +13,25 @@ from matplotlib.figure import Figure
 
 from moesim.results import BREAKDOWN_KEYS
 
-PHASE_COLORS = dict(
-    zip(
-        (*BREAKDOWN_KEYS, "wait"),
-        plt.get_cmap("tab20")(np.linspace(0, 1, 20))[: len(BREAKDOWN_KEYS) + 1],
-        strict=True,
-    )
-)
+_PALETTE = plt.get_cmap("tab20")(np.linspace(0, 1, 20))
+
+
+def phase_color(phase: str):
+    """A stable colour per step phase (forward and ``_bwd`` phases share a hue family)."""
+    known = [*BREAKDOWN_KEYS, "recompute", "optimizer", "grad_reduce", "param_gather"]
+    base = phase.removesuffix("_bwd")
+    i = known.index(base) if base in known else sum(map(ord, base))
+    color = _PALETTE[(2 * i) % 20 if not phase.endswith("_bwd") else (2 * i + 1) % 20]
+    return color
+
+
+WAIT_PHASES = ("dispatch", "combine", "tp_comm", "grad_reduce", "param_gather")
 
 
 def plot_breakdown_bars(df: pd.DataFrame, label: str = "label") -> Figure:
     """Stacked horizontal bars, one per row: the step time split into ``breakdown_s.<phase>``
     columns (the timeline of the last device to finish, so the parts sum to the step)."""
-    cols = [f"breakdown_s.{k}" for k in BREAKDOWN_KEYS if f"breakdown_s.{k}" in df]
+    cols = [c for c in df.columns if c.startswith("breakdown_s.")]
     cols = [c for c in cols if df[c].fillna(0).abs().sum() > 0]
     fig, ax = plt.subplots(figsize=(9.0, 1.2 + 0.55 * max(len(df), 1)))
     left = np.zeros(len(df))
@@ -34,7 +40,7 @@ def plot_breakdown_bars(df: pd.DataFrame, label: str = "label") -> Figure:
     for col in cols:
         phase = col.split(".", 1)[1]
         width = df[col].fillna(0).to_numpy(float) * scale
-        ax.barh(ys, width, left=left, color=PHASE_COLORS[phase], label=phase, height=0.6)
+        ax.barh(ys, width, left=left, color=phase_color(phase), label=phase, height=0.6)
         left += width
     ax.set_yticks(ys, list(df[label]), fontsize=8)
     ax.invert_yaxis()
@@ -94,24 +100,38 @@ def plot_pareto(
     return fig
 
 
-def plot_link_utilization(links: pd.DataFrame, top: int = 24) -> Figure:
-    """The ``top`` most used links of one run (``utilization`` = bytes / (bandwidth x step)),
-    coloured by kind (intra, host, network, spine)."""
-    used = links.sort_values("utilization", ascending=False).head(top)
+def plot_link_utilization(links: pd.DataFrame, top: int = 16) -> Figure:
+    """Left: utilization (bytes / (bandwidth x step)) of every link, one box per link kind
+    (intra-node, host, network, spine); right: the ``top`` most used links."""
     kinds = sorted(links["kind"].unique()) if len(links) else []
     colors = dict(zip(kinds, plt.get_cmap("Set2")(np.arange(len(kinds))), strict=True))
-    fig, ax = plt.subplots(figsize=(9.0, 1.2 + 0.22 * max(len(used), 1)))
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(11.0, 1.6 + 0.25 * max(top, len(kinds))), width_ratios=[1, 1.3]
+    )
+    data = [links.loc[links["kind"] == k, "utilization"].to_numpy(float) * 100 for k in kinds]
+    jitter = np.random.default_rng(0)  # fixed: the same picture every run
+    for row, (kind, util) in enumerate(zip(kinds, data, strict=True)):
+        ys = row + jitter.uniform(-0.25, 0.25, len(util))
+        left.scatter(util, ys, s=6, color=colors[kind], alpha=0.6)
+        left.plot([np.median(util)] * 2, [row - 0.35, row + 0.35], color="black", lw=1.5)
+    left.set_yticks(
+        range(len(kinds)), [f"{k} ({len(d)})" for k, d in zip(kinds, data, strict=True)]
+    )
+    left.set_xlim(0, 1.05 * max([d.max() for d in data if len(d)] + [1e-9]))
+    left.set_xlabel("utilization over the step (%)")
+    left.set_title("all links by kind (count); bar: median")
+    left.grid(axis="x", alpha=0.3)
+    used = links.sort_values("utilization", ascending=False).head(top)
     ys = np.arange(len(used))
-    ax.barh(ys, used["utilization"].to_numpy(float) * 100, color=[colors[k] for k in used["kind"]])
-    ax.set_yticks(ys, list(used["link"]), fontsize=6)
-    ax.invert_yaxis()
-    ax.set_xlabel("utilization over the step (%)")
-    for kind, color in colors.items():
-        ax.bar(0, 0, color=color, label=kind)
-    if kinds:
-        ax.legend(fontsize=7, title="link kind")
-    ax.set_title(f"link utilization (top {len(used)} of {len(links)} links)")
-    ax.grid(axis="x", alpha=0.3)
+    right.barh(
+        ys, used["utilization"].to_numpy(float) * 100, color=[colors[k] for k in used["kind"]]
+    )
+    right.set_yticks(ys, list(used["link"]), fontsize=7)
+    right.invert_yaxis()
+    right.set_xlabel("utilization over the step (%)")
+    right.set_title(f"top {len(used)} of {len(links)} links")
+    right.grid(axis="x", alpha=0.3)
+    fig.suptitle("link utilization")
     fig.tight_layout()
     return fig
 
@@ -132,11 +152,11 @@ def plot_gantt(slices: pd.DataFrame, max_devices: int = 16) -> Figure:
             spans = list(
                 zip(grp["start_s"] * scale, (grp["end_s"] - grp["start_s"]) * scale, strict=True)
             )
-            wait = phase in ("dispatch", "combine", "tp_comm")
+            wait = phase.removesuffix("_bwd") in WAIT_PHASES
             ax.broken_barh(
                 spans,
                 (row - 0.4, 0.8),
-                facecolors=PHASE_COLORS.get(phase, "gray"),
+                facecolors=phase_color(phase),
                 hatch="//" if wait else None,
                 edgecolor="none",
                 label=None if phase in seen else phase,
@@ -147,6 +167,11 @@ def plot_gantt(slices: pd.DataFrame, max_devices: int = 16) -> Figure:
     ax.set_xlim(0, step * scale)
     ax.set_xlabel(f"time in the step ({unit}); hatched: waiting for a collective")
     ax.set_title("one step on the chosen configuration")
-    ax.legend(fontsize=7, ncol=6, loc="upper center", bbox_to_anchor=(0.5, -0.25))
+    ax.legend(
+        fontsize=7,
+        ncol=7,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.08 - 1.0 / (2 + len(devices))),
+    )
     fig.tight_layout()
     return fig

@@ -183,8 +183,7 @@ def _candidate_table(result: PlanResult) -> pd.DataFrame:
     return df
 
 
-def _slices_frame(result: PlanResult) -> pd.DataFrame:
-    d = result.detail
+def _slices_frame(d) -> pd.DataFrame:
     names = list(d.devices["device"])
     return pd.DataFrame(
         [(names[g], ph, s, e, layer) for g, ph, s, e, layer in d.slices],
@@ -194,7 +193,9 @@ def _slices_frame(result: PlanResult) -> pd.DataFrame:
 
 def _price_sources(result: PlanResult) -> list[str]:
     out = []
-    devices = sorted({d for d in result.table.get("device", pd.Series()).dropna().unique()})
+    t = result.table
+    names = [*t.get("device", pd.Series()).dropna(), *t.get("pim_device", pd.Series()).dropna()]
+    devices = sorted({d for d in names if d})
     for dev in devices:
         if dev in result.spec.prices:
             out.append(
@@ -227,7 +228,13 @@ def build_report(result: PlanResult, out: Path) -> list[Block]:
                 "p",
                 f"**Chosen: {row['label']}**: {int(row['devices'])} x `{row['device']}`, "
                 f"**{row['cost_per_hour_usd']:,.2f} USD per hour** "
-                f"({row['price_per_device_hour_usd']:.2f} per device-hour), "
+                f"({row['price_per_device_hour_usd']:.2f} per device-hour"
+                + (
+                    f" with {int(row['pim_units_per_device'])} `{row['pim_device']}` units"
+                    if row.get("pim_units_per_device")
+                    else ""
+                )
+                + "), "
                 f"{_fmt(row.get('cost_per_million_tokens_usd', math.nan))} USD per million "
                 f"tokens, {_fmt(energy)} J per token ({row.get('energy_source', '')}); "
                 + (f"step {_seconds(step)}, " if math.isfinite(step) else "")
@@ -260,10 +267,15 @@ def build_report(result: PlanResult, out: Path) -> list[Block]:
             f"{c.get('over_budget', 0)} over budget, {c.get('pruned_memory', 0)} pruned because "
             f"they cannot fit in memory, {c.get('pruned_bound', 0)} pruned because their "
             f"step-time lower bound already misses a target, {c.get('ok', 0)} simulated "
-            f"({spec.screen_fidelity} screen, best confirmed with {spec.confirm.fidelity}; "
-            f"{int((table.get('fidelity') == spec.confirm.fidelity).sum())} confirmed), "
-            f"{c.get('no_fit', 0) + c.get('error', 0)} failed in simulation; "
-            f"{result.wall_s:.1f} s.",
+            f"({spec.screen_fidelity}"
+            + (
+                f", the best {int((table.get('fidelity') == spec.confirm.fidelity).sum())} "
+                f"confirmed with {spec.confirm.fidelity})"
+                if spec.confirm.top and spec.confirm.fidelity != spec.screen_fidelity
+                else ")"
+            )
+            + f", {c.get('no_fit', 0)} did not fit when simulated, {c.get('error', 0)} failed;"
+            f" {result.wall_s:.1f} s.",
         )
     )
 
@@ -277,12 +289,11 @@ def build_report(result: PlanResult, out: Path) -> list[Block]:
 
     blocks.append(("h2", "Why"))
     ok = table[table["status"] == "ok"]
-    if len(ok) and any(c.startswith("breakdown_s.") for c in ok):
-        top = ok.sort_values(["feasible", spec.objective], ascending=[False, True])
-        top = top.head(spec.report_top)
-        if focus is not None and focus not in set(top["candidate"]):
-            top = pd.concat([table[table["candidate"] == focus], top.head(spec.report_top - 1)])
-        save("breakdown", plot_breakdown_bars(top))
+    if result.step_note:
+        blocks.append(("p", f"Note: {result.step_note}."))
+    steps = result.step_table
+    if len(steps) and any(c.startswith("breakdown_s.") for c in steps):
+        save("breakdown", plot_breakdown_bars(steps))
         blocks.append(("h3", "Step-time breakdown of the top candidates"))
         blocks.append(("img", ("breakdown", "step-time breakdown, top candidates")))
     if len(ok):
@@ -326,10 +337,13 @@ def build_report(result: PlanResult, out: Path) -> list[Block]:
             save("link_utilization", plot_link_utilization(links))
             blocks.append(("h3", f"Link utilization on the {what} configuration"))
             blocks.append(("img", ("link_utilization", "link utilization")))
-        if getattr(d, "slices", None) and getattr(d, "devices", None) is not None:
-            save("timeline", plot_gantt(_slices_frame(result)))
+        tl = result.timeline
+        if getattr(tl, "slices", None) and getattr(tl, "devices", None) is not None:
+            save("timeline", plot_gantt(_slices_frame(tl)))
+            keep, layers = result.timeline_layers
+            cut = f", first {keep} of {layers} layers" if keep < layers else ""
             blocks.append(
-                ("h3", f"One step on the {what} configuration ({result.detail_fidelity})")
+                ("h3", f"One step on the {what} configuration ({result.detail_fidelity}{cut})")
             )
             blocks.append(("img", ("timeline", "timeline of one step")))
     blocks.append(("h2", "All candidates"))
