@@ -64,20 +64,24 @@ def replicate_hot(share: np.ndarray, expected_load: np.ndarray, k: int) -> np.nd
 
 def split_integer(total: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Split integer totals ``[...]`` over ``weights [..., m]`` (rows summing to 1) into integers
-    that sum back exactly (largest remainder; ties to the lower index)."""
+    that sum back exactly (largest remainder; ties to the lower index).
+
+    The ``short`` units left after flooring go to the entries with the largest remainders:
+    those above the row's ``short``-th largest remainder, then the lowest-indexed ties.
+    """
     total = np.asarray(total, dtype=np.int64)
     exact = total[..., None] * weights
     base = np.floor(exact + 1e-9).astype(np.int64)
     short = total - base.sum(axis=-1)
+    if not np.any(short > 0):
+        return base
     frac = exact - base
-    order = np.argsort(-frac, axis=-1, kind="stable")
-    ranks = np.empty_like(order)
-    np.put_along_axis(
-        ranks,
-        order,
-        np.arange(weights.shape[-1])[None, :]
-        .repeat(int(np.prod(order.shape[:-1])), axis=0)
-        .reshape(order.shape),
-        axis=-1,
-    )
-    return base + (ranks < short[..., None])
+    m = weights.shape[-1]
+    k = np.clip(short, 0, m)[..., None]
+    ordered = np.sort(frac, axis=-1)
+    thr = np.take_along_axis(ordered, np.clip(m - k, 0, m - 1), axis=-1)
+    thr = np.where(k > 0, thr, np.inf)
+    above = frac > thr
+    ties = frac == thr
+    need = k - above.sum(axis=-1, keepdims=True)
+    return base + (above | (ties & (np.cumsum(ties, axis=-1) <= need)))

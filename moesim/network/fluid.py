@@ -99,6 +99,8 @@ class _Block:
     contributors_left: np.ndarray
     pos: np.ndarray  # index in the active arrays, -1 while idle
     slots_left: int
+    floor_s: float = 0.0  # lower bound on the block's duration (its bottleneck link alone)
+    start_s: float = np.inf  # first contribution
     open: bool = True  # some sender has yet to contribute
 
 
@@ -157,6 +159,7 @@ class FluidNetwork:
         self._weight = np.zeros(0)
         self._rate = np.zeros(0)
         self._start = np.zeros(0)
+        self._floor = np.zeros(0)
         self._latency = np.zeros(0)
         self._link_active = np.zeros(n_links, dtype=bool)
         self._link_since = np.zeros(n_links)
@@ -177,8 +180,9 @@ class FluidNetwork:
             event.succeed()
             return gid, event
         if gid >= len(self._group_left):
-            self._group_left = np.concatenate([self._group_left, np.zeros_like(self._group_left)])
-            self._group_at = np.concatenate([self._group_at, np.zeros_like(self._group_at)])
+            grow = max(len(self._group_left), gid + 1)
+            self._group_left = np.concatenate([self._group_left, np.zeros(grow, np.int64)])
+            self._group_at = np.concatenate([self._group_at, np.zeros(grow)])
         self._group_left[gid] = n_slots
         self._group_at[gid] = 0.0
         self._group_event[gid] = event
@@ -191,8 +195,12 @@ class FluidNetwork:
         group_ptr: np.ndarray,
         groups: np.ndarray,
         contributors: np.ndarray,
+        floor_s: float = 0.0,
     ) -> int:
-        """Register slots (``[S, H]`` link ids, -1 padded) and the groups each feeds (CSR)."""
+        """Register slots (``[S, H]`` link ids, -1 padded) and the groups each feeds (CSR).
+        ``floor_s``: a lower bound on the whole block's duration (e.g. its busiest link's
+        bytes over bandwidth), which sets the time resolution of its admissions and
+        completions."""
         cap = np.where(paths >= 0, self.capacity[np.maximum(paths, 0)], np.inf)
         bid = self._next_block
         self._next_block += 1
@@ -205,6 +213,7 @@ class FluidNetwork:
             contributors_left=np.asarray(contributors, np.int64).copy(),
             pos=np.full(len(paths), -1, dtype=np.int64),
             slots_left=len(paths),
+            floor_s=floor_s,
         )
         return bid
 
@@ -226,9 +235,12 @@ class FluidNetwork:
         self._pending.append(
             (block, np.asarray(slots), nbytes, np.asarray(weight, float), self.env.now)
         )
-        # the contribution cannot finish sooner than its longest flow alone would take
-        floor_s = float(np.max(nbytes / blk.cap_min[slots] + blk.latency_s[slots]))
+        # neither the block nor this contribution can finish sooner than this
+        floor_s = max(
+            blk.floor_s, float(np.max(nbytes / blk.cap_min[slots] + blk.latency_s[slots]))
+        )
         self._admit_at = min(self._admit_at, self.env.now + self.tolerance * floor_s)
+        blk.start_s = min(blk.start_s, self.env.now)
         # wake the network only if it would otherwise sleep past the admission time
         if self._sleeping and self._admit_at < self._wake_at and not self._wake.triggered:
             self._wake.succeed()
@@ -273,7 +285,8 @@ class FluidNetwork:
                 self._backdate()
             wait = self._admit_at - env.now
             if len(self._remaining):
-                wait = min(wait, float(np.min(self._remaining / self._rate)))
+                finish = self._remaining / self._rate
+                wait = min(wait, float(np.min(finish)))
             self._wake = env.event()
             self._sleeping = True
             self._wake_at = env.now + max(wait, 0.0)
@@ -337,7 +350,10 @@ class FluidNetwork:
         self._latency = np.concatenate([self._latency, *lat])
         added = len(self._remaining) - base
         sent = np.concatenate([x[4] for x in new])
-        self._start = np.concatenate([self._start, sent])
+        block_start = np.concatenate([np.full(len(x[1]), self._blocks[x[0]].start_s) for x in new])
+        self._start = np.concatenate([self._start, block_start])
+        floors = [np.full(len(x[1]), self._blocks[x[0]].floor_s) for x in new]
+        self._floor = np.concatenate([self._floor, *floors])
         self._rate = np.concatenate([self._rate, np.zeros(added)])
         self._waited = np.concatenate([self._waited, now - sent])
         offset = base
@@ -354,15 +370,21 @@ class FluidNetwork:
             self._remaining[idx] = np.maximum(self._remaining[idx] - credit, 0.0)
         self._waited[:] = 0.0
 
+    def _window(self) -> np.ndarray:
+        """Each flow's completion window: ``tolerance`` x its block's end-to-end time so far
+        (time since the block's first sender plus path latency, at least the block's floor).
+        Flows finishing within it of the earliest finish retire together, each delivered at
+        its own finish time; their bandwidth frees up to a window early."""
+        age = np.maximum(self.env.now - self._start + self._latency, self._floor)
+        return self.tolerance * age
+
     def _retire(self) -> bool:
-        """Finish flows whose remaining time is within ``tolerance`` of their end-to-end time
-        (age plus path latency), or ~0. A finished slot with senders still to come idles;
-        otherwise it is delivered at its own finish time plus path latency."""
+        """Finish flows that end within their completion window (see :meth:`_window`). A
+        finished slot with senders still to come idles; otherwise it is delivered at its own
+        finish time plus path latency."""
         if not len(self._remaining):
             return False
-        age = self.env.now - self._start + self._latency
-        slack = self._rate * self.tolerance * age + 1e-9
-        done = self._remaining <= slack
+        done = self._remaining <= self._rate * self._window() + 1e-9
         if not done.any():
             return False
         idx = np.flatnonzero(done)
@@ -389,6 +411,7 @@ class FluidNetwork:
         self._rate, self._start = self._rate[keep], self._start[keep]
         self._latency, self._weight = self._latency[keep], self._weight[keep]
         self._blk, self._loc = self._blk[keep], self._loc[keep]
+        self._floor = self._floor[keep]
         self._waited = self._waited[keep]
         # positions of the flows that stay, in blocks that can still receive bytes
         for b, blk in self._blocks.items():
