@@ -55,6 +55,15 @@ def _print_summary(summary: dict) -> None:
         f"memory            {mem['max_used_bytes'] / 1e9:.1f} of "
         f"{mem['capacity_bytes'] / 1e9:.1f} GB on the fullest device"
     )
+    train = s.get("train")
+    if train:
+        parts = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in train["memory_bytes"].items())
+        print(
+            f"training          MFU {train['mfu']:.1%} (HFU {train['hfu']:.1%}), compute "
+            f"{_fmt_s(train['compute_s'])}, exposed communication "
+            f"{_fmt_s(train['exposed_comm_s'])}, {train['micro_batches']} micro-batches"
+        )
+        print(f"  memory (GB)     {parts}")
     pim = s.get("pim")
     if pim:
         threshold = pim["token_threshold"]

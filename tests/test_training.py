@@ -6,6 +6,7 @@ way over one switch path, and both devices do identical work."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -273,3 +274,24 @@ def test_micro_batches_accumulate():
     plan = build_plan(two_gpus())
     pass_s = compute_by_hand(plan) - plan.train.optimizer_s[0] + 2 * 4 * a2a_s()
     assert two.step_time_s - one.step_time_s == pytest.approx(pass_s, rel=1e-6)
+
+
+def test_cli_run_prints_training_lines(tmp_path, capsys):
+    import yaml
+
+    from moesim.cli import main
+
+    data = {
+        "model": {"preset": "mixtral-8x7b", "n_layers": 2},
+        "cluster": {"nodes": 1, "devices_per_node": 8, "device": "h100-sxm"},
+        "parallelism": {"ep": 8},
+        "workload": {"phase": "train", "batch_size": 8, "seq_len": 512},
+        "sim": {"progress": False, "fidelity": "analytic"},
+    }
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "training          MFU" in out and "optimizer_states" in out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["train"]["micro_batches"] == 1 and 0 < summary["mfu"] < 1
