@@ -746,7 +746,7 @@ def collect_serving(sim: ServingSimulation, wall_s: float) -> ServeResult:
         "scenario": sc.name,
         "phase": "serve",
         "requests": n,
-        "instances": len(instances),
+        "instances": serve.instances,
         "devices_per_instance": sc.cluster.n_devices,
         "duration_s": end,
         "offered_rate_per_s": serve.rate_per_s

@@ -141,7 +141,8 @@ class ServeConfig(_Config):
         "admitted when its prompt and the next decode step of every running request fit, and "
         "when a decode step does not fit the newest running requests are preempted and later "
         "recomputed; reserve: prompt plus all output tokens reserved at admission, never "
-        "preempted (as if output lengths were known)",
+        "preempted (as if output lengths were known; decode instances of disaggregated pools "
+        "always reserve)",
     )
     slo: SloConfig = SloConfig()
     disaggregated: DisaggregatedConfig | None = Field(
@@ -155,6 +156,12 @@ class ServeConfig(_Config):
     grid_points: int = Field(
         8, ge=2, le=32, description="points per length axis of the iteration-time grid"
     )
+
+    @property
+    def instances(self) -> int:
+        """Copies of the cluster this stream runs on (prefill plus decode pools if split)."""
+        dis = self.disaggregated
+        return dis.prefill_replicas + dis.decode_replicas if dis else self.replicas
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:

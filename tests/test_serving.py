@@ -233,6 +233,7 @@ def test_disaggregated_pools_pay_one_kv_transfer():
         d["done_s"] - d["first_token_s"], c["done_s"] - c["first_token_s"] + transfer
     )
     assert set(d["instance"]) == {0} and set(d["decode_instance"]) == {1}
+    assert dis.summary["instances"] == 2
 
 
 def test_replicas_share_the_load():
