@@ -921,12 +921,13 @@ def binding_constraint(result: PlanResult) -> tuple[str, str]:
         (table[obj].astype(float) < float(row[obj]))
         & ~table["status"].isin(["invalid", "over_budget"])
     ]
+    word = "cheaper" if obj.startswith("cost") else "lower-energy"
     if not len(cheaper):
-        return own, f"nothing cheaper in the candidate space; the chosen: {own_text}"
+        return own, f"nothing {word} in the candidate space; the chosen: {own_text}"
     mem = cheaper["status"].isin(["pruned_memory", "no_fit"])
     if mem.all():
         return "memory capacity", (
-            f"every cheaper candidate ({len(cheaper)}) does not fit in memory; the chosen: "
+            f"every {word} candidate ({len(cheaper)}) does not fit in memory; the chosen: "
             f"{own_text}"
         )
     sims = cheaper[cheaper["status"] == "ok"]
@@ -937,12 +938,12 @@ def binding_constraint(result: PlanResult) -> tuple[str, str]:
         step = _step_text(best)
         name = best.get("limited_by") or (misses[0].split(" ", 1)[0] if misses else tight)
         return name, (
-            f"the closest cheaper candidate ({best['label']}) misses: {'; '.join(misses)}"
+            f"the closest {word} candidate ({best['label']}) misses: {'; '.join(misses)}"
             + (f"; {step}" if step else "")
         )
     pruned = cheaper[cheaper["status"] == "pruned_bound"].iloc[0]
     return (
         "compute",
-        f"cheaper candidates cannot reach the targets even at their roofline "
+        f"{word} candidates cannot reach the targets even at their roofline "
         f"bound (e.g. {pruned['label']}: {pruned['reason']})",
     )
