@@ -220,13 +220,12 @@ def _split(total: int, parts: int) -> np.ndarray:
 
 
 def total_devices(sc: Scenario) -> int:
-    """Devices paid for: the cluster, times the serving replicas when a run has several."""
+    """Devices paid for: the cluster, times the serving instances (replicas, or prefill plus
+    decode pools) when a run has several."""
     serve = getattr(sc.workload, "serve", None)
     if serve is None:
         return sc.cluster.n_devices
-    split = getattr(serve, "disaggregated", None)
-    copies = split.prefill_replicas + split.decode_replicas if split else serve.replicas
-    return sc.cluster.n_devices * int(copies)
+    return sc.cluster.n_devices * int(serve.instances)
 
 
 def bounds_apply(sc: Scenario) -> bool:
