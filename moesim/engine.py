@@ -359,12 +359,17 @@ class Engine:
         for d in range(n):
             gids[d], ev = self.net.group(int(inbound[d]))
             events.append(ev)
+        # the collective takes at least its busiest link's bytes over that link's bandwidth
+        floor_s = float(
+            np.max(pat.link_bytes(traffic.nbytes, self.topology.n_links) / self.net.capacity)
+        )
         block = self.net.add_block(
             pat.paths,
             pat.latency_s * traffic.latency_steps,
             pat.receiver_ptr,
             gids[pat.receivers],
             pat.contributors,
+            floor_s,
         )
         prep = _Prepared(
             pattern=pat,

@@ -322,11 +322,12 @@ class SimConfig(Config):
         "per phase (slowest device, bottleneck link), no event loop",
     )
     network_tolerance: float = Field(
-        1e-3,
+        1e-2,
         gt=0,
         lt=0.1,
-        description="relative tolerance of the fluid network solver: fair-share levels and flow "
-        "completions within this fraction are resolved together (bounds timing error)",
+        description="relative time resolution of the fluid network: fair-share levels, and flow "
+        "completions and sender admissions within this fraction of their collective's duration, "
+        "are resolved together (measured step-time effect of 1e-2 vs 1e-5: <= 0.3%)",
     )
     aggregate: Literal["auto", "device", "node"] = Field(
         "auto",

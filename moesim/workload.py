@@ -300,11 +300,17 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
         lp.expert_weight_bytes = sum(weight_bytes(op, b.expert_weights) for op in ops).sum(axis=1)
         # dispatch: tokens from each source to each (group, EP rank), to every etp shard
         to_rank = kept.astype(float) @ share  # [source, rank]
-        weights = (to_groups[:, :, None] * to_rank[:, None, :]).reshape(n_dev, edp * ep)
         totals = kept.sum(axis=1)
-        flows = split_integer(totals, weights / np.maximum(totals, 1)[:, None])
-        src, slot = np.nonzero(flows)
-        pairs = flows[src, slot]
+        if r.global_routing:
+            weights = (to_groups[:, :, None] * to_rank[:, None, :]).reshape(n_dev, edp * ep)
+            flows = split_integer(totals, weights / np.maximum(totals, 1)[:, None])
+            src, slot = np.nonzero(flows)
+            pairs = flows[src, slot]
+        else:  # every token stays in its own group: split over that group's ranks only
+            flows = split_integer(totals, to_rank / np.maximum(totals, 1)[:, None])
+            src, rank = np.nonzero(flows)
+            pairs = flows[src, rank]
+            slot = group[src] * ep + rank
         base = (slot // ep) * ep * etp + (slot % ep) * etp
         src = np.repeat(src, etp)
         dst = (base[:, None] + np.arange(etp)[None, :]).ravel()
