@@ -73,7 +73,8 @@ class AnalyticEngine:
     def _run_train(self, start: float) -> AnalyticEngine:
         plan, tr = self.plan, self.plan.train
         n_layers = len(plan.layers)
-        for _ in range(tr.micro_batches):
+        stream_end = None  # overlap_grad_reduce: when the gradient stream is done
+        for mb in range(tr.micro_batches):
             for lp in plan.layers:
                 self._train_forward(lp, recompute=False)
             self._compute("lm_head", plan.lm_head_s, n_layers)
@@ -84,6 +85,17 @@ class AnalyticEngine:
                 if bl.recompute_s.any():
                     self._compute("recompute", bl.recompute_s, lp.index)
                 self._train_backward(lp, bl.compute_s)
+                if tr.layer_grad_reduce is not None and mb == tr.micro_batches - 1:
+                    # the bucket starts when its layer is done and the stream is free; its
+                    # links are not shared with the all-to-alls here (the DES shares them)
+                    bucket = sum(self._network_s(t) for t in tr.layer_grad_reduce[lp.index])
+                    stream_end = max(stream_end or 0.0, self._now) + bucket
+        if stream_end is not None and stream_end > self._now:
+            wait = stream_end - self._now
+            self._slices("grad_reduce", self._now, np.full(plan.n_devices, wait), n_layers)
+            self.rec.phase_s["grad_reduce"] += self._idle + wait
+            self._idle = np.zeros(plan.n_devices)
+            self._advance("grad_reduce", wait)
         for traffic in tr.grad_reduce:
             self._collective("grad_reduce", traffic, n_layers)
         self._compute("optimizer", tr.optimizer_s, n_layers)

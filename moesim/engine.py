@@ -182,6 +182,7 @@ class Engine:
         plan, tr = self.plan, self.plan.train
         n_layers = len(plan.layers)
         step = LayerPlan(n_layers, "none", False, {}, {})  # step-level collectives
+        buckets = None  # overlap_grad_reduce: the gradient stream's last bucket
         for mb in range(tr.micro_batches):
             for lp in plan.layers:
                 yield from self._forward_layer(g, lp, f"f{mb}", recompute=False)
@@ -192,12 +193,26 @@ class Engine:
                     yield from self._forward_layer(g, lp, f"r{mb}", recompute=True)
                 yield from self._compute(g, "recompute", bl.recompute_s[g], lp.index)
                 yield from self._backward_layer(g, lp, bl.compute_s, f"b{mb}")
+                if tr.layer_grad_reduce is not None and mb == tr.micro_batches - 1:
+                    grads = tr.layer_grad_reduce[lp.index]
+                    buckets = self.env.process(self._grad_bucket(g, step, lp.index, buckets, grads))
+        if buckets is not None:
+            start = self.env.now
+            yield buckets
+            self.rec.add(g, "grad_reduce", start, self.env.now, n_layers)
         for k, traffic in enumerate(tr.grad_reduce):
             yield from self._collective(g, step, f"grad{k}", "grad_reduce", traffic)
         yield from self._compute(g, "optimizer", tr.optimizer_s[g], n_layers)
         for k, traffic in enumerate(tr.param_gather):
             yield from self._collective(g, step, f"gather{k}", "param_gather", traffic)
         self.rec.finish_s[g] = self.env.now
+
+    def _grad_bucket(self, g: int, step: LayerPlan, layer: int, previous, bucket: list[Traffic]):
+        """One layer's gradient collectives on the gradient stream, after the previous bucket."""
+        if previous is not None:
+            yield previous
+        for k, traffic in enumerate(bucket):
+            yield self._send(g, step, f"grad/{layer}/{k}", traffic)
 
     def _collective(self, g: int, lp: LayerPlan, key: str, phase: str, traffic: Traffic):
         """Send, wait for this device's inbound bytes, record the wait as ``phase``."""

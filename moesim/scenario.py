@@ -179,6 +179,13 @@ class TrainConfig(Config):
         description="Adam in mixed precision: fp32 master weight, momentum and variance "
         "(K = 12 in ZeRO, Rajbhandari et al. 2020 Sec. 3.1)",
     )
+    overlap_grad_reduce: bool = Field(
+        False,
+        description="reduce each layer's gradients (one bucket per layer) on a communication "
+        "stream as soon as the last micro-batch's backward has produced them, overlapping the "
+        "rest of the backward (PyTorch DDP buckets, Megatron overlap_grad_reduce); "
+        "embeddings and LM head last",
+    )
 
 
 class WorkloadConfig(Config):

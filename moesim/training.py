@@ -93,6 +93,9 @@ class TrainingPlan:
     dense_params: np.ndarray  # per device
     expert_params: np.ndarray  # per device
     combine: list[Traffic | None]  # per layer, built once (``LayerPlan.combine`` makes a new one)
+    # overlap_grad_reduce: per layer, the collectives of its gradient bucket (``grad_reduce``
+    # then holds only the embeddings' and LM head's, run after the last backward)
+    layer_grad_reduce: list[list[Traffic]] | None = None
 
     @property
     def micro_batches(self) -> int:
@@ -214,24 +217,31 @@ def _layer_backward(
     return BackwardLayer(compute_s, flops, recompute_s, recompute_f)
 
 
-def _params_per_device(plan: WorkloadPlan) -> tuple[np.ndarray, np.ndarray]:
-    """(dense, expert) parameters held by each device, as the forward memory counts them:
-    attention, embeddings, dense FFNs and shared experts split over tp, routers replicated,
-    local experts split over etp."""
+def _layer_params(plan: WorkloadPlan) -> tuple[np.ndarray, np.ndarray, float]:
+    """Parameters each device holds, as the forward memory counts them: per layer the dense
+    ones (attention, dense FFN or shared experts split over tp, router replicated) ``[L]``
+    and the local experts' (split over etp) ``[L, devices]``; and the embeddings and LM head
+    (split over tp)."""
     sc = plan.scenario
     m, par = sc.model, sc.parallelism
-    attn = sum(attention_weight_params(m, m.attention_kind(i)) for i in range(m.n_layers))
-    n_moe = m.n_layers - m.n_dense_layers
-    dense = (
-        attn
-        + m.vocab_size * m.d_model * (1 if m.tied_embeddings else 2)
-        + m.n_dense_layers * 3 * m.d_model * m.d_ff_dense
-        + n_moe * m.n_shared_experts * 3 * m.d_model * m.d_ff_shared
-    ) / par.tp + n_moe * m.d_model * m.n_experts
-    local = [lp.local_experts for lp in plan.layers if lp.moe]
-    held = np.sum(local, axis=0) if local else np.zeros(plan.n_devices)
-    expert = held * 3 * m.d_model * m.d_ff_expert / par.etp
-    return np.full(plan.n_devices, float(dense)), np.asarray(expert, dtype=float)
+    dense = np.zeros(len(plan.layers))
+    expert = np.zeros((len(plan.layers), plan.n_devices))
+    for k, lp in enumerate(plan.layers):
+        dense[k] = attention_weight_params(m, lp.attention_kind) / par.tp
+        if lp.moe:
+            shared = m.n_shared_experts * 3 * m.d_model * m.d_ff_shared
+            dense[k] += shared / par.tp + m.d_model * m.n_experts
+            expert[k] = lp.local_experts * 3 * m.d_model * m.d_ff_expert / par.etp
+        else:
+            dense[k] += 3 * m.d_model * m.d_ff_dense / par.tp
+    embeddings = m.vocab_size * m.d_model * (1 if m.tied_embeddings else 2) / par.tp
+    return dense, expert, float(embeddings)
+
+
+def _params_per_device(plan: WorkloadPlan) -> tuple[np.ndarray, np.ndarray]:
+    """(dense, expert) parameters held by each device: :func:`_layer_params` summed."""
+    dense, expert, embeddings = _layer_params(plan)
+    return np.full(plan.n_devices, dense.sum() + embeddings), expert.sum(axis=0)
 
 
 def _layer_activation_elems(
@@ -361,6 +371,15 @@ def add_training(plan: WorkloadPlan, b: Bytes) -> None:
     lm_bwd_s, lm_bwd_f, _ = _time(dev, head_bwd, cdt)
     dense, expert = _params_per_device(plan)
     reduce, gather = _grad_collectives(plan, dense, expert, b)
+    layer_reduce = None
+    if tr.overlap_grad_reduce:  # one bucket per layer, then embeddings and LM head
+        dense_l, expert_l, embeddings = _layer_params(plan)
+        ones = np.ones(plan.n_devices)
+        layer_reduce = [
+            _grad_collectives(plan, d * ones, e, b)[0]
+            for d, e in zip(dense_l, expert_l, strict=True)
+        ]
+        reduce = _grad_collectives(plan, embeddings * ones, 0.0 * ones, b)[0]
     fwd_f = sum(sum(lp.flops.values()) for lp in plan.layers) + np.asarray(head.flops)
     bwd_f = sum(sum(bl.flops.values()) + bl.recompute_flops for bl in backward) + lm_bwd_f
     redo_f = fwd_f - np.asarray(head.flops) if tr.recompute == "full" else 0.0
@@ -376,6 +395,7 @@ def add_training(plan: WorkloadPlan, b: Bytes) -> None:
         dense_params=dense,
         expert_params=expert,
         combine=[lp.combine for lp in plan.layers],
+        layer_grad_reduce=layer_reduce,
     )
     n = plan.n_devices
     dp, edp = n // sc.parallelism.tp, n // (sc.parallelism.ep * sc.parallelism.etp)
@@ -444,7 +464,11 @@ def training_summary(
         "recompute": tr.config.recompute,
         "overlap_chunks": tr.chunks,
         "zero_stage": tr.config.zero_stage,
-        "grad_reduce_bytes": float(sum(t.total_bytes for t in tr.grad_reduce)),
+        "grad_reduce_bytes": float(
+            sum(t.total_bytes for t in tr.grad_reduce)
+            + sum(t.total_bytes for bucket in tr.layer_grad_reduce or [] for t in bucket)
+        ),
+        "overlap_grad_reduce": tr.config.overlap_grad_reduce,
         "param_gather_bytes": float(sum(t.total_bytes for t in tr.param_gather)),
         "all_to_all_bytes": float(a2a * passes * tr.micro_batches),
         "memory_device": worst,
