@@ -183,6 +183,17 @@ class StepGrid:
         )
         return max(_interp(p_eff, lengths.astype(float), per_length), 0.0)
 
+    def chunk_time(self, offset: int, tokens: int) -> float:
+        """Marginal seconds of prefilling prompt tokens ``offset .. offset + tokens`` in an
+        iteration that already pays for the weights (a decode step runs with it): one prompt
+        of ``offset + tokens`` minus one of ``offset`` tokens. The difference keeps the chunk's
+        projections and expert work (linear in tokens) and its causal attention against the
+        cached prefix (``(o + c)^2 - o^2``), and cancels the fixed weight streaming."""
+        lengths = self.prefill_lengths.astype(float)
+        single = np.array([ts[0] for ts in self.prefill_s])  # batch 1 at every length
+        whole = _interp(offset + tokens, lengths, single)
+        return max(whole - _interp(offset, lengths, single), 0.0)
+
     def decode_time(self, batch: int, mean_context: float) -> float:
         """Seconds of one decode step of ``batch`` sequences at ``mean_context`` cached tokens."""
         ctx = self.decode_contexts.astype(float)
@@ -245,10 +256,16 @@ def build_cost_model(
     if serve.kv_allocation == "on_demand" and serve.disaggregated is None:
         p_hi = max(p_hi, longest)
     lengths = _length_axis(p_lo, p_hi, serve.grid_points)
-    prefill_batches = tuple(
-        _batch_axis(max(1, min(serve.max_batch_size, serve.max_batched_tokens // int(p))))
-        for p in lengths
-    )
+    chunked = serve.chunked_prefill_tokens and serve.disaggregated is None
+    if chunked:  # chunks of one prompt: batch 1 from a single token up, and a full chunk
+        extra = [1, serve.chunked_prefill_tokens] if p_hi > serve.chunked_prefill_tokens else [1]
+        lengths = np.unique(np.append(extra, lengths))
+        prefill_batches = tuple(_batch_axis(2) for _ in lengths)
+    else:
+        prefill_batches = tuple(
+            _batch_axis(max(1, min(serve.max_batch_size, serve.max_batched_tokens // int(p))))
+            for p in lengths
+        )
     decode_batches = _batch_axis(serve.max_batch_size)
     contexts = _length_axis(p_lo, max(longest, p_lo), serve.grid_points)
     points = [
@@ -275,7 +292,7 @@ def build_cost_model(
     )
     # peak activations of any iteration the scheduler may run: prefills within the token
     # budget (or one prompt) and every decode batch
-    budget = max(serve.max_batched_tokens, p_hi)
+    budget = serve.chunked_prefill_tokens if chunked else max(serve.max_batched_tokens, p_hi)
     activations = max(
         act for (phase, b, n), (_, _, act) in timed.items() if phase == "decode" or b * n <= budget
     )
@@ -421,6 +438,9 @@ class ServingSimulation:
         self.done_s = np.full(n, np.nan)
         self.held = np.zeros(n)  # KV bytes reserved by each request on its current instance
         self.preemptions = np.zeros(n, dtype=np.int64)
+        self.prefilled = np.zeros(n, dtype=np.int64)  # chunked prefill: tokens in the cache
+        self.last_token_s = np.full(n, np.nan)
+        self.max_gap_s = np.full(n, np.nan)  # longest wait between two output tokens
         cap = costs.capacity_bytes
         dis = self.serve.disaggregated
         if dis is None:
@@ -489,7 +509,9 @@ class ServingSimulation:
         self._release(inst, r)
         self._count(-1)
 
-    def _record(self, inst: _Instance, kind: str, start: float, seqs: int, tokens: int) -> None:
+    def _record(
+        self, inst: _Instance, kind: str, start: float, seqs: int, prefill: int, decode: int
+    ) -> None:
         self.iterations.append(
             (
                 inst.index,
@@ -498,7 +520,9 @@ class ServingSimulation:
                 start,
                 self.env.now,
                 seqs,
-                tokens,
+                prefill + decode,
+                prefill,
+                decode,
                 len(inst.waiting) + len(inst.incoming),
                 len(inst.running),
                 inst.used_bytes,
@@ -521,30 +545,37 @@ class ServingSimulation:
     def _admit(self, inst: _Instance) -> list[int]:
         """First come, first served while the KV cache, the batch size and the prompt-token
         budget allow (a prompt longer than the budget runs alone)."""
-        serve, costs, batch, tokens = self.serve, self.costs, [], 0
-        on_demand = serve.kv_allocation == "on_demand" or inst.role == "prefill"
-        decodes = inst.role == "both"
+        serve, batch, tokens = self.serve, [], 0
         while inst.waiting and len(inst.running) + len(batch) < serve.max_batch_size:
             r = inst.waiting[0]
             p = self._prefill_tokens(r)
             if batch and tokens + p > serve.max_batched_tokens:
                 break
-            if on_demand:
-                # the prompt, and room for the next decode step of everyone running
-                need = float(costs.footprint_bytes(p))
-                room = (len(inst.running) + len(batch) + 1) * costs.kv_bytes_per_token * decodes
-            else:
-                need = float(costs.footprint_bytes(self.prompt[r] + self.output[r]))
-                room = 0.0
-            if inst.used_bytes + need + room > inst.capacity_bytes:
+            if not self._take(inst, r, len(batch)):
                 break
-            inst.waiting.popleft()
-            self._reserve(inst, r, need)
-            if np.isnan(self.admitted_s[r]):  # first admission (not a recompute)
-                self.admitted_s[r] = self.env.now
             batch.append(r)
             tokens += p
         return batch
+
+    def _take(self, inst: _Instance, r: int, pending: int) -> bool:
+        """Admit the head of the queue if its KV fits (``pending``: requests admitted in this
+        iteration but not yet running): on demand its prefill tokens plus room for the next
+        decode step of every running request; reserved, its prompt and output."""
+        costs = self.costs
+        if self.serve.kv_allocation == "on_demand" or inst.role == "prefill":
+            need = float(costs.footprint_bytes(self._prefill_tokens(r)))
+            decodes = inst.role == "both"
+            room = (len(inst.running) + pending + 1) * costs.kv_bytes_per_token * decodes
+        else:
+            need = float(costs.footprint_bytes(self.prompt[r] + self.output[r]))
+            room = 0.0
+        if inst.used_bytes + need + room > inst.capacity_bytes:
+            return False
+        inst.waiting.popleft()
+        self._reserve(inst, r, need)
+        if np.isnan(self.admitted_s[r]):  # first admission (not a recompute)
+            self.admitted_s[r] = self.env.now
+        return True
 
     def _prefill_tokens(self, r: int) -> int:
         """Tokens a prefill of ``r`` processes: its prompt, or after a preemption its prompt and
@@ -554,6 +585,9 @@ class ServingSimulation:
     def _front(self, inst: _Instance):
         """A colocated (prefill and decode) or prefill-only instance."""
         env, grid = self.env, self.costs.grid
+        if inst.role == "both" and self.serve.chunked_prefill_tokens:
+            yield from self._front_chunked(inst)
+            return
         while True:
             batch = self._admit(inst)
             if batch:
@@ -562,7 +596,7 @@ class ServingSimulation:
                 yield env.timeout(grid.prefill_time(lengths))
                 for r in batch:
                     if self.generated[r] == 0:
-                        self.first_token_s[r] = env.now
+                        self.first_token_s[r] = self.last_token_s[r] = env.now
                         self.generated[r] = 1
                     if self.output[r] == 1:
                         self._finish(inst, r)
@@ -570,7 +604,7 @@ class ServingSimulation:
                         inst.running.append(r)
                     else:
                         self._hand_off(r)
-                self._record(inst, "prefill", start, len(batch), int(lengths.sum()))
+                self._record(inst, "prefill", start, len(batch), int(lengths.sum()), 0)
             elif inst.role == "both" and inst.running:
                 yield from self._decode(inst)
             else:
@@ -581,15 +615,87 @@ class ServingSimulation:
         if inst.role == "both" and self.serve.kv_allocation == "on_demand":
             self._grow(inst)
         running = np.asarray(inst.running)
-        context = self.prompt[running] + self.generated[running] - 1
         start = env.now
-        yield env.timeout(self.costs.grid.decode_time(len(running), float(context.mean())))
+        yield env.timeout(self._decode_s(running))
+        self._decoded(inst, running)
+        self._record(inst, "decode", start, len(running), 0, len(running))
+
+    def _decode_s(self, running: np.ndarray) -> float:
+        """One decode step of ``running`` at their mean cached context."""
+        context = self.prompt[running] + self.generated[running] - 1
+        return self.costs.grid.decode_time(len(running), float(context.mean()))
+
+    def _decoded(self, inst: _Instance, running: np.ndarray) -> None:
+        now = self.env.now
+        gap = now - self.last_token_s[running]
+        self.max_gap_s[running] = np.fmax(self.max_gap_s[running], gap)
+        self.last_token_s[running] = now
         self.generated[running] += 1
         done = self.generated[running] >= self.output[running]
         for r in running[done]:
             self._finish(inst, int(r))
         inst.running = [int(r) for r in running[~done]]
-        self._record(inst, "decode", start, len(running), len(running))
+
+    def _front_chunked(self, inst: _Instance):
+        """Chunked prefill (Sarathi-Serve): every iteration decodes every running request and
+        fills the rest of a ``chunked_prefill_tokens`` budget with prompt chunks, oldest first.
+        Its time is the decode step plus each chunk's marginal prefill cost
+        (:meth:`StepGrid.chunk_time`)."""
+        env, grid, serve = self.env, self.costs.grid, self.serve
+        prefilling: list[int] = []  # admitted, prompt not yet fully in the cache
+        done_tokens = self.prefilled
+        while True:
+            if serve.kv_allocation == "on_demand" and inst.running:
+                self._grow(inst)
+            running = np.asarray(inst.running, dtype=np.int64)
+            left = serve.chunked_prefill_tokens - len(running)
+            chunks: list[tuple[int, int, int]] = []  # (request, offset, tokens)
+            for r in prefilling:
+                if left <= 0:
+                    break
+                c = min(left, self._prefill_tokens(r) - int(done_tokens[r]))
+                chunks.append((r, int(done_tokens[r]), c))
+                left -= c
+            while (
+                left > 0
+                and inst.waiting
+                and len(inst.running) + len(prefilling) < serve.max_batch_size
+            ):
+                r = inst.waiting[0]
+                if not self._take(inst, r, len(prefilling)):
+                    break
+                prefilling.append(r)
+                c = min(left, self._prefill_tokens(r))
+                chunks.append((r, 0, c))
+                left -= c
+            if not chunks and not len(running):
+                yield self._sleep(inst)
+                continue
+            start = env.now
+            if len(running):
+                t = self._decode_s(running)
+            else:  # the weights are read once per iteration either way
+                t = grid.decode_time(1, float(grid.decode_contexts[0]))
+            t += sum(grid.chunk_time(o, c) for _, o, c in chunks)
+            yield env.timeout(t)
+            if len(running):
+                self._decoded(inst, running)
+            for r, _, c in chunks:
+                done_tokens[r] += c
+                if done_tokens[r] < self._prefill_tokens(r):
+                    continue
+                prefilling.remove(r)
+                done_tokens[r] = 0
+                if self.generated[r] == 0:
+                    self.first_token_s[r] = self.last_token_s[r] = env.now
+                    self.generated[r] = 1
+                if self.output[r] == 1:
+                    self._finish(inst, r)
+                else:
+                    inst.running.append(r)
+            kind = "mixed" if chunks and len(running) else ("prefill" if chunks else "decode")
+            seqs = len(running) + len(chunks)
+            self._record(inst, kind, start, seqs, sum(c for _, _, c in chunks), len(running))
 
     def _grow(self, inst: _Instance) -> None:
         """Give every running request one more token of KV; when that does not fit, preempt
@@ -711,6 +817,7 @@ def collect_serving(sim: ServingSimulation, wall_s: float) -> ServeResult:
             "queue_s": sim.admitted_s - sim.arrival,
             "ttft_s": ttft,
             "tpot_s": tpot,
+            "max_token_gap_s": sim.max_gap_s,
             "latency_s": latency,
             "preemptions": sim.preemptions,
             "slo_met": good,
@@ -728,6 +835,8 @@ def collect_serving(sim: ServingSimulation, wall_s: float) -> ServeResult:
             "end_s",
             "sequences",
             "tokens",
+            "prefill_tokens",
+            "decode_tokens",
             "waiting",
             "running",
             "kv_used_bytes",
@@ -739,8 +848,8 @@ def collect_serving(sim: ServingSimulation, wall_s: float) -> ServeResult:
     end = float(sim.done_s.max())
     n = len(sim.arrival)
     out_tokens = float(sim.output.sum())
-    decodes = iterations[iterations["kind"] == "decode"]
-    prefills = iterations[iterations["kind"] == "prefill"]
+    decodes = iterations[iterations["decode_tokens"] > 0]  # decode and mixed iterations
+    prefills = iterations[iterations["prefill_tokens"] > 0]
     span = float(sim.arrival[-1] - sim.arrival[0]) if n > 1 else 0.0
     summary: dict[str, Any] = {
         "scenario": sc.name,
@@ -761,6 +870,7 @@ def collect_serving(sim: ServingSimulation, wall_s: float) -> ServeResult:
         "slo": serve.slo.model_dump(),
         **_stats(ttft, "ttft"),
         **_stats(tpot, "tpot"),
+        **_stats(sim.max_gap_s, "max_token_gap"),
         **_stats(latency, "latency"),
         **_stats(requests["queue_s"].to_numpy(), "queue"),
         "mean_requests_in_system": sim.in_system_area / end,
@@ -779,10 +889,13 @@ def collect_serving(sim: ServingSimulation, wall_s: float) -> ServeResult:
             "activations_bytes_per_device": costs.activations_bytes,
         },
         "iterations": {
-            "prefill": len(prefills),
-            "decode": len(decodes),
-            "mean_decode_batch": float(decodes["sequences"].mean()) if len(decodes) else 0.0,
-            "mean_prefill_tokens": float(prefills["tokens"].mean()) if len(prefills) else 0.0,
+            "prefill": int((iterations["kind"] == "prefill").sum()),
+            "decode": int((iterations["kind"] == "decode").sum()),
+            "mixed": int((iterations["kind"] == "mixed").sum()),
+            "mean_decode_batch": float(decodes["decode_tokens"].mean()) if len(decodes) else 0.0,
+            "mean_prefill_tokens": float(prefills["prefill_tokens"].mean())
+            if len(prefills)
+            else 0.0,
             "preemptions": int(sim.preemptions.sum()),
         },
         "sim": {
@@ -858,7 +971,7 @@ def print_serving_summary(s: dict[str, Any]) -> None:
         f"(ttft {_fmt_s(s['slo']['ttft_s'])}, tpot {_fmt_s(s['slo']['tpot_s'])}): "
         f"{s['slo_attainment']:.1%} of requests"
     )
-    for name in ("ttft", "tpot", "latency", "queue"):
+    for name in ("ttft", "tpot", "max_token_gap", "latency", "queue"):
         print(
             f"{name:<17} p50 {_fmt_s(s[f'{name}_p50_s'])}, p90 {_fmt_s(s[f'{name}_p90_s'])}, "
             f"p99 {_fmt_s(s[f'{name}_p99_s'])}"
@@ -871,6 +984,7 @@ def print_serving_summary(s: dict[str, Any]) -> None:
     print(
         f"iterations        {it['prefill']:,} prefill (mean {it['mean_prefill_tokens']:,.0f} "
         f"tokens), {it['decode']:,} decode (mean batch {it['mean_decode_batch']:.1f})"
+        + (f", {it['mixed']:,} mixed" if it["mixed"] else "")
     )
     print(
         f"simulated in      {s['sim']['wall_s']:.2f} s wall ({s['sim']['grid_points']} grid "

@@ -127,6 +127,12 @@ class ServeConfig(_Config):
         description="prompt tokens per prefill iteration (vLLM max_num_batched_tokens); a "
         "longer prompt runs alone",
     )
+    chunked_prefill_tokens: PositiveInt | None = Field(
+        None,
+        description="chunked prefill (Sarathi-Serve): tokens per iteration, every running "
+        "request's decode token plus prompt chunks filling the rest; null: whole prompts in "
+        "prefill-only iterations (colocated instances only)",
+    )
     memory_utilization: float = Field(
         0.9,
         gt=0,

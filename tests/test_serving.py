@@ -194,19 +194,50 @@ def test_on_demand_kv_preempts_and_conserves_tokens():
     assert it["kv_utilization"].max() <= 1.0
     # every output token is produced once: the first by a prefill, the rest by decode steps,
     # however often a request was preempted and recomputed
-    decode_tokens = it.loc[it["kind"] == "decode", "tokens"].sum()
-    assert decode_tokens == (req["output_tokens"] - 1).sum()
-    prefill_tokens = it.loc[it["kind"] == "prefill", "tokens"].sum()
-    assert prefill_tokens > req["prompt_tokens"].sum()  # recomputation costs prefill work
-    assert (
-        reserved.iterations.loc[reserved.iterations["kind"] == "prefill", "tokens"].sum()
-        == req["prompt_tokens"].sum()
-    )
+    assert it["decode_tokens"].sum() == (req["output_tokens"] - 1).sum()
+    assert (it["decode_tokens"] + it["prefill_tokens"] == it["tokens"]).all()
+    # recomputation costs prefill work
+    assert it["prefill_tokens"].sum() > req["prompt_tokens"].sum()
+    assert reserved.iterations["prefill_tokens"].sum() == req["prompt_tokens"].sum()
     # paging packs more requests into the same memory than reserving their full length
     assert (
         paged.summary["iterations"]["mean_decode_batch"]
         > reserved.summary["iterations"]["mean_decode_batch"]
     )
+
+
+def test_chunked_prefill_pays_one_weight_pass_per_chunk_and_conserves_tokens():
+    long_prompt = 4096
+    low = {"rate_per_s": 0.01, "n_requests": 5, "prompt_tokens": {"mean": long_prompt}}
+    whole = simulate(serve_scenario({**low, "chunked_prefill_tokens": long_prompt}))
+    quarters = simulate(serve_scenario({**low, "chunked_prefill_tokens": long_prompt // 4}))
+    sc = serve_scenario(low)
+    # one chunk holding the whole prompt is one prefill (the weights read once either way)
+    prefill = one_step_s(sc, "prefill", 1, long_prompt)
+    assert np.allclose(whole.requests["ttft_s"], prefill, rtol=0.01)
+    # four chunks: the same prompt work plus three more iterations' weight streaming, which
+    # is what a decode step of one sequence costs (to the grid's extrapolation to 0 tokens)
+    fixed = one_step_s(sc, "decode", 1, long_prompt)
+    extra = quarters.requests["ttft_s"] - whole.requests["ttft_s"]
+    assert np.allclose(extra, 3 * fixed, rtol=0.002)
+    assert (quarters.iterations["kind"] == "prefill").sum() == 4 * 5
+    # under load: mixed iterations, every prompt token prefilled once, every output token
+    # decoded once, and no iteration over its token budget
+    busy = simulate(
+        serve_scenario(
+            {
+                "rate_per_s": 400.0,
+                "n_requests": 300,
+                "prompt_tokens": {"distribution": "uniform", "low": 64, "high": 2048},
+                "chunked_prefill_tokens": 512,
+            }
+        )
+    )
+    it, req = busy.iterations, busy.requests
+    assert (it["kind"] == "mixed").sum() > 0
+    assert it["prefill_tokens"].sum() == req["prompt_tokens"].sum()
+    assert it["decode_tokens"].sum() == (req["output_tokens"] - 1).sum()
+    assert it["tokens"].max() <= 512
 
 
 def test_disaggregated_pools_pay_one_kv_transfer():
