@@ -178,6 +178,9 @@ class AnalyticEngine:
         for c in range(chunks):
             comm = max(comm, ends[c]) + d2[c]
         wait2 = comm - ends[-1]
+        self._slices(ps, t0, side_s, layer)
+        for end in ends:  # each chunk's experts, from when the slowest device starts it
+            self._slices(pw, end - e, sec / chunks, layer)
         for name, span in ((ps, s), (p1, wait1), (pw, chunks * e), (p2, wait2)):
             self._advance(name, span, move=False)
         self.rec.phase_s[ps] += side_s

@@ -165,7 +165,9 @@ class TrainConfig(Config):
     )
     chunks: PositiveInt = Field(2, description="chunks per MoE block when overlap: chunked")
     grad_allreduce: Literal["ring", "tree"] = Field(
-        "ring", description="gradient all-reduce algorithm: ring or NCCL double binary tree"
+        "ring",
+        description="gradient all-reduce algorithm: ring or NCCL double binary tree "
+        "(zero_stage 0; reduce-scatter and all-gather are rings)",
     )
     zero_stage: Literal[0, 1, 2] = Field(
         1,
@@ -429,6 +431,12 @@ class Scenario(Config):
                     "workload.batch_size",
                     f"training batch {wl.batch_size} not divisible by micro_batches x "
                     f"attention data-parallel degree = {wl.train.micro_batches} x {dp}",
+                )
+            if wl.train.grad_allreduce == "tree" and wl.train.zero_stage:
+                raise ScenarioError(
+                    "workload.train.grad_allreduce",
+                    "tree needs zero_stage 0: sharded optimizer states reduce-scatter and "
+                    "all-gather over rings (NCCL has no tree reduce-scatter)",
                 )
         if self.workload.phase == "decode" and self.workload.batch_size % dp:
             raise ScenarioError(

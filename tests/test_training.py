@@ -266,6 +266,13 @@ def test_batch_must_split_into_micro_batches_per_replica():
         )
 
 
+def test_tree_needs_unsharded_optimizer():
+    with pytest.raises(
+        ScenarioError, match=r"workload\.train\.grad_allreduce: tree needs zero_stage 0"
+    ):
+        two_gpus(grad_allreduce="tree", zero_stage=1)
+
+
 def test_micro_batches_accumulate():
     """Two micro-batches of the same size run the same passes twice: twice the tokens, and
     the step grows by one pass (forward, backward, all-to-alls), not by the gradient sync."""
