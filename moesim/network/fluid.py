@@ -336,12 +336,12 @@ class FluidNetwork:
         locs = [x[1] for x in new]
         paths = [self._blocks[x[0]].paths[x[1]] for x in new]
         width = max(self._paths.shape[1], *(p.shape[1] for p in paths))
-        self._paths = np.concatenate(
-            [
-                np.pad(p, ((0, 0), (0, width - p.shape[1])), constant_values=-1)
-                for p in [self._paths, *paths]
-            ]
-        )
+        grown = np.full((base + sum(len(p) for p in paths), width), -1, dtype=np.int64)
+        row = 0
+        for p in [self._paths, *paths]:
+            grown[row : row + len(p), : p.shape[1]] = p
+            row += len(p)
+        self._paths = grown
         self._blk = np.concatenate([self._blk, *blks])
         self._loc = np.concatenate([self._loc, *locs])
         self._remaining = np.concatenate([self._remaining, *(x[2] for x in new)])
