@@ -402,7 +402,7 @@ def _simulate(
     sweep = SweepSpec(
         name=f"{spec.name}-{fidelity}",
         base=base,
-        overrides={k: v for k, v in _overrides(spec, {}, fidelity).items()},
+        overrides=_overrides(spec, {}, fidelity),
         axes=axes,
         mode="zip",
         seed=spec.seed,
@@ -605,7 +605,6 @@ def run_plan(
 
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    scenarios: list[Scenario | None] = []
     first_invalid: ScenarioError | None = None
     candidate_values = expand_candidates(spec)
     for i, values in enumerate(candidate_values):
@@ -629,7 +628,6 @@ def run_plan(
             first_invalid = first_invalid or err
             row.update(status="invalid", reason=f"{err.path}: {err.reason}")
             rows.append(row)
-            scenarios.append(None)
             continue
         dev = sc.cluster.device
         n_total = total_devices(sc)
@@ -691,7 +689,6 @@ def run_plan(
                     if row["status"]:
                         break
         rows.append(row)
-        scenarios.append(sc)
     if not any(r["status"] != "invalid" for r in rows):
         if first_invalid is None:
             raise ScenarioError("candidates", "no candidate satisfies the constraints", file)
