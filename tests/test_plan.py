@@ -20,8 +20,16 @@ import yaml
 
 from moesim import catalog, scenario_from_dict, simulate
 from moesim.cli import main
-from moesim.plan import load_plan, pareto_front, run_plan, step_time_lower_bound_s
+from moesim.plan import (
+    load_plan,
+    pareto_front,
+    phase_class,
+    run_plan,
+    step_time_lower_bound_s,
+)
 from moesim.report.plan_report import PLOTS, write_plan_report
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # -- a plan solvable by hand ---------------------------------------------------------------
 # One device, decode of one token with one token of context, every expert chosen (top_k = E),
@@ -343,3 +351,44 @@ def test_bad_plan_is_one_line_exit_2(tmp_path, capsys, change, message):
     assert main(["plan", str(path), "--out", str(tmp_path / "o"), "-q", "--workers", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {path}: ") and message in err and "\n" not in err
+
+
+def test_training_plan_runs_unpruned_and_picks_the_cheapest_feasible(tmp_path):
+    """Training steps have no derived floors: every valid candidate is simulated; the answer is
+    the cheapest feasible row (ties: higher throughput), recomputed here from the table; the
+    binding class's share is its breakdown phases over the whole step."""
+    plan = {
+        "name": "train",
+        "base": str(ROOT / "scenarios/mixtral-8x7b-8xh100-train.yaml"),
+        "overrides": {"model.n_layers": 2, "sim.fidelity": "analytic"},
+        "candidates": {"cluster.devices_per_node": [4, 8], "parallelism.ep": [2, 4, 8]},
+        "targets": {"tokens_per_s": {"min": 400000}},
+        "confirm": {"top": 0},
+    }
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    result = _run(path, tmp_path / "out", detail=False)
+    t = result.table
+    assert not t["status"].str.startswith("pruned").any()
+    ok = t[t["status"] == "ok"]
+    assert len(ok) >= 3
+    feas = ok[ok["tokens_per_s"] >= 400000]
+    best = feas.sort_values(["cost_per_hour_usd", "tokens_per_s"], ascending=[True, False])
+    assert result.chosen == best["candidate"].iloc[0]
+    for row in ok.to_dict("records"):
+        parts = {k.split(".", 1)[1]: v for k, v in row.items() if k.startswith("breakdown_s.")}
+        parts = {k: v for k, v in parts.items() if isinstance(v, float) and not math.isnan(v)}
+        assert sum(parts.values()) == pytest.approx(row["step_time_s"], rel=1e-6)
+        assert "grad_reduce" in parts or "param_gather" in parts
+        comm = {"dispatch", "combine", "tp_comm", "grad_reduce", "param_gather"}
+        waits = sum(v for k, v in parts.items() if k.removesuffix("_bwd") in comm)
+        imbalance = row["routing.imbalance_s"]
+        shares = {
+            "compute": (row["step_time_s"] - waits - imbalance) / row["step_time_s"],
+            "imbalance": imbalance / row["step_time_s"],
+        }
+        for name in ("all-to-all", "gradient communication", "tp communication"):
+            mine = sum(v for k, v in parts.items() if phase_class(k) == name)
+            shares[name] = mine / row["step_time_s"]
+        assert row["limited_by"] == max(shares, key=shares.get)
+        assert row["limited_by_share"] == pytest.approx(shares[row["limited_by"]])
