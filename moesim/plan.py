@@ -902,6 +902,17 @@ def binding_constraint(result: PlanResult) -> tuple[str, str]:
     if focus is None:
         mem = table["status"].isin(["pruned_memory", "no_fit"])
         if mem.any() and not (table["status"] == "ok").any():
+            near = table[mem]
+            if (
+                "memory_lower_bound_bytes" in near
+                and near["memory_lower_bound_bytes"].notna().any()
+            ):
+                ratio = near["memory_lower_bound_bytes"] / near["memory_capacity_bytes"]
+                best = near.loc[ratio.idxmin()]
+                return "memory capacity", (
+                    f"no candidate fits in device memory; the closest, {best['label']}, "
+                    f"{best['reason']}"
+                )
             return "memory capacity", "no candidate fits in device memory"
         return "", "nothing was simulated successfully"
     row = result.row(focus)

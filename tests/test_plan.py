@@ -392,3 +392,19 @@ def test_training_plan_runs_unpruned_and_picks_the_cheapest_feasible(tmp_path):
             shares[name] = mine / row["step_time_s"]
         assert row["limited_by"] == max(shares, key=shares.get)
         assert row["limited_by_share"] == pytest.approx(shares[row["limited_by"]])
+
+
+def test_plan_where_nothing_fits_names_the_shortfall(tmp_path, capsys):
+    path = _hand_plan(tmp_path, 1.0)
+    plan = yaml.safe_load(path.read_text())
+    plan["candidates"]["cluster.device"] = [_device("tiny", 8e11, memory=0.1e9)]
+    path.write_text(yaml.safe_dump(plan))
+    assert main(["plan", str(path), "--out", str(tmp_path / "o"), "-q", "--workers", "1"]) == 0
+    printed = capsys.readouterr().out
+    # the weights alone (W plus the embedding table) are 0.22 GB against 0.1 GB
+    need = (W_BYTES + 2.0 * VOCAB * D) / 1e9
+    assert "no candidate meets every target" in printed
+    assert (
+        f"memory capacity: no candidate fits in device memory; the closest, device=tiny, "
+        f"needs at least {need:.1f} GB per device, has 0.1 GB" in printed
+    )

@@ -260,6 +260,8 @@ def build_report(result: PlanResult, out: Path) -> list[Block]:
         ("p", f"**Binding constraint: {result.binding or 'n/a'}**: {result.binding_reason}.")
     )
     c = result.counts
+    fid = table["fidelity"] if "fidelity" in table else pd.Series(dtype=object)
+    confirmed = int((fid == spec.confirm.fidelity).sum())
     blocks.append(
         (
             "p",
@@ -269,8 +271,7 @@ def build_report(result: PlanResult, out: Path) -> list[Block]:
             f"step-time lower bound already misses a target, {c.get('ok', 0)} simulated "
             f"({spec.screen_fidelity}"
             + (
-                f", the best {int((table.get('fidelity') == spec.confirm.fidelity).sum())} "
-                f"confirmed with {spec.confirm.fidelity})"
+                f", the best {confirmed} confirmed with {spec.confirm.fidelity})"
                 if spec.confirm.top and spec.confirm.fidelity != spec.screen_fidelity
                 else ")"
             )
