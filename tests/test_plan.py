@@ -408,3 +408,40 @@ def test_plan_where_nothing_fits_names_the_shortfall(tmp_path, capsys):
         f"memory capacity: no candidate fits in device memory; the closest, device=tiny, "
         f"needs at least {need:.1f} GB per device, has 0.1 GB" in printed
     )
+
+
+def test_confirmation_overturns_a_screened_answer(tmp_path, monkeypatch):
+    """Plan logic with a stand-in simulator: the screen says every device meets the step-time
+    target, the confirming engine says the cheapest does not; the plan confirms in rounds and
+    answers the cheapest candidate whose confirmed step meets the target."""
+    import moesim.plan as plan_mod
+
+    screen = {"slow": 1.0, "mid": 1.0, "fast": 1.0, "tiny": 1.0}  # ms
+    confirmed = {"slow": 3.0, "mid": 1.5, "fast": 0.5, "tiny": 3.0}
+    calls = []
+
+    def fake(spec, base, values, fidelity, out, executor, progress, resume):
+        table = confirmed if fidelity == "des" else screen
+        calls.append((fidelity, [v["cluster.device"]["name"] for v in values]))
+        return [
+            {"status": "ok", "error": "", "step_time_s": table[v["cluster.device"]["name"]] * 1e-3}
+            for v in values
+        ]
+
+    monkeypatch.setattr(plan_mod, "_simulate", fake)
+    path = _hand_plan(tmp_path, 2e-3, prune={"memory": False, "bound": False})
+    plan = yaml.safe_load(path.read_text())
+    plan["confirm"] = {"fidelity": "des", "top": 1, "rounds": 3}
+    path.write_text(yaml.safe_dump(plan))
+    result = _run(path, tmp_path / "out", detail=False)
+    # cost order tiny 0.5 < slow 1.0 < mid 1.5 < fast 4.0: tiny and slow fail when confirmed
+    assert calls == [
+        ("analytic", ["slow", "mid", "fast", "tiny"]),
+        ("des", ["tiny"]),
+        ("des", ["slow"]),
+        ("des", ["mid"]),
+    ]
+    assert result.row(result.chosen)["device"] == "mid"
+    table = result.table.set_index("device")
+    assert table.loc["fast", "fidelity"] == "analytic" and table.loc["fast", "feasible"]
+    assert not table.loc["slow", "feasible"] and table.loc["slow", "screen_step_time_s"] == 1e-3
