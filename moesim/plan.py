@@ -814,7 +814,9 @@ def run_plan(
         # the top candidates' steps, for the breakdown plot
         ok_rows = table[table["status"] == "ok"]
         top = ok_rows.assign(_o=ok_rows[spec.objective].astype(float))
-        top = top.sort_values(["feasible", "_o"], ascending=[False, True]).head(spec.report_top)
+        top = top.sort_values(["feasible", "_o"], ascending=[False, True])
+        top = pd.concat([top[top["candidate"] == focus], top[top["candidate"] != focus]])
+        top = top.head(spec.report_top)
         serving = scenario_from_dict(base, _overrides(spec, candidate_values[focus], fid))
         if serving.workload.phase == "serve":
             steps = []
