@@ -275,8 +275,12 @@ def test_report_html_is_self_contained_with_valid_pngs(report):
     md = (report / "report.md").read_text()
     for name in PLOTS:
         assert f"({name}.png)" in md and (report / f"{name}.png").stat().st_size > 0
-    plan = json.loads((report / "plan.json").read_text())
+    plan = json.loads((report / "plan.json").read_text(), parse_constant=_no_nan)  # strict
     assert plan["feasible"] and plan["answer"]["label"] in md.split("## Why")[0]
+
+
+def _no_nan(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 CHROMIUM = next(
