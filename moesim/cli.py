@@ -518,7 +518,7 @@ candidates, Pareto frontier, expert load, link utilization, a one-step timeline,
 candidate, and the binding constraint).
 
 A plan file:
-  name: mixtral-serving
+  name: mixtral-decode
   base: ../mixtral-8x7b-8xh100-decode.yaml    # or an inline scenario mapping
   overrides: {model.n_layers: 8}              # applied to every candidate
   candidates:                                 # dotted paths, combined as a grid
@@ -526,7 +526,7 @@ A plan file:
     cluster.devices_per_node: [4, 8]
     parallelism.ep: [4, 8]
   targets:                                    # any summary metric: {min: X} and/or {max: Y}
-    tokens_per_s: {min: 100000}
+    tokens_per_s: {min: 100000}               # serving: ttft_p99_s, tpot_p99_s, slo_attainment
     step_time_s: {max: 0.05}
   objective: cost_per_hour_usd                # or cost_per_million_tokens_usd, energy_per_token_j
   budget: {max_cost_per_hour_usd: 200}        # also max_devices, max_cost_per_million_tokens_usd
