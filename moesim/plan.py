@@ -11,7 +11,8 @@ budget, and prices (catalog ``prices.yaml``, overridable). :func:`run_plan`:
    cache: the model cannot fit); a step-time lower bound that already misses a target (each
    device runs its kernels one after another, so its step is at least the sum of its
    routing-independent kernels, and the cluster's mean expert work is at least the roofline of
-   the top-k experts' weights per group and of ``6 d f T k`` FLOPs when nothing is dropped);
+   the top-k experts' weights per group with tokens and of ``6 d f T k`` FLOPs when nothing
+   is dropped);
 3. screens the rest with the sweep machinery (``sim.fidelity: analytic`` by default);
 4. confirms the best feasible candidates with the discrete-event engine, again until the best
    feasible one is confirmed;
@@ -275,11 +276,11 @@ def step_time_lower_bound_s(sc: Scenario) -> float:
     ``E_mean`` the mean routed-expert time per device: at least ``max(F / P, B / W) / n``
     with F = ``6 d f T k`` FLOPs when no token can be dropped (else 0) and B the weights of
     the ``k`` distinct experts each token reaches, read at least once per MoE layer in each
-    expert-data-parallel group (peak rates when a measured kernel table may beat the
-    roofline's efficiencies)."""
+    expert-data-parallel group that has tokens (peak rates when a measured kernel table may
+    beat the roofline's efficiencies)."""
     m, par, wl, dev = sc.model, sc.parallelism, sc.workload, sc.cluster.device
     n_dev, tp, ep, etp = sc.cluster.n_devices, par.tp, par.ep, par.etp
-    dp, edp = n_dev // tp, n_dev // (ep * etp)
+    dp = n_dev // tp
     b, cdt = _bytes(sc), wl.dtypes.compute
     g = np.arange(n_dev)
     replica = g // tp
@@ -314,10 +315,16 @@ def step_time_lower_bound_s(sc: Scenario) -> float:
 
     r = sc.routing
     tokens = int(tokens_dp.sum())
+    # experts every token reaches: k distinct ones (top-k), at least one otherwise; a trace
+    # may leave choices empty, so it promises nothing
     k = min(m.top_k, m.n_experts) if r.gating == "topk" else 1
+    if r.distribution == "trace":
+        k = 0
     drops = r.capacity_factor is not None or r.gating != "topk"
     flops = 0.0 if drops else 6.0 * m.d_model * m.d_ff_expert * tokens * k
-    groups = 1 if r.global_routing else edp
+    # expert-data-parallel groups that have tokens each read their experts' weights
+    with_tokens = np.unique((g // (ep * etp))[tokens_dev > 0]).size
+    groups = min(1, with_tokens) if r.global_routing else with_tokens
     weight_bytes = groups * k * 3.0 * m.d_model * m.d_ff_expert * b.expert_weights
     # a measured kernel table may beat the roofline's efficiencies, never the peaks
     eff_c = 1.0 if dev.kernel_table else dev.compute_efficiency

@@ -189,8 +189,11 @@ def test_pruning_on_a_real_grid_loses_nothing(tmp_path):
 @pytest.mark.parametrize("fidelity", ["analytic", "des"])
 def test_step_time_lower_bound_holds(fidelity):
     """The bound is below the simulated step on every layout, skewed routing and drops too."""
-    for dpn, ep, tp, cf in [(8, 8, 1, None), (8, 4, 2, None), (4, 4, 1, 1.0), (2, 2, 2, None)]:
+    cases = [(8, 8, 1, None, 64), (8, 4, 2, None, 64), (4, 4, 1, 1.0, 64), (2, 2, 2, None, 64)]
+    cases.append((8, 2, 1, None, 2))  # prefill of 2 sequences: 3 of 4 groups have no tokens
+    for dpn, ep, tp, cf, batch in cases:
         over = {
+            "workload.batch_size": batch,
             "cluster.devices_per_node": dpn,
             "parallelism.ep": ep,
             "parallelism.tp": tp,
@@ -199,7 +202,7 @@ def test_step_time_lower_bound_holds(fidelity):
             "sim.fidelity": fidelity,
             "sim.progress": False,
         }
-        for phase, seq in (("decode", 1024), ("prefill", 256)):
+        for phase, seq in (("decode", 1024), ("prefill", 256))[batch < 64 :]:
             sc = scenario_from_dict(
                 MIXTRAL, {**over, "workload.phase": phase, "workload.seq_len": seq}
             )
