@@ -375,9 +375,8 @@ class Engine:
             gids[d], ev = self.net.group(int(inbound[d]))
             events.append(ev)
         # the collective takes at least its busiest link's bytes over that link's bandwidth
-        floor_s = float(
-            np.max(pat.link_bytes(traffic.nbytes, self.topology.n_links) / self.net.capacity)
-        )
+        link_bytes = pat.link_bytes(traffic.nbytes, self.topology.n_links)
+        floor_s = float(np.max(link_bytes / self.net.capacity))
         block = self.net.add_block(
             pat.paths,
             pat.latency_s * traffic.latency_steps,
@@ -385,6 +384,7 @@ class Engine:
             gids[pat.receivers],
             pat.contributors,
             floor_s,
+            link_bytes,
         )
         prep = _Prepared(
             pattern=pat,

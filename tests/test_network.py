@@ -177,3 +177,28 @@ def test_node_aggregation_conserves_link_bytes_and_the_last_arrival():
     b = collective_times_s(topo, src, dst, nbytes, "node", tolerance=1e-9)
     # the bottleneck NICs stay busy until their last byte either way
     assert b.max() == pytest.approx(a.max(), rel=1e-3)
+
+
+def test_compiled_and_numpy_max_min_agree():
+    """The compiled kernel and the vectorised reference give the same rates (random
+    instances, weighted and not, at several tolerances)."""
+    from moesim.network.fluid import compiled_kernel, maxmin_rates_numpy
+
+    if compiled_kernel() is None:
+        pytest.skip("numba not installed")
+    rng = np.random.default_rng(7)
+    for trial in range(40):
+        n_flows, n_links, hops = rng.integers(1, 60), rng.integers(4, 25), rng.integers(1, 5)
+        # each flow: 1..hops distinct links, valid hops first, -1 padding last
+        paths = np.full((n_flows, hops), -1)
+        for f in range(n_flows):
+            k = rng.integers(1, hops + 1)
+            paths[f, :k] = rng.choice(n_links, size=k, replace=False)
+        cap = rng.uniform(1.0, 10.0, n_links)
+        weight = None if trial % 2 else rng.integers(1, 8, n_flows).astype(float)
+        tol = [1e-12, 1e-3, 1e-2][trial % 3]
+        np.testing.assert_allclose(
+            maxmin_rates(paths, cap, weight, tol),
+            maxmin_rates_numpy(paths, cap, weight, tol),
+            rtol=1e-9,
+        )

@@ -16,12 +16,78 @@ import simpy
 
 from moesim.network.topology import Topology
 
+_KERNEL: list = []
+
+
+def compiled_kernel():
+    """The compiled progressive filling (numba, imported on first use: importing numba costs
+    ~0.5 s), or None where numba is not installed; the numpy version is the reference."""
+    if not _KERNEL:
+        try:
+            from moesim.network._maxmin_jit import maxmin_kernel
+        except ImportError:  # pragma: no cover - numba not installed
+            maxmin_kernel = None
+        _KERNEL.append(maxmin_kernel)
+    return _KERNEL[0]
+
 
 def maxmin_rates(
     paths: np.ndarray,
     capacity_bytes_per_s: np.ndarray,
     weight: np.ndarray | None = None,
     tolerance: float = 1e-9,
+    compiled: bool = True,
+) -> np.ndarray:
+    """Weighted max-min fair rates of flows over links (see :func:`maxmin_rates_numpy`);
+    runs the compiled kernel when numba is available and ``compiled``."""
+    return _rates_and_active(paths, capacity_bytes_per_s, weight, tolerance, compiled)[0]
+
+
+def _rates_and_active(
+    paths: np.ndarray,
+    capacity_bytes_per_s: np.ndarray,
+    weight: np.ndarray | None,
+    tolerance: float,
+    compiled: bool = True,
+    alive: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Max-min rates, the mask of links that carry any flow and each flow's bottleneck (the
+    link that froze it); flows not ``alive`` are left out (rate 0, bottleneck -1)."""
+    n_links = len(capacity_bytes_per_s)
+    alive = np.ones(len(paths), dtype=np.bool_) if alive is None else alive
+    kernel = compiled_kernel() if compiled and len(paths) else None
+    if kernel is not None:
+        w = np.ones(len(paths)) if weight is None else np.asarray(weight, dtype=float)
+        active = np.zeros(n_links, dtype=np.bool_)
+        bottleneck = np.full(len(paths), -1, dtype=np.int64)
+        rate = kernel(
+            np.ascontiguousarray(paths, dtype=np.int64),
+            np.asarray(capacity_bytes_per_s, dtype=float),
+            w,
+            float(tolerance),
+            active,
+            alive,
+            bottleneck,
+        )
+        return rate, active, bottleneck
+    rows = paths[alive]
+    active = np.zeros(n_links, dtype=bool)
+    active[rows[rows >= 0]] = True
+    rate = np.zeros(len(paths))
+    w = None if weight is None else np.asarray(weight, dtype=float)[alive]
+    at = np.full(len(rows), -1, dtype=np.int64)
+    rate[alive] = maxmin_rates_numpy(rows, capacity_bytes_per_s, w, tolerance, at)
+    bottleneck = np.full(len(paths), -1, dtype=np.int64)
+    bottleneck[alive] = at
+    return rate, active, bottleneck
+
+
+def maxmin_rates_numpy(
+    paths: np.ndarray,
+    capacity_bytes_per_s: np.ndarray,
+    weight: np.ndarray | None = None,
+    tolerance: float = 1e-9,
+    bottleneck: np.ndarray | None = None,
 ) -> np.ndarray:
     """Weighted max-min fair rates by progressive filling (Bertsekas & Gallager, *Data
     Networks*, Sec. 6.5.2), vectorised over a flow-link incidence.
@@ -66,12 +132,16 @@ def maxmin_rates(
         sat = alive[share <= step + tolerance * level]
         starts, lens = ptr[sat], ptr[sat + 1] - ptr[sat]
         idx = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())
-        new = flows_by_link[idx]
-        new = new[~frozen[new]]
+        new, at = flows_by_link[idx], np.repeat(sat, lens)
+        fresh = ~frozen[new]
+        new, at = new[fresh], at[fresh]
         if len(new) > 1:  # drop duplicates (a flow on two saturated links): keep last stamp
             stamp[new] = np.arange(len(new))
-            new = new[stamp[new] == np.arange(len(new))]
+            first = stamp[new] == np.arange(len(new))
+            new, at = new[first], at[first]
         frozen[new] = True
+        if bottleneck is not None:
+            bottleneck[new] = at
         rows = paths[new]
         ok = rows >= 0
         if unit:
@@ -102,6 +172,7 @@ class _Block:
     floor_s: float = 0.0  # lower bound on the block's duration (its bottleneck link alone)
     start_s: float = np.inf  # first contribution
     open: bool = True  # some sender has yet to contribute
+    counted: bool = False  # link bytes added to the stats at registration
 
 
 @dataclass
@@ -150,6 +221,8 @@ class FluidNetwork:
         self._next_block = 0
         self._pending: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, float]] = []
         self._waited = np.zeros(0)  # seconds a just-admitted flow waited to be admitted
+        self._alive = np.zeros(0, dtype=bool)  # retired rows stay until compaction
+        self._n_alive = 0
         self._admit_at = np.inf
         # active flows (one per busy slot)
         self._blk = np.zeros(0, dtype=np.int64)
@@ -196,11 +269,13 @@ class FluidNetwork:
         groups: np.ndarray,
         contributors: np.ndarray,
         floor_s: float = 0.0,
+        link_bytes: np.ndarray | None = None,
     ) -> int:
         """Register slots (``[S, H]`` link ids, -1 padded) and the groups each feeds (CSR).
         ``floor_s``: a lower bound on the whole block's duration (e.g. its busiest link's
         bytes over bandwidth), which sets the time resolution of its admissions and
-        completions."""
+        completions. ``link_bytes``: the bytes the block will put on each link, counted now
+        (otherwise counted per contribution)."""
         cap = np.where(paths >= 0, self.capacity[np.maximum(paths, 0)], np.inf)
         bid = self._next_block
         self._next_block += 1
@@ -214,7 +289,10 @@ class FluidNetwork:
             pos=np.full(len(paths), -1, dtype=np.int64),
             slots_left=len(paths),
             floor_s=floor_s,
+            counted=link_bytes is not None,
         )
+        if link_bytes is not None:
+            self.stats.bytes_carried += link_bytes
         return bid
 
     def contribute(
@@ -225,13 +303,14 @@ class FluidNetwork:
             return
         blk = self._blocks[block]
         nbytes = np.asarray(nbytes, float)
-        rows = blk.paths[slots]
-        valid = rows >= 0
-        self.stats.bytes_carried += np.bincount(
-            rows[valid],
-            weights=np.broadcast_to(nbytes[:, None], rows.shape)[valid],
-            minlength=self.topology.n_links,
-        )
+        if not blk.counted:
+            rows = blk.paths[slots]
+            valid = rows >= 0
+            self.stats.bytes_carried += np.bincount(
+                rows[valid],
+                weights=np.broadcast_to(nbytes[:, None], rows.shape)[valid],
+                minlength=self.topology.n_links,
+            )
         self._pending.append(
             (block, np.asarray(slots), nbytes, np.asarray(weight, float), self.env.now)
         )
@@ -284,8 +363,9 @@ class FluidNetwork:
                 self._solve()
                 self._backdate()
             wait = self._admit_at - env.now
-            if len(self._remaining):
-                finish = self._remaining / self._rate
+            if self._n_alive:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    finish = np.where(self._alive, self._remaining / self._rate, np.inf)
                 wait = min(wait, float(np.min(finish)))
             self._wake = env.event()
             self._sleeping = True
@@ -356,6 +436,8 @@ class FluidNetwork:
         self._floor = np.concatenate([self._floor, *floors])
         self._rate = np.concatenate([self._rate, np.zeros(added)])
         self._waited = np.concatenate([self._waited, now - sent])
+        self._alive = np.concatenate([self._alive, np.ones(added, dtype=bool)])
+        self._n_alive += added
         offset = base
         for b, s, _, _, _ in new:
             self._blocks[b].pos[s] = np.arange(offset, offset + len(s))
@@ -382,9 +464,9 @@ class FluidNetwork:
         """Finish flows that end within their completion window (see :meth:`_window`). A
         finished slot with senders still to come idles; otherwise it is delivered at its own
         finish time plus path latency."""
-        if not len(self._remaining):
+        if not self._n_alive:
             return False
-        done = self._remaining <= self._rate * self._window() + 1e-9
+        done = self._alive & (self._remaining <= self._rate * self._window() + 1e-9)
         if not done.any():
             return False
         idx = np.flatnonzero(done)
@@ -406,19 +488,27 @@ class FluidNetwork:
             self._arrive(blk.groups[gidx], self.env.now + np.repeat(d, lens))
             if blk.slots_left == 0:
                 del self._blocks[b]
-        keep = ~done
+        # retired rows stay (dead) until they are half of the table, then it is compacted
+        self._alive[idx] = False
+        self._remaining[idx], self._rate[idx], self._waited[idx] = np.inf, 0.0, 0.0
+        self._n_alive -= len(idx)
+        if len(self._alive) - self._n_alive > max(256, len(self._alive) // 2):
+            self._compact()
+        return True
+
+    def _compact(self) -> None:
+        """Drop retired rows and renumber the positions of the flows that stay."""
+        keep = self._alive
         self._paths, self._remaining = self._paths[keep], self._remaining[keep]
         self._rate, self._start = self._rate[keep], self._start[keep]
         self._latency, self._weight = self._latency[keep], self._weight[keep]
         self._blk, self._loc = self._blk[keep], self._loc[keep]
-        self._floor = self._floor[keep]
-        self._waited = self._waited[keep]
-        # positions of the flows that stay, in blocks that can still receive bytes
+        self._floor, self._waited = self._floor[keep], self._waited[keep]
+        self._alive = self._alive[keep]
         for b, blk in self._blocks.items():
             if blk.open:
                 sel = np.flatnonzero(self._blk == b)
                 blk.pos[self._loc[sel]] = sel
-        return True
 
     def _arrive(self, gids: np.ndarray, at_s: np.ndarray) -> None:
         """Count slots delivered to their groups (arriving at ``at_s``); a group whose last
@@ -436,16 +526,12 @@ class FluidNetwork:
 
     def _solve(self) -> None:
         self.solves += 1
-        active = np.zeros(self.topology.n_links, dtype=bool)
-        if len(self._remaining):
-            unit = bool(np.all(self._weight == 1.0))
-            self._rate = maxmin_rates(
-                self._paths,
-                self.capacity,
-                weight=None if unit else self._weight,
-                tolerance=self.tolerance,
+        if self._n_alive:
+            self._rate, active, _ = _rates_and_active(
+                self._paths, self.capacity, self._weight, self.tolerance, alive=self._alive
             )
-            active[self._paths[self._paths >= 0]] = True
+        else:
+            active = np.zeros(self.topology.n_links, dtype=bool)
         if self.record_intervals:
             now = self.env.now
             ended = self._link_active & ~active

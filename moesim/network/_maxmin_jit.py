@@ -1,0 +1,115 @@
+"""Compiled progressive filling for :func:`moesim.network.fluid.maxmin_rates`.
+
+The same algorithm as the numpy version there (which stays as the reference and the fallback
+where numba is not installed), as loops: the filling rounds are sequential by nature, and
+compiled they cost O(rounds x live links + incidences) with no per-round call overhead, 5-7x
+faster on DeepSeek-V3 all-to-alls than the vectorised version. Compiled once per machine
+(``cache=True`` keeps the machine code next to this file).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True)
+def maxmin_kernel(
+    paths: np.ndarray,
+    capacity: np.ndarray,
+    weight: np.ndarray,
+    tolerance: float,
+    active: np.ndarray,
+    alive: np.ndarray,
+    bottleneck: np.ndarray,
+) -> np.ndarray:  # pragma: no cover - compiled
+    """Weighted max-min rates; arguments as in ``maxmin_rates`` (weight required). Flows not
+    ``alive`` are skipped (rate 0); ``active`` (bool, one per link) is set to the links that
+    carry a live flow and ``bottleneck`` (one per flow) to the link that froze each flow."""
+    n_flows, width = paths.shape
+    n_links = capacity.shape[0]
+    cap = capacity.copy()
+    load = np.zeros(n_links)
+    counts = np.zeros(n_links + 1, np.int64)
+    for f in range(n_flows):
+        if not alive[f]:
+            continue
+        w = weight[f]
+        for h in range(width):
+            link = paths[f, h]
+            if link < 0:
+                break
+            load[link] += w
+            counts[link + 1] += 1
+    for link in range(n_links):
+        counts[link + 1] += counts[link]
+    fill = counts[:-1].copy()
+    flows_by_link = np.empty(counts[n_links], np.int64)
+    for f in range(n_flows):
+        if not alive[f]:
+            continue
+        for h in range(width):
+            link = paths[f, h]
+            if link < 0:
+                break
+            flows_by_link[fill[link]] = f
+            fill[link] += 1
+    wmin = np.inf
+    for f in range(n_flows):
+        if alive[f] and weight[f] < wmin:
+            wmin = weight[f]
+    eps = 1e-9 * wmin
+    live = np.empty(n_links, np.int64)
+    n_live = 0
+    for link in range(n_links):
+        active[link] = counts[link + 1] > counts[link]
+        if load[link] > eps:
+            live[n_live] = link
+            n_live += 1
+    rate = np.zeros(n_flows)
+    frozen = np.zeros(n_flows, np.bool_)
+    share = np.empty(n_links)
+    sat = np.empty(n_links, np.int64)
+    level = 0.0
+    while n_live > 0:
+        step = np.inf
+        for i in range(n_live):
+            link = live[i]
+            s = cap[link] / load[link]
+            share[i] = s
+            if s < step:
+                step = s
+        level += step
+        thr = step + tolerance * level
+        n_sat = 0
+        for i in range(n_live):
+            link = live[i]
+            cap[link] -= step * load[link]
+            if share[i] <= thr:
+                sat[n_sat] = link
+                n_sat += 1
+        for k in range(n_sat):
+            link = sat[k]
+            for e in range(counts[link], counts[link + 1]):
+                f = flows_by_link[e]
+                if frozen[f]:
+                    continue
+                frozen[f] = True
+                bottleneck[f] = link
+                w = weight[f]
+                rate[f] = level * w
+                for h in range(width):
+                    link2 = paths[f, h]
+                    if link2 < 0:
+                        break
+                    load[link2] -= w
+        for k in range(n_sat):
+            load[sat[k]] = 0.0
+        j = 0
+        for i in range(n_live):
+            link = live[i]
+            if load[link] > eps:
+                live[j] = link
+                j += 1
+        n_live = j
+    return rate
