@@ -209,7 +209,7 @@ def test_step_time_lower_bound_holds(fidelity):
             lb = step_time_lower_bound_s(sc)
             step = simulate(sc).step_time_s
             assert lb <= step * (1 + 1e-9), (dpn, ep, tp, cf, phase)
-            if cf is None:  # and useful: without drops it knows most of the expert work
+            if cf is None and batch >= 64:  # and useful: no drops, every device busy
                 assert lb > 0.3 * step, (dpn, ep, tp, cf, phase)
 
 
