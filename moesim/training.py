@@ -9,7 +9,7 @@ groups), runs the optimizer and, with sharded optimizer states, all-gathers the 
 
 Backward costs come from the forward ops of :mod:`moesim.model`: a GEMM ``Y = X W`` needs
 ``dX = dY W^T`` (dgrad) and ``dW = X^T dY`` (wgrad), each with the forward's FLOPs, so
-GEMMs cost twice their forward (Narayanan et al., SC'21, Sec. 5.1); wgrad adds the gradient
+GEMMs cost twice their forward (Narayanan et al., SC'21, FLOPs accounting); wgrad adds the gradient
 accumulation (read and write of ``dW`` in ``grad_dtype``). The attention core's backward is
 ``ATTENTION_CORE_BACKWARD_FLOPS_RATIO`` times its forward, elementwise and data-movement
 kernels ``ELEMENTWISE_BACKWARD_RATIO`` times.
@@ -47,7 +47,7 @@ from moesim.workload import GB, LayerPlan, Traffic, WorkloadPlan, _split, _time
 
 ATTENTION_CORE_BACKWARD_FLOPS_RATIO = 2.5
 """FlashAttention backward runs five matmuls per block where the forward runs two (Dao,
-FlashAttention-2, 2023, Sec. 3.1-3.2): 2.5x the forward FLOPs."""
+FlashAttention-2, 2023, Sec. 4.1 FLOPs accounting): 2.5x the forward FLOPs."""
 
 ATTENTION_CORE_BACKWARD_BYTES_RATIO = 2.0
 """Backward reads Q, K, V, O and dO and writes dQ, dK, dV: about twice the forward traffic."""
