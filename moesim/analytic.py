@@ -20,6 +20,7 @@ from moesim.engine import Recorder
 from moesim.network import Topology, build_topology
 from moesim.network.aggregate import PatternCache
 from moesim.network.fluid import LinkStats
+from moesim.network.topology import ROUTE_TABLE_MAX_DEVICES
 from moesim.workload import Traffic, WorkloadPlan
 
 
@@ -283,10 +284,16 @@ class AnalyticEngine:
         topo = self.topology
         hit = self._link_loads.get(id(traffic))
         if hit is None:
-            # routing is cached per pair set: every layer's dispatch shares one pattern
-            pattern = self._patterns.get(traffic.src, traffic.dst)
-            loads = pattern.link_bytes(traffic.nbytes, topo.n_links)
-            latency_s = float(pattern.latency_s.max()) * traffic.latency_steps
+            if topo.n_devices <= ROUTE_TABLE_MAX_DEVICES:  # routes gathered from a table
+                paths = topo.routes(traffic.src, traffic.dst)
+                valid = paths >= 0
+                weights = np.broadcast_to(traffic.nbytes[:, None], paths.shape)[valid]
+                loads = np.bincount(paths[valid], weights=weights, minlength=topo.n_links)
+                latency_s = float(topo.path_latency_s(paths).max()) * traffic.latency_steps
+            else:  # routed once per pair set: every layer's dispatch shares one pattern
+                pattern = self._patterns.get(traffic.src, traffic.dst)
+                loads = pattern.link_bytes(traffic.nbytes, topo.n_links)
+                latency_s = float(pattern.latency_s.max()) * traffic.latency_steps
             hit = self._link_loads[id(traffic)] = (traffic, loads, latency_s)
         _, loads, latency_s = hit
         link_bytes = loads * factor
