@@ -33,7 +33,7 @@ class AnalyticEngine:
         sc = plan.scenario
         self.plan = plan
         self.topology = topology or build_topology(sc.cluster, sc.topology, sc.pim)
-        self._patterns = PatternCache(self.topology, "device")
+        self._patterns = PatternCache(self.topology, sc.sim.aggregate)
         self.rec = Recorder(plan.n_devices, sc.sim.trace)
         n_links = self.topology.n_links
         self.link_stats = LinkStats(np.zeros(n_links), np.zeros(n_links))
