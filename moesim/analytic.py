@@ -34,6 +34,7 @@ class AnalyticEngine:
         self.plan = plan
         self.topology = topology or build_topology(sc.cluster, sc.topology, sc.pim)
         self._patterns = PatternCache(self.topology, sc.sim.aggregate)
+        self._recent_hops: list[tuple[np.ndarray, np.ndarray, tuple]] = []
         self.rec = Recorder(plan.n_devices, sc.sim.trace)
         n_links = self.topology.n_links
         self.link_stats = LinkStats(np.zeros(n_links), np.zeros(n_links))
@@ -275,6 +276,22 @@ class AnalyticEngine:
         self._advance(phase, total - float(own.max()), move=False)
         self._now += total
 
+    def _hops(self, src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        """(pair, link) of every hop of the pairs, and the longest path latency; the last few
+        pair sets are kept (layers repeat them), others are gathered from the route table."""
+        for s, d, hit in self._recent_hops:
+            if np.array_equal(s, src) and np.array_equal(d, dst):
+                return hit
+        paths = self.topology.routes(src, dst)
+        valid = paths >= 0
+        hit = (
+            np.nonzero(valid)[0],
+            paths[valid],
+            float(self.topology.path_latency_s(paths).max()),
+        )
+        self._recent_hops = [(np.array(src), np.array(dst), hit), *self._recent_hops[:3]]
+        return hit
+
     def _network_s(self, traffic: Traffic, factor: float = 1.0) -> float:
         """Bottleneck time of ``traffic`` with its bytes scaled by ``factor`` (a chunk).
         Link loads are computed once per traffic object (training repeats each collective
@@ -284,16 +301,15 @@ class AnalyticEngine:
         topo = self.topology
         hit = self._link_loads.get(id(traffic))
         if hit is None:
-            if topo.n_devices <= ROUTE_TABLE_MAX_DEVICES:  # routes gathered from a table
-                paths = topo.routes(traffic.src, traffic.dst)
-                valid = paths >= 0
-                weights = np.broadcast_to(traffic.nbytes[:, None], paths.shape)[valid]
-                loads = np.bincount(paths[valid], weights=weights, minlength=topo.n_links)
-                latency_s = float(topo.path_latency_s(paths).max()) * traffic.latency_steps
+            if topo.n_devices <= ROUTE_TABLE_MAX_DEVICES:
+                pair_of, link_of, path_latency_s = self._hops(traffic.src, traffic.dst)
+                weights = traffic.nbytes[pair_of]
+                loads = np.bincount(link_of, weights=weights, minlength=topo.n_links)
             else:  # routed once per pair set: every layer's dispatch shares one pattern
                 pattern = self._patterns.get(traffic.src, traffic.dst)
                 loads = pattern.link_bytes(traffic.nbytes, topo.n_links)
-                latency_s = float(pattern.latency_s.max()) * traffic.latency_steps
+                path_latency_s = float(pattern.latency_s.max())
+            latency_s = path_latency_s * traffic.latency_steps
             hit = self._link_loads[id(traffic)] = (traffic, loads, latency_s)
         _, loads, latency_s = hit
         link_bytes = loads * factor

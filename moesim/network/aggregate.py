@@ -64,10 +64,16 @@ class FlowPattern:
     def link_bytes(self, nbytes: np.ndarray, n_links: int) -> np.ndarray:
         """Bytes each link carries (the same at every granularity)."""
         per_slot = np.bincount(
-            self.contrib_slot, weights=self.contribution_bytes(nbytes), minlength=self.n_slots
+            self._entry_slot,
+            weights=np.asarray(nbytes, float)[self.entry_pair],
+            minlength=self.n_slots,
         )
         slot_of, link_of = self._incidence
         return np.bincount(link_of, weights=per_slot[slot_of], minlength=n_links)
+
+    @cached_property
+    def _entry_slot(self) -> np.ndarray:
+        return self.contrib_slot[self.entry_contrib]
 
     @cached_property
     def _incidence(self) -> tuple[np.ndarray, np.ndarray]:
@@ -80,6 +86,13 @@ def _row_keys(rows: np.ndarray) -> np.ndarray:
     """Integer id per distinct row of a -1 padded link matrix (exact, via unique on bytes)."""
     if rows.shape[1] == 0:
         return np.zeros(len(rows), dtype=np.int64)
+    valid = rows >= 0
+    if valid.sum(axis=1).max(initial=0) <= 4 and rows.max(initial=0) + 1 < 1 << 16:
+        # up to 4 hops of 16-bit link ids packed into one integer, in path order
+        rank = (np.cumsum(valid, axis=1) - 1).astype(np.uint64)
+        hop = np.where(valid, rows + 1, 0).astype(np.uint64) << (np.uint64(16) * rank)
+        packed = np.bitwise_or.reduce(np.where(valid, hop, np.uint64(0)), axis=1)
+        return np.unique(packed, return_inverse=True)[1].ravel().astype(np.int64)
     row_type = np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))
     packed = np.ascontiguousarray(rows).view(row_type)
     _, inverse = np.unique(packed.ravel(), return_inverse=True)
