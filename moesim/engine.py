@@ -139,6 +139,16 @@ class Engine:
             yield self.env.timeout(seconds)
         self.rec.add(g, phase, start, self.env.now, layer)
 
+    def _computes(self, g: int, phases: list[tuple[str, float]], layer: int):
+        """Back-to-back kernels as one timeout (one event), each recorded as its own slice."""
+        t = self.env.now
+        total = sum(seconds for _, seconds in phases)
+        if total > 0:
+            yield self.env.timeout(total)
+        for phase, seconds in phases:
+            self.rec.add(g, phase, t, min(t + seconds, self.env.now), layer)
+            t += seconds
+
     def _device(self, g: int):
         env = self.env
         if self.plan.train is not None:
@@ -151,8 +161,10 @@ class Engine:
             if lp.tp_comm is not None:
                 yield from self._exchange(g, lp, "tp_comm", lp.tp_comm)
             if lp.moe:
-                yield from self._compute(g, "router", lp.compute_s["router"][g], i)
-                yield from self._compute(g, "permute", lp.compute_s["permute"][g], i)
+                cs = lp.compute_s
+                yield from self._computes(
+                    g, [("router", cs["router"][g]), ("permute", cs["permute"][g])], i
+                )
                 arrived = self._send(g, lp, "dispatch", lp.dispatch)
                 if "shared_experts" in lp.compute_s:
                     yield from self._compute(

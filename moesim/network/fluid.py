@@ -314,10 +314,9 @@ class FluidNetwork:
         self._pending.append(
             (block, np.asarray(slots), nbytes, np.asarray(weight, float), self.env.now)
         )
-        # neither the block nor this contribution can finish sooner than this
-        floor_s = max(
-            blk.floor_s, float(np.max(nbytes / blk.cap_min[slots] + blk.latency_s[slots]))
-        )
+        # neither the block nor this contribution can finish sooner than this (a block's
+        # floor, its busiest link, already bounds every flow's bytes over its slowest link)
+        floor_s = blk.floor_s or float(np.max(nbytes / blk.cap_min[slots] + blk.latency_s[slots]))
         self._admit_at = min(self._admit_at, self.env.now + self.tolerance * floor_s)
         blk.start_s = min(blk.start_s, self.env.now)
         # wake the network only if it would otherwise sleep past the admission time
@@ -393,12 +392,20 @@ class FluidNetwork:
             by_block.setdefault(item[0], []).append(item)
         for block, items in by_block.items():
             blk = self._blocks[block]
-            slots, inverse = np.unique(np.concatenate([x[1] for x in items]), return_inverse=True)
-            nbytes = np.bincount(inverse, np.concatenate([x[2] for x in items]), len(slots))
-            weight = np.bincount(inverse, np.concatenate([x[3] for x in items]), len(slots))
-            sent = np.full(len(slots), np.inf)
-            np.minimum.at(sent, inverse, np.concatenate([np.full(len(x[1]), x[4]) for x in items]))
-            np.subtract.at(blk.contributors_left, slots[inverse], 1)
+            if len(items) == 1:  # one sender: its slots are distinct already
+                _, slots, nbytes, weight, t = items[0]
+                sent = np.full(len(slots), t)
+                blk.contributors_left[slots] -= 1
+            else:
+                slots, inverse = np.unique(
+                    np.concatenate([x[1] for x in items]), return_inverse=True
+                )
+                nbytes = np.bincount(inverse, np.concatenate([x[2] for x in items]), len(slots))
+                weight = np.bincount(inverse, np.concatenate([x[3] for x in items]), len(slots))
+                sent = np.full(len(slots), np.inf)
+                times = np.concatenate([np.full(len(x[1]), x[4]) for x in items])
+                np.minimum.at(sent, inverse, times)
+                np.subtract.at(blk.contributors_left, slots[inverse], 1)
             blk.open = bool(blk.contributors_left.any())
             pos = blk.pos[slots]
             busy = pos >= 0
@@ -473,8 +480,9 @@ class FluidNetwork:
         finish = self._remaining[idx] / np.where(self._rate[idx] > 0, self._rate[idx], np.inf)
         delay = self._latency[idx] + np.maximum(finish, 0.0)
         blk_ids, locs = self._blk[idx], self._loc[idx]
-        for b in np.unique(blk_ids).tolist():
-            sel = blk_ids == b
+        lo, hi = int(blk_ids.min()), int(blk_ids.max())
+        for b in [lo] if lo == hi else np.unique(blk_ids).tolist():
+            sel = slice(None) if lo == hi else blk_ids == b
             blk = self._blocks[b]
             s = locs[sel]
             blk.pos[s] = -1
