@@ -521,9 +521,16 @@ class FluidNetwork:
     def _arrive(self, gids: np.ndarray, at_s: np.ndarray) -> None:
         """Count slots delivered to their groups (arriving at ``at_s``); a group whose last
         slot is in gets one event, at its latest arrival."""
-        np.maximum.at(self._group_at, gids, at_s)
-        ids, counts = np.unique(gids, return_counts=True)
-        self._group_left[ids] -= counts
+        lo = int(gids.min())
+        span = int(gids.max()) - lo + 1  # a collective's groups are numbered consecutively
+        order = np.argsort(at_s)
+        latest = np.full(span, -np.inf)
+        latest[gids[order] - lo] = at_s[order]  # the last write per group is its latest
+        window = slice(lo, lo + span)
+        np.maximum(self._group_at[window], latest, out=self._group_at[window])
+        counts = np.bincount(gids - lo, minlength=span)
+        ids = np.flatnonzero(counts) + lo
+        self._group_left[window] -= counts
         for gid in ids[self._group_left[ids] == 0].tolist():
             event = self._group_event.pop(gid)
             delay = max(float(self._group_at[gid]) - self.env.now, 0.0)
