@@ -113,3 +113,45 @@ def maxmin_kernel(
                 j += 1
         n_live = j
     return rate
+
+
+@njit(cache=True)
+def due_flows(
+    remaining: np.ndarray,
+    rate: np.ndarray,
+    start: np.ndarray,
+    latency: np.ndarray,
+    floor: np.ndarray,
+    alive: np.ndarray,
+    now: float,
+    tolerance: float,
+    done: np.ndarray,
+) -> int:  # pragma: no cover - compiled
+    """Mark in ``done`` the live flows that finish within their completion window
+    (``FluidNetwork._window``); returns how many."""
+    n_done = 0
+    for f in range(remaining.shape[0]):
+        done[f] = False
+        if not alive[f]:
+            continue
+        age = now - start[f] + latency[f]
+        if age < floor[f]:
+            age = floor[f]
+        if remaining[f] <= rate[f] * tolerance * age + 1e-9:
+            done[f] = True
+            n_done += 1
+    return n_done
+
+
+@njit(cache=True)
+def next_finish_s(
+    remaining: np.ndarray, rate: np.ndarray, alive: np.ndarray
+) -> float:  # pragma: no cover - compiled
+    """Seconds until the first live flow finishes at its current rate."""
+    best = np.inf
+    for f in range(remaining.shape[0]):
+        if alive[f] and rate[f] > 0:
+            t = remaining[f] / rate[f]
+            if t < best:
+                best = t
+    return best

@@ -16,19 +16,25 @@ import simpy
 
 from moesim.network.topology import Topology
 
-_KERNEL: list = []
+_KERNELS: dict = {}
+
+
+def _compiled():
+    """The compiled kernels (numba, imported on first use: importing numba costs ~0.5 s), or
+    an empty dict where numba is not installed; numpy versions do the same work slower."""
+    if "loaded" not in _KERNELS:
+        _KERNELS["loaded"] = True
+        try:
+            from moesim.network import _maxmin_jit as jit
+        except ImportError:  # pragma: no cover - numba not installed
+            return _KERNELS
+        _KERNELS.update(maxmin=jit.maxmin_kernel, due=jit.due_flows, next_finish=jit.next_finish_s)
+    return _KERNELS
 
 
 def compiled_kernel():
-    """The compiled progressive filling (numba, imported on first use: importing numba costs
-    ~0.5 s), or None where numba is not installed; the numpy version is the reference."""
-    if not _KERNEL:
-        try:
-            from moesim.network._maxmin_jit import maxmin_kernel
-        except ImportError:  # pragma: no cover - numba not installed
-            maxmin_kernel = None
-        _KERNEL.append(maxmin_kernel)
-    return _KERNEL[0]
+    """The compiled progressive filling, or None where numba is not installed."""
+    return _compiled().get("maxmin")
 
 
 def maxmin_rates(
@@ -363,9 +369,7 @@ class FluidNetwork:
                 self._backdate()
             wait = self._admit_at - env.now
             if self._n_alive:
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    finish = np.where(self._alive, self._remaining / self._rate, np.inf)
-                wait = min(wait, float(np.min(finish)))
+                wait = min(wait, self._next_finish_s())
             self._wake = env.event()
             self._sleeping = True
             self._wake_at = env.now + max(wait, 0.0)
@@ -459,6 +463,35 @@ class FluidNetwork:
             self._remaining[idx] = np.maximum(self._remaining[idx] - credit, 0.0)
         self._waited[:] = 0.0
 
+    def _next_finish_s(self) -> float:
+        """Seconds until the first live flow finishes at its current rate."""
+        kernel = _compiled().get("next_finish")
+        if kernel is not None:
+            return float(kernel(self._remaining, self._rate, self._alive))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            finish = np.where(self._alive & (self._rate > 0), self._remaining / self._rate, np.inf)
+        return float(np.min(finish))
+
+    def _due(self) -> np.ndarray | None:
+        """Mask of the live flows inside their completion window, or None if there are none."""
+        kernel = _compiled().get("due")
+        if kernel is not None:
+            done = np.empty(len(self._remaining), dtype=np.bool_)
+            n = kernel(
+                self._remaining,
+                self._rate,
+                self._start,
+                self._latency,
+                self._floor,
+                self._alive,
+                self.env.now,
+                self.tolerance,
+                done,
+            )
+            return done if n else None
+        done = self._alive & (self._remaining <= self._rate * self._window() + 1e-9)
+        return done if done.any() else None
+
     def _window(self) -> np.ndarray:
         """Each flow's completion window: ``tolerance`` x its block's end-to-end time so far
         (time since the block's first sender plus path latency, at least the block's floor).
@@ -473,8 +506,8 @@ class FluidNetwork:
         finish time plus path latency."""
         if not self._n_alive:
             return False
-        done = self._alive & (self._remaining <= self._rate * self._window() + 1e-9)
-        if not done.any():
+        done = self._due()
+        if done is None:
             return False
         idx = np.flatnonzero(done)
         finish = self._remaining[idx] / np.where(self._rate[idx] > 0, self._rate[idx], np.inf)
