@@ -163,6 +163,33 @@ def maxmin_rates_numpy(
     return rate
 
 
+_COLUMNS = {
+    "remaining": np.float64,  # bytes still to send
+    "rate": np.float64,  # current max-min rate, bytes/s
+    "weight": np.float64,  # device pairs merged into the flow (max-min weight)
+    "start": np.float64,  # its block's first contribution
+    "latency": np.float64,  # path latency
+    "floor": np.float64,  # its block's lower bound on duration
+    "waited": np.float64,  # seconds a just-admitted flow waited to be admitted
+    "alive": np.bool_,  # False once retired (row kept until compaction)
+    "blk": np.int64,  # block id
+    "loc": np.int64,  # slot within the block
+}
+
+
+class _Column:
+    """A view of the first ``_n`` rows of one of the network's flow columns."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.key = name.lstrip("_")
+
+    def __get__(self, net: FluidNetwork, owner: type | None = None) -> np.ndarray:
+        return net._cols[self.key][: net._n]
+
+    def __set__(self, net: FluidNetwork, value: np.ndarray) -> None:
+        net._cols[self.key][: net._n] = value
+
+
 @dataclass
 class _Block:
     """Slots (flows that may receive bytes from several senders) registered together."""
@@ -206,6 +233,21 @@ class FluidNetwork:
     have carried while it waited.
     """
 
+    _remaining = _Column()
+    _rate = _Column()
+    _weight = _Column()
+    _start = _Column()
+    _latency = _Column()
+    _floor = _Column()
+    _waited = _Column()
+    _alive = _Column()
+    _blk = _Column()
+    _loc = _Column()
+
+    @property
+    def _paths(self) -> np.ndarray:
+        return self._path_store[: self._n]
+
     def __init__(
         self,
         env: simpy.Environment,
@@ -226,20 +268,13 @@ class FluidNetwork:
         self._blocks: dict[int, _Block] = {}
         self._next_block = 0
         self._pending: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, float]] = []
-        self._waited = np.zeros(0)  # seconds a just-admitted flow waited to be admitted
-        self._alive = np.zeros(0, dtype=bool)  # retired rows stay until compaction
-        self._n_alive = 0
         self._admit_at = np.inf
-        # active flows (one per busy slot)
-        self._blk = np.zeros(0, dtype=np.int64)
-        self._loc = np.zeros(0, dtype=np.int64)
-        self._paths = np.zeros((0, 1), dtype=np.int64)
-        self._remaining = np.zeros(0)
-        self._weight = np.zeros(0)
-        self._rate = np.zeros(0)
-        self._start = np.zeros(0)
-        self._floor = np.zeros(0)
-        self._latency = np.zeros(0)
+        # active flows, one row per busy slot, in columns with spare capacity (see _Column);
+        # retired rows stay (not alive) until compaction
+        self._n = 0
+        self._cols = {name: np.zeros(256, dtype=t) for name, t in _COLUMNS.items()}
+        self._path_store = np.full((256, 1), -1, dtype=np.int64)
+        self._n_alive = 0
         self._link_active = np.zeros(n_links, dtype=bool)
         self._link_since = np.zeros(n_links)
         self._last_t = 0.0
@@ -382,7 +417,7 @@ class FluidNetwork:
     def _advance(self) -> None:
         now = self.env.now
         elapsed = now - self._last_t
-        if elapsed > 0 and len(self._remaining):
+        if elapsed > 0 and self._n_alive:
             self._remaining -= self._rate * elapsed
             self.stats.busy_s[self._link_active] += elapsed
         self._last_t = now
@@ -422,37 +457,45 @@ class FluidNetwork:
         self._admit_at = np.inf
         if not new:
             return
-        base = len(self._remaining)
-        blks = [np.full(len(x[1]), x[0], dtype=np.int64) for x in new]
-        locs = [x[1] for x in new]
-        paths = [self._blocks[x[0]].paths[x[1]] for x in new]
-        width = max(self._paths.shape[1], *(p.shape[1] for p in paths))
-        grown = np.full((base + sum(len(p) for p in paths), width), -1, dtype=np.int64)
-        row = 0
-        for p in [self._paths, *paths]:
-            grown[row : row + len(p), : p.shape[1]] = p
-            row += len(p)
-        self._paths = grown
-        self._blk = np.concatenate([self._blk, *blks])
-        self._loc = np.concatenate([self._loc, *locs])
-        self._remaining = np.concatenate([self._remaining, *(x[2] for x in new)])
-        self._weight = np.concatenate([self._weight, *(x[3] for x in new)])
-        lat = [self._blocks[x[0]].latency_s[x[1]] for x in new]
-        self._latency = np.concatenate([self._latency, *lat])
-        added = len(self._remaining) - base
-        sent = np.concatenate([x[4] for x in new])
-        block_start = np.concatenate([np.full(len(x[1]), self._blocks[x[0]].start_s) for x in new])
-        self._start = np.concatenate([self._start, block_start])
-        floors = [np.full(len(x[1]), self._blocks[x[0]].floor_s) for x in new]
-        self._floor = np.concatenate([self._floor, *floors])
-        self._rate = np.concatenate([self._rate, np.zeros(added)])
-        self._waited = np.concatenate([self._waited, now - sent])
-        self._alive = np.concatenate([self._alive, np.ones(added, dtype=bool)])
+        added = sum(len(x[1]) for x in new)
+        width = max(self._path_store.shape[1], *(self._blocks[x[0]].paths.shape[1] for x in new))
+        self._reserve(self._n + added, width)
+        cols, row = self._cols, self._n
+        for block, slots, nbytes, weight, sent in new:
+            blk, end = self._blocks[block], row + len(slots)
+            rows = blk.paths[slots]
+            self._path_store[row:end, : rows.shape[1]] = rows
+            self._path_store[row:end, rows.shape[1] :] = -1
+            cols["blk"][row:end] = block
+            cols["loc"][row:end] = slots
+            cols["remaining"][row:end] = nbytes
+            cols["weight"][row:end] = weight
+            cols["latency"][row:end] = blk.latency_s[slots]
+            cols["start"][row:end] = blk.start_s
+            cols["floor"][row:end] = blk.floor_s
+            cols["rate"][row:end] = 0.0
+            cols["waited"][row:end] = now - sent
+            cols["alive"][row:end] = True
+            blk.pos[slots] = np.arange(row, end)
+            row = end
+        self._n = row
         self._n_alive += added
-        offset = base
-        for b, s, _, _, _ in new:
-            self._blocks[b].pos[s] = np.arange(offset, offset + len(s))
-            offset += len(s)
+
+    def _reserve(self, rows: int, width: int) -> None:
+        """Grow the columns (doubling) to hold ``rows`` rows and paths ``width`` hops wide."""
+        capacity, old_width = self._path_store.shape
+        if rows <= capacity and width <= old_width:
+            return
+        capacity = max(capacity, 1)
+        while capacity < rows:
+            capacity *= 2
+        for name, col in self._cols.items():
+            grown = np.zeros(capacity, dtype=col.dtype)
+            grown[: self._n] = col[: self._n]
+            self._cols[name] = grown
+        paths = np.full((capacity, max(width, old_width)), -1, dtype=np.int64)
+        paths[: self._n, :old_width] = self._path_store[: self._n]
+        self._path_store = paths
 
     def _backdate(self) -> None:
         """Credit flows admitted late (see class docstring) with what their first fair rate
@@ -533,19 +576,18 @@ class FluidNetwork:
         self._alive[idx] = False
         self._remaining[idx], self._rate[idx], self._waited[idx] = np.inf, 0.0, 0.0
         self._n_alive -= len(idx)
-        if len(self._alive) - self._n_alive > max(256, len(self._alive) // 2):
+        if self._n - self._n_alive > max(256, self._n // 2):
             self._compact()
         return True
 
     def _compact(self) -> None:
         """Drop retired rows and renumber the positions of the flows that stay."""
-        keep = self._alive
-        self._paths, self._remaining = self._paths[keep], self._remaining[keep]
-        self._rate, self._start = self._rate[keep], self._start[keep]
-        self._latency, self._weight = self._latency[keep], self._weight[keep]
-        self._blk, self._loc = self._blk[keep], self._loc[keep]
-        self._floor, self._waited = self._floor[keep], self._waited[keep]
-        self._alive = self._alive[keep]
+        keep = np.flatnonzero(self._alive)
+        k = len(keep)
+        for col in self._cols.values():
+            col[:k] = col[keep]
+        self._path_store[:k] = self._path_store[keep]
+        self._n = k
         for b, blk in self._blocks.items():
             if blk.open:
                 sel = np.flatnonzero(self._blk == b)
