@@ -21,11 +21,10 @@ def maxmin_kernel(
     tolerance: float,
     active: np.ndarray,
     alive: np.ndarray,
-    bottleneck: np.ndarray,
 ) -> np.ndarray:  # pragma: no cover - compiled
     """Weighted max-min rates; arguments as in ``maxmin_rates`` (weight required). Flows not
     ``alive`` are skipped (rate 0); ``active`` (bool, one per link) is set to the links that
-    carry a live flow and ``bottleneck`` (one per flow) to the link that froze each flow."""
+    carry a live flow."""
     n_flows, width = paths.shape
     n_links = capacity.shape[0]
     cap = capacity.copy()
@@ -95,7 +94,6 @@ def maxmin_kernel(
                 if frozen[f]:
                     continue
                 frozen[f] = True
-                bottleneck[f] = link
                 w = weight[f]
                 rate[f] = level * w
                 for h in range(width):

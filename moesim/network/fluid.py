@@ -56,16 +56,15 @@ def _rates_and_active(
     tolerance: float,
     compiled: bool = True,
     alive: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Max-min rates, the mask of links that carry any flow and each flow's bottleneck (the
-    link that froze it); flows not ``alive`` are left out (rate 0, bottleneck -1)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Max-min rates and the mask of links that carry any flow; flows not ``alive`` are left
+    out (rate 0)."""
     n_links = len(capacity_bytes_per_s)
     alive = np.ones(len(paths), dtype=np.bool_) if alive is None else alive
     kernel = compiled_kernel() if compiled and len(paths) else None
     if kernel is not None:
         w = np.ones(len(paths)) if weight is None else np.asarray(weight, dtype=float)
         active = np.zeros(n_links, dtype=np.bool_)
-        bottleneck = np.full(len(paths), -1, dtype=np.int64)
         rate = kernel(
             np.ascontiguousarray(paths, dtype=np.int64),
             np.asarray(capacity_bytes_per_s, dtype=float),
@@ -73,19 +72,15 @@ def _rates_and_active(
             float(tolerance),
             active,
             alive,
-            bottleneck,
         )
-        return rate, active, bottleneck
+        return rate, active
     rows = paths[alive]
     active = np.zeros(n_links, dtype=bool)
     active[rows[rows >= 0]] = True
     rate = np.zeros(len(paths))
     w = None if weight is None else np.asarray(weight, dtype=float)[alive]
-    at = np.full(len(rows), -1, dtype=np.int64)
-    rate[alive] = maxmin_rates_numpy(rows, capacity_bytes_per_s, w, tolerance, at)
-    bottleneck = np.full(len(paths), -1, dtype=np.int64)
-    bottleneck[alive] = at
-    return rate, active, bottleneck
+    rate[alive] = maxmin_rates_numpy(rows, capacity_bytes_per_s, w, tolerance)
+    return rate, active
 
 
 def maxmin_rates_numpy(
@@ -93,7 +88,6 @@ def maxmin_rates_numpy(
     capacity_bytes_per_s: np.ndarray,
     weight: np.ndarray | None = None,
     tolerance: float = 1e-9,
-    bottleneck: np.ndarray | None = None,
 ) -> np.ndarray:
     """Weighted max-min fair rates by progressive filling (Bertsekas & Gallager, *Data
     Networks*, Sec. 6.5.2), vectorised over a flow-link incidence.
@@ -138,16 +132,12 @@ def maxmin_rates_numpy(
         sat = alive[share <= step + tolerance * level]
         starts, lens = ptr[sat], ptr[sat + 1] - ptr[sat]
         idx = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())
-        new, at = flows_by_link[idx], np.repeat(sat, lens)
-        fresh = ~frozen[new]
-        new, at = new[fresh], at[fresh]
+        new = flows_by_link[idx]
+        new = new[~frozen[new]]
         if len(new) > 1:  # drop duplicates (a flow on two saturated links): keep last stamp
             stamp[new] = np.arange(len(new))
-            first = stamp[new] == np.arange(len(new))
-            new, at = new[first], at[first]
+            new = new[stamp[new] == np.arange(len(new))]
         frozen[new] = True
-        if bottleneck is not None:
-            bottleneck[new] = at
         rows = paths[new]
         ok = rows >= 0
         if unit:
@@ -617,7 +607,7 @@ class FluidNetwork:
     def _solve(self) -> None:
         self.solves += 1
         if self._n_alive:
-            self._rate, active, _ = _rates_and_active(
+            self._rate, active = _rates_and_active(
                 self._paths, self.capacity, self._weight, self.tolerance, alive=self._alive
             )
         else:
