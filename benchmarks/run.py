@@ -84,7 +84,11 @@ def main() -> int:
         default=4096,
         help="skip discrete-event runs above this many devices",
     )
-    p.add_argument("--csv", default=str(ROOT / "benchmarks" / "results.csv"))
+    p.add_argument(
+        "--csv",
+        help="where to write the table (default benchmarks/results.csv for a full run; a run "
+        "narrowed with --only or --fidelity writes a CSV only when this is given)",
+    )
     args = p.parse_args()
     ctx = mp.get_context("spawn")
     rows = []
@@ -125,11 +129,15 @@ def main() -> int:
                 f"{rate:>9,.0f} {out['peak_memory_bytes'] / 2**30:>8.2f}",
                 flush=True,
             )
-    with open(args.csv, "w", newline="") as fh:
+    full = not args.only and args.fidelity == "both"
+    csv_path = args.csv or (str(ROOT / "benchmarks" / "results.csv") if full else None)
+    if csv_path is None or not rows:
+        return 0
+    with open(csv_path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print(f"wrote {args.csv}")
+    print(f"wrote {csv_path}")
     return 0
 
 
