@@ -1,10 +1,12 @@
 """Fluid network: concurrent flows share links max-min fairly, re-solved on every change.
 
-A single simpy process owns the active flows as numpy arrays. It sleeps until the earliest
-flow completion or until a sender injects new flows, then advances every flow by
-``rate x elapsed``, retires the finished ones (their bytes arrive one path latency later),
-re-solves the fair rates and sleeps again. Cost grows with the number of flow *batches*, not
-with tokens or bytes.
+A single simpy process owns the active flows as numpy columns. Collectives are registered as
+blocks of slots (flows that one or more senders fill, see ``aggregate.py``). The process sleeps
+until the earliest flow completion or a batch of admissions, then advances every flow by
+``rate x elapsed``, retires the flows inside their completion window (their bytes arrive one
+path latency after their own finish), re-solves the fair rates (compiled kernel, numpy
+fallback) and sleeps again. A receiver waits on one event per collective. Cost grows with the
+number of completion and admission batches, not with tokens, bytes or flows delivered.
 """
 
 from __future__ import annotations
