@@ -62,6 +62,34 @@ def replicate_hot(share: np.ndarray, expected_load: np.ndarray, k: int) -> np.nd
     return share
 
 
+def local_slots(share: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each EP rank's local experts as ``(expert[rank, slot], valid[rank, slot])``: the
+    experts with a share on the rank, in id order, padded to the busiest rank's count.
+    Per-expert work is computed over these slots (E/ep per device), not over all experts."""
+    held = (share > 0).T  # [rank, expert]
+    n_slots = max(int(held.sum(axis=1).max()), 1)
+    expert = np.argsort(~held, axis=1, kind="stable")[:, :n_slots]
+    return expert, np.take_along_axis(held, expert, axis=1)
+
+
+def rank_totals(counts: np.ndarray, share: np.ndarray) -> np.ndarray:
+    """``counts[n, expert] @ share[expert, rank]`` over the placement's nonzeros only (one or
+    two per expert), by prefix sums. One-hot placements give exact integers (integer dtype),
+    replicated ones floats."""
+    rank, expert = np.nonzero(share.T)  # grouped by rank
+    weight = share[expert, rank]
+    cols = counts if np.array_equal(expert, np.arange(counts.shape[1])) else counts[:, expert]
+    per_rank = np.bincount(rank, minlength=share.shape[1])
+    if np.all(weight == 1.0) and np.all(per_rank == per_rank[0]):  # one-hot, even: a reshape
+        return cols.reshape(len(cols), share.shape[1], per_rank[0]).sum(axis=2)
+    if not np.all(weight == 1.0):
+        cols = cols * weight
+    acc = np.zeros((counts.shape[0], len(expert) + 1), dtype=cols.dtype)
+    np.cumsum(cols, axis=1, out=acc[:, 1:])
+    bounds = np.searchsorted(rank, np.arange(share.shape[1] + 1))
+    return acc[:, bounds[1:]] - acc[:, bounds[:-1]]
+
+
 def split_integer(total: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Split integer totals ``[...]`` over ``weights [..., m]`` (rows summing to 1) into integers
     that sum back exactly (largest remainder; ties to the lower index).

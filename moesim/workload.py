@@ -34,7 +34,14 @@ from moesim.model import (
     unpermute_ops,
 )
 from moesim.pim import PimWork, apply_memory, split_attention, split_experts
-from moesim.placement import base_placement, replicate_hot, share_matrix, split_integer
+from moesim.placement import (
+    base_placement,
+    local_slots,
+    rank_totals,
+    replicate_hot,
+    share_matrix,
+    split_integer,
+)
 from moesim.routing import layer_probabilities, load_trace, route_layer
 from moesim.scenario import Scenario, ScenarioError
 
@@ -86,7 +93,7 @@ class LayerPlan:
     cross_node_pairs: int = 0
     local_experts: np.ndarray | None = None
     balance_history: np.ndarray | None = None
-    expert_tokens: np.ndarray | None = None  # [device, expert] (training only)
+    expert_tokens: np.ndarray | None = None  # [device, local expert slot] (training only)
     pairs_out: np.ndarray | None = None  # token-expert pairs each device sends (training only)
     pim: PimWork | None = None  # work on the processing-in-memory units (moesim/pim.py)
     expert_weight_bytes: np.ndarray | None = None  # expert weights the GPU reads (energy)
@@ -276,14 +283,29 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
                     cdt,
                 )
             )
-        # which expert-data-parallel groups serve each source: its own, or all (global routing)
-        to_groups = np.full((n_dev, edp), 1.0 / edp) if r.global_routing else np.eye(edp)[group]
-        # tokens each group processes per expert, then per rank by the placement shares
-        arriving = (to_groups.T @ kept.astype(float)).round().astype(np.int64)  # [group, e]
-        arriving = _conserve(arriving, kept.sum(axis=0))
-        per_rank = split_integer(arriving, share[None, :, :])  # [group, expert, rank]
-        load = per_rank[group, :, ep_rank]  # [device, expert]
-        gpu_load = split_experts(sc, lp, load, expected, share, d_ff_local, b)  # rest on PIM
+        # tokens each expert-data-parallel group processes per expert: its own sources' (groups
+        # are contiguous device ranges), or an even share of all (global routing)
+        if r.global_routing:
+            arriving = np.tile(kept.sum(axis=0) / edp, (edp, 1)).round().astype(np.int64)
+            arriving = _conserve(arriving, kept.sum(axis=0))
+        else:
+            arriving = kept.reshape(edp, n_dev // edp, -1).sum(axis=1)  # [group, e]
+        # per-expert work over each device's local experts only ([device, slot])
+        slot_expert, slot_valid = local_slots(share)
+        slot_e, slot_ok = slot_expert[ep_rank], slot_valid[ep_rank]
+        if np.all(share.max(axis=1) == 1.0):  # one rank per expert: it takes all the tokens
+            load = arriving[group[:, None], slot_e] * slot_ok
+            lp.expert_load = arriving
+        else:  # replicas: split each expert's tokens over its ranks
+            per_rank = split_integer(arriving, share[None, :, :])  # [group, expert, rank]
+            load = per_rank[group[:, None], slot_e, ep_rank[:, None]] * slot_ok
+            lp.expert_load = per_rank.sum(axis=2)
+        gpu_load = load
+        if sc.pim is not None and sc.pim.policy not in ("gpu_only", "attention"):
+            dense = np.zeros((n_dev, m.n_experts + 1), dtype=np.int64)  # last: padding
+            np.put_along_axis(dense, np.where(slot_ok, slot_e, m.n_experts), load, axis=1)
+            gpu_dense = split_experts(sc, lp, dense[:, :-1], expected, share, d_ff_local, b)
+            gpu_load = np.take_along_axis(gpu_dense, slot_e, axis=1) * slot_ok  # rest on PIM
         ops = expert_ops(gpu_load, m.d_model, d_ff_local, b)
         split = [op_time_split(dev, op, cdt, launches=False) for op in ops]
         per_expert = sum(t for t, _ in split)
@@ -299,15 +321,18 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
         flops["experts"] = sum(np.asarray(op.flops) for op in ops).sum(axis=1)
         lp.expert_weight_bytes = sum(weight_bytes(op, b.expert_weights) for op in ops).sum(axis=1)
         # dispatch: tokens from each source to each (group, EP rank), to every etp shard
-        to_rank = kept.astype(float) @ share  # [source, rank]
+        to_rank = rank_totals(kept, share)  # [source, rank]
         totals = kept.sum(axis=1)
         if r.global_routing:
+            to_groups = np.full((n_dev, edp), 1.0 / edp)
             weights = (to_groups[:, :, None] * to_rank[:, None, :]).reshape(n_dev, edp * ep)
             flows = split_integer(totals, weights / np.maximum(totals, 1)[:, None])
             src, slot = np.nonzero(flows)
             pairs = flows[src, slot]
         else:  # every token stays in its own group: split over that group's ranks only
-            flows = split_integer(totals, to_rank / np.maximum(totals, 1)[:, None])
+            flows = to_rank
+            if to_rank.dtype.kind == "f":  # replicas share experts' tokens: round exactly
+                flows = split_integer(totals, to_rank / np.maximum(totals, 1)[:, None])
             src, rank = np.nonzero(flows)
             pairs = flows[src, rank]
             slot = group[src] * ep + rank
@@ -319,9 +344,8 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
         lp.dispatch = Traffic(
             src[~local], dst[~local], nbytes[~local].astype(float), float(nbytes[local].sum())
         )
-        lp.expert_load = per_rank.sum(axis=2)
         lp.device_tokens = load.sum(axis=1)
-        lp.local_experts = (share[:, ep_rank] > 0).sum(axis=0)
+        lp.local_experts = slot_ok.sum(axis=1)
         lp.routed_pairs = routing.routed_pairs
         lp.dropped_pairs = int(routing.dropped.sum())
         lp.cross_node_pairs = int(np.repeat(pairs, etp)[node[src] != node[dst]].sum() // etp)
