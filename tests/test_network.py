@@ -202,3 +202,32 @@ def test_compiled_and_numpy_max_min_agree():
             maxmin_rates_numpy(paths, cap, weight, tol),
             rtol=1e-9,
         )
+
+
+def test_kept_flow_index_skips_retired_flows():
+    """The network keeps its flows-by-link index between solves, retired rows included;
+    solving over it gives the rates the reference gives for the live flows alone."""
+    from moesim.network.fluid import _compiled, maxmin_rates_numpy
+
+    kernels = _compiled()
+    if "maxmin_csr" not in kernels:
+        pytest.skip("numba not installed")
+    rng = np.random.default_rng(11)
+    for _ in range(20):
+        n_flows, n_links = int(rng.integers(2, 60)), int(rng.integers(4, 25))
+        paths = np.full((n_flows, 3), -1, dtype=np.int64)
+        for f in range(n_flows):
+            k = rng.integers(1, 4)
+            paths[f, :k] = rng.choice(n_links, size=k, replace=False)
+        cap = rng.uniform(1.0, 10.0, n_links)
+        weight = rng.integers(1, 8, n_flows).astype(float)
+        ptr, flows = kernels["csr"](paths, n_links, np.ones(n_flows, dtype=np.bool_))
+        alive = rng.random(n_flows) < 0.6
+        alive[0] = True
+        active = np.zeros(n_links, dtype=np.bool_)
+        rate = kernels["maxmin_csr"](paths, cap, weight, 1e-12, active, alive, ptr, flows)
+        expected = maxmin_rates_numpy(paths[alive], cap, weight[alive], 1e-12)
+        np.testing.assert_allclose(rate[alive], expected, rtol=1e-9)
+        assert np.all(rate[~alive] == 0)
+        used = paths[alive]
+        assert set(np.flatnonzero(active)) == set(used[used >= 0].tolist())

@@ -14,59 +14,78 @@ from numba import njit
 
 
 @njit(cache=True)
-def maxmin_kernel(
+def build_csr(
+    paths: np.ndarray, n_links: int, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """Flows by link (CSR ``ptr[n_links + 1]``, ``flows``) over the ``rows`` selected."""
+    n_flows, width = paths.shape
+    ptr = np.zeros(n_links + 1, np.int64)
+    for f in range(n_flows):
+        if not rows[f]:
+            continue
+        for h in range(width):
+            link = paths[f, h]
+            if link < 0:
+                break
+            ptr[link + 1] += 1
+    for link in range(n_links):
+        ptr[link + 1] += ptr[link]
+    fill = ptr[:-1].copy()
+    flows = np.empty(ptr[n_links], np.int64)
+    for f in range(n_flows):
+        if not rows[f]:
+            continue
+        for h in range(width):
+            link = paths[f, h]
+            if link < 0:
+                break
+            flows[fill[link]] = f
+            fill[link] += 1
+    return ptr, flows
+
+
+@njit(cache=True)
+def maxmin_csr(
     paths: np.ndarray,
     capacity: np.ndarray,
     weight: np.ndarray,
     tolerance: float,
     active: np.ndarray,
     alive: np.ndarray,
+    ptr: np.ndarray,
+    flows_by_link: np.ndarray,
 ) -> np.ndarray:  # pragma: no cover - compiled
-    """Weighted max-min rates; arguments as in ``maxmin_rates`` (weight required). Flows not
-    ``alive`` are skipped (rate 0); ``active`` (bool, one per link) is set to the links that
-    carry a live flow."""
+    """Progressive filling given flows by link (:func:`build_csr`, over at least the live
+    rows; rows not ``alive`` in it are skipped), so a caller that keeps the CSR between solves
+    pays one pass over the live flows for the link loads plus one to freeze them."""
     n_flows, width = paths.shape
     n_links = capacity.shape[0]
     cap = capacity.copy()
     load = np.zeros(n_links)
-    counts = np.zeros(n_links + 1, np.int64)
+    for link in range(n_links):
+        active[link] = False
+    wmin = np.inf
     for f in range(n_flows):
         if not alive[f]:
             continue
         w = weight[f]
+        if w < wmin:
+            wmin = w
         for h in range(width):
             link = paths[f, h]
             if link < 0:
                 break
             load[link] += w
-            counts[link + 1] += 1
-    for link in range(n_links):
-        counts[link + 1] += counts[link]
-    fill = counts[:-1].copy()
-    flows_by_link = np.empty(counts[n_links], np.int64)
-    for f in range(n_flows):
-        if not alive[f]:
-            continue
-        for h in range(width):
-            link = paths[f, h]
-            if link < 0:
-                break
-            flows_by_link[fill[link]] = f
-            fill[link] += 1
-    wmin = np.inf
-    for f in range(n_flows):
-        if alive[f] and weight[f] < wmin:
-            wmin = weight[f]
+            active[link] = True
     eps = 1e-9 * wmin
     live = np.empty(n_links, np.int64)
     n_live = 0
     for link in range(n_links):
-        active[link] = counts[link + 1] > counts[link]
         if load[link] > eps:
             live[n_live] = link
             n_live += 1
     rate = np.zeros(n_flows)
-    frozen = np.zeros(n_flows, np.bool_)
+    frozen = ~alive
     share = np.empty(n_links)
     sat = np.empty(n_links, np.int64)
     level = 0.0
@@ -89,7 +108,7 @@ def maxmin_kernel(
                 n_sat += 1
         for k in range(n_sat):
             link = sat[k]
-            for e in range(counts[link], counts[link + 1]):
+            for e in range(ptr[link], ptr[link + 1]):
                 f = flows_by_link[e]
                 if frozen[f]:
                     continue
@@ -111,6 +130,22 @@ def maxmin_kernel(
                 j += 1
         n_live = j
     return rate
+
+
+@njit(cache=True)
+def maxmin_kernel(
+    paths: np.ndarray,
+    capacity: np.ndarray,
+    weight: np.ndarray,
+    tolerance: float,
+    active: np.ndarray,
+    alive: np.ndarray,
+) -> np.ndarray:  # pragma: no cover - compiled
+    """Weighted max-min rates; arguments as in ``maxmin_rates`` (weight required). Flows not
+    ``alive`` are skipped (rate 0); ``active`` (bool, one per link) is set to the links that
+    carry a live flow."""
+    ptr, flows_by_link = build_csr(paths, capacity.shape[0], alive)
+    return maxmin_csr(paths, capacity, weight, tolerance, active, alive, ptr, flows_by_link)
 
 
 @njit(cache=True)

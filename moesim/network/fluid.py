@@ -30,7 +30,13 @@ def _compiled():
             from moesim.network import _maxmin_jit as jit
         except ImportError:  # pragma: no cover - numba not installed
             return _KERNELS
-        _KERNELS.update(maxmin=jit.maxmin_kernel, due=jit.due_flows, next_finish=jit.next_finish_s)
+        _KERNELS.update(
+            maxmin=jit.maxmin_kernel,
+            csr=jit.build_csr,
+            maxmin_csr=jit.maxmin_csr,
+            due=jit.due_flows,
+            next_finish=jit.next_finish_s,
+        )
     return _KERNELS
 
 
@@ -266,6 +272,8 @@ class FluidNetwork:
         self._n = 0
         self._cols = {name: np.zeros(256, dtype=t) for name, t in _COLUMNS.items()}
         self._path_store = np.full((256, 1), -1, dtype=np.int64)
+        self._csr: tuple[np.ndarray, np.ndarray] | None = None  # flows by link, kept until
+        # rows are added or moved (retired rows stay in it, skipped as not alive)
         self._n_alive = 0
         self._link_active = np.zeros(n_links, dtype=bool)
         self._link_since = np.zeros(n_links)
@@ -450,6 +458,7 @@ class FluidNetwork:
         if not new:
             return
         added = sum(len(x[1]) for x in new)
+        self._csr = None
         width = max(self._path_store.shape[1], *(self._blocks[x[0]].paths.shape[1] for x in new))
         self._reserve(self._n + added, width)
         cols, row = self._cols, self._n
@@ -576,6 +585,7 @@ class FluidNetwork:
         """Drop retired rows and renumber the positions of the flows that stay."""
         keep = np.flatnonzero(self._alive)
         k = len(keep)
+        self._csr = None
         for col in self._cols.values():
             col[:k] = col[keep]
         self._path_store[:k] = self._path_store[keep]
@@ -590,9 +600,8 @@ class FluidNetwork:
         slot is in gets one event, at its latest arrival."""
         lo = int(gids.min())
         span = int(gids.max()) - lo + 1  # a collective's groups are numbered consecutively
-        order = np.argsort(at_s)
         latest = np.full(span, -np.inf)
-        latest[gids[order] - lo] = at_s[order]  # the last write per group is its latest
+        np.maximum.at(latest, gids - lo, at_s)
         window = slice(lo, lo + span)
         np.maximum(self._group_at[window], latest, out=self._group_at[window])
         counts = np.bincount(gids - lo, minlength=span)
@@ -608,7 +617,16 @@ class FluidNetwork:
 
     def _solve(self) -> None:
         self.solves += 1
-        if self._n_alive:
+        kernels = _compiled()
+        if self._n_alive and "maxmin_csr" in kernels:
+            paths, n_links = self._paths, self.topology.n_links
+            if self._csr is None:
+                self._csr = kernels["csr"](paths, n_links, np.ones(len(paths), dtype=np.bool_))
+            active = np.zeros(n_links, dtype=np.bool_)
+            self._rate = kernels["maxmin_csr"](
+                paths, self.capacity, self._weight, self.tolerance, active, self._alive, *self._csr
+            )
+        elif self._n_alive:
             self._rate, active = _rates_and_active(
                 self._paths, self.capacity, self._weight, self.tolerance, alive=self._alive
             )
