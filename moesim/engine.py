@@ -139,51 +139,60 @@ class Engine:
             yield self.env.timeout(seconds)
         self.rec.add(g, phase, start, self.env.now, layer)
 
-    def _computes(self, g: int, phases: list[tuple[str, float]], layer: int):
-        """Back-to-back kernels as one timeout (one event), each recorded as its own slice."""
+    def _computes(self, g: int, kernels: list[tuple[str, float, int]]):
+        """Back-to-back kernels ``(phase, seconds, layer)`` as one timeout (one event), each
+        recorded as its own slice; empties ``kernels``. Exact: nothing else touches a device
+        between two of its kernels, so only sends and waits need the clock."""
+        if not kernels:
+            return
         t = self.env.now
-        total = sum(seconds for _, seconds in phases)
+        total = sum(k[1] for k in kernels)
         if total > 0:
             yield self.env.timeout(total)
-        for phase, seconds in phases:
+        for phase, seconds, layer in kernels:
             self.rec.add(g, phase, t, min(t + seconds, self.env.now), layer)
             t += seconds
+        kernels.clear()
 
     def _device(self, g: int):
+        """One device's forward step. Its kernels queue in ``run`` until the device next
+        sends or waits (a collective, PIM work), then take one timeout together."""
         env = self.env
         if self.plan.train is not None:
             yield from self._train_device(g)
             return
+        run: list[tuple[str, float, int]] = []
         for lp in self.plan.layers:
-            i = lp.index
-            yield from self._compute(g, "attention", lp.compute_s["attention"][g], i)
-            yield from self._pim_wait(g, lp, self._pim_start(g, lp, "attention"))
+            i, cs = lp.index, lp.compute_s
+            run.append(("attention", cs["attention"][g], i))
+            if lp.pim is not None and lp.pim.phase == "attention":
+                yield from self._computes(g, run)
+                yield from self._pim_wait(g, lp, self._pim_start(g, lp, "attention"))
             if lp.tp_comm is not None:
+                yield from self._computes(g, run)
                 yield from self._exchange(g, lp, "tp_comm", lp.tp_comm)
             if lp.moe:
-                cs = lp.compute_s
-                yield from self._computes(
-                    g, [("router", cs["router"][g]), ("permute", cs["permute"][g])], i
-                )
+                run += [("router", cs["router"][g], i), ("permute", cs["permute"][g], i)]
+                yield from self._computes(g, run)
                 arrived = self._send(g, lp, "dispatch", lp.dispatch)
-                if "shared_experts" in lp.compute_s:
-                    yield from self._compute(
-                        g, "shared_experts", lp.compute_s["shared_experts"][g], i
-                    )
+                if "shared_experts" in cs:
+                    yield from self._compute(g, "shared_experts", cs["shared_experts"][g], i)
                 start = env.now
                 yield arrived
                 self.rec.add(g, "dispatch", start, env.now, i)
                 pim = self._pim_start(g, lp, "experts")  # PIM experts beside the GPU's
-                yield from self._compute(g, "experts", lp.compute_s["experts"][g], i)
+                yield from self._compute(g, "experts", cs["experts"][g], i)
                 yield from self._pim_wait(g, lp, pim)
                 yield from self._exchange(g, lp, "combine", lp.combine)
-                yield from self._compute(g, "unpermute", lp.compute_s["unpermute"][g], i)
+                run.append(("unpermute", cs["unpermute"][g], i))
             else:
-                yield from self._compute(g, "dense_ffn", lp.compute_s["dense_ffn"][g], i)
+                run.append(("dense_ffn", cs["dense_ffn"][g], i))
             if lp.tp_comm_after is not None:
+                yield from self._computes(g, run)
                 yield from self._exchange(g, lp, "tp_comm_after", lp.tp_comm_after)
             self._bar.update()
-        yield from self._compute(g, "lm_head", self.plan.lm_head_s[g], len(self.plan.layers))
+        run.append(("lm_head", self.plan.lm_head_s[g], len(self.plan.layers)))
+        yield from self._computes(g, run)
         self.rec.finish_s[g] = env.now
 
     # -- training step (workload.phase: train; moesim/training.py) ---------------------------

@@ -1,11 +1,13 @@
 """Fluid network: concurrent flows share links max-min fairly, re-solved on every change.
 
-A single simpy process owns the active flows as numpy columns. Collectives are registered as
-blocks of slots (flows that one or more senders fill, see ``aggregate.py``). The process sleeps
-until the earliest flow completion or a batch of admissions, then advances every flow by
+The network owns the active flows as numpy columns. Collectives are registered as blocks of
+slots (flows that one or more senders fill, see ``aggregate.py``). Its cycles are timeout
+callbacks, one event each: a cycle runs at the earliest flow completion or batch of
+admissions, advances every flow by
 ``rate x elapsed``, retires the flows inside their completion window (their bytes arrive one
 path latency after their own finish), re-solves the fair rates (compiled kernel, numpy
-fallback) and sleeps again. A receiver waits on one event per collective. Cost grows with the
+fallback) and schedules the next. A receiver waits on one event per collective, scheduled at
+its last arrival. Cost grows with the
 number of completion and admission batches, not with tokens, bytes or flows delivered.
 """
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import simpy
+from simpy.events import NORMAL
 
 from moesim.network.topology import Topology
 
@@ -278,11 +281,9 @@ class FluidNetwork:
         self._link_active = np.zeros(n_links, dtype=bool)
         self._link_since = np.zeros(n_links)
         self._last_t = 0.0
-        self._wake = env.event()
-        self._sleeping = False
+        self._ticket = 0  # the cycle scheduled last; earlier ones are stale
         self._wake_at = np.inf
         self.solves = 0
-        env.process(self._run())
 
     # -- API for senders -------------------------------------------------------------------
     def group(self, n_slots: int) -> tuple[int, simpy.Event]:
@@ -360,9 +361,9 @@ class FluidNetwork:
         floor_s = blk.floor_s or float(np.max(nbytes / blk.cap_min[slots] + blk.latency_s[slots]))
         self._admit_at = min(self._admit_at, self.env.now + self.tolerance * floor_s)
         blk.start_s = min(blk.start_s, self.env.now)
-        # wake the network only if it would otherwise sleep past the admission time
-        if self._sleeping and self._admit_at < self._wake_at and not self._wake.triggered:
-            self._wake.succeed()
+        # bring the next cycle forward only if it would otherwise come after the admission
+        if self._admit_at < self._wake_at:
+            self._wake_in(self._admit_at - self.env.now)
 
     def send(
         self,
@@ -389,30 +390,38 @@ class FluidNetwork:
                 self.stats.intervals.append((int(lid), float(self._link_since[lid]), self.env.now))
         self._link_active[:] = False
 
-    # -- the network process ---------------------------------------------------------------
-    def _run(self):
+    # -- the network's cycles ----------------------------------------------------------------
+    def _wake_in(self, delay: float) -> None:
+        """Run the next cycle ``delay`` seconds from now (one timeout; a cycle scheduled
+        earlier and now superseded finds its ticket stale and does nothing)."""
+        self._ticket += 1
+        self._wake_at = self.env.now + max(delay, 0.0)
+        timeout = self.env.timeout(max(delay, 0.0))
+        timeout.callbacks.append(lambda _e, ticket=self._ticket: self._cycle(ticket))
+
+    def _cycle(self, ticket: int) -> None:
+        """Advance flows to now; admit pending contributions once their time has come,
+        retire finished flows, re-solve rates if anything changed, then schedule the next
+        cycle at the earlier of the next admission and the next finish."""
+        if ticket != self._ticket:
+            return
         env = self.env
-        while True:
-            self._advance()
-            changed = False
-            if self._pending and env.now >= self._admit_at:
-                self._admit()
-                changed = True
-            changed |= self._retire()
-            if changed:
-                self._solve()
-                self._backdate()
-            wait = self._admit_at - env.now
-            if self._n_alive:
-                wait = min(wait, self._next_finish_s())
-            self._wake = env.event()
-            self._sleeping = True
-            self._wake_at = env.now + max(wait, 0.0)
-            if np.isfinite(wait):
-                yield env.any_of([env.timeout(max(wait, 0.0)), self._wake])
-            else:
-                yield self._wake
-            self._sleeping = False
+        self._advance()
+        changed = False
+        if self._pending and env.now >= self._admit_at:
+            self._admit()
+            changed = True
+        changed |= self._retire()
+        if changed:
+            self._solve()
+            self._backdate()
+        wait = self._admit_at - env.now
+        if self._n_alive:
+            wait = min(wait, self._next_finish_s())
+        if np.isfinite(wait):
+            self._wake_in(wait)
+        else:
+            self._wake_at = np.inf  # idle until the next contribution
 
     def _advance(self) -> None:
         now = self.env.now
@@ -609,11 +618,10 @@ class FluidNetwork:
         self._group_left[window] -= counts
         for gid in ids[self._group_left[ids] == 0].tolist():
             event = self._group_event.pop(gid)
-            delay = max(float(self._group_at[gid]) - self.env.now, 0.0)
-            if delay > 0:
-                self.env.timeout(delay).callbacks.append(lambda _e, ev=event: ev.succeed())
-            else:
-                event.succeed()
+            # succeed it at its latest arrival: what a timeout whose callback succeeds it
+            # would do (simpy's Timeout sets these same fields), in one event instead of two
+            event._ok, event._value = True, None
+            self.env.schedule(event, NORMAL, max(float(self._group_at[gid]) - self.env.now, 0.0))
 
     def _solve(self) -> None:
         self.solves += 1
