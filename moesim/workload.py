@@ -56,7 +56,8 @@ class Traffic:
     """Aggregated flows of one collective: ``bytes[i]`` from ``src[i]`` to ``dst[i]``.
 
     ``local_bytes`` stayed on the sending device. ``latency_steps`` multiplies path latency
-    (a ring all-reduce pays it once per step).
+    (a ring all-reduce pays it once per step). An MoE dispatch lists every pair of its
+    all-to-all, zero-byte ones included.
     """
 
     src: np.ndarray
@@ -321,19 +322,24 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
         flops["experts"] = sum(np.asarray(op.flops) for op in ops).sum(axis=1)
         lp.expert_weight_bytes = sum(weight_bytes(op, b.expert_weights) for op in ops).sum(axis=1)
         # dispatch: tokens from each source to each (group, EP rank), to every etp shard
+        # Every (sender, rank) pair is a flow, zero-byte ones included (a zero-size part of
+        # an all-to-all-v still costs its latency): the pairs, and so the flow pattern, are
+        # the same in every layer whatever the routing draws.
         to_rank = rank_totals(kept, share)  # [source, rank]
         totals = kept.sum(axis=1)
+        senders = np.flatnonzero(tokens_dev > 0)
         if r.global_routing:
             to_groups = np.full((n_dev, edp), 1.0 / edp)
             weights = (to_groups[:, :, None] * to_rank[:, None, :]).reshape(n_dev, edp * ep)
             flows = split_integer(totals, weights / np.maximum(totals, 1)[:, None])
-            src, slot = np.nonzero(flows)
+            src = np.repeat(senders, edp * ep)
+            slot = np.tile(np.arange(edp * ep), len(senders))
             pairs = flows[src, slot]
         else:  # every token stays in its own group: split over that group's ranks only
             flows = to_rank
             if to_rank.dtype.kind == "f":  # replicas share experts' tokens: round exactly
                 flows = split_integer(totals, to_rank / np.maximum(totals, 1)[:, None])
-            src, rank = np.nonzero(flows)
+            src, rank = np.repeat(senders, ep), np.tile(np.arange(ep), len(senders))
             pairs = flows[src, rank]
             slot = group[src] * ep + rank
         base = (slot // ep) * ep * etp + (slot % ep) * etp
