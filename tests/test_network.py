@@ -231,3 +231,16 @@ def test_kept_flow_index_skips_retired_flows():
         assert np.all(rate[~alive] == 0)
         used = paths[alive]
         assert set(np.flatnonzero(active)) == set(used[used >= 0].tolist())
+
+
+def test_left_justify_keeps_each_rows_hops_in_order():
+    from moesim.network.topology import left_justify
+
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        rows = rng.integers(-1, 20, (int(rng.integers(0, 30)), int(rng.integers(1, 7))))
+        hops = [[x for x in row if x >= 0] for row in rows]
+        out = left_justify(rows)
+        assert out.shape == (len(rows), max((len(h) for h in hops), default=0))
+        for got, want in zip(out, hops, strict=True):
+            assert got[: len(want)].tolist() == want and np.all(got[len(want) :] == -1)

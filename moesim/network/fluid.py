@@ -444,16 +444,18 @@ class FluidNetwork:
                 _, slots, nbytes, weight, t = items[0]
                 sent = np.full(len(slots), t)
                 blk.contributors_left[slots] -= 1
-            else:
-                slots, inverse = np.unique(
-                    np.concatenate([x[1] for x in items]), return_inverse=True
-                )
-                nbytes = np.bincount(inverse, np.concatenate([x[2] for x in items]), len(slots))
-                weight = np.bincount(inverse, np.concatenate([x[3] for x in items]), len(slots))
-                sent = np.full(len(slots), np.inf)
+            else:  # several senders: sum per slot (slot ids index the block, no sort)
+                every = np.concatenate([x[1] for x in items])
+                n_slots = len(blk.pos)
+                count = np.bincount(every, minlength=n_slots)
+                slots = np.flatnonzero(count)
+                nbytes = np.bincount(every, np.concatenate([x[2] for x in items]), n_slots)[slots]
+                weight = np.bincount(every, np.concatenate([x[3] for x in items]), n_slots)[slots]
+                first = np.full(n_slots, np.inf)
                 times = np.concatenate([np.full(len(x[1]), x[4]) for x in items])
-                np.minimum.at(sent, inverse, times)
-                np.subtract.at(blk.contributors_left, slots[inverse], 1)
+                np.minimum.at(first, every, times)
+                sent = first[slots]
+                blk.contributors_left -= count
             blk.open = bool(blk.contributors_left.any())
             pos = blk.pos[slots]
             busy = pos >= 0

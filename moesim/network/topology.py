@@ -85,11 +85,7 @@ class Topology:
         remote = ~local
         if remote.any():
             out = _hstack(out, np.where(remote[:, None], self._inter(a, j, b, k), -1))
-        # left-justify each row so that valid hops come first
-        order = np.argsort(out < 0, axis=1, kind="stable")
-        out = np.take_along_axis(out, order, axis=1)
-        width = int((out >= 0).sum(axis=1).max()) if len(out) else 0
-        return out[:, :width]
+        return left_justify(out)
 
     def path_latency_s(self, paths: np.ndarray) -> np.ndarray:
         """Sum of link latencies along each padded path."""
@@ -150,6 +146,21 @@ class Topology:
             ],
             axis=1,
         )
+
+
+def left_justify(rows: np.ndarray) -> np.ndarray:
+    """Each row's valid (>= 0) link ids first, in order, then -1 padding; as narrow as the
+    longest row. Column by column (paths are a few hops wide): no sort, no 2-D scatter."""
+    n_rows, width = rows.shape
+    out = np.full(n_rows * width, -1, dtype=rows.dtype)
+    fill = np.arange(n_rows, dtype=np.int64) * width  # next free position of each row
+    for c in range(width):
+        col = rows[:, c]
+        valid = col >= 0
+        out[fill[valid]] = col[valid]
+        fill += valid
+    used = int((fill - np.arange(n_rows) * width).max()) if n_rows else 0
+    return out.reshape(n_rows, width)[:, :used]
 
 
 def _hstack(x: np.ndarray, y: np.ndarray) -> np.ndarray:
