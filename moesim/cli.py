@@ -84,6 +84,8 @@ def _print_summary(summary: dict) -> None:
             f"per token ({shares})"
         )
     print(f"simulated in      {s['sim']['wall_s']:.2f} s wall, {s['sim']['events']:,} events")
+    for warning in s.get("warnings", []):
+        print(f"warning           {warning}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

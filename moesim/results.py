@@ -148,6 +148,7 @@ def collect(engine: Engine) -> Result:
     routed = int(routing["routed_pairs"].sum()) if len(routing) else 0
     summary: dict[str, Any] = {
         "scenario": sc.name,
+        "warnings": list(plan.warnings),
         "step_time_s": step,
         "tokens": plan.tokens,
         "tokens_per_s": plan.tokens / step if step > 0 else 0.0,

@@ -117,6 +117,7 @@ class WorkloadPlan:
     lm_head_measured_s: np.ndarray | None = None
     train: TrainingPlan | None = None  # phase: train (moesim/training.py)
     pim_memory_bytes: dict[str, np.ndarray] = field(default_factory=dict)  # on PIM units
+    warnings: list[str] = field(default_factory=list)  # likely scenario mistakes, in the summary
 
     def measured_fraction(self) -> float:
         """Share of all devices' compute seconds that came from measured kernel tables."""
@@ -365,6 +366,13 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
     last_tokens = seqs_dev if wl.phase == "prefill" else tokens_dp[replica]
     lm_s, _, lm_measured = _time(dev, [lm_head_ops(m, last_tokens, tp, b)], cdt)
     plan = WorkloadPlan(sc, n_dev, wl.tokens, layers, lm_s, lm_head_measured_s=lm_measured)
+    idle = int((seqs_dp == 0).sum())
+    if idle:
+        plan.warnings.append(
+            f"workload.batch_size {wl.pass_batch_size} (per pass) < {dp} attention replicas "
+            f"(devices / parallelism.tp): {idle} replicas ({idle * tp} devices) hold no "
+            "sequence and do no attention work"
+        )
     plan.memory_bytes = _memory(sc, b, seqs_dev, tokens_dp[replica], tokens_dev, layers)
     if wl.phase == "train":
         from moesim.training import add_training

@@ -159,3 +159,14 @@ def test_rerun_is_deterministic(small):
     b = simulate(small(**{"routing.distribution": "zipf"}))
     assert a.step_time_s == b.step_time_s
     np.testing.assert_array_equal(a.devices["finish_s"], b.devices["finish_s"])
+
+
+def test_a_batch_smaller_than_the_attention_replicas_is_flagged(small):
+    """Prefill with 3 prompts on 8 attention replicas leaves 5 GPUs without attention work:
+    the summary says so (and stays silent when every replica has a sequence)."""
+    short = small(**{"workload.phase": "prefill", "workload.batch_size": 3})
+    plan = build_plan(short)
+    assert len(plan.warnings) == 1 and "5 replicas (5 devices)" in plan.warnings[0]
+    assert collect(Engine(plan, progress=False).run()).summary["warnings"] == plan.warnings
+    full = small(**{"workload.phase": "prefill", "workload.batch_size": 8})
+    assert build_plan(full).warnings == []
