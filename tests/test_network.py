@@ -244,3 +244,20 @@ def test_left_justify_keeps_each_rows_hops_in_order():
         assert out.shape == (len(rows), max((len(h) for h in hops), default=0))
         for got, want in zip(out, hops, strict=True):
             assert got[: len(want)].tolist() == want and np.all(got[len(want) :] == -1)
+
+
+def test_numpy_fallback_gives_the_compiled_arrival_times(monkeypatch):
+    """Without numba every network step runs its numpy version: same arrival times."""
+    from moesim.network import fluid
+    from moesim.network.aggregate import collective_times_s
+
+    if fluid.compiled_kernel() is None:
+        pytest.skip("numba not installed")
+    topo = _topology(nodes=4, per_node=4, inter_node="rail_optimized")
+    src, dst = _all_pairs(16)
+    nbytes = np.random.default_rng(5).uniform(1 * MB, 8 * MB, len(src))
+    compiled = collective_times_s(topo, src, dst, nbytes, "node", tolerance=1e-3)
+    monkeypatch.setattr(fluid, "_KERNELS", {"loaded": True})
+    assert fluid.compiled_kernel() is None
+    fallback = collective_times_s(topo, src, dst, nbytes, "node", tolerance=1e-3)
+    np.testing.assert_allclose(fallback, compiled, rtol=1e-9)

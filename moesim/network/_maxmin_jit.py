@@ -177,6 +177,67 @@ def due_flows(
 
 
 @njit(cache=True)
+def due_rows(
+    remaining: np.ndarray,
+    rate: np.ndarray,
+    start: np.ndarray,
+    latency: np.ndarray,
+    floor: np.ndarray,
+    alive: np.ndarray,
+    now: float,
+    tolerance: float,
+) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """The live flows inside their completion window (as :func:`due_flows`) and the delay
+    until each is delivered: its finish at the current rate plus its path latency."""
+    n = remaining.shape[0]
+    idx = np.empty(n, np.int64)
+    delay = np.empty(n)
+    k = 0
+    for f in range(n):
+        if not alive[f]:
+            continue
+        age = now - start[f] + latency[f]
+        if age < floor[f]:
+            age = floor[f]
+        r = rate[f]
+        if remaining[f] <= r * tolerance * age + 1e-9:
+            idx[k] = f
+            finish = remaining[f] / r if r > 0 else 0.0
+            delay[k] = latency[f] + max(finish, 0.0)
+            k += 1
+    return idx[:k], delay[:k]
+
+
+@njit(cache=True)
+def deliver(
+    group_ptr: np.ndarray,
+    groups: np.ndarray,
+    slots: np.ndarray,
+    at_s: np.ndarray,
+    group_left: np.ndarray,
+    group_at: np.ndarray,
+) -> np.ndarray:  # pragma: no cover - compiled
+    """Count the delivery of each slot (at ``at_s``) to the groups it feeds (CSR): keep each
+    group's latest arrival, and return the groups whose last slot this was, ascending."""
+    total = 0
+    for i in range(slots.shape[0]):
+        total += group_ptr[slots[i] + 1] - group_ptr[slots[i]]
+    done = np.empty(total, np.int64)
+    k = 0
+    for i in range(slots.shape[0]):
+        s, t = slots[i], at_s[i]
+        for e in range(group_ptr[s], group_ptr[s + 1]):
+            g = groups[e]
+            if t > group_at[g]:
+                group_at[g] = t
+            group_left[g] -= 1
+            if group_left[g] == 0:
+                done[k] = g
+                k += 1
+    return np.sort(done[:k])
+
+
+@njit(cache=True)
 def next_finish_s(
     remaining: np.ndarray, rate: np.ndarray, alive: np.ndarray
 ) -> float:  # pragma: no cover - compiled

@@ -38,6 +38,8 @@ def _compiled():
             csr=jit.build_csr,
             maxmin_csr=jit.maxmin_csr,
             due=jit.due_flows,
+            due_rows=jit.due_rows,
+            deliver=jit.deliver,
             next_finish=jit.next_finish_s,
         )
     return _KERNELS
@@ -561,12 +563,27 @@ class FluidNetwork:
         finish time plus path latency."""
         if not self._n_alive:
             return False
-        done = self._due()
-        if done is None:
-            return False
-        idx = np.flatnonzero(done)
-        finish = self._remaining[idx] / np.where(self._rate[idx] > 0, self._rate[idx], np.inf)
-        delay = self._latency[idx] + np.maximum(finish, 0.0)
+        kernels = _compiled()
+        if "due_rows" in kernels:
+            idx, delay = kernels["due_rows"](
+                self._remaining,
+                self._rate,
+                self._start,
+                self._latency,
+                self._floor,
+                self._alive,
+                self.env.now,
+                self.tolerance,
+            )
+            if not len(idx):
+                return False
+        else:
+            done = self._due()
+            if done is None:
+                return False
+            idx = np.flatnonzero(done)
+            rate = np.where(self._rate[idx] > 0, self._rate[idx], np.inf)
+            delay = self._latency[idx] + np.maximum(self._remaining[idx] / rate, 0.0)
         blk_ids, locs = self._blk[idx], self._loc[idx]
         lo, hi = int(blk_ids.min()), int(blk_ids.max())
         for b in [lo] if lo == hi else np.unique(blk_ids).tolist():
@@ -579,9 +596,7 @@ class FluidNetwork:
             if not len(s):
                 continue
             blk.slots_left -= len(s)
-            starts, lens = blk.group_ptr[s], blk.group_ptr[s + 1] - blk.group_ptr[s]
-            gidx = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())
-            self._arrive(blk.groups[gidx], self.env.now + np.repeat(d, lens))
+            self._deliver(blk, s, self.env.now + d)
             if blk.slots_left == 0:
                 del self._blocks[b]
         # retired rows stay (dead) until they are half of the table, then it is compacted
@@ -606,6 +621,25 @@ class FluidNetwork:
                 sel = np.flatnonzero(self._blk == b)
                 blk.pos[self._loc[sel]] = sel
 
+    def _deliver(self, blk: _Block, slots: np.ndarray, at_s: np.ndarray) -> None:
+        """Slots of ``blk`` delivered (at ``at_s``) to every group they feed."""
+        kernel = _compiled().get("deliver")
+        if kernel is None:
+            starts, lens = blk.group_ptr[slots], blk.group_ptr[slots + 1] - blk.group_ptr[slots]
+            gidx = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())
+            self._arrive(blk.groups[gidx], np.repeat(at_s, lens))
+            return
+        done = kernel(blk.group_ptr, blk.groups, slots, at_s, self._group_left, self._group_at)
+        for gid in done.tolist():
+            self._succeed_at(gid)
+
+    def _succeed_at(self, gid: int) -> None:
+        """Succeed group ``gid``'s event at its latest arrival: what a timeout whose callback
+        succeeds it would do (simpy's Timeout sets these same fields), in one event not two."""
+        event = self._group_event.pop(gid)
+        event._ok, event._value = True, None
+        self.env.schedule(event, NORMAL, max(float(self._group_at[gid]) - self.env.now, 0.0))
+
     def _arrive(self, gids: np.ndarray, at_s: np.ndarray) -> None:
         """Count slots delivered to their groups (arriving at ``at_s``); a group whose last
         slot is in gets one event, at its latest arrival."""
@@ -619,11 +653,7 @@ class FluidNetwork:
         ids = np.flatnonzero(counts) + lo
         self._group_left[window] -= counts
         for gid in ids[self._group_left[ids] == 0].tolist():
-            event = self._group_event.pop(gid)
-            # succeed it at its latest arrival: what a timeout whose callback succeeds it
-            # would do (simpy's Timeout sets these same fields), in one event instead of two
-            event._ok, event._value = True, None
-            self.env.schedule(event, NORMAL, max(float(self._group_at[gid]) - self.env.now, 0.0))
+            self._succeed_at(gid)
 
     def _solve(self) -> None:
         self.solves += 1
