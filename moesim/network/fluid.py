@@ -409,14 +409,13 @@ class FluidNetwork:
             return
         env = self.env
         self._advance()
-        changed = False
-        if self._pending and env.now >= self._admit_at:
+        admitted = bool(self._pending) and env.now >= self._admit_at
+        if admitted:
             self._admit()
-            changed = True
-        changed |= self._retire()
-        if changed:
+        if self._retire() or admitted:
             self._solve()
-            self._backdate()
+            if admitted:
+                self._backdate()
         wait = self._admit_at - env.now
         if self._n_alive:
             wait = min(wait, self._next_finish_s())
@@ -454,7 +453,7 @@ class FluidNetwork:
                 nbytes = np.bincount(every, np.concatenate([x[2] for x in items]), n_slots)[slots]
                 weight = np.bincount(every, np.concatenate([x[3] for x in items]), n_slots)[slots]
                 first = np.full(n_slots, np.inf)
-                times = np.concatenate([np.full(len(x[1]), x[4]) for x in items])
+                times = np.repeat([x[4] for x in items], [len(x[1]) for x in items])
                 np.minimum.at(first, every, times)
                 sent = first[slots]
                 blk.contributors_left -= count
