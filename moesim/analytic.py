@@ -280,7 +280,7 @@ class AnalyticEngine:
         """(pair, link) of every hop of the pairs, and the longest path latency; the last few
         pair sets are kept (layers repeat them), others are gathered from the route table."""
         for s, d, hit in self._recent_hops:
-            if np.array_equal(s, src) and np.array_equal(d, dst):
+            if (s is src and d is dst) or (np.array_equal(s, src) and np.array_equal(d, dst)):
                 return hit
         paths = self.topology.routes(src, dst)
         valid = paths >= 0
@@ -289,7 +289,7 @@ class AnalyticEngine:
             paths[valid],
             float(self.topology.path_latency_s(paths).max()),
         )
-        self._recent_hops = [(np.array(src), np.array(dst), hit), *self._recent_hops[:3]]
+        self._recent_hops = [(src, dst, hit), *self._recent_hops[:3]]  # never modified
         return hit
 
     def _network_s(self, traffic: Traffic, factor: float = 1.0) -> float:

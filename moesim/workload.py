@@ -201,6 +201,7 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
     r = sc.routing
     trace = load_trace(r.trace) if r.distribution == "trace" else None
 
+    layout = _dispatch_layout(tokens_dev, group, node, ep, etp, edp, r.global_routing)
     root = np.random.SeedSequence(sc.sim.seed)
     layer_seeds = root.spawn(m.n_layers)
     layers: list[LayerPlan] = []
@@ -323,39 +324,29 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
         flops["experts"] = sum(np.asarray(op.flops) for op in ops).sum(axis=1)
         lp.expert_weight_bytes = sum(weight_bytes(op, b.expert_weights) for op in ops).sum(axis=1)
         # dispatch: tokens from each source to each (group, EP rank), to every etp shard
-        # Every (sender, rank) pair is a flow, zero-byte ones included (a zero-size part of
-        # an all-to-all-v still costs its latency): the pairs, and so the flow pattern, are
-        # the same in every layer whatever the routing draws.
         to_rank = rank_totals(kept, share)  # [source, rank]
         totals = kept.sum(axis=1)
-        senders = np.flatnonzero(tokens_dev > 0)
         if r.global_routing:
             to_groups = np.full((n_dev, edp), 1.0 / edp)
             weights = (to_groups[:, :, None] * to_rank[:, None, :]).reshape(n_dev, edp * ep)
             flows = split_integer(totals, weights / np.maximum(totals, 1)[:, None])
-            src = np.repeat(senders, edp * ep)
-            slot = np.tile(np.arange(edp * ep), len(senders))
-            pairs = flows[src, slot]
         else:  # every token stays in its own group: split over that group's ranks only
             flows = to_rank
             if to_rank.dtype.kind == "f":  # replicas share experts' tokens: round exactly
                 flows = split_integer(totals, to_rank / np.maximum(totals, 1)[:, None])
-            src, rank = np.repeat(senders, ep), np.tile(np.arange(ep), len(senders))
-            pairs = flows[src, rank]
-            slot = group[src] * ep + rank
-        base = (slot // ep) * ep * etp + (slot % ep) * etp
-        src = np.repeat(src, etp)
-        dst = (base[:, None] + np.arange(etp)[None, :]).ravel()
-        nbytes = np.repeat(pairs, etp) * act_bytes_per_token
-        local = src == dst
+        pairs = flows.ravel()  # tokens per (source, slot column), gathered by the layout
+        nbytes = pairs[layout.remote] * act_bytes_per_token
         lp.dispatch = Traffic(
-            src[~local], dst[~local], nbytes[~local].astype(float), float(nbytes[local].sum())
+            layout.src,
+            layout.dst,
+            nbytes.astype(float),
+            float(pairs[layout.local].sum() * act_bytes_per_token),
         )
         lp.device_tokens = load.sum(axis=1)
         lp.local_experts = slot_ok.sum(axis=1)
         lp.routed_pairs = routing.routed_pairs
         lp.dropped_pairs = int(routing.dropped.sum())
-        lp.cross_node_pairs = int(np.repeat(pairs, etp)[node[src] != node[dst]].sum() // etp)
+        lp.cross_node_pairs = int(pairs[layout.cross_node].sum() // etp)
         lp.balance_history = routing.balance_history
         if wl.phase == "train":
             lp.expert_tokens, lp.pairs_out = load, pairs_out
@@ -381,6 +372,52 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
     apply_memory(sc, plan, b)  # what lives on PIM units leaves the GPU (moesim/pim.py)
     _check_fits(sc, plan)
     return plan
+
+
+@dataclass(frozen=True)
+class _DispatchLayout:
+    """The pairs of every MoE layer's dispatch, fixed by the layout: ``src``/``dst`` of the
+    inter-device pairs and, for each, its index into the layer's flattened ``[source, slot
+    column]`` token matrix (``remote``); the indices of pairs that stay on their device
+    (``local``) and of pairs that cross nodes (``cross_node``, each etp shard counted)."""
+
+    src: np.ndarray
+    dst: np.ndarray
+    remote: np.ndarray
+    local: np.ndarray
+    cross_node: np.ndarray
+
+
+def _dispatch_layout(
+    tokens_dev: np.ndarray,
+    group: np.ndarray,
+    node: np.ndarray,
+    ep: int,
+    etp: int,
+    edp: int,
+    global_routing: bool,
+) -> _DispatchLayout:
+    """Every (sender, EP rank) pair is a flow, to every etp shard of the rank, zero-byte ones
+    included (a zero-size part of an all-to-all-v still costs its latency): the pairs, and so
+    the flow pattern, are the same arrays in every layer whatever the routing draws. A sender
+    reaches the ranks of its own group, or of every group with global routing."""
+    senders = np.flatnonzero(tokens_dev > 0)
+    columns = edp * ep if global_routing else ep
+    src = np.repeat(senders, columns)
+    col = np.tile(np.arange(columns), len(senders))
+    slot = col if global_routing else group[src] * ep + col
+    base = (slot // ep) * ep * etp + (slot % ep) * etp
+    flat = np.repeat(src * columns + col, etp)
+    src = np.repeat(src, etp)
+    dst = (base[:, None] + np.arange(etp)[None, :]).ravel()
+    local = src == dst
+    return _DispatchLayout(
+        src=src[~local],
+        dst=dst[~local],
+        remote=flat[~local],
+        local=flat[local],
+        cross_node=flat[node[src] != node[dst]],
+    )
 
 
 def _expected_load(

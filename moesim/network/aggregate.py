@@ -191,8 +191,8 @@ class PatternCache:
         self._recent: list[tuple[np.ndarray, np.ndarray, FlowPattern]] = []
 
     def get(self, src: np.ndarray, dst: np.ndarray) -> FlowPattern:
-        for s, d, pattern in self._recent:  # layers usually repeat their pairs
-            if np.array_equal(s, src) and np.array_equal(d, dst):
+        for s, d, pattern in self._recent:  # layers repeat their pairs, often as the same arrays
+            if (s is src and d is dst) or (np.array_equal(s, src) and np.array_equal(d, dst)):
                 return pattern
         h = hashlib.blake2b(digest_size=16)
         h.update(np.ascontiguousarray(src, np.int64).tobytes())
@@ -200,7 +200,8 @@ class PatternCache:
         key = h.digest()
         if key not in self._cache:
             self._cache[key] = flow_pattern(self.topology, src, dst, self.mode)
-        self._recent = [(np.array(src), np.array(dst), self._cache[key]), *self._recent[:3]]
+        # kept by reference: traffic arrays are never modified after the plan is built
+        self._recent = [(src, dst, self._cache[key]), *self._recent[:3]]
         return self._cache[key]
 
 
