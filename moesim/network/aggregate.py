@@ -191,8 +191,11 @@ class PatternCache:
         self._recent: list[tuple[np.ndarray, np.ndarray, FlowPattern]] = []
 
     def get(self, src: np.ndarray, dst: np.ndarray) -> FlowPattern:
-        for s, d, pattern in self._recent:  # layers repeat their pairs, often as the same arrays
-            if (s is src and d is dst) or (np.array_equal(s, src) and np.array_equal(d, dst)):
+        for s, d, pattern in self._recent:  # the same arrays (layers share one layout) first
+            if s is src and d is dst:
+                return pattern
+        for s, d, pattern in self._recent:
+            if np.array_equal(s, src) and np.array_equal(d, dst):
                 return pattern
         h = hashlib.blake2b(digest_size=16)
         h.update(np.ascontiguousarray(src, np.int64).tobytes())
