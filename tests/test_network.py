@@ -261,3 +261,51 @@ def test_numpy_fallback_gives_the_compiled_arrival_times(monkeypatch):
     assert fluid.compiled_kernel() is None
     fallback = collective_times_s(topo, src, dst, nbytes, "node", tolerance=1e-3)
     np.testing.assert_allclose(fallback, compiled, rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"inter_node": "rail_optimized"},
+        {"inter_node": "rail_optimized", "nics_per_node": 2},
+        {"inter_node": "fat_tree", "nodes_per_leaf": 2, "nics_per_node": 4},
+    ],
+)
+def test_links_left_out_of_the_solve_are_dominated_on_every_route(kw):
+    """A link the rate solver leaves out is crossed by no route without its dominator, and
+    has at least its bandwidth (so it can never set a fair rate)."""
+    topo = _topology(nodes=4, per_node=8, **kw)
+    dom = topo.dominated_by()
+    assert (dom >= 0).any()
+    n = topo.n_devices
+    every = np.arange(n * n)
+    paths = topo.routes(every // n, every % n)
+    bw = topo.bandwidth_bytes_per_s
+    for link in np.flatnonzero(dom >= 0):
+        on = (paths == link).any(axis=1)
+        assert on.any() and (paths[on] == dom[link]).any(axis=1).all()
+        assert bw[link] >= bw[dom[link]]
+    assert not (dom[dom[dom >= 0]] >= 0).any()  # dominators are solved themselves
+
+
+def test_leaving_dominated_links_out_changes_no_time_or_link_statistic(monkeypatch):
+    from moesim import simulate
+    from moesim.network.topology import Topology
+
+    sc = scenario_from_dict(
+        {
+            "model": {"preset": "mixtral-8x7b", "n_layers": 2},
+            "cluster": {"nodes": 2, "devices_per_node": 8, "device": "h100-sxm"},
+            "topology": {"inter_node": "rail_optimized"},
+            "parallelism": {"ep": 8},
+            "workload": {"phase": "prefill", "batch_size": 16, "seq_len": 256},
+            "routing": {"distribution": "zipf", "zipf_s": 1.2},
+            "sim": {"progress": False},
+        }
+    )
+    pruned = simulate(sc)
+    monkeypatch.setattr(Topology, "dominated_by", lambda self: np.full(self.n_links, -1))
+    full = simulate(sc)
+    assert pruned.step_time_s == full.step_time_s
+    pd_cols = ["bytes_carried", "busy_s", "utilization"]
+    np.testing.assert_array_equal(pruned.links[pd_cols].to_numpy(), full.links[pd_cols].to_numpy())

@@ -19,7 +19,7 @@ import numpy as np
 import simpy
 from simpy.events import NORMAL
 
-from moesim.network.topology import Topology
+from moesim.network.topology import Topology, left_justify
 
 _KERNELS: dict = {}
 
@@ -277,8 +277,13 @@ class FluidNetwork:
         self._n = 0
         self._cols = {name: np.zeros(256, dtype=t) for name, t in _COLUMNS.items()}
         self._path_store = np.full((256, 1), -1, dtype=np.int64)
-        self._csr: tuple[np.ndarray, np.ndarray] | None = None  # flows by link, kept until
-        # rows are added or moved (retired rows stay in it, skipped as not alive)
+        # the solver's paths (links that never set a rate left out, Topology.dominated_by)
+        # and flows by link, kept until rows are added or moved (retired rows stay in it,
+        # skipped as not alive)
+        self._csr: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        dominated = topology.dominated_by() >= 0
+        self._dominated = dominated if dominated.any() else None
+        self._link_flows = np.zeros(n_links, dtype=np.int64)  # live flows on each link
         self._n_alive = 0
         self._link_active = np.zeros(n_links, dtype=bool)
         self._link_since = np.zeros(n_links)
@@ -474,6 +479,7 @@ class FluidNetwork:
         width = max(self._path_store.shape[1], *(self._blocks[x[0]].paths.shape[1] for x in new))
         self._reserve(self._n + added, width)
         cols, row = self._cols, self._n
+        first = row
         for block, slots, nbytes, weight, sent in new:
             blk, end = self._blocks[block], row + len(slots)
             rows = blk.paths[slots]
@@ -493,6 +499,8 @@ class FluidNetwork:
             row = end
         self._n = row
         self._n_alive += added
+        hops = self._path_store[first:row]
+        self._link_flows += np.bincount(hops[hops >= 0], minlength=len(self._link_flows))
 
     def _reserve(self, rows: int, width: int) -> None:
         """Grow the columns (doubling) to hold ``rows`` rows and paths ``width`` hops wide."""
@@ -598,6 +606,8 @@ class FluidNetwork:
             self._deliver(blk, s, self.env.now + d)
             if blk.slots_left == 0:
                 del self._blocks[b]
+        hops = self._paths[idx]
+        self._link_flows -= np.bincount(hops[hops >= 0], minlength=len(self._link_flows))
         # retired rows stay (dead) until they are half of the table, then it is compacted
         self._alive[idx] = False
         self._remaining[idx], self._rate[idx], self._waited[idx] = np.inf, 0.0, 0.0
@@ -658,13 +668,26 @@ class FluidNetwork:
         self.solves += 1
         kernels = _compiled()
         if self._n_alive and "maxmin_csr" in kernels:
-            paths, n_links = self._paths, self.topology.n_links
+            n_links = self.topology.n_links
             if self._csr is None:
-                self._csr = kernels["csr"](paths, n_links, np.ones(len(paths), dtype=np.bool_))
-            active = np.zeros(n_links, dtype=np.bool_)
+                solve = self._paths
+                if self._dominated is not None:
+                    keep = (solve >= 0) & ~self._dominated[np.maximum(solve, 0)]
+                    solve = np.ascontiguousarray(left_justify(np.where(keep, solve, -1)))
+                every = np.ones(len(solve), dtype=np.bool_)
+                self._csr = (solve, *kernels["csr"](solve, n_links, every))
+            solve, ptr, flows = self._csr
             self._rate = kernels["maxmin_csr"](
-                paths, self.capacity, self._weight, self.tolerance, active, self._alive, *self._csr
+                solve,
+                self.capacity,
+                self._weight,
+                self.tolerance,
+                np.zeros(n_links, dtype=np.bool_),
+                self._alive,
+                ptr,
+                flows,
             )
+            active = self._link_flows > 0
         elif self._n_alive:
             self._rate, active = _rates_and_active(
                 self._paths, self.capacity, self._weight, self.tolerance, alive=self._alive

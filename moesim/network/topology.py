@@ -87,6 +87,26 @@ class Topology:
             out = _hstack(out, np.where(remote[:, None], self._inter(a, j, b, k), -1))
         return left_justify(out)
 
+    def dominated_by(self) -> np.ndarray:
+        """For each link, a link ``M`` that every route through it also crosses, with no more
+        bandwidth; -1 where there is none. Such a link never sets a max-min rate: ``M`` has
+        at least its load and at most its headroom, so ``M`` saturates no later and freezes
+        all of its flows first; the rate solver leaves it out. Here: a device's host link up
+        to its NIC (every route through it continues on that NIC's network uplink) and down
+        from it (every route through it arrives on that NIC's downlink)."""
+        dom = np.full(self.n_links, -1, dtype=np.int64)
+        t = self.tables
+        if "dev_nic_up" not in t:
+            return dom
+        g = np.arange(self.n_devices)
+        node, nic = g // self.devices_per_node, self.nic_of_local[g % self.devices_per_node]
+        bw = self.bandwidth_bytes_per_s
+        for host, net in (("dev_nic_up", "nic_up"), ("dev_nic_down", "nic_down")):
+            link, over = t[host], t[net][node, nic]
+            ok = bw[link] >= bw[over]
+            dom[link[ok]] = over[ok]
+        return dom
+
     def path_latency_s(self, paths: np.ndarray) -> np.ndarray:
         """Sum of link latencies along each padded path."""
         lat = np.where(paths >= 0, self.latency_s[np.maximum(paths, 0)], 0.0)
