@@ -149,34 +149,6 @@ def maxmin_kernel(
 
 
 @njit(cache=True)
-def due_flows(
-    remaining: np.ndarray,
-    rate: np.ndarray,
-    start: np.ndarray,
-    latency: np.ndarray,
-    floor: np.ndarray,
-    alive: np.ndarray,
-    now: float,
-    tolerance: float,
-    done: np.ndarray,
-) -> int:  # pragma: no cover - compiled
-    """Mark in ``done`` the live flows that finish within their completion window
-    (``FluidNetwork._window``); returns how many."""
-    n_done = 0
-    for f in range(remaining.shape[0]):
-        done[f] = False
-        if not alive[f]:
-            continue
-        age = now - start[f] + latency[f]
-        if age < floor[f]:
-            age = floor[f]
-        if remaining[f] <= rate[f] * tolerance * age + 1e-9:
-            done[f] = True
-            n_done += 1
-    return n_done
-
-
-@njit(cache=True)
 def due_rows(
     remaining: np.ndarray,
     rate: np.ndarray,
@@ -186,9 +158,11 @@ def due_rows(
     alive: np.ndarray,
     now: float,
     tolerance: float,
+    elapsed: float,
 ) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
-    """The live flows inside their completion window (as :func:`due_flows`) and the delay
-    until each is delivered: its finish at the current rate plus its path latency."""
+    """First advance every live flow by ``rate x elapsed`` (in place); then the live flows
+    inside their completion window (``FluidNetwork._window``) and the delay until each is
+    delivered: its finish at the current rate plus its path latency."""
     n = remaining.shape[0]
     idx = np.empty(n, np.int64)
     delay = np.empty(n)
@@ -196,6 +170,8 @@ def due_rows(
     for f in range(n):
         if not alive[f]:
             continue
+        if elapsed > 0:
+            remaining[f] -= rate[f] * elapsed
         age = now - start[f] + latency[f]
         if age < floor[f]:
             age = floor[f]

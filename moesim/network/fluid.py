@@ -37,7 +37,6 @@ def _compiled():
             maxmin=jit.maxmin_kernel,
             csr=jit.build_csr,
             maxmin_csr=jit.maxmin_csr,
-            due=jit.due_flows,
             due_rows=jit.due_rows,
             deliver=jit.deliver,
             next_finish=jit.next_finish_s,
@@ -289,6 +288,7 @@ class FluidNetwork:
         self._link_since = np.zeros(n_links)
         self._last_t = 0.0
         self._ticket = 0  # the cycle scheduled last; earlier ones are stale
+        self._unsent_s = 0.0  # seconds of sending not yet taken off `remaining`
         self._wake_at = np.inf
         self.solves = 0
 
@@ -430,11 +430,16 @@ class FluidNetwork:
             self._wake_at = np.inf  # idle until the next contribution
 
     def _advance(self) -> None:
+        """Bring flows to now: busy links accrue the time; each live flow sends ``rate x
+        elapsed``, here or (compiled) in the same pass as the next completion check."""
         now = self.env.now
         elapsed = now - self._last_t
         if elapsed > 0 and self._n_alive:
-            self._remaining -= self._rate * elapsed
             self.stats.busy_s[self._link_active] += elapsed
+            if "due_rows" in _compiled():
+                self._unsent_s = elapsed  # applied by _retire before anything reads it
+            else:
+                self._remaining -= self._rate * elapsed
         self._last_t = now
 
     def _admit(self) -> None:
@@ -537,22 +542,8 @@ class FluidNetwork:
         return float(np.min(finish))
 
     def _due(self) -> np.ndarray | None:
-        """Mask of the live flows inside their completion window, or None if there are none."""
-        kernel = _compiled().get("due")
-        if kernel is not None:
-            done = np.empty(len(self._remaining), dtype=np.bool_)
-            n = kernel(
-                self._remaining,
-                self._rate,
-                self._start,
-                self._latency,
-                self._floor,
-                self._alive,
-                self.env.now,
-                self.tolerance,
-                done,
-            )
-            return done if n else None
+        """Mask of the live flows inside their completion window, or None if there are none
+        (numpy; compiled, ``due_rows`` does this)."""
         done = self._alive & (self._remaining <= self._rate * self._window() + 1e-9)
         return done if done.any() else None
 
@@ -568,6 +559,7 @@ class FluidNetwork:
         """Finish flows that end within their completion window (see :meth:`_window`). A
         finished slot with senders still to come idles; otherwise it is delivered at its own
         finish time plus path latency."""
+        elapsed, self._unsent_s = self._unsent_s, 0.0
         if not self._n_alive:
             return False
         kernels = _compiled()
@@ -581,6 +573,7 @@ class FluidNetwork:
                 self._alive,
                 self.env.now,
                 self.tolerance,
+                elapsed,
             )
             if not len(idx):
                 return False
