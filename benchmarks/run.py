@@ -7,7 +7,7 @@
     python benchmarks/run.py --only deepseek-v3-256 --fidelity des --repeat 5   # median of 5
 
 Columns: scenario, devices, layers, fidelity, simulated step time, wall seconds (plan +
-simulation + results; imports and loading the compiled network kernel excluded), CPU seconds
+simulation + results; imports and loading the compiled network kernels excluded), CPU seconds
 of that work (steadier than wall time on a shared machine), engine seconds (the simulation
 alone, without building the plan that both fidelities share), simpy events, events per wall
 second, peak resident memory of the process that ran it (each run is its own process, so the
@@ -23,8 +23,6 @@ import resource
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SKEW = {"routing.distribution": "zipf", "routing.zipf_s": 1.2}
@@ -45,9 +43,9 @@ def _run(path: str, overrides: dict, queue) -> None:
     import moesim.analytic
     import moesim.engine
     import moesim.results
-    from moesim.network.fluid import maxmin_rates
+    from moesim.network.fluid import warm_up
 
-    maxmin_rates(np.zeros((1, 1), dtype=np.int64), np.ones(1))  # load the compiled kernel
+    warm_up()  # load the compiled network kernels
     sc = moesim.load_scenario(path, {**overrides, "sim.progress": False, "sim.trace": False})
     start, cpu = time.perf_counter(), time.process_time()
     result = moesim.simulate(sc)

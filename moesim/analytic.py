@@ -18,9 +18,7 @@ import numpy as np
 
 from moesim.engine import Recorder
 from moesim.network import Topology, build_topology
-from moesim.network.aggregate import PatternCache
-from moesim.network.fluid import LinkStats
-from moesim.network.topology import ROUTE_TABLE_MAX_DEVICES
+from moesim.network.fluid import LinkStats, link_loads
 from moesim.workload import Traffic, WorkloadPlan
 
 
@@ -33,7 +31,6 @@ class AnalyticEngine:
         sc = plan.scenario
         self.plan = plan
         self.topology = topology or build_topology(sc.cluster, sc.topology, sc.pim)
-        self._patterns = PatternCache(self.topology, sc.sim.aggregate)
         self._recent_hops: list[tuple[np.ndarray, np.ndarray, tuple]] = []
         self.rec = Recorder(plan.n_devices, sc.sim.trace)
         n_links = self.topology.n_links
@@ -276,9 +273,9 @@ class AnalyticEngine:
         self._advance(phase, total - float(own.max()), move=False)
         self._now += total
 
-    def _hops(self, src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-        """(pair, link) of every hop of the pairs, and the longest path latency; the last few
-        pair sets are kept (layers repeat them), others are gathered from the route table."""
+    def _hops(self, src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, float]:
+        """The pairs' paths (-1 padded link ids) and the longest path latency; the last few
+        pair sets are kept (layers repeat them, usually as the same arrays)."""
         for s, d, hit in self._recent_hops:  # the same arrays (layers share one layout) first
             if s is src and d is dst:
                 return hit
@@ -286,12 +283,7 @@ class AnalyticEngine:
             if np.array_equal(s, src) and np.array_equal(d, dst):
                 return hit
         paths = self.topology.routes(src, dst)
-        valid = paths >= 0
-        hit = (
-            np.nonzero(valid)[0],
-            paths[valid],
-            float(self.topology.path_latency_s(paths).max()),
-        )
+        hit = (paths, float(self.topology.path_latency_s(paths).max()))
         self._recent_hops = [(src, dst, hit), *self._recent_hops[:3]]  # never modified
         return hit
 
@@ -304,14 +296,8 @@ class AnalyticEngine:
         topo = self.topology
         hit = self._link_loads.get(id(traffic))
         if hit is None:
-            if topo.n_devices <= ROUTE_TABLE_MAX_DEVICES:
-                pair_of, link_of, path_latency_s = self._hops(traffic.src, traffic.dst)
-                weights = traffic.nbytes[pair_of]
-                loads = np.bincount(link_of, weights=weights, minlength=topo.n_links)
-            else:  # routed once per pair set: every layer's dispatch shares one pattern
-                pattern = self._patterns.get(traffic.src, traffic.dst)
-                loads = pattern.link_bytes(traffic.nbytes, topo.n_links)
-                path_latency_s = float(pattern.latency_s.max())
+            paths, path_latency_s = self._hops(traffic.src, traffic.dst)
+            loads = link_loads(paths, traffic.nbytes, topo.n_links)
             latency_s = path_latency_s * traffic.latency_steps
             hit = self._link_loads[id(traffic)] = (traffic, loads, latency_s)
         _, loads, latency_s = hit

@@ -309,3 +309,21 @@ def test_leaving_dominated_links_out_changes_no_time_or_link_statistic(monkeypat
     assert pruned.step_time_s == full.step_time_s
     pd_cols = ["bytes_carried", "busy_s", "utilization"]
     np.testing.assert_array_equal(pruned.links[pd_cols].to_numpy(), full.links[pd_cols].to_numpy())
+
+
+def test_link_loads_compiled_and_numpy_agree(monkeypatch):
+    from moesim.network import fluid
+
+    rng = np.random.default_rng(9)
+    paths = np.full((200, 4), -1, dtype=np.int64)
+    for p in range(200):
+        k = rng.integers(0, 5)
+        paths[p, :k] = rng.choice(30, size=k, replace=False)
+    nbytes = rng.uniform(0, 1e6, 200)
+    expected = np.zeros(30)
+    for p in range(200):
+        for link in paths[p][paths[p] >= 0]:
+            expected[link] += nbytes[p]
+    np.testing.assert_allclose(fluid.link_loads(paths, nbytes, 30), expected)
+    monkeypatch.setattr(fluid, "_KERNELS", {"loaded": True})
+    np.testing.assert_allclose(fluid.link_loads(paths, nbytes, 30), expected)

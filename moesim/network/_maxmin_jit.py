@@ -225,3 +225,20 @@ def next_finish_s(
             if t < best:
                 best = t
     return best
+
+
+@njit(cache=True)
+def link_loads(
+    paths: np.ndarray, nbytes: np.ndarray, n_links: int
+) -> np.ndarray:  # pragma: no cover - compiled
+    """Bytes on each link: every pair's ``nbytes`` added to each link of its path."""
+    loads = np.zeros(n_links)
+    n_pairs, width = paths.shape
+    for p in range(n_pairs):
+        b = nbytes[p]
+        for h in range(width):
+            link = paths[p, h]
+            if link < 0:
+                break
+            loads[link] += b
+    return loads
