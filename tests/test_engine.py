@@ -170,3 +170,24 @@ def test_a_batch_smaller_than_the_attention_replicas_is_flagged(small):
     assert collect(Engine(plan, progress=False).run()).summary["warnings"] == plan.warnings
     full = small(**{"workload.phase": "prefill", "workload.batch_size": 8})
     assert build_plan(full).warnings == []
+
+
+def test_every_moe_layer_dispatches_over_the_same_pairs(small):
+    """Skewed routing leaves some (source, rank) pairs empty, differently in every layer; the
+    dispatch still lists every pair (zero-byte ones too), so the engine routes and merges
+    one flow pattern per direction for the whole step."""
+    sc = small(
+        **{
+            "model.n_layers": 4,
+            "routing.distribution": "zipf",
+            "routing.zipf_s": 2.0,
+            "workload.batch_size": 8,
+        }
+    )
+    plan = build_plan(sc)
+    moe = [lp for lp in plan.layers if lp.moe]
+    assert any((lp.dispatch.nbytes == 0).any() for lp in moe)  # some pairs drew no token
+    for lp in moe[1:]:
+        assert lp.dispatch.src is moe[0].dispatch.src and lp.dispatch.dst is moe[0].dispatch.dst
+    engine = Engine(plan, progress=False).run()
+    assert len(engine.patterns._cache) == 2  # dispatch and combine
