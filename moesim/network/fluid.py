@@ -3,12 +3,11 @@
 The network owns the active flows as numpy columns. Collectives are registered as blocks of
 slots (flows that one or more senders fill, see ``aggregate.py``). Its cycles are timeout
 callbacks, one event each: a cycle runs at the earliest flow completion or batch of
-admissions, advances every flow by
-``rate x elapsed``, retires the flows inside their completion window (their bytes arrive one
-path latency after their own finish), re-solves the fair rates (compiled kernel, numpy
-fallback) and schedules the next. A receiver waits on one event per collective, scheduled at
-its last arrival. Cost grows with the
-number of completion and admission batches, not with tokens, bytes or flows delivered.
+admissions, advances every flow by ``rate x elapsed``, retires the flows inside their
+completion window (their bytes arrive one path latency after their own finish), re-solves the
+fair rates (compiled kernel, numpy fallback) and schedules the next. A receiver waits on one
+event per collective, scheduled at its last arrival. Cost grows with the number of completion
+and admission batches, not with tokens, bytes or flows delivered.
 """
 
 from __future__ import annotations
