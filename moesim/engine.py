@@ -76,11 +76,13 @@ class Recorder:
 
 @dataclass
 class _Prepared:
-    """A collective mapped onto flows: its pattern, network block, bytes per contribution."""
+    """A collective mapped onto flows: its pattern, network block, bytes and max-min weight
+    per contribution."""
 
     pattern: FlowPattern
     block: int
     nbytes: np.ndarray
+    weight: np.ndarray  # max-min weight per contribution: its pairs that carry bytes
     events: list[simpy.Event]
     senders_left: int
 
@@ -374,7 +376,7 @@ class Engine:
         lo, hi = pat.contrib_offsets[g], pat.contrib_offsets[g + 1]
         if hi > lo:
             self.net.contribute(
-                prep.block, pat.contrib_slot[lo:hi], prep.nbytes[lo:hi], pat.contrib_weight[lo:hi]
+                prep.block, pat.contrib_slot[lo:hi], prep.nbytes[lo:hi], prep.weight[lo:hi]
             )
         event = prep.events[g]
         prep.senders_left -= 1
@@ -411,6 +413,7 @@ class Engine:
             pattern=pat,
             block=block,
             nbytes=pat.contribution_bytes(traffic.nbytes),
+            weight=pat.contribution_weights(traffic.nbytes),
             events=events,
             senders_left=n,
         )

@@ -33,7 +33,8 @@ class FlowPattern:
     ``paths[s]``: links of slot ``s`` (-1 padded); ``latency_s[s]``: path latency its bytes
     see before they are usable (a tail slot includes the lead hops in front of it);
     ``receivers`` (CSR by ``receiver_ptr``): the destination devices a slot feeds;
-    ``contrib_*``: one contribution per (sender, slot), sorted by sender, with
+    ``contrib_*``: one contribution per (sender, slot), sorted by sender (``contrib_weight``:
+    its pairs; :meth:`contribution_weights` counts those that carry bytes), with
     ``contrib_offsets[g]:contrib_offsets[g + 1]`` those of sender ``g``; ``entry_pair`` /
     ``entry_contrib`` map each pair's bytes onto its contributions (1 or 2 per pair).
     """
@@ -58,6 +59,15 @@ class FlowPattern:
         return np.bincount(
             self.entry_contrib,
             weights=np.asarray(nbytes, float)[self.entry_pair],
+            minlength=len(self.contrib_slot),
+        )
+
+    def contribution_weights(self, nbytes: np.ndarray) -> np.ndarray:
+        """Max-min weight of every (sender, slot) contribution for per-pair ``nbytes``: its
+        pairs that carry bytes (a zero-byte pair would finish at once and take no share)."""
+        return np.bincount(
+            self.entry_contrib,
+            weights=(np.asarray(nbytes)[self.entry_pair] > 0).astype(float),
             minlength=len(self.contrib_slot),
         )
 
@@ -235,9 +245,9 @@ def collective_times_s(
     block = net.add_block(
         pat.paths, pat.latency_s, pat.receiver_ptr, gids[pat.receivers], pat.contributors
     )
-    nb = pat.contribution_bytes(nbytes)
+    nb, weight = pat.contribution_bytes(nbytes), pat.contribution_weights(nbytes)
     for g in range(n):
         lo, hi = pat.contrib_offsets[g], pat.contrib_offsets[g + 1]
-        net.contribute(block, pat.contrib_slot[lo:hi], nb[lo:hi], pat.contrib_weight[lo:hi])
+        net.contribute(block, pat.contrib_slot[lo:hi], nb[lo:hi], weight[lo:hi])
     env.run()
     return done

@@ -501,8 +501,19 @@ class FluidNetwork:
             self._remaining[pos[busy]] += nbytes[busy]
             self._weight[pos[busy]] += weight[busy]
             idle = ~busy
+            empty = idle & (nbytes <= 0)
+            if empty.any():  # nothing to send: no flow; the last sender's latency delivers it
+                done = slots[empty]
+                final = blk.contributors_left[done] == 0
+                done, at_s = done[final], (sent[empty] + blk.latency_s[slots[empty]])[final]
+                if len(done):
+                    blk.slots_left -= len(done)
+                    self._deliver(blk, done, at_s)
+                idle &= ~empty
             if idle.any():
                 new.append((block, slots[idle], nbytes[idle], weight[idle], sent[idle]))
+            elif blk.slots_left == 0:
+                del self._blocks[block]
         self._pending = []
         self._admit_at = np.inf
         if not new:
@@ -691,6 +702,8 @@ class FluidNetwork:
         if self._n_alive and "maxmin_csr" in kernels:
             n_links = self.topology.n_links
             if self._csr is None:
+                if self._n_alive < self._n:  # rebuilding anyway: drop retired rows first
+                    self._compact()
                 solve = self._paths
                 if self._dominated is not None:
                     keep = (solve >= 0) & ~self._dominated[np.maximum(solve, 0)]
