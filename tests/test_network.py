@@ -327,3 +327,25 @@ def test_link_loads_compiled_and_numpy_agree(monkeypatch):
     np.testing.assert_allclose(fluid.link_loads(paths, nbytes, 30), expected)
     monkeypatch.setattr(fluid, "_KERNELS", {"loaded": True})
     np.testing.assert_allclose(fluid.link_loads(paths, nbytes, 30), expected)
+
+
+def test_zero_byte_pairs_carry_no_max_min_weight_and_still_arrive():
+    """A merged flow's weight counts only the pairs that carry bytes; a receiver whose pairs
+    are all empty still gets its event, one path latency after the sends."""
+    from moesim.network.aggregate import collective_times_s, flow_pattern
+
+    topo = _topology(nodes=4, per_node=4, inter_node="rail_optimized")
+    src, dst = _all_pairs(16)
+    nbytes = np.where(np.arange(len(src)) % 3 == 0, 0.0, 4 * MB)
+    nbytes[dst == 5] = 0.0  # device 5 receives nothing
+    pat = flow_pattern(topo, src, dst, "node")
+    weight = pat.contribution_weights(nbytes)
+    # every inter-node pair has one tail (a slot on the network): their weights count the
+    # pairs that carry bytes
+    network = np.array([k == "network" for k in topo.link_kinds] + [False])
+    tail_slot = network[pat.paths].any(axis=1)
+    tails = tail_slot[pat.contrib_slot]
+    assert weight[tails].sum() == np.count_nonzero(nbytes[src // 4 != dst // 4])
+    assert np.all(weight[pat.contribution_bytes(nbytes) == 0] == 0)
+    done = collective_times_s(topo, src, dst, nbytes, "node", tolerance=1e-9)
+    assert 0 < done[5] < 1e-4 < done.max()  # latency only, while the others move megabytes
