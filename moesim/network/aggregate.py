@@ -33,8 +33,8 @@ class FlowPattern:
     ``paths[s]``: links of slot ``s`` (-1 padded); ``latency_s[s]``: path latency its bytes
     see before they are usable (a tail slot includes the lead hops in front of it);
     ``receivers`` (CSR by ``receiver_ptr``): the destination devices a slot feeds;
-    ``contrib_*``: one contribution per (sender, slot), sorted by sender (``contrib_weight``:
-    its pairs; :meth:`contribution_weights` counts those that carry bytes), with
+    ``contrib_*``: one contribution per (sender, slot), sorted by sender (its max-min weight:
+    :meth:`contribution_weights`), with
     ``contrib_offsets[g]:contrib_offsets[g + 1]`` those of sender ``g``; ``entry_pair`` /
     ``entry_contrib`` map each pair's bytes onto its contributions (1 or 2 per pair).
     """
@@ -45,7 +45,6 @@ class FlowPattern:
     receivers: np.ndarray
     contributors: np.ndarray
     contrib_slot: np.ndarray
-    contrib_weight: np.ndarray
     contrib_offsets: np.ndarray
     entry_pair: np.ndarray
     entry_contrib: np.ndarray
@@ -166,9 +165,7 @@ def flow_pattern(topology: Topology, src: np.ndarray, dst: np.ndarray, mode: str
     r_slot, r_dev = np.divmod(rkey, int(dst.max(initial=0)) + 1)
     receiver_ptr = np.searchsorted(r_slot, np.arange(n_slots + 1))
     # contributions: distinct (sender, slot), sorted by sender
-    ckey, entry_contrib, weight = np.unique(
-        src[entry_pair] * n_slots + entry_slot, return_inverse=True, return_counts=True
-    )
+    ckey, entry_contrib = np.unique(src[entry_pair] * n_slots + entry_slot, return_inverse=True)
     c_sender, c_slot = np.divmod(ckey, max(n_slots, 1))
     return FlowPattern(
         paths=slot_paths,
@@ -177,7 +174,6 @@ def flow_pattern(topology: Topology, src: np.ndarray, dst: np.ndarray, mode: str
         receivers=r_dev,
         contributors=np.bincount(c_slot, minlength=n_slots),
         contrib_slot=c_slot,
-        contrib_weight=weight.astype(float),
         contrib_offsets=np.searchsorted(c_sender, np.arange(topology.n_devices + 1)),
         entry_pair=entry_pair,
         entry_contrib=entry_contrib.ravel(),

@@ -721,13 +721,11 @@ class FluidNetwork:
                 ptr,
                 flows,
             )
-            active = self._link_flows > 0
         elif self._n_alive:
-            self._rate, active = _rates_and_active(
+            self._rate = _rates_and_active(
                 self._paths, self.capacity, self._weight, self.tolerance, alive=self._alive
-            )
-        else:
-            active = np.zeros(self.topology.n_links, dtype=bool)
+            )[0]
+        active = self._link_flows > 0
         if self.record_intervals:
             now = self.env.now
             ended = self._link_active & ~active
