@@ -314,6 +314,16 @@ class SweepRun:
             **metrics,
         }
 
+    def drop_torn_line(self) -> None:
+        """Cut a last line that a kill left half-written, so that the next append starts on
+        a line of its own (appended to the fragment, that row would be unreadable too)."""
+        if not self.journal.exists():
+            return
+        data = self.journal.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with self.journal.open("r+b") as fh:
+                fh.truncate(data.rfind(b"\n") + 1)
+
     def append(self, row: dict[str, Any]) -> None:
         with self.journal.open("a") as fh:
             fh.write(json.dumps(row, default=str) + "\n")
@@ -425,6 +435,7 @@ def execute(
     from tqdm import tqdm
 
     run.out.mkdir(parents=True, exist_ok=True)
+    run.drop_torn_line()
     done = {r["key"] for r in run.done_rows()}
     todo = [p for p in run.points if p.key not in done]
     bar = tqdm(

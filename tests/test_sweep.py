@@ -194,3 +194,18 @@ def test_two_hundred_points_on_the_process_pool(tmp_path):
     table = pd.read_parquet(out / "results.parquet")
     assert len(table) == 200 and (table["status"] == "ok").all()
     assert (out / "plots" / "step_time_s.png").exists() and (out / "summary.md").exists()
+
+
+def test_a_torn_last_line_is_cut_before_resuming(tmp_path):
+    """A kill can leave the journal's last line half-written; the resumed sweep must not glue
+    its next row onto that fragment (which would make that row unreadable and lose it)."""
+    path = _sweep(tmp_path)
+    spec, base = load_sweep(path)
+    run = prepare(spec, base, tmp_path / "out", str(path))
+    execute(run, None, progress=False)
+    lines = run.journal.read_text().splitlines(keepends=True)
+    run.journal.write_text("".join(lines[:6]) + lines[6][:25])  # 6 rows and a torn seventh
+    table = execute(run, None, progress=False)
+    keys = [r["key"] for r in run.done_rows()]
+    assert len(keys) == len(set(keys)) == 9 and len(table) == 9
+    assert run.journal.read_text().splitlines(keepends=True)[:6] == lines[:6]
