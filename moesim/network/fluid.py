@@ -504,16 +504,10 @@ class FluidNetwork:
             empty = idle & (nbytes <= 0)
             if empty.any():  # nothing to send: no flow; the last sender's latency delivers it
                 done = slots[empty]
-                final = blk.contributors_left[done] == 0
-                done, at_s = done[final], (sent[empty] + blk.latency_s[slots[empty]])[final]
-                if len(done):
-                    blk.slots_left -= len(done)
-                    self._deliver(blk, done, at_s)
+                self._deliver(block, done, sent[empty] + blk.latency_s[done])
                 idle &= ~empty
             if idle.any():
                 new.append((block, slots[idle], nbytes[idle], weight[idle], sent[idle]))
-            elif blk.slots_left == 0:
-                del self._blocks[block]
         self._pending = []
         self._admit_at = np.inf
         if not new:
@@ -627,17 +621,9 @@ class FluidNetwork:
         lo, hi = int(blk_ids.min()), int(blk_ids.max())
         for b in [lo] if lo == hi else np.unique(blk_ids).tolist():
             sel = slice(None) if lo == hi else blk_ids == b
-            blk = self._blocks[b]
             s = locs[sel]
-            blk.pos[s] = -1
-            final = blk.contributors_left[s] == 0
-            s, d = s[final], delay[sel][final]
-            if not len(s):
-                continue
-            blk.slots_left -= len(s)
-            self._deliver(blk, s, self.env.now + d)
-            if blk.slots_left == 0:
-                del self._blocks[b]
+            self._blocks[b].pos[s] = -1
+            self._deliver(b, s, self.env.now + delay[sel])
         hops = self._paths[idx]
         self._link_flows -= np.bincount(hops[hops >= 0], minlength=len(self._link_flows))
         # retired rows stay (dead) until they are half of the table, then it is compacted
@@ -662,8 +648,18 @@ class FluidNetwork:
                 sel = np.flatnonzero(self._blk == b)
                 blk.pos[self._loc[sel]] = sel
 
-    def _deliver(self, blk: _Block, slots: np.ndarray, at_s: np.ndarray) -> None:
-        """Slots of ``blk`` delivered (at ``at_s``) to every group they feed."""
+    def _deliver(self, block: int, slots: np.ndarray, at_s: np.ndarray) -> None:
+        """Finished slots of ``block``: those with no sender still to come are delivered (at
+        ``at_s``) to every group they feed, the others idle; a block whose slots are all
+        delivered is dropped."""
+        blk = self._blocks[block]
+        final = blk.contributors_left[slots] == 0
+        slots, at_s = slots[final], at_s[final]
+        if not len(slots):
+            return
+        blk.slots_left -= len(slots)
+        if blk.slots_left == 0:
+            del self._blocks[block]
         kernel = _compiled().get("deliver")
         if kernel is None:
             starts, lens = blk.group_ptr[slots], blk.group_ptr[slots + 1] - blk.group_ptr[slots]
