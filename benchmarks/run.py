@@ -40,9 +40,9 @@ BENCH = [
 
 def _run(path: str, overrides: dict, queue) -> None:
     import moesim
-    import moesim.analytic
-    import moesim.engine
-    import moesim.results
+    import moesim.engine.analytic
+    import moesim.engine.des
+    import moesim.results.collect
     from moesim.network.fluid import warm_up
 
     warm_up()  # load the compiled network kernels

@@ -7,7 +7,7 @@ import numbers
 import pytest
 
 from moesim import catalog
-from moesim.model import param_counts
+from moesim.cost.ops import param_counts
 
 
 def _numeric_fields(entry: dict) -> list[str]:

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 from moesim import catalog, simulate
-from moesim.engine import Engine
-from moesim.results import collect, write_outputs
-from moesim.workload import build_plan
+from moesim.engine.des import Engine
+from moesim.plan.workload import build_plan
+from moesim.results.collect import collect, write_outputs
 
 
 def test_tokens_and_bytes_are_conserved(small):

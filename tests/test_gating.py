@@ -10,16 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moesim import scenario_from_dict, simulate
-from moesim.gating import (
+from moesim.config.scenario import RoutingConfig
+from moesim.plan.workload import build_plan
+from moesim.routing.distributions import expected_drop_rate_uniform, route_layer
+from moesim.routing.gating import (
     drop_over_capacity,
     expert_choice_gate,
     hash_gate,
     limited_topk_gate,
     topk_gate,
 )
-from moesim.routing import expected_drop_rate_uniform, route_layer
-from moesim.scenario import RoutingConfig
-from moesim.workload import build_plan
 
 
 def _route(cfg: RoutingConfig, tokens: int, n_experts: int, top_k: int, seed: int):
@@ -213,7 +213,7 @@ def test_trace_csv_and_npz_agree(tmp_path):
     np.savez(tmp_path / "t.npz", expert_ids=ids)
     rows = [f"0,{t},{s},{ids[t, s]}" for t in range(3) for s in range(2)]
     (tmp_path / "t.csv").write_text("layer,token,slot,expert\n" + "\n".join(rows) + "\n")
-    from moesim.routing import load_trace
+    from moesim.routing.distributions import load_trace
 
     a, b = load_trace(str(tmp_path / "t.npz")), load_trace(str(tmp_path / "t.csv"))
     np.testing.assert_array_equal(a[0], b[0])

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 
 from moesim import catalog, scenario_from_dict, simulate
+from moesim.catalog.specs import ModelSpec
 from moesim.cli import main
-from moesim.hardware import op_time_s
-from moesim.hf import load_hf_config
-from moesim.model import OpCost, param_counts
-from moesim.specs import ModelSpec
+from moesim.config.hf import load_hf_config
+from moesim.cost.ops import OpCost, param_counts
+from moesim.cost.roofline import op_time_s
 
 from .conftest import ROOT
 
@@ -170,7 +170,7 @@ def test_calibration_writes_a_kernel_table_the_cost_model_uses(tmp_path):
     table = pd.read_csv(entry["kernel_table"])
     assert list(table.columns) == ["op", "m", "k", "n", "dtype", "seconds"]
     row = table.iloc[0]
-    from moesim.specs import GpuSpec
+    from moesim.catalog.specs import GpuSpec
 
     dev = GpuSpec.model_validate({"name": name, **entry})
     m, k, n = float(row["m"]), float(row["k"]), float(row["n"])

@@ -11,7 +11,7 @@ import pytest
 from moesim import ScenarioError, catalog, load_scenario, scenario_from_dict, simulate
 from moesim.cli import main
 from moesim.network import build_topology
-from moesim.workload import build_plan
+from moesim.plan.workload import build_plan
 
 from .conftest import ROOT
 
@@ -106,7 +106,7 @@ def test_crossover_closed_form_matches_the_simulator(units):
         assert (on_pim.step_time_s < on_gpu.step_time_s) == pim_wins
     assert on_gpu.summary["pim"]["token_threshold"] is None
     plan = build_plan(one_expert(1, "by_batch", units))
-    from moesim.pim import plan_bytes, token_threshold
+    from moesim.plan.pim import plan_bytes, token_threshold
 
     assert token_threshold(plan.scenario, 14336, plan_bytes(plan.scenario)) == lo
 
@@ -285,7 +285,7 @@ def test_bad_pim_input_is_one_line_error():
 def test_trace_has_a_track_per_pim_unit_without_overlaps(tmp_path, fidelity):
     import json
 
-    from moesim.results import write_outputs
+    from moesim.results.collect import write_outputs
 
     r = simulate(_hbmpim(**{"sim.fidelity": fidelity, "workload.batch_size": 8}))
     trace = json.loads((write_outputs(r, tmp_path) / "trace.json").read_text())["traceEvents"]

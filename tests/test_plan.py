@@ -20,14 +20,14 @@ import yaml
 
 from moesim import catalog, scenario_from_dict, simulate
 from moesim.cli import main
-from moesim.plan import (
+from moesim.studies.capacity import (
     load_plan,
     pareto_front,
     phase_class,
     run_plan,
     step_time_lower_bound_s,
 )
-from moesim.report.plan_report import PLOTS, write_plan_report
+from moesim.studies.capacity_report import PLOTS, write_plan_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -421,7 +421,7 @@ def test_confirmation_overturns_a_screened_answer(tmp_path, monkeypatch):
     """Plan logic with a stand-in simulator: the screen says every device meets the step-time
     target, the confirming engine says the cheapest does not; the plan confirms in rounds and
     answers the cheapest candidate whose confirmed step meets the target."""
-    import moesim.plan as plan_mod
+    import moesim.studies.capacity as plan_mod
 
     screen = {"slow": 1.0, "mid": 1.0, "fast": 1.0, "tiny": 1.0}  # ms
     confirmed = {"slow": 3.0, "mid": 1.5, "fast": 0.5, "tiny": 3.0}

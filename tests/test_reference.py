@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moesim.reference import make_layer
-from moesim.validate import functional_check, functional_scenario
+from moesim.validation.reference import make_layer
+from moesim.validation.validate import functional_check, functional_scenario
 
 
 def _layer_and_input(cf=None, shared=16):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from moesim import catalog
-from moesim.hardware import kernel_time_s, op_time_s
-from moesim.model import Bytes, expert_ops
+from moesim.cost.ops import Bytes, expert_ops
+from moesim.cost.roofline import kernel_time_s, op_time_s
 
 H100 = catalog.device("h100-sxm")
 

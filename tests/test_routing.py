@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from moesim import simulate
-from moesim.routing import (
+from moesim.plan.workload import build_plan
+from moesim.routing.distributions import (
     expert_probabilities,
     max_over_mean,
     position_capacity,
     sample_topk_counts,
 )
-from moesim.workload import build_plan
 
 
 def test_topk_counts_conserve_tokens_and_pick_distinct_experts():
@@ -27,7 +27,7 @@ def test_topk_counts_conserve_tokens_and_pick_distinct_experts():
 
 
 def test_aggregate_sampling_matches_exact_per_token_sampling():
-    from moesim.routing import _gumbel_topk_counts
+    from moesim.routing.distributions import _gumbel_topk_counts
 
     rng = np.random.default_rng(0)
     probs = expert_probabilities(16, "zipf", 1.0, rng, shuffle=True)

@@ -7,7 +7,7 @@ import pytest
 
 from moesim import ScenarioError, catalog, load_scenario, simulate
 from moesim.cli import main
-from moesim.serving import kv_bytes_per_token, state_bytes_per_seq
+from moesim.serving.simulation import kv_bytes_per_token, state_bytes_per_seq
 
 from .conftest import small_scenario
 
@@ -333,7 +333,7 @@ def test_run_writes_serving_outputs_and_is_deterministic(tmp_path):
 
 
 def test_sweep_rows_carry_serving_metrics():
-    from moesim.sweep import run_point
+    from moesim.studies.sweep import run_point
 
     base = serve_scenario().model_dump(mode="json")
     row = run_point(base, {"workload.serve.rate_per_s": 50.0, "workload.serve.n_requests": 50})

@@ -17,7 +17,7 @@ import yaml
 
 from moesim import scenario_from_dict, simulate
 from moesim.cli import main
-from moesim.sweep import (
+from moesim.studies.sweep import (
     WALL_COLUMNS,
     execute,
     expand,

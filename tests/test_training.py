@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 
 from moesim import ScenarioError, simulate
-from moesim.collectives import (
+from moesim.plan.collectives import (
     ring_allreduce,
     ring_reduce_scatter,
     tree_allreduce,
     tree_allreduce_s,
 )
-from moesim.workload import build_plan
+from moesim.plan.workload import build_plan
 
 from .conftest import small_scenario
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from moesim.cli import main
-from moesim.validate import error_stats
+from moesim.validation.validate import error_stats
 
 # Bounds for the quick grid (8 layer shapes, 2 exchanges) on a shared, noisy CI machine; the
 # full grid's targets (median <= 15%, p90 <= 30% over 36 shapes) are quoted in the README.
@@ -14,6 +15,7 @@ from moesim.validate import error_stats
 QUICK_MEDIAN, QUICK_P90 = 0.25, 0.50
 
 
+@pytest.mark.timing  # times numpy on this host: opt-in, `pytest -m timing`
 def test_validate_quick(tmp_path, capsys):
     for attempt in range(3):
         out = tmp_path / f"v{attempt}"
@@ -49,7 +51,7 @@ def test_validate_quick(tmp_path, capsys):
 def test_calibration_is_a_catalog_device(tmp_path):
     import yaml
 
-    from moesim.specs import GpuSpec, LinkSpec
+    from moesim.catalog.specs import GpuSpec, LinkSpec
 
     assert main(["calibrate", "--quick", "--out", str(tmp_path)]) == 0
     devices = yaml.safe_load((tmp_path / "devices.yaml").read_text())

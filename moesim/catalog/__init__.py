@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from moesim.specs import GpuSpec, LinkSpec, ModelSpec, PimSpec
+from moesim.catalog.specs import GpuSpec, LinkSpec, ModelSpec, PimSpec
 
 _KINDS = {"models": ModelSpec, "devices": GpuSpec, "links": LinkSpec}
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 import numpy as np
 
-from moesim.scenario import ClusterConfig, PimConfig, TopologyConfig
+from moesim.config.scenario import ClusterConfig, PimConfig, TopologyConfig
 
 ROUTE_TABLE_MAX_DEVICES = 512  # all-pairs route table up to here (512^2 x hops x 8 bytes)
 
@@ -215,7 +215,7 @@ def attach_pim(
     link's latency (moesim/hardware/pim.py). Links are appended after all others, so device
     pairs route exactly as without PIM; ``t["pim_up"][g]`` / ``t["pim_down"][g]`` are the ids."""
     from moesim import catalog
-    from moesim.hardware.pim import link_bandwidth_bytes_per_s
+    from moesim.cost.pim import link_bandwidth_bytes_per_s
 
     link = catalog.link(pim.device.host_link)
     bw = link_bandwidth_bytes_per_s(pim.device, link, pim.units_per_gpu)

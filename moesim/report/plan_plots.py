@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from moesim.results import BREAKDOWN_KEYS
+from moesim.results.collect import BREAKDOWN_KEYS
 
 _PALETTE = plt.get_cmap("tab20")(np.linspace(0, 1, 20))
 

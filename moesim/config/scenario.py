@@ -1,0 +1,561 @@
+"""Scenario schema and loading: one YAML file describes model, cluster, layout, workload, routing.
+
+Catalog names (``model: mixtral-8x7b``, ``device: h100-sxm``, ``inter_node_link: ib-ndr-400``)
+resolve to full specs; ``{preset: NAME, field: value}`` overrides single fields of a catalog
+entry; a full mapping describes a new one. Every error names the file, the field path and why.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from moesim import catalog
+from moesim.catalog.specs import DTYPE_BYTES, Dtype, GpuSpec, LinkSpec, ModelSpec, PimSpec
+from moesim.config.errors import ScenarioError
+from moesim.config.serve import ServeConfig
+
+
+def _resolver(kind: str):
+    """A before-validator turning a catalog name, ``{preset: ...}`` or (models)
+    ``{hf_config: path}`` into spec data."""
+
+    def resolve(value: Any) -> Any:
+        if isinstance(value, str):
+            return catalog.lookup(kind, value)
+        if kind == "models" and isinstance(value, dict) and "hf_config" in value:
+            from moesim.config.hf import load_hf_config
+
+            overrides = {k: v for k, v in value.items() if k != "hf_config"}
+            return {**load_hf_config(value["hf_config"]), **overrides}
+        if isinstance(value, dict) and "preset" in value:
+            overrides = {k: v for k, v in value.items() if k != "preset"}
+            return catalog.lookup(kind, value["preset"], **overrides)
+        return value
+
+    return resolve
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClusterConfig(Config):
+    """Identical nodes of identical devices."""
+
+    nodes: PositiveInt = Field(1, description="number of nodes (servers)")
+    devices_per_node: PositiveInt = Field(8, description="accelerators per node")
+    device: GpuSpec = Field(description="catalog device name, {preset: name, ...} or a full spec")
+
+    _device = field_validator("device", mode="before")(_resolver("devices"))
+
+    @property
+    def n_devices(self) -> int:
+        return self.nodes * self.devices_per_node
+
+
+class TopologyConfig(Config):
+    """Interconnect by dimension: inside a node, then between nodes."""
+
+    intra_node: Literal["nvswitch", "full_mesh", "ring", "pcie", "bus"] | None = Field(
+        None, description="default: the device's catalog intra_node_topology"
+    )
+    intra_node_link: LinkSpec | None = Field(
+        None, description="default: the device's catalog intra_node_link"
+    )
+    inter_node: Literal["rail_optimized", "fat_tree"] = Field(
+        "rail_optimized",
+        description="rail_optimized: NIC k of every node on rail switch k, cross-rail traffic "
+        "forwarded over the intra-node fabric first (PXN); fat_tree: leaf switches and a spine",
+    )
+    inter_node_link: LinkSpec = Field("ib-ndr-400", validate_default=True)
+    nics_per_node: PositiveInt | None = Field(None, description="default: one NIC per device")
+    nic_host_link: LinkSpec = Field(
+        "pcie5-x16", validate_default=True, description="device-to-NIC link"
+    )
+    nodes_per_leaf: PositiveInt | None = Field(
+        None, description="fat_tree: nodes under one leaf switch (default: all on one leaf)"
+    )
+    oversubscription: float = Field(
+        1.0, ge=1.0, description="fat_tree: leaf downlink over uplink bandwidth"
+    )
+
+    _links = field_validator("intra_node_link", "inter_node_link", "nic_host_link", mode="before")(
+        _resolver("links")
+    )
+
+
+class ParallelismConfig(Config):
+    """Device layout. Attention: tp x dp = devices. Experts: ep x etp x edp = devices."""
+
+    tp: PositiveInt = Field(1, description="tensor parallel degree of attention / dense layers")
+    dp: PositiveInt | None = Field(None, description="attention data parallel (devices / tp)")
+    ep: PositiveInt = Field(1, description="expert parallel degree: ranks experts are spread over")
+    etp: PositiveInt = Field(
+        1, description="expert tensor parallel: shards per expert (MiniMax-01)"
+    )
+    edp: PositiveInt | None = Field(
+        None, description="expert data parallel: replicas of the expert set (devices / ep / etp)"
+    )
+    expert_placement: Literal["contiguous", "round_robin", "lpt"] = Field(
+        "contiguous",
+        description="expert e on EP rank e // (E/ep), e % ep, or lpt: greedy longest-processing-"
+        "time packing of each layer's experts by expected load, E/ep per rank",
+    )
+
+
+class DtypeConfig(Config):
+    """Storage dtype per tensor kind; ``compute`` picks the peak FLOP/s used."""
+
+    weights: Dtype = "bf16"
+    expert_weights: Dtype | None = Field(None, description="default: weights")
+    activations: Dtype = "bf16"
+    kv_cache: Dtype = "bf16"
+    compute: Dtype = "bf16"
+
+    def bytes_of(self, kind: str) -> float:
+        """Bytes per element of a tensor kind."""
+        dtype = getattr(self, kind)
+        if dtype is None and kind == "expert_weights":
+            dtype = self.weights
+        return DTYPE_BYTES[dtype]
+
+
+class TrainConfig(Config):
+    """A training step (``workload.phase: train``): forward and backward of every micro-batch,
+    then gradient reduction and the optimizer step (see README "Training")."""
+
+    micro_batches: PositiveInt = Field(
+        1, description="gradient accumulation: batch_size sequences run in this many passes"
+    )
+    recompute: Literal["none", "selective", "full"] = Field(
+        "none",
+        description="activation recomputation: none; selective (attention core and SwiGLU "
+        "activation recomputed, Korthikanti et al. 2022); full (each layer's forward rerun, "
+        "its all-to-all included, before its backward)",
+    )
+    overlap: Literal["none", "chunked"] = Field(
+        "none",
+        description="chunked: the MoE block's tokens split into `chunks`; the all-to-all of one "
+        "chunk overlaps the experts of another (Tutel / DeepEP-style pipelining)",
+    )
+    chunks: PositiveInt = Field(2, description="chunks per MoE block when overlap: chunked")
+    grad_allreduce: Literal["ring", "tree"] = Field(
+        "ring",
+        description="gradient all-reduce algorithm: ring or NCCL double binary tree "
+        "(zero_stage 0; reduce-scatter and all-gather are rings)",
+    )
+    zero_stage: Literal[0, 1, 2] = Field(
+        1,
+        description="ZeRO (Rajbhandari et al. 2020): 0 replicated optimizer states and "
+        "all-reduce; 1 optimizer states sharded over data-parallel ranks, gradients "
+        "reduce-scattered and weights all-gathered; 2 gradients sharded too",
+    )
+    grad_dtype: Dtype = Field("fp32", description="gradient storage and reduction dtype")
+    optimizer_bytes_per_param: PositiveFloat = Field(
+        12.0,
+        description="Adam in mixed precision: fp32 master weight, momentum and variance "
+        "(K = 12 in ZeRO, Rajbhandari et al. 2020 Sec. 3.1)",
+    )
+    overlap_grad_reduce: bool = Field(
+        False,
+        description="reduce each layer's gradients (one bucket per layer) on a communication "
+        "stream as soon as the last micro-batch's backward has produced them, overlapping the "
+        "rest of the backward (PyTorch DDP buckets, Megatron overlap_grad_reduce); "
+        "embeddings and LM head last",
+    )
+
+
+class WorkloadConfig(Config):
+    """One forward step: ``prefill`` processes whole prompts, ``decode`` one token per sequence."""
+
+    phase: Literal["prefill", "decode", "train", "serve"] = "prefill"
+    batch_size: PositiveInt | None = Field(
+        None, description="sequences in the step, whole cluster (required except for serve)"
+    )
+    seq_len: PositiveInt | None = Field(
+        None,
+        description="prompt length (prefill) or context already in the KV cache (decode); "
+        "required except for serve",
+    )
+    dtypes: DtypeConfig = DtypeConfig()
+    train: TrainConfig | None = Field(
+        None, description="training step options (phase: train; defaults filled in)"
+    )
+    serve: ServeConfig | None = Field(
+        None, description="request stream and scheduler (phase: serve; defaults filled in)"
+    )
+
+    @model_validator(mode="after")
+    def _phase_fields(self) -> WorkloadConfig:
+        if self.phase == "serve":
+            if self.serve is None:
+                object.__setattr__(self, "serve", ServeConfig())
+            return self
+        for key in ("batch_size", "seq_len"):
+            if getattr(self, key) is None:
+                raise ScenarioError(f"workload.{key}", f"Field required for phase {self.phase}")
+        return self
+
+    @property
+    def tokens(self) -> int:
+        """Tokens processed by the step (train: every micro-batch)."""
+        return self.batch_size * (self.seq_len if self.phase in ("prefill", "train") else 1)
+
+    @property
+    def pass_batch_size(self) -> int:
+        """Sequences in one forward pass: a micro-batch in training, else the batch."""
+        if self.phase == "train" and self.train is not None:
+            return self.batch_size // self.train.micro_batches
+        return self.batch_size
+
+
+class BiasBalancingConfig(Config):
+    """Auxiliary-loss-free balancing (DeepSeek-V3, arXiv:2412.19437 Sec. 2.1.2): after each
+    step, every expert's selection bias moves by ``rate`` toward the mean load."""
+
+    steps: int = Field(0, ge=0, description="training steps simulated before this one")
+    rate: PositiveFloat = Field(0.001, description="bias update speed (gamma in the paper)")
+
+
+class RoutingConfig(Config):
+    """How tokens choose experts: the score model, the gating policy, drops and mitigations."""
+
+    distribution: Literal["uniform", "zipf", "dirichlet", "hot", "trace", "router"] = Field(
+        "uniform",
+        description="where router preferences come from: uniform; zipf (p ~ rank^-s); dirichlet "
+        "(p ~ Dir(alpha)); hot (hot_experts preferred hot_weight x, the set drifting hot_drift "
+        "experts per step); trace (expert ids from a file); router (a random linear router on "
+        "synthetic token embeddings)",
+    )
+    zipf_s: float | list[float] = Field(
+        1.0, description="Zipf exponent; a list gives one per MoE layer (cycled)"
+    )
+    dirichlet_alpha: PositiveFloat = Field(1.0, description="Dirichlet concentration")
+    hot_experts: int = Field(2, ge=1, description="hot: how many experts are hot")
+    hot_weight: PositiveFloat = Field(8.0, description="hot: preference of a hot vs a cold expert")
+    hot_drift: int = Field(1, ge=0, description="hot: hot experts replaced per step")
+    step: int = Field(0, ge=0, description="which step this is (hot drift, bias balancing)")
+    trace: str | None = Field(
+        None,
+        description="trace: NPZ (expert_ids [moe_layers, tokens, top_k]) or CSV (layer, "
+        "token, slot, expert); relative paths are relative to the scenario file",
+    )
+    gating: Literal["topk", "expert_choice", "hash"] = Field(
+        "topk", description="token-choice top-k, expert choice, or hash routing"
+    )
+    node_limit: PositiveInt | None = Field(
+        None, description="each token reaches at most this many nodes (DeepSeek-V3: 4)"
+    )
+    device_limit: PositiveInt | None = Field(
+        None, description="each token reaches at most this many devices"
+    )
+    capacity_factor: PositiveFloat | None = Field(
+        None, description="capacity per expert = ceil(cf * tokens * top_k / experts); None: no drop"
+    )
+    drop_priority: Literal["position", "choice"] = Field(
+        "position",
+        description="who is dropped first over capacity: later tokens (Switch), or second "
+        "choices before any first choice (GShard)",
+    )
+    replicate_hot: int = Field(
+        0,
+        ge=0,
+        description="replicate the k hottest experts of each layer on the least "
+        "loaded EP ranks; their tokens split between replicas",
+    )
+    global_routing: bool = Field(
+        False,
+        description="MiniMax-01 global routing: tokens may go to an expert's replica in "
+        "any expert-data-parallel group, split evenly, so groups share the load",
+    )
+    bias_balancing: BiasBalancingConfig = BiasBalancingConfig()
+    shuffle_hot_experts: bool = Field(True, description="permute which experts are hot per layer")
+
+    @field_validator("zipf_s")
+    @classmethod
+    def _non_negative(cls, value: float | list[float]) -> float | list[float]:
+        values = value if isinstance(value, list) else [value]
+        if not values or any(v < 0 for v in values):
+            raise ValueError("Zipf exponents must be >= 0 (and the list non-empty)")
+        return value
+
+    def zipf_for(self, moe_layer: int) -> float:
+        """Zipf exponent of the ``moe_layer``-th MoE layer."""
+        s = self.zipf_s
+        return s[moe_layer % len(s)] if isinstance(s, list) else s
+
+    @property
+    def per_token(self) -> bool:
+        """Policies that need per-token scores (no aggregate shortcut)."""
+        return (
+            self.gating != "topk"
+            or self.node_limit is not None
+            or self.device_limit is not None
+            or self.drop_priority == "choice"
+            or self.distribution in ("trace", "router")
+        )
+
+
+class SimConfig(Config):
+    """Engine options."""
+
+    seed: NonNegativeInt = Field(0, description="one seed; per-layer seeds derive from it")
+    fidelity: Literal["des", "analytic"] = Field(
+        "des",
+        description="des: discrete-event engine with max-min fair flows; analytic: closed form "
+        "per phase (slowest device, bottleneck link), no event loop",
+    )
+    network_tolerance: float = Field(
+        1e-2,
+        gt=0,
+        lt=0.1,
+        description="relative time resolution of the fluid network: fair-share levels, and flow "
+        "completions and sender admissions within this fraction of their collective's duration, "
+        "are resolved together (measured step-time effect of 1e-2 vs 1e-5: <= 0.3%)",
+    )
+    aggregate: Literal["auto", "device", "node"] = Field(
+        "auto",
+        description="flow granularity: device (one flow per device pair), node (inter-node "
+        "traffic merged per source node and shared path suffix: exact where sources share "
+        "the whole path out of their node, as with rail-optimized PXN), auto (node where "
+        "that merges anything, i.e. rail-optimized topologies)",
+    )
+    trace: bool = Field(True, description="record device/link timelines for trace.json")
+    progress: bool = Field(True, description="progress bar on runs longer than a few seconds")
+
+
+class PimConfig(Config):
+    """Processing-in-memory units attached to every GPU and what runs on them (README
+    "Processing in memory"; cost model in moesim/hardware/pim.py, placement in moesim/pim.py)."""
+
+    device: PimSpec = Field(description="catalog pim/cim part, {preset: name, ...} or a full spec")
+    units_per_gpu: PositiveInt = Field(1, description="PIM units (stacks, chips) per GPU")
+    policy: Literal["gpu_only", "all_experts", "cold_experts", "attention", "by_batch"] = Field(
+        "all_experts",
+        description="gpu_only: nothing on PIM; all_experts: every routed expert on PIM; "
+        "cold_experts: experts whose expected tokens per step are at most token_threshold on "
+        "PIM, hot ones on the GPU; attention: the attention core and KV cache on PIM; "
+        "by_batch: each expert runs on PIM when it has at most token_threshold tokens this "
+        "step, else on the GPU (weights kept on both)",
+    )
+    token_threshold: int | None = Field(
+        None,
+        ge=0,
+        description="cold_experts / by_batch: tokens per expert at or below which PIM runs it; "
+        "default: the crossover where PIM stops being faster than the GPU",
+    )
+    compute_dtype: Dtype | None = Field(None, description="PIM compute dtype (default: workload)")
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, value: Any) -> Any:
+        spec = _resolver("devices")(value)
+        if isinstance(spec, GpuSpec):
+            raise ValueError(f"{spec.name} is a {spec.type}, not a pim or cim part")
+        return spec
+
+    @model_validator(mode="after")
+    def _link(self) -> PimConfig:
+        catalog.link(self.device.host_link)  # unknown link: ValueError naming the known ones
+        return self
+
+
+class Scenario(Config):
+    """A complete, validated simulation input."""
+
+    name: str = "scenario"
+    description: str = ""
+    model: ModelSpec
+    cluster: ClusterConfig
+    topology: TopologyConfig = TopologyConfig()
+    parallelism: ParallelismConfig = ParallelismConfig()
+    workload: WorkloadConfig
+    routing: RoutingConfig = RoutingConfig()
+    sim: SimConfig = SimConfig()
+    pim: PimConfig | None = Field(None, description="processing-in-memory units per GPU")
+
+    _model = field_validator("model", mode="before")(_resolver("models"))
+
+    @model_validator(mode="after")
+    def _resolve_and_check(self) -> Scenario:
+        n_dev = self.cluster.n_devices
+        par, m = self.parallelism, self.model
+        if n_dev % par.tp:
+            raise ScenarioError("parallelism.tp", f"{par.tp} does not divide {n_dev} devices")
+        if n_dev % (par.ep * par.etp):
+            raise ScenarioError(
+                "parallelism.ep", f"ep x etp = {par.ep * par.etp} does not divide {n_dev} devices"
+            )
+        if m.n_experts % par.ep:
+            raise ScenarioError(
+                "parallelism.ep", f"{par.ep} does not divide the model's {m.n_experts} experts"
+            )
+        dp, edp = n_dev // par.tp, n_dev // (par.ep * par.etp)
+        if par.dp is not None and par.dp != dp:
+            raise ScenarioError("parallelism.dp", f"must be devices / tp = {dp}")
+        if par.edp is not None and par.edp != edp:
+            raise ScenarioError("parallelism.edp", f"must be devices / (ep x etp) = {edp}")
+        if m.d_ff_expert % par.etp:
+            raise ScenarioError("parallelism.etp", f"{par.etp} does not divide d_ff_expert")
+        wl = self.workload
+        if wl.phase == "train":
+            if wl.train is None:
+                object.__setattr__(wl, "train", TrainConfig())
+            if wl.batch_size % (dp * wl.train.micro_batches):
+                raise ScenarioError(
+                    "workload.batch_size",
+                    f"training batch {wl.batch_size} not divisible by micro_batches x "
+                    f"attention data-parallel degree = {wl.train.micro_batches} x {dp}",
+                )
+            if wl.train.grad_allreduce == "tree" and wl.train.zero_stage:
+                raise ScenarioError(
+                    "workload.train.grad_allreduce",
+                    "tree needs zero_stage 0: sharded optimizer states reduce-scatter and "
+                    "all-gather over rings (NCCL has no tree reduce-scatter)",
+                )
+        if self.workload.phase == "decode" and self.workload.batch_size % dp:
+            raise ScenarioError(
+                "workload.batch_size",
+                f"decode batch {self.workload.batch_size} not divisible "
+                f"by attention data-parallel degree {dp}",
+            )
+        topo = self.topology
+        nics = topo.nics_per_node or self.cluster.devices_per_node
+        if nics > self.cluster.devices_per_node:
+            raise ScenarioError("topology.nics_per_node", "more NICs than devices per node")
+        if topo.nodes_per_leaf and self.cluster.nodes % topo.nodes_per_leaf:
+            raise ScenarioError("topology.nodes_per_leaf", "must divide cluster.nodes")
+        r = self.routing
+        if r.distribution == "trace" and (r.trace is None or not Path(r.trace).exists()):
+            raise ScenarioError("routing.trace", f"trace file {r.trace!r} not found")
+        if r.gating == "expert_choice" and (r.node_limit or r.device_limit):
+            raise ScenarioError("routing.gating", "expert_choice cannot be node/device limited")
+        if r.replicate_hot > m.n_experts:
+            raise ScenarioError("routing.replicate_hot", "more replicas than experts")
+        pim = self.pim
+        if pim is not None:  # processing in memory (moesim/pim.py)
+            cdt = pim.compute_dtype or self.workload.dtypes.compute
+            if cdt not in pim.device.peak_flops_per_s:
+                have = ", ".join(sorted(pim.device.peak_flops_per_s))
+                raise ScenarioError(
+                    "pim.compute_dtype", f"{pim.device.name} computes {have}, not {cdt}"
+                )
+            if self.workload.phase not in ("prefill", "decode") and pim.policy != "gpu_only":
+                raise ScenarioError("pim.policy", "PIM placement models prefill and decode only")
+            object.__setattr__(self, "pim", pim.model_copy(update={"compute_dtype": cdt}))
+        dev = self.cluster.device
+        resolved = {
+            "intra_node": topo.intra_node or dev.intra_node_topology,
+            "intra_node_link": topo.intra_node_link or catalog.link(dev.intra_node_link),
+            "nics_per_node": nics,
+            "nodes_per_leaf": topo.nodes_per_leaf or self.cluster.nodes,
+        }
+        object.__setattr__(self, "topology", topo.model_copy(update=resolved))
+        object.__setattr__(self, "parallelism", par.model_copy(update={"dp": dp, "edp": edp}))
+        return self
+
+
+def _set_dotted(data: dict[str, Any], path: str, value: Any) -> None:
+    """Set ``a.b.c`` in nested dicts; a catalog name on the way becomes ``{preset: name}``."""
+    keys = path.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.get(key)
+        if isinstance(child, str):
+            child = {"preset": child}
+        elif child is None:
+            child = {}
+        node[key] = child
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of a scenario mapping with dotted-path ``overrides`` applied."""
+    data = yaml.safe_load(yaml.safe_dump(data))  # deep copy of plain data
+    for path, value in overrides.items():
+        _set_dotted(data, path, value)
+    return data
+
+
+def _format_validation_error(err: ValidationError) -> tuple[str, str]:
+    """First error as (dotted path, reason); the count of others appended to the reason."""
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"] if not str(p).startswith("function-")]
+    reason = first["msg"].removeprefix("Value error, ")
+    if first.get("input") is not None and first["type"] == "extra_forbidden":
+        reason = "unknown key"
+    more = len(err.errors()) - 1
+    if more:
+        reason += f" (and {more} more error{'s' if more > 1 else ''})"
+    return ".".join(loc), reason
+
+
+def scenario_from_dict(
+    data: dict[str, Any], overrides: dict[str, Any] | None = None, file: str | None = None
+) -> Scenario:
+    """Validate a scenario mapping, after applying dotted-path ``overrides``."""
+    if not isinstance(data, dict):
+        raise ScenarioError("", "a scenario must be a YAML mapping", file)
+    data = apply_overrides(data, overrides or {})
+    try:
+        return Scenario.model_validate(data)
+    except ValidationError as err:
+        path, reason = _format_validation_error(err)
+        raise ScenarioError(path, reason, file) from None
+    except ScenarioError as err:
+        err.file = file
+        raise
+
+
+def _resolve_relative(data: Any, dotted: str, base: Path) -> None:
+    """Make a file path at ``data[a][b]...`` absolute, relative to the scenario file, when
+    that file exists (a bare name may instead name shipped data, e.g. a kernel table)."""
+    *parents, key = dotted.split(".")
+    block = data
+    for part in parents:
+        block = block.get(part) if isinstance(block, dict) else None
+    value = block.get(key) if isinstance(block, dict) else None
+    if isinstance(value, str) and not Path(value).is_absolute() and (base / value).exists():
+        block[key] = str((base / value).resolve())
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file; a missing file or bad YAML is a one-line :class:`ScenarioError`."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ScenarioError("", "file not found", str(path)) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ScenarioError(where, f"invalid YAML: {problem}", str(path)) from None
+
+
+def load_scenario(path: str | Path, overrides: dict[str, Any] | None = None) -> Scenario:
+    """Read and validate a scenario YAML file; raises :class:`ScenarioError`."""
+    path = Path(path)
+    data = read_yaml(path)
+    for dotted in (
+        "model.hf_config",
+        "routing.trace",
+        "cluster.device.kernel_table",
+        "workload.serve.trace",
+    ):
+        _resolve_relative(data, dotted, path.parent)
+    return scenario_from_dict(data, overrides, str(path))

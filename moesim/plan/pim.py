@@ -1,0 +1,242 @@
+"""Processing-in-memory placement: which work of a step runs on each GPU's PIM units.
+
+Every GPU gets ``pim.units_per_gpu`` units of ``pim.device`` (a separate memory pool joined to
+it by the unit's host link). Policies (``pim.policy``):
+
+- ``gpu_only``: nothing runs on PIM (the baseline with the same hardware).
+- ``all_experts``: every routed expert's weights live on PIM and its tokens run there.
+- ``cold_experts``: an expert is cold when its expected tokens per step on its device
+  (expected load share x routed pairs of its group x its placement share) are at most
+  ``token_threshold``; cold experts live and run on PIM, hot ones on the GPU, concurrently.
+- ``attention``: the attention core and the KV cache of softmax layers move to PIM; the
+  projections and the experts stay on the GPU (AttAcc-style; linear / MLA layers stay).
+- ``by_batch``: every expert's weights are kept on both; each (device, expert) runs on PIM
+  when it has at most ``token_threshold`` tokens this step (GEMV), else on the GPU (GEMM).
+
+``token_threshold`` defaults to the crossover of one expert (moesim.cost.pim.crossover_tokens).
+The plan gets, per layer, a :class:`PimWork` (per-device PIM seconds, activations in and out,
+FLOPs and internal bytes); the GPU keeps the rest. The engine runs expert work on PIM
+concurrently with the GPU's experts and attention work after the GPU's projections, and moves
+the activations as flows over the GPU-PIM links.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from moesim import catalog
+from moesim.config.scenario import Scenario, ScenarioError
+from moesim.cost.ops import Bytes, OpCost, expert_ops, kv_cache_bytes_per_token
+from moesim.cost.pim import crossover_tokens, internal_bytes, pim_op_time_s
+from moesim.plan.types import PimWork
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from moesim.plan.types import LayerPlan, WorkloadPlan
+
+
+def token_threshold(sc: Scenario, d_ff: float, b: Bytes) -> int:
+    """``pim.token_threshold`` or, by default, the one-expert crossover on these devices."""
+    pc = sc.pim
+    assert pc is not None
+    if pc.token_threshold is not None:
+        return pc.token_threshold
+    return crossover_tokens(
+        sc.model.d_model,
+        d_ff,
+        b,
+        sc.cluster.device,
+        sc.workload.dtypes.compute,
+        pc.device,
+        pc.compute_dtype,
+        pc.units_per_gpu,
+        catalog.link(pc.device.host_link),
+        max_tokens=4096,
+    )
+
+
+def _work(sc: Scenario, phase: str, ops: list[OpCost], w_bytes: float) -> tuple[np.ndarray, ...]:
+    """(seconds, FLOPs, internal bytes) of ops on the PIM units, summed over the last axis
+    when the ops are per (device, expert)."""
+    pc = sc.pim
+    assert pc is not None
+    seconds = sum(
+        pim_op_time_s(pc.device, op, w_bytes, pc.compute_dtype, pc.units_per_gpu) for op in ops
+    )
+    flops = sum(np.asarray(op.flops, dtype=float) for op in ops)
+    moved = sum(internal_bytes(pc.device, op, w_bytes) for op in ops)
+    parts = [np.asarray(x, dtype=float) for x in (seconds, flops, moved)]
+    if phase == "experts":
+        parts = [x.sum(axis=1) for x in parts]
+    return tuple(parts)
+
+
+def split_experts(
+    sc: Scenario,
+    lp: LayerPlan,
+    load: np.ndarray,
+    expected: np.ndarray,
+    share: np.ndarray,
+    d_ff: float,
+    b: Bytes,
+) -> np.ndarray:
+    """Split one MoE layer's tokens per (device, expert) between GPU and PIM.
+
+    ``load`` is ``[device, expert]`` tokens, ``expected`` the expected share of routed pairs
+    per expert, ``share`` the ``[expert, ep_rank]`` placement shares. Returns the GPU's part
+    of ``load`` and sets the layer's ``lp.pim`` when experts run on PIM."""
+    pc = sc.pim
+    if pc is None or pc.policy in ("gpu_only", "attention"):
+        return load
+    par = sc.parallelism
+    n_dev = load.shape[0]
+    g = np.arange(n_dev)
+    group, rank = g // (par.ep * par.etp), (g % (par.ep * par.etp)) // par.etp
+    local = (share[:, rank] > 0).T  # [device, expert]: expert (a shard of it) on this device
+    if pc.policy == "all_experts":
+        on_pim = local
+    elif pc.policy == "cold_experts":
+        pairs = np.bincount(group, weights=load.sum(axis=1)) / par.etp  # routed pairs per group
+        expected_tokens = expected[None, :] * pairs[group][:, None] * share[:, rank].T
+        on_pim = local & (expected_tokens <= token_threshold(sc, d_ff, b))
+    else:  # by_batch
+        on_pim = local & (load <= token_threshold(sc, d_ff, b))
+    resident = local if pc.policy == "by_batch" else on_pim
+    pim_load = np.where(on_pim, load, 0)
+    seconds, flops, moved = _work(
+        sc, "experts", expert_ops(pim_load, sc.model.d_model, d_ff, b), b.expert_weights
+    )
+    tokens = pim_load.sum(axis=1)
+    io = tokens * sc.model.d_model * b.activations
+    lp.pim = PimWork("experts", seconds, io, io.copy(), flops, moved, tokens, resident.sum(axis=1))
+    return load - pim_load
+
+
+def split_attention(
+    sc: Scenario, kind: str, ops: list[OpCost], n_devices: int
+) -> tuple[list[OpCost], PimWork | None]:
+    """Policy ``attention``: the softmax attention core (scores, softmax, weighted values over
+    the KV cache) runs on PIM; the projections stay on the GPU. New queries, keys and values
+    (the ``qkv_proj`` output) go in, the attention output (``o_proj``'s input) comes back."""
+    pc = sc.pim
+    if pc is None or pc.policy != "attention" or kind != "softmax":
+        return ops, None
+    ab = sc.workload.dtypes.bytes_of("activations")
+    core = [op for op in ops if op.name == "attention_core"]
+    rest = [op for op in ops if op.name != "attention_core"]
+    qkv = next(op for op in ops if op.name == "qkv_proj")
+    o = next(op for op in ops if op.name == "o_proj")
+    ones = np.ones(n_devices)
+    in_bytes = np.asarray(qkv.rows, dtype=float) * qkv.gemm[1] * ab * ones
+    out_bytes = np.asarray(o.rows, dtype=float) * o.gemm[0] * ab * ones
+    seconds, flops, moved = _work(sc, "attention", core, 0.0)
+    tokens = np.asarray(qkv.rows, dtype=float) * ones
+    work = PimWork(
+        "attention",
+        seconds * ones,
+        in_bytes,
+        out_bytes,
+        flops * ones,
+        moved * ones,
+        tokens,
+        np.zeros(n_devices),
+    )
+    return rest, work
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def apply_memory(sc: Scenario, plan: WorkloadPlan, b: Bytes) -> None:
+    """Move what lives on PIM out of the GPU's memory, into ``plan.pim_memory_bytes``
+    (``{"weights": ..., "kv_cache": ...}`` per device), and check it fits on the units.
+
+    Expert weights on PIM leave the GPU (``by_batch`` keeps a copy on both); policy
+    ``attention`` moves the KV cache of the softmax layers. Raises :class:`ScenarioError`
+    naming the part, the GPU and the shortfall when the units cannot hold it."""
+    pc = sc.pim
+    if pc is None:
+        return
+    m, par, wl = sc.model, sc.parallelism, sc.workload
+    n_dev = plan.n_devices
+    expert_bytes = 3 * m.d_model * m.d_ff_expert / par.etp * b.expert_weights
+    held = sum(
+        (lp.pim.resident_experts for lp in plan.layers if lp.pim is not None),
+        np.zeros(n_dev),
+    )
+    weights = held * expert_bytes
+    if pc.policy != "by_batch":
+        plan.memory_bytes["weights"] = plan.memory_bytes["weights"] - weights
+    kv = np.zeros(n_dev)
+    if pc.policy == "attention":
+        if pc.device.weight_stationary:
+            raise ScenarioError(
+                "pim.policy", f"{pc.device.name} is weight-stationary: it cannot hold a KV cache"
+            )
+        dp = n_dev // par.tp
+        seqs = np.array([len(x) for x in np.array_split(np.arange(wl.batch_size), dp)])
+        seqs_dev = seqs[np.arange(n_dev) // par.tp]
+        context = wl.seq_len + (1 if wl.phase == "decode" else 0)
+        per_token = sum(
+            kv_cache_bytes_per_token(m, i, par.tp, b)
+            for i in range(m.n_layers)
+            if m.attention_kind(i) == "softmax"
+        )
+        kv = seqs_dev * context * per_token
+        plan.memory_bytes["kv_cache"] = plan.memory_bytes["kv_cache"] - kv
+    plan.pim_memory_bytes = {"weights": weights, "kv_cache": kv}
+    used = weights + kv
+    cap = pc.units_per_gpu * pc.device.capacity_bytes
+    worst = int(np.argmax(used))
+    if used[worst] > cap:
+        n = sc.cluster.devices_per_node
+        raise ScenarioError(
+            "pim.device",
+            f"does not fit: the {pc.units_per_gpu} x {pc.device.name} of GPU "
+            f"n{worst // n}.d{worst % n} must hold {_size(used[worst])} (expert weights "
+            f"{_size(weights[worst])}, kv_cache {_size(kv[worst])}) but they hold "
+            f"{_size(cap)} (short by {_size(used[worst] - cap)}); add pim.units_per_gpu or "
+            f"use smaller dtypes",
+        )
+
+
+def pim_summary(plan: WorkloadPlan, devices: pd.DataFrame) -> dict | None:
+    """Add ``pim_busy_s``, ``pim_flops``, ``pim_tokens`` and ``pim_memory_bytes`` to the
+    devices table; return the summary's ``pim`` entry (None without PIM units)."""
+    sc = plan.scenario
+    pc = sc.pim
+    if pc is None:
+        return None
+    n = plan.n_devices
+    work = [lp.pim for lp in plan.layers if lp.pim is not None]
+    devices["pim_busy_s"] = sum((w.seconds for w in work), np.zeros(n))
+    devices["pim_flops"] = sum((w.flops for w in work), np.zeros(n))
+    devices["pim_tokens"] = sum((w.tokens for w in work), np.zeros(n))
+    used = sum(plan.pim_memory_bytes.values(), np.zeros(n))
+    devices["pim_memory_bytes"] = used
+    expert_work = next((w for w in work if w.phase == "experts"), None)
+    threshold = None
+    if pc.policy in ("cold_experts", "by_batch") and expert_work is not None:
+        b = plan_bytes(sc)
+        threshold = token_threshold(sc, sc.model.d_ff_expert / sc.parallelism.etp, b)
+    return {
+        "device": pc.device.name,
+        "units_per_gpu": pc.units_per_gpu,
+        "policy": pc.policy,
+        "token_threshold": threshold,
+        "max_busy_s": float(devices["pim_busy_s"].max()),
+        "max_used_bytes": float(used.max()),
+        "capacity_bytes": float(pc.units_per_gpu * pc.device.capacity_bytes),
+    }
+
+
+def plan_bytes(sc: Scenario) -> Bytes:
+    """Bytes per element of each tensor kind of the scenario's workload."""
+    dt = sc.workload.dtypes
+    return Bytes(
+        *(dt.bytes_of(k) for k in ("weights", "expert_weights", "activations", "kv_cache"))
+    )

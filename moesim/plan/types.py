@@ -1,0 +1,184 @@
+"""The workload plan's data: what each layer asks of every device, and the traffic of its
+collectives, as plain arrays (no time ordering)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from moesim.config.scenario import Scenario, TrainConfig
+from moesim.cost.ops import OpCost
+from moesim.cost.roofline import op_time_split
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Aggregated flows of one collective: ``bytes[i]`` from ``src[i]`` to ``dst[i]``.
+
+    ``local_bytes`` stayed on the sending device. ``latency_steps`` multiplies path latency
+    (a ring all-reduce pays it once per step). An MoE dispatch lists every pair of its
+    all-to-all, zero-byte ones included.
+    """
+
+    src: np.ndarray
+    dst: np.ndarray
+    nbytes: np.ndarray
+    local_bytes: float = 0.0
+    latency_steps: float = 1.0
+
+    def reversed(self) -> Traffic:
+        return Traffic(self.dst, self.src, self.nbytes, self.local_bytes, self.latency_steps)
+
+    @property
+    def total_bytes(self) -> float:
+        return float(self.nbytes.sum())
+
+
+@dataclass
+class LayerPlan:
+    """One transformer layer on every device."""
+
+    index: int
+    attention_kind: str
+    moe: bool
+    compute_s: dict[str, np.ndarray]
+    flops: dict[str, np.ndarray]
+    tp_comm: Traffic | None = None
+    tp_comm_after: Traffic | None = None
+    dispatch: Traffic | None = None
+    measured_s: dict[str, np.ndarray] = field(default_factory=dict)
+    expert_load: np.ndarray | None = None
+    device_tokens: np.ndarray | None = None
+    routed_pairs: int = 0
+    dropped_pairs: int = 0
+    cross_node_pairs: int = 0
+    local_experts: np.ndarray | None = None
+    balance_history: np.ndarray | None = None
+    expert_tokens: np.ndarray | None = None  # [device, local expert slot] (training only)
+    pairs_out: np.ndarray | None = None  # token-expert pairs each device sends (training only)
+    pim: PimWork | None = None  # work on the processing-in-memory units (moesim/plan/pim.py)
+    expert_weight_bytes: np.ndarray | None = None  # expert weights the GPU reads (energy)
+
+    @property
+    def combine(self) -> Traffic | None:
+        return self.dispatch.reversed() if self.dispatch is not None else None
+
+
+@dataclass
+class WorkloadPlan:
+    """The whole step: layers, final head, memory per device."""
+
+    scenario: Scenario
+    n_devices: int
+    tokens: int
+    layers: list[LayerPlan]
+    lm_head_s: np.ndarray
+    memory_bytes: dict[str, np.ndarray] = field(default_factory=dict)
+    lm_head_measured_s: np.ndarray | None = None
+    train: TrainingPlan | None = None  # phase: train (moesim/training.py)
+    pim_memory_bytes: dict[str, np.ndarray] = field(default_factory=dict)  # on PIM units
+    warnings: list[str] = field(default_factory=list)  # likely scenario mistakes, in the summary
+
+    def measured_fraction(self) -> float:
+        """Share of all devices' compute seconds that came from measured kernel tables."""
+        total = float(self.lm_head_s.sum())
+        measured = (
+            float(np.sum(self.lm_head_measured_s)) if self.lm_head_measured_s is not None else 0.0
+        )
+        for lp in self.layers:
+            total += sum(float(v.sum()) for v in lp.compute_s.values())
+            measured += sum(float(np.sum(v)) for v in lp.measured_s.values())
+        return measured / total if total > 0 else 0.0
+
+    @property
+    def memory_used_bytes(self) -> np.ndarray:
+        return sum(self.memory_bytes.values())  # type: ignore[return-value]
+
+
+@dataclass
+class PimWork:
+    """One layer's PIM work, per device (arrays of length n_devices).
+
+    ``phase``: ``experts`` (runs beside the GPU's experts) or ``attention`` (after the GPU's
+    attention projections). ``resident_experts``: experts of this layer whose weights sit on
+    the device's PIM units."""
+
+    phase: str
+    seconds: np.ndarray
+    in_bytes: np.ndarray
+    out_bytes: np.ndarray
+    flops: np.ndarray
+    internal_bytes: np.ndarray
+    tokens: np.ndarray
+    resident_experts: np.ndarray
+
+
+@dataclass
+class BackwardLayer:
+    """Backward work of one layer on every device (keys: forward phase + ``_bwd``)."""
+
+    compute_s: dict[str, np.ndarray]
+    flops: dict[str, np.ndarray]
+    recompute_s: np.ndarray  # selective recomputation run just before this layer's backward
+    recompute_flops: np.ndarray
+
+
+@dataclass
+class TrainingPlan:
+    """What a training step adds to the forward plan of one micro-batch."""
+
+    config: TrainConfig
+    backward: list[BackwardLayer]  # same order as ``plan.layers``
+    lm_head_bwd_s: np.ndarray
+    grad_reduce: list[Traffic]  # sequential collectives before the optimizer
+    param_gather: list[Traffic]  # sequential collectives after it (sharded optimizer)
+    optimizer_s: np.ndarray
+    model_flops_per_token: float
+    executed_flops: np.ndarray  # per device, whole step, recomputation included
+    dense_params: np.ndarray  # per device
+    expert_params: np.ndarray  # per device
+    combine: list[Traffic | None]  # per layer, built once (``LayerPlan.combine`` makes a new one)
+    # overlap_grad_reduce: per layer, the collectives of its gradient bucket (``grad_reduce``
+    # then holds only the embeddings' and LM head's, run after the last backward)
+    layer_grad_reduce: list[list[Traffic]] | None = None
+
+    @property
+    def micro_batches(self) -> int:
+        return self.config.micro_batches
+
+    @property
+    def chunks(self) -> int:
+        """Pipelined chunks per MoE block (1: no overlap)."""
+        return self.config.chunks if self.config.overlap == "chunked" else 1
+
+    @property
+    def full_recompute(self) -> bool:
+        return self.config.recompute == "full"
+
+
+def _split(total: np.ndarray | int, parts: int) -> np.ndarray:
+    """Split integer(s) into ``parts`` near-equal integers (remainder to the first ones)."""
+    total = np.asarray(total, dtype=np.int64)
+    base, rem = np.divmod(total[..., None], parts)
+    return base + (np.arange(parts) < rem)
+
+
+def _time(device, ops: list[OpCost], dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-device seconds, FLOPs and measured-kernel seconds of a phase's ops."""
+    parts = [op_time_split(device, op, dtype) for op in ops]
+    t = np.asarray(sum(p[0] for p in parts), dtype=float)
+    measured = np.asarray(sum(p[1] for p in parts), dtype=float)
+    f = sum(np.asarray(op.flops, dtype=float) for op in ops)
+    return t, np.asarray(f, dtype=float), measured
+
+
+def _ring(groups: np.ndarray, nbytes: np.ndarray, steps: float) -> Traffic:
+    """Ring collective inside each row of ``groups``: every member sends ``nbytes`` to its
+    successor (bandwidth-optimal ring, Patarasuk & Yuan 2009, aggregated over its steps)."""
+    src = groups.ravel()
+    dst = np.roll(groups, -1, axis=1).ravel()
+    keep = nbytes[src] > 0
+    return Traffic(src[keep], dst[keep], nbytes[src][keep], 0.0, steps)

@@ -1,0 +1,1 @@
+"""Results of a run: summary, tidy tables, trace.json, energy."""

@@ -1,0 +1,348 @@
+"""Results of a run: a summary mapping and tidy DataFrames, built after the engine stops."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from moesim.engine.des import (
+    COMM_PHASES,
+    COMPUTE_PHASES,
+    TRAIN_COMM_PHASES,
+    TRAIN_COMPUTE_PHASES,
+    Engine,
+)
+from moesim.plan.pim import pim_summary
+from moesim.plan.types import WorkloadPlan
+from moesim.results.energy import add_energy
+from moesim.routing.distributions import max_over_mean
+
+BREAKDOWN_KEYS = (
+    "attention",
+    "tp_comm",
+    "router",
+    "permute",
+    "shared_experts",
+    "dispatch",
+    "experts",
+    "pim",
+    "combine",
+    "unpermute",
+    "dense_ffn",
+    "lm_head",
+)
+TRAIN_BREAKDOWN_KEYS = TRAIN_COMPUTE_PHASES + TRAIN_COMM_PHASES
+
+
+@dataclass
+class Result:
+    """What ``simulate`` returns: ``summary`` (JSON-ready), ``devices`` and ``links`` tables,
+    ``routing`` (one row per MoE layer) and the timelines behind ``trace.json``."""
+
+    summary: dict[str, Any]
+    devices: pd.DataFrame
+    links: pd.DataFrame
+    routing: pd.DataFrame
+    expert_load: pd.DataFrame = field(default_factory=pd.DataFrame)
+    slices: list[tuple[int, str, float, float, int]] = field(default_factory=list)
+    link_intervals: list[tuple[int, float, float]] = field(default_factory=list)
+    pim_slices: list[tuple[int, str, float, float, int]] = field(default_factory=list)
+
+    @property
+    def step_time_s(self) -> float:
+        return float(self.summary["step_time_s"])
+
+
+def routing_table(plan: WorkloadPlan) -> pd.DataFrame:
+    """One row per MoE layer: load imbalance, drops and node crossings from the routing counts."""
+    rows = []
+    for lp in plan.layers:
+        if not lp.moe:
+            continue
+        per_expert = lp.expert_load.sum(axis=0)
+        rows.append(
+            {
+                "layer": lp.index,
+                "max_over_mean_load": max_over_mean(per_expert),
+                "cv_load": float(per_expert.std() / per_expert.mean())
+                if per_expert.mean()
+                else 0.0,
+                "device_max_over_mean_load": max_over_mean(lp.device_tokens),
+                "routed_pairs": lp.routed_pairs,
+                "dropped_pairs": lp.dropped_pairs,
+                "cross_node_pairs": lp.cross_node_pairs,
+                "dispatch_bytes": lp.dispatch.total_bytes,
+                # seconds the slowest device's experts add over the average device's
+                "imbalance_s": float(
+                    lp.compute_s["experts"].max() - lp.compute_s["experts"].mean()
+                ),
+                "balance_steps": len(lp.balance_history),
+                "balance_first": float(lp.balance_history[0]) if len(lp.balance_history) else None,
+                "balance_last": float(lp.balance_history[-1]) if len(lp.balance_history) else None,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def collect(engine: Engine) -> Result:
+    """Summarise a finished engine run."""
+    plan, topo, rec, stats = engine.plan, engine.topology, engine.rec, engine.link_stats
+    sc = plan.scenario
+    step = float(rec.finish_s.max())
+    n = topo.devices_per_node
+    g = np.arange(plan.n_devices)
+    dev = pd.DataFrame(
+        {"device": [topo.device_name(i) for i in g], "node": g // n, "local_index": g % n}
+    )
+    train_phases = TRAIN_COMPUTE_PHASES + TRAIN_COMM_PHASES
+    for phase, seconds in rec.phase_s.items():
+        if plan.train is None and phase in train_phases:
+            continue  # training-only columns
+        col = f"{phase}_s" if phase in COMPUTE_PHASES else f"{phase}_wait_s"
+        dev[col] = seconds
+    compute_cols = [f"{p}_s" for p in COMPUTE_PHASES if f"{p}_s" in dev]
+    dev["compute_busy_s"] = dev[compute_cols].sum(axis=1)
+    dev["utilization"] = dev["compute_busy_s"] / step if step > 0 else 0.0
+    dev["flops"] = sum(sum(lp.flops.values()) for lp in plan.layers)
+    if plan.train is not None:  # every pass, backward and recomputation included
+        dev["flops"] = plan.train.executed_flops
+    dev["expert_tokens"] = sum(
+        (lp.device_tokens for lp in plan.layers if lp.moe), np.zeros(plan.n_devices, dtype=np.int64)
+    )
+    for kind, used in plan.memory_bytes.items():
+        dev[f"{kind}_bytes"] = used
+    dev["memory_used_bytes"] = plan.memory_used_bytes
+    dev["finish_s"] = rec.finish_s
+
+    links = pd.DataFrame(
+        {
+            "link": topo.link_names,
+            "kind": topo.link_kinds,
+            "bandwidth_bytes_per_s": topo.bandwidth_bytes_per_s,
+            "latency_s": topo.latency_s,
+            "bytes_carried": stats.bytes_carried,
+            "busy_s": stats.busy_s,
+        }
+    )
+    links["utilization"] = (
+        links["bytes_carried"] / (links["bandwidth_bytes_per_s"] * step) if step > 0 else 0.0
+    )
+    routing = routing_table(plan)
+    energy = add_energy(plan, topo, dev, links, step)  # energy columns (moesim/energy.py)
+    pim = pim_summary(plan, dev)  # PIM columns, None without PIM units (moesim/pim.py)
+
+    crit = int(np.argmax(rec.finish_s))
+    spans = getattr(engine, "breakdown_s", None)  # analytic: per-phase spans
+    keys = BREAKDOWN_KEYS + (TRAIN_BREAKDOWN_KEYS if plan.train is not None else ())
+    if spans is not None:
+        breakdown = {k: float(spans.get(k, 0.0)) for k in keys}
+    else:
+        breakdown = {k: float(rec.phase_s[k][crit]) for k in keys}
+    busiest_dev = int(dev["compute_busy_s"].idxmax())
+    busiest_link = int(links["bytes_carried"].idxmax()) if len(links) else None
+    routed = int(routing["routed_pairs"].sum()) if len(routing) else 0
+    summary: dict[str, Any] = {
+        "scenario": sc.name,
+        "warnings": list(plan.warnings),
+        "step_time_s": step,
+        "tokens": plan.tokens,
+        "tokens_per_s": plan.tokens / step if step > 0 else 0.0,
+        "breakdown_s": breakdown,
+        "critical_device": topo.device_name(crit),
+        "routing": {
+            "max_over_mean_load": float(routing["max_over_mean_load"].mean()) if routed else 1.0,
+            "max_over_mean_load_worst_layer": float(routing["max_over_mean_load"].max())
+            if routed
+            else 1.0,
+            "device_max_over_mean_load": float(routing["device_max_over_mean_load"].mean())
+            if routed
+            else 1.0,
+            "cv_load": float(routing["cv_load"].mean()) if routed else 0.0,
+            "drop_rate": float(routing["dropped_pairs"].sum() / routed) if routed else 0.0,
+            "cross_node_fraction": float(routing["cross_node_pairs"].sum() / routed)
+            if routed
+            else 0.0,
+            # seconds the slowest device's experts add over the mean device's, all MoE layers
+            "imbalance_s": float(routing["imbalance_s"].sum()) if routed else 0.0,
+        },
+        "devices": plan.n_devices,
+        "links": topo.n_links,
+        "busiest_device": {
+            "device": dev.at[busiest_dev, "device"],
+            "compute_busy_s": float(dev.at[busiest_dev, "compute_busy_s"]),
+            "utilization": float(dev.at[busiest_dev, "utilization"]),
+        },
+        "busiest_link": None
+        if busiest_link is None
+        else {
+            "link": links.at[busiest_link, "link"],
+            "bytes_carried": float(links.at[busiest_link, "bytes_carried"]),
+            "utilization": float(links.at[busiest_link, "utilization"]),
+        },
+        "memory": {
+            "max_used_bytes": float(dev["memory_used_bytes"].max()),
+            "capacity_bytes": float(sc.cluster.device.memory_bytes),
+        },
+        "measured_kernel_fraction": plan.measured_fraction(),
+        "energy_j": energy,
+        "pim": pim,
+        "all_to_all_bytes": float(
+            sum(lp.dispatch.total_bytes * 2 if lp.moe else 0.0 for lp in plan.layers)
+        ),
+        "sim": {
+            "wall_s": engine.wall_s,
+            "fidelity": engine.fidelity,
+            **engine.counters,
+        },
+        "scenario_resolved": sc.model_dump(mode="json"),
+    }
+    if plan.train is not None:
+        from moesim.plan.training import training_summary
+
+        train = training_summary(plan, breakdown, COMM_PHASES, step)
+        summary["mfu"], summary["exposed_comm_s"] = train["mfu"], train["exposed_comm_s"]
+        summary["all_to_all_bytes"] = train["all_to_all_bytes"]
+        summary["train"] = train
+    return Result(
+        summary,
+        dev,
+        links,
+        routing,
+        expert_load_table(plan),
+        rec.slices,
+        stats.intervals,
+        pim_slices=rec.pim_slices,
+    )
+
+
+def chrome_trace(result: Result, link_names: list[str], device_names: list[str]) -> dict:
+    """Chrome trace-event JSON (opens in Perfetto / chrome://tracing): one track per device
+    (pid 1) and per link that carried traffic (pid 2); timestamps in microseconds."""
+    events: list[dict[str, Any]] = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "devices"}},
+        {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "links"}},
+    ]
+    for g, name in enumerate(device_names):
+        events.append(
+            {"ph": "M", "pid": 1, "tid": g, "name": "thread_name", "args": {"name": name}}
+        )
+    used_links = sorted({lid for lid, _, _ in result.link_intervals})
+    for lid in used_links:
+        events.append(
+            {
+                "ph": "M",
+                "pid": 2,
+                "tid": lid,
+                "name": "thread_name",
+                "args": {"name": link_names[lid]},
+            }
+        )
+    for g, phase, start, end, layer in result.slices:
+        cat = "compute" if phase in COMPUTE_PHASES else "wait"
+        events.append(
+            {
+                "ph": "X",
+                "pid": 1,
+                "tid": g,
+                "name": phase,
+                "cat": cat,
+                "ts": start * 1e6,
+                "dur": (end - start) * 1e6,
+                "args": {"layer": layer},
+            }
+        )
+    n = len(device_names)  # PIM units: one track each after the devices (moesim/pim.py)
+    for g in sorted({g for g, *_ in result.pim_slices}):
+        name = {"name": f"{device_names[g]}.pim"}
+        events.append({"ph": "M", "pid": 1, "tid": n + g, "name": "thread_name", "args": name})
+    for g, phase, start, end, layer in result.pim_slices:
+        events.append(
+            {
+                "ph": "X",
+                "pid": 1,
+                "tid": n + g,
+                "name": f"pim_{phase}",
+                "cat": "pim",
+                "ts": start * 1e6,
+                "dur": (end - start) * 1e6,
+                "args": {"layer": layer},
+            }
+        )
+    for lid, start, end in result.link_intervals:
+        if end > start:
+            events.append(
+                {
+                    "ph": "X",
+                    "pid": 2,
+                    "tid": lid,
+                    "name": "busy",
+                    "cat": "link",
+                    "ts": start * 1e6,
+                    "dur": (end - start) * 1e6,
+                }
+            )
+    return {"traceEvents": events, "displayTimeUnit": "ns"}
+
+
+def write_outputs(result: Result, out_dir: str | Path) -> Path:
+    """Write summary.json, devices.csv, links.csv, routing.csv, expert_load.csv and trace.json
+    into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(result.summary, indent=2) + "\n")
+    result.devices.to_csv(out / "devices.csv", index=False)
+    result.links.to_csv(out / "links.csv", index=False)
+    result.routing.to_csv(out / "routing.csv", index=False)
+    result.expert_load.to_csv(out / "expert_load.csv", index=False)
+    trace = chrome_trace(result, list(result.links["link"]), list(result.devices["device"]))
+    (out / "trace.json").write_text(json.dumps(trace))
+    return out
+
+
+def expert_load_table(plan: WorkloadPlan) -> pd.DataFrame:
+    """Tokens per (MoE layer, expert-data-parallel group, expert): the expert-load heatmap data."""
+    frames = []
+    for lp in plan.layers:
+        if lp.moe:
+            groups, experts = np.nonzero(np.ones_like(lp.expert_load, dtype=bool))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "layer": lp.index,
+                        "group": groups,
+                        "expert": experts,
+                        "tokens": lp.expert_load[groups, experts],
+                    }
+                )
+            )
+    return (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=["layer", "group", "expert", "tokens"])
+    )
+
+
+def device_load_table(plan: WorkloadPlan, topology_names: list[str]) -> pd.DataFrame:
+    """Expert tokens processed per (MoE layer, device)."""
+    frames = [
+        pd.DataFrame(
+            {
+                "layer": lp.index,
+                "device": topology_names,
+                "tokens": lp.device_tokens,
+                "experts_s": lp.compute_s["experts"],
+            }
+        )
+        for lp in plan.layers
+        if lp.moe
+    ]
+    return (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=["layer", "device", "tokens", "experts_s"])
+    )

@@ -1,0 +1,1 @@
+"""Which experts each token picks: score distributions, gating, placement and replication."""

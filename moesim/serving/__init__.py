@@ -1,0 +1,1 @@
+"""Serving: a request stream scheduled onto instances, timed by a step-cost grid."""

@@ -1,0 +1,1 @@
+"""Studies over many scenarios: one run, sweeps, capacity plans."""

@@ -1,0 +1,22 @@
+"""One run of a scenario: build the plan, time it with the chosen engine, collect results."""
+
+from __future__ import annotations
+
+from moesim.config.scenario import Scenario
+
+
+def simulate(scenario: Scenario, progress: bool | None = None):
+    """Run one step of ``scenario`` (``sim.fidelity``: discrete-event or analytic); returns a
+    ``Result`` with ``summary``, ``devices``, ``links`` and ``routing``. ``phase: serve`` runs
+    the request stream instead and returns a ``moesim.serving.simulation.ServeResult``."""
+    if scenario.workload.phase == "serve":
+        from moesim.serving.simulation import simulate_serving
+
+        return simulate_serving(scenario, progress=progress)
+    from moesim.engine.analytic import AnalyticEngine
+    from moesim.engine.des import Engine
+    from moesim.plan.workload import build_plan
+    from moesim.results.collect import collect
+
+    engine_cls = AnalyticEngine if scenario.sim.fidelity == "analytic" else Engine
+    return collect(engine_cls(build_plan(scenario), progress=progress).run())

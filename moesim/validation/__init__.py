@@ -1,0 +1,1 @@
+"""Cross-validation: a real MoE layer in numpy, timing validation, host calibration."""
