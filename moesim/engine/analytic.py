@@ -23,8 +23,15 @@ from moesim.engine.des import external_deps
 from moesim.engine.recorder import Recorder
 from moesim.network import Topology, build_topology
 from moesim.network.fluid import LinkStats, link_loads
-from moesim.plan.graph import COLLECTIVE, COMPUTE, GPU, Node, build_graph
+from moesim.plan.graph import COLLECTIVE, COMPUTE, GPU, Node, StepGraph, build_graph
 from moesim.plan.types import Traffic, WorkloadPlan
+
+
+def _full(values: np.ndarray, idx: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``values`` of the devices ``idx`` spread over all devices (0 elsewhere)."""
+    out = np.zeros(len(mask))
+    out[idx] = values
+    return out
 
 
 class AnalyticEngine:
@@ -33,11 +40,17 @@ class AnalyticEngine:
 
     fidelity = "analytic"
 
-    def __init__(self, plan: WorkloadPlan, topology: Topology | None = None, **_: object) -> None:
+    def __init__(
+        self,
+        plan: WorkloadPlan,
+        topology: Topology | None = None,
+        graph: StepGraph | None = None,
+        **_: object,
+    ) -> None:
         sc = plan.scenario
         self.plan = plan
         self.topology = topology or build_topology(sc.cluster, sc.topology, sc.pim)
-        self.graph = build_graph(plan, self.topology.tables)
+        self.graph = graph or build_graph(plan, self.topology.tables)
         self._recent_hops: list[tuple[np.ndarray, np.ndarray, tuple]] = []
         self.rec = Recorder(plan.n_devices, sc.sim.trace)
         n_links = self.topology.n_links
@@ -58,6 +71,9 @@ class AnalyticEngine:
         for node, deps in zip(nodes, ext, strict=True):
             stream = node.stream
             gpu = stream == GPU
+            if node.devices is not None:
+                finish[node.id] = self._masked(node, deps, finish, free)
+                continue
             if stream is None:
                 ready = zero
                 for d in deps:
@@ -98,6 +114,54 @@ class AnalyticEngine:
         self.rec.finish_s[:] = free.get(GPU, zero)
         self.wall_s = time.perf_counter() - start
         return self
+
+    def _masked(self, node: Node, deps, finish, free) -> np.ndarray:
+        """A node that involves some devices only: evaluated on those, the others keep
+        their streams' times (their entries of its finish are never read)."""
+        mask = node.devices
+        idx = np.flatnonzero(mask)
+        stream = node.stream
+        prev = free.get(stream, np.zeros(len(mask))) if stream is not None else None
+        ready = np.zeros(len(idx)) if stream is None else prev[idx].copy()
+        phase_s = self.rec.phase_s
+        for d in deps:
+            later = np.maximum(ready, finish[d][idx])
+            if stream == GPU:
+                phase_s[self.graph.nodes[d].phase][idx] += later - ready
+                self._slices(
+                    self.graph.nodes[d].phase,
+                    _full(ready, idx, mask),
+                    _full(later - ready, idx, mask),
+                    node.layer,
+                )
+            ready = later
+        full_ready = _full(ready, idx, mask)
+        if node.kind == COMPUTE:
+            sec = node.seconds[idx] if node.seconds is not None else 0.0
+            done = ready + sec
+            if node.seconds is not None and stream == GPU:
+                phase_s[node.phase][idx] += sec
+                self._slices(
+                    node.phase, full_ready, _full(sec * np.ones(len(idx)), idx, mask), node.layer
+                )
+            busy_until = done
+        else:
+            if node.kind == COLLECTIVE:
+                issue = np.full(len(mask), -np.inf)
+                issue[idx] = ready
+                done_all = self._collective(node, np.where(mask, issue, -np.inf))
+            else:
+                done_all = self._transfer(node, full_ready)
+            done = done_all[idx]
+            if stream == GPU and node.wait:
+                phase_s[node.phase][idx] += done - ready
+                self._slices(node.phase, full_ready, _full(done - ready, idx, mask), node.layer)
+            busy_until = done if node.wait else ready
+        if stream is not None:
+            updated = prev.copy()
+            updated[idx] = busy_until
+            free[stream] = updated
+        return _full(done, idx, mask)
 
     # -- nodes --------------------------------------------------------------------------
     def _collective(self, node: Node, issue: np.ndarray) -> np.ndarray:

@@ -69,12 +69,16 @@ class Engine:
     fidelity = "des"
 
     def __init__(
-        self, plan: WorkloadPlan, topology: Topology | None = None, progress: bool | None = None
+        self,
+        plan: WorkloadPlan,
+        topology: Topology | None = None,
+        progress: bool | None = None,
+        graph: StepGraph | None = None,
     ) -> None:
         sc = plan.scenario
         self.plan = plan
         self.topology = topology or build_topology(sc.cluster, sc.topology, sc.pim)
-        self.graph = build_graph(plan, self.topology.tables)
+        self.graph = graph or build_graph(plan, self.topology.tables)
         self.env = CountingEnvironment()
         self.net = FluidNetwork(
             self.env, self.topology, sc.sim.network_tolerance, record_intervals=sc.sim.trace
@@ -186,6 +190,8 @@ class Engine:
         layer = None
         for nid in ids:
             node = nodes[nid]
+            if node.devices is not None and not node.devices[g]:
+                continue
             if node.stream is None:
                 self._arm(node, g)
                 continue
@@ -326,7 +332,7 @@ class Engine:
             block=block,
             nbytes=pat.contribution_bytes(traffic.nbytes),
             weight=pat.contribution_weights(traffic.nbytes),
-            senders_left=n,
+            senders_left=n if node.devices is None else int(np.count_nonzero(node.devices)),
         )
         if traffic.barrier and traffic.members is not None:
             prep.members = traffic.members

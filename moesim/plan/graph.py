@@ -18,6 +18,9 @@ Semantics, per device ``g`` (both engines implement exactly these):
   as soon as its dependencies complete (a communication stream).
 - Waiting time on the ``gpu`` stream is recorded under the phase of the node waited for;
   a blocking collective's own wait under its phase. Graph order is a topological order.
+- ``devices``: a node involves only these devices (a pipeline stage's layers, a send from
+  one stage to the next); the others skip it. A collective's ``devices`` are its senders
+  and receivers.
 
 Adding a phase (a shared-expert reduce, a pipeline send, a second micro-batch) is one call to
 :class:`StepGraph`'s builders in :func:`build_graph`.
@@ -73,6 +76,10 @@ class Node:
     links: np.ndarray | None = None
     nbytes: np.ndarray | None = None
     label: str = ""
+    devices: np.ndarray | None = None  # bool per device: the devices it involves (None: all)
+
+    def involves(self, g: int) -> bool:
+        return self.devices is None or bool(self.devices[g])
 
 
 @dataclass
@@ -96,13 +103,14 @@ class StepGraph:
         deps: tuple[int, ...] = (),
         stream: str = GPU,
         label: str = "",
+        devices: np.ndarray | None = None,
     ) -> int:
         """A kernel of ``seconds[g]`` on every device's ``stream`` (``None``: a join)."""
         if seconds is not None:
             seconds = np.broadcast_to(np.asarray(seconds, dtype=float), (self.n_devices,))
         return self._add(
             kind=COMPUTE, phase=phase, layer=layer, deps=deps, stream=stream, seconds=seconds,
-            label=label,
+            label=label, devices=devices,
         )  # fmt: skip
 
     def collective(
@@ -113,11 +121,12 @@ class StepGraph:
         deps: tuple[int, ...] = (),
         stream: str | None = GPU,
         wait: bool = True,
+        devices: np.ndarray | None = None,
     ) -> int:
         """A collective's flows, issued by ``stream`` (or as soon as ``deps`` complete)."""
         return self._add(
             kind=COLLECTIVE, phase=phase, layer=layer, deps=deps, stream=stream, wait=wait,
-            traffic=traffic,
+            traffic=traffic, devices=devices,
         )  # fmt: skip
 
     def transfer(
