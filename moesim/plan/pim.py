@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from moesim import catalog
+from moesim.config.resolve import resolve
 from moesim.config.scenario import Scenario, ScenarioError
 from moesim.cost.ops import Bytes, OpCost, expert_ops, kv_cache_bytes_per_token
 from moesim.cost.pim import crossover_tokens, internal_bytes, pim_op_time_s
@@ -53,7 +54,7 @@ def token_threshold(sc: Scenario, d_ff: float, b: Bytes) -> int:
         sc.cluster.device,
         sc.workload.dtypes.compute,
         pc.device,
-        pc.compute_dtype,
+        resolve(sc).pim_compute_dtype,
         pc.units_per_gpu,
         catalog.link(pc.device.host_link),
         max_tokens=4096,
@@ -65,9 +66,8 @@ def _work(sc: Scenario, phase: str, ops: list[OpCost], w_bytes: float) -> tuple[
     when the ops are per (device, expert)."""
     pc = sc.pim
     assert pc is not None
-    seconds = sum(
-        pim_op_time_s(pc.device, op, w_bytes, pc.compute_dtype, pc.units_per_gpu) for op in ops
-    )
+    cdt = resolve(sc).pim_compute_dtype
+    seconds = sum(pim_op_time_s(pc.device, op, w_bytes, cdt, pc.units_per_gpu) for op in ops)
     flops = sum(np.asarray(op.flops, dtype=float) for op in ops)
     moved = sum(internal_bytes(pc.device, op, w_bytes) for op in ops)
     parts = [np.asarray(x, dtype=float) for x in (seconds, flops, moved)]
