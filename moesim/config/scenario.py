@@ -26,7 +26,23 @@ from pydantic import (
 from moesim import catalog
 from moesim.catalog.specs import DTYPE_BYTES, Dtype, GpuSpec, LinkSpec, ModelSpec, PimSpec
 from moesim.config.errors import ScenarioError
+from moesim.config.loading import did_you_mean, format_validation_error, read_yaml, validate
 from moesim.config.serve import ServeConfig
+
+
+def catalog_lookup(kind: str, name: Any, **overrides: Any) -> Any:
+    """``catalog.lookup`` with a did-you-mean for an unknown name, and a ``name`` override
+    renaming the entry (``{preset: mixtral-8x7b, name: mine}``)."""
+    if not isinstance(name, str):
+        raise ValueError(f"a catalog {kind[:-1]} name must be a string, not {type(name).__name__}")
+    known = catalog.names(kind)
+    if name not in known:
+        raise ValueError(
+            f"unknown {kind[:-1]} '{name}'{did_you_mean(name, known)}; known: {', '.join(known)}"
+        )
+    rename = overrides.pop("name", None)
+    spec = catalog.lookup(kind, name, **overrides)
+    return spec if rename is None else spec.model_copy(update={"name": str(rename)})
 
 
 def _resolver(kind: str):
@@ -35,7 +51,7 @@ def _resolver(kind: str):
 
     def resolve(value: Any) -> Any:
         if isinstance(value, str):
-            return catalog.lookup(kind, value)
+            return catalog_lookup(kind, value)
         if kind == "models" and isinstance(value, dict) and "hf_config" in value:
             from moesim.config.hf import load_hf_config
 
@@ -43,14 +59,14 @@ def _resolver(kind: str):
             return {**load_hf_config(value["hf_config"]), **overrides}
         if isinstance(value, dict) and "preset" in value:
             overrides = {k: v for k, v in value.items() if k != "preset"}
-            return catalog.lookup(kind, value["preset"], **overrides)
+            return catalog_lookup(kind, value["preset"], **overrides)
         return value
 
     return resolve
 
 
 class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ClusterConfig(Config):
@@ -493,16 +509,8 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
 
 
 def _format_validation_error(err: ValidationError) -> tuple[str, str]:
-    """First error as (dotted path, reason); the count of others appended to the reason."""
-    first = err.errors()[0]
-    loc = [str(p) for p in first["loc"] if not str(p).startswith("function-")]
-    reason = first["msg"].removeprefix("Value error, ")
-    if first.get("input") is not None and first["type"] == "extra_forbidden":
-        reason = "unknown key"
-    more = len(err.errors()) - 1
-    if more:
-        reason += f" (and {more} more error{'s' if more > 1 else ''})"
-    return ".".join(loc), reason
+    """First error of a scenario as (dotted path, reason), see ``format_validation_error``."""
+    return format_validation_error(err, Scenario)
 
 
 def scenario_from_dict(
@@ -512,14 +520,7 @@ def scenario_from_dict(
     if not isinstance(data, dict):
         raise ScenarioError("", "a scenario must be a YAML mapping", file)
     data = apply_overrides(data, overrides or {})
-    try:
-        return Scenario.model_validate(data)
-    except ValidationError as err:
-        path, reason = _format_validation_error(err)
-        raise ScenarioError(path, reason, file) from None
-    except ScenarioError as err:
-        err.file = file
-        raise
+    return validate(Scenario, data, file, "scenario")
 
 
 def _resolve_relative(data: Any, dotted: str, base: Path) -> None:
@@ -532,19 +533,6 @@ def _resolve_relative(data: Any, dotted: str, base: Path) -> None:
     value = block.get(key) if isinstance(block, dict) else None
     if isinstance(value, str) and not Path(value).is_absolute() and (base / value).exists():
         block[key] = str((base / value).resolve())
-
-
-def read_yaml(path: Path) -> Any:
-    """Parse a YAML file; a missing file or bad YAML is a one-line :class:`ScenarioError`."""
-    try:
-        return yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ScenarioError("", "file not found", str(path)) from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ScenarioError(where, f"invalid YAML: {problem}", str(path)) from None
 
 
 def load_scenario(path: str | Path, overrides: dict[str, Any] | None = None) -> Scenario:
