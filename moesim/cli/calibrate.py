@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from moesim.cli.common import out_dir
+
 NAME = "calibrate"
 
 
@@ -31,6 +33,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from moesim.validation.calibrate import calibrate, write_calibration
 
+    out_dir(args.out)
     devices, links = calibrate(quick=args.quick)
     write_calibration(args.out, devices, links)
     dev = next(iter(devices.values()))

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from moesim.cli.common import positive_int
+from moesim.config.loading import validate
+from moesim.config.scenario import ScenarioError, catalog_lookup
+
 NAME = "model"
 
 
@@ -21,7 +25,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("model", help="catalog name (moesim catalog models) or config.json path")
     p.add_argument(
         "--context",
-        type=int,
+        type=positive_int,
         default=4096,
         help="context length for attention FLOPs (default 4096)",
     )
@@ -29,7 +33,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moesim import catalog
     from moesim.catalog.specs import DTYPE_BYTES, ModelSpec
     from moesim.cost.ops import (
         Bytes,
@@ -43,9 +46,18 @@ def run(args: argparse.Namespace) -> int:
     if target.endswith(".json") or Path(target).exists():
         from moesim.config.hf import load_hf_config
 
-        spec = ModelSpec.model_validate(load_hf_config(target))
+        try:
+            fields = load_hf_config(target)
+        except ScenarioError as err:
+            err.path, err.reason = err.path.removeprefix("model."), err.reason.split(": ", 1)[-1]
+            err.file = target
+            raise
+        spec = validate(ModelSpec, fields, target, "model")
     else:
-        spec = catalog.model(target)
+        try:
+            spec = catalog_lookup("models", target)
+        except ValueError as err:
+            raise ScenarioError("model", str(err), "moesim model") from None
     p = param_counts(spec)
     kv = sum(kv_cache_bytes_per_token(spec, i, 1, Bytes()) for i in range(spec.n_layers))
     state = sum(linear_state_bytes_per_seq(spec, i, 1) for i in range(spec.n_layers))

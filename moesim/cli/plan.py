@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from moesim.cli.common import add_executor_arguments
+from moesim.cli.common import add_executor_arguments, out_dir
 
 NAME = "plan"
 
@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from moesim.studies.sweep import make_executor
 
     spec, base = load_plan(args.plan)
+    out_dir(args.out)
     with make_executor(args.executor, args.workers, args.address) as executor:
         result = run_plan(
             spec, base, args.out, str(args.plan), executor, not args.quiet, args.resume

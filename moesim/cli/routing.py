@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from moesim.cli.common import add_set_argument, parse_overrides
+from moesim.cli.common import add_set_argument, out_dir, parse_overrides
 from moesim.config.scenario import ScenarioError, load_scenario
 
 NAME = "routing"
@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
 
     from moesim.network import build_topology
+    from moesim.plan.limits import check_size
     from moesim.plan.workload import build_plan
     from moesim.report import plot_device_load, plot_expert_heatmap
     from moesim.results.collect import device_load_table, expert_load_table, routing_table
@@ -44,9 +45,12 @@ def run(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.set)
     sc = load_scenario(args.scenario, overrides)
     try:
+        check_size(sc)
+        if args.out:
+            out_dir(args.out)
         plan = build_plan(sc)
     except ScenarioError as err:
-        err.file = str(args.scenario)
+        err.file = err.file or str(args.scenario)
         raise
     topo = build_topology(sc.cluster, sc.topology)
     names = [topo.device_name(g) for g in range(plan.n_devices)]

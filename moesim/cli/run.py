@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from moesim.cli.common import add_set_argument, fmt_s, parse_overrides
+from moesim.cli.common import add_set_argument, fmt_s, non_negative_int, out_dir, parse_overrides
 from moesim.config.scenario import ScenarioError, load_scenario
 
 NAME = "run"
@@ -41,7 +41,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="write summary.json, devices.csv, links.csv, routing.csv, trace.json",
     )
     add_set_argument(p)
-    p.add_argument("--seed", type=int, help="override sim.seed")
+    p.add_argument("--seed", type=non_negative_int, help="override sim.seed")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument(
         "--no-trace",
@@ -119,6 +119,7 @@ def print_summary(summary: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moesim.plan.limits import check_size
     from moesim.results.collect import write_outputs
     from moesim.studies.simulate import simulate
 
@@ -129,9 +130,12 @@ def run(args: argparse.Namespace) -> int:
         overrides["sim.trace"] = False
     scenario = load_scenario(args.scenario, overrides)
     try:
+        check_size(scenario)
+        if args.out:
+            out_dir(args.out)
         result = simulate(scenario, progress=not args.quiet)
     except ScenarioError as err:
-        err.file = str(args.scenario)
+        err.file = err.file or str(args.scenario)
         raise
     if scenario.workload.phase == "serve":
         return _serve_outputs(result, args)

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from moesim.cli.common import add_executor_arguments, markdown
+from moesim.cli.common import add_executor_arguments, markdown, out_dir, positive_int
 from moesim.config.scenario import ScenarioError
 
 NAME = "sweep"
@@ -70,7 +70,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default="parquet",
         help="results table format (default parquet)",
     )
-    p.add_argument("--top", type=int, default=15, help="rows of the summary to print")
+    p.add_argument(
+        "--top", type=positive_int, default=15, help="rows of the summary to print (default 15)"
+    )
+    p.add_argument(
+        "--allow-failures",
+        action="store_true",
+        help="exit 0 when some points failed (default: exit 1 when any point failed; always "
+        "1 when every point failed)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
     return p
 
@@ -83,11 +91,13 @@ def run(args: argparse.Namespace) -> int:
 
     spec, base = load_sweep(args.sweep)
     out = args.out
+    if out.exists() and not out.is_dir():
+        raise ScenarioError("--out", "is a file, not a folder", str(out))
     if (out / JOURNAL).exists() and not args.resume:
         raise ScenarioError(
-            "",
-            f"{out} already holds a sweep: add --resume to continue it, or choose another --out",
-            str(args.sweep),
+            "--out",
+            "already holds a sweep: add --resume to continue it, or choose another --out",
+            str(out),
         )
     run = prepare(spec, base, out, str(args.sweep), args.format)
     done_before = len({r["key"] for r in run.done_rows()} & {p.key for p in run.points})
@@ -96,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
             f"sweep             {spec.name}: {len(run.points)} points "
             f"({len(run.skipped)} skipped by constraints), {done_before} already done"
         )
+    out_dir(out)
     start = time.perf_counter()
     try:
         with make_executor(args.executor, args.workers, args.address) as executor:
@@ -125,10 +136,16 @@ def run(args: argparse.Namespace) -> int:
         if ("tokens_per_s" in table)
         else table[shown]
     )
+    failures = failure_lines(table, axes)
     (out / "summary.md").write_text(
         f"# {spec.name}\n\n{len(table)} points, {failed} failed, {wall:.1f} s\n\n"
         + markdown(summary)
         + "\n"
+        + (
+            "\n## Failed points\n\n" + "\n".join(f"- {f}" for f in failures) + "\n"
+            if failures
+            else ""
+        )
     )
     if not args.quiet:
         print(summary.head(args.top).to_string(index=False))
@@ -136,4 +153,25 @@ def run(args: argparse.Namespace) -> int:
             f"ran               {len(table) - done_before} points in {wall:.1f} s "
             f"({failed} failed); results in {run.results_path}, plots in {plots}/"
         )
+    for line in failures[: args.top]:
+        print(f"failed            {line}", file=sys.stderr)
+    if len(failures) > args.top:
+        print(
+            f"failed            ... {len(failures) - args.top} more in {out}/summary.md",
+            file=sys.stderr,
+        )
+    if failed and (failed == len(table) or not args.allow_failures):
+        return 1
     return 0
+
+
+def failure_lines(table, axes: list[str]) -> list[str]:
+    """One line per failed point: its axis values, repetition and the error it raised."""
+    if not len(table) or "status" not in table:
+        return []
+    bad = table[table["status"] != "ok"]
+    return [
+        ", ".join(f"{a}={row[a]}" for a in [*axes, "repetition"] if a in row)
+        + f": {row.get('error', '')}"
+        for row in bad.to_dict("records")
+    ]

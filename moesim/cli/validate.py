@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from moesim.cli.common import out_dir
+
 NAME = "validate"
 
 
@@ -40,6 +42,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from moesim.validation.validate import error_stats, run_validation
 
+    out_dir(args.out)
     df = run_validation(
         args.out, quick=args.quick, calibration=args.calibration, progress=not args.quiet
     )

@@ -28,6 +28,7 @@ from moesim.catalog.specs import DTYPE_BYTES, Dtype, GpuSpec, LinkSpec, ModelSpe
 from moesim.config.errors import ScenarioError
 from moesim.config.loading import did_you_mean, format_validation_error, read_yaml, validate
 from moesim.config.serve import ServeConfig
+from moesim.config.tables import read_kernel_table, read_routing_trace
 
 
 def catalog_lookup(kind: str, name: Any, **overrides: Any) -> Any:
@@ -482,6 +483,26 @@ class Scenario(Config):
         }
         object.__setattr__(self, "topology", topo.model_copy(update=resolved))
         object.__setattr__(self, "parallelism", par.model_copy(update={"dp": dp, "edp": edp}))
+        return self
+
+    @model_validator(mode="after")
+    def _check_files(self) -> Scenario:
+        """Read the data files the scenario names now, so a bad one fails at load time."""
+        r, m = self.routing, self.model
+        if r.distribution == "trace" and r.trace is not None:
+            layers = read_routing_trace(r.trace)
+            top = max(int(ids.max()) for ids in layers)
+            if top >= m.n_experts:
+                raise ScenarioError(
+                    "routing.trace",
+                    f"{r.trace}: expert id {top} but the model has {m.n_experts} experts",
+                )
+            if min(ids.shape[1] for ids in layers) < m.top_k:
+                raise ScenarioError(
+                    "routing.trace", f"{r.trace}: fewer slots per token than top_k = {m.top_k}"
+                )
+        if self.cluster.device.kernel_table:
+            read_kernel_table(self.cluster.device.kernel_table)
         return self
 
 

@@ -32,6 +32,7 @@ from moesim.config.constraints import ConstraintError, check_constraint
 from moesim.config.scenario import ScenarioError, apply_overrides, scenario_from_dict
 from moesim.config.sweep import Range, SweepSpec
 from moesim.config.sweep import load_sweep as load_sweep  # re-exported
+from moesim.plan.limits import check_size
 
 JOURNAL = "points.jsonl"
 WALL_COLUMNS = ("sim.wall_s",)
@@ -139,6 +140,8 @@ def run_point(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]
     try:
         result = simulate(scenario_from_dict(base, overrides))
         return {"status": "ok", "error": "", **flatten(result.summary)}
+    except ScenarioError as err:
+        return {"status": "error", "error": str(err)}
     except Exception as err:
         return {"status": "error", "error": f"{type(err).__name__}: {err}"}
 
@@ -219,8 +222,8 @@ def prepare(
     file: str,
     fmt: Literal["parquet", "csv"] = "parquet",
 ) -> SweepRun:
-    """Expand, filter by constraints and validate every point; raises :class:`ScenarioError`
-    naming the axis path and value of the first invalid point."""
+    """Expand, filter by constraints and validate every point (schema and size limits);
+    raises :class:`ScenarioError` naming the axis path and value of the first invalid point."""
     kept, skipped = [], []
     for point in expand(spec):
         over = point_overrides(spec, point)
@@ -232,7 +235,7 @@ def prepare(
             skipped.append(point)
             continue
         try:
-            scenario_from_dict(base, over)
+            check_size(scenario_from_dict(base, over))
         except ScenarioError as err:
             axis = next(
                 (a for a in point.values if err.path == a or err.path.startswith(a + ".")), None
