@@ -12,7 +12,8 @@ from moesim.config.loading import parse_yaml
 from moesim.config.scenario import ScenarioError
 
 EXIT_BAD_INPUT = 2
-EXIT_INTERNAL = 1
+EXIT_INTERNAL = 70
+"""EX_SOFTWARE (sysexits.h): a bug in moesim, not in the input."""
 EXIT_BROKEN_PIPE = 141
 """128 + SIGPIPE, what a shell reports for a writer whose reader closed the pipe."""
 
@@ -129,7 +130,7 @@ def handle_errors(func, args: argparse.Namespace) -> int:
     ``ScenarioError`` (bad input) prints ``error: FILE: field.path: reason`` and returns 2,
     as do sizes the host cannot hold (MemoryError, OverflowError); an output pipe closed early
     (``| head``) returns 141 quietly; Ctrl-C returns 130; anything else is a bug in moesim,
-    printed as ``error: internal: ...`` with code 1 (``MOESIM_TRACEBACK=1`` shows the
+    printed as ``error: internal: ...`` with code 70 (``MOESIM_TRACEBACK=1`` shows the
     traceback)."""
     try:
         return func(args)

@@ -92,8 +92,9 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
 def parse_yaml(text: str, file: str | None = None, where: str = "") -> Any:
     """Parse YAML text under the nesting and expansion limits; errors name ``file`` and
     ``where`` (a field path, for ``--set`` values)."""
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)
         node = loader.get_single_node()
         if node is None:
             return None
@@ -111,7 +112,8 @@ def parse_yaml(text: str, file: str | None = None, where: str = "") -> Any:
     except ValueError as err:
         raise ScenarioError(where, f"invalid YAML: {err}", file) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_yaml(path: str | Path) -> Any:

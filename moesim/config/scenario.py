@@ -30,8 +30,11 @@ from moesim.config.loading import did_you_mean, format_validation_error, read_ya
 from moesim.config.serve import ServeConfig
 from moesim.config.tables import read_kernel_table, read_routing_trace
 
+MAX_ZIPF_S = 100.0
+"""Largest Zipf exponent: rank^-100 already puts every token on the top experts."""
 
-def catalog_lookup(kind: str, name: Any, **overrides: Any) -> Any:
+
+def catalog_lookup(kind: str, name: Any, /, **overrides: Any) -> Any:
     """``catalog.lookup`` with a did-you-mean for an unknown name, and a ``name`` override
     renaming the entry (``{preset: mixtral-8x7b, name: mine}``)."""
     if not isinstance(name, str):
@@ -245,7 +248,9 @@ class BiasBalancingConfig(Config):
     step, every expert's selection bias moves by ``rate`` toward the mean load."""
 
     steps: int = Field(0, ge=0, description="training steps simulated before this one")
-    rate: PositiveFloat = Field(0.001, description="bias update speed (gamma in the paper)")
+    rate: PositiveFloat = Field(
+        0.001, le=1.0, description="bias update speed (gamma in the paper), at most 1"
+    )
 
 
 class RoutingConfig(Config):
@@ -261,9 +266,13 @@ class RoutingConfig(Config):
     zipf_s: float | list[float] = Field(
         1.0, description="Zipf exponent; a list gives one per MoE layer (cycled)"
     )
-    dirichlet_alpha: PositiveFloat = Field(1.0, description="Dirichlet concentration")
+    dirichlet_alpha: PositiveFloat = Field(
+        1.0, le=1e6, description="Dirichlet concentration (at most 1e6: uniform by then)"
+    )
     hot_experts: int = Field(2, ge=1, description="hot: how many experts are hot")
-    hot_weight: PositiveFloat = Field(8.0, description="hot: preference of a hot vs a cold expert")
+    hot_weight: PositiveFloat = Field(
+        8.0, le=1e6, description="hot: preference of a hot vs a cold expert (at most 1e6)"
+    )
     hot_drift: int = Field(1, ge=0, description="hot: hot experts replaced per step")
     step: int = Field(0, ge=0, description="which step this is (hot drift, bias balancing)")
     trace: str | None = Field(
@@ -281,7 +290,10 @@ class RoutingConfig(Config):
         None, description="each token reaches at most this many devices"
     )
     capacity_factor: PositiveFloat | None = Field(
-        None, description="capacity per expert = ceil(cf * tokens * top_k / experts); None: no drop"
+        None,
+        le=1e3,
+        description="capacity per expert = ceil(cf * tokens * top_k / experts), at most 1e3 "
+        "(above experts / top_k nothing drops); None: no drop",
     )
     drop_priority: Literal["position", "choice"] = Field(
         "position",
@@ -306,8 +318,10 @@ class RoutingConfig(Config):
     @classmethod
     def _non_negative(cls, value: float | list[float]) -> float | list[float]:
         values = value if isinstance(value, list) else [value]
-        if not values or any(v < 0 for v in values):
-            raise ValueError("Zipf exponents must be >= 0 (and the list non-empty)")
+        if not values or any(not 0 <= v <= MAX_ZIPF_S for v in values):
+            raise ValueError(
+                f"Zipf exponents must be in [0, {MAX_ZIPF_S}] (and the list non-empty)"
+            )
         return value
 
     def zipf_for(self, moe_layer: int) -> float:
@@ -510,12 +524,15 @@ def _set_dotted(data: dict[str, Any], path: str, value: Any) -> None:
     """Set ``a.b.c`` in nested dicts; a catalog name on the way becomes ``{preset: name}``."""
     keys = path.split(".")
     node = data
-    for key in keys[:-1]:
+    for i, key in enumerate(keys[:-1]):
         child = node.get(key)
         if isinstance(child, str):
             child = {"preset": child}
         elif child is None:
             child = {}
+        elif not isinstance(child, dict):
+            where = ".".join(keys[: i + 1])
+            raise ScenarioError(where, f"is a {type(child).__name__}, not a mapping")
         node[key] = child
         node = child
     node[keys[-1]] = value

@@ -12,6 +12,9 @@ The estimates are upper-bound style counts from the scenario's sizes alone (no r
   count arrays each MoE layer keeps (routed, kept, dropped, arriving, ...: 8 of them at most);
 - ``routing_bytes = tokens x experts x 8 B x 3`` when routing needs per-token scores
   (logits, Gumbel noise, the top-k selection; ``tokens x top_k`` for a trace), else 0;
+- ``balancing_work = bias_balancing.steps x moe_layers x elements``, the routing work of the
+  training steps simulated before this one (elements: ``tokens x experts`` with per-token
+  scores, else ``devices x experts``);
 - ``requests`` of a serving run (one record each).
 """
 
@@ -27,6 +30,8 @@ MAX_FLOWS_PER_COLLECTIVE = 2**24
 """Most device-pair flows one collective may have (about 4,096 devices)."""
 MAX_PLAN_BYTES = 8 * 2**30
 """Most bytes the routing and count arrays of a plan may take (8 GiB)."""
+MAX_BALANCING_WORK = 2 * 10**10
+"""Most (step, layer, element) routing updates of bias balancing (about a minute)."""
 MAX_REQUESTS = 1_000_000
 """Most requests a serving run may simulate."""
 MAX_TOKENS = 2**40
@@ -46,6 +51,7 @@ class PlanSize:
     flows_per_collective: int
     count_bytes: int
     routing_bytes: int
+    balancing_work: int
     requests: int
 
     @property
@@ -74,6 +80,7 @@ def estimate_size(sc: Scenario) -> PlanSize:
         routing = per_pass * m.n_experts * INT_BYTES * SCORE_ARRAYS
     else:
         routing = 0
+    elements = (per_pass if r.per_token else n_dev) * m.n_experts
     return PlanSize(
         devices=n_dev,
         tokens=tokens,
@@ -81,6 +88,7 @@ def estimate_size(sc: Scenario) -> PlanSize:
         flows_per_collective=n_dev * (n_dev - 1),
         count_bytes=moe_layers * n_dev * m.n_experts * INT_BYTES * COUNT_ARRAYS,
         routing_bytes=routing,
+        balancing_work=r.bias_balancing.steps * moe_layers * elements,
         requests=requests,
     )
 
@@ -108,6 +116,12 @@ def check_size(sc: Scenario, file: str | None = None) -> PlanSize:
             size.plan_bytes,
             MAX_PLAN_BYTES,
             f"{size.plan_bytes / gib:,.1f} GiB of routing and count arrays estimated",
+        ),
+        (
+            "routing.bias_balancing.steps",
+            size.balancing_work,
+            MAX_BALANCING_WORK,
+            f"{size.balancing_work:,} routing updates (steps x MoE layers x elements)",
         ),
         (
             "workload.serve.n_requests",

@@ -284,7 +284,8 @@ def route_layer(
             if weights is not None:
                 logits = synthetic_router_logits(weights, t, rng)
             else:
-                logits = np.log(probs) + rng.gumbel(size=(t, n_experts))
+                with np.errstate(divide="ignore"):  # p = 0: logit -inf, never chosen
+                    logits = np.log(probs) + rng.gumbel(size=(t, n_experts))
             if cfg.gating == "expert_choice":
                 c = int(np.ceil((cfg.capacity_factor or 1.0) * t * top_k / n_experts))
                 tok, _ = gating.expert_choice_gate(logits, c)
