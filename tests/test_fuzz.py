@@ -612,3 +612,68 @@ def test_corpus_plans(name, tmp_path):
     if name == "unknown-target":
         assert "did you mean 'tokens_per_s'" in err, err
     TRIED["corpus"] += 1
+
+
+# -- invariants on random valid scenarios ------------------------------------------------------
+@st.composite
+def valid_scenarios(draw) -> dict[str, Any]:
+    """Small valid scenarios on one 8-GPU NVSwitch node: phase, batch, layout, routing policy,
+    capacity and engine drawn at random."""
+    tp = draw(st.sampled_from([1, 2]))
+    phase = draw(st.sampled_from(["prefill", "decode"]))
+    routing: dict[str, Any] = {
+        "distribution": draw(st.sampled_from(["uniform", "zipf", "dirichlet", "hot"])),
+        "zipf_s": draw(st.floats(0.0, 2.0)),
+        "drop_priority": draw(st.sampled_from(["position", "choice"])),
+    }
+    if draw(st.booleans()):
+        routing["capacity_factor"] = draw(st.floats(0.25, 2.0))
+    return {
+        "name": "property",
+        "model": {"preset": "mixtral-8x7b", "n_layers": draw(st.integers(1, 3))},
+        "cluster": {"nodes": 1, "devices_per_node": 8, "device": "h100-sxm"},
+        "parallelism": {"tp": tp, "ep": draw(st.sampled_from([1, 2, 4, 8]))},
+        "workload": {
+            "phase": phase,
+            "batch_size": 8 * draw(st.integers(1, 8)),
+            "seq_len": draw(st.sampled_from([16, 64, 256])),
+        },
+        "routing": routing,
+        "sim": {
+            "fidelity": draw(st.sampled_from(["analytic", "des"])),
+            "seed": draw(st.integers(0, 2**16)),
+            "progress": False,
+        },
+    }
+
+
+@given(valid_scenarios())
+@settings(FUZZ, max_examples=15)
+def test_invariants(data):
+    """Token conservation (kept = tokens x top_k - dropped), bytes conservation (what leaves the
+    devices for the switch arrives back at devices; dispatch and combine carry the same bytes),
+    the breakdown summing to the step time, and energy non-negative and the sum of its parts."""
+    from moesim import scenario_from_dict, simulate
+
+    sc = scenario_from_dict(data)
+    result = simulate(sc)
+    s, routing = result.summary, result.routing
+    pairs = sc.workload.tokens * sc.model.top_k
+    kept = result.expert_load.groupby("layer")["tokens"].sum()
+    for row in routing.itertuples():
+        assert row.routed_pairs == pairs
+        assert kept[row.layer] == pairs - row.dropped_pairs
+        assert 0 <= row.dropped_pairs <= pairs
+    assert s["all_to_all_bytes"] == pytest.approx(2 * routing["dispatch_bytes"].sum())
+    links = result.links
+    sent = links.loc[links["link"].str.contains("->n0.nvsw"), "bytes_carried"].sum()
+    received = links.loc[links["link"].str.startswith("n0.nvsw->"), "bytes_carried"].sum()
+    assert sent == pytest.approx(received)
+    if sc.parallelism.tp == 1:
+        assert sent == pytest.approx(s["all_to_all_bytes"])
+    assert sum(s["breakdown_s"].values()) == pytest.approx(s["step_time_s"], rel=1e-9)
+    energy = s["energy_j"]
+    parts = list(energy["breakdown"].values())
+    assert all(p >= 0 for p in parts) and energy["total"] >= 0
+    assert sum(parts) == pytest.approx(energy["total"], rel=1e-12)
+    assert all(math.isfinite(x) for x in _floats(s))
