@@ -40,11 +40,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moesim.validation.validate import error_stats, run_validation
+    from moesim.validation.validate import NOISE_LIMIT, error_stats, noise_spread, run_validation
 
     out_dir(args.out)
     df = run_validation(
         args.out, quick=args.quick, calibration=args.calibration, progress=not args.quiet
+    )
+    spread = noise_spread(df)
+    noisy = not spread <= NOISE_LIMIT
+    print(
+        f"host noise        {spread:.1%} spread (p10-p90 over the median) of "
+        f"{int((df['kind'] == 'noise').sum())} timings of one GEMM; limit {NOISE_LIMIT:.0%}"
     )
     functional = df[df["kind"] == "functional"]
     exact = int(functional["exact"].sum())
@@ -56,5 +62,10 @@ def run(args: argparse.Namespace) -> int:
     for kind, label in (("timing", "MoE layer time"), ("comm", "shm dispatch time")):
         med, p90, n = error_stats(df, kind)
         print(f"{kind:<17} {label}: median |error| {med:.1%}, p90 {p90:.1%} over {n} cases")
+    if noisy:
+        print(
+            f"warning           this host is too noisy ({spread:.0%} timing spread) for the "
+            "timing errors above to mean anything: rerun on a quiet machine"
+        )
     print(f"wrote             {args.out}/validation.csv validation.png")
     return 0 if exact == len(functional) else 1
