@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -160,20 +161,32 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+_UNION_TAG = re.compile(
+    r"^(float|int|str|bool|none|bytes|list\[.*\]|dict\[.*\]|literal\[.*\]|function-.*|"
+    r"[A-Z]\w*(Spec|Config|Range)|tagged-union\[.*\]|json-or-python\[.*\])$"
+)
+"""Union member names pydantic puts in an error's location (``zipf_s.float``)."""
+
+
+def _location(error: dict) -> tuple:
+    return tuple(p for p in error["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p)))
+
+
 def format_validation_error(
     err: ValidationError, model: type[BaseModel] | None = None
 ) -> tuple[str, str]:
     """First error as (dotted path, reason), with a did-you-mean for an unknown key and the
-    count of other errors appended."""
-    first = err.errors()[0]
-    loc = tuple(p for p in first["loc"] if not str(p).startswith("function-"))
+    count of other fields in error appended (union members of one field count once)."""
+    errors = err.errors()
+    first = errors[0]
+    loc = _location(first)
     reason = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         known = _known_keys(model, loc) if model is not None and loc else []
         reason = "unknown key" + did_you_mean(loc[-1], known) if loc else "unknown key"
     elif first["type"] == "finite_number":
         reason = "must be a finite number, not NaN or infinity"
-    more = len(err.errors()) - 1
+    more = len({_location(e) for e in errors} - {loc})
     if more:
         reason += f" (and {more} more error{'s' if more > 1 else ''})"
     return ".".join(map(str, loc)), reason
