@@ -293,30 +293,27 @@ def test_fuzz_scenarios(data):
     TRIED["scenario"] += 1
 
 
+def _fuzz_study(data, kind: str, files: list[Path]) -> None:
+    source = data.draw(st.sampled_from(files), label="file")
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        base = shrink_study(yaml.safe_load(source.read_text()), source.parent, tmp, kind)
+        argv = _case(kind, data.draw(mutated(base)), tmp)
+        check_outcome(*run_cli(argv), argv)
+        _check_journal(tmp)
+    TRIED[kind] += 1
+
+
 @given(st.data())
 @settings(FUZZ, max_examples=14)
 def test_fuzz_sweeps(data):
-    source = data.draw(st.sampled_from(SWEEPS), label="file")
-    with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
-        base = shrink_study(yaml.safe_load(source.read_text()), source.parent, tmp, "sweep")
-        argv = _case("sweep", data.draw(mutated(base)), tmp)
-        check_outcome(*run_cli(argv), argv)
-        _check_journal(tmp)
-    TRIED["sweep"] += 1
+    _fuzz_study(data, "sweep", SWEEPS)
 
 
 @given(st.data())
 @settings(FUZZ, max_examples=10)
 def test_fuzz_plans(data):
-    source = data.draw(st.sampled_from(PLANS), label="file")
-    with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
-        base = shrink_study(yaml.safe_load(source.read_text()), source.parent, tmp, "plan")
-        argv = _case("plan", data.draw(mutated(base)), tmp)
-        check_outcome(*run_cli(argv), argv)
-        _check_journal(tmp)
-    TRIED["plan"] += 1
+    _fuzz_study(data, "plan", PLANS)
 
 
 # -- the corpus: every reproducer of issue 21, and whole-file attacks ---------------------------

@@ -98,6 +98,13 @@ def parse_constraint(expr: str) -> ast.Expression:
     return tree
 
 
+def parse_constraints(constraints: list[str]) -> list[str]:
+    """A field validator for a list of constraints: each must parse (see parse_constraint)."""
+    for expr in constraints:
+        parse_constraint(expr)
+    return constraints
+
+
 def _pow_bits(base: Any, exp: Any) -> float:
     """log2 of |base ** exp| (0 for non-numbers, left to the operator to refuse)."""
     if not isinstance(base, int | float) or not isinstance(exp, int | float):

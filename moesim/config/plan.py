@@ -7,13 +7,13 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from moesim.config.constraints import parse_constraint
+from moesim.config.constraints import parse_constraints
 from moesim.config.errors import ScenarioError
 from moesim.config.loading import did_you_mean, read_mapping, validate
 from moesim.config.sweep import load_base
-from moesim.config.types import FiniteFloat, NonNegativeFiniteFloat, PositiveFiniteFloat
+from moesim.config.types import FiniteFloat, InputModel, NonNegativeFiniteFloat, PositiveFiniteFloat
 
 MAX_PLAN_CANDIDATES = 100_000
 """Most candidate combinations a plan may expand to."""
@@ -83,11 +83,7 @@ def _unknown_metric(name: str) -> str:
     return f"unknown metric '{name}'" + did_you_mean(name, (*SUMMARY_METRICS, *PLAN_METRICS))
 
 
-class _Input(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-class Target(_Input):
+class Target(InputModel):
     """Bounds on one summary metric: ``min`` (throughput-like) and / or ``max`` (latency-like)."""
 
     min: FiniteFloat | None = Field(None, description="the metric must be at least this")
@@ -102,7 +98,7 @@ class Target(_Input):
         return self
 
 
-class Budget(_Input):
+class Budget(InputModel):
     """Limits a candidate must respect besides the targets (checked before simulating where the
     number is known then)."""
 
@@ -115,7 +111,7 @@ class Budget(_Input):
     )
 
 
-class Confirm(_Input):
+class Confirm(InputModel):
     """Re-simulate the best screened candidates at a higher fidelity."""
 
     fidelity: Literal["des", "analytic"] = Field("des", description="confirmation engine")
@@ -125,7 +121,7 @@ class Confirm(_Input):
     )
 
 
-class Prune(_Input):
+class Prune(InputModel):
     """Which certain-to-fail candidates are skipped before simulating."""
 
     memory: bool = Field(True, description="memory lower bound above device capacity")
@@ -135,7 +131,7 @@ class Prune(_Input):
 Objective = Literal["cost_per_hour_usd", "cost_per_million_tokens_usd", "energy_per_token_j"]
 
 
-class PlanSpec(_Input):
+class PlanSpec(InputModel):
     """A plan file (``moesim plan PLAN.yaml``)."""
 
     name: str = Field("plan", description="title of the plan (report, progress bars)")
@@ -204,12 +200,7 @@ class PlanSpec(_Input):
                 raise ValueError(f"candidates.{axis}: no values")
         return candidates
 
-    @field_validator("constraints")
-    @classmethod
-    def _parse(cls, constraints: list[str]) -> list[str]:
-        for expr in constraints:
-            parse_constraint(expr)
-        return constraints
+    _constraints = field_validator("constraints")(parse_constraints)
 
     @property
     def n_candidates(self) -> int:

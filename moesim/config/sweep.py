@@ -7,22 +7,18 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from moesim.config.constraints import ConstraintError, parse_constraint
+from moesim.config.constraints import ConstraintError, parse_constraints
 from moesim.config.errors import ScenarioError
 from moesim.config.loading import read_mapping, read_yaml, validate
-from moesim.config.types import FiniteFloat
+from moesim.config.types import FiniteFloat, InputModel
 
 MAX_SWEEP_POINTS = 100_000
 """Most points (axis combinations x repetitions) a sweep may expand to."""
 
 
-class _Input(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-class Range(_Input):
+class Range(InputModel):
     """A continuous axis for random / Latin-hypercube sampling."""
 
     low: FiniteFloat = Field(description="smallest value")
@@ -39,7 +35,7 @@ class Range(_Input):
         return self
 
 
-class SweepSpec(_Input):
+class SweepSpec(InputModel):
     """A sweep file."""
 
     name: str = Field("sweep", description="title of the sweep (summary.md, progress bar)")
@@ -76,12 +72,7 @@ class SweepSpec(_Input):
                 raise ValueError(f"axis {path} has no values")
         return axes
 
-    @field_validator("constraints")
-    @classmethod
-    def _parse(cls, constraints: list[str]) -> list[str]:
-        for expr in constraints:
-            parse_constraint(expr)
-        return constraints
+    _constraints = field_validator("constraints")(parse_constraints)
 
     @property
     def n_points(self) -> int:
