@@ -11,6 +11,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from moesim.config.tables import read_routing_trace
+
 EXACT_SAMPLING_MAX_ELEMENTS = 1 << 20
 """Above this many (token, expert) scores per layer, top-k counts are sampled in aggregate."""
 
@@ -150,23 +152,8 @@ def synthetic_router_logits(
 
 
 def load_trace(path: str) -> list[np.ndarray]:
-    """Expert ids per MoE layer, each ``[tokens, top_k]``, from an NPZ (``expert_ids``:
-    ``[layers, tokens, k]`` or ``[tokens, k]``) or CSV (columns ``layer, token, slot,
-    expert``; layer counts MoE layers from 0)."""
-    if path.endswith(".npz"):
-        ids = np.load(path)["expert_ids"]
-        ids = ids[None] if ids.ndim == 2 else ids
-        return [np.asarray(layer, dtype=np.int64) for layer in ids]
-    import pandas as pd
-
-    df = pd.read_csv(path)
-    layers = []
-    for _, grp in df.groupby("layer", sort=True):
-        t, k = int(grp["token"].max()) + 1, int(grp["slot"].max()) + 1
-        ids = np.full((t, k), -1, dtype=np.int64)
-        ids[grp["token"].to_numpy(), grp["slot"].to_numpy()] = grp["expert"].to_numpy()
-        layers.append(ids)
-    return layers
+    """Expert ids per MoE layer, each ``[tokens, top_k]`` (see ``read_routing_trace``)."""
+    return read_routing_trace(path)
 
 
 # -- one layer's routing ---------------------------------------------------------------------
@@ -303,7 +290,8 @@ def route_layer(
             if weights is not None:
                 logits = synthetic_router_logits(weights, t, rng)
             else:
-                logits = np.log(probs) + rng.gumbel(size=(t, n_experts))
+                with np.errstate(divide="ignore"):  # p = 0: logit -inf, never chosen
+                    logits = np.log(probs) + rng.gumbel(size=(t, n_experts))
             if cfg.gating == "expert_choice":
                 c = int(np.ceil((cfg.capacity_factor or 1.0) * t * top_k / n_experts))
                 tok, _ = gating.expert_choice_gate(logits, c)

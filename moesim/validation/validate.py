@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moesim.config.loading import read_mapping
 from moesim.config.scenario import Scenario, ScenarioError
 from moesim.plan.dispatch import dispatch_mode
 from moesim.plan.layout import layout
@@ -470,21 +471,57 @@ def functional_rows() -> list[dict]:
     return rows
 
 
+NOISE_REPEATS = 15
+"""Timings of the same reference GEMM that measure this host's noise before validating."""
+NOISE_SHAPE = (256, 1024, 1024)
+"""(m, k, n) of the float32 reference GEMM, about 0.5 GFLOP: long enough to time alone."""
+NOISE_LIMIT = 0.10
+"""Relative spread of those timings, ``(p90 - p10) / median``, above which the host is too
+noisy for a timing error of the size validated (15% median) to mean anything."""
+
+
+def measure_noise(repeats: int = NOISE_REPEATS, seed: int = 0) -> list[dict]:
+    """Seconds of one float32 GEMM of ``NOISE_SHAPE``, timed ``repeats`` times (each the median
+    of a few calls): rows ``kind: noise`` of validation.csv. Their spread is the host's noise."""
+    from moesim.validation.calibrate import median_time_s
+
+    rng = np.random.default_rng(seed)
+    m, k, n = NOISE_SHAPE
+    a = rng.standard_normal((m, k), dtype=np.float32)
+    b = rng.standard_normal((k, n), dtype=np.float32)
+    return [
+        {
+            "case": f"noise-gemm-{m}x{k}x{n}-{i}",
+            "kind": "noise",
+            "measured_s": median_time_s(lambda: a @ b, repeats=3, min_sample_s=0.01),
+        }
+        for i in range(repeats)
+    ]
+
+
+def noise_spread(df) -> float:
+    """``(p90 - p10) / median`` of the noise timings (NaN when there are none)."""
+    t = df.loc[df["kind"] == "noise", "measured_s"].dropna()
+    if t.empty:
+        return float("nan")
+    return float((t.quantile(0.9) - t.quantile(0.1)) / t.median())
+
+
 def run_validation(
     out: Path, quick: bool = False, calibration: Path | None = None, progress: bool = True
 ):
-    """Calibrate (or load a calibration), then run the functional, timing and communication
-    checks; writes ``validation.csv`` and ``validation.png`` into ``out``."""
+    """Measure the host's timing noise, calibrate (or load a calibration), then run the
+    functional, timing and communication checks; writes ``validation.csv`` (noise rows
+    included) and ``validation.png`` into ``out``."""
     import pandas as pd
-    import yaml
     from tqdm import tqdm
 
     from moesim.validation.calibrate import calibrate, write_calibration
 
     out.mkdir(parents=True, exist_ok=True)
     if calibration is not None:
-        devices = yaml.safe_load((calibration / "devices.yaml").read_text())
-        links = yaml.safe_load((calibration / "links.yaml").read_text())
+        devices = read_mapping(calibration / "devices.yaml", "calibration")
+        links = read_mapping(calibration / "links.yaml", "calibration")
     else:
         devices, links = calibrate(quick=quick)
         write_calibration(out / "calibration", devices, links)
@@ -492,7 +529,7 @@ def run_validation(
     dev = {k: v for k, v in dev.items() if k != "measured_gemms"}
     link_name, link = next(iter(links.items()))
     device, link_spec = {"name": dev_name, **dev}, {"name": link_name, **link}
-    rows = functional_rows()
+    rows = [*measure_noise(), *functional_rows()]
     cases = timing_cases(8 if quick else 36)
     exchanges = comm_cases(quick)
     bar = tqdm(
