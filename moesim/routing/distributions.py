@@ -6,10 +6,14 @@ sees individual tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
+
+from moesim.routing import gating
 
 EXACT_SAMPLING_MAX_ELEMENTS = 1 << 20
 """Above this many (token, expert) scores per layer, top-k counts are sampled in aggregate."""
@@ -109,21 +113,42 @@ def hot_expert_probabilities(
     return probs / probs.sum()
 
 
+def _zipf_probabilities(cfg, n_experts: int, moe_layer: int, rng: np.random.Generator):
+    return expert_probabilities(
+        n_experts, "zipf", cfg.zipf_for(moe_layer), rng, cfg.shuffle_hot_experts
+    )
+
+
+def _dirichlet_probabilities(cfg, n_experts: int, moe_layer: int, rng: np.random.Generator):
+    return rng.dirichlet(np.full(n_experts, cfg.dirichlet_alpha))
+
+
+def _hot_probabilities(cfg, n_experts: int, moe_layer: int, rng: np.random.Generator):
+    return hot_expert_probabilities(
+        n_experts, cfg.hot_experts, cfg.hot_weight, cfg.hot_drift, cfg.step, rng
+    )
+
+
+def _uniform_probabilities(cfg, n_experts: int, moe_layer: int, rng: np.random.Generator):
+    return np.full(n_experts, 1.0 / n_experts)
+
+
+SCORE_MODELS: dict[str, Callable[..., np.ndarray]] = {
+    "uniform": _uniform_probabilities,
+    "zipf": _zipf_probabilities,
+    "dirichlet": _dirichlet_probabilities,
+    "hot": _hot_probabilities,
+    "trace": _uniform_probabilities,  # the assignment comes from the file
+    "router": _uniform_probabilities,  # scores come from a linear router
+}
+"""``routing.distribution`` -> ``(cfg, n_experts, moe_layer, rng)`` -> preference per expert."""
+
+
 def layer_probabilities(
     cfg, n_experts: int, moe_layer: int, rng: np.random.Generator
 ) -> np.ndarray:
     """Router preference per expert for one MoE layer under ``cfg`` (a RoutingConfig)."""
-    if cfg.distribution == "zipf":
-        return expert_probabilities(
-            n_experts, "zipf", cfg.zipf_for(moe_layer), rng, cfg.shuffle_hot_experts
-        )
-    if cfg.distribution == "dirichlet":
-        return rng.dirichlet(np.full(n_experts, cfg.dirichlet_alpha))
-    if cfg.distribution == "hot":
-        return hot_expert_probabilities(
-            n_experts, cfg.hot_experts, cfg.hot_weight, cfg.hot_drift, cfg.step, rng
-        )
-    return np.full(n_experts, 1.0 / n_experts)
+    return SCORE_MODELS[cfg.distribution](cfg, n_experts, moe_layer, rng)
 
 
 def router_weights(
@@ -243,6 +268,64 @@ def _bias_history(
     return bias, np.array(history)
 
 
+@dataclass(frozen=True)
+class GateInput:
+    """What a gating policy sees for one group of sources: the layer's preferences, its
+    balancing bias, the router weights (``router`` scores) and, for node/device-limited
+    routing, the group (node or device) serving each expert and how many a token may reach."""
+
+    cfg: Any
+    probs: np.ndarray
+    top_k: int
+    moe_layer: int
+    bias: np.ndarray
+    weights: np.ndarray | None = None
+    limit_group_of_expert: np.ndarray | None = None
+    limit: int | None = None
+
+
+def _scores(x: GateInput, t: int, rng: np.random.Generator) -> np.ndarray:
+    """Router scores ``[t, E]``: a linear router on synthetic embeddings, or Gumbel-perturbed
+    log preferences (so a top-k of them is a Plackett-Luce draw)."""
+    if x.weights is not None:
+        return synthetic_router_logits(x.weights, t, rng)
+    return np.log(x.probs) + rng.gumbel(size=(t, len(x.probs)))
+
+
+def _topk_assign(x: GateInput, t: int, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
+    logits = _scores(x, t, rng)
+    if x.limit_group_of_expert is not None:
+        experts, _ = gating.limited_topk_gate(
+            logits, x.top_k, x.limit_group_of_expert, x.limit, x.bias
+        )
+    else:
+        experts, _ = gating.topk_gate(logits, x.top_k, x.bias)
+    return experts, True
+
+
+def _expert_choice_assign(
+    x: GateInput, t: int, rng: np.random.Generator
+) -> tuple[np.ndarray, bool]:
+    n_experts = len(x.probs)
+    c = int(np.ceil((x.cfg.capacity_factor or 1.0) * t * x.top_k / n_experts))
+    tok, _ = gating.expert_choice_gate(_scores(x, t, rng), c)
+    return gating.experts_per_token(tok, t), False
+
+
+def _hash_assign(x: GateInput, t: int, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
+    ids = rng.integers(0, 32000, t)
+    return gating.hash_gate(ids, len(x.probs), x.top_k, seed=x.moe_layer), True
+
+
+GATES: dict[str, Callable[[GateInput, int, np.random.Generator], tuple[np.ndarray, bool]]] = {
+    "topk": _topk_assign,
+    "expert_choice": _expert_choice_assign,
+    "hash": _hash_assign,
+}
+"""``routing.gating`` -> ``(GateInput, tokens, rng)`` -> ``(experts [t, k], capacity
+applies)``; ``experts`` holds -1 where a token has fewer pairs."""
+
+
 def route_layer(
     cfg,
     probs: np.ndarray,
@@ -258,8 +341,6 @@ def route_layer(
 ) -> LayerRouting:
     """Route one MoE layer. ``limit_group_of_expert[G, e]`` is the node (or device) that
     serves expert ``e`` for sources of group ``G`` when routing is node/device limited."""
-    from moesim.routing import gating
-
     n_experts = len(probs)
     total = int(tokens_per_source.sum())
     bias, history = (np.zeros(n_experts), np.zeros(0))
@@ -275,6 +356,7 @@ def route_layer(
     dropped = np.zeros((n_groups, n_experts), dtype=np.int64)
     routed = 0
     weights = router_weights(d_model, n_experts, rng) if cfg.distribution == "router" else None
+    gate = GATES[cfg.gating]
     offset = 0
     for g in range(n_groups):
         rows = np.flatnonzero(group_of_source == g)
@@ -283,39 +365,28 @@ def route_layer(
         if t == 0:
             continue
         source = np.repeat(rows, n_tok)
-        cap = None
-        if cfg.capacity_factor is not None:
-            cap = int(np.ceil(cfg.capacity_factor * t * top_k / n_experts))
-        if cfg.distribution == "trace":
+        if cfg.distribution == "trace":  # the file fixes the assignment, whatever the gate
             layer_ids = trace[moe_layer % len(trace)]
             take = (offset + np.arange(t)) % len(layer_ids)
-            experts = layer_ids[take][:, :top_k]
+            experts, capped = layer_ids[take][:, :top_k], True
             offset += t
-        elif cfg.gating == "hash":
-            experts = gating.hash_gate(rng.integers(0, 32000, t), n_experts, top_k, seed=moe_layer)
         else:
-            if weights is not None:
-                logits = synthetic_router_logits(weights, t, rng)
-            else:
-                logits = np.log(probs) + rng.gumbel(size=(t, n_experts))
-            if cfg.gating == "expert_choice":
-                c = int(np.ceil((cfg.capacity_factor or 1.0) * t * top_k / n_experts))
-                tok, _ = gating.expert_choice_gate(logits, c)
-                np.add.at(
-                    kept, (source[tok.ravel()], np.repeat(np.arange(n_experts), tok.shape[1])), 1
-                )
-                routed += tok.size
-                continue
-            if limit_group_of_expert is not None:
-                limit = cfg.node_limit or cfg.device_limit
-                experts, _ = gating.limited_topk_gate(
-                    logits, top_k, limit_group_of_expert[g], limit, bias
-                )
-            else:
-                experts, _ = gating.topk_gate(logits, top_k, bias)
+            limited = limit_group_of_expert is not None
+            x = GateInput(
+                cfg,
+                probs,
+                top_k,
+                moe_layer,
+                bias,
+                weights,
+                limit_group_of_expert[g] if limited else None,
+                (cfg.node_limit or cfg.device_limit) if limited else None,
+            )
+            experts, capped = gate(x, t, rng)
         routed += int((experts >= 0).sum())
         keep = experts >= 0
-        if cap is not None:
+        if capped and cfg.capacity_factor is not None:
+            cap = int(np.ceil(cfg.capacity_factor * t * top_k / n_experts))
             keep &= gating.drop_over_capacity(experts, cap, n_experts, cfg.drop_priority)
         kept += gating.counts_by_source(experts, keep, source, n_src, n_experts)
         dropped[g] = np.bincount(experts[(experts >= 0) & ~keep], minlength=n_experts)

@@ -78,6 +78,20 @@ def expert_choice_gate(logits: np.ndarray, capacity: int) -> tuple[np.ndarray, n
     return tokens, np.take_along_axis(probs.T, tokens, axis=1)
 
 
+def experts_per_token(tokens_of_expert: np.ndarray, n_tokens: int) -> np.ndarray:
+    """An expert-choice assignment (token ids ``[E, C]``) as ``experts [T, m]`` per token,
+    ``m`` the most experts any token got, -1 padded; each token's experts in id order."""
+    n_experts, c = tokens_of_expert.shape
+    tok = tokens_of_expert.ravel()
+    exp = np.repeat(np.arange(n_experts), c)
+    order = np.argsort(tok, kind="stable")
+    per_token = np.bincount(tok, minlength=n_tokens)
+    slot = np.arange(len(tok)) - np.repeat(np.cumsum(per_token) - per_token, per_token)
+    experts = np.full((n_tokens, max(int(per_token.max(initial=0)), 1)), -1, dtype=np.int64)
+    experts[tok[order], slot] = exp[order]
+    return experts
+
+
 def hash_gate(token_ids: np.ndarray, n_experts: int, k: int, seed: int = 0) -> np.ndarray:
     """Hash routing baseline (Roller et al. 2021): a fixed pseudo-random map from token id to
     ``k`` distinct experts, independent of the hidden state."""
