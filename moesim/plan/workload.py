@@ -43,6 +43,7 @@ from moesim.routing.placement import (
     share_matrix,
     split_integer,
 )
+from moesim.routing.sampling import sampling_mode
 
 
 def layer_generators(
@@ -144,6 +145,7 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
             moe_index,
             route_rng,
             trace,
+            sampling=sampling_mode(sc),
         )
         moe_index += 1
         kept = routing.kept

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from moesim.routing import gating
+from moesim.routing.placement import split_integer
 
 EXACT_SAMPLING_MAX_ELEMENTS = 1 << 20
 """Above this many (token, expert) scores per layer, top-k counts are sampled in aggregate."""
@@ -69,6 +70,69 @@ def _inclusion_sorted(sorted_probs: tuple[float, ...], top_k: int) -> np.ndarray
     rng = np.random.default_rng(0x5EED)
     counts = _gumbel_topk_counts(np.array([samples]), np.log(probs), top_k, rng)[0]
     return counts / samples
+
+
+@lru_cache(maxsize=4)
+def _legendre(n: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.polynomial.legendre.leggauss(n)
+
+
+INCLUSION_NODES = 48
+"""Gauss-Legendre nodes of :func:`topk_inclusion` (2e-6 relative or better on hand-enumerated
+cases with 8 to 10 experts)."""
+
+
+def topk_inclusion(probs: np.ndarray, top_k: int) -> np.ndarray:
+    """P(expert e is among a token's top-k) under Plackett-Luce (Gumbel-top-k) sampling, by
+    quadrature (no sampling; :mod:`moesim.routing._inclusion_jit` gives the integral):
+    ``pi_e = int_0^inf P(N_{-e}(u) < k) p_e exp(-p_e u) du``. Sums to ``top_k``; exactly
+    ``k/E`` for uniform preferences; experts of zero preference get 0."""
+    from moesim.routing._inclusion_jit import inclusion_quadrature
+
+    probs = np.asarray(probs, dtype=float)
+    if np.allclose(probs, probs[0]):
+        return np.full(len(probs), top_k / len(probs))
+    if top_k == 1:
+        return probs / probs.sum()
+    live = probs > 0
+    pi = np.zeros(len(probs))
+    p = probs[live] / probs[live].sum()
+    pi[live] = inclusion_quadrature(p, int(top_k), *_legendre(INCLUSION_NODES))
+    return pi
+
+
+def normal_cdf(x: np.ndarray) -> np.ndarray:
+    """Standard normal CDF from ``erfc`` (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7):
+    ``Phi(x) = erfc(-x / sqrt 2) / 2``."""
+    z = -np.asarray(x, dtype=float) / np.sqrt(2.0)
+    a = np.abs(z)
+    t = 1.0 / (1.0 + 0.3275911 * a)
+    poly = t * (
+        0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429)))
+    )
+    erfc_a = poly * np.exp(-a * a)
+    return 0.5 * np.where(z >= 0, erfc_a, 2.0 - erfc_a)
+
+
+def expected_max_normal(mean: np.ndarray, var: np.ndarray, points: int = 512) -> float:
+    """``E[max_e X_e]`` for independent ``X_e ~ N(mean_e, var_e)`` (the normal approximation
+    of expert loads): ``E[max] = lo + int_lo^hi (1 - prod_e Phi((x - mean_e) / sd_e)) dx``
+    with ``lo`` 10 standard deviations below the largest mean (where the product is 0 to
+    1e-23) and ``hi`` above every ``mean_e + 10 sd_e``; trapezoid rule on ``points`` points.
+    Experts whose ``mean + 10 sd`` is below ``lo`` cannot be the maximum and are skipped."""
+    mean, sd = np.asarray(mean, dtype=float), np.sqrt(np.maximum(var, 0.0))
+    top = float(mean.max())
+    lo = top - 10.0 * float(sd.max())
+    hi = float((mean + 10.0 * sd).max())
+    if hi <= lo or sd.max() == 0:
+        return top
+    near = mean + 10.0 * sd > lo
+    mean, sd = mean[near], sd[near]
+    x = np.linspace(lo, hi, points)
+    z = (x[:, None] - mean[None, :]) / np.where(sd > 0, sd, 1.0)[None, :]
+    cdf = np.where(sd[None, :] > 0, normal_cdf(z), (x[:, None] >= mean[None, :]).astype(float))
+    tail = 1.0 - np.prod(cdf, axis=1)
+    return lo + float(np.sum(0.5 * (tail[1:] + tail[:-1]) * np.diff(x)))
 
 
 def sample_topk_counts(
@@ -253,19 +317,103 @@ class LayerRouting:
 
 
 def _bias_history(
-    cfg, probs: np.ndarray, total_tokens: int, top_k: int, rng: np.random.Generator
+    cfg,
+    probs: np.ndarray,
+    total_tokens: int,
+    top_k: int,
+    rng: np.random.Generator,
+    sampling: str = "draw",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Simulate aux-loss-free bias updates over ``cfg.bias_balancing.steps`` earlier steps:
-    ``b_e += rate * sign(mean_load - load_e)``; returns the final bias and max/mean per step."""
+    ``b_e += rate * sign(mean_load - load_e)``; returns the final bias and max/mean per step.
+
+    Each step's loads are ``Multinomial(T k, pi / k)`` with ``pi`` the exact top-k inclusion
+    probabilities of the tilted preferences (:func:`topk_inclusion`), whatever the token count
+    (``draw``); or their expectation ``T pi`` (``expected``: no sampling, and the history is
+    the max/mean of the expected loads)."""
     steps, rate = cfg.bias_balancing.steps, cfg.bias_balancing.rate
     bias = np.zeros(len(probs))
-    history = []
-    for _ in range(steps):
+    history = np.empty(steps)
+    for i in range(steps):
         tilted = probs * np.exp(bias)
-        load = sample_topk_counts(np.array([total_tokens]), tilted / tilted.sum(), top_k, rng)[0]
-        history.append(max_over_mean(load))
+        pi = topk_inclusion(tilted / tilted.sum(), top_k)
+        if sampling == "expected":
+            load = total_tokens * pi
+        else:
+            load = rng.multinomial(total_tokens * top_k, pi / pi.sum())
+        history[i] = max_over_mean(load)
         bias += rate * np.sign(load.mean() - load)
-    return bias, np.array(history)
+    return bias, history
+
+
+def _rows_to_integers(tokens: np.ndarray, rate: np.ndarray, top_k: int) -> np.ndarray:
+    """Integer pairs ``[source, expert]`` near ``tokens[s] * rate[e]`` (``rate`` sums to
+    ``top_k``) with every row summing to ``tokens[s] * top_k`` exactly. Rows of equal token
+    count share their rounding: each expert's remainders over the block are rounded once
+    (largest remainder) and dealt to the rows in turn, so column sums stay within one pair per
+    distinct token count of ``sum_s tokens[s] * rate[e]``."""
+    out = np.zeros((len(tokens), len(rate)), dtype=np.int64)
+    for t in np.unique(tokens):
+        rows = np.flatnonzero(tokens == t)
+        exact = int(t) * rate
+        base = np.floor(exact + 1e-9).astype(np.int64)
+        short = int(t) * top_k - int(base.sum())
+        out[rows] = base
+        if short > 0:
+            frac = np.clip(exact - base, 0.0, None)
+            units = split_integer(np.array(len(rows) * short), frac / frac.sum())
+            cols = np.repeat(np.arange(len(rate)), units)
+            np.add.at(out, (rows[np.arange(len(cols)) % len(rows)], cols), 1)
+    return out
+
+
+def expected_counts(
+    tilted: np.ndarray,
+    top_k: int,
+    tokens_per_source: np.ndarray,
+    group_of_source: np.ndarray,
+    n_groups: int,
+) -> np.ndarray:
+    """Expected token-expert pairs ``[source, expert]`` with no sampling: source ``s`` sends
+    ``T_s pi_e`` pairs to expert ``e`` (``pi``: :func:`topk_inclusion`), except that in each
+    expert-data-parallel group the expert of largest mean carries the expected maximum load
+    over experts, ``E[max_e X_e]`` with ``X_e ~ N(T_g pi_e, T_g pi_e (1 - pi_e))`` (the
+    Binomial marginals; :func:`expected_max_normal`), the others scaled down to keep the total.
+    Where several experts tie for the largest mean, group ``g`` raises the ``g``-th of them
+    (cyclically), so the groups' maxima fall on different experts. Integers; each source's row
+    sums to ``T_s k`` exactly (:func:`_rows_to_integers`)."""
+    pi = topk_inclusion(tilted, top_k)
+    counts = np.zeros((len(tokens_per_source), len(pi)), dtype=np.int64)
+    tied = np.flatnonzero(pi >= pi.max() * (1.0 - 1e-12))
+    max_of: dict[int, float] = {}
+    for g in range(n_groups):
+        rows = np.flatnonzero(group_of_source == g)
+        t = int(tokens_per_source[rows].sum())
+        if t == 0:
+            continue
+        if t not in max_of:
+            max_of[t] = expected_max_normal(t * pi, t * pi * (1.0 - pi)) / t
+        hottest = int(tied[g % len(tied)])
+        rate = pi.copy()
+        rest = top_k - pi[hottest]
+        if rest > 0:
+            rate *= (top_k - max_of[t]) / rest
+        rate[hottest] = max_of[t]
+        counts[rows] = _rows_to_integers(tokens_per_source[rows], rate, top_k)
+    return counts
+
+
+def expected_applies(cfg) -> bool:
+    """Whether ``sampling: expected`` has a closed form for ``cfg``: token-choice top-k,
+    node/device-limited or not (the limit is taken not to move the expected per-expert loads,
+    exact for uniform preferences over equal groups), drops by position, preferences from a
+    score model. Expert choice, hash gating, ``drop_priority: choice``, traces and the linear
+    router always draw."""
+    return (
+        cfg.gating == "topk"
+        and cfg.drop_priority == "position"
+        and cfg.distribution not in ("trace", "router")
+    )
 
 
 @dataclass(frozen=True)
@@ -338,15 +486,30 @@ def route_layer(
     moe_layer: int,
     rng: np.random.Generator,
     trace: list[np.ndarray] | None = None,
+    *,
+    sampling: str = "draw",
 ) -> LayerRouting:
     """Route one MoE layer. ``limit_group_of_expert[G, e]`` is the node (or device) that
-    serves expert ``e`` for sources of group ``G`` when routing is node/device limited."""
+    serves expert ``e`` for sources of group ``G`` when routing is node/device limited.
+
+    ``sampling`` (:func:`moesim.routing.sampling.sampling_mode`): ``draw`` samples the
+    assignment; ``expected`` takes the counts from :func:`expected_counts` (no sampling) where
+    :func:`expected_applies`, and draws otherwise."""
     n_experts = len(probs)
     total = int(tokens_per_source.sum())
     bias, history = (np.zeros(n_experts), np.zeros(0))
+    expected = sampling == "expected" and expected_applies(cfg)
     if cfg.bias_balancing.steps and cfg.distribution not in ("trace", "router"):
-        bias, history = _bias_history(cfg, probs, total, top_k, rng)
+        mode = "expected" if expected else "draw"
+        bias, history = _bias_history(cfg, probs, total, top_k, rng, mode)
     n_src = len(tokens_per_source)
+    if expected:
+        tilted = probs * np.exp(bias)
+        counts = expected_counts(
+            tilted / tilted.sum(), top_k, tokens_per_source, group_of_source, n_groups
+        )
+        kept, dropped = position_capacity(counts, group_of_source, n_groups, cfg.capacity_factor)
+        return LayerRouting(kept, dropped, int(counts.sum()), probs, history)
     if not cfg.per_token and total * n_experts > EXACT_SAMPLING_MAX_ELEMENTS:
         tilted = probs * np.exp(bias)
         counts = sample_topk_counts(tokens_per_source, tilted / tilted.sum(), top_k, rng)
