@@ -13,6 +13,7 @@ from moesim import scenario_from_dict
 from moesim.config.scenario import RoutingConfig
 from moesim.routing.distributions import (
     _gumbel_topk_counts,
+    calibrated_inclusion,
     expected_max_normal,
     normal_cdf,
     route_layer,
@@ -171,3 +172,18 @@ def test_sampling_defaults_follow_the_fidelity_and_an_explicit_choice_wins():
         "draw"
     )
     assert sampling_mode(_scenario(routing={"sampling": "expected"})) == "expected"
+
+
+def test_calibrated_inclusion_is_exact_at_its_solve_and_close_after_a_bias_step():
+    rng = np.random.default_rng(5)
+    p0 = np.arange(1, 129.0) ** -0.8
+    p0 /= p0.sum()
+    pi0 = topk_inclusion(p0, 8)
+    theta = -np.log1p(-pi0) / p0
+    np.testing.assert_allclose(calibrated_inclusion(p0, theta, 8), pi0, rtol=1e-9)
+    # eight bias steps of rate 0.02 move log preferences by at most 0.16
+    p = p0 * np.exp(rng.uniform(-0.16, 0.16, 128))
+    p /= p.sum()
+    got = calibrated_inclusion(p, theta, 8)
+    assert got.sum() == pytest.approx(8.0, rel=1e-9)
+    np.testing.assert_allclose(got, topk_inclusion(p, 8), rtol=5e-3)
