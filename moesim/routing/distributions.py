@@ -386,25 +386,88 @@ def _bias_history(
     return bias, history
 
 
-def _rows_to_integers(tokens: np.ndarray, rate: np.ndarray, top_k: int) -> np.ndarray:
-    """Integer pairs ``[source, expert]`` near ``tokens[s] * rate[e]`` (``rate`` sums to
-    ``top_k``) with every row summing to ``tokens[s] * top_k`` exactly. Rows of equal token
-    count share their rounding: each expert's remainders over the block are rounded once
-    (largest remainder) and dealt to the rows in turn, so column sums stay within one pair per
-    distinct token count of ``sum_s tokens[s] * rate[e]``."""
-    out = np.zeros((len(tokens), len(rate)), dtype=np.int64)
-    for t in np.unique(tokens):
-        rows = np.flatnonzero(tokens == t)
-        exact = int(t) * rate
-        base = np.floor(exact + 1e-9).astype(np.int64)
-        short = int(t) * top_k - int(base.sum())
-        out[rows] = base
-        if short > 0:
-            frac = np.clip(exact - base, 0.0, None)
-            units = split_integer(np.array(len(rows) * short), frac / frac.sum())
-            cols = np.repeat(np.arange(len(rate)), units)
-            np.add.at(out, (rows[np.arange(len(cols)) % len(rows)], cols), 1)
-    return out
+NORMAL_MAX_MIN_VARIANCE = 25.0
+""":func:`expected_max_binomial` takes the normal approximation from this variance of the
+hottest expert's load up (about 2% off the exact maximum there, less above)."""
+
+
+def expected_max_binomial(n: int, pi: np.ndarray) -> float:
+    """``E[max_e X_e]`` for independent ``X_e ~ Binomial(n, pi_e)`` (the loads of ``n`` tokens
+    that each pick expert ``e`` with probability ``pi_e``): exactly,
+    ``sum_{x >= 1} (1 - prod_e P(X_e < x))`` with the pmf by its recursion ``f(x + 1) = f(x)
+    (n - x) / (x + 1) p / (1 - p)``; or :func:`expected_max_normal` where the hottest load's
+    variance reaches :data:`NORMAL_MAX_MIN_VARIANCE`."""
+    pi = np.clip(np.asarray(pi, dtype=float), 0.0, 1.0)
+    if n <= 0:
+        return 0.0
+    if np.any(pi >= 1.0):
+        return float(n)
+    var = n * pi * (1.0 - pi)
+    if var.max() >= NORMAL_MAX_MIN_VARIANCE:
+        return expected_max_normal(n * pi, var)
+    hi = int(min(n, np.ceil((n * pi + 12.0 * np.sqrt(var)).max() + 12.0)))
+    pmf = (1.0 - pi) ** n
+    cdf = pmf.copy()
+    ratio = pi / (1.0 - pi)
+    total = 0.0
+    for x in range(1, hi + 1):
+        total += 1.0 - float(np.prod(cdf))  # P(max >= x)
+        pmf = pmf * (n - x + 1) / x * ratio
+        cdf = cdf + pmf
+    return total
+
+
+def expected_expert_loads(tokens: int, pi: np.ndarray, top_k: int, hottest: int) -> np.ndarray:
+    """One group's integer load per expert, summing to ``tokens * top_k``, that keeps the three
+    expectations a step's cost depends on: how many experts get any token
+    (``sum_e 1 - (1 - pi_e)^T``, Binomial marginals), the pairs each receives
+    (``T pi_e / P(X_e >= 1)`` when it gets any) and the maximum over experts
+    (:func:`expected_max_binomial`, carried by ``hottest``). Which experts are active is a
+    systematic selection along expert ids of probability ``P(X_e >= 1)`` each (all of them
+    once every expert expects a token or more); the others share the rest in proportion."""
+    mean = tokens * pi
+    active = -np.expm1(tokens * np.log1p(-np.clip(pi, 0.0, 1.0 - 1e-16)))
+    active[pi >= 1.0] = 1.0
+    cum = np.cumsum(active)
+    chosen = (np.floor(cum + 0.5) - np.floor(cum - active + 0.5)) > 0
+    chosen[hottest] = True
+    total = tokens * top_k
+    while chosen.sum() > total:  # rounding can pick one more than there are pairs
+        chosen[np.flatnonzero(chosen & (np.arange(len(pi)) != hottest))[-1]] = False
+    cond = np.where(chosen, mean / np.maximum(active, 1e-300), 0.0)
+    peak = max(expected_max_binomial(tokens, pi), float(cond[hottest]), 1.0)
+    peak = min(peak, total - (chosen.sum() - 1))
+    rest = cond.sum() - cond[hottest]
+    real = cond * ((total - peak) / rest) if rest > 0 else cond
+    real[hottest] = peak
+    extra = np.maximum(real - 1.0, 0.0) * chosen
+    base = chosen.astype(np.int64)
+    left = total - int(base.sum())
+    if left > 0 and extra.sum() > 0:
+        base += split_integer(np.array(left), extra / extra.sum())
+    elif left > 0:
+        base[hottest] += left
+    return base
+
+
+def _split_columns(tokens: np.ndarray, loads: np.ndarray) -> np.ndarray:
+    """Integer pairs ``[source, expert]``: each expert's ``loads[e]`` split over the sources in
+    proportion to their tokens, exactly (largest remainder). Remainders are dealt on from
+    where the previous expert's stopped (a rotation), so equal sources get equal totals."""
+    n_src = len(tokens)
+    exact = loads[:, None] * (tokens / tokens.sum())[None, :]  # [expert, source]
+    base = np.floor(exact + 1e-9).astype(np.int64)
+    short = loads - base.sum(axis=1)
+    frac = exact - base
+    offset = (np.cumsum(short) - short) % n_src
+    start = (np.arange(n_src)[None, :] + offset[:, None]) % n_src  # dealing order per expert
+    order = np.take_along_axis(
+        start, np.argsort(-np.take_along_axis(frac, start, axis=1), axis=1, kind="stable"), axis=1
+    )
+    take = np.arange(n_src)[None, :] < short[:, None]
+    rows, cols = np.nonzero(take)
+    np.add.at(base, (rows, order[rows, cols]), 1)
+    return base.T
 
 
 def expected_counts(
@@ -414,32 +477,23 @@ def expected_counts(
     group_of_source: np.ndarray,
     n_groups: int,
 ) -> np.ndarray:
-    """Expected token-expert pairs ``[source, expert]`` with no sampling: source ``s`` sends
-    ``T_s pi_e`` pairs to expert ``e`` (``pi``: :func:`topk_inclusion`), except that in each
-    expert-data-parallel group the expert of largest mean carries the expected maximum load
-    over experts, ``E[max_e X_e]`` with ``X_e ~ N(T_g pi_e, T_g pi_e (1 - pi_e))`` (the
-    Binomial marginals; :func:`expected_max_normal`), the others scaled down to keep the total.
-    Where several experts tie for the largest mean, group ``g`` raises the ``g``-th of them
-    (cyclically), so the groups' maxima fall on different experts. Integers; each source's row
-    sums to ``T_s k`` exactly (:func:`_rows_to_integers`)."""
+    """Expected token-expert pairs ``[source, expert]`` with no sampling: each
+    expert-data-parallel group's loads from :func:`expected_expert_loads` (``pi``:
+    :func:`topk_inclusion`), split over the group's sources in proportion to their tokens
+    (:func:`_split_columns`). The hottest expert is the one of largest mean; where several tie,
+    group ``g`` takes the ``g``-th of them (cyclically), so the groups' maxima fall on
+    different experts. Integers; the pairs sum to ``tokens x top_k`` exactly, each expert's
+    and (within a pair) each source's."""
     pi = topk_inclusion(tilted, top_k)
     counts = np.zeros((len(tokens_per_source), len(pi)), dtype=np.int64)
     tied = np.flatnonzero(pi >= pi.max() * (1.0 - 1e-12))
-    max_of: dict[int, float] = {}
     for g in range(n_groups):
         rows = np.flatnonzero(group_of_source == g)
         t = int(tokens_per_source[rows].sum())
         if t == 0:
             continue
-        if t not in max_of:
-            max_of[t] = expected_max_normal(t * pi, t * pi * (1.0 - pi)) / t
-        hottest = int(tied[g % len(tied)])
-        rate = pi.copy()
-        rest = top_k - pi[hottest]
-        if rest > 0:
-            rate *= (top_k - max_of[t]) / rest
-        rate[hottest] = max_of[t]
-        counts[rows] = _rows_to_integers(tokens_per_source[rows], rate, top_k)
+        loads = expected_expert_loads(t, pi, top_k, int(tied[g % len(tied)]))
+        counts[rows] = _split_columns(tokens_per_source[rows], loads)
     return counts
 
 
