@@ -187,3 +187,23 @@ def test_calibrated_inclusion_is_exact_at_its_solve_and_close_after_a_bias_step(
     got = calibrated_inclusion(p, theta, 8)
     assert got.sum() == pytest.approx(8.0, rel=1e-9)
     np.testing.assert_allclose(got, topk_inclusion(p, 8), rtol=5e-3)
+
+
+@pytest.mark.parametrize("zipf_s", [0.0, 0.6, 1.2])
+def test_small_batches_keep_the_expected_active_experts_and_maximum(zipf_s):
+    """16 tokens over 32 experts: most experts get 0 or 1 pair, so the cost depends on how many
+    get any (weights read) and on the hottest; both within one of the mean of 1,000 draws."""
+    probs = np.arange(1, 33.0) ** -zipf_s
+    probs /= probs.sum()
+    tokens, groups = np.full(8, 2), np.zeros(8, dtype=np.int64)
+    cfg = RoutingConfig()
+    exp = _route(cfg, probs, tokens, groups, 2, 0, "expected").kept.sum(axis=0)
+    drawn = np.array(
+        [_route(cfg, probs, tokens, groups, 2, s, "draw").kept.sum(axis=0) for s in range(1000)]
+    )
+    pi = topk_inclusion(probs, 2)
+    active = np.sum(1 - (1 - pi) ** 16)  # Binomial(16, pi_e) marginals
+    assert (drawn > 0).sum(axis=1).mean() == pytest.approx(active, abs=0.5)
+    assert abs((exp > 0).sum() - active) <= 1.0
+    assert abs(exp.max() - drawn.max(axis=1).mean()) <= 1.0
+    assert exp.sum() == 32
