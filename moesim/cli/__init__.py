@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from moesim._version import __version__
-from moesim.config.scenario import Scenario, ScenarioError, load_scenario
+from moesim.config.errors import ScenarioError
 
 EXIT_BAD_INPUT = 2
 
@@ -89,6 +89,7 @@ def _print_summary(summary: dict) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from moesim.config.scenario import load_scenario
     from moesim.results.collect import write_outputs
     from moesim.studies.simulate import simulate
 
@@ -268,6 +269,7 @@ def _markdown(df) -> str:
 def cmd_routing(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
 
+    from moesim.config.scenario import load_scenario
     from moesim.network import build_topology
     from moesim.plan.workload import build_plan
     from moesim.report import plot_device_load, plot_expert_heatmap
@@ -471,6 +473,8 @@ def cmd_catalog(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
+    from moesim.config.scenario import Scenario
+
     print(json.dumps(Scenario.model_json_schema(), indent=2))
     return 0
 
