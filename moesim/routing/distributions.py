@@ -392,6 +392,18 @@ hottest expert's load up (about 2% off the exact maximum there, less above)."""
 
 
 def expected_max_binomial(n: int, pi: np.ndarray) -> float:
+    """:func:`_expected_max_binomial`, remembered per ``(n, pi)``: layers and groups of one
+    plan mostly share both."""
+    pi = np.ascontiguousarray(pi, dtype=float)
+    return _expected_max_cached(int(n), pi.tobytes())
+
+
+@lru_cache(maxsize=256)
+def _expected_max_cached(n: int, pi_bytes: bytes) -> float:
+    return _expected_max_binomial(n, np.frombuffer(pi_bytes, dtype=float))
+
+
+def _expected_max_binomial(n: int, pi: np.ndarray) -> float:
     """``E[max_e X_e]`` for independent ``X_e ~ Binomial(n, pi_e)`` (the loads of ``n`` tokens
     that each pick expert ``e`` with probability ``pi_e``): exactly,
     ``sum_{x >= 1} (1 - prod_e P(X_e < x))`` with the pmf by its recursion ``f(x + 1) = f(x)
@@ -451,6 +463,23 @@ def expected_expert_loads(tokens: int, pi: np.ndarray, top_k: int, hottest: int)
 
 
 def _split_columns(tokens: np.ndarray, loads: np.ndarray) -> np.ndarray:
+    """:func:`_split_columns_uncached`, remembered per input (groups and layers repeat)."""
+    tokens = np.ascontiguousarray(tokens, dtype=np.int64)
+    loads = np.ascontiguousarray(loads, dtype=np.int64)
+    key = (tokens.tobytes(), loads.tobytes())
+    hit = _SPLIT_CACHE.get(key)
+    if hit is None:
+        if len(_SPLIT_CACHE) >= 256:
+            _SPLIT_CACHE.clear()
+        hit = _SPLIT_CACHE[key] = _split_columns_uncached(tokens, loads)
+        hit.flags.writeable = False
+    return hit
+
+
+_SPLIT_CACHE: dict[tuple[bytes, bytes], np.ndarray] = {}
+
+
+def _split_columns_uncached(tokens: np.ndarray, loads: np.ndarray) -> np.ndarray:
     """Integer pairs ``[source, expert]``: each expert's ``loads[e]`` split over the sources in
     proportion to their tokens, exactly (largest remainder). Remainders are dealt on from
     where the previous expert's stopped (a rotation), so equal sources get equal totals."""
