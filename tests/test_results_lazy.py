@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from moesim.engine.analytic import AnalyticEngine
-from moesim.engine.des import COMPUTE_PHASES, Engine
+from moesim.engine.des import Engine
+from moesim.plan.graph import COMPUTE_PHASES
 from moesim.plan.workload import build_plan
 from moesim.results.collect import collect, expert_load_table, routing_table
 from tests.conftest import ROOT, small_scenario

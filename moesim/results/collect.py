@@ -9,12 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from moesim.engine.des import (
+from moesim.config.resolve import resolve
+from moesim.engine.analytic import AnalyticEngine
+from moesim.engine.des import Engine
+from moesim.plan.graph import (
     COMM_PHASES,
     COMPUTE_PHASES,
     TRAIN_COMM_PHASES,
     TRAIN_COMPUTE_PHASES,
-    Engine,
 )
 from moesim.plan.pim import pim_summary
 from moesim.plan.types import WorkloadPlan
@@ -157,7 +159,7 @@ def _routing_column(rows: list[dict[str, Any]], key: str) -> np.ndarray:
     return np.array([row[key] for row in rows], dtype=float)
 
 
-def collect(engine: Engine) -> Result:
+def collect(engine: Engine | AnalyticEngine) -> Result:
     """Summarise a finished engine run: the summary from numpy arrays, the tables deferred
     (:class:`Result`)."""
     plan, topo, rec, stats = engine.plan, engine.topology, engine.rec, engine.link_stats
@@ -206,12 +208,8 @@ def collect(engine: Engine) -> Result:
     pim = pim_summary(plan, dev)  # PIM columns, None without PIM units (moesim/pim.py)
 
     crit = int(np.argmax(rec.finish_s))
-    spans = getattr(engine, "breakdown_s", None)  # analytic: per-phase spans
     keys = BREAKDOWN_KEYS + (TRAIN_BREAKDOWN_KEYS if plan.train is not None else ())
-    if spans is not None:
-        breakdown = {k: float(spans.get(k, 0.0)) for k in keys}
-    else:
-        breakdown = {k: float(rec.phase_s[k][crit]) for k in keys}
+    breakdown = {k: float(rec.phase_s[k][crit]) for k in keys}  # the critical device's
     busiest_dev = int(np.argmax(dev["compute_busy_s"]))
     busiest_link = int(np.argmax(carried)) if len(carried) else None
     routed = int(sum(row["routed_pairs"] for row in routing))
@@ -273,7 +271,7 @@ def collect(engine: Engine) -> Result:
             "fidelity": engine.fidelity,
             **engine.counters,
         },
-        "scenario_resolved": sc.model_dump(mode="json"),
+        "scenario_resolved": {**sc.model_dump(mode="json"), "resolved": resolve(sc).as_dict()},
     }
     if plan.train is not None:
         from moesim.plan.training import training_summary
