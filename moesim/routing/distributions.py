@@ -430,6 +430,20 @@ def _expected_max_binomial(n: int, pi: np.ndarray) -> float:
 
 
 def expected_expert_loads(tokens: int, pi: np.ndarray, top_k: int, hottest: int) -> np.ndarray:
+    """:func:`_expected_expert_loads`, remembered per input (groups and layers of one plan
+    mostly share it); read-only."""
+    pi = np.ascontiguousarray(pi, dtype=float)
+    return _expected_loads_cached(int(tokens), pi.tobytes(), int(top_k), int(hottest))
+
+
+@lru_cache(maxsize=256)
+def _expected_loads_cached(tokens: int, pi_bytes: bytes, top_k: int, hottest: int) -> np.ndarray:
+    loads = _expected_expert_loads(tokens, np.frombuffer(pi_bytes, dtype=float), top_k, hottest)
+    loads.flags.writeable = False
+    return loads
+
+
+def _expected_expert_loads(tokens: int, pi: np.ndarray, top_k: int, hottest: int) -> np.ndarray:
     """One group's integer load per expert, summing to ``tokens * top_k``, that keeps the three
     expectations a step's cost depends on: how many experts get any token
     (``sum_e 1 - (1 - pi_e)^T``, Binomial marginals), the pairs each receives
