@@ -74,6 +74,7 @@ def _run(path: str, overrides: dict, queue) -> None:
             "engine_s": s["sim"]["wall_s"],
             "events": s["sim"]["events"],
             "peak_memory_bytes": peak,
+            "network_kernels": s["sim"].get("network_kernels", ""),
         }
     )
 
@@ -158,7 +159,7 @@ def _des_in_process(path: str, overrides: dict) -> float:
     proc.start()
     out = queue.get()
     proc.join()
-    return out["wall_s"]
+    return out["wall_s"], out["network_kernels"]
 
 
 S = str(ROOT / "scenarios")
@@ -216,7 +217,7 @@ def targets(quick: bool, points: int, csv_path: str | None) -> int:
         {"row": "reference: 1e6 simpy timeouts", "seconds": ref, "target_s": None},
         {"row": "reference: numpy kernel", "seconds": ref_np, "target_s": None},
     ]
-    print(f"{'row':<48} {'seconds':>9} {'x_simpy':>8} {'target_s':>8} {'load':>5}")
+    print(f"{'row':<48} {'seconds':>9} {'x_simpy':>8} {'target_s':>8} {'load':>5}  kernels")
 
     def show(row: dict) -> None:
         row["x_simpy"] = row["seconds"] / ref
@@ -224,7 +225,7 @@ def targets(quick: bool, points: int, csv_path: str | None) -> int:
         target = "" if row["target_s"] is None else f"{row['target_s']:g}"
         print(
             f"{row['row']:<48} {row['seconds']:>9.4f} {row['x_simpy']:>8.3f} {target:>8} "
-            f"{row['load']:>5.1f}",
+            f"{row['load']:>5.1f}  {row.get('kernels', '')}".rstrip(),
             flush=True,
         )
 
@@ -239,9 +240,10 @@ def targets(quick: bool, points: int, csv_path: str | None) -> int:
             seconds = _process_s(["--version"], 5)
         elif how == "process":
             seconds = _process_s(["run", path], 3 if "mixtral" in path else 1)
-        else:
-            seconds = _des_in_process(path, {"sim.fidelity": "des"})
-        row = {"row": name, "seconds": seconds, "target_s": target}
+        kernels = ""
+        if how == "des":
+            seconds, kernels = _des_in_process(path, {"sim.fidelity": "des"})
+        row = {"row": name, "seconds": seconds, "target_s": target, "kernels": kernels}
         show(row)
         rows.append(row)
     if csv_path:

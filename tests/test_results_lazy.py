@@ -71,3 +71,20 @@ def test_a_summary_needs_no_pandas():
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
     )
     assert out.stdout.split() == ["False", "()"]
+
+
+def test_the_summary_says_which_network_kernels_ran(monkeypatch):
+    from moesim import simulate
+    from moesim.network import fluid
+
+    sc = small_scenario(**{"cluster.nodes": 2})  # 16 devices, two expert groups
+    small = small_scenario()
+    assert simulate(small).summary["sim"]["network_kernels"] == "numpy"  # under 16 devices
+    compiled = simulate(sc)
+    if fluid._compiled():
+        assert compiled.summary["sim"]["network_kernels"] == "compiled"
+    monkeypatch.setattr(fluid, "_KERNELS", {"loaded": True})  # as if numba were missing
+    fallback = simulate(sc)
+    assert fallback.summary["sim"]["network_kernels"] == "numpy (numba missing)"
+    assert any("numba is not installed" in w for w in fallback.summary["warnings"])
+    assert fallback.step_time_s == compiled.step_time_s  # the same arithmetic

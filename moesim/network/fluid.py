@@ -328,7 +328,13 @@ class FluidNetwork:
         self._unsent_s = 0.0  # seconds of sending not yet taken off `remaining`
         self._wake_at = np.inf
         self.solves = 0
-        self._kernels = _compiled() if topology.n_devices >= COMPILED_MIN_DEVICES else {}
+        big = topology.n_devices >= COMPILED_MIN_DEVICES
+        self._kernels = _compiled() if big and "maxmin" in _compiled() else {}
+        # which kernels run: "compiled", "numpy" (small network), or "numpy (numba missing)",
+        # which is 2.5-3.5x slower on big all-to-alls: the summary reports it
+        self.kernels = "compiled" if self._kernels else "numpy"
+        if not self._kernels and big:
+            self.kernels = "numpy (numba missing)"
 
     # -- API for senders -------------------------------------------------------------------
     def group(self, n_slots: int) -> tuple[int, simpy.Event]:
