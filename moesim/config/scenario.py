@@ -320,6 +320,14 @@ class RoutingConfig(Config):
         "any expert-data-parallel group, split evenly, so groups share the load",
     )
     bias_balancing: BiasBalancingConfig = BiasBalancingConfig()
+    sampling: Literal["draw", "expected"] | None = Field(
+        None,
+        description="draw: sample which experts each token picks (per token, or multinomial "
+        "counts for large layers); expected: per-expert and per-pair loads from the routing "
+        "distribution's expectation, the hottest expert at the expected maximum load, no "
+        "sampling (token-choice top-k; other gates draw). None: draw for sim.fidelity des, "
+        "expected for analytic",
+    )
     shuffle_hot_experts: bool = Field(True, description="permute which experts are hot per layer")
     dispatch: Literal["auto", "pairs", "per_rank", "per_node"] = Field(
         "auto",

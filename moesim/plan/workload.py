@@ -51,6 +51,7 @@ from moesim.routing.placement import (
     share_matrix,
     split_integer,
 )
+from moesim.routing.sampling import sampling_mode
 
 
 def layer_generators(
@@ -228,7 +229,7 @@ def _route(ctx: _Context, layer_seed, moe_index: int):
         limit_groups = dev_of // sc.cluster.devices_per_node if r.node_limit else dev_of
     routing = route_layer(
         r, probs, m.top_k, m.d_model, lay.tokens_dev, lay.group, lay.edp, limit_groups,
-        moe_index, route_rng, ctx.trace,
+        moe_index, route_rng, ctx.trace, sampling=sampling_mode(ctx.sc),
     )  # fmt: skip
     return share, expected, routing
 
