@@ -67,6 +67,22 @@ class ModelSpec(Spec):
     kv_share_group: PositiveInt = Field(1, description="consecutive layers sharing one KV cache")
     mla: MLASpec | None = None
     tied_embeddings: bool = False
+    linear_output_gate: bool = Field(
+        False,
+        description="lightning-attention layers gate their output with a sigmoid of one more "
+        "d x (heads x head_dim) projection (MiniMax-01)",
+    )
+    lf_conv_width: int = Field(
+        0,
+        ge=0,
+        description="localized filtering (Yuan 2.0): two causal 1-D convolutions of this width "
+        "(d -> d/2 -> d) in front of each attention; 0 = none",
+    )
+    active_params_exclude: tuple[Literal["input_embedding", "lm_head"], ...] = Field(
+        (),
+        description="parts the published active count leaves out (model cards differ: "
+        "DeepSeek-V3 omits the input embedding, MiniMax-01 both embeddings)",
+    )
     total_params: float | None = Field(None, description="published total parameters")
     active_params: float | None = Field(None, description="published active parameters/token")
     sources: dict[str, str] = Field(default_factory=dict)

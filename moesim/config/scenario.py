@@ -125,13 +125,31 @@ class DtypeConfig(Config):
     activations: Dtype = "bf16"
     kv_cache: Dtype = "bf16"
     compute: Dtype = "bf16"
+    dispatch: Dtype | None = Field(
+        None, description="activation rows the all-to-all sends to experts (default: activations)"
+    )
+    combine: Dtype | None = Field(
+        None, description="expert outputs the all-to-all sends back (default: activations)"
+    )
+    attention_compute: Dtype | None = Field(
+        None,
+        description="dtype the attention core computes in; default: bf16 when compute is fp8 "
+        "(FlashAttention-3 and FlashMLA run the core in BF16), else compute",
+    )
 
     def bytes_of(self, kind: str) -> float:
-        """Bytes per element of a tensor kind."""
+        """Bytes per element of a tensor kind (``dispatch``/``combine`` default to
+        ``activations``, ``expert_weights`` to ``weights``)."""
         dtype = getattr(self, kind)
-        if dtype is None and kind == "expert_weights":
-            dtype = self.weights
+        if dtype is None:
+            dtype = self.weights if kind == "expert_weights" else self.activations
         return DTYPE_BYTES[dtype]
+
+    def attention_compute_dtype(self) -> str:
+        """The attention core's compute dtype (see ``attention_compute``)."""
+        if self.attention_compute is not None:
+            return self.attention_compute
+        return "bf16" if self.compute == "fp8" else self.compute
 
 
 class TrainConfig(Config):

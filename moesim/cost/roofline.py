@@ -54,6 +54,7 @@ def op_time_split(
     The roofline with the op's fused or unfused traffic, at least the measured per-score cost
     for gating, and, for GEMMs a device's kernel table covers, the measured time instead
     (which includes its own call overhead)."""
+    compute_dtype = op.compute_dtype or compute_dtype
     memory = op.memory_bytes
     if not device.fused_elementwise and op.unfused_memory_bytes is not None:
         memory = op.unfused_memory_bytes

@@ -28,7 +28,13 @@ import numpy as np
 
 from moesim import catalog
 from moesim.config.scenario import Scenario, ScenarioError
-from moesim.cost.ops import Bytes, OpCost, expert_ops, kv_cache_bytes_per_token
+from moesim.cost.ops import (
+    Bytes,
+    OpCost,
+    expert_ops,
+    kv_cache_bytes_per_token,
+    workload_bytes,
+)
 from moesim.cost.pim import crossover_tokens, internal_bytes, pim_op_time_s
 from moesim.plan.types import PimWork
 
@@ -237,6 +243,4 @@ def pim_summary(plan: WorkloadPlan, devices: pd.DataFrame) -> dict | None:
 def plan_bytes(sc: Scenario) -> Bytes:
     """Bytes per element of each tensor kind of the scenario's workload."""
     dt = sc.workload.dtypes
-    return Bytes(
-        *(dt.bytes_of(k) for k in ("weights", "expert_weights", "activations", "kv_cache"))
-    )
+    return workload_bytes(dt)

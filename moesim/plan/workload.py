@@ -29,6 +29,7 @@ from moesim.cost.ops import (
     permute_ops,
     router_ops,
     unpermute_ops,
+    workload_bytes,
 )
 from moesim.cost.pim import weight_bytes
 from moesim.cost.roofline import op_kernels, op_time_split
@@ -60,12 +61,7 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
     n_dev, tp, ep, etp = sc.cluster.n_devices, par.tp, par.ep, par.etp
     dp, edp = n_dev // tp, n_dev // (ep * etp)
     dt = wl.dtypes
-    b = Bytes(
-        dt.bytes_of("weights"),
-        dt.bytes_of("expert_weights"),
-        dt.bytes_of("activations"),
-        dt.bytes_of("kv_cache"),
-    )
+    b = workload_bytes(dt)
     cdt = dt.compute
     g = np.arange(n_dev)
     replica = g // tp

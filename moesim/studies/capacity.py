@@ -56,6 +56,7 @@ from moesim.cost.ops import (
     linear_state_bytes_per_seq,
     lm_head_ops,
     router_ops,
+    workload_bytes,
 )
 from moesim.cost.roofline import op_time_s
 from moesim.results.collect import Result
@@ -207,12 +208,7 @@ def price_per_device_hour_usd(spec: PlanSpec, device: str) -> float:
 # -- bounds -----------------------------------------------------------------------------------
 def _bytes(sc: Scenario) -> Bytes:
     dt = sc.workload.dtypes
-    return Bytes(
-        dt.bytes_of("weights"),
-        dt.bytes_of("expert_weights"),
-        dt.bytes_of("activations"),
-        dt.bytes_of("kv_cache"),
-    )
+    return workload_bytes(dt)
 
 
 def _split(total: int, parts: int) -> np.ndarray:
