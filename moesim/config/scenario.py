@@ -476,6 +476,9 @@ class Scenario(Config):
                 raise ScenarioError("pim.policy", "PIM placement models prefill and decode only")
             object.__setattr__(self, "pim", pim.model_copy(update={"compute_dtype": cdt}))
         dev = self.cluster.device
+        if wl.phase == "decode" and dev.with_graphs() is not dev:  # CUDA graphs hide dispatch
+            dev = dev.with_graphs()
+            object.__setattr__(self, "cluster", self.cluster.model_copy(update={"device": dev}))
         resolved = {
             "intra_node": topo.intra_node or dev.intra_node_topology,
             "intra_node_link": topo.intra_node_link or catalog.link(dev.intra_node_link),

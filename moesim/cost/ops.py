@@ -34,7 +34,8 @@ class OpCost:
     gemm: tuple[float, float] | None = None  # (k, n) of each GEMM, for measured kernel tables
     gemm_count: int = 1  # how many (m x k) @ (k x n) GEMMs the op is
     compute_dtype: str | None = None  # its own compute dtype (attention core), else the workload's
-    weight_elements: ArrayLike | None = None  # weights it reads (weight-only dequantisation)
+    dequant_weights: float | None = None  # weights dequantised (weight-only quantised GEMMs)
+    attention: tuple[float, float] | None = None  # core: (keys per query, head dim)
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,20 @@ def _gemm(
     flops = 2.0 * tokens * k * n
     memory = np.where(tokens > 0, k * n * w_bytes, 0.0) + tokens * (k + n) * a_bytes
     return OpCost(
-        name, flops, memory, kernels, rows=tokens, inner=float(k), gemm=(float(k), float(n))
+        name,
+        flops,
+        memory,
+        kernels,
+        rows=tokens,
+        inner=float(k),
+        gemm=(float(k), float(n)),
+        dequant_weights=_dequant(k * n, w_bytes, a_bytes),
     )
+
+
+def _dequant(weights: float, w_bytes: float, a_bytes: float) -> float | None:
+    """Weights a weight-only quantised GEMM dequantises (narrower than its activations)."""
+    return float(weights) if w_bytes < a_bytes else None
 
 
 def attention_weight_params(m: ModelSpec, kind: str) -> float:
@@ -196,7 +209,16 @@ def attention_ops(
             )
             core_flops = 2.0 * tokens * keys_per_query * h_loc * (qk + a.v_head_dim)
             core_bytes = batch * (c + s) * lat * kvb + tokens * h_loc * (qk + a.v_head_dim) * ab
-        ops.append(OpCost("attention_core", core_flops, core_bytes, compute_dtype=core_dtype))
+        core_dim = float(lat if s == 1 else qk)
+        ops.append(
+            OpCost(
+                "attention_core",
+                core_flops,
+                core_bytes,
+                compute_dtype=core_dtype,
+                attention=(keys_per_query, core_dim),
+            )
+        )
         ops.append(_gemm("o_proj", tokens, h_loc * a.v_head_dim, d, wb, ab))
         return ops
     kv = h if kind == "linear" else m.n_kv_heads
@@ -207,14 +229,44 @@ def attention_ops(
         intra_keys = (min(s, LIGHTNING_BLOCK_TOKENS) + 1) / 2.0
         core_flops = 4.0 * tokens * h_loc * hd * hd + 4.0 * tokens * intra_keys * h_loc * hd
         core_bytes = 2.0 * state + tokens * 4 * h_loc * hd * ab
+        ops.append(OpCost("attention_core", core_flops, core_bytes, compute_dtype=core_dtype))
     else:
-        core_flops = 4.0 * tokens * keys_per_query * h_loc * hd
-        core_bytes = batch * (c + s) * 2 * kv_loc * hd * kvb + tokens * 2 * h_loc * hd * ab
-    ops.append(OpCost("attention_core", core_flops, core_bytes, compute_dtype=core_dtype))
+        ops.append(
+            softmax_core_op(batch, s, keys_per_query, c + s, h_loc, kv_loc, hd, ab, kvb, core_dtype)
+        )
     if kind == "linear" and m.linear_output_gate:
         ops.append(_gemm("output_gate", tokens, d, h_loc * hd, wb, ab))
     ops.append(_gemm("o_proj", tokens, h_loc * hd, d, wb, ab))
     return ops
+
+
+def softmax_core_op(
+    batch: ArrayLike,
+    queries_per_seq: float,
+    keys_per_query: float,
+    kv_per_seq: float,
+    heads: float,
+    kv_heads: float,
+    head_dim: float,
+    a_bytes: float,
+    kv_bytes: float,
+    compute_dtype: str | None = None,
+) -> OpCost:
+    """Softmax attention core (FlashAttention): ``4 q L h hd`` FLOPs for q queries attending
+    L keys each (QK^T and PV; causal: L is the mean over queries), reading ``kv_per_seq`` cached
+    keys and values per sequence and the queries and outputs once (Dao et al. 2022)."""
+    batch = np.asarray(batch, dtype=float)
+    q = batch * queries_per_seq
+    flops = 4.0 * q * keys_per_query * heads * head_dim
+    memory = batch * kv_per_seq * 2 * kv_heads * head_dim * kv_bytes
+    memory = memory + q * 2 * heads * head_dim * a_bytes
+    return OpCost(
+        "attention_core",
+        flops,
+        memory,
+        compute_dtype=compute_dtype,
+        attention=(float(keys_per_query), float(head_dim)),
+    )
 
 
 def router_ops(m: ModelSpec, tokens: ArrayLike, b: Bytes) -> list[OpCost]:
@@ -301,6 +353,7 @@ def swiglu_ops(
             unfused_kernels=2,  # gate and up as two GEMMs (one concatenated GEMM when fused)
             gemm=(float(d_model), float(d_ff)),
             gemm_count=2,
+            dequant_weights=_dequant(2.0 * d_model * d_ff, w_bytes, ab),
         ),
         OpCost(
             f"{name}_act",
@@ -317,6 +370,7 @@ def swiglu_ops(
             rows=n,
             inner=float(d_ff),
             gemm=(float(d_ff), float(d_model)),
+            dequant_weights=_dequant(d_model * d_ff, w_bytes, ab),
         ),
     ]
 
