@@ -149,7 +149,8 @@ def test_single_device_step_is_sum_of_closed_form_kernels():
     gate = roof(2 * tokens * d * 1, 2 * (d + tokens * (d + 1)))
     gating = roof(5 * tokens * 1, 3 * tokens * 1 * 4)  # softmax + top-k over fp32 scores
     permute = roof(0, 2 * tokens * d * 2)  # gather: read + write each pair's activation
-    unpermute = roof(2 * tokens * d, (3 * tokens + tokens) * d * 2)  # weighted scatter-add
+    # weighted scatter-add, inside the combine kernel: no launch of its own
+    unpermute = roof(2 * tokens * d, (3 * tokens + tokens) * d * 2, 0)
     experts = (
         roof(4 * tokens * d * f, 2 * (2 * d * f + tokens * (d + 2 * f)), 0)  # gate + up GEMM
         + roof(5 * tokens * f, 2 * 3 * tokens * f, 0)  # silu(g) * u

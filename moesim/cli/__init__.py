@@ -356,6 +356,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from moesim.validation.validate import error_stats, run_validation
 
+    if args.published:
+        from moesim.validation.published import print_published
+
+        return print_published(args.out)
     df = run_validation(
         args.out, quick=args.quick, calibration=args.calibration, progress=not args.quiet
     )
@@ -629,6 +633,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="use this calibration instead of measuring now",
     )
     val.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    val.add_argument(
+        "--published",
+        action="store_true",
+        help="instead: predict the published kernel measurements (moesim/catalog/measurements) "
+        "and print median and p90 |error| per kind; writes DIR/published.csv, published.png",
+    )
     val.set_defaults(func=cmd_validate)
 
     mdl = sub.add_parser(

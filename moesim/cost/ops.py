@@ -316,15 +316,18 @@ def permute_ops(pairs: ArrayLike, d_model: int, b: Bytes) -> OpCost:
 
 def unpermute_ops(pairs: ArrayLike, tokens: ArrayLike, d_model: int, b: Bytes) -> OpCost:
     """Combine: scale each returned pair by its gate weight and add it into its token's
-    output (``2 d`` FLOPs per pair; read the pair and read-modify-write the output row)."""
+    output (``2 d`` FLOPs per pair; read the pair and read-modify-write the output row). On a
+    GPU the weighted reduction runs inside the combine kernel, which reduces the top-k rows as
+    they arrive (DeepEP's combine), so it launches nothing of its own (``kernels = 0``)."""
     pairs = np.asarray(pairs, dtype=float)
     tokens = np.asarray(tokens, dtype=float)
     return OpCost(
         "unpermute",
         2.0 * pairs * d_model,
-        (3.0 * pairs + tokens) * d_model * b.activations,
+        (pairs * b.combine + (2.0 * pairs + tokens) * b.activations) * d_model,
+        kernels=0,
         # unfused: scale (r+w), gather the output rows (r), add (2r+w), scatter (w), zero (w)
-        unfused_memory_bytes=(7.0 * pairs + tokens) * d_model * b.activations,
+        unfused_memory_bytes=(pairs * b.combine + (6.0 * pairs + tokens) * b.activations) * d_model,
         unfused_kernels=6,
     )
 
