@@ -150,3 +150,15 @@ def test_few_output_tiles_lower_fp8_gemm_efficiency():
     nbytes = k * n + m * k + 2 * m * n
     t = float(kernel_time_s(h800, 2 * m * k * n, nbytes, "fp8", 0, m, k, n))
     assert t == pytest.approx(nbytes / (3.35e12 * 0.9 * occ), rel=1e-9)  # memory-bound
+
+
+def test_validate_published_command_writes_its_table_and_plot(tmp_path, capsys):
+    from moesim.cli import main
+
+    assert main(["validate", "--published", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for kind in ("gemm", "grouped_gemm", "attention", "collective"):
+        assert f"\n{kind} " in "\n" + out
+    df = pd.read_csv(tmp_path / "published.csv")
+    assert len(df) == 62 and df["rel_error"].notna().all()
+    assert (tmp_path / "published.png").stat().st_size > 0
