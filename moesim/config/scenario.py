@@ -145,13 +145,31 @@ class DtypeConfig(Config):
     activations: Dtype = "bf16"
     kv_cache: Dtype = "bf16"
     compute: Dtype = "bf16"
+    dispatch: Dtype | None = Field(
+        None, description="activation rows the all-to-all sends to experts (default: activations)"
+    )
+    combine: Dtype | None = Field(
+        None, description="expert outputs the all-to-all sends back (default: activations)"
+    )
+    attention_compute: Dtype | None = Field(
+        None,
+        description="dtype the attention core computes in; default: bf16 when compute is fp8 "
+        "(FlashAttention-3 and FlashMLA run the core in BF16), else compute",
+    )
 
     def bytes_of(self, kind: str) -> float:
-        """Bytes per element of a tensor kind."""
+        """Bytes per element of a tensor kind (``dispatch``/``combine`` default to
+        ``activations``, ``expert_weights`` to ``weights``)."""
         dtype = getattr(self, kind)
-        if dtype is None and kind == "expert_weights":
-            dtype = self.weights
+        if dtype is None:
+            dtype = self.weights if kind == "expert_weights" else self.activations
         return DTYPE_BYTES[dtype]
+
+    def attention_compute_dtype(self) -> str:
+        """The attention core's compute dtype (see ``attention_compute``)."""
+        if self.attention_compute is not None:
+            return self.attention_compute
+        return "bf16" if self.compute == "fp8" else self.compute
 
 
 class TrainConfig(Config):
@@ -575,6 +593,16 @@ def _format_validation_error(err: ValidationError) -> tuple[str, str]:
     return format_validation_error(err, Scenario)
 
 
+def cuda_graphs_in_decode(sc: Scenario) -> Scenario:
+    """A decode scenario as its engine runs it: the step replays CUDA graphs, so the device
+    costs ``launch_s_with_graphs`` per kernel (``GpuSpec.with_graphs``); others unchanged."""
+    dev = sc.cluster.device
+    if sc.workload.phase != "decode" or dev.with_graphs() is dev:
+        return sc
+    cluster = sc.cluster.model_copy(update={"device": dev.with_graphs()})
+    return sc.model_copy(update={"cluster": cluster})
+
+
 def scenario_from_dict(
     data: dict[str, Any], overrides: dict[str, Any] | None = None, file: str | None = None
 ) -> Scenario:
@@ -582,7 +610,7 @@ def scenario_from_dict(
     if not isinstance(data, dict):
         raise ScenarioError("", "a scenario must be a YAML mapping", file)
     data = apply_overrides(data, overrides or {})
-    return validate(Scenario, data, file, "scenario")
+    return cuda_graphs_in_decode(validate(Scenario, data, file, "scenario"))
 
 
 def _resolve_relative(data: Any, dotted: str, base: Path) -> None:
