@@ -8,7 +8,7 @@ import pytest
 
 from moesim import catalog, scenario_from_dict
 from moesim.config.scenario import DtypeConfig
-from moesim.cost.kernels import resolve_table
+from moesim.config.tables import resolve_kernel_table as resolve_table
 from moesim.cost.ops import _gemm, attention_ops, workload_bytes
 from moesim.cost.roofline import kernel_time_s, op_time_s
 from moesim.network.topology import build_topology

@@ -182,7 +182,7 @@ def shipped_table_errors(device: str = "h100-sxm") -> pd.DataFrame:
     """Median and max |error| over m of every (k, n) GEMM shape of the shipped H100 table,
     predicted as one isolated eager call (``kernel_time_s(..., isolated=True)``: the host
     dispatch adds, as it does between the table's two CUDA events)."""
-    from moesim.cost.kernels import resolve_table
+    from moesim.config.tables import resolve_kernel_table as resolve_table
     from moesim.cost.roofline import kernel_time_s
 
     spec = catalog.device(device)
