@@ -295,7 +295,8 @@ def _dispatch_traffic(
     the dispatch mode sends them (:mod:`moesim.plan.dispatch`); ``per_node`` also sets the
     intra-node forwarding stage (``lp.dispatch_forward``) and returns the network stage."""
     lay, r = ctx.lay, ctx.sc.routing
-    act_bytes_per_token = ctx.sc.model.d_model * ctx.b.activations
+    act_bytes_per_token = ctx.sc.model.d_model * ctx.b.dispatch
+    lp.combine_scale = ctx.b.combine / ctx.b.dispatch
     to_rank = rank_totals(kept, share)  # [source, rank]
     totals = kept.sum(axis=1)
     if r.global_routing:
