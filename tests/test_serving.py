@@ -7,7 +7,7 @@ import pytest
 
 from moesim import ScenarioError, catalog, load_scenario, simulate
 from moesim.cli import main
-from moesim.serving.simulation import kv_bytes_per_token, state_bytes_per_seq
+from moesim.serving.cost_model import kv_bytes_per_token, state_bytes_per_seq
 
 from .conftest import small_scenario
 

@@ -117,7 +117,15 @@ class ServeConfig(_Config):
         "relative paths are relative to the scenario file",
     )
     replicas: PositiveInt = Field(
-        1, description="identical instances of the cluster; a request goes to the least loaded"
+        1,
+        description="identical instances (data-parallel replicas) of the cluster, each with "
+        "its own batch and KV cache; a request joins one of them (router)",
+    )
+    router: Literal["least_loaded", "round_robin"] = Field(
+        "least_loaded",
+        description="which instance a request joins: least_loaded (fewest requests queued, "
+        "running or in transfer) or round_robin (request r to instance r mod replicas); the "
+        "same rule sends prefilled requests to decode pools",
     )
     max_batch_size: PositiveInt = Field(
         256, description="running sequences per instance (vLLM max_num_seqs)"
