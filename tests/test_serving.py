@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -340,3 +342,106 @@ def test_sweep_rows_carry_serving_metrics():
     assert row["status"] == "ok", row["error"]
     assert row["requests"] == 50 and row["ttft_p50_s"] <= row["ttft_p99_s"]
     assert 0 < row["kv_cache.utilization_max"] <= 1
+
+
+STEADY_LENGTHS = {
+    "prompt_tokens": {"distribution": "uniform", "low": 64, "high": 1024},
+    "output_tokens": {"distribution": "lognormal", "mean": 48, "high": 512},
+}
+
+
+def test_littles_law_on_the_steady_window():
+    result = simulate(serve_scenario({"rate_per_s": 400.0, "n_requests": 3000, **STEADY_LENGTHS}))
+    s, req = result.summary, result.requests
+    win = s["steady_window"]
+    assert s["stable"], s["unstable_reason"]
+    t0, t1 = win["start_s"], win["end_s"]
+    assert 0 < t0 < t1 == pytest.approx(req["arrival_s"].max())
+    # L: time average over the window from a fine sampling of the requests table
+    grid = np.linspace(t0, t1, 20001)
+    arrived = np.searchsorted(np.sort(req["arrival_s"]), grid, side="right")
+    gone = np.searchsorted(np.sort(req["done_s"]), grid, side="right")
+    in_system = float((arrived - gone).mean())
+    assert in_system > 5, "the test needs a queue"
+    assert win["mean_requests_in_system"] == pytest.approx(in_system, rel=0.01)
+    # lambda W over the requests that arrived in the window
+    inside = req[(req["arrival_s"] >= t0) & (req["arrival_s"] <= t1)]
+    lam = len(inside) / (t1 - t0)
+    assert win["requests"] == len(inside)
+    assert lam * inside["latency_s"].mean() == pytest.approx(in_system, rel=0.05)
+    # a stable run serves what is offered: steady tokens/s within its interval of the arrivals'
+    offered = inside["output_tokens"].sum() / (t1 - t0)
+    ci = s["throughput_tokens_per_s_ci"]
+    assert 0 < ci < 0.1 * offered
+    assert abs(s["throughput_tokens_per_s"] - offered) < max(2 * ci, 0.03 * offered)
+
+
+def overload_scenario(n: int | str = 3000):
+    return serve_scenario({"rate_per_s": 12800.0, "n_requests": n, **STEADY_LENGTHS})
+
+
+def test_overload_is_flagged_unstable_and_throughput_is_the_capacity():
+    light = simulate(serve_scenario({"rate_per_s": 400.0, "n_requests": 3000, **STEADY_LENGTHS}))
+    heavy = simulate(overload_scenario()).summary
+    assert light.summary["stable"] and not heavy["stable"]
+    assert "queue grows" in heavy["unstable_reason"]
+    # served well below the offered tokens/s: capacity, not demand
+    assert heavy["throughput_tokens_per_s"] < 0.5 * heavy["offered_tokens_per_s"]
+
+
+def test_until_stable_doubles_the_request_count_within_its_bound():
+    sc = serve_scenario(
+        {
+            "rate_per_s": 400.0,
+            "n_requests": "until_stable",
+            "steady": {"initial_requests": 250, "max_requests": 4000, "ci_tolerance": 0.04},
+            **STEADY_LENGTHS,
+        }
+    )
+    s = simulate(sc).summary
+    runs = s["until_stable"]["runs"]
+    assert runs[0] == 250 and all(b == 2 * a for a, b in itertools.pairwise(runs))
+    assert s["requests"] == runs[-1] <= 4000
+    if s["until_stable"]["converged"]:
+        assert s["stable"] and s["throughput_tokens_per_s_ci"] <= 0.04 * s["tokens_per_s"]
+    else:
+        assert runs[-1] == 4000
+    # an overloaded run never converges: it stops at the bound, flagged
+    over = overload_scenario("until_stable")
+    over = over.model_copy(
+        update={
+            "workload": over.workload.model_copy(
+                update={
+                    "serve": over.workload.serve.model_copy(
+                        update={
+                            "steady": over.workload.serve.steady.model_copy(
+                                update={"initial_requests": 500, "max_requests": 2000}
+                            )
+                        }
+                    )
+                }
+            )
+        }
+    )
+    o = simulate(over).summary
+    assert o["until_stable"] == {"runs": [500, 1000, 2000], "converged": False}
+    assert not o["stable"]
+
+
+def test_rate_in_tokens_per_second_uses_the_exact_mean_output():
+    from moesim.config.serve import LengthConfig
+
+    out = LengthConfig(distribution="lognormal", mean=256, sigma=1.0, low=1, high=2048)
+    exact = out.expected()
+    assert exact < 256  # the clip at 2,048 cuts the tail
+    draws = out.sample(400_000, np.random.default_rng(1))
+    assert exact == pytest.approx(draws.mean(), abs=4 * draws.std() / np.sqrt(len(draws)))
+    sc = serve_scenario(
+        {
+            "rate": {"tokens_per_s": 1000.0},
+            "output_tokens": {"distribution": "lognormal", "mean": 256, "high": 2048},
+        }
+    )
+    assert sc.workload.serve.arrival_rate_per_s == pytest.approx(1000.0 / exact)
+    with pytest.raises(ScenarioError):
+        serve_scenario({"rate": {"tokens_per_s": 1.0, "requests_per_s": 1.0}})

@@ -19,6 +19,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from scipy import special
 
 from moesim import catalog
 from moesim.catalog.specs import LinkSpec
@@ -59,6 +60,23 @@ class LengthConfig(_Config):
         # lognormal: clipped to high, or to 20 x the mean (P(> 20 x mean) < 1e-3 for sigma <= 1.5)
         return self.low, int(self.high or 20 * self.mean)
 
+    def expected(self) -> float:
+        """The exact mean of :meth:`sample`: for lognormal, the mean of the rounded and clipped
+        draw, ``sum_k k P(k - 1/2 < X < k + 1/2)`` with the clipped tails at ``low`` and
+        ``high`` (not the configured ``mean``, which is that of the unclipped ``X``)."""
+        lo, hi = self.bounds
+        if self.distribution != "lognormal":
+            return (lo + hi) / 2.0
+        mu = np.log(self.mean) - self.sigma**2 / 2
+        k = np.arange(lo, hi + 1, dtype=float)
+        upper = np.append(k[:-1] + 0.5, np.inf)
+        lower = np.insert(k[1:] - 0.5, 0, 0.0)
+        with np.errstate(divide="ignore"):
+            z_hi = (np.log(upper) - mu) / self.sigma
+            z_lo = (np.log(lower) - mu) / self.sigma
+        p = special.ndtr(z_hi) - special.ndtr(z_lo)
+        return float((k * p).sum() / p.sum())
+
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """``n`` integer lengths."""
         lo, hi = self.bounds
@@ -68,6 +86,48 @@ class LengthConfig(_Config):
             return rng.integers(lo, hi + 1, size=n)
         mu = np.log(self.mean) - self.sigma**2 / 2
         return np.clip(np.rint(rng.lognormal(mu, self.sigma, size=n)), lo, hi).astype(np.int64)
+
+
+class SteadyConfig(_Config):
+    """How the steady window, its interval and the stability verdict are taken (see
+    ``moesim/serving/steady.py``), and how far ``n_requests: until_stable`` grows a run."""
+
+    warmup_fraction: float = Field(
+        0.2, ge=0, lt=1, description="share of requests, by arrival, excluded as warm-up"
+    )
+    batches: int = Field(
+        10, ge=2, le=100, description="batch means over the steady window (95% interval)"
+    )
+    growth_tolerance: float = Field(
+        0.1,
+        gt=0,
+        description="relative rise of requests in system or TTFT from the third to the last "
+        "quarter of the window above which (and above 3 standard errors) a run is unstable",
+    )
+    ci_tolerance: float = Field(
+        0.05,
+        gt=0,
+        description="until_stable: stop when the 95% half-width of the steady tokens/s is at "
+        "most this share of it (and the run is stable)",
+    )
+    initial_requests: PositiveInt = Field(1000, description="until_stable: the first run")
+    max_requests: PositiveInt = Field(
+        16000, description="until_stable: the request count is doubled up to this bound"
+    )
+
+
+class RateConfig(_Config):
+    """An arrival rate in requests per second or in output tokens per second (converted with
+    the exact mean of the output-length distribution, :meth:`LengthConfig.expected`)."""
+
+    requests_per_s: PositiveFloat | None = None
+    tokens_per_s: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> RateConfig:
+        if (self.requests_per_s is None) == (self.tokens_per_s is None):
+            raise ValueError("give exactly one of requests_per_s, tokens_per_s")
+        return self
 
 
 class SloConfig(_Config):
@@ -108,7 +168,18 @@ class ServeConfig(_Config):
         "poisson", description="poisson (rate_per_s, n_requests, length distributions) or trace"
     )
     rate_per_s: PositiveFloat = Field(1.0, description="poisson: mean arrivals per second")
-    n_requests: PositiveInt = Field(1000, description="poisson: requests simulated")
+    rate: RateConfig | None = Field(
+        None,
+        description="poisson: {requests_per_s: X} or {tokens_per_s: Y} (output tokens, divided "
+        "by the exact mean output length); replaces rate_per_s when given",
+    )
+    n_requests: PositiveInt | Literal["until_stable"] = Field(
+        1000,
+        description="poisson: requests simulated; until_stable doubles the count from "
+        "steady.initial_requests until the run is stable and its steady tokens/s interval is "
+        "within steady.ci_tolerance, at most steady.max_requests",
+    )
+    steady: SteadyConfig = SteadyConfig()
     prompt_tokens: LengthConfig = LengthConfig(mean=512)
     output_tokens: LengthConfig = LengthConfig(mean=128)
     trace: str | None = Field(
@@ -170,6 +241,15 @@ class ServeConfig(_Config):
     grid_points: int = Field(
         8, ge=2, le=32, description="points per length axis of the iteration-time grid"
     )
+
+    @property
+    def arrival_rate_per_s(self) -> float:
+        """Poisson arrivals per second: ``rate`` converted, else ``rate_per_s``."""
+        if self.rate is None:
+            return float(self.rate_per_s)
+        if self.rate.requests_per_s is not None:
+            return float(self.rate.requests_per_s)
+        return float(self.rate.tokens_per_s) / self.output_tokens.expected()
 
     @property
     def instances(self) -> int:

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from moesim.serving.scheduler import ServingSimulation
+from moesim.serving.steady import steady_window
 
 PERCENTILES = (50, 90, 99)
 
@@ -92,6 +93,8 @@ def collect_serving(sim: ServingSimulation, wall_s: float) -> ServeResult:
     decodes = iterations[iterations["decode_tokens"] > 0]  # decode and mixed iterations
     prefills = iterations[iterations["prefill_tokens"] > 0]
     span = float(sim.arrival[-1] - sim.arrival[0]) if n > 1 else 0.0
+    win = steady_window(requests, iterations, serve.steady)
+    in_win = win.requests
     summary: dict[str, Any] = {
         "scenario": sc.name,
         "phase": "serve",
@@ -99,15 +102,38 @@ def collect_serving(sim: ServingSimulation, wall_s: float) -> ServeResult:
         "instances": serve.instances,
         "devices_per_instance": sc.cluster.n_devices,
         "duration_s": end,
-        "offered_rate_per_s": serve.rate_per_s
+        "offered_rate_per_s": serve.arrival_rate_per_s
         if serve.arrivals == "poisson"
         else ((n - 1) / span if span > 0 else None),
-        "throughput_tokens_per_s": out_tokens / end,
-        "tokens_per_s": out_tokens / end,
+        "offered_tokens_per_s": serve.arrival_rate_per_s * serve.output_tokens.expected()
+        if serve.arrivals == "poisson"
+        else None,
+        # steady window (steady.py): the headline figures
+        "stable": win.stable,
+        "unstable_reason": win.unstable_reason,
+        "throughput_tokens_per_s": win.tokens_per_s,
+        "throughput_tokens_per_s_ci": win.tokens_per_s_ci,
+        "tokens_per_s": win.tokens_per_s,
+        "throughput_requests_per_s": win.requests_per_s,
+        "goodput_requests_per_s": win.requests_per_s * float(good[in_win].mean()),
+        "slo_attainment": float(good[in_win].mean()),
+        "steady_window": {
+            "start_s": win.start_s,
+            "end_s": win.end_s,
+            "requests": int(in_win.sum()),
+            "arrival_rate_per_s": win.arrival_rate_per_s,
+            "mean_requests_in_system": win.mean_requests_in_system,
+            "latency_mean_s": float(np.nanmean(latency[in_win])),
+            "growth": win.growth,
+            "rule": f"arrivals from request {serve.steady.warmup_fraction:.0%} to the last; "
+            f"{serve.steady.batches} batch means",
+        },
+        # the whole run, warm-up and drain included
+        "whole_run_tokens_per_s": out_tokens / end,
+        "whole_run_requests_per_s": n / end,
+        "whole_run_goodput_requests_per_s": float(good.sum()) / end,
+        "whole_run_slo_attainment": float(good.mean()),
         "prompt_tokens_per_s": float(sim.prompt.sum()) / end,
-        "throughput_requests_per_s": n / end,
-        "goodput_requests_per_s": float(good.sum()) / end,
-        "slo_attainment": float(good.mean()),
         "slo": serve.slo.model_dump(),
         **_stats(ttft, "ttft"),
         **_stats(tpot, "tpot"),

@@ -46,10 +46,16 @@ def print_serving_summary(s: dict[str, Any]) -> None:
         + (f" at {rate:.3g}/s" if rate else "")
         + f", served in {s['duration_s']:.1f} s"
     )
+    win = s["steady_window"]
     print(
-        f"throughput        {s['throughput_tokens_per_s']:,.0f} output tokens/s, "
-        f"{s['throughput_requests_per_s']:.3g} requests/s"
+        f"throughput        {s['throughput_tokens_per_s']:,.0f} +- "
+        f"{s['throughput_tokens_per_s_ci']:,.0f} output tokens/s (95%), "
+        f"{s['throughput_requests_per_s']:.3g} requests/s, steady window "
+        f"{win['start_s']:.1f}-{win['end_s']:.1f} s; whole run {s['whole_run_tokens_per_s']:,.0f}"
+        " tokens/s"
     )
+    if not s["stable"]:
+        print(f"UNSTABLE          {s['unstable_reason']}: the load is more than it serves")
     print(
         f"goodput           {s['goodput_requests_per_s']:.3g} requests/s within the SLO "
         f"(ttft {_fmt_s(s['slo']['ttft_s'])}, tpot {_fmt_s(s['slo']['tpot_s'])}): "

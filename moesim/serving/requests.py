@@ -9,22 +9,27 @@ from moesim.config.scenario import Scenario, ScenarioError
 from moesim.config.serve import ServeConfig
 
 
-def request_stream(sc: Scenario) -> pd.DataFrame:
+def request_stream(sc: Scenario, n: int | None = None) -> pd.DataFrame:
     """Requests sorted by arrival: ``arrival_s``, ``prompt_tokens``, ``output_tokens``.
 
-    Poisson: exponential gaps of mean ``1 / rate_per_s``. Gaps, prompt and output lengths
-    come from three streams of ``sim.seed``, and the gaps are unit exponentials divided by the
-    rate, so two rates see the same requests, compressed in time (common random numbers).
+    Poisson: ``n`` requests (default ``n_requests``; ``until_stable``: ``steady.max_requests``),
+    exponential gaps of mean ``1 / rate`` (:attr:`ServeConfig.arrival_rate_per_s`). Gaps,
+    prompt and output lengths come from three streams of ``sim.seed``, and the gaps are unit
+    exponentials divided by the rate, so two rates see the same requests, compressed in time
+    (common random numbers).
     """
     serve: ServeConfig = sc.workload.serve
     if serve.arrivals == "trace":
         return _read_trace(serve.trace)
     seed = np.random.SeedSequence(sc.sim.seed, spawn_key=(0x5E7E,))
     gaps, prompt, output = (np.random.default_rng(s) for s in seed.spawn(3))
-    n = serve.n_requests
+    if n is None:
+        n = serve.n_requests
+        if n == "until_stable":
+            n = serve.steady.max_requests
     return pd.DataFrame(
         {
-            "arrival_s": np.cumsum(gaps.exponential(1.0, n)) / serve.rate_per_s,
+            "arrival_s": np.cumsum(gaps.exponential(1.0, n)) / serve.arrival_rate_per_s,
             "prompt_tokens": serve.prompt_tokens.sample(n, prompt),
             "output_tokens": serve.output_tokens.sample(n, output),
         }

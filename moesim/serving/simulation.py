@@ -51,5 +51,22 @@ def simulate_serving(sc: Scenario, progress: bool | None = None) -> ServeResult:
         requests["output_tokens"].to_numpy(),
         progress=show,
     )
-    sim = ServingSimulation(sc, requests, costs).run()
-    return collect_serving(sim, time.perf_counter() - start)
+    serve = sc.workload.serve
+    if serve.arrivals == "trace" or serve.n_requests != "until_stable":
+        sim = ServingSimulation(sc, requests, costs).run()
+        return collect_serving(sim, time.perf_counter() - start)
+    n, runs = min(serve.steady.initial_requests, serve.steady.max_requests), []
+    while True:  # until_stable: the same stream, doubled (its first n requests each time)
+        sim = ServingSimulation(sc, requests.iloc[:n], costs).run()
+        result = collect_serving(sim, time.perf_counter() - start)
+        s = result.summary
+        runs.append(n)
+        rel = s["throughput_tokens_per_s_ci"] / s["throughput_tokens_per_s"]
+        if (s["stable"] and rel <= serve.steady.ci_tolerance) or n >= len(requests):
+            break
+        n = min(2 * n, len(requests))
+    s["until_stable"] = {
+        "runs": runs,
+        "converged": bool(s["stable"] and rel <= serve.steady.ci_tolerance),
+    }
+    return result
