@@ -445,3 +445,23 @@ def test_rate_in_tokens_per_second_uses_the_exact_mean_output():
     assert sc.workload.serve.arrival_rate_per_s == pytest.approx(1000.0 / exact)
     with pytest.raises(ScenarioError):
         serve_scenario({"rate": {"tokens_per_s": 1.0, "requests_per_s": 1.0}})
+
+
+def test_step_grid_is_reused_from_disk_with_identical_results(tmp_path, monkeypatch):
+    from moesim.serving import cost_model
+
+    monkeypatch.setenv("MOESIM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cost_model, "_STEP_CACHE", {})
+    monkeypatch.setattr(cost_model, "_LOADED", set())
+    sc = serve_scenario({"rate_per_s": 50.0, "n_requests": 100})
+    first = simulate(sc)
+    assert len(list(tmp_path.glob("*.json"))) == 1
+    # a fresh process: nothing in memory, the steps come from the file
+    monkeypatch.setattr(cost_model, "_STEP_CACHE", {})
+    monkeypatch.setattr(cost_model, "_LOADED", set())
+    second = simulate(sc.model_copy(update={"name": "renamed"}))
+    assert second.grid.equals(first.grid)
+    assert second.requests.equals(first.requests)
+    # another rate shares every grid point (the digest leaves the request stream out)
+    faster = serve_scenario({"rate_per_s": 80.0, "n_requests": 100})
+    assert cost_model._digest(faster) == cost_model._digest(sc)

@@ -14,10 +14,14 @@ come from :func:`moesim.cost.ops.kv_cache_bytes_per_token`; the KV budget per de
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -44,9 +48,11 @@ def state_bytes_per_seq(sc: Scenario) -> float:
 
 # -- iteration times -----------------------------------------------------------------------
 _STEP_CACHE: dict[tuple[str, str, int, int], tuple[float, float, float]] = {}
-"""(scenario digest, phase, batch, length) -> (step_s, weights_bytes, activations_bytes);
-grid points are shared by serving runs of the same model and cluster in one process (sweeps
-over arrival rate)."""
+"""(step digest, phase, batch, length) -> (step_s, weights_bytes, activations_bytes); grid
+points are shared by every serving run of the same model and cluster in one process, and
+through :func:`cache_dir` between processes (sweep workers, later runs)."""
+_LOADED: set[str] = set()
+_CODE_DIGEST: list[str] = []
 
 
 def _step_scenario(sc: Scenario, phase: str, batch: int, length: int) -> Scenario:
@@ -70,11 +76,83 @@ def _step_scenario(sc: Scenario, phase: str, batch: int, length: int) -> Scenari
 
 
 def _digest(sc: Scenario) -> str:
-    """Everything but the request stream: what iteration times depend on."""
+    """What iteration times depend on: the scenario without the request stream, the names,
+    the fields each grid step sets itself (phase, batch, length, fidelity) and the display
+    switches."""
     data = sc.model_dump(mode="json", exclude={"name", "description"})
     serve = data["workload"].pop("serve")
+    for key in ("phase", "batch_size", "seq_len"):
+        data["workload"].pop(key, None)
+    for key in ("fidelity", "progress", "trace"):
+        data["sim"].pop(key, None)
     data["step_fidelity"] = serve["step_fidelity"]
     return json.dumps(data, sort_keys=True)
+
+
+def cache_dir() -> Path | None:
+    """Where timed grid steps are kept between processes: ``$MOESIM_CACHE_DIR`` (empty: no
+    disk cache), else ``$XDG_CACHE_HOME/moesim/steps`` or ``~/.cache/moesim/steps``."""
+    env = os.environ.get("MOESIM_CACHE_DIR")
+    if env is not None:
+        return Path(env) if env else None
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "moesim" / "steps"
+
+
+def _code_digest() -> str:
+    """Hash of the package's code and catalog: a cached step is reused only by the same code."""
+    if not _CODE_DIGEST:
+        root = Path(__file__).resolve().parents[1]
+        h = hashlib.sha256()
+        for path in sorted(root.rglob("*")):
+            if path.suffix in (".py", ".yaml", ".csv") and path.is_file():
+                h.update(str(path.relative_to(root)).encode())
+                h.update(path.read_bytes())
+        _CODE_DIGEST.append(h.hexdigest()[:16])
+    return _CODE_DIGEST[0]
+
+
+def _cache_file(digest: str) -> Path | None:
+    folder = cache_dir()
+    if folder is None:
+        return None
+    name = hashlib.sha256((_code_digest() + digest).encode()).hexdigest()[:32]
+    return folder / f"{name}.json"
+
+
+def _load_steps(digest: str) -> None:
+    """Fill the in-process cache from the disk cache once per digest."""
+    if digest in _LOADED:
+        return
+    _LOADED.add(digest)
+    path = _cache_file(digest)
+    if path is None or not path.exists():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    for key, value in saved.items():
+        phase, batch, length = key.split(",")
+        _STEP_CACHE[(digest, phase, int(batch), int(length))] = tuple(value)
+
+
+def _save_steps(digest: str) -> None:
+    """Write this digest's timed steps (merged with what another process wrote) atomically."""
+    path = _cache_file(digest)
+    if path is None:
+        return
+    steps = {f"{p},{b},{n}": list(v) for (d, p, b, n), v in _STEP_CACHE.items() if d == digest}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            with contextlib.suppress(ValueError):
+                steps = {**json.loads(path.read_text()), **steps}
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(steps, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:  # a read-only or full disk: the run goes on without the cache
+        return
 
 
 def _timed_step(
@@ -92,6 +170,7 @@ def _timed_step(
         engine = engine_cls(plan, topology=topology, progress=False).run()
         if len(_STEP_CACHE) > 100_000:
             _STEP_CACHE.clear()
+            _LOADED.clear()
         _STEP_CACHE[key] = (
             float(engine.rec.finish_s.max()),
             float(plan.memory_bytes["weights"].max()),
@@ -223,6 +302,8 @@ def build_cost_model(
     start = time.perf_counter()
     topology = build_topology(sc.cluster, sc.topology)
     digest = _digest(sc)
+    _load_steps(digest)
+    before = len(_STEP_CACHE)
     p_lo, p_hi = int(prompts.min()), int(prompts.max())
     longest = int((prompts + outputs).max()) - 1  # a request recomputed after preemption
     _check_longest_fits(sc, prompts, outputs, _timed_step(sc, digest, "decode", 1, p_lo, topology))
@@ -250,6 +331,8 @@ def build_cost_model(
     timed: dict[tuple[str, int, int], tuple[float, float, float]] = {}
     for point in tqdm(points, delay=2.0, disable=not progress, desc="iteration grid", leave=False):
         timed[point] = _timed_step(sc, digest, *point, topology)
+    if len(_STEP_CACHE) != before:
+        _save_steps(digest)
     grid = StepGrid(
         prefill_lengths=lengths,
         prefill_batches=prefill_batches,
