@@ -452,3 +452,36 @@ def test_confirmation_overturns_a_screened_answer(tmp_path, monkeypatch):
     table = result.table.set_index("device")
     assert table.loc["fast", "fidelity"] == "analytic" and table.loc["fast", "feasible"]
     assert not table.loc["slow", "feasible"] and table.loc["slow", "screen_step_time_s"] == 1e-3
+
+
+# -- common random numbers -------------------------------------------------------------------
+def test_common_random_numbers_sweep_gives_identical_routing_for_identical_configs(tmp_path):
+    from moesim.studies.sweep import SweepSpec, execute, prepare
+
+    base = {
+        "name": "crn",
+        "model": {"preset": "mixtral-8x7b", "n_layers": 2},
+        "cluster": {"nodes": 1, "devices_per_node": 8, "device": "h100-sxm"},
+        "parallelism": {"ep": 8},
+        "workload": {"phase": "decode", "batch_size": 64, "seq_len": 512},
+        "routing": {"distribution": "zipf", "zipf_s": 1.0},
+        "sim": {"fidelity": "analytic"},
+    }
+    tables = {}
+    for crn in (True, False):
+        # three points that differ only in a label: the same configuration three times
+        spec = SweepSpec(
+            name="crn", base=base, axes={"description": ["a", "b", "c"]}, common_random_numbers=crn
+        )
+        run = prepare(spec, base, tmp_path / str(crn), "crn.yaml", "csv")
+        tables[crn] = execute(run, None, progress=False)
+    same, own = tables[True], tables[False]
+    assert same["seed"].nunique() == 1 and own["seed"].nunique() == 3
+    for col in ("routing.max_over_mean_load", "step_time_s"):
+        assert same[col].nunique() == 1, col
+    assert own["routing.max_over_mean_load"].nunique() > 1
+    # the seed column is the seed the point ran on
+    rerun = simulate(scenario_from_dict(base, {"sim.seed": int(same["seed"].iloc[0])}))
+    assert (
+        rerun.summary["routing"]["max_over_mean_load"] == same["routing.max_over_mean_load"].iloc[0]
+    )

@@ -413,6 +413,7 @@ def _simulate(
         axes=axes,
         mode="zip",
         seed=spec.seed,
+        common_random_numbers=True,
     )
     out.mkdir(parents=True, exist_ok=True)
     if not resume:

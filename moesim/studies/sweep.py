@@ -75,6 +75,12 @@ class SweepSpec(BaseModel):
     )
     repetitions: int = Field(1, gt=0, description="runs per point with different seeds")
     seed: int = Field(0, ge=0)
+    common_random_numbers: bool = Field(
+        False,
+        description="every point of a repetition runs on the same seed (the same routing draws "
+        "and request stream), so differences between points are the configuration's; false: "
+        "each point draws its own seed from its values",
+    )
 
     @field_validator("axes")
     @classmethod
@@ -177,7 +183,8 @@ def expand(spec: SweepSpec) -> list[Point]:
     points = []
     for values in combos:
         for rep in range(spec.repetitions):
-            digest = int.from_bytes(_digest(values, rep)[:8], "little")
+            shared = {} if spec.common_random_numbers else values
+            digest = int.from_bytes(_digest(shared, rep)[:8], "little")
             seed = int(np.random.SeedSequence([spec.seed, digest]).generate_state(1)[0])
             points.append(Point(len(points), values, rep, seed))
     return points
@@ -309,7 +316,7 @@ class SweepRun:
             "point": point.index,
             "key": point.key,
             "repetition": point.repetition,
-            "seed": point.seed,
+            "seed": point_overrides(self.spec, point)["sim.seed"],  # the seed used
             **point.values,
             **metrics,
         }
