@@ -277,6 +277,12 @@ class RoutingConfig(Config):
         description="replicate the k hottest experts of each layer on the least "
         "loaded EP ranks; their tokens split between replicas",
     )
+    replicas_per_hot: PositiveInt | Literal["proportional"] = Field(
+        1,
+        description="extra replicas each of the replicate_hot experts gets; proportional: "
+        "replicate_hot extra replicas in all, each to the expert with the most expected load "
+        "per copy (DeepSeek EPLB); training does not charge the replicas' gradient all-reduce",
+    )
     global_routing: bool = Field(
         False,
         description="MiniMax-01 global routing: tokens may go to an expert's replica in "

@@ -126,7 +126,7 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
         expected = _expected_load(r, probs, m.top_k, trace, moe_index)
         share = share_matrix(base_placement(m.n_experts, ep, par.expert_placement, expected), ep)
         if r.replicate_hot:
-            share = replicate_hot(share, expected, r.replicate_hot)
+            share = replicate_hot(share, expected, r.replicate_hot, r.replicas_per_hot)
         primary = np.argmax(share, axis=1)  # rank serving each expert for limited routing
         limit_groups = None
         if r.node_limit or r.device_limit:
