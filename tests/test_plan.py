@@ -485,3 +485,49 @@ def test_common_random_numbers_sweep_gives_identical_routing_for_identical_confi
     assert (
         rerun.summary["routing"]["max_over_mean_load"] == same["routing.max_over_mean_load"].iloc[0]
     )
+
+
+# -- per-replica batch -----------------------------------------------------------------------
+def _decode(over=None, **workload):
+    from .conftest import small_scenario
+
+    wl = {"phase": "decode", "seq_len": 1024, **workload}
+    return small_scenario(workload=wl, **{"sim.fidelity": "analytic", **(over or {})})
+
+
+def test_batch_size_max_fills_the_kv_memory_left_by_the_weights():
+    from moesim.plan.batch import batch_size_for
+
+    sc = _decode(batch_size="max")
+    # hand count: Mixtral, 8 KV heads x 128 x bf16 x (K, V) per layer, 2 layers, tp 1
+    kv_per_token = 2 * 8 * 128 * 2 * 2
+    # the weights per device as the plan builder places them, from a run of any batch
+    weights = simulate(_decode(batch_size=8)).devices["weights_bytes"].max()
+    per_replica = math.floor((0.9 * 80e9 - weights) / ((1024 + 1) * kv_per_token))
+    assert batch_size_for(sc) == 8 * per_replica  # dp 8 replicas (tp 1)
+    result = simulate(sc)
+    assert result.summary["tokens"] == 8 * per_replica
+    # one more sequence per replica would not fit
+    peak = result.devices["weights_bytes"].max() + (per_replica + 1) * 1025 * kv_per_token
+    assert peak > 0.9 * 80e9
+
+
+def test_batch_per_replica_scales_with_the_cluster():
+    one = _decode(batch_per_replica=16)
+    two = _decode({"cluster.nodes": 2}, batch_per_replica=16)
+    assert one.workload.batch_size == 16 * 8 and two.workload.batch_size == 16 * 16
+    a, b = simulate(one).summary, simulate(two).summary
+    # the same per-replica work: twice the tokens at about the same step time
+    assert b["tokens"] == 2 * a["tokens"]
+    assert b["tokens_per_s"] > 1.5 * a["tokens_per_s"]
+
+
+def test_batch_options_reject_bad_combinations():
+    from moesim import ScenarioError
+
+    with pytest.raises(ScenarioError, match="not both"):
+        _decode(batch_size=64, batch_per_replica=16)
+    with pytest.raises(ScenarioError, match="decode"):
+        from .conftest import small_scenario
+
+        small_scenario(workload={"phase": "prefill", "seq_len": 512, "batch_size": "max"})

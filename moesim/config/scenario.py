@@ -183,8 +183,23 @@ class WorkloadConfig(Config):
     """One forward step: ``prefill`` processes whole prompts, ``decode`` one token per sequence."""
 
     phase: Literal["prefill", "decode", "train", "serve"] = "prefill"
-    batch_size: PositiveInt | None = Field(
-        None, description="sequences in the step, whole cluster (required except for serve)"
+    batch_size: PositiveInt | Literal["max"] | None = Field(
+        None,
+        description="sequences in the step, whole cluster (required except for serve, or "
+        "with batch_per_replica); max (decode): as many as the KV cache of every attention "
+        "replica holds at seq_len (moesim/plan/batch.py)",
+    )
+    batch_per_replica: PositiveInt | None = Field(
+        None,
+        description="sequences per attention data-parallel replica (devices / tp of them); "
+        "the cluster's batch is this times dp, so more devices serve more sequences",
+    )
+    kv_memory_utilization: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="batch_size max: share of device memory for weights and KV cache, the "
+        "rest left to activations and the runtime (vLLM gpu_memory_utilization default)",
     )
     seq_len: PositiveInt | None = Field(
         None,
@@ -205,7 +220,13 @@ class WorkloadConfig(Config):
             if self.serve is None:
                 object.__setattr__(self, "serve", ServeConfig())
             return self
+        if self.batch_size == "max" and self.phase != "decode":
+            raise ScenarioError("workload.batch_size", "max is for decode steps")
+        if self.batch_per_replica is not None and self.phase == "train":
+            raise ScenarioError("workload.batch_per_replica", "not for training steps")
         for key in ("batch_size", "seq_len"):
+            if key == "batch_size" and self.batch_per_replica is not None:
+                continue
             if getattr(self, key) is None:
                 raise ScenarioError(f"workload.{key}", f"Field required for phase {self.phase}")
         return self
@@ -418,6 +439,14 @@ class Scenario(Config):
         if m.d_ff_expert % par.etp:
             raise ScenarioError("parallelism.etp", f"{par.etp} does not divide d_ff_expert")
         wl = self.workload
+        if wl.batch_per_replica is not None:  # the cluster's batch: per replica x dp
+            if wl.batch_size is not None and wl.batch_size != wl.batch_per_replica * dp:
+                raise ScenarioError(
+                    "workload.batch_per_replica",
+                    f"give batch_size or batch_per_replica, not both (batch_size "
+                    f"{wl.batch_size} != {wl.batch_per_replica} x {dp} replicas)",
+                )
+            object.__setattr__(wl, "batch_size", wl.batch_per_replica * dp)
         if wl.phase == "train":
             if wl.train is None:
                 object.__setattr__(wl, "train", TrainConfig())
@@ -433,7 +462,11 @@ class Scenario(Config):
                     "tree needs zero_stage 0: sharded optimizer states reduce-scatter and "
                     "all-gather over rings (NCCL has no tree reduce-scatter)",
                 )
-        if self.workload.phase == "decode" and self.workload.batch_size % dp:
+        if (
+            self.workload.phase == "decode"
+            and self.workload.batch_size != "max"
+            and self.workload.batch_size % dp
+        ):
             raise ScenarioError(
                 "workload.batch_size",
                 f"decode batch {self.workload.batch_size} not divisible "

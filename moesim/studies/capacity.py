@@ -48,16 +48,18 @@ from moesim.config.scenario import (
     scenario_from_dict,
 )
 from moesim.cost.ops import (
-    Bytes,
     attention_ops,
-    attention_weight_params,
     ffn_ops,
-    kv_cache_bytes_per_token,
-    linear_state_bytes_per_seq,
     lm_head_ops,
     router_ops,
 )
 from moesim.cost.roofline import op_time_s
+from moesim.plan.batch import (
+    kv_bytes_per_seq,
+    scenario_bytes,
+    weights_bytes_per_device,
+    with_batch_resolved,
+)
 from moesim.results.collect import Result
 from moesim.studies.sweep import check_constraint, flatten
 
@@ -205,16 +207,6 @@ def price_per_device_hour_usd(spec: PlanSpec, device: str) -> float:
 
 
 # -- bounds -----------------------------------------------------------------------------------
-def _bytes(sc: Scenario) -> Bytes:
-    dt = sc.workload.dtypes
-    return Bytes(
-        dt.bytes_of("weights"),
-        dt.bytes_of("expert_weights"),
-        dt.bytes_of("activations"),
-        dt.bytes_of("kv_cache"),
-    )
-
-
 def _split(total: int, parts: int) -> np.ndarray:
     base, rem = divmod(int(total), parts)
     return base + (np.arange(parts) < rem)
@@ -235,35 +227,14 @@ def bounds_apply(sc: Scenario) -> bool:
 
 
 def memory_lower_bound_bytes(sc: Scenario) -> float:
-    """A per-device memory floor for the fullest device: replicated and tp-sharded weights, the
-    ``E / ep`` local experts (``/ etp``) every EP rank holds in every MoE layer (placement gives
-    each rank that many; hot-expert replicas only add), and its KV cache or linear-attention
+    """A per-device memory floor for the fullest device: its weights
+    (:func:`moesim.plan.batch.weights_bytes_per_device`) and its KV cache or linear-attention
     state. Activations (>= 0) are left out, so the true need is at least this."""
-    m, par, wl = sc.model, sc.parallelism, sc.workload
-    n_dev, tp = sc.cluster.n_devices, par.tp
-    b = _bytes(sc)
-    attn = sum(attention_weight_params(m, m.attention_kind(i)) for i in range(m.n_layers))
-    n_moe = m.n_layers - m.n_dense_layers
-    weights = (
-        attn / tp * b.weights
-        + m.vocab_size * m.d_model * (1 if m.tied_embeddings else 2) / tp * b.weights
-        + m.n_dense_layers * 3 * m.d_model * m.d_ff_dense / tp * b.weights
-        + n_moe * m.n_shared_experts * 3 * m.d_model * m.d_ff_shared / tp * b.weights
-        + n_moe * m.d_model * m.n_experts * b.weights
-        + n_moe
-        * (m.n_experts // par.ep)
-        * 3
-        * m.d_model
-        * m.d_ff_expert
-        / par.etp
-        * b.expert_weights
-    )
-    dp = n_dev // tp
+    wl = sc.workload
+    dp = sc.cluster.n_devices // sc.parallelism.tp
     seqs = int(_split(wl.batch_size, dp).max())
     context = wl.seq_len + (1 if wl.phase == "decode" else 0)
-    kv_per_token = sum(kv_cache_bytes_per_token(m, i, tp, b) for i in range(m.n_layers))
-    state = sum(linear_state_bytes_per_seq(m, i, tp) for i in range(m.n_layers))
-    return float(weights + seqs * (context * kv_per_token + state))
+    return weights_bytes_per_device(sc) + seqs * kv_bytes_per_seq(sc, context)
 
 
 def step_time_lower_bound_s(sc: Scenario) -> float:
@@ -281,7 +252,7 @@ def step_time_lower_bound_s(sc: Scenario) -> float:
     m, par, wl, dev = sc.model, sc.parallelism, sc.workload, sc.cluster.device
     n_dev, tp, ep, etp = sc.cluster.n_devices, par.tp, par.ep, par.etp
     dp = n_dev // tp
-    b, cdt = _bytes(sc), wl.dtypes.compute
+    b, cdt = scenario_bytes(sc), wl.dtypes.compute
     g = np.arange(n_dev)
     replica = g // tp
     seqs_dp = _split(wl.batch_size, dp)
@@ -626,7 +597,7 @@ def run_plan(
         if not ok:
             continue
         try:
-            sc = scenario_from_dict(base, over)
+            sc = with_batch_resolved(scenario_from_dict(base, over))
         except ScenarioError as err:
             if _hard_error(err):
                 axis = next((a for a in values if err.path.startswith(a)), None)
