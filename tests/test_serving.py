@@ -465,3 +465,29 @@ def test_step_grid_is_reused_from_disk_with_identical_results(tmp_path, monkeypa
     # another rate shares every grid point (the digest leaves the request stream out)
     faster = serve_scenario({"rate_per_s": 80.0, "n_requests": 100})
     assert cost_model._digest(faster) == cost_model._digest(sc)
+
+
+def test_max_rate_search_finds_the_md1_saturation_rate():
+    from moesim.studies.max_rate import max_rate_search
+
+    # one instance, one request at a time, fixed prompt, one output token (made by the
+    # prefill): an M/D/1 queue with service time S = one prefill of PROMPT tokens
+    serve = {
+        "n_requests": 4000,
+        "output_tokens": {"mean": 1},
+        "max_batch_size": 1,
+        "slo": {"ttft_s": 1e6, "tpot_s": 1e6},
+    }
+    service_s = one_step_s(serve_scenario(), "prefill", 1, PROMPT)
+    saturation = 1.0 / service_s
+
+    def passes(rate):
+        s = simulate(serve_scenario({**serve, "rate": {"requests_per_s": rate}})).summary
+        return s["stable"], s
+
+    found = max_rate_search(passes, 0.25 * saturation, rel_tol=0.01)
+    assert found.converged
+    assert found.upper_per_s - found.lower_per_s <= 0.01 * found.lower_per_s
+    assert found.lower_per_s == pytest.approx(saturation, rel=0.05)
+    # the served rate at the answer is the offered one (stable), below the saturation rate
+    assert found.best["throughput_requests_per_s"] <= 1.03 * saturation

@@ -47,6 +47,7 @@ from moesim.config.scenario import (
     read_yaml,
     scenario_from_dict,
 )
+from moesim.config.serve import RateConfig
 from moesim.cost.ops import (
     attention_ops,
     ffn_ops,
@@ -119,6 +120,19 @@ class Prune(BaseModel):
 Objective = Literal["cost_per_hour_usd", "cost_per_million_tokens_usd", "energy_per_token_j"]
 
 
+class MaxRateSearch(BaseModel):
+    """``search: max_rate``: bisection on the arrival rate (``moesim/studies/max_rate.py``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    start_per_s: float | None = Field(
+        None, gt=0, description="first rate tried (requests/s); default the scenario's rate"
+    )
+    rel_tol: float = Field(
+        0.02, gt=0, lt=1, description="stop when (upper - lower) / lower is at most this"
+    )
+    max_evaluations: int = Field(40, ge=2, description="runs per candidate at most")
+
+
 class PlanSpec(BaseModel):
     """A plan file (``moesim plan PLAN.yaml``)."""
 
@@ -162,6 +176,19 @@ class PlanSpec(BaseModel):
     confirm: Confirm = Confirm()
     prune: Prune = Prune()
     report_top: int = Field(5, ge=1, description="candidates in the breakdown plot")
+    demand: RateConfig | None = Field(
+        None,
+        description="serving: the load to serve, {requests_per_s: X} or {tokens_per_s: Y} "
+        "(output tokens); sets workload.serve.rate of every candidate, which must then also "
+        "be stable (serve all of it)",
+    )
+    search: Literal["cheapest", "max_rate"] = Field(
+        "cheapest",
+        description="cheapest: the lowest objective among feasible candidates; max_rate "
+        "(serving): each candidate's highest arrival rate that is stable and meets every "
+        "target, and the candidate with the highest",
+    )
+    max_rate: MaxRateSearch = MaxRateSearch()
     seed: int = Field(0, ge=0, description="one seed for every candidate (common random numbers)")
 
 
@@ -343,8 +370,12 @@ def _label(spec: PlanSpec, values: dict[str, Any]) -> str:
 
 
 def _overrides(spec: PlanSpec, values: dict[str, Any], fidelity: str) -> dict[str, Any]:
+    demand = {}
+    if spec.demand is not None:
+        demand = {"workload.serve.rate": spec.demand.model_dump(exclude_none=True)}
     return {
         **spec.overrides,
+        **demand,
         **values,
         "sim.fidelity": fidelity,
         "sim.seed": spec.seed,
@@ -446,6 +477,16 @@ def _margins(spec: PlanSpec, row: dict[str, Any]) -> dict[str, float]:
             parts.append(1 - v / target.max if target.max else -v)
         out[metric] = min(parts) if not math.isnan(v) else -math.inf
     return out
+
+
+def unstable(row: dict[str, Any]) -> bool:
+    """A serving run flagged unstable (``stable`` false; absent for step runs)."""
+    value = row.get("stable")
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    if isinstance(value, str):
+        return value.strip().lower() in ("false", "0")
+    return not bool(value)
 
 
 def _worst_miss(spec: PlanSpec, row: dict[str, Any]) -> float:
@@ -564,6 +605,8 @@ class PlanResult:
                 out.append(f"{metric} {_g(v)} > {_g(target.max)} ({v / target.max - 1:+.1%})")
         if not _budget_ok(self.spec, row):
             out.append(f"over budget (cost {row['cost_per_hour_usd']:,.2f} USD/h)")
+        if unstable(row):
+            out.append(f"unstable ({row.get('unstable_reason', '')})")
         return out
 
 
@@ -712,7 +755,11 @@ def run_plan(
             margins = _margins(spec, row)
             for metric, m in margins.items():
                 row[f"margin.{metric}"] = m
-            row["feasible"] = all(m >= 0 for m in margins.values()) and _budget_ok(spec, row)
+            row["feasible"] = (
+                all(m >= 0 for m in margins.values())
+                and _budget_ok(spec, row)
+                and not unstable(row)  # serving: an unstable run never is feasible
+            )
 
     todo = [i for i, r in enumerate(rows) if r["status"] == ""]
     simulate_rows(todo, spec.screen_fidelity, "screen")
@@ -735,6 +782,12 @@ def run_plan(
             simulate_rows(batch, conf.fidelity, f"confirm{rnd}")
             confirmed.update(batch)
             evaluate()
+
+    if spec.search == "max_rate":
+        for row in rows:
+            if row.get("status") == "ok":
+                _search_max_rate(spec, base, candidate_values[row["candidate"]], row)
+                row["feasible"] = row["max_rate_per_s"] > 0 and _budget_ok(spec, row)
 
     if not any(r["feasible"] for r in rows):
         # nothing feasible: simulate the pruned candidates nearest their target, so the report
@@ -766,8 +819,10 @@ def run_plan(
     feas = table[table["feasible"]]
     chosen = closest = None
     if len(feas):
-        # ties (same price) go to the higher throughput
+        # ties (same price) go to the higher throughput; max_rate: the highest rate first
         order = feas.assign(_o=obj[feas.index], _t=-thr[feas.index].astype(float))
+        if spec.search == "max_rate":
+            order["_t"], order["_o"] = order["_o"], -order["max_rate_per_s"].astype(float)
         order = order.sort_values(["_o", "_t", "candidate"])
         chosen = int(order["candidate"].iloc[0])
     else:
@@ -820,6 +875,43 @@ def run_plan(
         result.timeline_layers = (keep, layers)
     result.wall_s = time.perf_counter() - start
     return result
+
+
+def _search_max_rate(
+    spec: PlanSpec, base: dict[str, Any], values: dict[str, Any], row: dict[str, Any]
+) -> None:
+    """``search: max_rate`` for one candidate: bisection on the arrival rate with the
+    predicate stable and every target met (``moesim/studies/max_rate.py``); the row takes the
+    metrics of the run at the highest passing rate and the bracket."""
+    from moesim.studies.max_rate import max_rate_search
+    from moesim.studies.simulate import simulate
+
+    over = _overrides(spec, values, row.get("fidelity", spec.screen_fidelity))
+    over.pop("workload.serve.rate", None)
+    serve = scenario_from_dict(base, over).workload.serve
+    mean_output = serve.output_tokens.expected()
+
+    def passes(rate: float) -> tuple[bool, dict[str, Any]]:
+        at = {**over, "workload.serve.rate": {"requests_per_s": rate}}
+        trial = {**row, **flatten(simulate(scenario_from_dict(base, at)).summary)}
+        _derive(spec, trial)
+        ok = not unstable(trial) and all(m >= 0 for m in _margins(spec, trial).values())
+        return ok, trial
+
+    cfg = spec.max_rate
+    found = max_rate_search(
+        passes, cfg.start_per_s or serve.arrival_rate_per_s, cfg.rel_tol, cfg.max_evaluations
+    )
+    if found.best is not None:
+        row.update({k: v for k, v in found.best.items() if k not in PLAN_KEYS})
+    row.update(
+        max_rate_per_s=found.lower_per_s,
+        max_rate_upper_per_s=found.upper_per_s,
+        max_rate_tokens_per_s=found.lower_per_s * mean_output,
+        max_rate_upper_tokens_per_s=found.upper_per_s * mean_output,
+        max_rate_evaluations=len(found.evaluations),
+        max_rate_converged=found.converged,
+    )
 
 
 SERVE_STEP_NOTE = (
