@@ -531,3 +531,66 @@ def test_batch_options_reject_bad_combinations():
         from .conftest import small_scenario
 
         small_scenario(workload={"phase": "prefill", "seq_len": 512, "batch_size": "max"})
+
+
+# -- serving plans: stability, demand, max_rate ----------------------------------------------
+def _serve_plan(tmp_path: Path, name: str, **fields) -> Path:
+    base = {
+        "name": "serve-plan",
+        "model": {"preset": "mixtral-8x7b", "n_layers": 2},
+        "cluster": {"nodes": 1, "devices_per_node": 8, "device": "h100-sxm"},
+        "parallelism": {"tp": 1, "ep": 8},
+        "workload": {
+            "phase": "serve",
+            "serve": {
+                "n_requests": 2000,
+                "prompt_tokens": {"distribution": "uniform", "low": 64, "high": 1024},
+                "output_tokens": {"distribution": "lognormal", "mean": 48, "high": 512},
+                "grid_points": 4,
+                "max_batch_size": 64,
+                "max_batched_tokens": 4096,
+            },
+        },
+        "routing": {"distribution": "uniform"},
+        "sim": {"fidelity": "analytic"},
+    }
+    plan = {
+        "name": name,
+        "base": base,
+        "candidates": {"workload.serve.replicas": [1, 2]},
+        "targets": {"ttft_p99_s": {"max": 1000.0}},  # loose: stability decides
+        "throughput_metric": "throughput_tokens_per_s",
+        "confirm": {"top": 0},
+        **fields,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    return path
+
+
+def test_max_rate_plan_then_an_overloaded_candidate_is_never_feasible(tmp_path):
+    found = _run(
+        _serve_plan(tmp_path, "rate", search="max_rate", max_rate={"start_per_s": 200.0}),
+        tmp_path / "rate",
+        detail=False,
+    )
+    table = found.table.set_index("workload.serve.replicas")
+    one, two = (float(table.loc[str(r), "max_rate_per_s"]) for r in (1, 2))
+    for r in ("1", "2"):
+        lo, hi = table.loc[r, "max_rate_per_s"], table.loc[r, "max_rate_upper_per_s"]
+        assert 0 < lo < hi <= 1.02 * lo  # bracketed to rel_tol
+        assert table.loc[r, "stable"]  # the metrics are those of the highest passing run
+    assert 1.6 * one < two < 2.4 * one  # two replicas sustain about twice the rate
+    assert found.chosen == int(table.loc["2", "candidate"])
+    # demand 1.4 x what one replica sustains: one replica is unstable, never feasible
+    result = _run(
+        _serve_plan(tmp_path, "demand", demand={"requests_per_s": 1.4 * one}),
+        tmp_path / "demand",
+        detail=False,
+    )
+    table = result.table.set_index("workload.serve.replicas")
+    assert not table.loc["1", "stable"] and not table.loc["1", "feasible"]
+    assert table.loc["1", "ttft_p99_s"] <= 1000.0  # it meets the (loose) target ...
+    assert any("unstable" in m for m in result.misses(int(table.loc["1", "candidate"])))
+    assert table.loc["2", "feasible"] and result.chosen == int(table.loc["2", "candidate"])
+    assert table.loc["2", "offered_rate_per_s"] == pytest.approx(1.4 * one)
