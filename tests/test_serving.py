@@ -491,3 +491,34 @@ def test_max_rate_search_finds_the_md1_saturation_rate():
     assert found.lower_per_s == pytest.approx(saturation, rel=0.05)
     # the served rate at the answer is the offered one (stable), below the saturation rate
     assert found.best["throughput_requests_per_s"] <= 1.03 * saturation
+
+
+def test_prefix_cache_skips_compute_but_not_kv():
+    runs = {
+        h: simulate(
+            serve_scenario({"rate_per_s": 0.01, "n_requests": 20, "prefix_cache_hit_rate": h})
+        )
+        for h in (0.0, 0.5, 0.9)
+    }
+    ttft = {h: float(r.requests["ttft_s"].mean()) for h, r in runs.items()}
+    assert ttft[0.0] > ttft[0.5] > ttft[0.9]
+    # the uncached half still attends to the cached half: more than a prefill of half a prompt
+    assert ttft[0.5] > one_step_s(serve_scenario(), "prefill", 1, PROMPT // 2)
+    assert ttft[0.0] == pytest.approx(one_step_s(serve_scenario(), "prefill", 1, PROMPT))
+    # cached tokens hold KV like computed ones: the same KV in use, iteration by iteration
+    kv = [r.iterations["kv_used_bytes"].to_numpy() for r in runs.values()]
+    assert all(np.array_equal(kv[0], k) for k in kv[1:])
+    assert (runs[0.5].requests["cached_prompt_tokens"] == PROMPT // 2).all()
+    # chunked prefill starts a cached prompt at its first uncached token
+    chunked = simulate(
+        serve_scenario(
+            {
+                "rate_per_s": 0.01,
+                "n_requests": 20,
+                "prefix_cache_hit_rate": 0.5,
+                "chunked_prefill_tokens": 512,
+            }
+        )
+    )
+    first = chunked.iterations[chunked.iterations["prefill_tokens"] > 0]
+    assert (first["prefill_tokens"] == PROMPT // 2).all()

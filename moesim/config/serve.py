@@ -229,6 +229,14 @@ class ServeConfig(_Config):
         "preempted (as if output lengths were known; decode instances of disaggregated pools "
         "always reserve)",
     )
+    prefix_cache_hit_rate: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of each prompt's leading tokens found in the prefix cache (vLLM "
+        "automatic prefix caching, SGLang RadixAttention): they skip prefill compute (the new "
+        "tokens still attend to them) but occupy the request's KV cache like any other token",
+    )
     slo: SloConfig = SloConfig()
     disaggregated: DisaggregatedConfig | None = Field(
         None, description="separate prefill and decode pools (replicas is then ignored)"

@@ -28,6 +28,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from moesim.config.scenario import Scenario, ScenarioError
+from moesim.config.serve import ServeConfig
 from moesim.cost.ops import Bytes, kv_cache_bytes_per_token, linear_state_bytes_per_seq
 
 
@@ -44,6 +45,14 @@ def state_bytes_per_seq(sc: Scenario) -> float:
     """Fixed recurrent state a sequence holds on one device (lightning-attention layers)."""
     m, tp = sc.model, sc.parallelism.tp
     return float(sum(linear_state_bytes_per_seq(m, i, tp) for i in range(m.n_layers)))
+
+
+def cached_prefix_tokens(serve: ServeConfig, prompts: np.ndarray) -> np.ndarray:
+    """Leading prompt tokens found in the prefix cache: ``floor(hit_rate x prompt)``, at most
+    ``prompt - 1`` (the last token is always computed: it yields the first output)."""
+    hit = serve.prefix_cache_hit_rate
+    prompts = np.asarray(prompts, dtype=np.int64)
+    return np.minimum(np.floor(hit * prompts), prompts - 1).astype(np.int64)
 
 
 # -- iteration times -----------------------------------------------------------------------
@@ -305,6 +314,8 @@ def build_cost_model(
     _load_steps(digest)
     before = len(_STEP_CACHE)
     p_lo, p_hi = int(prompts.min()), int(prompts.max())
+    if serve.prefix_cache_hit_rate > 0:  # prefills of the uncached tokens only
+        p_lo = max(1, min(p_lo, int((prompts - cached_prefix_tokens(serve, prompts)).min())))
     longest = int((prompts + outputs).max()) - 1  # a request recomputed after preemption
     _check_longest_fits(sc, prompts, outputs, _timed_step(sc, digest, "decode", 1, p_lo, topology))
     if serve.kv_allocation == "on_demand" and serve.disaggregated is None:

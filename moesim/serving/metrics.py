@@ -52,6 +52,7 @@ def collect_serving(sim: ServingSimulation, wall_s: float) -> ServeResult:
             "decode_instance": decode_inst,
             "arrival_s": sim.arrival,
             "prompt_tokens": sim.prompt,
+            "cached_prompt_tokens": sim.cached,
             "output_tokens": sim.output,
             "admitted_s": sim.admitted_s,
             "first_token_s": sim.first_token_s,
@@ -134,6 +135,10 @@ def collect_serving(sim: ServingSimulation, wall_s: float) -> ServeResult:
         "whole_run_goodput_requests_per_s": float(good.sum()) / end,
         "whole_run_slo_attainment": float(good.mean()),
         "prompt_tokens_per_s": float(sim.prompt.sum()) / end,
+        "prefix_cache": {
+            "hit_rate": serve.prefix_cache_hit_rate,
+            "cached_token_share": float(sim.cached.sum() / sim.prompt.sum()),
+        },
         "slo": serve.slo.model_dump(),
         **_stats(ttft, "ttft"),
         **_stats(tpot, "tpot"),

@@ -19,7 +19,7 @@ import simpy
 
 from moesim.config.scenario import Scenario, ScenarioError
 from moesim.config.serve import ServeConfig
-from moesim.serving.cost_model import CostModel
+from moesim.serving.cost_model import CostModel, cached_prefix_tokens
 
 
 @dataclass
@@ -72,6 +72,8 @@ class ServingSimulation:
         self.held = np.zeros(n)  # KV bytes reserved by each request on its current instance
         self.preemptions = np.zeros(n, dtype=np.int64)
         self.prefilled = np.zeros(n, dtype=np.int64)  # chunked prefill: tokens in the cache
+        # prefix caching: leading prompt tokens found in the cache (never the whole prompt)
+        self.cached = cached_prefix_tokens(self.serve, self.prompt)
         self.last_token_s = np.full(n, np.nan)
         self.max_gap_s = np.full(n, np.nan)  # longest wait between two output tokens
         cap = costs.capacity_bytes
@@ -181,7 +183,7 @@ class ServingSimulation:
         serve, batch, tokens = self.serve, [], 0
         while inst.waiting and len(inst.running) + len(batch) < serve.max_batch_size:
             r = inst.waiting[0]
-            p = self._prefill_tokens(r)
+            p = self._prefill_tokens(r) - int(self.cached[r])
             if batch and tokens + p > serve.max_batched_tokens:
                 break
             if not self._take(inst, r, len(batch)):
@@ -210,6 +212,18 @@ class ServingSimulation:
             self.admitted_s[r] = self.env.now
         return True
 
+    def _prefill_s(self, lengths: np.ndarray, cached: np.ndarray) -> float:
+        """One prefill iteration of prompts of ``lengths`` tokens whose first ``cached`` are in
+        the prefix cache: the batch of the uncached tokens, plus for each prompt the attention
+        of its new tokens to the cached prefix (:meth:`StepGrid.chunk_time` at offset
+        ``cached`` minus at offset 0)."""
+        grid = self.costs.grid
+        new = lengths - cached
+        t = grid.prefill_time(new)
+        for c, k in zip(cached[cached > 0], new[cached > 0], strict=True):
+            t += grid.chunk_time(int(c), int(k)) - grid.chunk_time(0, int(k))
+        return t
+
     def _prefill_tokens(self, r: int) -> int:
         """Tokens a prefill of ``r`` processes: its prompt, or after a preemption its prompt and
         every token it generated but the last (recomputed into the cache)."""
@@ -217,13 +231,13 @@ class ServingSimulation:
 
     def _front(self, inst: _Instance):
         """A colocated (prefill and decode) or prefill-only instance."""
-        env, grid = self.env, self.costs.grid
+        env = self.env
         while True:
             batch = self._admit(inst)
             if batch:
                 start = env.now
                 lengths = np.array([self._prefill_tokens(r) for r in batch])
-                yield env.timeout(grid.prefill_time(lengths))
+                yield env.timeout(self._prefill_s(lengths, self.cached[batch]))
                 for r in batch:
                     if self.generated[r] == 0:
                         self.first_token_s[r] = self.last_token_s[r] = env.now
@@ -295,8 +309,9 @@ class ServingSimulation:
                 if not self._take(inst, r, len(prefilling)):
                     break
                 prefilling.append(r)
-                c = min(left, self._prefill_tokens(r))
-                chunks.append((r, 0, c))
+                done_tokens[r] = self.cached[r]  # the cached prefix needs no compute
+                c = min(left, self._prefill_tokens(r) - int(done_tokens[r]))
+                chunks.append((r, int(done_tokens[r]), c))
                 left -= c
             if not chunks and not len(running):
                 yield self._sleep(inst)
