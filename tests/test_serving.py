@@ -522,3 +522,39 @@ def test_prefix_cache_skips_compute_but_not_kv():
     )
     first = chunked.iterations[chunked.iterations["prefill_tokens"] > 0]
     assert (first["prefill_tokens"] == PROMPT // 2).all()
+
+
+def test_kv_transfers_share_the_link_fairly():
+    import simpy
+
+    from moesim.serving.scheduler import SharedLink
+
+    env = simpy.Environment()
+    link = SharedLink(env, bandwidth_bytes_per_s=1.0)
+    finish = {}
+
+    def send(name, nbytes, at):
+        yield env.timeout(at)
+        yield link.send(nbytes)
+        finish[name] = env.now
+
+    for name, nbytes, at in (("a", 1.0, 0.0), ("b", 2.0, 0.0), ("c", 3.0, 0.0), ("d", 1.0, 6.0)):
+        env.process(send(name, nbytes, at))
+    env.run()
+    # processor sharing: three at 1/3 until a is done (t 3), two at 1/2 until b (t 5), c alone
+    assert finish == pytest.approx({"a": 3.0, "b": 5.0, "c": 6.0, "d": 7.0})
+    assert link.bytes_moved == 7.0 and link.busy_s == pytest.approx(7.0)
+
+
+def test_kv_transfer_bandwidth_share_slows_the_hand_off():
+    def run(share):
+        dis = {"prefill_replicas": 1, "decode_replicas": 1, "kv_transfer_bandwidth_share": share}
+        return simulate(
+            serve_scenario({"rate_per_s": 0.01, "n_requests": 10, "disaggregated": dis})
+        )
+
+    full, quarter = run(1.0).requests, run(0.25).requests
+    spec = catalog.link("ib-ndr-400")
+    transfer_s = PROMPT * 2 * 8 * 128 * 2 * 2 / spec.bandwidth_bytes_per_s
+    gap = (quarter["done_s"] - quarter["first_token_s"]) - (full["done_s"] - full["first_token_s"])
+    assert np.allclose(gap, 3 * transfer_s)  # 1 / 0.25 - 1 more transfers' worth

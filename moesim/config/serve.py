@@ -147,6 +147,15 @@ class DisaggregatedConfig(_Config):
     prefill_replicas: PositiveInt = Field(1, description="instances that only run prefills")
     decode_replicas: PositiveInt = Field(1, description="instances that only run decodes")
     kv_transfer_link: LinkSpec = Field("ib-ndr-400", validate_default=True)
+    kv_transfer_bandwidth_share: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="share of each kv_transfer_link's bandwidth the KV transfers get, the "
+        "rest taken by other traffic on the same links (say the decode pool's own expert "
+        "all-to-all over the same NICs); concurrent transfers into one decode instance share "
+        "what is left equally",
+    )
 
     @field_validator("kv_transfer_link", mode="before")
     @classmethod

@@ -22,6 +22,59 @@ from moesim.config.serve import ServeConfig
 from moesim.serving.cost_model import CostModel, cached_prefix_tokens
 
 
+class SharedLink:
+    """A link whose bandwidth its active transfers share equally (processor sharing, the
+    fluid max-min share of flows on one bottleneck): with ``n`` transfers each moves at
+    ``bandwidth / n``; the link re-shares at every start and finish (one event each, not per
+    byte). Latency is added once per transfer, outside the shared part."""
+
+    def __init__(self, env: simpy.Environment, bandwidth_bytes_per_s: float) -> None:
+        self.env, self.bandwidth = env, bandwidth_bytes_per_s
+        self.remaining: dict[simpy.Event, float] = {}
+        self.since = 0.0
+        self.changed: simpy.Event | None = None
+        self.bytes_moved = 0.0
+        self.busy_s = 0.0
+        env.process(self._run())
+
+    def send(self, nbytes: float) -> simpy.Event:
+        """An event that succeeds when ``nbytes`` have crossed the link."""
+        self._advance()
+        done = self.env.event()
+        self.remaining[done] = float(nbytes)
+        self.bytes_moved += float(nbytes)
+        if self.changed is not None and not self.changed.triggered:
+            self.changed.succeed()
+        return done
+
+    def _advance(self) -> None:
+        now = self.env.now
+        if self.remaining:
+            moved = self.bandwidth / len(self.remaining) * (now - self.since)
+            self.busy_s += now - self.since
+            for ev in self.remaining:
+                self.remaining[ev] -= moved
+        self.since = now
+
+    def _run(self):
+        env = self.env
+        while True:
+            self.changed = env.event()
+            if not self.remaining:
+                yield self.changed
+                continue
+            rate = self.bandwidth / len(self.remaining)
+            first = min(self.remaining, key=self.remaining.get)
+            timer = env.timeout(max(self.remaining[first], 0.0) / rate)
+            yield timer | self.changed
+            self._advance()
+            if timer.processed:  # the smallest is through (whatever rounding left of it)
+                self.remaining[first] = 0.0
+            for ev in [e for e, left in self.remaining.items() if left <= 1e-6]:
+                del self.remaining[ev]
+                ev.succeed()
+
+
 @dataclass
 class _Instance:
     """One copy of the cluster: its queues and KV pool (bytes in per-device units)."""
@@ -87,6 +140,10 @@ class ServingSimulation:
                 _Instance(dis.prefill_replicas + i, "decode", cap)
                 for i in range(dis.decode_replicas)
             ]
+        self.links: dict[int, SharedLink] = {}  # disaggregated: each decode instance's ingress
+        if dis is not None:
+            bw = dis.kv_transfer_link.bandwidth_bytes_per_s * dis.kv_transfer_bandwidth_share
+            self.links = {i.index: SharedLink(self.env, bw) for i in self.back}
         self.iterations: list[tuple] = []
         self.held_source: dict[int, float] = {}  # disaggregated: KV left on the prefill side
         self.in_system = 0
@@ -366,9 +423,12 @@ class ServingSimulation:
         self._wake(target)
 
     def _transfer(self, source: _Instance, target: _Instance, r: int):
+        """The request's KV (per device, every device of the instance in parallel over its
+        own link) into ``target``, sharing the target's links with its other transfers."""
         link = self.serve.disaggregated.kv_transfer_link
         nbytes = float(self.costs.footprint_bytes(self.prompt[r]))
-        yield self.env.timeout(nbytes / link.bandwidth_bytes_per_s + link.latency_s)
+        yield self.links[target.index].send(nbytes)
+        yield self.env.timeout(link.latency_s)
         self._kv(source, -self.held_source.pop(r))
         self._wake(source)
         target.transferring -= 1
