@@ -712,6 +712,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     plan.set_defaults(func=cmd_plan)
 
+    from moesim.cli import compare
+
+    compare.add_parser(sub)
+
     cat = sub.add_parser(
         "catalog",
         help="list catalog models, devices and links",
