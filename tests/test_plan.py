@@ -515,7 +515,9 @@ def test_batch_size_max_fills_the_kv_memory_left_by_the_weights():
 def test_batch_per_replica_scales_with_the_cluster():
     one = _decode(batch_per_replica=16)
     two = _decode({"cluster.nodes": 2}, batch_per_replica=16)
-    assert one.workload.batch_size == 16 * 8 and two.workload.batch_size == 16 * 16
+    from moesim.plan.batch import batch_size_for
+
+    assert batch_size_for(one) == 16 * 8 and batch_size_for(two) == 16 * 16
     a, b = simulate(one).summary, simulate(two).summary
     # the same per-replica work: twice the tokens at about the same step time
     assert b["tokens"] == 2 * a["tokens"]

@@ -19,54 +19,34 @@ from __future__ import annotations
 
 import math
 
+from moesim.config.resolve import resolve
 from moesim.config.scenario import Scenario, ScenarioError
-from moesim.cost.ops import (
-    Bytes,
-    attention_weight_params,
-    kv_cache_bytes_per_token,
-    linear_state_bytes_per_seq,
+from moesim.cost.ops import kv_cache_bytes_per_token, linear_state_bytes_per_seq
+from moesim.cost.weights import (
+    dense_params_per_device,
+    embedding_params_per_device,
+    expert_params_per_shard,
 )
-
-
-def scenario_bytes(sc: Scenario) -> Bytes:
-    """Bytes per element of weights, expert weights, activations and KV cache."""
-    dt = sc.workload.dtypes
-    return Bytes(
-        dt.bytes_of("weights"),
-        dt.bytes_of("expert_weights"),
-        dt.bytes_of("activations"),
-        dt.bytes_of("kv_cache"),
-    )
+from moesim.plan.workload import dtype_bytes
 
 
 def weights_bytes_per_device(sc: Scenario) -> float:
-    """Weights on the fullest device: attention, embeddings (and an untied head), dense and
-    shared-expert FFNs over ``tp``, every router, and the ``E / ep`` local experts (``/ etp``)
-    each EP rank holds in every MoE layer (hot-expert replicas only add)."""
-    m, par = sc.model, sc.parallelism
-    tp, b = par.tp, scenario_bytes(sc)
-    attn = sum(attention_weight_params(m, m.attention_kind(i)) for i in range(m.n_layers))
+    """Weights on the fullest device (:mod:`moesim.cost.weights`): every layer's attention,
+    dense FFN or shared experts and router, the embeddings, and the ``E / ep`` local experts
+    (one ``etp`` shard each) an EP rank holds in every MoE layer (hot-expert replicas only
+    add)."""
+    m, par, b = sc.model, sc.parallelism, dtype_bytes(sc)
+    dense = sum(dense_params_per_device(m, i, par.tp) for i in range(m.n_layers))
+    dense += embedding_params_per_device(m, par.tp)
     n_moe = m.n_layers - m.n_dense_layers
-    return float(
-        attn / tp * b.weights
-        + m.vocab_size * m.d_model * (1 if m.tied_embeddings else 2) / tp * b.weights
-        + m.n_dense_layers * 3 * m.d_model * m.d_ff_dense / tp * b.weights
-        + n_moe * m.n_shared_experts * 3 * m.d_model * m.d_ff_shared / tp * b.weights
-        + n_moe * m.d_model * m.n_experts * b.weights
-        + n_moe
-        * (m.n_experts // par.ep)
-        * 3
-        * m.d_model
-        * m.d_ff_expert
-        / par.etp
-        * b.expert_weights
-    )
+    experts = n_moe * (m.n_experts // par.ep) * expert_params_per_shard(m, par.etp)
+    return float(dense * b.weights + experts * b.expert_weights)
 
 
 def kv_bytes_per_seq(sc: Scenario, context: int) -> float:
     """KV cache (and linear-attention state) one sequence of ``context`` tokens holds on one
     device, summed over layers."""
-    m, tp, b = sc.model, sc.parallelism.tp, scenario_bytes(sc)
+    m, tp, b = sc.model, sc.parallelism.tp, dtype_bytes(sc)
     kv = sum(kv_cache_bytes_per_token(m, i, tp, b) for i in range(m.n_layers))
     state = sum(linear_state_bytes_per_seq(m, i, tp) for i in range(m.n_layers))
     return float(context * kv + state)
@@ -93,7 +73,7 @@ def batch_size_for(sc: Scenario) -> int:
     """Sequences in the whole cluster's step: ``batch_per_replica x dp``, the ``max`` that
     fits (:func:`max_batch_per_replica` x dp), or ``batch_size`` as given."""
     wl = sc.workload
-    dp = sc.cluster.n_devices // sc.parallelism.tp
+    dp = resolve(sc).dp
     if wl.batch_per_replica is not None:
         return int(wl.batch_per_replica * dp)
     if wl.batch_size == "max":

@@ -10,12 +10,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from moesim.engine.des import (
+from moesim.config.resolve import resolve
+from moesim.engine.analytic import AnalyticEngine
+from moesim.engine.des import Engine
+from moesim.plan.graph import (
     COMM_PHASES,
     COMPUTE_PHASES,
     TRAIN_COMM_PHASES,
     TRAIN_COMPUTE_PHASES,
-    Engine,
 )
 from moesim.plan.pim import pim_summary
 from moesim.plan.types import WorkloadPlan
@@ -89,7 +91,7 @@ def routing_table(plan: WorkloadPlan) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def collect(engine: Engine) -> Result:
+def collect(engine: Engine | AnalyticEngine) -> Result:
     """Summarise a finished engine run."""
     plan, topo, rec, stats = engine.plan, engine.topology, engine.rec, engine.link_stats
     sc = plan.scenario
@@ -137,12 +139,8 @@ def collect(engine: Engine) -> Result:
     pim = pim_summary(plan, dev)  # PIM columns, None without PIM units (moesim/pim.py)
 
     crit = int(np.argmax(rec.finish_s))
-    spans = getattr(engine, "breakdown_s", None)  # analytic: per-phase spans
     keys = BREAKDOWN_KEYS + (TRAIN_BREAKDOWN_KEYS if plan.train is not None else ())
-    if spans is not None:
-        breakdown = {k: float(spans.get(k, 0.0)) for k in keys}
-    else:
-        breakdown = {k: float(rec.phase_s[k][crit]) for k in keys}
+    breakdown = {k: float(rec.phase_s[k][crit]) for k in keys}  # the critical device's
     busiest_dev = int(dev["compute_busy_s"].idxmax())
     busiest_link = int(links["bytes_carried"].idxmax()) if len(links) else None
     routed = int(routing["routed_pairs"].sum()) if len(routing) else 0
@@ -199,7 +197,7 @@ def collect(engine: Engine) -> Result:
             "fidelity": engine.fidelity,
             **engine.counters,
         },
-        "scenario_resolved": sc.model_dump(mode="json"),
+        "scenario_resolved": {**sc.model_dump(mode="json"), "resolved": resolve(sc).as_dict()},
     }
     if plan.train is not None:
         from moesim.plan.training import training_summary
