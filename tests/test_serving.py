@@ -424,7 +424,7 @@ def test_until_stable_doubles_the_request_count_within_its_bound():
         }
     )
     o = simulate(over).summary
-    assert o["until_stable"] == {"runs": [500, 1000, 2000], "converged": False}
+    assert o["until_stable"] == {"runs": [500, 1000, 2000], "run_count": 3, "converged": False}
     assert not o["stable"]
 
 

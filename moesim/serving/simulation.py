@@ -61,12 +61,14 @@ def simulate_serving(sc: Scenario, progress: bool | None = None) -> ServeResult:
         result = collect_serving(sim, time.perf_counter() - start)
         s = result.summary
         runs.append(n)
-        rel = s["throughput_tokens_per_s_ci"] / s["throughput_tokens_per_s"]
+        thr, ci = s["throughput_tokens_per_s"], s["throughput_tokens_per_s_ci"]
+        rel = ci / thr if thr > 0 and ci == ci else float("inf")
         if (s["stable"] and rel <= serve.steady.ci_tolerance) or n >= len(requests):
             break
         n = min(2 * n, len(requests))
     s["until_stable"] = {
         "runs": runs,
+        "run_count": len(runs),
         "converged": bool(s["stable"] and rel <= serve.steady.ci_tolerance),
     }
     return result
