@@ -59,7 +59,7 @@ def print_serving_summary(s: dict[str, Any]) -> None:
     print(
         f"goodput           {s['goodput_requests_per_s']:.3g} requests/s within the SLO "
         f"(ttft {_fmt_s(s['slo']['ttft_s'])}, tpot {_fmt_s(s['slo']['tpot_s'])}): "
-        f"{s['slo_attainment']:.1%} of requests"
+        f"{s['slo_attainment']:.1%} of the steady window's requests"
     )
     for name in ("ttft", "tpot", "max_token_gap", "latency", "queue"):
         print(
