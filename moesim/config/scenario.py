@@ -183,7 +183,7 @@ class WorkloadConfig(Config):
     """One forward step: ``prefill`` processes whole prompts, ``decode`` one token per sequence."""
 
     phase: Literal["prefill", "decode", "train", "serve"] = "prefill"
-    batch_size: PositiveInt | Literal["max"] | None = Field(
+    batch_size: int | str | None = Field(
         None,
         description="sequences in the step, whole cluster (required except for serve, or "
         "with batch_per_replica); max (decode): as many as the KV cache of every attention "
@@ -223,6 +223,20 @@ class WorkloadConfig(Config):
             if section and data.get(section) is None:
                 data = {**data, section: {}}
         return data
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size(cls, value: Any) -> int | str | None:
+        """A positive integer, or ``max`` (one error message, not one per union member)."""
+        if value is None or value == "max":
+            return value
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("Input should be a positive integer or 'max'")
+        if value <= 0:
+            raise ValueError("Input should be greater than 0")
+        return value
 
     @model_validator(mode="after")
     def _phase_fields(self) -> WorkloadConfig:

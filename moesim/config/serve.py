@@ -182,7 +182,7 @@ class ServeConfig(_Config):
         description="poisson: {requests_per_s: X} or {tokens_per_s: Y} (output tokens, divided "
         "by the exact mean output length); replaces rate_per_s when given",
     )
-    n_requests: PositiveInt | Literal["until_stable"] = Field(
+    n_requests: int | str = Field(
         1000,
         description="poisson: requests simulated; until_stable doubles the count from "
         "steady.initial_requests until the run is stable and its steady tokens/s interval is "
@@ -258,6 +258,20 @@ class ServeConfig(_Config):
     grid_points: int = Field(
         8, ge=2, le=32, description="points per length axis of the iteration-time grid"
     )
+
+    @field_validator("n_requests", mode="before")
+    @classmethod
+    def _n_requests(cls, value: Any) -> int | str:
+        """A positive integer or ``until_stable`` (one message, not one per union member)."""
+        if value == "until_stable":
+            return value
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("Input should be a positive integer or 'until_stable'")
+        if value <= 0:
+            raise ValueError("Input should be greater than 0")
+        return value
 
     @property
     def arrival_rate_per_s(self) -> float:
