@@ -27,7 +27,7 @@ from moesim.cost.weights import (
     embedding_params_per_device,
     expert_params_per_shard,
 )
-from moesim.plan.workload import dtype_bytes
+from moesim.plan.layout import dtype_bytes
 
 
 def weights_bytes_per_device(sc: Scenario) -> float:

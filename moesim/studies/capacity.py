@@ -56,8 +56,7 @@ from moesim.cost.ops import (
 )
 from moesim.cost.roofline import op_time_s
 from moesim.plan.batch import kv_bytes_per_seq, weights_bytes_per_device, with_batch_resolved
-from moesim.plan.layout import layout, split_evenly
-from moesim.plan.workload import dtype_bytes
+from moesim.plan.layout import dtype_bytes, layout, split_evenly
 from moesim.results.collect import Result
 from moesim.studies.sweep import check_constraint, flatten
 
