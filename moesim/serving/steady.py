@@ -47,7 +47,7 @@ class SteadyWindow:
     requests_per_s: float  # completions per second in the window
     arrival_rate_per_s: float
     mean_requests_in_system: float  # time average over the window
-    growth: dict[str, float]  # last over third quarter, per watched series
+    growth: dict[str, float | None]  # last over third quarter; None: too few arrivals
     stable: bool
     unstable_reason: str
 
@@ -155,9 +155,10 @@ def steady_window(
     growth, reasons = {}, []
     for name, (values, floor) in watched.items():
         ratio, grows = _growth(values, cfg.growth_tolerance, floor)
-        growth[name] = ratio
+        growth[name] = ratio if math.isfinite(ratio) else None  # too few arrivals to tell
         if grows:
-            reasons.append(f"{name} grows {ratio:.2f}x over the last quarter of the window")
+            size = f"{ratio:.2f}x" if math.isfinite(ratio) else "from zero"
+            reasons.append(f"{name} grows {size} over the last quarter of the window")
     return SteadyWindow(
         start_s=t0,
         end_s=t1,
