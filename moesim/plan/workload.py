@@ -221,7 +221,7 @@ def _route(ctx: _Context, layer_seed, moe_index: int):
         base_placement(m.n_experts, lay.ep, par.expert_placement, expected), lay.ep
     )
     if r.replicate_hot:
-        share = replicate_hot(share, expected, r.replicate_hot)
+        share = replicate_hot(share, expected, r.replicate_hot, r.replicas_per_hot)
     primary = np.argmax(share, axis=1)  # rank serving each expert for limited routing
     limit_groups = None
     if r.node_limit or r.device_limit:
