@@ -226,19 +226,61 @@ def test_analytic_agrees_with_des(policy):
 
 
 def test_pim_flows_on_the_topology_leave_device_routes_alone():
+    """HBM2-PIM pins are half duplex: one link per GPU carries activations in and out."""
     sc = load_scenario(COLD, {"sim.progress": False})
+    assert sc.pim.device.external_duplex == "half"
     with_pim = build_topology(sc.cluster, sc.topology, sc.pim)
     without = build_topology(sc.cluster, sc.topology)
     src, dst = np.divmod(np.arange(64), 8)
     assert np.array_equal(with_pim.routes(src, dst), without.routes(src, dst))
-    assert with_pim.n_links == without.n_links + 2 * 8
+    assert with_pim.n_links == without.n_links + 8
+    assert np.array_equal(with_pim.tables["pim_up"], with_pim.tables["pim_down"])
+    full = sc.pim.model_copy(
+        update={"device": sc.pim.device.model_copy(update={"external_duplex": "full"})}
+    )
+    assert build_topology(sc.cluster, sc.topology, full).n_links == without.n_links + 2 * 8
     r = simulate(sc)
     plan = build_plan(sc)
     tokens = sum(lp.pim.tokens for lp in plan.layers if lp.pim is not None)
     a = sc.model.d_model * 2  # fp16 activations per token
-    up = r.links["link"].str.endswith(".pim")
-    assert np.allclose(r.links.loc[up, "bytes_carried"], tokens * a)
-    assert np.allclose(r.links.loc[~up & (r.links["kind"] == "pim"), "bytes_carried"], tokens * a)
+    pim = r.links["kind"] == "pim"
+    assert np.allclose(r.links.loc[pim, "bytes_carried"], 2 * tokens * a)  # in and out
+
+
+@pytest.mark.parametrize("duplex", ["half", "full"])
+def test_half_duplex_pins_carry_in_and_out_in_turn(duplex):
+    """Two PIM transfers at once, one in and one out of equal size ``x``, on a unit of pin
+    bandwidth ``B``: half duplex shares the pins, both end at ``2x / B``; full duplex runs
+    them side by side, both end at ``x / B`` (plus the link latency each)."""
+    import simpy
+
+    from moesim.network.fluid import FluidNetwork
+
+    sc = load_scenario(COLD, {"sim.progress": False})
+    spec = sc.pim.device.model_copy(update={"external_duplex": duplex})
+    topo = build_topology(sc.cluster, sc.topology, sc.pim.model_copy(update={"device": spec}))
+    up, down = int(topo.tables["pim_up"][0]), int(topo.tables["pim_down"][0])
+    bw, lat = topo.bandwidth_bytes_per_s[up], topo.latency_s[up]
+    assert bw == sc.pim.units_per_gpu * min(
+        spec.external_bandwidth_bytes_per_s, catalog.link(spec.host_link).bandwidth_bytes_per_s
+    )
+    env = simpy.Environment()
+    net = FluidNetwork(env, topo, tolerance=1e-9)
+    x, ends = 1e8, []
+    for link in (up, down):
+        gid, event = net.group(1)
+        block = net.add_block(
+            np.array([[link]]),
+            topo.latency_s[[link]],
+            np.arange(2),
+            np.array([gid]),
+            np.ones(1, np.int64),
+        )
+        net.contribute(block, np.arange(1), np.array([x]), np.ones(1))
+        event.callbacks.append(lambda _e: ends.append(env.now))
+    env.run()
+    expected = (2 * x if duplex == "half" else x) / bw + lat
+    assert ends == pytest.approx([expected, expected], rel=1e-6)
 
 
 def test_placements_conserve_tokens_and_expert_weights():
@@ -309,3 +351,59 @@ def test_catalog_lists_pim_parts(capsys):
     assert main(["catalog", "devices"]) == 0
     out = capsys.readouterr().out
     assert "hbm-pim-aquabolt-xl      pim:" in out and "mythic-m1076             cim:" in out
+
+
+def test_per_bank_figures_give_the_unit_totals_and_op_per_byte():
+    npm = catalog.pim("neupims-pim")
+    banks = npm.stacks * npm.banks_per_stack
+    assert npm.banks == banks == 512
+    assert npm.internal_bandwidth_bytes_per_s == pytest.approx(banks * 32e9)
+    assert npm.flops_per_s("fp16") == pytest.approx(banks * 32e9)
+    assert npm.ops_per_byte("fp16") == pytest.approx(1.0)
+    duplex = catalog.pim("duplex-logic-pim")
+    assert duplex.ops_per_byte("fp16") == pytest.approx(8.0)  # the top of the paper's 4-8
+    with pytest.raises(ValueError, match="stacks x banks_per_stack"):
+        catalog.pim("neupims-pim", internal_bandwidth_bytes_per_s=1e12)
+
+
+def attacc_decode(batch: int = 16, context: int = 2048, **extra):
+    """One GPT-3-175B layer decoding on 8 A100s, each with an AttAcc HBM3-PIM device."""
+    return scenario_from_dict(
+        {
+            "model": {"preset": "gpt3-175b", "n_layers": 1, "n_dense_layers": 1},
+            "cluster": {"nodes": 1, "devices_per_node": 8, "device": "a100-sxm-80gb"},
+            "parallelism": {"tp": 8, "ep": 1},
+            "workload": {
+                "phase": "decode",
+                "batch_size": batch,
+                "seq_len": context,
+                "dtypes": FP16,
+            },
+            "pim": {"device": "attacc-hbm3-pim", "policy": "attention"},
+            "sim": {"progress": False},
+            **extra,
+        }
+    )
+
+
+def test_attention_on_pim_is_internal_bandwidth_bound_as_its_closed_form():
+    """MHA decode attention on AttAcc: per device ``B`` sequences read ``(L + 1)`` cached
+    tokens of ``2 h hd`` fp16 values (h = 96/8 heads) plus ``B`` queries and outputs of
+    ``h hd`` each; ``4 B (L + 1) h hd`` FLOPs. At AttAcc's op/B of 1 the banks bound it:
+    ``t = bytes / (BW_internal e_m) + command overhead``."""
+    batch, context = 16, 2048
+    sc = attacc_decode(batch, context)
+    pim = sc.pim.device
+    h, hd = 96 // 8, 128
+    nbytes = batch * (context + 1) * 2 * h * hd * 2 + batch * 2 * h * hd * 2
+    flops = 4 * batch * (context + 1) * h * hd
+    bw = pim.internal_bandwidth_bytes_per_s * pim.memory_efficiency
+    memory_s = nbytes / bw
+    assert flops / (pim.flops_per_s("fp16") * pim.compute_efficiency) < memory_s  # its regime
+    plan = build_plan(sc)
+    work = plan.layers[0].pim
+    assert work.phase == "attention"
+    assert np.allclose(work.seconds, memory_s + pim.command_overhead_s, rtol=1e-12)
+    assert np.allclose(work.internal_bytes, nbytes) and np.allclose(work.flops, flops)
+    # the KV cache lives on the PIM device, not in the GPU's HBM
+    assert np.allclose(plan.pim_memory_bytes["kv_cache"], batch * (context + 1) * 2 * h * hd * 2)

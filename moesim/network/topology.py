@@ -211,8 +211,9 @@ def attach_pim(
     b: _Builder, t: dict[str, np.ndarray], n_devices: int, n: int, pim: PimConfig
 ) -> None:
     """A PIM node per device (``n{a}.d{j}.pim``: its ``units_per_gpu`` units) joined by one
-    link each way of kind ``pim``: ``units x min(unit pins, host link)`` bytes/s, the host
-    link's latency (moesim/hardware/pim.py). Links are appended after all others, so device
+    link each way of kind ``pim`` (one link both directions share when the unit's pins are
+    half duplex): ``units x min(unit pins, host link)`` bytes/s, the host link's latency
+    (moesim/cost/pim.py). Links are appended after all others, so device
     pairs route exactly as without PIM; ``t["pim_up"][g]`` / ``t["pim_down"][g]`` are the ids."""
     from moesim import catalog
     from moesim.cost.pim import link_bandwidth_bytes_per_s
@@ -224,7 +225,10 @@ def attach_pim(
         dev, unit = f"n{g // n}.d{g % n}", f"n{g // n}.d{g % n}.pim"
         b.graph.add_node(unit, kind="pim", device=g)
         t["pim_up"][g] = b.link(dev, unit, "pim", bw, link.latency_s)
-        t["pim_down"][g] = b.link(unit, dev, "pim", bw, link.latency_s)
+        if pim.device.external_duplex == "half":  # one shared link: in and out take turns
+            t["pim_down"][g] = t["pim_up"][g]
+        else:
+            t["pim_down"][g] = b.link(unit, dev, "pim", bw, link.latency_s)
 
 
 def build_topology(
