@@ -407,3 +407,109 @@ def test_attention_on_pim_is_internal_bandwidth_bound_as_its_closed_form():
     assert np.allclose(work.internal_bytes, nbytes) and np.allclose(work.flops, flops)
     # the KV cache lives on the PIM device, not in the GPU's HBM
     assert np.allclose(plan.pim_memory_bytes["kv_cache"], batch * (context + 1) * 2 * h * hd * 2)
+
+
+# -- memory tiers (moesim/cost/tiers.py, moesim/plan/tiers.py) ---------------------------------
+def mixtral_one_gpu(tiers: dict | None, batch: int = 1, layers: int = 2, **routing):
+    """Mixtral-8x7B decoding on one H100 (fp16), experts optionally in a memory tier."""
+    data = {
+        "model": {"preset": "mixtral-8x7b", "n_layers": layers},
+        "cluster": {"nodes": 1, "devices_per_node": 1, "device": "h100-sxm"},
+        "parallelism": {"tp": 1, "ep": 1},
+        "workload": {"phase": "decode", "batch_size": batch, "seq_len": 512, "dtypes": FP16},
+        "routing": {"distribution": "uniform", **routing},
+        "sim": {"progress": False},
+    }
+    if tiers is not None:
+        data["tiers"] = tiers
+    return scenario_from_dict(data)
+
+
+def test_an_offloaded_experts_fetch_is_its_bytes_over_the_link_plus_latency():
+    from moesim.cost.tiers import expert_bytes, fetch_time_s
+
+    link = catalog.link("pcie5-x16")
+    nbytes = expert_bytes(4096, 14336, 2.0)
+    assert nbytes == 3 * 4096 * 14336 * 2
+    one = fetch_time_s(1, nbytes, link)
+    assert one == pytest.approx(nbytes / 64e9 + 1e-6, rel=1e-12)
+    assert fetch_time_s(3, nbytes, link) == pytest.approx(3 * one)
+    slow = fetch_time_s(1, nbytes, link, tier_bandwidth_bytes_per_s=20e9)  # the tier bounds it
+    assert slow == pytest.approx(nbytes / 20e9 + 1e-6)
+    # in a step: one sequence, top-2 of 8 experts, none resident: two fetches per layer
+    base = build_plan(mixtral_one_gpu(None))
+    tiered = build_plan(mixtral_one_gpu({"link": "pcie5-x16", "hbm_experts": 0}))
+    for lb, lt in zip(base.layers, tiered.layers, strict=True):
+        assert lt.tiers.needed[0] == 2 and lt.tiers.offloaded[0] == 8
+        extra = lt.compute_s["experts"] - lb.compute_s["experts"]
+        assert extra[0] == pytest.approx(2 * (nbytes / 64e9 + 1e-6), rel=1e-9)
+    # the offloaded experts left HBM; one layer's fetched experts are buffered there
+    moved = base.memory_bytes["weights"] - tiered.memory_bytes["weights"]
+    assert moved[0] == pytest.approx(2 * 8 * nbytes)
+    assert tiered.memory_bytes["expert_buffer"][0] == pytest.approx(2 * nbytes)
+    assert tiered.tier_memory_bytes[0] == pytest.approx(2 * 8 * nbytes)
+    r = simulate(mixtral_one_gpu({"link": "pcie5-x16", "hbm_experts": 0}))
+    assert r.summary["tiers"]["needed_experts"] == 4
+    e = r.summary["energy_j"]
+    assert e["breakdown"]["tier_link"] == pytest.approx(4 * nbytes * 8 * 5.0e-12)
+    assert e["total"] == pytest.approx(sum(e["breakdown"].values()), rel=1e-12)
+
+
+def test_resident_experts_are_the_expected_hottest_and_lru_the_recent():
+    sc = mixtral_one_gpu({"hbm_experts": 3}, batch=64, layers=1, distribution="zipf", zipf_s=1.5)
+    plan = build_plan(sc)
+    lp = plan.layers[0]
+    assert lp.tiers.resident[0] == 3 and lp.tiers.offloaded[0] == 5
+    from moesim.plan.tiers import _top
+
+    score = np.array([[0.1, 0.5, 0.3, 0.05]])
+    assert _top(score, np.ones((1, 4), bool), 2).tolist() == [[False, True, True, False]]
+    lru = build_plan(
+        mixtral_one_gpu(
+            {"hbm_experts": 3, "cache": "lru"}, batch=64, layers=1, distribution="zipf", zipf_s=1.5
+        )
+    )
+    assert lru.layers[0].tiers.resident[0] == 3
+    again = build_plan(
+        mixtral_one_gpu(
+            {"hbm_experts": 3, "cache": "lru"}, batch=64, layers=1, distribution="zipf", zipf_s=1.5
+        )
+    )
+    assert np.array_equal(lru.layers[0].compute_s["experts"], again.layers[0].compute_s["experts"])
+
+
+def test_experts_on_the_host_cpu_run_beside_the_gpus_resident_ones():
+    from moesim.cost.tiers import host_expert_time_s
+
+    tiers = {"hbm_experts": 4, "execute": "host", "host": "xeon-8480", "link": "pcie5-x16"}
+    sc = mixtral_one_gpu(tiers, batch=8, layers=1)
+    plan = build_plan(sc)
+    lp, work = plan.layers[0], plan.layers[0].tiers
+    base = build_plan(mixtral_one_gpu(None, batch=8, layers=1)).layers[0]
+    assert work.host_tokens[0] > 0 and work.fetch_s[0] == 0
+    assert lp.device_tokens[0] == base.device_tokens[0]  # the same routing
+    host = catalog.device("xeon-8480")
+    link = catalog.link("pcie5-x16")
+    one = host_expert_time_s(np.array([[1, 0]]), 4096, 14336, plan_bytes_fp16(), host, "fp16", link)
+    io = 4096 * 2 / link.bandwidth_bytes_per_s + link.latency_s
+    assert one[0] > 2 * io  # weights from DDR5 dominate one token
+    assert work.host_s[0] > 0
+    assert lp.compute_s["experts"][0] >= work.host_s[0]
+    with pytest.raises(ScenarioError, match="host device"):
+        mixtral_one_gpu({"execute": "host"})
+
+
+def plan_bytes_fp16():
+    from moesim.cost.ops import Bytes
+
+    return Bytes(2.0, 2.0, 2.0, 2.0)
+
+
+def test_tiers_that_do_not_fit_and_training_are_one_line_errors():
+    with pytest.raises(ScenarioError) as err:
+        build_plan(mixtral_one_gpu({"capacity_bytes": 1e9}))
+    need = 2 * 8 * 3 * 4096 * 14336 * 2 / 1e9
+    assert err.value.path == "tiers.capacity_bytes"
+    assert f"must hold {need:.1f} GB" in err.value.reason and "holds 1.0 GB" in err.value.reason
+    with pytest.raises(ScenarioError, match="1-8 FLOP per byte"):
+        load_scenario(HBMPIM, {"workload.phase": "train"})

@@ -338,9 +338,22 @@ class SimConfig(Config):
     progress: bool = Field(True, description="progress bar on runs longer than a few seconds")
 
 
+PIM_IN_TRAINING = (
+    "PIM units are not modelled in training (use pim.policy: gpu_only): a training step's "
+    "GEMMs have thousands of rows, far above the 1-8 FLOP per byte PIM units are built for, "
+    "and its backward pass and optimizer need the weights, gradients and activations in the "
+    "GPU's memory (docs/pim.md)"
+)
+TIERS_IN_TRAINING = (
+    "memory tiers are not modelled in training: every step updates every expert, so its "
+    "weights, gradients and optimizer states stay on the GPUs (docs/pim.md)"
+)
+
+
 class PimConfig(Config):
-    """Processing-in-memory units attached to every GPU and what runs on them (README
-    "Processing in memory"; cost model in moesim/hardware/pim.py, placement in moesim/pim.py)."""
+    """Processing-in-memory units attached to every GPU and what runs on them (docs/pim.md;
+    cost model in moesim/cost/pim.py, placement in moesim/plan/pim.py). Prefill, decode and
+    serving steps; training refuses it (:data:`PIM_IN_TRAINING`)."""
 
     device: PimSpec = Field(description="catalog pim/cim part, {preset: name, ...} or a full spec")
     units_per_gpu: PositiveInt = Field(1, description="PIM units (stacks, chips) per GPU")
@@ -374,6 +387,56 @@ class PimConfig(Config):
         return self
 
 
+class TiersConfig(Config):
+    """Memory tiers for routed experts (docs/pim.md "Memory tiers"): the ``hbm_experts``
+    experts of each MoE layer a GPU expects to be busiest stay in its HBM; the others live in
+    a slower tier (host DRAM, CXL memory) and are fetched over ``link`` when a token needs them,
+    or run on the ``host`` CPU (cost model in moesim/cost/tiers.py, placement in
+    moesim/plan/tiers.py)."""
+
+    memory: Literal["host_dram", "cxl"] = Field(
+        "host_dram", description="where offloaded experts live (names the tier in outputs)"
+    )
+    link: LinkSpec = Field(
+        "pcie5-x16",
+        validate_default=True,
+        description="link an expert crosses from the tier to its GPU (catalog name or spec)",
+    )
+    capacity_bytes: PositiveFloat = Field(
+        1.0e12, description="what the tier holds per GPU (bytes); offloaded experts must fit"
+    )
+    bandwidth_bytes_per_s: PositiveFloat | None = Field(
+        None, description="the tier's own memory bandwidth, if below the link's (bytes/s)"
+    )
+    hbm_experts: NonNegativeInt = Field(
+        0, description="routed experts per MoE layer each GPU keeps resident in HBM"
+    )
+    cache: Literal["expected_load", "lru"] = Field(
+        "expected_load",
+        description="which experts stay in HBM: expected_load, the hbm_experts with the "
+        "highest expected load; lru, the ones the preceding steps used last (routing drawn "
+        "from the same distribution)",
+    )
+    execute: Literal["fetch", "host"] = Field(
+        "fetch",
+        description="fetch: an offloaded expert's weights cross the link to the GPU before "
+        "its kernels; host: it runs on the host CPU beside the GPU's experts, its tokens' "
+        "activations crossing the link",
+    )
+    host: GpuSpec | None = Field(
+        None, description="execute: host: the host CPU (catalog device of type cpu, or a spec)"
+    )
+
+    _link = field_validator("link", mode="before")(_resolver("links"))
+    _host = field_validator("host", mode="before")(_resolver("devices"))
+
+    @model_validator(mode="after")
+    def _host_needed(self) -> TiersConfig:
+        if self.execute == "host" and self.host is None:
+            raise ScenarioError("tiers.host", "execute: host needs a host device (e.g. xeon-8480)")
+        return self
+
+
 class Scenario(Config):
     """A complete, validated simulation input."""
 
@@ -387,6 +450,7 @@ class Scenario(Config):
     routing: RoutingConfig = RoutingConfig()
     sim: SimConfig = SimConfig()
     pim: PimConfig | None = Field(None, description="processing-in-memory units per GPU")
+    tiers: TiersConfig | None = Field(None, description="expert weights in slower memory tiers")
 
     _model = field_validator("model", mode="before")(_resolver("models"))
 
@@ -454,9 +518,14 @@ class Scenario(Config):
                 raise ScenarioError(
                     "pim.compute_dtype", f"{pim.device.name} computes {have}, not {cdt}"
                 )
-            if self.workload.phase not in ("prefill", "decode") and pim.policy != "gpu_only":
-                raise ScenarioError("pim.policy", "PIM placement models prefill and decode only")
+            if self.workload.phase == "train" and pim.policy != "gpu_only":
+                raise ScenarioError("pim.policy", PIM_IN_TRAINING)
             object.__setattr__(self, "pim", pim.model_copy(update={"compute_dtype": cdt}))
+        if self.tiers is not None:
+            if self.workload.phase == "train":
+                raise ScenarioError("tiers", TIERS_IN_TRAINING)
+            if m.n_dense_layers == m.n_layers:
+                raise ScenarioError("tiers", "the model has no MoE layer: no expert to offload")
         dev = self.cluster.device
         resolved = {
             "intra_node": topo.intra_node or dev.intra_node_topology,

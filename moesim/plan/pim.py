@@ -30,6 +30,7 @@ from moesim import catalog
 from moesim.config.scenario import Scenario, ScenarioError
 from moesim.cost.ops import Bytes, OpCost, expert_ops, kv_cache_bytes_per_token
 from moesim.cost.pim import crossover_tokens, internal_bytes, pim_op_time_s
+from moesim.plan.tiers import apply_tier_memory
 from moesim.plan.types import PimWork
 
 if TYPE_CHECKING:
@@ -152,12 +153,14 @@ def _size(nbytes: float) -> str:
 
 
 def apply_memory(sc: Scenario, plan: WorkloadPlan, b: Bytes) -> None:
-    """Move what lives on PIM out of the GPU's memory, into ``plan.pim_memory_bytes``
+    """Move what lives off the GPU out of its memory: offloaded experts into their tier
+    (moesim/plan/tiers.py), what lives on PIM into ``plan.pim_memory_bytes``
     (``{"weights": ..., "kv_cache": ...}`` per device), and check it fits on the units.
 
     Expert weights on PIM leave the GPU (``by_batch`` keeps a copy on both); policy
     ``attention`` moves the KV cache of the softmax layers. Raises :class:`ScenarioError`
     naming the part, the GPU and the shortfall when the units cannot hold it."""
+    apply_tier_memory(sc, plan)  # offloaded experts leave the GPU (moesim/plan/tiers.py)
     pc = sc.pim
     if pc is None:
         return

@@ -4,12 +4,16 @@ collectives, as plain arrays (no time ordering)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from moesim.config.scenario import Scenario, TrainConfig
 from moesim.cost.ops import OpCost
 from moesim.cost.roofline import op_time_split
+
+if TYPE_CHECKING:
+    from moesim.plan.tiers import TierWork
 
 GB = 1e9
 
@@ -61,6 +65,7 @@ class LayerPlan:
     pairs_out: np.ndarray | None = None  # token-expert pairs each device sends (training only)
     pim: PimWork | None = None  # work on the processing-in-memory units (moesim/plan/pim.py)
     expert_weight_bytes: np.ndarray | None = None  # expert weights the GPU reads (energy)
+    tiers: TierWork | None = None  # offloaded experts (moesim/plan/tiers.py)
 
     @property
     def combine(self) -> Traffic | None:
@@ -80,6 +85,7 @@ class WorkloadPlan:
     lm_head_measured_s: np.ndarray | None = None
     train: TrainingPlan | None = None  # phase: train (moesim/training.py)
     pim_memory_bytes: dict[str, np.ndarray] = field(default_factory=dict)  # on PIM units
+    tier_memory_bytes: np.ndarray | None = None  # offloaded experts (moesim/plan/tiers.py)
     warnings: list[str] = field(default_factory=list)  # likely scenario mistakes, in the summary
 
     def measured_fraction(self) -> float:

@@ -33,6 +33,7 @@ from moesim.cost.ops import (
 from moesim.cost.pim import weight_bytes
 from moesim.cost.roofline import op_kernels, op_time_split
 from moesim.plan.pim import apply_memory, split_attention, split_experts
+from moesim.plan.tiers import experts_phase_s, offload_experts
 from moesim.plan.types import GB, LayerPlan, PimWork, Traffic, WorkloadPlan, _ring, _split, _time
 from moesim.routing.distributions import layer_probabilities, load_trace, route_layer
 from moesim.routing.placement import (
@@ -194,6 +195,10 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
             np.put_along_axis(dense, np.where(slot_ok, slot_e, m.n_experts), load, axis=1)
             gpu_dense = split_experts(sc, lp, dense[:, :-1], expected, share, d_ff_local, b)
             gpu_load = np.take_along_axis(gpu_dense, slot_e, axis=1) * slot_ok  # rest on PIM
+        if sc.tiers is not None:  # experts in slower memory (moesim/plan/tiers.py)
+            gpu_load = offload_experts(
+                sc, lp, gpu_load, slot_e, slot_ok, expected, d_ff_local, b, layer_seeds[i]
+            )
         ops = expert_ops(gpu_load, m.d_model, d_ff_local, b)
         split = [op_time_split(dev, op, cdt, launches=False) for op in ops]
         per_expert = sum(t for t, _ in split)
@@ -205,7 +210,7 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
             roofline = (gpu_load > 0) & (measured_part == 0)
             count = roofline.any(axis=1) if dev.grouped_experts else roofline.sum(axis=1)
             launch_s += count * op_kernels(dev, op) * dev.kernel_launch_s
-        compute_s["experts"] = per_expert.sum(axis=1) + launch_s
+        compute_s["experts"] = experts_phase_s(lp.tiers, per_expert.sum(axis=1) + launch_s)
         flops["experts"] = sum(np.asarray(op.flops) for op in ops).sum(axis=1)
         lp.expert_weight_bytes = sum(weight_bytes(op, b.expert_weights) for op in ops).sum(axis=1)
         # dispatch: tokens from each source to each (group, EP rank), to every etp shard

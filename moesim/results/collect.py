@@ -18,6 +18,7 @@ from moesim.engine.des import (
     Engine,
 )
 from moesim.plan.pim import pim_summary
+from moesim.plan.tiers import tiers_summary
 from moesim.plan.types import WorkloadPlan
 from moesim.results.energy import add_energy
 from moesim.routing.distributions import max_over_mean
@@ -135,6 +136,7 @@ def collect(engine: Engine) -> Result:
     routing = routing_table(plan)
     energy = add_energy(plan, topo, dev, links, step)  # energy columns (moesim/energy.py)
     pim = pim_summary(plan, dev)  # PIM columns, None without PIM units (moesim/pim.py)
+    tiers = tiers_summary(plan, dev)  # memory tiers, None without (moesim/plan/tiers.py)
 
     crit = int(np.argmax(rec.finish_s))
     spans = getattr(engine, "breakdown_s", None)  # analytic: per-phase spans
@@ -191,6 +193,7 @@ def collect(engine: Engine) -> Result:
         "measured_kernel_fraction": plan.measured_fraction(),
         "energy_j": energy,
         "pim": pim,
+        **({"tiers": tiers} if tiers is not None else {}),
         "all_to_all_bytes": float(
             sum(lp.dispatch.total_bytes * 2 if lp.moe else 0.0 for lp in plan.layers)
         ),

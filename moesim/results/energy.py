@@ -11,9 +11,10 @@ Per GPU (constants in moesim/catalog/devices.yaml, 0 where a device does not giv
 
 Per device's PIM units: compute ``pim FLOPs x (energy_pj_per_flop + adc_energy_pj_per_flop)``,
 memory ``internal bytes x 8 x energy_pj_per_bit_internal`` (the bytes the PIM kernels move inside
-the memory), static ``units x idle_power_w x step time``. Per link: ``bytes carried x 8 x
-energy_pj_per_bit`` of its link spec (intra: the intra-node link; host: the NIC link; network
-and spine: the inter-node link; pim: the PIM unit's host link). Everything is a sum of
+the memory), static ``units x idle_power_w x step time``. Memory tiers (moesim/plan/tiers.py):
+the bytes over the tier's link and the host CPU's FLOPs and weight reads. Per link: ``bytes
+carried x 8 x energy_pj_per_bit`` of its link spec (intra: the intra-node link; host: the NIC
+link; network and spine: the inter-node link; pim: the PIM unit's host link). Everything is a sum of
 count x constant, so the total is the sum of its parts and, for a fixed per-token workload and
 step time, linear in tokens.
 """
@@ -67,6 +68,24 @@ def gpu_bytes_read(plan: WorkloadPlan) -> np.ndarray:
     return weights - held + read + plan.memory_bytes.get("kv_cache", zeros)
 
 
+def _tier_parts(plan: WorkloadPlan, step_s: float) -> dict[str, np.ndarray]:
+    """Per device: ``tier_link_j``, fetched weights and host activations over the tier's link
+    (``bytes x 8 x energy_pj_per_bit``); ``host_compute_j`` and ``host_memory_j``, the host's
+    FLOPs and the expert weights it reads, at its catalog constants (its static power is the
+    host's, outside the accelerators, and left out)."""
+    t = plan.scenario.tiers
+    n = plan.n_devices
+    work = [lp.tiers for lp in plan.layers if lp.tiers is not None]
+    moved = sum((w.fetch_bytes + w.io_bytes for w in work), np.zeros(n))
+    parts = {"tier_link_j": moved * BITS_PER_BYTE * t.link.energy_pj_per_bit * PJ}
+    if t.host is not None and t.execute == "host":
+        flops = sum((w.host_flops for w in work), np.zeros(n))
+        read = sum((w.host_weight_bytes for w in work), np.zeros(n))
+        parts["host_compute_j"] = flops * t.host.energy_pj_per_flop * PJ
+        parts["host_memory_j"] = read * BITS_PER_BYTE * t.host.memory_energy_pj_per_bit * PJ
+    return parts
+
+
 def add_energy(
     plan: WorkloadPlan,
     topo: Topology,
@@ -97,6 +116,8 @@ def add_energy(
         )
         parts["pim_memory_j"] = pim_bytes * BITS_PER_BYTE * spec.energy_pj_per_bit_internal * PJ
         parts["pim_static_j"] = np.full(n, pc.units_per_gpu * spec.idle_power_w * step_s)
+    if sc.tiers is not None:  # offloaded experts (moesim/plan/tiers.py)
+        parts.update(_tier_parts(plan, step_s))
     for key, value in parts.items():
         devices[key] = value
     devices["energy_j"] = sum(parts.values())
