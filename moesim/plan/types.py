@@ -4,16 +4,12 @@ collectives, as plain arrays (no time ordering)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from moesim.config.scenario import Scenario, TrainConfig
 from moesim.cost.ops import OpCost
 from moesim.cost.roofline import op_time_split
-
-if TYPE_CHECKING:
-    from moesim.plan.tiers import TierWork
 
 GB = 1e9
 
@@ -65,7 +61,7 @@ class LayerPlan:
     pairs_out: np.ndarray | None = None  # token-expert pairs each device sends (training only)
     pim: PimWork | None = None  # work on the processing-in-memory units (moesim/plan/pim.py)
     expert_weight_bytes: np.ndarray | None = None  # expert weights the GPU reads (energy)
-    tiers: TierWork | None = None  # offloaded experts (moesim/plan/tiers.py)
+    tiers: object | None = None  # offloaded experts: a moesim.plan.tiers.TierWork
 
     @property
     def combine(self) -> Traffic | None:
