@@ -513,3 +513,57 @@ def test_tiers_that_do_not_fit_and_training_are_one_line_errors():
     assert f"must hold {need:.1f} GB" in err.value.reason and "holds 1.0 GB" in err.value.reason
     with pytest.raises(ScenarioError, match="1-8 FLOP per byte"):
         load_scenario(HBMPIM, {"workload.phase": "train"})
+
+
+@pytest.mark.parametrize("units", [1, 2, 3])
+def test_the_batch_pim_memory_holds_grows_as_kv_bytes_per_token_predict(units):
+    """Attention-PIM keeps the KV cache on the PIM device: ``2 x 96/8 heads x 128 x 2 B`` per
+    token per GPU for each GPT-3 layer, ``seq_len + 1`` tokens per decoding sequence. The
+    largest batch is ``floor(units x capacity / (context x that))`` (dp = 1); one more
+    sequence does not fit."""
+    from moesim.plan.pim import (
+        pim_capacity_bytes,
+        pim_expert_bytes,
+        pim_kv_bytes_per_token,
+        pim_max_batch,
+    )
+
+    cap, layers, context = 0.5e9, 2, 2048
+    sc = scenario_from_dict(
+        {
+            "model": {"preset": "gpt3-175b", "n_layers": layers, "n_dense_layers": layers},
+            "cluster": {"nodes": 1, "devices_per_node": 8, "device": "a100-sxm-80gb"},
+            "parallelism": {"tp": 8, "ep": 1},
+            "workload": {"phase": "decode", "batch_size": 1, "seq_len": context, "dtypes": FP16},
+            "pim": {
+                "device": {"preset": "attacc-hbm3-pim", "capacity_bytes": cap},
+                "units_per_gpu": units,
+                "policy": "attention",
+            },
+            "sim": {"progress": False},
+        }
+    )
+    per_token = layers * 2 * (96 // 8) * 128 * 2
+    assert pim_kv_bytes_per_token(sc) == per_token
+    assert pim_capacity_bytes(sc) == units * cap and pim_expert_bytes(sc) == 0
+    expected = math.floor(units * cap / ((context + 1) * per_token))
+    assert pim_max_batch(sc) == expected
+    fits = build_plan(
+        sc.model_copy(update={"workload": sc.workload.model_copy(update={"batch_size": expected})})
+    )
+    assert fits.pim_memory_bytes["kv_cache"].max() <= units * cap
+    with pytest.raises(ScenarioError, match="does not fit"):
+        build_plan(
+            sc.model_copy(
+                update={"workload": sc.workload.model_copy(update={"batch_size": expected + 1})}
+            )
+        )
+
+
+def test_experts_on_pim_leave_the_rest_of_its_memory_to_the_kv_cache():
+    from moesim.plan.pim import pim_expert_bytes
+
+    sc = load_scenario(HBMPIM)
+    m = sc.model
+    assert pim_expert_bytes(sc) == m.n_layers * 1 * 3 * m.d_model * m.d_ff_expert * 2
+    assert pim_expert_bytes(load_scenario(HBMPIM, {"pim.policy": "attention"})) == 0

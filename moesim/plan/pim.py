@@ -183,13 +183,7 @@ def apply_memory(sc: Scenario, plan: WorkloadPlan, b: Bytes) -> None:
         dp = n_dev // par.tp
         seqs = np.array([len(x) for x in np.array_split(np.arange(wl.batch_size), dp)])
         seqs_dev = seqs[np.arange(n_dev) // par.tp]
-        context = wl.seq_len + (1 if wl.phase == "decode" else 0)
-        per_token = sum(
-            kv_cache_bytes_per_token(m, i, par.tp, b)
-            for i in range(m.n_layers)
-            if m.attention_kind(i) == "softmax"
-        )
-        kv = seqs_dev * context * per_token
+        kv = seqs_dev * _context(sc) * pim_kv_bytes_per_token(sc)
         plan.memory_bytes["kv_cache"] = plan.memory_bytes["kv_cache"] - kv
     plan.pim_memory_bytes = {"weights": weights, "kv_cache": kv}
     used = weights + kv
@@ -205,6 +199,73 @@ def apply_memory(sc: Scenario, plan: WorkloadPlan, b: Bytes) -> None:
             f"{_size(cap)} (short by {_size(used[worst] - cap)}); add pim.units_per_gpu or "
             f"use smaller dtypes",
         )
+
+
+# -- capacity: what PIM memory holds, for the largest batch a cluster can run ----------------
+def _context(sc: Scenario) -> int:
+    """Tokens each sequence keeps in the KV cache during the step (decode: the new one too)."""
+    wl = sc.workload
+    return wl.seq_len + (1 if wl.phase == "decode" else 0)
+
+
+def pim_capacity_bytes(sc: Scenario) -> float:
+    """PIM memory per GPU: ``units_per_gpu x capacity_bytes`` (0 without PIM units or with
+    policy ``gpu_only``, which uses none of it)."""
+    pc = sc.pim
+    if pc is None or pc.policy == "gpu_only":
+        return 0.0
+    return pc.units_per_gpu * pc.device.capacity_bytes
+
+
+def pim_kv_bytes_per_token(sc: Scenario) -> float:
+    """KV-cache bytes one token of context puts on a GPU's PIM units instead of its HBM:
+    policy ``attention`` moves the softmax layers' cache (``2 x kv_heads / tp x head_dim x
+    kv bytes`` per layer, moesim/cost/ops.py), nothing otherwise."""
+    pc = sc.pim
+    if pc is None or pc.policy != "attention":
+        return 0.0
+    m, tp = sc.model, sc.parallelism.tp
+    b = plan_bytes(sc)
+    return float(
+        sum(
+            kv_cache_bytes_per_token(m, i, tp, b)
+            for i in range(m.n_layers)
+            if m.attention_kind(i) == "softmax"
+        )
+    )
+
+
+def pim_expert_bytes(sc: Scenario) -> float:
+    """Expert weight bytes a GPU's PIM units hold whatever the routing: every local routed
+    expert of every MoE layer for ``all_experts`` and ``by_batch`` (``by_batch`` keeps a copy
+    on the GPU too), none for ``attention`` and ``gpu_only``. ``cold_experts`` depends on the
+    step's routing; it counts as ``all_experts`` here, the most it can hold."""
+    pc = sc.pim
+    if pc is None or pc.policy in ("gpu_only", "attention"):
+        return 0.0
+    m, par = sc.model, sc.parallelism
+    local = m.n_experts / par.ep
+    moe_layers = sum(m.is_moe(i) for i in range(m.n_layers))
+    return (
+        moe_layers * local * 3 * m.d_model * m.d_ff_expert / par.etp * plan_bytes(sc).expert_weights
+    )
+
+
+def pim_max_batch(sc: Scenario) -> int | None:
+    """The largest ``workload.batch_size`` whose KV cache the PIM units hold at the scenario's
+    context (policy ``attention``; None when PIM holds no KV cache):
+
+    ``dp x floor((pim_capacity_bytes - pim_expert_bytes) / (context x pim_kv_bytes_per_token))``
+
+    with ``dp = devices / tp`` attention replicas, each GPU of a replica holding its replica's
+    sequences (its ``1 / tp`` of the heads). The GPU's own memory (weights, activations, the
+    KV cache of other attention kinds) bounds the batch separately."""
+    per_token = pim_kv_bytes_per_token(sc)
+    if per_token == 0:
+        return None
+    free = pim_capacity_bytes(sc) - pim_expert_bytes(sc)
+    dp = sc.cluster.n_devices // sc.parallelism.tp
+    return dp * max(0, int(free // (_context(sc) * per_token)))
 
 
 def pim_summary(plan: WorkloadPlan, devices: pd.DataFrame) -> dict | None:
