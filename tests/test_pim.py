@@ -567,3 +567,52 @@ def test_experts_on_pim_leave_the_rest_of_its_memory_to_the_kv_cache():
     m = sc.model
     assert pim_expert_bytes(sc) == m.n_layers * 1 * 3 * m.d_model * m.d_ff_expert * 2
     assert pim_expert_bytes(load_scenario(HBMPIM, {"pim.policy": "attention"})) == 0
+
+
+def _serve_with_pim(policy: str, capacity: float = 1e9, rate: float = 0.01, n: int = 30):
+    from .conftest import small_scenario
+
+    serve = {
+        "rate_per_s": rate,
+        "n_requests": n,
+        "prompt_tokens": {"mean": 256},
+        "output_tokens": {"mean": 32},
+        "grid_points": 4,
+        "max_batch_size": 64,
+        "max_batched_tokens": 4096,
+    }
+    pim = {
+        "device": {"preset": "duplex-logic-pim", "capacity_bytes": capacity},
+        "policy": policy,
+    }
+    return small_scenario(
+        workload={"phase": "serve", "serve": serve}, pim=pim, **{"sim.fidelity": "analytic"}
+    )
+
+
+@pytest.mark.parametrize("policy", ["attention", "all_experts"])
+def test_serving_steps_include_the_pim_units(policy):
+    """At low load every first token is one prefill step and every later one a decode step of
+    batch 1, each an ordinary moesim step with the same PIM units."""
+    sc = _serve_with_pim(policy)
+    req = simulate(sc).requests
+
+    def step(phase: str, length: int) -> float:
+        wl = sc.workload.model_copy(
+            update={"phase": phase, "batch_size": 1, "seq_len": length, "serve": None}
+        )
+        return simulate(sc.model_copy(update={"workload": wl})).step_time_s
+
+    assert np.allclose(req["ttft_s"], step("prefill", 256), rtol=1e-9)
+    mid = step("decode", 256 + 15)
+    assert req["tpot_s"].to_numpy() == pytest.approx(mid, rel=0.01)
+    gpu_only = simulate(_serve_with_pim("gpu_only")).requests
+    assert not np.allclose(req["tpot_s"], gpu_only["tpot_s"], rtol=1e-6)  # PIM changes it
+
+
+def test_serving_kv_budget_is_the_pim_memory_when_pim_holds_the_cache():
+    """Mixtral's layers are all softmax: with attention on PIM the whole cache lives there,
+    so the budget per device is the PIM capacity, whatever the GPU has left."""
+    sc = _serve_with_pim("attention", capacity=0.5e9, n=2)
+    kv = simulate(sc).summary["kv_cache"]
+    assert kv["budget_bytes_per_device"] == pytest.approx(0.5e9)

@@ -22,7 +22,8 @@ the activations as flows over the GPU-PIM links.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -266,6 +267,35 @@ def pim_max_batch(sc: Scenario) -> int | None:
     free = pim_capacity_bytes(sc) - pim_expert_bytes(sc)
     dp = sc.cluster.n_devices // sc.parallelism.tp
     return dp * max(0, int(free // (_context(sc) * per_token)))
+
+
+def without_memory_limits(sc: Scenario) -> dict[str, Any]:
+    """Scenario updates that lift the PIM units' and memory tiers' capacity, for timing a step
+    whose memory a scheduler checks itself (serving's iteration grid)."""
+    updates: dict[str, Any] = {}
+    if sc.pim is not None:
+        device = sc.pim.device.model_copy(update={"capacity_bytes": math.inf})
+        updates["pim"] = sc.pim.model_copy(update={"device": device})
+    if sc.tiers is not None:
+        updates["tiers"] = sc.tiers.model_copy(update={"capacity_bytes": math.inf})
+    return updates
+
+
+def kv_budget_bytes(sc: Scenario, gpu_free_bytes: float, kv_bytes_per_token: float) -> float:
+    """The KV budget per device, in bytes of ``kv_bytes_per_token`` (the whole cache of one
+    token, all layers), when PIM holds part of it (policy ``attention``): the tokens that fit
+    are the fewer of the GPU's (``gpu_free / (kv - pim part)``) and the PIM units'
+    (``(pim_capacity - pim_expert_bytes) / pim part``). Without a PIM KV cache:
+    ``gpu_free_bytes``."""
+    on_pim = pim_kv_bytes_per_token(sc)
+    if on_pim == 0:
+        return gpu_free_bytes
+    pim_free = pim_capacity_bytes(sc) - pim_expert_bytes(sc)
+    tokens = pim_free / on_pim
+    on_gpu = kv_bytes_per_token - on_pim
+    if on_gpu > 0:
+        tokens = min(tokens, gpu_free_bytes / on_gpu)
+    return tokens * kv_bytes_per_token
 
 
 def pim_summary(plan: WorkloadPlan, devices: pd.DataFrame) -> dict | None:
