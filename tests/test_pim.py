@@ -616,3 +616,47 @@ def test_serving_kv_budget_is_the_pim_memory_when_pim_holds_the_cache():
     sc = _serve_with_pim("attention", capacity=0.5e9, n=2)
     kv = simulate(sc).summary["kv_cache"]
     assert kv["budget_bytes_per_device"] == pytest.approx(0.5e9)
+
+
+# -- the papers' headline directions (scenarios/pim/, docs/pim.md) ----------------------------
+PAPERS = ROOT / "scenarios" / "pim"
+
+
+def _run(name: str, **overrides):
+    return simulate(load_scenario(PAPERS / f"{name}.yaml", {"sim.progress": False, **overrides}))
+
+
+def test_attacc_beats_the_gpu_system_of_the_same_memory_in_throughput_and_energy():
+    from moesim.plan.pim import pim_max_batch
+
+    attacc = load_scenario(PAPERS / "gpt3-175b-8xa100-attacc-decode.yaml")
+    assert attacc.workload.batch_size == pim_max_batch(attacc)  # the batch its PIM holds
+    pim, gpus = _run("gpt3-175b-8xa100-attacc-decode"), _run("gpt3-175b-16xa100-decode")
+    assert pim.summary["tokens_per_s"] > 1.3 * gpus.summary["tokens_per_s"]
+    assert pim.summary["energy_j"]["per_token"] < gpus.summary["energy_j"]["per_token"] / 1.5
+    with pytest.raises(ScenarioError, match="does not fit"):  # the GPU-only batch is its most
+        build_plan(
+            load_scenario(PAPERS / "gpt3-175b-16xa100-decode.yaml", {"workload.batch_size": 58})
+        )
+
+
+def test_duplex_logic_pim_speeds_mixtral_decode_up_and_saves_energy():
+    duplex, h100 = (
+        _run("mixtral-8x7b-2xh100-duplex-decode", **{"pim.policy": p})
+        for p in ("by_batch", "gpu_only")
+    )
+    assert duplex.step_time_s < h100.step_time_s
+    assert duplex.summary["energy_j"]["per_token"] < h100.summary["energy_j"]["per_token"]
+
+
+def test_offloaded_experts_run_faster_on_the_host_than_fetched_at_batch_one():
+    host = _run("mixtral-8x7b-1xh100-offload-decode")
+    fetch = _run("mixtral-8x7b-1xh100-offload-decode", **{"tiers.execute": "fetch"})
+    assert host.step_time_s < fetch.step_time_s / 2
+    assert host.summary["memory"]["max_used_bytes"] <= 80e9  # fits where the whole model does not
+    with pytest.raises(ScenarioError, match="does not fit"):
+        build_plan(
+            load_scenario(
+                PAPERS / "mixtral-8x7b-1xh100-offload-decode.yaml", {"tiers.hbm_experts": 8}
+            )
+        )
