@@ -1,15 +1,17 @@
-"""Discrete-event engine: orders the workload plan in time with simpy.
+"""Discrete-event engine: walks the step graph (:mod:`moesim.plan.graph`) in time with simpy.
 
-One process per device walks the layers: attention -> [tp collective] -> router -> permute ->
-dispatch (send, then shared experts, then wait for its inbound tokens) -> experts -> combine
-(send, wait) -> unpermute -> [tp collective]. A single :class:`~moesim.network.FluidNetwork`
-process carries every flow.
-Events are per (layer, device kernel) and per flow batch, never per token. Metrics are
-collected around the processes (:class:`Recorder`), not inside the network or device models.
+One process per device and stream walks that stream's nodes in graph order: a compute node
+is a timeout, a collective puts the device's flows into the single
+:class:`~moesim.network.FluidNetwork` process, a dependency is a wait on the event of the
+node it names. Nodes issued by their dependencies (a communication stream) start from event
+callbacks. Events are per (node, device) and per flow batch, never per token. Metrics are
+collected around the processes (:class:`~moesim.engine.recorder.Recorder`), not inside the
+network or device models.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -17,95 +19,98 @@ import numpy as np
 import simpy
 from tqdm import tqdm
 
+from moesim.engine.recorder import CountingEnvironment, Recorder
 from moesim.network import FluidNetwork, Topology, build_topology
 from moesim.network.aggregate import FlowPattern, PatternCache
 from moesim.network.fluid import LinkStats
-from moesim.plan.collectives import scaled
-from moesim.plan.types import LayerPlan, Traffic, WorkloadPlan
-
-COMPUTE_PHASES = (
-    "attention",
-    "router",
-    "permute",
-    "shared_experts",
-    "experts",
-    "unpermute",
-    "dense_ffn",
-    "lm_head",
-)
-COMM_PHASES = ("tp_comm", "dispatch", "combine", "pim")  # pim: waiting for PIM units
-# training (moesim/training.py): the backward of each forward phase, recomputation, optimizer
-TRAIN_COMPUTE_PHASES = (*(f"{p}_bwd" for p in COMPUTE_PHASES), "recompute", "optimizer")
-TRAIN_COMM_PHASES = ("combine_bwd", "dispatch_bwd", "grad_reduce", "param_gather")
-COMPUTE_PHASES = (*COMPUTE_PHASES, *TRAIN_COMPUTE_PHASES)
-COMM_PHASES = (*COMM_PHASES, *TRAIN_COMM_PHASES)
-
-
-class CountingEnvironment(simpy.Environment):
-    """A simpy environment that counts processed events (monitoring by wrapping ``step``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.events_processed = 0
-
-    def step(self) -> None:
-        self.events_processed += 1
-        super().step()
-
-
-@dataclass
-class Recorder:
-    """Per-device time per phase (waits included) and the slices of the device timelines."""
-
-    n_devices: int
-    keep_slices: bool
-    phase_s: dict[str, np.ndarray] = field(default_factory=dict)
-    finish_s: np.ndarray | None = None
-    slices: list[tuple[int, str, float, float, int]] = field(default_factory=list)
-    pim_slices: list[tuple[int, str, float, float, int]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.phase_s = {p: np.zeros(self.n_devices) for p in COMPUTE_PHASES + COMM_PHASES}
-        self.finish_s = np.zeros(self.n_devices)
-
-    def add(self, g: int, phase: str, start: float, end: float, layer: int) -> None:
-        self.phase_s[phase][g] += end - start
-        if self.keep_slices and end > start:
-            self.slices.append((g, phase, start, end, layer))
+from moesim.plan.graph import COLLECTIVE, COMPUTE, GPU, Node, StepGraph, build_graph
+from moesim.plan.types import WorkloadPlan
 
 
 @dataclass
 class _Prepared:
-    """A collective mapped onto flows: its pattern, network block, bytes and max-min weight
-    per contribution."""
+    """A collective node mapped onto flows: its pattern, network block, bytes and max-min
+    weight per contribution; for a barrier collective, the members still to join per
+    group and the devices held until their group is complete."""
 
     pattern: FlowPattern
     block: int
     nbytes: np.ndarray
     weight: np.ndarray  # max-min weight per contribution: its pairs that carry bytes
-    events: list[simpy.Event]
     senders_left: int
+    members: np.ndarray | None = None
+    left: np.ndarray | None = None
+    held: dict[int, list[int]] = field(default_factory=dict)
+
+
+def external_deps(graph: StepGraph) -> list[tuple[int, ...]]:
+    """Per node, the dependencies that graph order on its own stream does not already
+    satisfy: all but earlier compute nodes and blocking collectives of the same stream."""
+    nodes = graph.nodes
+    out = []
+    for node in nodes:
+        out.append(
+            tuple(
+                d
+                for d in node.deps
+                if not (
+                    node.stream is not None
+                    and nodes[d].stream == node.stream
+                    and (nodes[d].kind == COMPUTE or nodes[d].wait)
+                )
+            )
+        )
+    return out
 
 
 class Engine:
     """Runs one step of a :class:`WorkloadPlan` on its topology."""
 
+    fidelity = "des"
+
     def __init__(
-        self, plan: WorkloadPlan, topology: Topology | None = None, progress: bool | None = None
+        self,
+        plan: WorkloadPlan,
+        topology: Topology | None = None,
+        progress: bool | None = None,
+        graph: StepGraph | None = None,
     ) -> None:
         sc = plan.scenario
         self.plan = plan
         self.topology = topology or build_topology(sc.cluster, sc.topology, sc.pim)
+        self.graph = graph or build_graph(plan, self.topology.tables)
         self.env = CountingEnvironment()
         self.net = FluidNetwork(
             self.env, self.topology, sc.sim.network_tolerance, record_intervals=sc.sim.trace
         )
         self.patterns = PatternCache(self.topology, sc.sim.aggregate)
         self.rec = Recorder(plan.n_devices, sc.sim.trace)
-        self._prepared: dict[tuple[int, str], _Prepared] = {}
+        nodes = self.graph.nodes
+        self._ext = external_deps(self.graph)
+        uses = np.zeros(len(nodes), dtype=np.int64)  # per device: waits on each node's event
+        for node, ext in zip(nodes, self._ext, strict=True):
+            for d in ext:
+                uses[d] += 1
+            if node.kind != COMPUTE and node.stream is not None and node.wait:
+                uses[node.id] += 1
+        self._uses = uses
+        self._left: dict[int, np.ndarray] = {}
+        self._events: dict[int, list[simpy.Event | None]] = {}
+        self._prepared: dict[int, _Prepared] = {}
+        self._streams = self.graph.streams()
+        self._walk_lists = {
+            stream: [i for i, node in enumerate(nodes) if node.stream in (stream, None)]
+            if stream == GPU
+            else ids
+            for stream, ids in self._streams.items()
+            if stream is not None
+        }
+        self._awaited = self.graph.awaited()
+        gpu_layers = [node.layer for node in nodes if node.stream == GPU]
+        spans = 1 + sum(a != b for a, b in itertools.pairwise(gpu_layers))
         show = sc.sim.progress if progress is None else progress
         self._bar = tqdm(
-            total=plan.n_devices * len(plan.layers),
+            total=plan.n_devices * spans,
             delay=2.0,
             disable=not show,
             unit="device-layer",
@@ -113,8 +118,6 @@ class Engine:
             leave=False,
         )
         self.wall_s = 0.0
-
-    fidelity = "des"
 
     @property
     def link_stats(self) -> LinkStats:
@@ -126,25 +129,46 @@ class Engine:
 
     def run(self) -> Engine:
         start = time.perf_counter()
-        for g in range(self.plan.n_devices):
-            self.env.process(self._device(g))
+        for stream, ids in self._walk_lists.items():
+            for g in range(self.plan.n_devices):
+                self.env.process(self._walk(g, stream, ids))
         self.env.run()
         self._bar.close()
         self.wall_s = time.perf_counter() - start
         self.net.close_intervals()
         return self
 
-    # -- device process --------------------------------------------------------------------
-    def _compute(self, g: int, phase: str, seconds: float, layer: int):
-        start = self.env.now
-        if seconds > 0:
-            yield self.env.timeout(seconds)
-        self.rec.add(g, phase, start, self.env.now, layer)
+    # -- events -------------------------------------------------------------------------
+    def _event(self, nid: int, g: int) -> simpy.Event:
+        """The event of node ``nid`` completing on device ``g`` (made on first use)."""
+        events = self._events.get(nid)
+        if events is None:
+            node = self.graph.nodes[nid]
+            if node.kind == COLLECTIVE:
+                events = self._prepare(node)
+            else:
+                events = [None] * self.plan.n_devices
+            self._events[nid] = events
+        ev = events[g]
+        if ev is None:
+            ev = events[g] = self.env.event()
+        return ev
 
-    def _computes(self, g: int, kernels: list[tuple[str, float, int]]):
+    def _used(self, nid: int, g: int) -> None:
+        """One wait on ``nid``'s event of device ``g`` is done; drop it after the last."""
+        left = self._left.get(nid)
+        if left is None:
+            left = self._left[nid] = np.full(self.plan.n_devices, self._uses[nid])
+        left[g] -= 1
+        events = self._events[nid]
+        if left[g] == 0 and events[g] is not None and events[g].triggered:
+            events[g] = None
+
+    # -- a device's stream ---------------------------------------------------------------
+    def _flush(self, g: int, kernels: list[tuple[str, float, int]]):
         """Back-to-back kernels ``(phase, seconds, layer)`` as one timeout (one event), each
-        recorded as its own slice; empties ``kernels``. Exact: nothing else touches a device
-        between two of its kernels, so only sends and waits need the clock."""
+        recorded as its own slice; empties ``kernels``. Exact: nothing else touches a
+        stream between two of its kernels, so only sends and waits need the clock."""
         if not kernels:
             return
         t = self.env.now
@@ -156,240 +180,134 @@ class Engine:
             t += seconds
         kernels.clear()
 
-    def _device(self, g: int):
-        """One device's forward step. Its kernels queue in ``run`` until the device next
-        sends or waits (a collective, PIM work), then take one timeout together."""
-        env = self.env
-        if self.plan.train is not None:
-            yield from self._train_device(g)
-            return
+    def _walk(self, g: int, stream: str, ids: list[int]):
+        """Device ``g``'s ``stream``: its nodes in graph order (the GPU stream also arms the
+        nodes that their dependencies issue, at their place in the order)."""
+        env, nodes, rec = self.env, self.graph.nodes, self.rec
+        gpu = stream == GPU
         run: list[tuple[str, float, int]] = []
-        for lp in self.plan.layers:
-            i, cs = lp.index, lp.compute_s
-            run.append(("attention", cs["attention"][g], i))
-            if lp.pim is not None and lp.pim.phase == "attention":
-                yield from self._computes(g, run)
-                yield from self._pim_wait(g, lp, self._pim_start(g, lp, "attention"))
-            if lp.tp_comm is not None:
-                yield from self._computes(g, run)
-                yield from self._exchange(g, lp, "tp_comm", lp.tp_comm)
-            if lp.moe:
-                run += [("router", cs["router"][g], i), ("permute", cs["permute"][g], i)]
-                yield from self._computes(g, run)
-                arrived = self._send(g, lp, "dispatch", lp.dispatch)
-                if "shared_experts" in cs:
-                    yield from self._compute(g, "shared_experts", cs["shared_experts"][g], i)
+        awaited = self._awaited
+        layer = None
+        for nid in ids:
+            node = nodes[nid]
+            if node.devices is not None and not node.devices[g]:
+                continue
+            if node.stream is None:
+                self._arm(node, g)
+                continue
+            if gpu and node.layer != layer:
+                if layer is not None:
+                    self._bar.update()
+                layer = node.layer
+            waits = [d for d in self._ext[nid] if not self._event(d, g).triggered]
+            if waits or node.kind != COMPUTE:
+                yield from self._flush(g, run)
+            for d in waits:
                 start = env.now
-                yield arrived
-                self.rec.add(g, "dispatch", start, env.now, i)
-                pim = self._pim_start(g, lp, "experts")  # PIM experts beside the GPU's
-                yield from self._compute(g, "experts", cs["experts"][g], i)
-                yield from self._pim_wait(g, lp, pim)
-                yield from self._exchange(g, lp, "combine", lp.combine)
-                run.append(("unpermute", cs["unpermute"][g], i))
-            else:
-                run.append(("dense_ffn", cs["dense_ffn"][g], i))
-            if lp.tp_comm_after is not None:
-                yield from self._computes(g, run)
-                yield from self._exchange(g, lp, "tp_comm_after", lp.tp_comm_after)
+                yield self._event(d, g)
+                if gpu:
+                    rec.add(g, nodes[d].phase, start, env.now, node.layer)
+            for d in self._ext[nid]:
+                self._used(d, g)
+            if node.kind == COMPUTE:
+                if node.seconds is None:
+                    continue
+                seconds = float(node.seconds[g])
+                if gpu:
+                    run.append((node.phase, seconds, node.layer))
+                    if awaited[nid]:
+                        yield from self._flush(g, run)
+                else:  # a PIM unit's kernel: its own track in trace.json
+                    start = env.now
+                    if seconds > 0:
+                        yield env.timeout(seconds)
+                        if rec.keep_slices:
+                            rec.pim_slices.append((g, node.label, start, env.now, node.layer))
+                if awaited[nid]:
+                    self._event(nid, g).succeed()
+                continue
+            done = self._issue(node, g)
+            if node.wait:
+                start = env.now
+                yield done
+                self._used(nid, g)
+                if gpu:
+                    rec.add(g, node.phase, start, env.now, node.layer)
+        yield from self._flush(g, run)
+        if gpu:
             self._bar.update()
-        run.append(("lm_head", self.plan.lm_head_s[g], len(self.plan.layers)))
-        yield from self._computes(g, run)
-        self.rec.finish_s[g] = env.now
+            rec.finish_s[g] = env.now
 
-    # -- training step (workload.phase: train; moesim/training.py) ---------------------------
-    def _train_device(self, g: int):
-        """Micro-batches of forward then backward (layers reversed; full recomputation reruns
-        a layer's forward first), then gradient reduction, optimizer, weight all-gather.
-        Collective keys carry the pass, so passes of the same layer never share flows."""
-        plan, tr = self.plan, self.plan.train
-        n_layers = len(plan.layers)
-        step = LayerPlan(n_layers, "none", False, {}, {})  # step-level collectives
-        buckets = None  # overlap_grad_reduce: the gradient stream's last bucket
-        for mb in range(tr.micro_batches):
-            for lp in plan.layers:
-                yield from self._forward_layer(g, lp, f"f{mb}", recompute=False)
-            yield from self._compute(g, "lm_head", plan.lm_head_s[g], n_layers)
-            yield from self._compute(g, "lm_head_bwd", tr.lm_head_bwd_s[g], n_layers)
-            for lp, bl in zip(reversed(plan.layers), reversed(tr.backward), strict=True):
-                if tr.full_recompute:
-                    yield from self._forward_layer(g, lp, f"r{mb}", recompute=True)
-                yield from self._compute(g, "recompute", bl.recompute_s[g], lp.index)
-                yield from self._backward_layer(g, lp, bl.compute_s, f"b{mb}")
-                if tr.layer_grad_reduce is not None and mb == tr.micro_batches - 1:
-                    grads = tr.layer_grad_reduce[lp.index]
-                    buckets = self.env.process(self._grad_bucket(g, step, lp.index, buckets, grads))
-        if buckets is not None:
-            start = self.env.now
-            yield buckets
-            self.rec.add(g, "grad_reduce", start, self.env.now, n_layers)
-        for k, traffic in enumerate(tr.grad_reduce):
-            yield from self._collective(g, step, f"grad{k}", "grad_reduce", traffic)
-        yield from self._compute(g, "optimizer", tr.optimizer_s[g], n_layers)
-        for k, traffic in enumerate(tr.param_gather):
-            yield from self._collective(g, step, f"gather{k}", "param_gather", traffic)
-        self.rec.finish_s[g] = self.env.now
-
-    def _grad_bucket(self, g: int, step: LayerPlan, layer: int, previous, bucket: list[Traffic]):
-        """One layer's gradient collectives on the gradient stream, after the previous bucket."""
-        if previous is not None:
-            yield previous
-        for k, traffic in enumerate(bucket):
-            yield self._send(g, step, f"grad/{layer}/{k}", traffic)
-
-    def _collective(self, g: int, lp: LayerPlan, key: str, phase: str, traffic: Traffic):
-        """Send, wait for this device's inbound bytes, record the wait as ``phase``."""
-        arrived = self._send(g, lp, key, traffic)
-        start = self.env.now
-        yield arrived
-        self.rec.add(g, phase, start, self.env.now, lp.index)
-
-    def _forward_layer(self, g: int, lp: LayerPlan, tag: str, recompute: bool):
-        """One layer's forward in a training pass (``recompute``: its compute recorded as
-        ``recompute``, its collectives as usual)."""
-        i, cs = lp.index, lp.compute_s
-
-        def phase(name: str) -> str:
-            return "recompute" if recompute else name
-
-        yield from self._compute(g, phase("attention"), cs["attention"][g], i)
-        if lp.tp_comm is not None:
-            yield from self._collective(g, lp, f"tp/{tag}", "tp_comm", lp.tp_comm)
-        if lp.moe:
-            yield from self._compute(g, phase("router"), cs["router"][g], i)
-            yield from self._compute(g, phase("permute"), cs["permute"][g], i)
-            shared = cs["shared_experts"][g] if "shared_experts" in cs else 0.0
-            yield from self._moe_exchange(
-                g, lp, tag, ("dispatch", lp.dispatch), (phase("experts"), cs["experts"][g]),
-                ("combine", self.plan.train.combine[i]), (phase("shared_experts"), shared),
-            )  # fmt: skip
-            yield from self._compute(g, phase("unpermute"), cs["unpermute"][g], i)
-        else:
-            yield from self._compute(g, phase("dense_ffn"), cs["dense_ffn"][g], i)
-        if lp.tp_comm_after is not None:
-            yield from self._collective(g, lp, f"tpa/{tag}", "tp_comm", lp.tp_comm_after)
-
-    def _backward_layer(self, g: int, lp: LayerPlan, cs: dict, tag: str):
-        """One layer's backward: the forward in reverse; the combine's gradient travels the
-        dispatch's way (``combine_bwd``) and the dispatch's the combine's (``dispatch_bwd``)."""
-        i = lp.index
-        if lp.tp_comm_after is not None:
-            yield from self._collective(g, lp, f"tpa/{tag}", "tp_comm", lp.tp_comm_after)
-        if lp.moe:
-            yield from self._compute(g, "unpermute_bwd", cs["unpermute_bwd"][g], i)
-            shared = cs["shared_experts_bwd"][g] if "shared_experts_bwd" in cs else 0.0
-            yield from self._moe_exchange(
-                g, lp, tag, ("combine_bwd", lp.dispatch), ("experts_bwd", cs["experts_bwd"][g]),
-                ("dispatch_bwd", self.plan.train.combine[i]), ("shared_experts_bwd", shared),
-            )  # fmt: skip
-            yield from self._compute(g, "permute_bwd", cs["permute_bwd"][g], i)
-            yield from self._compute(g, "router_bwd", cs["router_bwd"][g], i)
-        else:
-            yield from self._compute(g, "dense_ffn_bwd", cs["dense_ffn_bwd"][g], i)
-        if lp.tp_comm is not None:
-            yield from self._collective(g, lp, f"tp/{tag}", "tp_comm", lp.tp_comm)
-        yield from self._compute(g, "attention_bwd", cs["attention_bwd"][g], i)
-
-    def _moe_exchange(self, g: int, lp: LayerPlan, tag: str, first, work, second, side):
-        """All-to-all ``first``, expert ``work``, all-to-all ``second``; ``side`` (shared
-        experts) runs while the first one's tokens travel. With ``chunks`` > 1 the tokens go
-        in chunks on a communication stream (first of every chunk, then second of every
-        chunk, each after its chunk's experts) while the compute stream runs each chunk's
-        experts once its tokens are in: chunk c's experts overlap chunk c+1's transfer."""
-        env, i = self.env, lp.index
-        chunks = self.plan.train.chunks
-        (p1, t1), (pw, sec), (p2, t2), (ps, side_s) = first, work, second, side
-        if chunks > 1:
-            t1, t2 = scaled(t1, 1.0 / chunks), scaled(t2, 1.0 / chunks)
-        got = [env.event() for _ in range(chunks)]
-        done = [env.event() for _ in range(chunks)]
-
-        def comm():
-            for c in range(chunks):
-                yield self._send(g, lp, f"{p1}/{tag}/{c}", t1)
-                got[c].succeed()
-            for c in range(chunks):
-                yield done[c]
-                yield self._send(g, lp, f"{p2}/{tag}/{c}", t2)
-
-        stream = env.process(comm())
-        yield from self._compute(g, ps, side_s, i)
-        for c in range(chunks):
-            start = env.now
-            yield got[c]
-            self.rec.add(g, p1, start, env.now, i)
-            yield from self._compute(g, pw, sec / chunks, i)
-            done[c].succeed()
-        start = env.now
-        yield stream
-        self.rec.add(g, p2, start, env.now, i)
-
-    # -- processing in memory (moesim/pim.py) -----------------------------------------------
-    def _pim_start(self, g: int, lp: LayerPlan, phase: str) -> simpy.Process | None:
-        """Start device g's PIM work of ``phase`` in this layer, if any: activations in over
-        its PIM link, the PIM kernels, results back (flows on the topology)."""
-        work = lp.pim
-        if work is None or work.phase != phase or not (work.seconds[g] or work.in_bytes[g]):
-            return None
-        return self.env.process(self._pim_run(g, work, lp.index))
-
-    def _pim_run(self, g: int, work, layer: int):
-        tables = self.topology.tables
-        yield self._pim_flow(int(tables["pim_up"][g]), float(work.in_bytes[g]))
-        if work.seconds[g] > 0:
-            start = self.env.now
-            yield self.env.timeout(float(work.seconds[g]))
-            if self.rec.keep_slices:  # the PIM units' own track (trace.json)
-                self.rec.pim_slices.append((g, work.phase, start, self.env.now, layer))
-        yield self._pim_flow(int(tables["pim_down"][g]), float(work.out_bytes[g]))
-
-    def _pim_flow(self, link: int, nbytes: float) -> simpy.Event:
-        gid, event = self.net.group(1 if nbytes > 0 else 0)
-        if nbytes > 0:  # one flow on one link (as FluidNetwork.send, with the path given)
-            path = np.array([[link]], dtype=np.int64)
-            one = np.ones(1, np.int64)
-            block = self.net.add_block(
-                path, self.topology.latency_s[[link]], np.arange(2), np.array([gid]), one
-            )
-            self.net.contribute(block, np.arange(1), np.array([nbytes]), np.ones(1))
-        return event
-
-    def _pim_wait(self, g: int, lp: LayerPlan, proc: simpy.Process | None):
-        """The GPU waits (phase ``pim``) for its PIM work to finish."""
-        if proc is None:
+    def _arm(self, node: Node, g: int) -> None:
+        """Issue ``node`` on device ``g`` once its dependencies complete (now, if they have)."""
+        pending = [self._event(d, g) for d in self._ext[node.id]]
+        pending = [ev for ev in pending if not ev.triggered]
+        for d in self._ext[node.id]:
+            self._used(d, g)
+        if not pending:
+            self._issue(node, g)
             return
-        start = self.env.now
-        yield proc
-        self.rec.add(g, "pim", start, self.env.now, lp.index)
+        left = [len(pending)]
 
-    def _exchange(self, g: int, lp: LayerPlan, key: str, traffic: Traffic):
-        """Send this device's part of a collective, then wait for what it receives."""
-        arrived = self._send(g, lp, key, traffic)
-        start = self.env.now
-        yield arrived
-        phase = "tp_comm" if key.startswith("tp_comm") else key
-        self.rec.add(g, phase, start, self.env.now, lp.index)
+        def ready(_event) -> None:
+            left[0] -= 1
+            if left[0] == 0:
+                self._issue(node, g)
 
-    def _send(self, g: int, lp: LayerPlan, key: str, traffic: Traffic) -> simpy.Event:
-        prep = self._prepare(lp, key, traffic)
+        for ev in pending:
+            ev.callbacks.append(ready)
+
+    def _issue(self, node: Node, g: int) -> simpy.Event:
+        """Put device ``g``'s part of a collective or transfer on the network; its event."""
+        done = self._event(node.id, g)
+        if node.kind == COLLECTIVE:
+            self._send(node, g)
+            return done
+        link = int(node.links[g])
+        if link < 0:
+            done.succeed()
+            return done
+        gid, arrived = self.net.group(1)  # one flow on one link (its path given)
+        path = np.array([[link]], dtype=np.int64)
+        block = self.net.add_block(
+            path, self.topology.latency_s[[link]], np.arange(2), np.array([gid]), np.ones(1, int)
+        )
+        self.net.contribute(block, np.arange(1), node.nbytes[[g]], np.ones(1))
+        arrived.callbacks.append(lambda _e: done.succeed())
+        return done
+
+    # -- collectives on the fluid network --------------------------------------------------
+    def _send(self, node: Node, g: int) -> None:
+        """Device ``g`` joins the collective: its flows start now, or, behind a barrier, when
+        the last member of its group has joined."""
+        prep = self._prepared[node.id]
+        prep.senders_left -= 1
+        if prep.senders_left == 0:
+            del self._prepared[node.id]
+        if prep.members is None:
+            self._contribute(prep, g)
+            return
+        k = int(prep.members[g]) if g < len(prep.members) else -1
+        if k < 0:
+            return
+        prep.held.setdefault(k, []).append(g)
+        prep.left[k] -= 1
+        if prep.left[k] == 0:
+            for h in prep.held.pop(k):
+                self._contribute(prep, h)
+
+    def _contribute(self, prep: _Prepared, g: int) -> None:
         pat = prep.pattern
         lo, hi = pat.contrib_offsets[g], pat.contrib_offsets[g + 1]
         if hi > lo:
             self.net.contribute(
                 prep.block, pat.contrib_slot[lo:hi], prep.nbytes[lo:hi], prep.weight[lo:hi]
             )
-        event = prep.events[g]
-        prep.senders_left -= 1
-        if prep.senders_left == 0:
-            del self._prepared[(lp.index, key)]
-        return event
 
-    def _prepare(self, lp: LayerPlan, key: str, traffic: Traffic) -> _Prepared:
-        """Map a collective onto flows once, on first use (routing cached across layers), and
-        register one group per receiver, fed by every flow that carries bytes to it."""
-        slot = (lp.index, key)
-        if slot in self._prepared:
-            return self._prepared[slot]
+    def _prepare(self, node: Node) -> list[simpy.Event]:
+        """Map a collective onto flows once (routing cached across layers), register one
+        group per receiver, fed by every flow that carries bytes to it; its events."""
+        traffic = node.traffic
         n = self.plan.n_devices
         pat = self.patterns.get(traffic.src, traffic.dst)
         inbound = np.bincount(pat.receivers, minlength=n)
@@ -399,7 +317,7 @@ class Engine:
             events.append(ev)
         # the collective takes at least its busiest link's bytes over that link's bandwidth
         link_bytes = pat.link_bytes(traffic.nbytes, self.topology.n_links)
-        floor_s = float(np.max(link_bytes / self.net.capacity))
+        floor_s = float(np.max(link_bytes / self.net.capacity)) if len(link_bytes) else 0.0
         block = self.net.add_block(
             pat.paths,
             pat.latency_s * traffic.latency_steps,
@@ -414,8 +332,11 @@ class Engine:
             block=block,
             nbytes=pat.contribution_bytes(traffic.nbytes),
             weight=pat.contribution_weights(traffic.nbytes),
-            events=events,
-            senders_left=n,
+            senders_left=n if node.devices is None else int(np.count_nonzero(node.devices)),
         )
-        self._prepared[slot] = prep
-        return prep
+        if traffic.barrier and traffic.members is not None:
+            prep.members = traffic.members
+            valid = traffic.members[traffic.members >= 0]
+            prep.left = np.bincount(valid) if len(valid) else np.zeros(0, dtype=np.int64)
+        self._prepared[node.id] = prep
+        return events

@@ -1,7 +1,7 @@
 """Collectives over groups of devices as aggregated flows, and their alpha-beta closed forms.
 
 A collective among the rows of ``groups`` (``[n_groups, n]`` device ids) becomes one
-:class:`~moesim.plan.workload.Traffic`: every flow carries the bytes its (source, destination)
+:class:`~moesim.plan.types.Traffic`: every flow carries the bytes its (source, destination)
 pair moves over all steps, and ``latency_steps`` counts the sequential steps, each of which
 pays the path latency once. The network (fluid engine or analytic bottleneck) then turns
 bytes and links into time, so rings that cross nodes slow down at their slowest link.
@@ -39,14 +39,26 @@ def _per_member(groups: np.ndarray, nbytes: float | np.ndarray) -> np.ndarray:
 
 
 def _ring(groups: np.ndarray, per_flow: np.ndarray, steps: float) -> Traffic:
-    """Every member sends ``per_flow[src]`` bytes to its ring successor."""
+    """Every member sends ``per_flow[src]`` bytes to its ring successor; each row is a group
+    behind a barrier (a ring step waits for its receive, so no member gets ahead)."""
     groups = np.asarray(groups)
     if groups.shape[1] < 2:
         return EMPTY
     src = groups.ravel()
     dst = np.roll(groups, -1, axis=1).ravel()
     keep = per_flow[src] > 0
-    return Traffic(src[keep], dst[keep], per_flow[src][keep], 0.0, float(steps))
+    if not keep.any():
+        return EMPTY
+    return Traffic(
+        src[keep], dst[keep], per_flow[src][keep], 0.0, float(steps), _members(groups), True
+    )
+
+
+def _members(groups: np.ndarray) -> np.ndarray:
+    """Group id of every device (its row in ``groups``), -1 for devices in no row."""
+    members = np.full(int(groups.max()) + 1, -1, dtype=np.int64)
+    members[groups.ravel()] = np.repeat(np.arange(groups.shape[0]), groups.shape[1])
+    return members
 
 
 def ring_allreduce(groups: np.ndarray, nbytes: float | np.ndarray) -> Traffic:
@@ -95,36 +107,17 @@ def tree_allreduce(groups: np.ndarray, nbytes: float | np.ndarray) -> Traffic:
     _, first, count = np.unique(key, return_index=True, return_counts=True)
     nb = buf[src[first]] / 2.0 * count
     keep = nb > 0
-    return Traffic(src[first][keep], dst[first][keep], nb[keep], 0.0, 2.0 * tree_depth(n))
-
-
-def scaled(traffic: Traffic, factor: float) -> Traffic:
-    """The same flows carrying ``factor`` of their bytes (a chunk of a pipelined collective)."""
+    if not keep.any():
+        return EMPTY
     return Traffic(
-        traffic.src,
-        traffic.dst,
-        traffic.nbytes * factor,
-        traffic.local_bytes * factor,
-        traffic.latency_steps,
+        src[first][keep],
+        dst[first][keep],
+        nb[keep],
+        0.0,
+        2.0 * tree_depth(n),
+        _members(groups),
+        True,
     )
-
-
-def ring_allreduce_s(
-    nbytes: float, n: int, bandwidth_bytes_per_s: float, latency_s: float
-) -> float:
-    """Alpha-beta time of a ring all-reduce: ``2(n-1) alpha + 2(n-1)/n B / beta``."""
-    if n < 2:
-        return 0.0
-    return 2 * (n - 1) * latency_s + 2.0 * (n - 1) / n * nbytes / bandwidth_bytes_per_s
-
-
-def ring_reduce_scatter_s(
-    nbytes: float, n: int, bandwidth_bytes_per_s: float, latency_s: float
-) -> float:
-    """Alpha-beta time of a ring reduce-scatter or all-gather: ``(n-1) (alpha + B/(n beta))``."""
-    if n < 2:
-        return 0.0
-    return (n - 1) * latency_s + (n - 1) / n * nbytes / bandwidth_bytes_per_s
 
 
 def tree_allreduce_s(

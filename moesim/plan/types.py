@@ -3,7 +3,7 @@ collectives, as plain arrays (no time ordering)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -21,6 +21,14 @@ class Traffic:
     ``local_bytes`` stayed on the sending device. ``latency_steps`` multiplies path latency
     (a ring all-reduce pays it once per step). An MoE dispatch lists every pair of its
     all-to-all, zero-byte ones included.
+
+    ``members[g]`` is the group device ``g`` takes part in (-1: none; ``None``: one group of
+    every device): no member finishes before the latest member of its group has joined plus
+    the collective's own time. ``barrier``: the algorithm needs every member's contribution
+    before any flow of the group moves (ring and tree all-reduce, reduce-scatter,
+    all-gather: each step waits for its receive, so a late rank holds up the whole ring).
+    An all-to-all needs no barrier: every receiver already waits for a flow from every
+    sender of its group, zero-byte ones included.
     """
 
     src: np.ndarray
@@ -28,9 +36,16 @@ class Traffic:
     nbytes: np.ndarray
     local_bytes: float = 0.0
     latency_steps: float = 1.0
+    members: np.ndarray | None = None
+    barrier: bool = False
 
     def reversed(self) -> Traffic:
-        return Traffic(self.dst, self.src, self.nbytes, self.local_bytes, self.latency_steps)
+        return replace(self, src=self.dst, dst=self.src)
+
+    def scaled(self, factor: float) -> Traffic:
+        """The same flows carrying ``factor`` of their bytes (a chunk of a pipelined
+        collective)."""
+        return replace(self, nbytes=self.nbytes * factor, local_bytes=self.local_bytes * factor)
 
     @property
     def total_bytes(self) -> float:

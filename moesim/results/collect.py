@@ -10,12 +10,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from moesim.engine.des import (
+from moesim.engine.analytic import AnalyticEngine
+from moesim.engine.des import Engine
+from moesim.plan.graph import (
     COMM_PHASES,
     COMPUTE_PHASES,
     TRAIN_COMM_PHASES,
     TRAIN_COMPUTE_PHASES,
-    Engine,
 )
 from moesim.plan.pim import pim_summary
 from moesim.plan.tiers import tiers_summary
@@ -90,7 +91,7 @@ def routing_table(plan: WorkloadPlan) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def collect(engine: Engine) -> Result:
+def collect(engine: Engine | AnalyticEngine) -> Result:
     """Summarise a finished engine run."""
     plan, topo, rec, stats = engine.plan, engine.topology, engine.rec, engine.link_stats
     sc = plan.scenario
@@ -139,12 +140,8 @@ def collect(engine: Engine) -> Result:
     tiers = tiers_summary(plan, dev)  # memory tiers, None without (moesim/plan/tiers.py)
 
     crit = int(np.argmax(rec.finish_s))
-    spans = getattr(engine, "breakdown_s", None)  # analytic: per-phase spans
     keys = BREAKDOWN_KEYS + (TRAIN_BREAKDOWN_KEYS if plan.train is not None else ())
-    if spans is not None:
-        breakdown = {k: float(spans.get(k, 0.0)) for k in keys}
-    else:
-        breakdown = {k: float(rec.phase_s[k][crit]) for k in keys}
+    breakdown = {k: float(rec.phase_s[k][crit]) for k in keys}  # the critical device's
     busiest_dev = int(dev["compute_busy_s"].idxmax())
     busiest_link = int(links["bytes_carried"].idxmax()) if len(links) else None
     routed = int(routing["routed_pairs"].sum()) if len(routing) else 0

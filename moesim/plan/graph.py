@@ -1,0 +1,366 @@
+"""The step graph: one ordered list of nodes that both engines walk.
+
+A node is a compute kernel on every device (per-device seconds), a collective over groups of
+devices (a :class:`~moesim.plan.types.Traffic`), or a transfer of per-device bytes over one
+link each (a GPU and its PIM units). Nodes are vectorised over devices: one node per
+(layer, phase), never per device or per token.
+
+Semantics, per device ``g`` (both engines implement exactly these):
+
+- ``deps``: the node starts on ``g`` once every dependency has completed on ``g``: a compute
+  node when its kernel ends, a collective or transfer when ``g``'s inbound bytes have arrived
+  (and, for a collective, no earlier than the latest member of ``g``'s group joined plus the
+  collective's own time).
+- ``stream``: compute nodes run one at a time on their stream of ``g`` (``gpu``, ``pim``), in
+  graph order. A collective or transfer with a ``stream`` is issued by that stream in graph
+  order; with ``wait`` the stream then waits for it (a blocking collective); without, the
+  stream goes on and later nodes wait through ``deps``. A node with ``stream=None`` is issued
+  as soon as its dependencies complete (a communication stream).
+- Waiting time on the ``gpu`` stream is recorded under the phase of the node waited for;
+  a blocking collective's own wait under its phase. Graph order is a topological order.
+- ``devices``: a node involves only these devices (a pipeline stage's layers, a send from
+  one stage to the next); the others skip it. A collective's ``devices`` are its senders
+  and receivers.
+
+Adding a phase (a shared-expert reduce, a pipeline send, a second micro-batch) is one call to
+:class:`StepGraph`'s builders in :func:`build_graph`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from moesim.plan.types import LayerPlan, Traffic, WorkloadPlan
+
+FORWARD_COMPUTE = (
+    "attention",
+    "router",
+    "permute",
+    "shared_experts",
+    "experts",
+    "unpermute",
+    "dense_ffn",
+    "lm_head",
+)
+FORWARD_COMM = ("tp_comm", "dispatch", "combine", "pim")  # pim: waiting for PIM units
+# training: the backward of each forward phase, recomputation, optimizer
+TRAIN_COMPUTE_PHASES = (*(f"{p}_bwd" for p in FORWARD_COMPUTE), "recompute", "optimizer")
+TRAIN_COMM_PHASES = ("combine_bwd", "dispatch_bwd", "grad_reduce", "param_gather")
+COMPUTE_PHASES = (*FORWARD_COMPUTE, *TRAIN_COMPUTE_PHASES)
+COMM_PHASES = (*FORWARD_COMM, *TRAIN_COMM_PHASES)
+
+COMPUTE, COLLECTIVE, TRANSFER = "compute", "collective", "transfer"
+GPU, PIM = "gpu", "pim"
+
+
+@dataclass(frozen=True, eq=False)
+class Node:
+    """One step of the graph on every device (see the module docstring for the semantics).
+
+    ``seconds``: a compute node's kernel time per device (``None``: a join, it only waits for
+    its ``deps``). ``traffic``: a collective's flows. ``links`` / ``nbytes``: a transfer's
+    link and bytes per device (``links[g] < 0``: nothing to move for ``g``). ``label``: the
+    PIM track's slice name of a ``pim``-stream kernel."""
+
+    id: int
+    kind: str
+    phase: str
+    layer: int
+    deps: tuple[int, ...] = ()
+    stream: str | None = GPU
+    wait: bool = False
+    seconds: np.ndarray | None = None
+    traffic: Traffic | None = None
+    links: np.ndarray | None = None
+    nbytes: np.ndarray | None = None
+    label: str = ""
+    devices: np.ndarray | None = None  # bool per device: the devices it involves (None: all)
+
+    def involves(self, g: int) -> bool:
+        return self.devices is None or bool(self.devices[g])
+
+
+@dataclass
+class StepGraph:
+    """The nodes of one step in graph (topological) order, and helpers that add them."""
+
+    n_devices: int
+    nodes: list[Node] = field(default_factory=list)
+    chunks: dict[tuple[int, int], tuple[Traffic, Traffic]] = field(default_factory=dict)
+
+    def _add(self, **kw) -> int:
+        node = Node(id=len(self.nodes), **kw)
+        self.nodes.append(node)
+        return node.id
+
+    def compute(
+        self,
+        phase: str,
+        seconds: np.ndarray | None,
+        layer: int,
+        deps: tuple[int, ...] = (),
+        stream: str = GPU,
+        label: str = "",
+        devices: np.ndarray | None = None,
+    ) -> int:
+        """A kernel of ``seconds[g]`` on every device's ``stream`` (``None``: a join)."""
+        if seconds is not None:
+            seconds = np.broadcast_to(np.asarray(seconds, dtype=float), (self.n_devices,))
+        return self._add(
+            kind=COMPUTE, phase=phase, layer=layer, deps=deps, stream=stream, seconds=seconds,
+            label=label, devices=devices,
+        )  # fmt: skip
+
+    def collective(
+        self,
+        phase: str,
+        traffic: Traffic,
+        layer: int,
+        deps: tuple[int, ...] = (),
+        stream: str | None = GPU,
+        wait: bool = True,
+        devices: np.ndarray | None = None,
+    ) -> int:
+        """A collective's flows, issued by ``stream`` (or as soon as ``deps`` complete)."""
+        return self._add(
+            kind=COLLECTIVE, phase=phase, layer=layer, deps=deps, stream=stream, wait=wait,
+            traffic=traffic, devices=devices,
+        )  # fmt: skip
+
+    def transfer(
+        self,
+        phase: str,
+        links: np.ndarray,
+        nbytes: np.ndarray,
+        layer: int,
+        deps: tuple[int, ...] = (),
+        stream: str | None = GPU,
+    ) -> int:
+        """``nbytes[g]`` over link ``links[g]`` for every device that has bytes to move."""
+        links = np.where(np.asarray(nbytes) > 0, links, -1)
+        return self._add(
+            kind=TRANSFER, phase=phase, layer=layer, deps=deps, stream=stream, links=links,
+            nbytes=np.asarray(nbytes, dtype=float),
+        )  # fmt: skip
+
+    def streams(self) -> dict[str, list[int]]:
+        """Node ids per issuing stream, in graph order (``None``: issued by dependencies)."""
+        out: dict[str, list[int]] = {}
+        for node in self.nodes:
+            out.setdefault(node.stream, []).append(node.id)
+        return out
+
+    def awaited(self) -> np.ndarray:
+        """Whether some node on another stream (or issued by dependencies) depends on each
+        node: an engine must then mark its completion at its own time."""
+        flag = np.zeros(len(self.nodes), dtype=bool)
+        for node in self.nodes:
+            for d in node.deps:
+                dep = self.nodes[d]
+                if dep.kind != COMPUTE or dep.stream != node.stream or node.kind != COMPUTE:
+                    flag[d] = True
+        return flag
+
+    def totals(self) -> dict[str, object]:
+        """What the graph asks for, engine-independent: node count, bytes per collective
+        node and compute seconds per device (a check that two engines walk one graph)."""
+        n = self.n_devices
+        seconds = np.zeros(n)
+        flops_nodes = 0
+        coll_bytes = []
+        for node in self.nodes:
+            if node.kind == COMPUTE and node.seconds is not None and node.stream == GPU:
+                seconds += node.seconds
+                flops_nodes += 1
+            elif node.kind == COLLECTIVE:
+                coll_bytes.append(node.traffic.total_bytes)
+        return {
+            "nodes": len(self.nodes),
+            "compute_nodes": flops_nodes,
+            "collective_bytes": np.asarray(coll_bytes),
+            "gpu_seconds": seconds,
+        }
+
+
+# -- builders -----------------------------------------------------------------------------
+
+
+def build_graph(plan: WorkloadPlan, topology_tables: dict[str, np.ndarray] | None = None):
+    """The step graph of ``plan``: forward (prefill, decode) or a training step.
+    ``topology_tables`` gives the GPU-PIM links (``pim_up`` / ``pim_down`` per device) when
+    the plan has PIM work."""
+    graph = StepGraph(plan.n_devices)
+    if plan.train is None:
+        last: tuple[int, ...] = ()
+        for lp in plan.layers:
+            last = _inference_layer(graph, plan, lp, last, topology_tables)
+        graph.compute("lm_head", plan.lm_head_s, len(plan.layers), deps=last)
+    else:
+        _training_step(graph, plan)
+    return graph
+
+
+def _pim(graph: StepGraph, lp: LayerPlan, deps: tuple[int, ...], tables) -> tuple[int, ...]:
+    """The layer's PIM work: activations up the GPU-PIM link, the PIM kernels on the PIM
+    stream, results down; returns the node that completes it."""
+    work, i = lp.pim, lp.index
+    active = (work.seconds > 0) | (work.in_bytes > 0)
+    up = graph.transfer("pim", tables["pim_up"], np.where(active, work.in_bytes, 0.0), i, deps)
+    run = graph.compute(
+        "pim", np.where(active, work.seconds, 0.0), i, (up,), stream=PIM, label=work.phase
+    )
+    down = graph.transfer(
+        "pim", tables["pim_down"], np.where(active, work.out_bytes, 0.0), i, (run,), stream=None
+    )
+    return (down,)
+
+
+def _inference_layer(
+    graph: StepGraph, plan: WorkloadPlan, lp: LayerPlan, deps: tuple[int, ...], tables
+) -> tuple[int, ...]:
+    """attention -> [PIM attention] -> [tp collective] -> router -> permute -> dispatch
+    (shared experts while it travels) -> experts [beside PIM experts] -> combine ->
+    unpermute -> [tp collective]; returns what the next layer waits for."""
+    i, cs = lp.index, lp.compute_s
+    graph.compute("attention", cs["attention"], i, deps)
+    after: tuple[int, ...] = ()
+    if lp.pim is not None and lp.pim.phase == "attention":
+        after = _pim(graph, lp, (), tables)
+    if lp.tp_comm is not None:
+        graph.collective("tp_comm", lp.tp_comm, i, after)
+        after = ()
+    if lp.moe:
+        graph.compute("router", cs["router"], i, after)
+        graph.compute("permute", cs["permute"], i)
+        dispatch = graph.collective("dispatch", lp.dispatch, i, wait=False)
+        if "shared_experts" in cs:
+            graph.compute("shared_experts", cs["shared_experts"], i)
+        pim: tuple[int, ...] = ()
+        if lp.pim is not None and lp.pim.phase == "experts":
+            pim = _pim(graph, lp, (dispatch,), tables)  # PIM experts beside the GPU's
+        graph.compute("experts", cs["experts"], i, (dispatch,))
+        graph.collective("combine", lp.combine, i, pim)
+        graph.compute("unpermute", cs["unpermute"], i)
+    else:
+        graph.compute("dense_ffn", cs["dense_ffn"], i, after)
+    if lp.tp_comm_after is not None:
+        graph.collective("tp_comm", lp.tp_comm_after, i)
+    return ()
+
+
+def _moe_exchange(graph: StepGraph, plan: WorkloadPlan, lp: LayerPlan, first, work, second, side):
+    """All-to-all ``first``, expert ``work``, all-to-all ``second``; ``side`` (shared experts)
+    runs while the first one's tokens travel. With ``chunks`` > 1 the tokens go in chunks
+    on a communication stream (first of every chunk, then second of every chunk, each after
+    its chunk's experts) while the GPU runs each chunk's experts once its tokens are in:
+    chunk c's experts overlap chunk c+1's transfer."""
+    i = lp.index
+    chunks = plan.train.chunks
+    (p1, t1), (pw, sec), (p2, t2), (ps, side_s) = first, work, second, side
+    if chunks == 1:
+        arrived = graph.collective(p1, t1, i, wait=False)
+        graph.compute(ps, side_s, i)
+        graph.compute(pw, sec, i, (arrived,))
+        graph.collective(p2, t2, i)
+        return
+    t1, t2 = _chunk(graph, t1, chunks), _chunk(graph, t2, chunks)
+    got = [graph.collective(p1, t1, i, wait=False)]
+    for _ in range(1, chunks):
+        got.append(graph.collective(p1, t1, i, (got[-1],), stream=None))
+    graph.compute(ps, side_s, i)
+    sent = got[-1]
+    for c in range(chunks):
+        done = graph.compute(pw, sec / chunks, i, (got[c],))
+        sent = graph.collective(p2, t2, i, (done, sent), stream=None)
+    graph.compute(p2, None, i, (sent,))  # the GPU waits for the last chunk's return
+
+
+def _chunk(graph: StepGraph, traffic: Traffic, chunks: int) -> Traffic:
+    """One chunk of ``traffic``, made once per traffic (every pass shares it, so engines
+    route and load it once)."""
+    key = (id(traffic), chunks)
+    if key not in graph.chunks:
+        graph.chunks[key] = (traffic, traffic.scaled(1.0 / chunks))  # holds traffic: id unique
+    return graph.chunks[key][1]
+
+
+def _training_forward(graph: StepGraph, plan: WorkloadPlan, lp: LayerPlan, recompute: bool):
+    """One layer's forward in a training pass (``recompute``: its compute recorded as
+    ``recompute``, its collectives as usual)."""
+    i, cs = lp.index, lp.compute_s
+
+    def phase(name: str) -> str:
+        return "recompute" if recompute else name
+
+    graph.compute(phase("attention"), cs["attention"], i)
+    if lp.tp_comm is not None:
+        graph.collective("tp_comm", lp.tp_comm, i)
+    if lp.moe:
+        graph.compute(phase("router"), cs["router"], i)
+        graph.compute(phase("permute"), cs["permute"], i)
+        shared = cs.get("shared_experts", 0.0)
+        _moe_exchange(
+            graph, plan, lp, ("dispatch", lp.dispatch), (phase("experts"), cs["experts"]),
+            ("combine", plan.train.combine[i]), (phase("shared_experts"), shared),
+        )  # fmt: skip
+        graph.compute(phase("unpermute"), cs["unpermute"], i)
+    else:
+        graph.compute(phase("dense_ffn"), cs["dense_ffn"], i)
+    if lp.tp_comm_after is not None:
+        graph.collective("tp_comm", lp.tp_comm_after, i)
+
+
+def _training_backward(graph: StepGraph, plan: WorkloadPlan, lp: LayerPlan, cs: dict) -> int:
+    """One layer's backward: the forward in reverse; the combine's gradient travels the
+    dispatch's way (``combine_bwd``) and the dispatch's the combine's (``dispatch_bwd``).
+    Returns its last node."""
+    i = lp.index
+    if lp.tp_comm_after is not None:
+        graph.collective("tp_comm", lp.tp_comm_after, i)
+    if lp.moe:
+        graph.compute("unpermute_bwd", cs["unpermute_bwd"], i)
+        shared = cs.get("shared_experts_bwd", 0.0)
+        _moe_exchange(
+            graph, plan, lp, ("combine_bwd", lp.dispatch), ("experts_bwd", cs["experts_bwd"]),
+            ("dispatch_bwd", plan.train.combine[i]), ("shared_experts_bwd", shared),
+        )  # fmt: skip
+        graph.compute("permute_bwd", cs["permute_bwd"], i)
+        graph.compute("router_bwd", cs["router_bwd"], i)
+    else:
+        graph.compute("dense_ffn_bwd", cs["dense_ffn_bwd"], i)
+    if lp.tp_comm is not None:
+        graph.collective("tp_comm", lp.tp_comm, i)
+    return graph.compute("attention_bwd", cs["attention_bwd"], i)
+
+
+def _training_step(graph: StepGraph, plan: WorkloadPlan) -> None:
+    """Micro-batches of forward then backward (layers reversed; full recomputation reruns a
+    layer's forward first), then gradient reduction, optimizer, weight all-gather. With
+    ``overlap_grad_reduce`` each layer's gradient bucket goes on a stream of its own after
+    the last micro-batch's backward of that layer, one bucket after another."""
+    tr = plan.train
+    n_layers = len(plan.layers)
+    bucket: int | None = None  # the gradient stream's last collective
+    for mb in range(tr.micro_batches):
+        for lp in plan.layers:
+            _training_forward(graph, plan, lp, recompute=False)
+        graph.compute("lm_head", plan.lm_head_s, n_layers)
+        graph.compute("lm_head_bwd", tr.lm_head_bwd_s, n_layers)
+        for lp, bl in zip(reversed(plan.layers), reversed(tr.backward), strict=True):
+            if tr.full_recompute:
+                _training_forward(graph, plan, lp, recompute=True)
+            graph.compute("recompute", bl.recompute_s, lp.index)
+            done = _training_backward(graph, plan, lp, bl.compute_s)
+            if tr.layer_grad_reduce is not None and mb == tr.micro_batches - 1:
+                for traffic in tr.layer_grad_reduce[lp.index]:
+                    deps = (done,) if bucket is None else (done, bucket)
+                    bucket = graph.collective("grad_reduce", traffic, n_layers, deps, None)
+    if bucket is not None:
+        graph.compute("grad_reduce", None, n_layers, (bucket,))
+    for traffic in tr.grad_reduce:
+        graph.collective("grad_reduce", traffic, n_layers)
+    graph.compute("optimizer", tr.optimizer_s, n_layers)
+    for traffic in tr.param_gather:
+        graph.collective("param_gather", traffic, n_layers)
