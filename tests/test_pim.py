@@ -433,7 +433,8 @@ def test_an_offloaded_experts_fetch_is_its_bytes_over_the_link_plus_latency():
     assert nbytes == 3 * 4096 * 14336 * 2
     one = fetch_time_s(1, nbytes, link)
     assert one == pytest.approx(nbytes / 64e9 + 1e-6, rel=1e-12)
-    assert fetch_time_s(3, nbytes, link) == pytest.approx(3 * one)
+    assert fetch_time_s(3, nbytes, link) == pytest.approx(3 * nbytes / 64e9 + 1e-6)
+    assert fetch_time_s(0, nbytes, link) == 0
     slow = fetch_time_s(1, nbytes, link, tier_bandwidth_bytes_per_s=20e9)  # the tier bounds it
     assert slow == pytest.approx(nbytes / 20e9 + 1e-6)
     # in a step: one sequence, top-2 of 8 experts, none resident: two fetches per layer
@@ -441,8 +442,8 @@ def test_an_offloaded_experts_fetch_is_its_bytes_over_the_link_plus_latency():
     tiered = build_plan(mixtral_one_gpu({"link": "pcie5-x16", "hbm_experts": 0}))
     for lb, lt in zip(base.layers, tiered.layers, strict=True):
         assert lt.tiers.needed[0] == 2 and lt.tiers.offloaded[0] == 8
-        extra = lt.compute_s["experts"] - lb.compute_s["experts"]
-        assert extra[0] == pytest.approx(2 * (nbytes / 64e9 + 1e-6), rel=1e-9)
+        assert lt.tiers.fetch_s[0] == pytest.approx(2 * nbytes / 64e9 + 1e-6, rel=1e-12)
+        assert np.array_equal(lt.compute_s["experts"], lb.compute_s["experts"])
     # the offloaded experts left HBM; one layer's fetched experts are buffered there
     moved = base.memory_bytes["weights"] - tiered.memory_bytes["weights"]
     assert moved[0] == pytest.approx(2 * 8 * nbytes)
@@ -660,3 +661,24 @@ def test_offloaded_experts_run_faster_on_the_host_than_fetched_at_batch_one():
                 PAPERS / "mixtral-8x7b-1xh100-offload-decode.yaml", {"tiers.hbm_experts": 8}
             )
         )
+
+
+@pytest.mark.parametrize("fidelity", ["des", "analytic"])
+def test_expert_fetches_are_graph_nodes_hidden_behind_the_permute(fidelity):
+    """The fetch leaves when the router has chosen the experts and the expert kernels wait
+    for it: on one GPU (no dispatch traffic) each layer's step grows by what of the fetch the
+    permute does not hide, ``max(0, fetch - permute)``; the tier link carries the bytes."""
+    tiers = {"link": "pcie5-x16", "hbm_experts": 0}
+    sc = mixtral_one_gpu(tiers, **{})
+    sc = sc.model_copy(update={"sim": sc.sim.model_copy(update={"fidelity": fidelity})})
+    base = mixtral_one_gpu(None)
+    base = base.model_copy(update={"sim": base.sim.model_copy(update={"fidelity": fidelity})})
+    plan = build_plan(sc)
+    hidden = sum(max(0.0, lp.tiers.fetch_s[0] - lp.compute_s["permute"][0]) for lp in plan.layers)
+    with_tiers, without = simulate(sc), simulate(base)
+    assert with_tiers.step_time_s - without.step_time_s == pytest.approx(hidden, rel=1e-6)
+    assert with_tiers.summary["breakdown_s"]["expert_fetch"] == pytest.approx(hidden, rel=1e-6)
+    tier = with_tiers.links["kind"] == "tier"
+    fetched = sum(lp.tiers.fetch_bytes[0] for lp in plan.layers)
+    assert with_tiers.links.loc[tier, "bytes_carried"].sum() == pytest.approx(fetched)
+    assert "expert_fetch_wait_s" not in without.devices

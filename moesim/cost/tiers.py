@@ -2,9 +2,9 @@
 
 An expert whose weights live in a slower tier (host DRAM, CXL-attached memory) is either
 
-- **fetched** to the GPU over the tier's link (PCIe, CXL): one DMA per expert,
-  ``t = bytes / min(link bandwidth, tier bandwidth) + link latency``, one after another on
-  the link (:func:`fetch_time_s`), then run on the GPU as if resident; or
+- **fetched** to the GPU over the tier's link (PCIe, CXL): one expert takes
+  ``t = bytes / min(link bandwidth, tier bandwidth) + link latency``, a layer's experts stream
+  back to back (:func:`fetch_time_s`), then run on the GPU as if resident; or
 - **run where it lives**, on the host CPU (Fiddler, MoE-Lightning's CPU attention): the host's
   roofline over its own memory for the expert's GEMMs, plus the token activations over the link
   both ways, ``2 (tokens d a / link + latency)`` (:func:`host_expert_time_s`).
@@ -42,11 +42,11 @@ def fetch_time_s(
     link: LinkSpec,
     tier_bandwidth_bytes_per_s: float | None = None,
 ) -> np.ndarray:
-    """Seconds to fetch ``fetches`` experts of ``nbytes`` each over one link, one DMA after
-    another: ``fetches x (nbytes / bandwidth + latency)``."""
+    """Seconds to fetch ``fetches`` experts of ``nbytes`` each over one link as one stream of
+    DMA copies: ``fetches x nbytes / bandwidth + latency`` (0 for no fetch)."""
     n = np.asarray(fetches, dtype=float)
     bw = fetch_bandwidth_bytes_per_s(link, tier_bandwidth_bytes_per_s)
-    return n * (nbytes / bw + link.latency_s)
+    return np.where(n > 0, n * nbytes / bw + link.latency_s, 0.0)
 
 
 def host_expert_time_s(

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 import numpy as np
 
-from moesim.config.scenario import ClusterConfig, PimConfig, TopologyConfig
+from moesim.config.scenario import ClusterConfig, PimConfig, TiersConfig, TopologyConfig
 
 ROUTE_TABLE_MAX_DEVICES = 512  # all-pairs route table up to here (512^2 x hops x 8 bytes)
 
@@ -231,11 +231,32 @@ def attach_pim(
             t["pim_down"][g] = b.link(unit, dev, "pim", bw, link.latency_s)
 
 
+def attach_tiers(
+    b: _Builder, t: dict[str, np.ndarray], n_devices: int, n: int, tiers: TiersConfig
+) -> None:
+    """A memory-tier node per device (``n{a}.d{j}.tier``: where its offloaded experts live)
+    joined by one link of kind ``tier`` toward the device, at the slower of the tier's link
+    and its memory (moesim/cost/tiers.py); ``t["tier_fetch"][g]`` is its id. Appended after
+    all others, like the PIM links."""
+    from moesim.cost.tiers import fetch_bandwidth_bytes_per_s
+
+    bw = fetch_bandwidth_bytes_per_s(tiers.link, tiers.bandwidth_bytes_per_s)
+    t["tier_fetch"] = np.empty(n_devices, np.int64)
+    for g in range(n_devices):
+        dev, tier = f"n{g // n}.d{g % n}", f"n{g // n}.d{g % n}.tier"
+        b.graph.add_node(tier, kind="tier", device=g)
+        t["tier_fetch"][g] = b.link(tier, dev, "tier", bw, tiers.link.latency_s)
+
+
 def build_topology(
-    cluster: ClusterConfig, topo: TopologyConfig, pim: PimConfig | None = None
+    cluster: ClusterConfig,
+    topo: TopologyConfig,
+    pim: PimConfig | None = None,
+    tiers: TiersConfig | None = None,
 ) -> Topology:
     """Build the graph and routing tables for a cluster (topology fields already resolved);
-    with ``pim``, each device's PIM units too (:func:`attach_pim`)."""
+    with ``pim``, each device's PIM units too (:func:`attach_pim`), with ``tiers`` the memory
+    tier its offloaded experts come from (:func:`attach_tiers`)."""
     nodes, n = cluster.nodes, cluster.devices_per_node
     intra_link, intra_kind = topo.intra_node_link, topo.intra_node
     b = _Builder()
@@ -328,6 +349,8 @@ def build_topology(
                     t["leaf_down"][leaf] = b.link("spine", sw, "spine", uplink_bw, nl)
     if pim is not None:
         attach_pim(b, t, nodes * n, n, pim)
+    if tiers is not None:
+        attach_tiers(b, t, nodes * n, n, tiers)
     return Topology(
         graph=b.graph,
         nodes=nodes,

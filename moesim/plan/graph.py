@@ -44,7 +44,8 @@ FORWARD_COMPUTE = (
     "dense_ffn",
     "lm_head",
 )
-FORWARD_COMM = ("tp_comm", "dispatch", "combine", "pim")  # pim: waiting for PIM units
+FORWARD_COMM = ("tp_comm", "dispatch", "combine", "pim", "expert_fetch")  # pim: waiting for
+# PIM units; expert_fetch: for offloaded experts' weights (moesim/plan/tiers.py)
 # training: the backward of each forward phase, recomputation, optimizer
 TRAIN_COMPUTE_PHASES = (*(f"{p}_bwd" for p in FORWARD_COMPUTE), "recompute", "optimizer")
 TRAIN_COMM_PHASES = ("combine_bwd", "dispatch_bwd", "grad_reduce", "param_gather")
@@ -217,11 +218,22 @@ def _pim(graph: StepGraph, lp: LayerPlan, deps: tuple[int, ...], tables) -> tupl
     return (down,)
 
 
+def _expert_fetch(graph: StepGraph, lp: LayerPlan, router: int, tables) -> tuple[int, ...]:
+    """Memory tiers, ``execute: fetch``: the weights of the offloaded experts this layer needs
+    come over the device's tier link once its router has chosen them, while the tokens are
+    permuted and dispatched; the expert kernels wait for them (moesim/plan/tiers.py)."""
+    work = lp.tiers
+    if work is None or not np.any(work.fetch_bytes > 0):
+        return ()
+    return (graph.transfer("expert_fetch", tables["tier_fetch"], work.fetch_bytes, lp.index,
+                           (router,), stream=None),)  # fmt: skip
+
+
 def _inference_layer(
     graph: StepGraph, plan: WorkloadPlan, lp: LayerPlan, deps: tuple[int, ...], tables
 ) -> tuple[int, ...]:
-    """attention -> [PIM attention] -> [tp collective] -> router -> permute -> dispatch
-    (shared experts while it travels) -> experts [beside PIM experts] -> combine ->
+    """attention -> [PIM attention] -> [tp collective] -> router [-> expert fetch] -> permute ->
+    dispatch (shared experts while it travels) -> experts [beside PIM experts] -> combine ->
     unpermute -> [tp collective]; returns what the next layer waits for."""
     i, cs = lp.index, lp.compute_s
     graph.compute("attention", cs["attention"], i, deps)
@@ -232,7 +244,8 @@ def _inference_layer(
         graph.collective("tp_comm", lp.tp_comm, i, after)
         after = ()
     if lp.moe:
-        graph.compute("router", cs["router"], i, after)
+        router = graph.compute("router", cs["router"], i, after)
+        fetched = _expert_fetch(graph, lp, router, tables)
         graph.compute("permute", cs["permute"], i)
         dispatch = graph.collective("dispatch", lp.dispatch, i, wait=False)
         if "shared_experts" in cs:
@@ -240,7 +253,7 @@ def _inference_layer(
         pim: tuple[int, ...] = ()
         if lp.pim is not None and lp.pim.phase == "experts":
             pim = _pim(graph, lp, (dispatch,), tables)  # PIM experts beside the GPU's
-        graph.compute("experts", cs["experts"], i, (dispatch,))
+        graph.compute("experts", cs["experts"], i, (dispatch, *fetched))
         graph.collective("combine", lp.combine, i, pim)
         graph.compute("unpermute", cs["unpermute"], i)
     else:

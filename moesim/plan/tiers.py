@@ -12,11 +12,12 @@ in HBM, chosen by ``tiers.cache``:
 The other local experts live in the tier (``tiers.memory``). An offloaded expert with tokens
 this step is ``needed``:
 
-- ``execute: fetch``: its ``3 d f w`` weight bytes cross ``tiers.link`` before the GPU's expert
-  kernels (moesim/cost/tiers.py ``fetch_time_s``: one DMA per expert, one after another); the
-  GPU waits for them, so the layer's experts phase is ``fetch + GPU experts`` (no prefetch: the
-  router decides which experts a step needs only just before them). HBM holds one layer's
-  fetched experts at a time (``expert_buffer`` in the GPU's memory).
+- ``execute: fetch``: its ``3 d f w`` weight bytes cross the device's tier link (a ``tier``
+  link on the topology, moesim/network/topology.py) as a transfer node of the step graph,
+  issued once the layer's router has chosen the experts and overlapping the permute and the
+  dispatch; the expert kernels wait for it (phase ``expert_fetch``). No prefetch into the
+  previous layer: the router decides only then. HBM holds one layer's fetched experts at a
+  time (``expert_buffer`` in the GPU's memory).
 - ``execute: host``: its tokens run on the host CPU (``tiers.host``, one per node, shared by
   the node's GPUs: their host work runs one after another) beside the GPU's resident experts;
   the experts phase is ``max(GPU experts, host experts + activations over the link)``.
@@ -157,11 +158,12 @@ def offload_experts(
 
 
 def experts_phase_s(work: TierWork | None, gpu_s: np.ndarray) -> np.ndarray:
-    """The experts phase with tiers: the GPU waits for its fetches, then runs its experts
-    (fetch), or runs its resident experts while the host runs the offloaded ones (host)."""
+    """The experts phase with tiers, ``execute: host``: the GPU runs its resident experts
+    while the host runs the offloaded ones, ``max(GPU, host)``. Fetches are nodes of the step
+    graph (moesim/plan/graph.py), not part of this phase."""
     if work is None:
         return gpu_s
-    return np.maximum(gpu_s, work.host_s) + work.fetch_s
+    return np.maximum(gpu_s, work.host_s)
 
 
 def apply_tier_memory(sc: Scenario, plan: WorkloadPlan) -> None:

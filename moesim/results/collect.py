@@ -105,6 +105,8 @@ def collect(engine: Engine | AnalyticEngine) -> Result:
     for phase, seconds in rec.phase_s.items():
         if plan.train is None and phase in train_phases:
             continue  # training-only columns
+        if phase == "expert_fetch" and sc.tiers is None:
+            continue  # memory tiers only (moesim/plan/tiers.py)
         col = f"{phase}_s" if phase in COMPUTE_PHASES else f"{phase}_wait_s"
         dev[col] = seconds
     compute_cols = [f"{p}_s" for p in COMPUTE_PHASES if f"{p}_s" in dev]
@@ -141,6 +143,7 @@ def collect(engine: Engine | AnalyticEngine) -> Result:
 
     crit = int(np.argmax(rec.finish_s))
     keys = BREAKDOWN_KEYS + (TRAIN_BREAKDOWN_KEYS if plan.train is not None else ())
+    keys += ("expert_fetch",) if sc.tiers is not None else ()
     breakdown = {k: float(rec.phase_s[k][crit]) for k in keys}  # the critical device's
     busiest_dev = int(dev["compute_busy_s"].idxmax())
     busiest_link = int(links["bytes_carried"].idxmax()) if len(links) else None

@@ -250,7 +250,7 @@ def build_cost_model(
 
     serve = sc.workload.serve
     start = time.perf_counter()
-    topology = build_topology(sc.cluster, sc.topology, sc.pim)
+    topology = build_topology(sc.cluster, sc.topology, sc.pim, sc.tiers)
     digest = _digest(sc)
     p_lo, p_hi = int(prompts.min()), int(prompts.max())
     longest = int((prompts + outputs).max()) - 1  # a request recomputed after preemption
