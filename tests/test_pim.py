@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -682,3 +683,72 @@ def test_expert_fetches_are_graph_nodes_hidden_behind_the_permute(fidelity):
     fetched = sum(lp.tiers.fetch_bytes[0] for lp in plan.layers)
     assert with_tiers.links.loc[tier, "bytes_carried"].sum() == pytest.approx(fetched)
     assert "expert_fetch_wait_s" not in without.devices
+
+
+@pytest.mark.parametrize("fidelity", ["des", "analytic"])
+def test_sub_batch_interleaving_with_equal_gpu_and_pim_times_halves_the_layer_time(fidelity):
+    """Each sub-batch's layer: GPU attention ``x``, PIM attention ``g``, GPU FFN ``y`` with
+    ``x + y = g`` (GPU and PIM equally busy). Serial (the whole batch, phase after phase):
+    ``L x 4g``. Interleaved (GPU: rest_a, attention_a, rest_b, attention_b; PIM: a, b) the
+    GPU never idles after the first sub-batch's attention: ``(2L + 1) g``, so each extra
+    layer costs ``2g`` instead of ``4g``."""
+    from moesim.engine.analytic import AnalyticEngine
+    from moesim.engine.des import Engine
+
+    x, y, layers = 1.0e-3, 3.0e-3, 4
+    g = x + y
+    sc = scenario_from_dict(
+        {
+            "model": {"preset": "gpt3-175b", "n_layers": layers, "n_dense_layers": layers},
+            "cluster": {"nodes": 1, "devices_per_node": 1, "device": "a100-sxm-80gb"},
+            "workload": {"phase": "decode", "batch_size": 8, "seq_len": 256, "dtypes": FP16},
+            "pim": {"device": "attacc-hbm3-pim", "policy": "attention", "sub_batches": 2},
+            "sim": {"progress": False, "fidelity": fidelity},
+        }
+    )
+    plan = build_plan(sc)
+    assert [p.scenario.workload.batch_size for p in plan.sub_plans] == [4, 4]
+
+    def times(p, scale: float) -> None:
+        for lp in p.layers:
+            lp.compute_s["attention"] = np.full(1, scale * x)
+            lp.compute_s["dense_ffn"] = np.full(1, scale * y)
+            lp.pim.seconds = np.full(1, scale * g)
+            lp.pim.in_bytes = np.zeros(1)
+            lp.pim.out_bytes = np.zeros(1)
+        p.lm_head_s = np.zeros(1)
+
+    for sub in plan.sub_plans:
+        times(sub, 1.0)
+    times(plan, 2.0)
+    serial = copy.copy(plan)
+    serial.sub_plans = []
+    engine = Engine if fidelity == "des" else AnalyticEngine
+    interleaved_s = engine(plan, progress=False).run().rec.finish_s.max()
+    serial_s = engine(serial, progress=False).run().rec.finish_s.max()
+    assert serial_s == pytest.approx(layers * 4 * g, rel=1e-9)
+    assert interleaved_s == pytest.approx((2 * layers + 1) * g, rel=1e-9)
+
+
+def test_sub_batches_need_attention_on_pim():
+    with pytest.raises(ScenarioError, match=r"needs pim\.policy: attention"):
+        load_scenario(HBMPIM, {"pim.sub_batches": 2})
+
+
+def test_neupims_pim_holds_the_cache_and_beats_the_npu_alone():
+    from moesim.plan.pim import pim_max_batch
+
+    sc = load_scenario(PAPERS / "gpt3-175b-32xnpu-neupims-decode.yaml")
+    assert sc.workload.batch_size == pim_max_batch(sc) - pim_max_batch(sc) % 2
+    fast = {"sim.fidelity": "analytic", "pim.sub_batches": 1}
+    naive = _run("gpt3-175b-32xnpu-neupims-decode", **fast)
+    alone = _run(
+        "gpt3-175b-32xnpu-neupims-decode",
+        **{
+            **fast,
+            "pim.policy": "gpu_only",
+            "cluster.device.memory_bytes": 32e9,
+            "workload.batch_size": 276,
+        },
+    )
+    assert naive.summary["tokens_per_s"] > 1.2 * alone.summary["tokens_per_s"]

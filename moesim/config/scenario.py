@@ -372,6 +372,12 @@ class PimConfig(Config):
         "default: the crossover where PIM stops being faster than the GPU",
     )
     compute_dtype: Dtype | None = Field(None, description="PIM compute dtype (default: workload)")
+    sub_batches: Literal[1, 2] = Field(
+        1,
+        description="policy attention, decode: 2 splits the batch in two sub-batches that "
+        "take turns (NeuPIMs' sub-batch interleaving): the GPU runs one's projections and FFN "
+        "while the PIM units run the other's attention",
+    )
 
     @field_validator("device", mode="before")
     @classmethod
@@ -520,6 +526,10 @@ class Scenario(Config):
                 )
             if self.workload.phase == "train" and pim.policy != "gpu_only":
                 raise ScenarioError("pim.policy", PIM_IN_TRAINING)
+            if pim.sub_batches > 1 and pim.policy != "attention":
+                raise ScenarioError(
+                    "pim.sub_batches", "sub-batch interleaving needs pim.policy: attention"
+                )
             object.__setattr__(self, "pim", pim.model_copy(update={"compute_dtype": cdt}))
         if self.tiers is not None:
             if self.workload.phase == "train":

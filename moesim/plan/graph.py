@@ -193,7 +193,9 @@ def build_graph(plan: WorkloadPlan, topology_tables: dict[str, np.ndarray] | Non
     ``topology_tables`` gives the GPU-PIM links (``pim_up`` / ``pim_down`` per device) when
     the plan has PIM work."""
     graph = StepGraph(plan.n_devices)
-    if plan.train is None:
+    if plan.sub_plans:  # pim.sub_batches (moesim/plan/pim.py)
+        _interleaved(graph, plan.sub_plans, topology_tables)
+    elif plan.train is None:
         last: tuple[int, ...] = ()
         for lp in plan.layers:
             last = _inference_layer(graph, plan, lp, last, topology_tables)
@@ -235,11 +237,24 @@ def _inference_layer(
     """attention -> [PIM attention] -> [tp collective] -> router [-> expert fetch] -> permute ->
     dispatch (shared experts while it travels) -> experts [beside PIM experts] -> combine ->
     unpermute -> [tp collective]; returns what the next layer waits for."""
-    i, cs = lp.index, lp.compute_s
-    graph.compute("attention", cs["attention"], i, deps)
-    after: tuple[int, ...] = ()
+    after = _attention_block(graph, lp, deps, tables)
+    return _layer_rest(graph, lp, after, tables)
+
+
+def _attention_block(
+    graph: StepGraph, lp: LayerPlan, deps: tuple[int, ...], tables
+) -> tuple[int, ...]:
+    """The layer's attention on the GPU and, with attention on PIM, its core there; returns
+    what the rest of the layer waits for."""
+    graph.compute("attention", lp.compute_s["attention"], lp.index, deps)
     if lp.pim is not None and lp.pim.phase == "attention":
-        after = _pim(graph, lp, (), tables)
+        return _pim(graph, lp, (), tables)
+    return ()
+
+
+def _layer_rest(graph: StepGraph, lp: LayerPlan, after: tuple[int, ...], tables) -> tuple[int, ...]:
+    """Everything of a layer after its attention (see :func:`_inference_layer`)."""
+    i, cs = lp.index, lp.compute_s
     if lp.tp_comm is not None:
         graph.collective("tp_comm", lp.tp_comm, i, after)
         after = ()
@@ -261,6 +276,24 @@ def _inference_layer(
     if lp.tp_comm_after is not None:
         graph.collective("tp_comm", lp.tp_comm_after, i)
     return ()
+
+
+def _interleaved(graph: StepGraph, plans: list[WorkloadPlan], tables) -> None:
+    """Sub-batch interleaving (NeuPIMs, Heo et al., ASPLOS 2024): two sub-batches ``a`` and
+    ``b``, each a chain ``attention(l) -> PIM attention(l) -> rest(l) -> attention(l + 1)``.
+    The GPU stream takes them in turns, ``rest_a(l), attention_a(l + 1), rest_b(l),
+    attention_b(l + 1)``, so while it runs one sub-batch's projections and FFN the PIM units
+    run the other's attention. With GPU and PIM times equal the layer time halves against
+    running the whole batch one phase after another."""
+    n = len(plans[0].layers)
+    after = [_attention_block(graph, p.layers[0], (), tables) for p in plans]
+    for i in range(n):
+        for s, p in enumerate(plans):
+            _layer_rest(graph, p.layers[i], after[s], tables)
+            if i + 1 < n:
+                after[s] = _attention_block(graph, p.layers[i + 1], (), tables)
+    for p in plans:
+        graph.compute("lm_head", p.lm_head_s, n)
 
 
 def _moe_exchange(graph: StepGraph, plan: WorkloadPlan, lp: LayerPlan, first, work, second, side):

@@ -202,6 +202,20 @@ def apply_memory(sc: Scenario, plan: WorkloadPlan, b: Bytes) -> None:
         )
 
 
+def sub_batch_scenarios(sc: Scenario) -> list[Scenario]:
+    """``pim.sub_batches: 2`` on a decode step: the two halves of the batch (``B - B // 2``
+    and ``B // 2`` sequences), each a step of its own whose plan times that sub-batch; the
+    step graph interleaves them (moesim/plan/graph.py). Nothing to split otherwise."""
+    pc, wl = sc.pim, sc.workload
+    if pc is None or pc.sub_batches == 1 or wl.phase != "decode" or wl.batch_size < 2:
+        return []
+    one = pc.model_copy(update={"sub_batches": 1})
+    return [
+        sc.model_copy(update={"workload": wl.model_copy(update={"batch_size": size}), "pim": one})
+        for size in (wl.batch_size - wl.batch_size // 2, wl.batch_size // 2)
+    ]
+
+
 # -- capacity: what PIM memory holds, for the largest batch a cluster can run ----------------
 def _context(sc: Scenario) -> int:
     """Tokens each sequence keeps in the KV cache during the step (decode: the new one too)."""

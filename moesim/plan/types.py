@@ -97,6 +97,7 @@ class WorkloadPlan:
     train: TrainingPlan | None = None  # phase: train (moesim/training.py)
     pim_memory_bytes: dict[str, np.ndarray] = field(default_factory=dict)  # on PIM units
     tier_memory_bytes: np.ndarray | None = None  # offloaded experts (moesim/plan/tiers.py)
+    sub_plans: list[WorkloadPlan] = field(default_factory=list)  # pim.sub_batches halves
     warnings: list[str] = field(default_factory=list)  # likely scenario mistakes, in the summary
 
     def measured_fraction(self) -> float:

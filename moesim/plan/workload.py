@@ -32,7 +32,7 @@ from moesim.cost.ops import (
 )
 from moesim.cost.pim import weight_bytes
 from moesim.cost.roofline import op_kernels, op_time_split
-from moesim.plan.pim import apply_memory, split_attention, split_experts
+from moesim.plan.pim import apply_memory, split_attention, split_experts, sub_batch_scenarios
 from moesim.plan.tiers import experts_phase_s, offload_experts
 from moesim.plan.types import GB, LayerPlan, PimWork, Traffic, WorkloadPlan, _ring, _split, _time
 from moesim.routing.distributions import layer_probabilities, load_trace, route_layer
@@ -261,6 +261,7 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
         add_training(plan, b)  # backward, gradient reduction, optimizer, training memory
     apply_memory(sc, plan, b)  # what lives on PIM units leaves the GPU (moesim/pim.py)
     _check_fits(sc, plan)
+    plan.sub_plans = [build_plan(half) for half in sub_batch_scenarios(sc)]  # moesim/plan/pim.py
     return plan
 
 
