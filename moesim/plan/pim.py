@@ -31,7 +31,7 @@ from moesim import catalog
 from moesim.config.scenario import Scenario, ScenarioError
 from moesim.cost.ops import Bytes, OpCost, expert_ops, kv_cache_bytes_per_token
 from moesim.cost.pim import crossover_tokens, internal_bytes, pim_op_time_s
-from moesim.plan.tiers import apply_tier_memory
+from moesim.plan.tiers import add_layer_totals, apply_tier_memory
 from moesim.plan.types import PimWork
 
 if TYPE_CHECKING:
@@ -321,9 +321,7 @@ def pim_summary(plan: WorkloadPlan, devices: pd.DataFrame) -> dict | None:
         return None
     n = plan.n_devices
     work = [lp.pim for lp in plan.layers if lp.pim is not None]
-    devices["pim_busy_s"] = sum((w.seconds for w in work), np.zeros(n))
-    devices["pim_flops"] = sum((w.flops for w in work), np.zeros(n))
-    devices["pim_tokens"] = sum((w.tokens for w in work), np.zeros(n))
+    add_layer_totals(devices, work, n, pim_busy_s="seconds", pim_flops="flops", pim_tokens="tokens")
     used = sum(plan.pim_memory_bytes.values(), np.zeros(n))
     devices["pim_memory_bytes"] = used
     expert_work = next((w for w in work if w.phase == "experts"), None)

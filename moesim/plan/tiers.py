@@ -194,6 +194,12 @@ def apply_tier_memory(sc: Scenario, plan: WorkloadPlan) -> None:
         )
 
 
+def add_layer_totals(devices, works: list, n: int, **columns: str) -> None:
+    """``devices[column] = `` the sum over layers of each work's ``attr`` (per device)."""
+    for column, attr in columns.items():
+        devices[column] = sum((getattr(w, attr) for w in works), np.zeros(n))
+
+
 def tiers_summary(plan: WorkloadPlan, devices) -> dict | None:
     """Add ``tier_fetch_bytes``, ``tier_fetch_s``, ``host_busy_s`` and ``tier_memory_bytes``
     to the devices table; return the summary's ``tiers`` entry (None without tiers)."""
@@ -202,9 +208,14 @@ def tiers_summary(plan: WorkloadPlan, devices) -> dict | None:
         return None
     n = plan.n_devices
     work = [lp.tiers for lp in plan.layers if lp.tiers is not None]
-    devices["tier_fetch_bytes"] = sum((w.fetch_bytes for w in work), np.zeros(n))
-    devices["tier_fetch_s"] = sum((w.fetch_s for w in work), np.zeros(n))
-    devices["host_busy_s"] = sum((w.host_s for w in work), np.zeros(n))
+    add_layer_totals(
+        devices,
+        work,
+        n,
+        tier_fetch_bytes="fetch_bytes",
+        tier_fetch_s="fetch_s",
+        host_busy_s="host_s",
+    )
     stored = plan.tier_memory_bytes if plan.tier_memory_bytes is not None else np.zeros(n)
     devices["tier_memory_bytes"] = stored
     return {
