@@ -430,7 +430,7 @@ def test_an_offloaded_experts_fetch_is_its_bytes_over_the_link_plus_latency():
     from moesim.cost.tiers import expert_bytes, fetch_time_s
 
     link = catalog.link("pcie5-x16")
-    nbytes = expert_bytes(4096, 14336, 2.0)
+    nbytes = expert_bytes(catalog.model("mixtral-8x7b"), 1, 2.0)
     assert nbytes == 3 * 4096 * 14336 * 2
     one = fetch_time_s(1, nbytes, link)
     assert one == pytest.approx(nbytes / 64e9 + 1e-6, rel=1e-12)

@@ -199,11 +199,19 @@ class WorkloadConfig(Config):
         None, description="request stream and scheduler (phase: serve; defaults filled in)"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _phase_defaults(cls, data: Any) -> Any:
+        """A serving or training workload gets its section's defaults when it has none."""
+        if isinstance(data, dict):
+            section = {"serve": "serve", "train": "train"}.get(data.get("phase"))
+            if section and data.get(section) is None:
+                data = {**data, section: {}}
+        return data
+
     @model_validator(mode="after")
     def _phase_fields(self) -> WorkloadConfig:
         if self.phase == "serve":
-            if self.serve is None:
-                object.__setattr__(self, "serve", ServeConfig())
             return self
         for key in ("batch_size", "seq_len"):
             if getattr(self, key) is None:
@@ -483,8 +491,6 @@ class Scenario(Config):
             raise ScenarioError("parallelism.etp", f"{par.etp} does not divide d_ff_expert")
         wl = self.workload
         if wl.phase == "train":
-            if wl.train is None:
-                object.__setattr__(wl, "train", TrainConfig())
             if wl.batch_size % (dp * wl.train.micro_batches):
                 raise ScenarioError(
                     "workload.batch_size",
@@ -530,21 +536,11 @@ class Scenario(Config):
                 raise ScenarioError(
                     "pim.sub_batches", "sub-batch interleaving needs pim.policy: attention"
                 )
-            object.__setattr__(self, "pim", pim.model_copy(update={"compute_dtype": cdt}))
         if self.tiers is not None:
             if self.workload.phase == "train":
                 raise ScenarioError("tiers", TIERS_IN_TRAINING)
             if m.n_dense_layers == m.n_layers:
                 raise ScenarioError("tiers", "the model has no MoE layer: no expert to offload")
-        dev = self.cluster.device
-        resolved = {
-            "intra_node": topo.intra_node or dev.intra_node_topology,
-            "intra_node_link": topo.intra_node_link or catalog.link(dev.intra_node_link),
-            "nics_per_node": nics,
-            "nodes_per_leaf": topo.nodes_per_leaf or self.cluster.nodes,
-        }
-        object.__setattr__(self, "topology", topo.model_copy(update=resolved))
-        object.__setattr__(self, "parallelism", par.model_copy(update={"dp": dp, "edp": edp}))
         return self
 
 

@@ -19,14 +19,15 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
-from moesim.catalog.specs import GpuSpec, LinkSpec
+from moesim.catalog.specs import GpuSpec, LinkSpec, ModelSpec
 from moesim.cost.ops import Bytes, expert_ops
 from moesim.cost.roofline import op_kernels, op_time_s
+from moesim.cost.weights import expert_params_per_shard
 
 
-def expert_bytes(d_model: int, d_ff: float, w_bytes: float) -> float:
-    """Weight bytes of one SwiGLU expert (or one shard of ``d_ff``): ``3 d f w``."""
-    return 3.0 * d_model * d_ff * w_bytes
+def expert_bytes(m: ModelSpec, etp: int, w_bytes: float) -> float:
+    """Weight bytes of one routed expert's shard: ``3 d f / etp x w`` (moesim/cost/weights.py)."""
+    return expert_params_per_shard(m, etp) * w_bytes
 
 
 def fetch_bandwidth_bytes_per_s(link: LinkSpec, tier_bandwidth_bytes_per_s: float | None) -> float:

@@ -264,7 +264,7 @@ def _layer_rest(graph: StepGraph, lp: LayerPlan, after: tuple[int, ...], tables)
         graph.compute("permute", cs["permute"], i)
         dispatch = graph.collective("dispatch", lp.dispatch, i, wait=False)
         if "shared_experts" in cs:
-            graph.compute("shared_experts", cs["shared_experts"], i)
+            _shared(graph, lp, "shared_experts", cs["shared_experts"])
         pim: tuple[int, ...] = ()
         if lp.pim is not None and lp.pim.phase == "experts":
             pim = _pim(graph, lp, (dispatch,), tables)  # PIM experts beside the GPU's
@@ -296,7 +296,31 @@ def _interleaved(graph: StepGraph, plans: list[WorkloadPlan], tables) -> None:
         graph.compute("lm_head", p.lm_head_s, n)
 
 
-def _moe_exchange(graph: StepGraph, plan: WorkloadPlan, lp: LayerPlan, first, work, second, side):
+def _shared(graph: StepGraph, lp: LayerPlan, phase: str, seconds, backward: bool = False):
+    """The shared experts, tensor parallel over the replica's tokens: their input gathered
+    and their partial sums reduce-scattered over the tp group (the backward: the other way
+    round), while the routed tokens travel."""
+    i = lp.index
+    first, last = (
+        (lp.tp_shared_out, lp.tp_shared_in) if backward else (lp.tp_shared_in, lp.tp_shared_out)
+    )
+    if first is not None:
+        graph.collective("tp_comm", first, i)
+    graph.compute(phase, seconds, i)
+    if last is not None:
+        graph.collective("tp_comm", last, i)
+
+
+def _moe_exchange(
+    graph: StepGraph,
+    plan: WorkloadPlan,
+    lp: LayerPlan,
+    first,
+    work,
+    second,
+    side,
+    backward: bool = False,
+):
     """All-to-all ``first``, expert ``work``, all-to-all ``second``; ``side`` (shared experts)
     runs while the first one's tokens travel. With ``chunks`` > 1 the tokens go in chunks
     on a communication stream (first of every chunk, then second of every chunk, each after
@@ -307,7 +331,7 @@ def _moe_exchange(graph: StepGraph, plan: WorkloadPlan, lp: LayerPlan, first, wo
     (p1, t1), (pw, sec), (p2, t2), (ps, side_s) = first, work, second, side
     if chunks == 1:
         arrived = graph.collective(p1, t1, i, wait=False)
-        graph.compute(ps, side_s, i)
+        _shared(graph, lp, ps, side_s, backward)
         graph.compute(pw, sec, i, (arrived,))
         graph.collective(p2, t2, i)
         return
@@ -315,7 +339,7 @@ def _moe_exchange(graph: StepGraph, plan: WorkloadPlan, lp: LayerPlan, first, wo
     got = [graph.collective(p1, t1, i, wait=False)]
     for _ in range(1, chunks):
         got.append(graph.collective(p1, t1, i, (got[-1],), stream=None))
-    graph.compute(ps, side_s, i)
+    _shared(graph, lp, ps, side_s, backward)
     sent = got[-1]
     for c in range(chunks):
         done = graph.compute(pw, sec / chunks, i, (got[c],))
@@ -370,7 +394,7 @@ def _training_backward(graph: StepGraph, plan: WorkloadPlan, lp: LayerPlan, cs: 
         shared = cs.get("shared_experts_bwd", 0.0)
         _moe_exchange(
             graph, plan, lp, ("combine_bwd", lp.dispatch), ("experts_bwd", cs["experts_bwd"]),
-            ("dispatch_bwd", plan.train.combine[i]), ("shared_experts_bwd", shared),
+            ("dispatch_bwd", plan.train.combine[i]), ("shared_experts_bwd", shared), True,
         )  # fmt: skip
         graph.compute("permute_bwd", cs["permute_bwd"], i)
         graph.compute("router_bwd", cs["router_bwd"], i)

@@ -28,9 +28,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from moesim import catalog
+from moesim.config.resolve import resolve
 from moesim.config.scenario import Scenario, ScenarioError
 from moesim.cost.ops import Bytes, OpCost, expert_ops, kv_cache_bytes_per_token
 from moesim.cost.pim import crossover_tokens, internal_bytes, pim_op_time_s
+from moesim.cost.weights import expert_params_per_shard
+from moesim.plan.layout import layout
 from moesim.plan.tiers import add_layer_totals, apply_tier_memory
 from moesim.plan.types import PimWork
 
@@ -53,7 +56,7 @@ def token_threshold(sc: Scenario, d_ff: float, b: Bytes) -> int:
         sc.cluster.device,
         sc.workload.dtypes.compute,
         pc.device,
-        pc.compute_dtype,
+        resolve(sc).pim_compute_dtype,
         pc.units_per_gpu,
         catalog.link(pc.device.host_link),
         max_tokens=4096,
@@ -65,9 +68,8 @@ def _work(sc: Scenario, phase: str, ops: list[OpCost], w_bytes: float) -> tuple[
     when the ops are per (device, expert)."""
     pc = sc.pim
     assert pc is not None
-    seconds = sum(
-        pim_op_time_s(pc.device, op, w_bytes, pc.compute_dtype, pc.units_per_gpu) for op in ops
-    )
+    cdt = resolve(sc).pim_compute_dtype
+    seconds = sum(pim_op_time_s(pc.device, op, w_bytes, cdt, pc.units_per_gpu) for op in ops)
     flops = sum(np.asarray(op.flops, dtype=float) for op in ops)
     moved = sum(internal_bytes(pc.device, op, w_bytes) for op in ops)
     parts = [np.asarray(x, dtype=float) for x in (seconds, flops, moved)]
@@ -165,9 +167,9 @@ def apply_memory(sc: Scenario, plan: WorkloadPlan, b: Bytes) -> None:
     pc = sc.pim
     if pc is None:
         return
-    m, par, wl = sc.model, sc.parallelism, sc.workload
+    m, par = sc.model, sc.parallelism
     n_dev = plan.n_devices
-    expert_bytes = 3 * m.d_model * m.d_ff_expert / par.etp * b.expert_weights
+    expert_bytes = expert_params_per_shard(m, par.etp) * b.expert_weights
     held = sum(
         (lp.pim.resident_experts for lp in plan.layers if lp.pim is not None),
         np.zeros(n_dev),
@@ -181,10 +183,7 @@ def apply_memory(sc: Scenario, plan: WorkloadPlan, b: Bytes) -> None:
             raise ScenarioError(
                 "pim.policy", f"{pc.device.name} is weight-stationary: it cannot hold a KV cache"
             )
-        dp = n_dev // par.tp
-        seqs = np.array([len(x) for x in np.array_split(np.arange(wl.batch_size), dp)])
-        seqs_dev = seqs[np.arange(n_dev) // par.tp]
-        kv = seqs_dev * _context(sc) * pim_kv_bytes_per_token(sc)
+        kv = layout(sc).seqs_dev * _context(sc) * pim_kv_bytes_per_token(sc)
         plan.memory_bytes["kv_cache"] = plan.memory_bytes["kv_cache"] - kv
     plan.pim_memory_bytes = {"weights": weights, "kv_cache": kv}
     used = weights + kv
@@ -261,9 +260,7 @@ def pim_expert_bytes(sc: Scenario) -> float:
     m, par = sc.model, sc.parallelism
     local = m.n_experts / par.ep
     moe_layers = sum(m.is_moe(i) for i in range(m.n_layers))
-    return (
-        moe_layers * local * 3 * m.d_model * m.d_ff_expert / par.etp * plan_bytes(sc).expert_weights
-    )
+    return moe_layers * local * expert_params_per_shard(m, par.etp) * plan_bytes(sc).expert_weights
 
 
 def pim_max_batch(sc: Scenario) -> int | None:

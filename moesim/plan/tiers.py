@@ -6,8 +6,8 @@ in HBM, chosen by ``tiers.cache``:
 
 - ``expected_load``: the ones with the highest expected load (ties: lower expert id);
 - ``lru``: the ones the preceding steps used last; those steps' routing is drawn from the same
-  expected load with the same routed pairs per device (a child seed of the layer's), going back
-  until the cache is full or 64 steps.
+  expected load with the same routed pairs per device (a seed of its own per layer, derived
+  from ``sim.seed``), going back until the cache is full or 64 steps.
 
 The other local experts live in the tier (``tiers.memory``). An offloaded expert with tokens
 this step is ``needed``:
@@ -96,7 +96,6 @@ def offload_experts(
     expected: np.ndarray,
     d_ff: float,
     b: Bytes,
-    seed,
 ) -> np.ndarray:
     """Set ``lp.tiers`` for one MoE layer and return the GPU's part of ``load``.
 
@@ -113,13 +112,14 @@ def offload_experts(
     local = np.zeros((n_dev, m.n_experts), dtype=bool)
     np.put_along_axis(local, np.where(slot_ok, slot_e, 0), slot_ok, axis=1)
     if t.cache == "lru":
+        seed = np.random.SeedSequence(sc.sim.seed, spawn_key=(lp.index, 1))  # its own stream
         resident = _lru_resident(local, dense, expected, t.hbm_experts, seed)
     else:
         score = np.where(local, expected[None, :], -np.inf)
         resident = _top(score, local, t.hbm_experts)
     offloaded = local & ~resident
     needed = offloaded & (dense > 0)
-    nbytes = expert_bytes(m.d_model, d_ff, b.expert_weights)
+    nbytes = expert_bytes(m, sc.parallelism.etp, b.expert_weights)
     zeros = np.zeros(n_dev)
     count = needed.sum(axis=1).astype(float)
     work = TierWork(

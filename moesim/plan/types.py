@@ -63,6 +63,8 @@ class LayerPlan:
     flops: dict[str, np.ndarray]
     tp_comm: Traffic | None = None
     tp_comm_after: Traffic | None = None
+    tp_shared_in: Traffic | None = None  # shared experts' input all-gather (tp > 1)
+    tp_shared_out: Traffic | None = None  # and their output reduce-scatter
     dispatch: Traffic | None = None
     measured_s: dict[str, np.ndarray] = field(default_factory=dict)
     expert_load: np.ndarray | None = None
@@ -177,13 +179,6 @@ class TrainingPlan:
         return self.config.recompute == "full"
 
 
-def _split(total: np.ndarray | int, parts: int) -> np.ndarray:
-    """Split integer(s) into ``parts`` near-equal integers (remainder to the first ones)."""
-    total = np.asarray(total, dtype=np.int64)
-    base, rem = np.divmod(total[..., None], parts)
-    return base + (np.arange(parts) < rem)
-
-
 def _time(device, ops: list[OpCost], dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-device seconds, FLOPs and measured-kernel seconds of a phase's ops."""
     parts = [op_time_split(device, op, dtype) for op in ops]
@@ -191,12 +186,3 @@ def _time(device, ops: list[OpCost], dtype: str) -> tuple[np.ndarray, np.ndarray
     measured = np.asarray(sum(p[1] for p in parts), dtype=float)
     f = sum(np.asarray(op.flops, dtype=float) for op in ops)
     return t, np.asarray(f, dtype=float), measured
-
-
-def _ring(groups: np.ndarray, nbytes: np.ndarray, steps: float) -> Traffic:
-    """Ring collective inside each row of ``groups``: every member sends ``nbytes`` to its
-    successor (bandwidth-optimal ring, Patarasuk & Yuan 2009, aggregated over its steps)."""
-    src = groups.ravel()
-    dst = np.roll(groups, -1, axis=1).ravel()
-    keep = nbytes[src] > 0
-    return Traffic(src[keep], dst[keep], nbytes[src][keep], 0.0, steps)

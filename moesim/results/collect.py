@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from moesim.config.resolve import resolve
 from moesim.engine.analytic import AnalyticEngine
 from moesim.engine.des import Engine
 from moesim.plan.graph import (
@@ -202,7 +203,7 @@ def collect(engine: Engine | AnalyticEngine) -> Result:
             "fidelity": engine.fidelity,
             **engine.counters,
         },
-        "scenario_resolved": sc.model_dump(mode="json"),
+        "scenario_resolved": {**sc.model_dump(mode="json"), "resolved": resolve(sc).as_dict()},
     }
     if plan.train is not None:
         from moesim.plan.training import training_summary

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from moesim import catalog
+from moesim.config.resolve import resolve
 from moesim.network import Topology
 from moesim.plan.pim import plan_bytes
 from moesim.plan.types import WorkloadPlan
@@ -38,7 +39,7 @@ BITS_PER_BYTE = 8.0
 def _link_pj_per_bit(plan: WorkloadPlan, topo: Topology) -> np.ndarray:
     """Energy per bit of each link, from the spec behind its kind."""
     sc = plan.scenario
-    t = sc.topology
+    t = resolve(sc).topology
     by_kind = {
         "intra": t.intra_node_link.energy_pj_per_bit,
         "host": t.nic_host_link.energy_pj_per_bit,
