@@ -453,7 +453,8 @@ def test_an_offloaded_experts_fetch_is_its_bytes_over_the_link_plus_latency():
     r = simulate(mixtral_one_gpu({"link": "pcie5-x16", "hbm_experts": 0}))
     assert r.summary["tiers"]["needed_experts"] == 4
     e = r.summary["energy_j"]
-    assert e["breakdown"]["tier_link"] == pytest.approx(4 * nbytes * 8 * 5.0e-12)
+    assert e["breakdown"]["links_tier"] == pytest.approx(4 * nbytes * 8 * 5.0e-12)
+    assert e["breakdown"]["tier_link"] == 0  # no host activations
     assert e["total"] == pytest.approx(sum(e["breakdown"].values()), rel=1e-12)
 
 
@@ -752,3 +753,11 @@ def test_neupims_pim_holds_the_cache_and_beats_the_npu_alone():
         },
     )
     assert naive.summary["tokens_per_s"] > 1.2 * alone.summary["tokens_per_s"]
+
+
+def test_gpt3_175b_dimensions_give_its_published_parameters():
+    from moesim.cost.ops import param_counts
+
+    spec = catalog.model("gpt3-175b")
+    assert param_counts(spec)["total"] == pytest.approx(spec.total_params, rel=0.01)
+    assert param_counts(spec)["routed_experts"] == 0  # every layer dense

@@ -12,9 +12,10 @@ Per GPU (constants in moesim/catalog/devices.yaml, 0 where a device does not giv
 Per device's PIM units: compute ``pim FLOPs x (energy_pj_per_flop + adc_energy_pj_per_flop)``,
 memory ``internal bytes x 8 x energy_pj_per_bit_internal`` (the bytes the PIM kernels move inside
 the memory), static ``units x idle_power_w x step time``. Memory tiers (moesim/plan/tiers.py):
-the bytes over the tier's link and the host CPU's FLOPs and weight reads. Per link: ``bytes
-carried x 8 x energy_pj_per_bit`` of its link spec (intra: the intra-node link; host: the NIC
-link; network and spine: the inter-node link; pim: the PIM unit's host link). Everything is a sum of
+fetched weights on the ``tier`` links, the host's activations, FLOPs and weight reads. Per
+link: ``bytes carried x 8 x energy_pj_per_bit`` of its link spec (intra: the intra-node link;
+host: the NIC link; network and spine: the inter-node link; pim: the PIM unit's host link;
+tier: the memory tier's link). Everything is a sum of
 count x constant, so the total is the sum of its parts and, for a fixed per-token workload and
 step time, linear in tokens.
 """
@@ -48,6 +49,8 @@ def _link_pj_per_bit(plan: WorkloadPlan, topo: Topology) -> np.ndarray:
     }
     if sc.pim is not None:
         by_kind["pim"] = catalog.link(sc.pim.device.host_link).energy_pj_per_bit
+    if sc.tiers is not None:  # fetched experts (moesim/plan/tiers.py)
+        by_kind["tier"] = sc.tiers.link.energy_pj_per_bit
     return np.array([by_kind.get(k, 0.0) for k in topo.link_kinds], dtype=float)
 
 
@@ -70,14 +73,15 @@ def gpu_bytes_read(plan: WorkloadPlan) -> np.ndarray:
 
 
 def _tier_parts(plan: WorkloadPlan, step_s: float) -> dict[str, np.ndarray]:
-    """Per device: ``tier_link_j``, fetched weights and host activations over the tier's link
-    (``bytes x 8 x energy_pj_per_bit``); ``host_compute_j`` and ``host_memory_j``, the host's
-    FLOPs and the expert weights it reads, at its catalog constants (its static power is the
-    host's, outside the accelerators, and left out)."""
+    """Per device: ``tier_link_j``, the host's activations over the tier's link (``bytes x 8 x
+    energy_pj_per_bit``; fetched weights cross the topology's ``tier`` links and count there);
+    ``host_compute_j`` and ``host_memory_j``, the host's FLOPs and the expert weights it reads,
+    at its catalog constants (its static power is the host's, outside the accelerators, and
+    left out)."""
     t = plan.scenario.tiers
     n = plan.n_devices
     work = [lp.tiers for lp in plan.layers if lp.tiers is not None]
-    moved = sum((w.fetch_bytes + w.io_bytes for w in work), np.zeros(n))
+    moved = sum((w.io_bytes for w in work), np.zeros(n))
     parts = {"tier_link_j": moved * BITS_PER_BYTE * t.link.energy_pj_per_bit * PJ}
     if t.host is not None and t.execute == "host":
         flops = sum((w.host_flops for w in work), np.zeros(n))
