@@ -17,7 +17,7 @@ this step is ``needed``:
   issued once the layer's router has chosen the experts and overlapping the permute and the
   dispatch; the expert kernels wait for it (phase ``expert_fetch``). No prefetch into the
   previous layer: the router decides only then. HBM holds one layer's fetched experts at a
-  time (``expert_buffer`` in the GPU's memory).
+  time (a buffer counted in the GPU's ``weights``).
 - ``execute: host``: its tokens run on the host CPU (``tiers.host``, one per node, shared by
   the node's GPUs: their host work runs one after another) beside the GPU's resident experts;
   the experts phase is ``max(GPU experts, host experts + activations over the link)``.
@@ -168,8 +168,8 @@ def experts_phase_s(work: TierWork | None, gpu_s: np.ndarray) -> np.ndarray:
 
 def apply_tier_memory(sc: Scenario, plan: WorkloadPlan) -> None:
     """Offloaded experts leave the GPU's ``weights`` for ``plan.tier_memory_bytes``; a fetch
-    buffer of the most experts one layer fetches (``expert_buffer``) joins the GPU's memory.
-    Raises :class:`ScenarioError` when the tier cannot hold them."""
+    buffer of the most experts one layer fetches joins the GPU's ``weights`` (the memory its
+    fetched weights take). Raises :class:`ScenarioError` when the tier cannot hold them."""
     t = sc.tiers
     if t is None:
         return
@@ -179,10 +179,10 @@ def apply_tier_memory(sc: Scenario, plan: WorkloadPlan) -> None:
         return
     per_expert = work[0].expert_bytes
     offloaded = sum((w.offloaded for w in work), np.zeros(n)) * per_expert
-    plan.memory_bytes["weights"] = plan.memory_bytes["weights"] - offloaded
-    if t.execute == "fetch":
+    buffer = np.zeros(n)
+    if t.execute == "fetch":  # one layer's fetched experts at a time
         buffer = np.max([w.needed for w in work], axis=0) * per_expert
-        plan.memory_bytes["expert_buffer"] = buffer
+    plan.memory_bytes["weights"] = plan.memory_bytes["weights"] - offloaded + buffer
     plan.tier_memory_bytes = offloaded
     worst = int(np.argmax(offloaded))
     if offloaded[worst] > t.capacity_bytes:
