@@ -342,6 +342,13 @@ class SimConfig(Config):
         "the whole path out of their node, as with rail-optimized PXN), auto (node where "
         "that merges anything, i.e. rail-optimized topologies)",
     )
+    collective_steps: Literal["aggregated", "explicit"] = Field(
+        "aggregated",
+        description="ring collectives as one flow per member carrying all its steps' bytes, "
+        "behind a barrier (exact when members start together: the default), or as explicit "
+        "steps, each waiting for its receive (a late member's delay travels round the ring; "
+        "2 (n - 1) times the network events)",
+    )
     trace: bool = Field(True, description="record device/link timelines for trace.json")
     progress: bool = Field(True, description="progress bar on runs longer than a few seconds")
 

@@ -90,6 +90,8 @@ class StepGraph:
     n_devices: int
     nodes: list[Node] = field(default_factory=list)
     chunks: dict[tuple[int, int], tuple[Traffic, Traffic]] = field(default_factory=dict)
+    explicit_rings: bool = False  # sim.collective_steps: explicit
+    steps: dict[int, tuple[Traffic, Traffic]] = field(default_factory=dict)
 
     def _add(self, **kw) -> int:
         node = Node(id=len(self.nodes), **kw)
@@ -124,11 +126,32 @@ class StepGraph:
         wait: bool = True,
         devices: np.ndarray | None = None,
     ) -> int:
-        """A collective's flows, issued by ``stream`` (or as soon as ``deps`` complete)."""
+        """A collective's flows, issued by ``stream`` (or as soon as ``deps`` complete). With
+        ``explicit_rings`` a ring collective becomes its steps, each issued when the
+        previous one has arrived (its receive); the id returned is the last step's."""
+        if self.explicit_rings and traffic.ring_steps > 1:
+            return self._ring_steps(phase, traffic, layer, deps, stream, wait, devices)
         return self._add(
             kind=COLLECTIVE, phase=phase, layer=layer, deps=deps, stream=stream, wait=wait,
             traffic=traffic, devices=devices,
         )  # fmt: skip
+
+    def _ring_steps(self, phase, traffic, layer, deps, stream, wait, devices) -> int:
+        if id(traffic) not in self.steps:
+            self.steps[id(traffic)] = (traffic, traffic.ring_step())  # holds it: id unique
+        step = self.steps[id(traffic)][1]
+        last = self._add(
+            kind=COLLECTIVE, phase=phase, layer=layer, deps=deps, stream=stream, wait=False,
+            traffic=step, devices=devices,
+        )  # fmt: skip
+        for _ in range(1, traffic.ring_steps):
+            last = self._add(
+                kind=COLLECTIVE, phase=phase, layer=layer, deps=(last,), stream=None,
+                traffic=step, devices=devices,
+            )  # fmt: skip
+        if stream is not None and wait:  # the stream waits for the last step
+            self.compute(phase, None, layer, (last,), stream=stream, devices=devices)
+        return last
 
     def transfer(
         self,
@@ -192,7 +215,9 @@ def build_graph(plan: WorkloadPlan, topology_tables: dict[str, np.ndarray] | Non
     """The step graph of ``plan``: forward (prefill, decode) or a training step.
     ``topology_tables`` gives the GPU-PIM links (``pim_up`` / ``pim_down`` per device) when
     the plan has PIM work."""
-    graph = StepGraph(plan.n_devices)
+    graph = StepGraph(
+        plan.n_devices, explicit_rings=plan.scenario.sim.collective_steps == "explicit"
+    )
     if plan.sub_plans:  # pim.sub_batches (moesim/plan/pim.py)
         _interleaved(graph, plan.sub_plans, topology_tables)
     elif plan.train is None:

@@ -28,7 +28,9 @@ class Traffic:
     before any flow of the group moves (ring and tree all-reduce, reduce-scatter,
     all-gather: each step waits for its receive, so a late rank holds up the whole ring).
     An all-to-all needs no barrier: every receiver already waits for a flow from every
-    sender of its group, zero-byte ones included.
+    sender of its group, zero-byte ones included. ``ring_steps``: the flows aggregate that
+    many equal ring steps (each member sends ``nbytes / ring_steps`` to its successor per
+    step, after receiving the previous step); :meth:`ring_step` is one of them.
     """
 
     src: np.ndarray
@@ -38,6 +40,7 @@ class Traffic:
     latency_steps: float = 1.0
     members: np.ndarray | None = None
     barrier: bool = False
+    ring_steps: int = 0  # a ring algorithm of this many equal steps (0: not a ring)
 
     def reversed(self) -> Traffic:
         return replace(self, src=self.dst, dst=self.src)
@@ -46,6 +49,19 @@ class Traffic:
         """The same flows carrying ``factor`` of their bytes (a chunk of a pipelined
         collective)."""
         return replace(self, nbytes=self.nbytes * factor, local_bytes=self.local_bytes * factor)
+
+    def ring_step(self) -> Traffic:
+        """One step of a ring collective: every member's flow with ``1 / ring_steps`` of its
+        bytes, one latency, no barrier (each step waits for its own receive instead)."""
+        k = self.ring_steps
+        return replace(
+            self,
+            nbytes=self.nbytes / k,
+            local_bytes=self.local_bytes / k,
+            latency_steps=1.0,
+            barrier=False,
+            ring_steps=0,
+        )
 
     @property
     def total_bytes(self) -> float:
