@@ -645,7 +645,7 @@ def test_attacc_beats_the_gpu_system_of_the_same_memory_in_throughput_and_energy
 def test_duplex_logic_pim_speeds_mixtral_decode_up_and_saves_energy():
     duplex, h100 = (
         _run("mixtral-8x7b-2xh100-duplex-decode", **{"pim.policy": p})
-        for p in ("by_batch", "gpu_only")
+        for p in ("co_processing", "gpu_only")
     )
     assert duplex.step_time_s < h100.step_time_s
     assert duplex.summary["energy_j"]["per_token"] < h100.summary["energy_j"]["per_token"]
@@ -789,3 +789,36 @@ def test_serving_steps_fetch_offloaded_experts():
     step = simulate(sc.model_copy(update={"workload": wl}))
     assert step.summary["breakdown_s"]["expert_fetch"] > 0
     assert req["tpot_s"].to_numpy() == pytest.approx(step.step_time_s, rel=0.01)
+
+
+def test_co_processing_puts_attention_and_experts_on_pim_in_one_step():
+    """Duplex's co-processing is policy attention's attention work plus policy by_batch's
+    expert work in the same layers; the energy counts both."""
+    plans = {
+        p: build_plan(
+            load_scenario(PAPERS / "mixtral-8x7b-2xh100-duplex-decode.yaml", {"pim.policy": p})
+        )
+        for p in ("attention", "by_batch", "co_processing")
+    }
+    for att, exp, both in zip(*(plans[p].layers for p in plans), strict=True):
+        assert both.pim_attention is not None and both.pim.phase == "experts"
+        assert np.array_equal(both.pim_attention.seconds, att.pim.seconds)
+        assert np.array_equal(both.pim.seconds, exp.pim.seconds)
+        assert np.array_equal(both.compute_s["attention"], att.compute_s["attention"])
+        assert np.array_equal(both.compute_s["experts"], exp.compute_s["experts"])
+    co = plans["co_processing"]
+    assert np.allclose(
+        co.pim_memory_bytes["kv_cache"], plans["attention"].pim_memory_bytes["kv_cache"]
+    )
+    assert np.allclose(
+        co.pim_memory_bytes["weights"], plans["by_batch"].pim_memory_bytes["weights"]
+    )
+    steps = {p: _run("mixtral-8x7b-2xh100-duplex-decode", **{"pim.policy": p}) for p in plans}
+    assert steps["co_processing"].step_time_s < min(
+        s.step_time_s for s in (steps["attention"], steps["by_batch"])
+    )
+    r = steps["co_processing"]
+    assert r.devices["pim_busy_s"].sum() == pytest.approx(
+        steps["attention"].devices["pim_busy_s"].sum()
+        + steps["by_batch"].devices["pim_busy_s"].sum()
+    )

@@ -372,13 +372,16 @@ class PimConfig(Config):
 
     device: PimSpec = Field(description="catalog pim/cim part, {preset: name, ...} or a full spec")
     units_per_gpu: PositiveInt = Field(1, description="PIM units (stacks, chips) per GPU")
-    policy: Literal["gpu_only", "all_experts", "cold_experts", "attention", "by_batch"] = Field(
+    policy: Literal[
+        "gpu_only", "all_experts", "cold_experts", "attention", "by_batch", "co_processing"
+    ] = Field(
         "all_experts",
         description="gpu_only: nothing on PIM; all_experts: every routed expert on PIM; "
         "cold_experts: experts whose expected tokens per step are at most token_threshold on "
         "PIM, hot ones on the GPU; attention: the attention core and KV cache on PIM; "
         "by_batch: each expert runs on PIM when it has at most token_threshold tokens this "
-        "step, else on the GPU (weights kept on both)",
+        "step, else on the GPU (weights kept on both); co_processing: attention as with "
+        "attention and the experts as with by_batch (Duplex)",
     )
     token_threshold: int | None = Field(
         None,
@@ -393,6 +396,21 @@ class PimConfig(Config):
         "take turns (NeuPIMs' sub-batch interleaving): the GPU runs one's projections and FFN "
         "while the PIM units run the other's attention",
     )
+
+    @property
+    def attention_on_pim(self) -> bool:
+        """The attention core and the softmax layers' KV cache live on PIM."""
+        return self.policy in ("attention", "co_processing")
+
+    @property
+    def experts_on_pim(self) -> bool:
+        """Some routed experts run on PIM."""
+        return self.policy not in ("gpu_only", "attention")
+
+    @property
+    def per_step_experts(self) -> bool:
+        """Each expert runs where its tokens this step make it faster, weights on both."""
+        return self.policy in ("by_batch", "co_processing")
 
     @field_validator("device", mode="before")
     @classmethod

@@ -230,10 +230,10 @@ def build_graph(plan: WorkloadPlan, topology_tables: dict[str, np.ndarray] | Non
     return graph
 
 
-def _pim(graph: StepGraph, lp: LayerPlan, deps: tuple[int, ...], tables) -> tuple[int, ...]:
-    """The layer's PIM work: activations up the GPU-PIM link, the PIM kernels on the PIM
-    stream, results down; returns the node that completes it."""
-    work, i = lp.pim, lp.index
+def _pim(graph: StepGraph, lp: LayerPlan, deps: tuple[int, ...], tables, work=None):
+    """The layer's PIM work (``work``, default ``lp.pim``): activations up the GPU-PIM link,
+    the PIM kernels on the PIM stream, results down; returns the node that completes it."""
+    work, i = work or lp.pim, lp.index
     active = (work.seconds > 0) | (work.in_bytes > 0)
     up = graph.transfer("pim", tables["pim_up"], np.where(active, work.in_bytes, 0.0), i, deps)
     run = graph.compute(
@@ -272,6 +272,8 @@ def _attention_block(
     """The layer's attention on the GPU and, with attention on PIM, its core there; returns
     what the rest of the layer waits for."""
     graph.compute("attention", lp.compute_s["attention"], lp.index, deps)
+    if lp.pim_attention is not None:  # pim.policy co_processing
+        return _pim(graph, lp, (), tables, lp.pim_attention)
     if lp.pim is not None and lp.pim.phase == "attention":
         return _pim(graph, lp, (), tables)
     return ()

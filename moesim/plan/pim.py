@@ -12,6 +12,8 @@ it by the unit's host link). Policies (``pim.policy``):
   projections and the experts stay on the GPU (AttAcc-style; linear / MLA layers stay).
 - ``by_batch``: every expert's weights are kept on both; each (device, expert) runs on PIM
   when it has at most ``token_threshold`` tokens this step (GEMV), else on the GPU (GEMM).
+- ``co_processing``: ``attention`` and ``by_batch`` together (Duplex's expert and attention
+  co-processing); the layer's attention work is ``lp.pim_attention``, its experts' ``lp.pim``.
 
 ``token_threshold`` defaults to the crossover of one expert (moesim.cost.pim.crossover_tokens).
 The plan gets, per layer, a :class:`PimWork` (per-device PIM seconds, activations in and out,
@@ -93,7 +95,7 @@ def split_experts(
     per expert, ``share`` the ``[expert, ep_rank]`` placement shares. Returns the GPU's part
     of ``load`` and sets the layer's ``lp.pim`` when experts run on PIM."""
     pc = sc.pim
-    if pc is None or pc.policy in ("gpu_only", "attention"):
+    if pc is None or not pc.experts_on_pim:
         return load
     par = sc.parallelism
     n_dev = load.shape[0]
@@ -106,17 +108,25 @@ def split_experts(
         pairs = np.bincount(group, weights=load.sum(axis=1)) / par.etp  # routed pairs per group
         expected_tokens = expected[None, :] * pairs[group][:, None] * share[:, rank].T
         on_pim = local & (expected_tokens <= token_threshold(sc, d_ff, b))
-    else:  # by_batch
+    else:  # by_batch, co_processing
         on_pim = local & (load <= token_threshold(sc, d_ff, b))
-    resident = local if pc.policy == "by_batch" else on_pim
+    resident = local if pc.per_step_experts else on_pim
     pim_load = np.where(on_pim, load, 0)
     seconds, flops, moved = _work(
         sc, "experts", expert_ops(pim_load, sc.model.d_model, d_ff, b), b.expert_weights
     )
     tokens = pim_load.sum(axis=1)
     io = tokens * sc.model.d_model * b.activations
+    if lp.pim is not None:  # co_processing: the layer's attention is on PIM too
+        lp.pim_attention = lp.pim
     lp.pim = PimWork("experts", seconds, io, io.copy(), flops, moved, tokens, resident.sum(axis=1))
     return load - pim_load
+
+
+def pim_works(plan: WorkloadPlan) -> list[PimWork]:
+    """Every layer's PIM work: attention (co_processing keeps it in ``pim_attention``) and
+    experts."""
+    return [w for lp in plan.layers for w in (lp.pim_attention, lp.pim) if w is not None]
 
 
 def split_attention(
@@ -126,7 +136,7 @@ def split_attention(
     the KV cache) runs on PIM; the projections stay on the GPU. New queries, keys and values
     (the ``qkv_proj`` output) go in, the attention output (``o_proj``'s input) comes back."""
     pc = sc.pim
-    if pc is None or pc.policy != "attention" or kind != "softmax":
+    if pc is None or not pc.attention_on_pim or kind != "softmax":
         return ops, None
     ab = sc.workload.dtypes.bytes_of("activations")
     core = [op for op in ops if op.name == "attention_core"]
@@ -175,10 +185,10 @@ def apply_memory(sc: Scenario, plan: WorkloadPlan, b: Bytes) -> None:
         np.zeros(n_dev),
     )
     weights = held * expert_bytes
-    if pc.policy != "by_batch":
+    if not pc.per_step_experts:
         plan.memory_bytes["weights"] = plan.memory_bytes["weights"] - weights
     kv = np.zeros(n_dev)
-    if pc.policy == "attention":
+    if pc.attention_on_pim:
         if pc.device.weight_stationary:
             raise ScenarioError(
                 "pim.policy", f"{pc.device.name} is weight-stationary: it cannot hold a KV cache"
@@ -236,7 +246,7 @@ def pim_kv_bytes_per_token(sc: Scenario) -> float:
     policy ``attention`` moves the softmax layers' cache (``2 x kv_heads / tp x head_dim x
     kv bytes`` per layer, moesim/cost/ops.py), nothing otherwise."""
     pc = sc.pim
-    if pc is None or pc.policy != "attention":
+    if pc is None or not pc.attention_on_pim:
         return 0.0
     m, tp = sc.model, sc.parallelism.tp
     b = plan_bytes(sc)
@@ -255,7 +265,7 @@ def pim_expert_bytes(sc: Scenario) -> float:
     on the GPU too), none for ``attention`` and ``gpu_only``. ``cold_experts`` depends on the
     step's routing; it counts as ``all_experts`` here, the most it can hold."""
     pc = sc.pim
-    if pc is None or pc.policy in ("gpu_only", "attention"):
+    if pc is None or not pc.experts_on_pim:
         return 0.0
     m, par = sc.model, sc.parallelism
     local = m.n_experts / par.ep
@@ -317,13 +327,13 @@ def pim_summary(plan: WorkloadPlan, devices: pd.DataFrame) -> dict | None:
     if pc is None:
         return None
     n = plan.n_devices
-    work = [lp.pim for lp in plan.layers if lp.pim is not None]
+    work = pim_works(plan)
     add_layer_totals(devices, work, n, pim_busy_s="seconds", pim_flops="flops", pim_tokens="tokens")
     used = sum(plan.pim_memory_bytes.values(), np.zeros(n))
     devices["pim_memory_bytes"] = used
     expert_work = next((w for w in work if w.phase == "experts"), None)
     threshold = None
-    if pc.policy in ("cold_experts", "by_batch") and expert_work is not None:
+    if pc.policy in ("cold_experts", "by_batch", "co_processing") and expert_work is not None:
         b = plan_bytes(sc)
         threshold = token_threshold(sc, sc.model.d_ff_expert / sc.parallelism.etp, b)
     return {

@@ -30,7 +30,7 @@ import pandas as pd
 from moesim import catalog
 from moesim.config.resolve import resolve
 from moesim.network import Topology
-from moesim.plan.pim import plan_bytes
+from moesim.plan.pim import pim_works, plan_bytes
 from moesim.plan.types import WorkloadPlan
 
 PJ = 1e-12
@@ -65,7 +65,7 @@ def gpu_bytes_read(plan: WorkloadPlan) -> np.ndarray:
     expert_bytes = 3 * m.d_model * m.d_ff_expert / par.etp * b.expert_weights
     moe = [lp for lp in plan.layers if lp.moe]
     held = sum((lp.local_experts for lp in moe), zeros) * expert_bytes
-    if sc.pim is not None and sc.pim.policy != "by_batch":  # moved off the GPU
+    if sc.pim is not None and not sc.pim.per_step_experts:  # moved off the GPU
         held = held - plan.pim_memory_bytes.get("weights", zeros)
     read = sum((lp.expert_weight_bytes for lp in moe if lp.expert_weight_bytes is not None), zeros)
     weights = plan.memory_bytes.get("weights", zeros)
@@ -112,7 +112,7 @@ def add_energy(
     parts["pim_compute_j"] = parts["pim_memory_j"] = parts["pim_static_j"] = zeros
     pc = sc.pim
     if pc is not None:
-        work = [lp.pim for lp in plan.layers if lp.pim is not None]
+        work = pim_works(plan)
         pim_flops = sum((w.flops for w in work), zeros)
         pim_bytes = sum((w.internal_bytes for w in work), zeros)
         spec = pc.device
