@@ -822,3 +822,19 @@ def test_co_processing_puts_attention_and_experts_on_pim_in_one_step():
         steps["attention"].devices["pim_busy_s"].sum()
         + steps["by_batch"].devices["pim_busy_s"].sum()
     )
+
+
+def test_lru_keeps_what_the_preceding_steps_used():
+    """All routed pairs go to expert 3: the preceding steps used only it, so an LRU cache of
+    one holds it; a second slot goes to the next by expected load (a tie: expert 0)."""
+    from moesim.plan.tiers import _lru_resident
+
+    local = np.ones((2, 8), dtype=bool)
+    expected = np.zeros(8)
+    expected[3] = 1.0
+    load = np.zeros((2, 8), dtype=np.int64)
+    load[:, 3] = 5
+    one = _lru_resident(local, load, expected, 1, np.random.SeedSequence(0))
+    assert one.tolist() == [[e == 3 for e in range(8)]] * 2
+    two = _lru_resident(local, load, expected, 2, np.random.SeedSequence(0))
+    assert two.tolist() == [[e in (0, 3) for e in range(8)]] * 2
