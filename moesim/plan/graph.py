@@ -208,6 +208,26 @@ class StepGraph:
         }
 
 
+def external_deps(graph: StepGraph) -> list[tuple[int, ...]]:
+    """Per node, the dependencies that graph order on its own stream does not already
+    satisfy: all but earlier compute nodes and blocking collectives of the same stream."""
+    nodes = graph.nodes
+    out = []
+    for node in nodes:
+        out.append(
+            tuple(
+                d
+                for d in node.deps
+                if not (
+                    node.stream is not None
+                    and nodes[d].stream == node.stream
+                    and (nodes[d].kind == COMPUTE or nodes[d].wait)
+                )
+            )
+        )
+    return out
+
+
 # -- builders -----------------------------------------------------------------------------
 
 

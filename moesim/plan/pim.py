@@ -35,7 +35,7 @@ from moesim.config.scenario import Scenario, ScenarioError
 from moesim.cost.ops import Bytes, OpCost, expert_ops, kv_cache_bytes_per_token
 from moesim.cost.pim import crossover_tokens, internal_bytes, pim_op_time_s
 from moesim.cost.weights import expert_params_per_shard
-from moesim.plan.layout import layout
+from moesim.plan.layout import dtype_bytes, layout
 from moesim.plan.tiers import add_layer_totals, apply_tier_memory
 from moesim.plan.types import PimWork
 
@@ -249,7 +249,7 @@ def pim_kv_bytes_per_token(sc: Scenario) -> float:
     if pc is None or not pc.attention_on_pim:
         return 0.0
     m, tp = sc.model, sc.parallelism.tp
-    b = plan_bytes(sc)
+    b = dtype_bytes(sc)
     return float(
         sum(
             kv_cache_bytes_per_token(m, i, tp, b)
@@ -270,7 +270,7 @@ def pim_expert_bytes(sc: Scenario) -> float:
     m, par = sc.model, sc.parallelism
     local = m.n_experts / par.ep
     moe_layers = sum(m.is_moe(i) for i in range(m.n_layers))
-    return moe_layers * local * expert_params_per_shard(m, par.etp) * plan_bytes(sc).expert_weights
+    return moe_layers * local * expert_params_per_shard(m, par.etp) * dtype_bytes(sc).expert_weights
 
 
 def pim_max_batch(sc: Scenario) -> int | None:
@@ -334,7 +334,7 @@ def pim_summary(plan: WorkloadPlan, devices: pd.DataFrame) -> dict | None:
     expert_work = next((w for w in work if w.phase == "experts"), None)
     threshold = None
     if pc.policy in ("cold_experts", "by_batch", "co_processing") and expert_work is not None:
-        b = plan_bytes(sc)
+        b = dtype_bytes(sc)
         threshold = token_threshold(sc, sc.model.d_ff_expert / sc.parallelism.etp, b)
     return {
         "device": pc.device.name,
@@ -345,11 +345,3 @@ def pim_summary(plan: WorkloadPlan, devices: pd.DataFrame) -> dict | None:
         "max_used_bytes": float(used.max()),
         "capacity_bytes": float(pc.units_per_gpu * pc.device.capacity_bytes),
     }
-
-
-def plan_bytes(sc: Scenario) -> Bytes:
-    """Bytes per element of each tensor kind of the scenario's workload."""
-    dt = sc.workload.dtypes
-    return Bytes(
-        *(dt.bytes_of(k) for k in ("weights", "expert_weights", "activations", "kv_cache"))
-    )

@@ -38,7 +38,7 @@ from moesim.cost.weights import (
     expert_params_per_shard,
 )
 from moesim.plan.collectives import ring_allgather, ring_allreduce, ring_reduce_scatter
-from moesim.plan.layout import Layout, layout
+from moesim.plan.layout import Layout, dtype_bytes, layout
 from moesim.plan.pim import apply_memory, split_attention, split_experts, sub_batch_scenarios
 from moesim.plan.tiers import experts_phase_s, offload_experts
 from moesim.plan.types import GB, LayerPlan, PimWork, Traffic, WorkloadPlan, _time
@@ -60,17 +60,6 @@ def layer_generators(
     reference layer uses the same streams to reproduce the simulator's routing exactly."""
     place, route = layer_seed.spawn(2)
     return np.random.default_rng(place), np.random.default_rng(route)
-
-
-def dtype_bytes(sc: Scenario) -> Bytes:
-    """Bytes per element of weights, expert weights, activations and KV cache."""
-    dt = sc.workload.dtypes
-    return Bytes(
-        dt.bytes_of("weights"),
-        dt.bytes_of("expert_weights"),
-        dt.bytes_of("activations"),
-        dt.bytes_of("kv_cache"),
-    )
 
 
 @dataclass
