@@ -570,6 +570,12 @@ def test_experts_on_pim_leave_the_rest_of_its_memory_to_the_kv_cache():
     m = sc.model
     assert pim_expert_bytes(sc) == m.n_layers * 1 * 3 * m.d_model * m.d_ff_expert * 2
     assert pim_expert_bytes(load_scenario(HBMPIM, {"pim.policy": "attention"})) == 0
+    from moesim.plan.pim import expert_bytes_off_gpu
+
+    on_gpu = build_plan(load_scenario(HBMPIM, {"pim.policy": "gpu_only"})).memory_bytes["weights"]
+    on_pim = build_plan(sc).memory_bytes["weights"]
+    assert np.allclose(on_gpu - on_pim, expert_bytes_off_gpu(sc))
+    assert expert_bytes_off_gpu(load_scenario(HBMPIM, {"pim.policy": "by_batch"})) == 0
 
 
 def _serve_with_pim(policy: str, capacity: float = 1e9, rate: float = 0.01, n: int = 30):

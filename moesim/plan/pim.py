@@ -273,6 +273,17 @@ def pim_expert_bytes(sc: Scenario) -> float:
     return moe_layers * local * expert_params_per_shard(m, par.etp) * dtype_bytes(sc).expert_weights
 
 
+def expert_bytes_off_gpu(sc: Scenario) -> float:
+    """Expert weight bytes PIM takes off each GPU whatever the routing: ``pim_expert_bytes``
+    for ``all_experts``; none for ``by_batch`` and ``co_processing`` (a copy stays on the GPU),
+    ``attention`` and ``gpu_only``; none for ``cold_experts`` either, which moves only the
+    experts a step's routing finds cold (the GPU must hold the rest)."""
+    pc = sc.pim
+    if pc is None or pc.policy != "all_experts":
+        return 0.0
+    return pim_expert_bytes(sc)
+
+
 def pim_max_batch(sc: Scenario) -> int | None:
     """The largest ``workload.batch_size`` whose KV cache the PIM units hold at the scenario's
     context (policy ``attention``; None when PIM holds no KV cache):
