@@ -845,3 +845,14 @@ def test_lru_keeps_what_the_preceding_steps_used():
     assert one.tolist() == [[e == 3 for e in range(8)]] * 2
     two = _lru_resident(local, load, expected, 2, np.random.SeedSequence(0))
     assert two.tolist() == [[e in (0, 3) for e in range(8)]] * 2
+
+
+def test_sub_batches_read_the_weights_once_each():
+    from moesim.results.energy import gpu_bytes_read
+
+    sc = load_scenario(PAPERS / "gpt3-175b-8xa100-attacc-decode.yaml", {"pim.sub_batches": 2})
+    plan = build_plan(sc)
+    whole = copy.copy(plan)
+    whole.sub_plans = []
+    weights = plan.memory_bytes["weights"]
+    assert np.allclose(gpu_bytes_read(plan) - gpu_bytes_read(whole), weights)  # one more pass

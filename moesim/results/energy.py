@@ -57,7 +57,10 @@ def _link_pj_per_bit(plan: WorkloadPlan, topo: Topology) -> np.ndarray:
 
 def gpu_bytes_read(plan: WorkloadPlan) -> np.ndarray:
     """HBM bytes each GPU reads in the step: its resident non-expert weights and KV cache once,
-    and the weights of each expert that has tokens on it, once per layer."""
+    and the weights of each expert that has tokens on it, once per layer; with PIM
+    sub-batches, once per sub-batch (each runs its own kernels)."""
+    if plan.sub_plans:
+        return sum(gpu_bytes_read(half) for half in plan.sub_plans)
     sc = plan.scenario
     m, par = sc.model, sc.parallelism
     n = plan.n_devices
