@@ -455,6 +455,14 @@ def test_an_offloaded_experts_fetch_is_its_bytes_over_the_link_plus_latency():
     e = r.summary["energy_j"]
     assert e["breakdown"]["links_tier"] == pytest.approx(4 * nbytes * 8 * 5.0e-12)
     assert e["breakdown"]["tier_link"] == 0  # no host activations
+    # the GPU reads its non-expert weights, KV cache and the experts with tokens (the fetched
+    # ones included) once: the same as with every expert resident
+    from moesim.results.energy import gpu_bytes_read
+
+    fetched = build_plan(mixtral_one_gpu({"link": "pcie5-x16", "hbm_experts": 0}))
+    resident = build_plan(mixtral_one_gpu(None))
+    assert np.allclose(gpu_bytes_read(fetched), gpu_bytes_read(resident))
+    assert e["breakdown"]["gpu_memory"] > 0
     assert e["total"] == pytest.approx(sum(e["breakdown"].values()), rel=1e-12)
 
 
@@ -498,6 +506,10 @@ def test_experts_on_the_host_cpu_run_beside_the_gpus_resident_ones():
     assert one[0] > 2 * io  # weights from DDR5 dominate one token
     assert work.host_s[0] > 0
     assert lp.compute_s["experts"][0] >= work.host_s[0]
+    from moesim.results.energy import gpu_bytes_read
+
+    base_plan = build_plan(mixtral_one_gpu(None, batch=8, layers=1))
+    assert np.allclose(gpu_bytes_read(plan) + work.host_weight_bytes, gpu_bytes_read(base_plan))
     with pytest.raises(ScenarioError, match="host device"):
         mixtral_one_gpu({"execute": "host"})
 

@@ -166,6 +166,16 @@ def experts_phase_s(work: TierWork | None, gpu_s: np.ndarray) -> np.ndarray:
     return np.maximum(gpu_s, work.host_s)
 
 
+def fetch_buffer_bytes(plan: WorkloadPlan) -> np.ndarray:
+    """HBM per device for one layer's fetched experts at a time (``execute: fetch``): the most
+    any layer fetches, in expert weight bytes; zeros otherwise."""
+    t = plan.scenario.tiers
+    work = [lp.tiers for lp in plan.layers if lp.tiers is not None]
+    if t is None or t.execute != "fetch" or not work:
+        return np.zeros(plan.n_devices)
+    return np.max([w.needed for w in work], axis=0) * work[0].expert_bytes
+
+
 def apply_tier_memory(sc: Scenario, plan: WorkloadPlan) -> None:
     """Offloaded experts leave the GPU's ``weights`` for ``plan.tier_memory_bytes``; a fetch
     buffer of the most experts one layer fetches joins the GPU's ``weights`` (the memory its
@@ -179,10 +189,9 @@ def apply_tier_memory(sc: Scenario, plan: WorkloadPlan) -> None:
         return
     per_expert = work[0].expert_bytes
     offloaded = sum((w.offloaded for w in work), np.zeros(n)) * per_expert
-    buffer = np.zeros(n)
-    if t.execute == "fetch":  # one layer's fetched experts at a time
-        buffer = np.max([w.needed for w in work], axis=0) * per_expert
-    plan.memory_bytes["weights"] = plan.memory_bytes["weights"] - offloaded + buffer
+    plan.memory_bytes["weights"] = (
+        plan.memory_bytes["weights"] - offloaded + fetch_buffer_bytes(plan)
+    )
     plan.tier_memory_bytes = offloaded
     worst = int(np.argmax(offloaded))
     if offloaded[worst] > t.capacity_bytes:

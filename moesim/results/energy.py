@@ -29,9 +29,11 @@ import pandas as pd
 
 from moesim import catalog
 from moesim.config.resolve import resolve
+from moesim.cost.weights import expert_params_per_shard
 from moesim.network import Topology
 from moesim.plan.layout import dtype_bytes
 from moesim.plan.pim import pim_works
+from moesim.plan.tiers import fetch_buffer_bytes
 from moesim.plan.types import WorkloadPlan
 
 PJ = 1e-12
@@ -56,8 +58,8 @@ def _link_pj_per_bit(plan: WorkloadPlan, topo: Topology) -> np.ndarray:
 
 
 def gpu_bytes_read(plan: WorkloadPlan) -> np.ndarray:
-    """HBM bytes each GPU reads in the step: its resident non-expert weights and KV cache once,
-    and the weights of each expert that has tokens on it, once per layer; with PIM
+    """HBM bytes each GPU reads in the step: its non-expert weights and KV cache once, and the
+    weights of each expert that has tokens on it, once per layer (resident or fetched); with PIM
     sub-batches, once per sub-batch (each runs its own kernels)."""
     if plan.sub_plans:
         return sum(gpu_bytes_read(half) for half in plan.sub_plans)
@@ -66,11 +68,13 @@ def gpu_bytes_read(plan: WorkloadPlan) -> np.ndarray:
     n = plan.n_devices
     zeros = np.zeros(n)
     b = dtype_bytes(sc)
-    expert_bytes = 3 * m.d_model * m.d_ff_expert / par.etp * b.expert_weights
+    expert_bytes = expert_params_per_shard(m, par.etp) * b.expert_weights
     moe = [lp for lp in plan.layers if lp.moe]
     held = sum((lp.local_experts for lp in moe), zeros) * expert_bytes
     if sc.pim is not None and not sc.pim.per_step_experts:  # moved off the GPU
         held = held - plan.pim_memory_bytes.get("weights", zeros)
+    if plan.tier_memory_bytes is not None:  # offloaded; the fetch buffer is expert memory
+        held = held - plan.tier_memory_bytes + fetch_buffer_bytes(plan)
     read = sum((lp.expert_weight_bytes for lp in moe if lp.expert_weight_bytes is not None), zeros)
     weights = plan.memory_bytes.get("weights", zeros)
     return weights - held + read + plan.memory_bytes.get("kv_cache", zeros)
