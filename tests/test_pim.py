@@ -872,3 +872,25 @@ def test_sub_batches_read_the_weights_once_each():
     whole.sub_plans = []
     weights = plan.memory_bytes["weights"]
     assert np.allclose(gpu_bytes_read(plan) - gpu_bytes_read(whole), weights)  # one more pass
+
+
+def test_batch_size_max_counts_the_pim_memory():
+    """``workload.batch_size: max`` with attention on PIM: the cache lives on the AttAcc
+    devices, so the batch is what they hold (the GPU keeps none of it)."""
+    from moesim.plan.batch import batch_size_for
+    from moesim.plan.pim import pim_max_batch
+
+    sc = load_scenario(
+        PAPERS / "gpt3-175b-8xa100-attacc-decode.yaml", {"workload.batch_size": "max"}
+    )
+    assert batch_size_for(sc) == pim_max_batch(sc) == 66
+    two = load_scenario(
+        PAPERS / "gpt3-175b-8xa100-attacc-decode.yaml",
+        {"workload.batch_size": "max", "pim.units_per_gpu": 2},
+    )
+    assert batch_size_for(two) == pim_max_batch(two) == 133
+    gpu = load_scenario(
+        PAPERS / "gpt3-175b-8xa100-attacc-decode.yaml",
+        {"workload.batch_size": "max", "pim.policy": "gpu_only"},
+    )
+    assert batch_size_for(gpu) < batch_size_for(sc)
