@@ -460,19 +460,35 @@ class SimConfig(Config):
     progress: bool = Field(True, description="progress bar on runs longer than a few seconds")
 
 
+PIM_IN_TRAINING = (
+    "PIM units are not modelled in training (use pim.policy: gpu_only): a training step's "
+    "GEMMs have thousands of rows, far above the 1-8 FLOP per byte PIM units are built for, "
+    "and its backward pass and optimizer need the weights, gradients and activations in the "
+    "GPU's memory (docs/pim.md)"
+)
+TIERS_IN_TRAINING = (
+    "memory tiers are not modelled in training: every step updates every expert, so its "
+    "weights, gradients and optimizer states stay on the GPUs (docs/pim.md)"
+)
+
+
 class PimConfig(Config):
-    """Processing-in-memory units attached to every GPU and what runs on them (README
-    "Processing in memory"; cost model in moesim/hardware/pim.py, placement in moesim/pim.py)."""
+    """Processing-in-memory units attached to every GPU and what runs on them (docs/pim.md;
+    cost model in moesim/cost/pim.py, placement in moesim/plan/pim.py). Prefill, decode and
+    serving steps; training refuses it (:data:`PIM_IN_TRAINING`)."""
 
     device: PimSpec = Field(description="catalog pim/cim part, {preset: name, ...} or a full spec")
     units_per_gpu: PositiveInt = Field(1, description="PIM units (stacks, chips) per GPU")
-    policy: Literal["gpu_only", "all_experts", "cold_experts", "attention", "by_batch"] = Field(
+    policy: Literal[
+        "gpu_only", "all_experts", "cold_experts", "attention", "by_batch", "co_processing"
+    ] = Field(
         "all_experts",
         description="gpu_only: nothing on PIM; all_experts: every routed expert on PIM; "
         "cold_experts: experts whose expected tokens per step are at most token_threshold on "
         "PIM, hot ones on the GPU; attention: the attention core and KV cache on PIM; "
         "by_batch: each expert runs on PIM when it has at most token_threshold tokens this "
-        "step, else on the GPU (weights kept on both)",
+        "step, else on the GPU (weights kept on both); co_processing: attention as with "
+        "attention and the experts as with by_batch (Duplex)",
     )
     token_threshold: int | None = Field(
         None,
@@ -481,6 +497,27 @@ class PimConfig(Config):
         "default: the crossover where PIM stops being faster than the GPU",
     )
     compute_dtype: Dtype | None = Field(None, description="PIM compute dtype (default: workload)")
+    sub_batches: Literal[1, 2] = Field(
+        1,
+        description="policy attention, decode: 2 splits the batch in two sub-batches that "
+        "take turns (NeuPIMs' sub-batch interleaving): the GPU runs one's projections and FFN "
+        "while the PIM units run the other's attention",
+    )
+
+    @property
+    def attention_on_pim(self) -> bool:
+        """The attention core and the softmax layers' KV cache live on PIM."""
+        return self.policy in ("attention", "co_processing")
+
+    @property
+    def experts_on_pim(self) -> bool:
+        """Some routed experts run on PIM."""
+        return self.policy not in ("gpu_only", "attention")
+
+    @property
+    def per_step_experts(self) -> bool:
+        """Each expert runs where its tokens this step make it faster, weights on both."""
+        return self.policy in ("by_batch", "co_processing")
 
     @field_validator("device", mode="before")
     @classmethod
@@ -493,6 +530,56 @@ class PimConfig(Config):
     @model_validator(mode="after")
     def _link(self) -> PimConfig:
         catalog.link(self.device.host_link)  # unknown link: ValueError naming the known ones
+        return self
+
+
+class TiersConfig(Config):
+    """Memory tiers for routed experts (docs/pim.md "Memory tiers"): the ``hbm_experts``
+    experts of each MoE layer a GPU expects to be busiest stay in its HBM; the others live in
+    a slower tier (host DRAM, CXL memory) and are fetched over ``link`` when a token needs them,
+    or run on the ``host`` CPU (cost model in moesim/cost/tiers.py, placement in
+    moesim/plan/tiers.py)."""
+
+    memory: Literal["host_dram", "cxl"] = Field(
+        "host_dram", description="where offloaded experts live (names the tier in outputs)"
+    )
+    link: LinkSpec = Field(
+        "pcie5-x16",
+        validate_default=True,
+        description="link an expert crosses from the tier to its GPU (catalog name or spec)",
+    )
+    capacity_bytes: PositiveFloat = Field(
+        1.0e12, description="what the tier holds per GPU (bytes); offloaded experts must fit"
+    )
+    bandwidth_bytes_per_s: PositiveFloat | None = Field(
+        None, description="the tier's own memory bandwidth, if below the link's (bytes/s)"
+    )
+    hbm_experts: NonNegativeInt = Field(
+        0, description="routed experts per MoE layer each GPU keeps resident in HBM"
+    )
+    cache: Literal["expected_load", "lru"] = Field(
+        "expected_load",
+        description="which experts stay in HBM: expected_load, the hbm_experts with the "
+        "highest expected load; lru, the ones the preceding steps used last (routing drawn "
+        "from the same distribution)",
+    )
+    execute: Literal["fetch", "host"] = Field(
+        "fetch",
+        description="fetch: an offloaded expert's weights cross the link to the GPU before "
+        "its kernels; host: it runs on the host CPU beside the GPU's experts, its tokens' "
+        "activations crossing the link",
+    )
+    host: GpuSpec | None = Field(
+        None, description="execute: host: the host CPU (catalog device of type cpu, or a spec)"
+    )
+
+    _link = field_validator("link", mode="before")(_resolver("links"))
+    _host = field_validator("host", mode="before")(_resolver("devices"))
+
+    @model_validator(mode="after")
+    def _host_needed(self) -> TiersConfig:
+        if self.execute == "host" and self.host is None:
+            raise ScenarioError("tiers.host", "execute: host needs a host device (e.g. xeon-8480)")
         return self
 
 
@@ -509,6 +596,7 @@ class Scenario(Config):
     routing: RoutingConfig = RoutingConfig()
     sim: SimConfig = SimConfig()
     pim: PimConfig | None = Field(None, description="processing-in-memory units per GPU")
+    tiers: TiersConfig | None = Field(None, description="expert weights in slower memory tiers")
 
     _model = field_validator("model", mode="before")(_resolver("models"))
 
@@ -587,8 +675,17 @@ class Scenario(Config):
                 raise ScenarioError(
                     "pim.compute_dtype", f"{pim.device.name} computes {have}, not {cdt}"
                 )
-            if self.workload.phase not in ("prefill", "decode") and pim.policy != "gpu_only":
-                raise ScenarioError("pim.policy", "PIM placement models prefill and decode only")
+            if self.workload.phase == "train" and pim.policy != "gpu_only":
+                raise ScenarioError("pim.policy", PIM_IN_TRAINING)
+            if pim.sub_batches > 1 and pim.policy != "attention":
+                raise ScenarioError(
+                    "pim.sub_batches", "sub-batch interleaving needs pim.policy: attention"
+                )
+        if self.tiers is not None:
+            if self.workload.phase == "train":
+                raise ScenarioError("tiers", TIERS_IN_TRAINING)
+            if m.n_dense_layers == m.n_layers:
+                raise ScenarioError("tiers", "the model has no MoE layer: no expert to offload")
         return self
 
     @model_validator(mode="after")

@@ -44,7 +44,8 @@ FORWARD_COMPUTE = (
     "dense_ffn",
     "lm_head",
 )
-FORWARD_COMM = ("tp_comm", "dispatch", "combine", "pim")  # pim: waiting for PIM units
+FORWARD_COMM = ("tp_comm", "dispatch", "combine", "pim", "expert_fetch")  # pim: waiting for
+# PIM units; expert_fetch: for offloaded experts' weights (moesim/plan/tiers.py)
 # training: the backward of each forward phase, recomputation, optimizer
 TRAIN_COMPUTE_PHASES = (*(f"{p}_bwd" for p in FORWARD_COMPUTE), "recompute", "optimizer")
 TRAIN_COMM_PHASES = ("combine_bwd", "dispatch_bwd", "grad_reduce", "param_gather")
@@ -237,7 +238,9 @@ def build_graph(plan: WorkloadPlan, topology_tables: dict[str, np.ndarray] | Non
     graph = StepGraph(
         plan.n_devices, explicit_rings=plan.scenario.sim.collective_steps == "explicit"
     )
-    if plan.train is None:
+    if plan.sub_plans:  # pim.sub_batches (moesim/plan/pim.py)
+        _interleaved(graph, plan.sub_plans, topology_tables)
+    elif plan.train is None:
         last: tuple[int, ...] = ()
         for lp in plan.layers:
             last = _inference_layer(graph, plan, lp, last, topology_tables)
@@ -247,10 +250,10 @@ def build_graph(plan: WorkloadPlan, topology_tables: dict[str, np.ndarray] | Non
     return graph
 
 
-def _pim(graph: StepGraph, lp: LayerPlan, deps: tuple[int, ...], tables) -> tuple[int, ...]:
-    """The layer's PIM work: activations up the GPU-PIM link, the PIM kernels on the PIM
-    stream, results down; returns the node that completes it."""
-    work, i = lp.pim, lp.index
+def _pim(graph: StepGraph, lp: LayerPlan, deps: tuple[int, ...], tables, work=None):
+    """The layer's PIM work (``work``, default ``lp.pim``): activations up the GPU-PIM link,
+    the PIM kernels on the PIM stream, results down; returns the node that completes it."""
+    work, i = work or lp.pim, lp.index
     active = (work.seconds > 0) | (work.in_bytes > 0)
     up = graph.transfer("pim", tables["pim_up"], np.where(active, work.in_bytes, 0.0), i, deps)
     run = graph.compute(
@@ -262,22 +265,49 @@ def _pim(graph: StepGraph, lp: LayerPlan, deps: tuple[int, ...], tables) -> tupl
     return (down,)
 
 
+def _expert_fetch(graph: StepGraph, lp: LayerPlan, router: int, tables) -> tuple[int, ...]:
+    """Memory tiers, ``execute: fetch``: the weights of the offloaded experts this layer needs
+    come over the device's tier link once its router has chosen them, while the tokens are
+    permuted and dispatched; the expert kernels wait for them (moesim/plan/tiers.py)."""
+    work = lp.tiers
+    if work is None or not np.any(work.fetch_bytes > 0):
+        return ()
+    return (graph.transfer("expert_fetch", tables["tier_fetch"], work.fetch_bytes, lp.index,
+                           (router,), stream=None),)  # fmt: skip
+
+
 def _inference_layer(
     graph: StepGraph, plan: WorkloadPlan, lp: LayerPlan, deps: tuple[int, ...], tables
 ) -> tuple[int, ...]:
-    """attention -> [PIM attention] -> [tp collective] -> router -> permute -> dispatch
-    (shared experts while it travels) -> experts [beside PIM experts] -> combine ->
+    """attention -> [PIM attention] -> [tp collective] -> router [-> expert fetch] -> permute ->
+    dispatch (shared experts while it travels) -> experts [beside PIM experts] -> combine ->
     unpermute -> [tp collective]; returns what the next layer waits for."""
-    i, cs = lp.index, lp.compute_s
-    graph.compute("attention", cs["attention"], i, deps)
-    after: tuple[int, ...] = ()
+    after = _attention_block(graph, lp, deps, tables)
+    return _layer_rest(graph, lp, after, tables)
+
+
+def _attention_block(
+    graph: StepGraph, lp: LayerPlan, deps: tuple[int, ...], tables
+) -> tuple[int, ...]:
+    """The layer's attention on the GPU and, with attention on PIM, its core there; returns
+    what the rest of the layer waits for."""
+    graph.compute("attention", lp.compute_s["attention"], lp.index, deps)
+    if lp.pim_attention is not None:  # pim.policy co_processing
+        return _pim(graph, lp, (), tables, lp.pim_attention)
     if lp.pim is not None and lp.pim.phase == "attention":
-        after = _pim(graph, lp, (), tables)
+        return _pim(graph, lp, (), tables)
+    return ()
+
+
+def _layer_rest(graph: StepGraph, lp: LayerPlan, after: tuple[int, ...], tables) -> tuple[int, ...]:
+    """Everything of a layer after its attention (see :func:`_inference_layer`)."""
+    i, cs = lp.index, lp.compute_s
     if lp.tp_comm is not None:
         graph.collective("tp_comm", lp.tp_comm, i, after)
         after = ()
     if lp.moe:
-        graph.compute("router", cs["router"], i, after)
+        router = graph.compute("router", cs["router"], i, after)
+        fetched = _expert_fetch(graph, lp, router, tables)
         graph.compute("permute", cs["permute"], i)
         dispatch = _all_to_all(graph, "dispatch", lp.dispatch_stages, i, wait=False)
         if "shared_experts" in cs:
@@ -285,7 +315,7 @@ def _inference_layer(
         pim: tuple[int, ...] = ()
         if lp.pim is not None and lp.pim.phase == "experts":
             pim = _pim(graph, lp, (dispatch,), tables)  # PIM experts beside the GPU's
-        graph.compute("experts", cs["experts"], i, (dispatch,))
+        graph.compute("experts", cs["experts"], i, (dispatch, *fetched))
         _all_to_all(graph, "combine", lp.combine_stages(), i, pim)
         graph.compute("unpermute", cs["unpermute"], i)
     else:
@@ -293,6 +323,24 @@ def _inference_layer(
     if lp.tp_comm_after is not None:
         graph.collective("tp_comm", lp.tp_comm_after, i)
     return ()
+
+
+def _interleaved(graph: StepGraph, plans: list[WorkloadPlan], tables) -> None:
+    """Sub-batch interleaving (NeuPIMs, Heo et al., ASPLOS 2024): two sub-batches ``a`` and
+    ``b``, each a chain ``attention(l) -> PIM attention(l) -> rest(l) -> attention(l + 1)``.
+    The GPU stream takes them in turns, ``rest_a(l), attention_a(l + 1), rest_b(l),
+    attention_b(l + 1)``, so while it runs one sub-batch's projections and FFN the PIM units
+    run the other's attention. With GPU and PIM times equal the layer time halves against
+    running the whole batch one phase after another."""
+    n = len(plans[0].layers)
+    after = [_attention_block(graph, p.layers[0], (), tables) for p in plans]
+    for i in range(n):
+        for s, p in enumerate(plans):
+            _layer_rest(graph, p.layers[i], after[s], tables)
+            if i + 1 < n:
+                after[s] = _attention_block(graph, p.layers[i + 1], (), tables)
+    for p in plans:
+        graph.compute("lm_head", p.lm_head_s, n)
 
 
 def _all_to_all(

@@ -95,7 +95,9 @@ class LayerPlan:
     expert_tokens: np.ndarray | None = None  # [device, local expert slot] (training only)
     pairs_out: np.ndarray | None = None  # token-expert pairs each device sends (training only)
     pim: PimWork | None = None  # work on the processing-in-memory units (moesim/plan/pim.py)
+    pim_attention: PimWork | None = None  # pim.policy co_processing: attention beside lp.pim
     expert_weight_bytes: np.ndarray | None = None  # expert weights the GPU reads (energy)
+    tiers: object | None = None  # offloaded experts: a moesim.plan.tiers.TierWork
 
     @property
     def combine(self) -> Traffic | None:
@@ -134,6 +136,8 @@ class WorkloadPlan:
     lm_head_measured_s: np.ndarray | None = None
     train: TrainingPlan | None = None  # phase: train (moesim/training.py)
     pim_memory_bytes: dict[str, np.ndarray] = field(default_factory=dict)  # on PIM units
+    tier_memory_bytes: np.ndarray | None = None  # offloaded experts (moesim/plan/tiers.py)
+    sub_plans: list[WorkloadPlan] = field(default_factory=list)  # pim.sub_batches halves
     warnings: list[str] = field(default_factory=list)  # likely scenario mistakes, in the summary
 
     def measured_fraction(self) -> float:

@@ -40,7 +40,8 @@ from moesim.cost.weights import (
 from moesim.plan.collectives import ring_allgather, ring_allreduce, ring_reduce_scatter
 from moesim.plan.dispatch import dispatch_mode, distinct_tokens
 from moesim.plan.layout import Layout, dtype_bytes, layout
-from moesim.plan.pim import apply_memory, split_attention, split_experts
+from moesim.plan.pim import apply_memory, split_attention, split_experts, sub_batch_scenarios
+from moesim.plan.tiers import experts_phase_s, offload_experts
 from moesim.plan.types import GB, LayerPlan, PimWork, Traffic, WorkloadPlan, _time
 from moesim.routing.distributions import layer_probabilities, load_trace, route_layer
 from moesim.routing.placement import (
@@ -131,6 +132,7 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
         add_training(plan, b)  # backward, gradient reduction, optimizer, training memory
     apply_memory(sc, plan, b)  # what lives on PIM units leaves the GPU (moesim/plan/pim.py)
     _check_fits(sc, plan)
+    plan.sub_plans = [build_plan(half) for half in sub_batch_scenarios(sc)]  # moesim/plan/pim.py
     return plan
 
 
@@ -274,6 +276,8 @@ def _experts(
         np.put_along_axis(dense, np.where(slot_ok, slot_e, m.n_experts), load, axis=1)
         gpu_dense = split_experts(sc, lp, dense[:, :-1], expected, share, d_ff_local, b)
         gpu_load = np.take_along_axis(gpu_dense, slot_e, axis=1) * slot_ok  # rest on PIM
+    if sc.tiers is not None:  # experts in slower memory (moesim/plan/tiers.py)
+        gpu_load = offload_experts(sc, lp, gpu_load, slot_e, slot_ok, expected, d_ff_local, b)
     ops = expert_ops(gpu_load, m.d_model, d_ff_local, b)
     split = [op_time_split(dev, op, cdt, launches=False) for op in ops]
     per_expert = sum(t for t, _ in split)
@@ -283,7 +287,7 @@ def _experts(
         roofline = (gpu_load > 0) & (measured_part == 0)
         count = roofline.any(axis=1) if dev.grouped_experts else roofline.sum(axis=1)
         launch_s += count * op_kernels(dev, op) * dev.kernel_launch_s
-    lp.compute_s["experts"] = per_expert.sum(axis=1) + launch_s
+    lp.compute_s["experts"] = experts_phase_s(lp.tiers, per_expert.sum(axis=1) + launch_s)
     lp.flops["experts"] = sum(np.asarray(op.flops) for op in ops).sum(axis=1)
     lp.expert_weight_bytes = sum(weight_bytes(op, b.expert_weights) for op in ops).sum(axis=1)
 

@@ -19,6 +19,7 @@ from moesim.plan.graph import (
     TRAIN_COMPUTE_PHASES,
 )
 from moesim.plan.pim import pim_summary
+from moesim.plan.tiers import tiers_summary
 from moesim.plan.types import WorkloadPlan
 from moesim.results.energy import add_energy
 from moesim.routing.distributions import max_over_mean
@@ -173,6 +174,8 @@ def collect(engine: Engine | AnalyticEngine) -> Result:
     for phase, seconds in rec.phase_s.items():
         if plan.train is None and phase in train_phases:
             continue  # training-only columns
+        if phase == "expert_fetch" and sc.tiers is None:
+            continue  # memory tiers only (moesim/plan/tiers.py)
         col = f"{phase}_s" if phase in COMPUTE_PHASES else f"{phase}_wait_s"
         dev[col] = np.asarray(seconds)
     compute_cols = [f"{p}_s" for p in COMPUTE_PHASES if f"{p}_s" in dev]
@@ -206,9 +209,11 @@ def collect(engine: Engine | AnalyticEngine) -> Result:
     routing = routing_rows(plan)
     energy = add_energy(plan, topo, dev, links, step)  # energy columns (moesim/energy.py)
     pim = pim_summary(plan, dev)  # PIM columns, None without PIM units (moesim/pim.py)
+    tiers = tiers_summary(plan, dev)  # memory tiers, None without (moesim/plan/tiers.py)
 
     crit = int(np.argmax(rec.finish_s))
     keys = BREAKDOWN_KEYS + (TRAIN_BREAKDOWN_KEYS if plan.train is not None else ())
+    keys += ("expert_fetch",) if sc.tiers is not None else ()
     breakdown = {k: float(rec.phase_s[k][crit]) for k in keys}  # the critical device's
     busiest_dev = int(np.argmax(dev["compute_busy_s"]))
     busiest_link = int(np.argmax(carried)) if len(carried) else None
@@ -263,6 +268,7 @@ def collect(engine: Engine | AnalyticEngine) -> Result:
         "measured_kernel_fraction": plan.measured_fraction(),
         "energy_j": energy,
         "pim": pim,
+        **({"tiers": tiers} if tiers is not None else {}),
         "all_to_all_bytes": float(
             sum(lp.all_to_all_bytes if lp.moe else 0.0 for lp in plan.layers)
         ),
