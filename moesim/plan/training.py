@@ -52,6 +52,7 @@ from moesim.plan.types import (
     WorkloadPlan,
     _split,
     _time,
+    embedding_copies,
 )
 
 ATTENTION_CORE_BACKWARD_FLOPS_RATIO = 2.5
@@ -200,7 +201,9 @@ def _layer_params(plan: WorkloadPlan) -> tuple[np.ndarray, np.ndarray, float]:
             expert[k] = lp.local_experts * 3 * m.d_model * m.d_ff_expert / par.etp
         else:
             dense[k] += 3 * m.d_model * m.d_ff_dense / par.tp
-    embeddings = m.vocab_size * m.d_model * (1 if m.tied_embeddings else 2) / par.tp
+    stage = [lp.index for lp in plan.layers]
+    copies = embedding_copies(m.tied_embeddings, stage, m.n_layers)
+    embeddings = m.vocab_size * m.d_model * copies / par.tp
     return dense, expert, float(embeddings)
 
 
@@ -244,7 +247,9 @@ def _layer_activation_elems(
     return elems
 
 
-def _activations_bytes(plan: WorkloadPlan, ctx: dict[str, np.ndarray]) -> np.ndarray:
+def _activations_bytes(
+    plan: WorkloadPlan, ctx: dict[str, np.ndarray], has_head: float = 1.0
+) -> np.ndarray:
     """Peak activation bytes of one micro-batch (micro-batches run one after another):
     every layer's saved tensors (``recompute: full``: only each layer's input, plus the
     largest layer's tensors while it is recomputed), and the fp32 logits."""
@@ -260,7 +265,7 @@ def _activations_bytes(plan: WorkloadPlan, ctx: dict[str, np.ndarray]) -> np.nda
     else:
         saved = per_layer.sum(axis=0)
     logits = ctx["tokens_att"] * m.vocab_size / sc.parallelism.tp * LOGITS_BYTES_PER_ELEMENT
-    return saved * ab + logits
+    return saved * ab + logits * has_head
 
 
 def _grad_collectives(
@@ -323,9 +328,10 @@ def _context(plan: WorkloadPlan) -> dict[str, np.ndarray]:
     }
 
 
-def add_training(plan: WorkloadPlan, b: Bytes) -> None:
+def add_training(plan: WorkloadPlan, b: Bytes, check: bool = True) -> None:
     """Attach the backward pass, gradient reduction, optimizer and training memory to a
-    forward plan of one micro-batch; raise :class:`ScenarioError` if it does not fit."""
+    forward plan of one micro-batch (of a pipeline stage's layers: the LM head only on the
+    last stage); raise :class:`ScenarioError` if it does not fit (``check``)."""
     sc = plan.scenario
     tr, m = sc.workload.train, sc.model
     dev, cdt = sc.cluster.device, sc.workload.dtypes.compute
@@ -335,6 +341,8 @@ def add_training(plan: WorkloadPlan, b: Bytes) -> None:
     head = lm_head_ops(m, ctx["tokens_att"], sc.parallelism.tp, b)
     head_bwd = backward_ops(head, b.weights, gb)
     lm_bwd_s, lm_bwd_f, _ = _time(dev, head_bwd, cdt)
+    has_head = float(plan.layers[-1].index == m.n_layers - 1)
+    lm_bwd_s, lm_bwd_f = lm_bwd_s * has_head, lm_bwd_f * has_head
     dense, expert = _params_per_device(plan)
     reduce, gather = _grad_collectives(plan, dense, expert, b)
     layer_reduce = None
@@ -346,9 +354,10 @@ def add_training(plan: WorkloadPlan, b: Bytes) -> None:
             for d, e in zip(dense_l, expert_l, strict=True)
         ]
         reduce = _grad_collectives(plan, embeddings * ones, 0.0 * ones, b)[0]
-    fwd_f = sum(sum(lp.flops.values()) for lp in plan.layers) + np.asarray(head.flops)
+    head_f = np.asarray(head.flops) * has_head
+    fwd_f = sum(sum(lp.flops.values()) for lp in plan.layers) + head_f
     bwd_f = sum(sum(bl.flops.values()) + bl.recompute_flops for bl in backward) + lm_bwd_f
-    redo_f = fwd_f - np.asarray(head.flops) if tr.recompute == "full" else 0.0
+    redo_f = fwd_f - head_f if tr.recompute == "full" else 0.0
     plan.train = TrainingPlan(
         config=tr,
         backward=backward,
@@ -372,9 +381,10 @@ def add_training(plan: WorkloadPlan, b: Bytes) -> None:
         "gradients": (dense / grad_div[0] + expert / grad_div[1]) * gb,
         "optimizer_states": (dense / opt_div[0] + expert / opt_div[1])
         * tr.optimizer_bytes_per_param,
-        "activations": _activations_bytes(plan, ctx),
+        "activations": _activations_bytes(plan, ctx, has_head),
     }
-    check_fits_training(plan)
+    if check:
+        check_fits_training(plan)
 
 
 def check_fits_training(plan: WorkloadPlan) -> None:

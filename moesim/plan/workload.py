@@ -32,8 +32,20 @@ from moesim.cost.ops import (
 )
 from moesim.cost.pim import weight_bytes
 from moesim.cost.roofline import op_kernels, op_time_split
+from moesim.plan import pipeline
+from moesim.plan.mtp import add_draft, mtp_scenario
 from moesim.plan.pim import apply_memory, split_attention, split_experts
-from moesim.plan.types import GB, LayerPlan, PimWork, Traffic, WorkloadPlan, _ring, _split, _time
+from moesim.plan.types import (
+    GB,
+    LayerPlan,
+    PimWork,
+    Traffic,
+    WorkloadPlan,
+    _ring,
+    _split,
+    _time,
+    embedding_copies,
+)
 from moesim.routing.distributions import layer_probabilities, load_trace, route_layer
 from moesim.routing.placement import (
     base_placement,
@@ -55,7 +67,41 @@ def layer_generators(
 
 
 def build_plan(sc: Scenario) -> WorkloadPlan:
-    """Turn a scenario into per-layer, per-device work and traffic."""
+    """Turn a scenario into per-layer, per-device work and traffic. With pipeline stages or
+    inference micro-batches, one plan per stage of one micro-batch over the stage's layers,
+    placed side by side (:mod:`moesim.plan.pipeline`)."""
+    par = sc.parallelism
+    if par.pp == 1 and par.inference_micro_batches == 1:
+        return _build(sc, range(sc.model.n_layers))
+    piece = pipeline.piece_scenario(sc)
+    chunks = pipeline.stage_chunks(sc)
+    stages = [_build(piece, sorted(i for c in cs for i in c), check=False) for cs in chunks]
+    act_bytes = sc.model.d_model * piece.workload.dtypes.bytes_of("activations")
+    plan = pipeline.assemble(sc, stages, _tokens(piece)[4] * act_bytes)
+    if sc.workload.phase == "train":
+        from moesim.plan.training import check_fits_training
+
+        check_fits_training(plan)
+    else:
+        _check_fits(sc, plan)
+    return plan
+
+
+def _tokens(sc: Scenario):
+    """Sequences per attention replica, new tokens and context per sequence, tokens per
+    replica and the MoE-block tokens each device owns (one pass)."""
+    wl, tp = sc.workload, sc.parallelism.tp
+    seqs_dp = _split(wl.pass_batch_size, sc.cluster.n_devices // tp)
+    whole = wl.phase in ("prefill", "train")  # whole sequences, no KV cache before them
+    new_per_seq = wl.seq_len if whole else 1 + (wl.mtp.draft_tokens if wl.mtp else 0)
+    context = 0 if whole else wl.seq_len
+    tokens_dp = seqs_dp * new_per_seq
+    return seqs_dp, new_per_seq, context, tokens_dp, _split(tokens_dp, tp).ravel()
+
+
+def _build(sc: Scenario, stage: range | list[int], check: bool = True) -> WorkloadPlan:
+    """The plan of the layers ``stage`` (all of them: the whole model) on ``sc``'s devices;
+    the LM head when the last layer is among them. ``check``: raise if it does not fit."""
     m, par, wl, dev = sc.model, sc.parallelism, sc.workload, sc.cluster.device
     n_dev, tp, ep, etp = sc.cluster.n_devices, par.tp, par.ep, par.etp
     dp, edp = n_dev // tp, n_dev // (ep * etp)
@@ -69,12 +115,7 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
     cdt = dt.compute
     g = np.arange(n_dev)
     replica = g // tp
-    seqs_dp = _split(wl.pass_batch_size, dp)  # sequences per attention replica (per pass)
-    whole = wl.phase in ("prefill", "train")  # whole sequences, no KV cache before them
-    new_per_seq = wl.seq_len if whole else 1
-    context = 0 if whole else wl.seq_len
-    tokens_dp = seqs_dp * new_per_seq
-    tokens_dev = _split(tokens_dp, tp).ravel()  # MoE-block tokens owned by each device
+    seqs_dp, new_per_seq, context, tokens_dp, tokens_dev = _tokens(sc)
     seqs_dev = seqs_dp[replica]
     act_bytes_per_token = m.d_model * b.activations
 
@@ -92,8 +133,8 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
     layers: list[LayerPlan] = []
     cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     pim_attention: dict[str, PimWork | None] = {}
-    moe_index = 0
-    for i in range(m.n_layers):
+    for i in stage:
+        moe_index = sum(m.is_moe(j) for j in range(i))  # MoE layers before this one
         kind = m.attention_kind(i)
         if kind not in cache:
             att_ops, pim_attention[kind] = split_attention(
@@ -145,7 +186,6 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
             route_rng,
             trace,
         )
-        moe_index += 1
         kept = routing.kept
         compute_s["router"], flops["router"], measured["router"] = _time(
             dev, router_ops(m, tokens_dev, b), cdt
@@ -241,7 +281,11 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
 
     last_tokens = seqs_dev if wl.phase == "prefill" else tokens_dp[replica]
     lm_s, _, lm_measured = _time(dev, [lm_head_ops(m, last_tokens, tp, b)], cdt)
-    plan = WorkloadPlan(sc, n_dev, wl.tokens, layers, lm_s, lm_head_measured_s=lm_measured)
+    head = float(m.n_layers - 1 in stage)  # the LM head runs on the last layer's stage
+    tokens = wl.tokens * (wl.mtp.tokens_per_step if wl.mtp else 1)  # accepted tokens
+    plan = WorkloadPlan(
+        sc, n_dev, tokens, layers, lm_s * head, lm_head_measured_s=lm_measured * head
+    )
     idle = int((seqs_dp == 0).sum())
     if idle:
         plan.warnings.append(
@@ -249,13 +293,16 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
             f"(devices / parallelism.tp): {idle} replicas ({idle * tp} devices) hold no "
             "sequence and do no attention work"
         )
-    plan.memory_bytes = _memory(sc, b, seqs_dev, tokens_dp[replica], tokens_dev, layers)
+    plan.memory_bytes = _memory(sc, b, seqs_dev, tokens_dp[replica], tokens_dev, layers, stage)
+    if wl.mtp is not None and head:
+        add_draft(plan, _build(mtp_scenario(sc), [m.n_layers - 1], check=False))
     if wl.phase == "train":
         from moesim.plan.training import add_training
 
-        add_training(plan, b)  # backward, gradient reduction, optimizer, training memory
+        add_training(plan, b, check)  # backward, gradient reduction, optimizer, memory
     apply_memory(sc, plan, b)  # what lives on PIM units leaves the GPU (moesim/pim.py)
-    _check_fits(sc, plan)
+    if check:
+        _check_fits(sc, plan)
     return plan
 
 
@@ -333,17 +380,21 @@ def _memory(
     tokens_att: np.ndarray,
     tokens_dev: np.ndarray,
     layers: list[LayerPlan],
+    stage: range | list[int],
 ) -> dict[str, np.ndarray]:
-    """Bytes resident per device: weights, KV cache / linear state, peak activations."""
+    """Bytes resident per device for the layers ``stage``: weights, KV cache / linear state,
+    peak activations."""
     m, par = sc.model, sc.parallelism
     n_dev, tp = sc.cluster.n_devices, par.tp
-    attn = sum(attention_weight_params(m, m.attention_kind(i)) for i in range(m.n_layers))
-    n_moe = m.n_layers - m.n_dense_layers
+    attn = sum(attention_weight_params(m, m.attention_kind(i)) for i in stage)
+    n_moe = sum(m.is_moe(i) for i in stage)
+    n_dense = len(stage) - n_moe
     expert = 3 * m.d_model * m.d_ff_expert / par.etp
+    emb = embedding_copies(m.tied_embeddings, stage, m.n_layers)
     weights = (
         attn / tp * b.weights
-        + m.vocab_size * m.d_model * (1 if m.tied_embeddings else 2) / tp * b.weights
-        + m.n_dense_layers * 3 * m.d_model * m.d_ff_dense / tp * b.weights
+        + m.vocab_size * m.d_model * emb / tp * b.weights
+        + n_dense * 3 * m.d_model * m.d_ff_dense / tp * b.weights
         + n_moe * m.n_shared_experts * 3 * m.d_model * m.d_ff_shared / tp * b.weights
         + n_moe * m.d_model * m.n_experts * b.weights
     )
@@ -351,8 +402,8 @@ def _memory(
     experts_held = np.sum(local, axis=0) if local else np.zeros(n_dev)
     weights = weights + experts_held * expert * b.expert_weights
     context = sc.workload.seq_len + (1 if sc.workload.phase == "decode" else 0)
-    kv_per_token = sum(kv_cache_bytes_per_token(m, i, tp, b) for i in range(m.n_layers))
-    state_per_seq = sum(linear_state_bytes_per_seq(m, i, tp) for i in range(m.n_layers))
+    kv_per_token = sum(kv_cache_bytes_per_token(m, i, tp, b) for i in stage)
+    state_per_seq = sum(linear_state_bytes_per_seq(m, i, tp) for i in stage)
     kv = seqs_dev * (context * kv_per_token + state_per_seq)
     # peak activations: the largest of one attention block and one expert block's working set
     moe_tokens = max((int(lp.device_tokens.max()) for lp in layers if lp.moe), default=0)
