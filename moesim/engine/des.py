@@ -85,6 +85,7 @@ class Engine:
         )
         self.patterns = PatternCache(self.topology, sc.sim.aggregate)
         self.rec = Recorder(plan.n_devices, sc.sim.trace)
+        self._comm = plan.train is None  # collectives in flight (inference summaries)
         nodes = self.graph.nodes
         self._ext = external_deps(self.graph)
         uses = np.zeros(len(nodes), dtype=np.int64)  # per device: waits on each node's event
@@ -271,6 +272,9 @@ class Engine:
         done = self._event(node.id, g)
         if node.kind == COLLECTIVE:
             self._send(node, g)
+            if self._comm and node.phase != "pipeline" and done.callbacks is not None:
+                start = self.env.now
+                done.callbacks.append(lambda _e: self.rec.in_flight(g, start, self.env.now))
             return done
         link = int(node.links[g])
         if link < 0:

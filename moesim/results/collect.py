@@ -36,7 +36,9 @@ BREAKDOWN_KEYS = (
     "unpermute",
     "dense_ffn",
     "lm_head",
+    "pipeline",
 )
+NETWORK_PHASES = tuple(p for p in COMM_PHASES if p != "pipeline")  # pipeline: other stages
 TRAIN_BREAKDOWN_KEYS = TRAIN_COMPUTE_PHASES + TRAIN_COMM_PHASES
 
 
@@ -109,10 +111,11 @@ def collect(engine: Engine | AnalyticEngine) -> Result:
     compute_cols = [f"{p}_s" for p in COMPUTE_PHASES if f"{p}_s" in dev]
     dev["compute_busy_s"] = dev[compute_cols].sum(axis=1)
     dev["utilization"] = dev["compute_busy_s"] / step if step > 0 else 0.0
-    dev["flops"] = sum(sum(lp.flops.values()) for lp in plan.layers)
+    passes = plan.pipeline.micro_batches if plan.pipeline and plan.train is None else 1
+    dev["flops"] = passes * sum(sum(lp.flops.values()) for lp in plan.layers)
     if plan.train is not None:  # every pass, backward and recomputation included
         dev["flops"] = plan.train.executed_flops
-    dev["expert_tokens"] = sum(
+    dev["expert_tokens"] = passes * sum(
         (lp.device_tokens for lp in plan.layers if lp.moe), np.zeros(plan.n_devices, dtype=np.int64)
     )
     for kind, used in plan.memory_bytes.items():
@@ -140,6 +143,7 @@ def collect(engine: Engine | AnalyticEngine) -> Result:
     crit = int(np.argmax(rec.finish_s))
     keys = BREAKDOWN_KEYS + (TRAIN_BREAKDOWN_KEYS if plan.train is not None else ())
     breakdown = {k: float(rec.phase_s[k][crit]) for k in keys}  # the critical device's
+    exposed = float(sum(rec.phase_s[k][crit] for k in NETWORK_PHASES))
     busiest_dev = int(dev["compute_busy_s"].idxmax())
     busiest_link = int(links["bytes_carried"].idxmax()) if len(links) else None
     routed = int(routing["routed_pairs"].sum()) if len(routing) else 0
@@ -188,9 +192,13 @@ def collect(engine: Engine | AnalyticEngine) -> Result:
         "measured_kernel_fraction": plan.measured_fraction(),
         "energy_j": energy,
         "pim": pim,
-        "all_to_all_bytes": float(
-            sum(lp.dispatch.total_bytes * 2 if lp.moe else 0.0 for lp in plan.layers)
-        ),
+        "all_to_all_bytes": passes
+        * float(sum(lp.dispatch.total_bytes * 2 if lp.moe else 0.0 for lp in plan.layers)),
+        # the critical device: waiting on collectives; and their time in flight beyond that
+        "exposed_comm_s": exposed,
+        "overlapped_comm_s": max(0.0, float(rec.comm_busy_s()[crit]) - exposed)
+        if plan.train is None
+        else None,
         "sim": {
             "wall_s": engine.wall_s,
             "fidelity": engine.fidelity,
@@ -198,10 +206,20 @@ def collect(engine: Engine | AnalyticEngine) -> Result:
         },
         "scenario_resolved": sc.model_dump(mode="json"),
     }
+    if sc.workload.phase == "decode":  # time per output token of a sequence
+        mtp = sc.workload.mtp
+        per_step = mtp.tokens_per_step if mtp is not None else 1.0
+        summary["tpot_s"] = step / per_step
+        if mtp is not None:
+            summary["mtp"] = {
+                "draft_tokens": mtp.draft_tokens,
+                "acceptance": mtp.acceptance,
+                "tokens_per_step": per_step,
+            }
     if plan.train is not None:
         from moesim.plan.training import training_summary
 
-        train = training_summary(plan, breakdown, COMM_PHASES, step)
+        train = training_summary(plan, breakdown, NETWORK_PHASES, step)
         summary["mfu"], summary["exposed_comm_s"] = train["mfu"], train["exposed_comm_s"]
         summary["all_to_all_bytes"] = train["all_to_all_bytes"]
         summary["train"] = train
