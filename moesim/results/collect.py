@@ -75,7 +75,8 @@ def routing_table(plan: WorkloadPlan) -> pd.DataFrame:
                 "cv_load": float(per_expert.std() / per_expert.mean())
                 if per_expert.mean()
                 else 0.0,
-                "device_max_over_mean_load": max_over_mean(lp.device_tokens),
+                # over the devices holding the layer's experts (its pipeline stage)
+                "device_max_over_mean_load": max_over_mean(lp.device_tokens[lp.local_experts > 0]),
                 "routed_pairs": lp.routed_pairs,
                 "dropped_pairs": lp.dropped_pairs,
                 "cross_node_pairs": lp.cross_node_pairs,
