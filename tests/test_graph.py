@@ -25,24 +25,37 @@ def _tp4():
     return build_plan(sc)
 
 
-def _late_ring(plan, late_s: float) -> tuple[StepGraph, float]:
+def _late_ring(plan, late_s: float, explicit: bool = False) -> StepGraph:
     """Rank 0 computes ``late_s`` before a tp-4 ring all-reduce of 64 MB; ranks 1-3 none."""
-    graph = StepGraph(plan.n_devices)
+    graph = StepGraph(plan.n_devices, explicit_rings=explicit)
     graph.compute("attention", np.array([late_s, 0.0, 0.0, 0.0]), 0)
     graph.collective("tp_comm", ring_allreduce(np.arange(4)[None, :], 64e6), 0)
     return graph
 
 
+@pytest.mark.parametrize("explicit", [False, True], ids=["aggregated", "explicit-steps"])
 @pytest.mark.parametrize("engine_cls", ENGINES, ids=["des", "analytic"])
-def test_a_late_rank_holds_up_every_member_of_its_ring(engine_cls):
+def test_a_late_rank_holds_up_every_member_of_its_ring(engine_cls, explicit):
+    """Every rank finishes at or after the late rank's start plus the all-reduce time: as
+    one barrier-synchronised flow set, and as 6 explicit steps each waiting its receive."""
     plan = _tp4()
-    alone = engine_cls(plan, graph=_late_ring(plan, 0.0)).run().rec.finish_s
+    alone = engine_cls(plan, graph=_late_ring(plan, 0.0, explicit)).run().rec.finish_s
     allreduce_s = float(alone.min())
-    # the ring alone: 2 (n-1)/n x 64 MB over one NVLink direction, plus 6 latencies
-    assert allreduce_s > 2 * 3 / 4 * 64e6 / 450e9
-    finish = engine_cls(plan, graph=_late_ring(plan, LATE_S)).run().rec.finish_s
-    assert np.all(finish >= LATE_S + allreduce_s * (1 - 1e-9)), finish
-    assert np.all(finish <= LATE_S + allreduce_s * (1 + 1e-6)), finish
+    # the ring alone: 2 (n-1)/n x 64 MB at 450 GB/s (one NVLink direction) plus 6 latencies
+    nvlink = 450e9
+    assert allreduce_s == pytest.approx(2 * 3 / 4 * 64e6 / nvlink, rel=0.05)
+    finish = engine_cls(plan, graph=_late_ring(plan, LATE_S, explicit)).run().rec.finish_s
+    assert np.all(finish >= LATE_S + allreduce_s * (1 - 1e-6)), finish
+    if not explicit:  # behind the barrier the ring starts when the late rank joins
+        np.testing.assert_allclose(finish, LATE_S + allreduce_s, rtol=1e-6)
+
+
+@pytest.mark.parametrize("engine_cls", ENGINES, ids=["des", "analytic"])
+def test_explicit_ring_steps_equal_the_aggregated_ring_when_members_start_together(engine_cls):
+    plan = _tp4()
+    agg = engine_cls(plan, graph=_late_ring(plan, 0.0)).run().rec.finish_s
+    steps = engine_cls(plan, graph=_late_ring(plan, 0.0, True)).run().rec.finish_s
+    np.testing.assert_allclose(steps, agg, rtol=1e-9)
 
 
 @pytest.mark.parametrize("phase", ["decode", "train"])

@@ -265,11 +265,19 @@ class WorkloadConfig(Config):
         None, description="multi-token prediction / speculative decoding (phase: decode)"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _phase_defaults(cls, data: Any) -> Any:
+        """A serving or training workload gets its section's defaults when it has none."""
+        if isinstance(data, dict):
+            section = {"serve": "serve", "train": "train"}.get(data.get("phase"))
+            if section and data.get(section) is None:
+                data = {**data, section: {}}
+        return data
+
     @model_validator(mode="after")
     def _phase_fields(self) -> WorkloadConfig:
         if self.phase == "serve":
-            if self.serve is None:
-                object.__setattr__(self, "serve", ServeConfig())
             return self
         for key in ("batch_size", "seq_len"):
             if getattr(self, key) is None:
@@ -400,6 +408,13 @@ class SimConfig(Config):
         "the whole path out of their node, as with rail-optimized PXN), auto (node where "
         "that merges anything, i.e. rail-optimized topologies)",
     )
+    collective_steps: Literal["aggregated", "explicit"] = Field(
+        "aggregated",
+        description="ring collectives as one flow per member carrying all its steps' bytes, "
+        "behind a barrier (exact when members start together: the default), or as explicit "
+        "steps, each waiting for its receive (a late member's delay travels round the ring; "
+        "2 (n - 1) times the network events)",
+    )
     trace: bool = Field(True, description="record device/link timelines for trace.json")
     progress: bool = Field(True, description="progress bar on runs longer than a few seconds")
 
@@ -479,8 +494,6 @@ class Scenario(Config):
             raise ScenarioError("parallelism.etp", f"{par.etp} does not divide d_ff_expert")
         wl = self.workload
         if wl.phase == "train":
-            if wl.train is None:
-                object.__setattr__(wl, "train", TrainConfig())
             if wl.batch_size % (dp * wl.train.micro_batches):
                 raise ScenarioError(
                     "workload.batch_size",
@@ -523,16 +536,6 @@ class Scenario(Config):
                 )
             if self.workload.phase not in ("prefill", "decode") and pim.policy != "gpu_only":
                 raise ScenarioError("pim.policy", "PIM placement models prefill and decode only")
-            object.__setattr__(self, "pim", pim.model_copy(update={"compute_dtype": cdt}))
-        dev = self.cluster.device
-        resolved = {
-            "intra_node": topo.intra_node or dev.intra_node_topology,
-            "intra_node_link": topo.intra_node_link or catalog.link(dev.intra_node_link),
-            "nics_per_node": nics,
-            "nodes_per_leaf": topo.nodes_per_leaf or self.cluster.nodes,
-        }
-        object.__setattr__(self, "topology", topo.model_copy(update=resolved))
-        object.__setattr__(self, "parallelism", par.model_copy(update={"dp": dp, "edp": edp}))
         return self
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 import numpy as np
 
+from moesim.config.resolve import resolved_topology
 from moesim.config.scenario import ClusterConfig, PimConfig, TopologyConfig
 
 ROUTE_TABLE_MAX_DEVICES = 512  # all-pairs route table up to here (512^2 x hops x 8 bytes)
@@ -230,8 +231,10 @@ def attach_pim(
 def build_topology(
     cluster: ClusterConfig, topo: TopologyConfig, pim: PimConfig | None = None
 ) -> Topology:
-    """Build the graph and routing tables for a cluster (topology fields already resolved);
-    with ``pim``, each device's PIM units too (:func:`attach_pim`)."""
+    """Build the graph and routing tables for a cluster (defaults of ``topo`` resolved from
+    the device: :func:`moesim.config.resolve.resolved_topology`); with ``pim``, each
+    device's PIM units too (:func:`attach_pim`)."""
+    topo = resolved_topology(cluster, topo)
     nodes, n = cluster.nodes, cluster.devices_per_node
     intra_link, intra_kind = topo.intra_node_link, topo.intra_node
     b = _Builder()

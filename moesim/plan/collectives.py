@@ -50,7 +50,14 @@ def _ring(groups: np.ndarray, per_flow: np.ndarray, steps: float) -> Traffic:
     if not keep.any():
         return EMPTY
     return Traffic(
-        src[keep], dst[keep], per_flow[src][keep], 0.0, float(steps), _members(groups), True
+        src[keep],
+        dst[keep],
+        per_flow[src][keep],
+        0.0,
+        float(steps),
+        _members(groups),
+        True,
+        ring_steps=int(steps),
     )
 
 

@@ -92,6 +92,8 @@ class StepGraph:
     n_devices: int
     nodes: list[Node] = field(default_factory=list)
     chunks: dict[tuple[int, int], tuple[Traffic, Traffic]] = field(default_factory=dict)
+    explicit_rings: bool = False  # sim.collective_steps: explicit
+    steps: dict[int, tuple[Traffic, Traffic]] = field(default_factory=dict)
     mask: np.ndarray | None = None  # devices of the nodes added next (a pipeline stage)
 
     def _add(self, **kw) -> int:
@@ -129,11 +131,32 @@ class StepGraph:
         wait: bool = True,
         devices: np.ndarray | None = None,
     ) -> int:
-        """A collective's flows, issued by ``stream`` (or as soon as ``deps`` complete)."""
+        """A collective's flows, issued by ``stream`` (or as soon as ``deps`` complete). With
+        ``explicit_rings`` a ring collective becomes its steps, each issued when the
+        previous one has arrived (its receive); the id returned is the last step's."""
+        if self.explicit_rings and traffic.ring_steps > 1:
+            return self._ring_steps(phase, traffic, layer, deps, stream, wait, devices)
         return self._add(
             kind=COLLECTIVE, phase=phase, layer=layer, deps=deps, stream=stream, wait=wait,
             traffic=traffic, devices=devices,
         )  # fmt: skip
+
+    def _ring_steps(self, phase, traffic, layer, deps, stream, wait, devices) -> int:
+        if id(traffic) not in self.steps:
+            self.steps[id(traffic)] = (traffic, traffic.ring_step())  # holds it: id unique
+        step = self.steps[id(traffic)][1]
+        last = self._add(
+            kind=COLLECTIVE, phase=phase, layer=layer, deps=deps, stream=stream, wait=False,
+            traffic=step, devices=devices,
+        )  # fmt: skip
+        for _ in range(1, traffic.ring_steps):
+            last = self._add(
+                kind=COLLECTIVE, phase=phase, layer=layer, deps=(last,), stream=None,
+                traffic=step, devices=devices,
+            )  # fmt: skip
+        if stream is not None and wait:  # the stream waits for the last step
+            self.compute(phase, None, layer, (last,), stream=stream, devices=devices)
+        return last
 
     def transfer(
         self,
@@ -190,6 +213,26 @@ class StepGraph:
         }
 
 
+def external_deps(graph: StepGraph) -> list[tuple[int, ...]]:
+    """Per node, the dependencies that graph order on its own stream does not already
+    satisfy: all but earlier compute nodes and blocking collectives of the same stream."""
+    nodes = graph.nodes
+    out = []
+    for node in nodes:
+        out.append(
+            tuple(
+                d
+                for d in node.deps
+                if not (
+                    node.stream is not None
+                    and nodes[d].stream == node.stream
+                    and (nodes[d].kind == COMPUTE or nodes[d].wait)
+                )
+            )
+        )
+    return out
+
+
 # -- builders -----------------------------------------------------------------------------
 
 
@@ -197,7 +240,9 @@ def build_graph(plan: WorkloadPlan, topology_tables: dict[str, np.ndarray] | Non
     """The step graph of ``plan``: forward (prefill, decode) or a training step.
     ``topology_tables`` gives the GPU-PIM links (``pim_up`` / ``pim_down`` per device) when
     the plan has PIM work."""
-    graph = StepGraph(plan.n_devices)
+    graph = StepGraph(
+        plan.n_devices, explicit_rings=plan.scenario.sim.collective_steps == "explicit"
+    )
     if plan.pipeline is not None:
         _pipeline_step(graph, plan)
     elif plan.train is None:
@@ -249,7 +294,7 @@ def _inference_layer(
         graph.compute("permute", cs["permute"], i)
         dispatch = graph.collective("dispatch", lp.dispatch, i, wait=False)
         if "shared_experts" in cs:
-            graph.compute("shared_experts", cs["shared_experts"], i)
+            _shared(graph, lp, "shared_experts", cs["shared_experts"])
         pim: tuple[int, ...] = ()
         if lp.pim is not None and lp.pim.phase == "experts":
             pim = _pim(graph, lp, (dispatch,), tables)  # PIM experts beside the GPU's
@@ -263,7 +308,31 @@ def _inference_layer(
     return ()
 
 
-def _moe_exchange(graph: StepGraph, plan: WorkloadPlan, lp: LayerPlan, first, work, second, side):
+def _shared(graph: StepGraph, lp: LayerPlan, phase: str, seconds, backward: bool = False):
+    """The shared experts, tensor parallel over the replica's tokens: their input gathered
+    and their partial sums reduce-scattered over the tp group (the backward: the other way
+    round), while the routed tokens travel."""
+    i = lp.index
+    first, last = (
+        (lp.tp_shared_out, lp.tp_shared_in) if backward else (lp.tp_shared_in, lp.tp_shared_out)
+    )
+    if first is not None:
+        graph.collective("tp_comm", first, i)
+    graph.compute(phase, seconds, i)
+    if last is not None:
+        graph.collective("tp_comm", last, i)
+
+
+def _moe_exchange(
+    graph: StepGraph,
+    plan: WorkloadPlan,
+    lp: LayerPlan,
+    first,
+    work,
+    second,
+    side,
+    backward: bool = False,
+):
     """All-to-all ``first``, expert ``work``, all-to-all ``second``; ``side`` (shared experts)
     runs while the first one's tokens travel. With ``chunks`` > 1 the tokens go in chunks
     on a communication stream (first of every chunk, then second of every chunk, each after
@@ -274,7 +343,7 @@ def _moe_exchange(graph: StepGraph, plan: WorkloadPlan, lp: LayerPlan, first, wo
     (p1, t1), (pw, sec), (p2, t2), (ps, side_s) = first, work, second, side
     if chunks == 1:
         arrived = graph.collective(p1, t1, i, wait=False)
-        graph.compute(ps, side_s, i)
+        _shared(graph, lp, ps, side_s, backward)
         graph.compute(pw, sec, i, (arrived,))
         graph.collective(p2, t2, i)
         return
@@ -282,7 +351,7 @@ def _moe_exchange(graph: StepGraph, plan: WorkloadPlan, lp: LayerPlan, first, wo
     got = [graph.collective(p1, t1, i, wait=False)]
     for _ in range(1, chunks):
         got.append(graph.collective(p1, t1, i, (got[-1],), stream=None))
-    graph.compute(ps, side_s, i)
+    _shared(graph, lp, ps, side_s, backward)
     sent = got[-1]
     for c in range(chunks):
         done = graph.compute(pw, sec / chunks, i, (got[c],))
@@ -337,7 +406,7 @@ def _training_backward(graph: StepGraph, plan: WorkloadPlan, lp: LayerPlan, cs: 
         shared = cs.get("shared_experts_bwd", 0.0)
         _moe_exchange(
             graph, plan, lp, ("combine_bwd", lp.dispatch), ("experts_bwd", cs["experts_bwd"]),
-            ("dispatch_bwd", plan.train.combine[i]), ("shared_experts_bwd", shared),
+            ("dispatch_bwd", plan.train.combine[i]), ("shared_experts_bwd", shared), True,
         )  # fmt: skip
         graph.compute("permute_bwd", cs["permute_bwd"], i)
         graph.compute("router_bwd", cs["router_bwd"], i)

@@ -27,9 +27,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from moesim import catalog
+from moesim.config.resolve import resolve
 from moesim.config.scenario import Scenario, ScenarioError
 from moesim.cost.ops import Bytes, OpCost, expert_ops, kv_cache_bytes_per_token
 from moesim.cost.pim import crossover_tokens, internal_bytes, pim_op_time_s
+from moesim.cost.weights import expert_params_per_shard
+from moesim.plan.layout import dtype_bytes, layout
 from moesim.plan.types import PimWork
 
 if TYPE_CHECKING:
@@ -51,7 +54,7 @@ def token_threshold(sc: Scenario, d_ff: float, b: Bytes) -> int:
         sc.cluster.device,
         sc.workload.dtypes.compute,
         pc.device,
-        pc.compute_dtype,
+        resolve(sc).pim_compute_dtype,
         pc.units_per_gpu,
         catalog.link(pc.device.host_link),
         max_tokens=4096,
@@ -63,9 +66,8 @@ def _work(sc: Scenario, phase: str, ops: list[OpCost], w_bytes: float) -> tuple[
     when the ops are per (device, expert)."""
     pc = sc.pim
     assert pc is not None
-    seconds = sum(
-        pim_op_time_s(pc.device, op, w_bytes, pc.compute_dtype, pc.units_per_gpu) for op in ops
-    )
+    cdt = resolve(sc).pim_compute_dtype
+    seconds = sum(pim_op_time_s(pc.device, op, w_bytes, cdt, pc.units_per_gpu) for op in ops)
     flops = sum(np.asarray(op.flops, dtype=float) for op in ops)
     moved = sum(internal_bytes(pc.device, op, w_bytes) for op in ops)
     parts = [np.asarray(x, dtype=float) for x in (seconds, flops, moved)]
@@ -163,7 +165,7 @@ def apply_memory(sc: Scenario, plan: WorkloadPlan, b: Bytes) -> None:
         return
     m, par, wl = sc.model, sc.parallelism, sc.workload
     n_dev = plan.n_devices
-    expert_bytes = 3 * m.d_model * m.d_ff_expert / par.etp * b.expert_weights
+    expert_bytes = expert_params_per_shard(m, par.etp) * b.expert_weights
     held = sum(
         (lp.pim.resident_experts for lp in plan.layers if lp.pim is not None),
         np.zeros(n_dev),
@@ -177,9 +179,7 @@ def apply_memory(sc: Scenario, plan: WorkloadPlan, b: Bytes) -> None:
             raise ScenarioError(
                 "pim.policy", f"{pc.device.name} is weight-stationary: it cannot hold a KV cache"
             )
-        dp = n_dev // par.tp
-        seqs = np.array([len(x) for x in np.array_split(np.arange(wl.batch_size), dp)])
-        seqs_dev = seqs[np.arange(n_dev) // par.tp]
+        seqs_dev = layout(sc).seqs_dev
         context = wl.seq_len + (1 if wl.phase == "decode" else 0)
         per_token = sum(
             kv_cache_bytes_per_token(m, i, par.tp, b)
@@ -221,7 +221,7 @@ def pim_summary(plan: WorkloadPlan, devices: pd.DataFrame) -> dict | None:
     expert_work = next((w for w in work if w.phase == "experts"), None)
     threshold = None
     if pc.policy in ("cold_experts", "by_batch") and expert_work is not None:
-        b = plan_bytes(sc)
+        b = dtype_bytes(sc)
         threshold = token_threshold(sc, sc.model.d_ff_expert / sc.parallelism.etp, b)
     return {
         "device": pc.device.name,
@@ -232,11 +232,3 @@ def pim_summary(plan: WorkloadPlan, devices: pd.DataFrame) -> dict | None:
         "max_used_bytes": float(used.max()),
         "capacity_bytes": float(pc.units_per_gpu * pc.device.capacity_bytes),
     }
-
-
-def plan_bytes(sc: Scenario) -> Bytes:
-    """Bytes per element of each tensor kind of the scenario's workload."""
-    dt = sc.workload.dtypes
-    return Bytes(
-        *(dt.bytes_of(k) for k in ("weights", "expert_weights", "activations", "kv_cache"))
-    )

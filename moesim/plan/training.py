@@ -27,7 +27,6 @@ from moesim.cost.ops import (
     Bytes,
     OpCost,
     attention_ops,
-    attention_weight_params,
     expert_ops,
     ffn_ops,
     forward_flops_per_token,
@@ -37,12 +36,18 @@ from moesim.cost.ops import (
     unpermute_ops,
 )
 from moesim.cost.roofline import op_kernels, op_time_split
+from moesim.cost.weights import (
+    dense_params_per_device,
+    embedding_params_per_device,
+    expert_params_per_shard,
+)
 from moesim.plan.collectives import (
     ring_allgather,
     ring_allreduce,
     ring_reduce_scatter,
     tree_allreduce,
 )
+from moesim.plan.layout import layout
 from moesim.plan.types import (
     GB,
     BackwardLayer,
@@ -50,7 +55,6 @@ from moesim.plan.types import (
     Traffic,
     TrainingPlan,
     WorkloadPlan,
-    _split,
     _time,
     embedding_copies,
 )
@@ -191,20 +195,13 @@ def _layer_params(plan: WorkloadPlan) -> tuple[np.ndarray, np.ndarray, float]:
     (split over tp)."""
     sc = plan.scenario
     m, par = sc.model, sc.parallelism
-    dense = np.zeros(len(plan.layers))
+    dense = np.array([dense_params_per_device(m, lp.index, par.tp) for lp in plan.layers])
     expert = np.zeros((len(plan.layers), plan.n_devices))
     for k, lp in enumerate(plan.layers):
-        dense[k] = attention_weight_params(m, lp.attention_kind) / par.tp
         if lp.moe:
-            shared = m.n_shared_experts * 3 * m.d_model * m.d_ff_shared
-            dense[k] += shared / par.tp + m.d_model * m.n_experts
-            expert[k] = lp.local_experts * 3 * m.d_model * m.d_ff_expert / par.etp
-        else:
-            dense[k] += 3 * m.d_model * m.d_ff_dense / par.tp
-    stage = [lp.index for lp in plan.layers]
-    copies = embedding_copies(m.tied_embeddings, stage, m.n_layers)
-    embeddings = m.vocab_size * m.d_model * copies / par.tp
-    return dense, expert, float(embeddings)
+            expert[k] = lp.local_experts * expert_params_per_shard(m, par.etp)
+    copies = embedding_copies(m.tied_embeddings, [lp.index for lp in plan.layers], m.n_layers)
+    return dense, expert, float(embedding_params_per_device(m, par.tp, copies))
 
 
 def _params_per_device(plan: WorkloadPlan) -> tuple[np.ndarray, np.ndarray]:
@@ -314,17 +311,12 @@ def _optimizer_s(plan: WorkloadPlan, dense: np.ndarray, expert: np.ndarray, b: B
 
 
 def _context(plan: WorkloadPlan) -> dict[str, np.ndarray]:
-    """Per-device sequence and token counts of one pass, as :func:`build_plan` derives them."""
-    sc = plan.scenario
-    wl, par = sc.workload, sc.parallelism
-    n, tp = plan.n_devices, par.tp
-    replica = np.arange(n) // tp
-    seqs_dp = _split(wl.pass_batch_size, n // tp)
-    tokens_dp = seqs_dp * wl.seq_len
+    """Per-device sequence and token counts of one pass (the plan's layout)."""
+    lay = layout(plan.scenario)
     return {
-        "seqs_dev": seqs_dp[replica].astype(float),
-        "tokens_att": tokens_dp[replica].astype(float),
-        "tokens_dev": _split(tokens_dp, tp).ravel().astype(float),
+        "seqs_dev": lay.seqs_dev.astype(float),
+        "tokens_att": lay.tokens_att.astype(float),
+        "tokens_dev": lay.tokens_dev.astype(float),
     }
 
 
@@ -341,7 +333,7 @@ def add_training(plan: WorkloadPlan, b: Bytes, check: bool = True) -> None:
     head = lm_head_ops(m, ctx["tokens_att"], sc.parallelism.tp, b)
     head_bwd = backward_ops(head, b.weights, gb)
     lm_bwd_s, lm_bwd_f, _ = _time(dev, head_bwd, cdt)
-    has_head = float(plan.layers[-1].index == m.n_layers - 1)
+    has_head = float(plan.layers[-1].index == m.n_layers - 1)  # a pipeline's last stage
     lm_bwd_s, lm_bwd_f = lm_bwd_s * has_head, lm_bwd_f * has_head
     dense, expert = _params_per_device(plan)
     reduce, gather = _grad_collectives(plan, dense, expert, b)

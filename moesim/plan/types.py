@@ -28,7 +28,9 @@ class Traffic:
     before any flow of the group moves (ring and tree all-reduce, reduce-scatter,
     all-gather: each step waits for its receive, so a late rank holds up the whole ring).
     An all-to-all needs no barrier: every receiver already waits for a flow from every
-    sender of its group, zero-byte ones included.
+    sender of its group, zero-byte ones included. ``ring_steps``: the flows aggregate that
+    many equal ring steps (each member sends ``nbytes / ring_steps`` to its successor per
+    step, after receiving the previous step); :meth:`ring_step` is one of them.
     """
 
     src: np.ndarray
@@ -38,6 +40,7 @@ class Traffic:
     latency_steps: float = 1.0
     members: np.ndarray | None = None
     barrier: bool = False
+    ring_steps: int = 0  # a ring algorithm of this many equal steps (0: not a ring)
 
     def reversed(self) -> Traffic:
         return replace(self, src=self.dst, dst=self.src)
@@ -46,6 +49,19 @@ class Traffic:
         """The same flows carrying ``factor`` of their bytes (a chunk of a pipelined
         collective)."""
         return replace(self, nbytes=self.nbytes * factor, local_bytes=self.local_bytes * factor)
+
+    def ring_step(self) -> Traffic:
+        """One step of a ring collective: every member's flow with ``1 / ring_steps`` of its
+        bytes, one latency, no barrier (each step waits for its own receive instead)."""
+        k = self.ring_steps
+        return replace(
+            self,
+            nbytes=self.nbytes / k,
+            local_bytes=self.local_bytes / k,
+            latency_steps=1.0,
+            barrier=False,
+            ring_steps=0,
+        )
 
     @property
     def total_bytes(self) -> float:
@@ -63,6 +79,8 @@ class LayerPlan:
     flops: dict[str, np.ndarray]
     tp_comm: Traffic | None = None
     tp_comm_after: Traffic | None = None
+    tp_shared_in: Traffic | None = None  # shared experts' input all-gather (tp > 1)
+    tp_shared_out: Traffic | None = None  # and their output reduce-scatter
     dispatch: Traffic | None = None
     measured_s: dict[str, np.ndarray] = field(default_factory=dict)
     expert_load: np.ndarray | None = None
@@ -211,13 +229,6 @@ class TrainingPlan:
         return self.config.recompute == "full"
 
 
-def _split(total: np.ndarray | int, parts: int) -> np.ndarray:
-    """Split integer(s) into ``parts`` near-equal integers (remainder to the first ones)."""
-    total = np.asarray(total, dtype=np.int64)
-    base, rem = np.divmod(total[..., None], parts)
-    return base + (np.arange(parts) < rem)
-
-
 def _time(device, ops: list[OpCost], dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-device seconds, FLOPs and measured-kernel seconds of a phase's ops."""
     parts = [op_time_split(device, op, dtype) for op in ops]
@@ -225,12 +236,3 @@ def _time(device, ops: list[OpCost], dtype: str) -> tuple[np.ndarray, np.ndarray
     measured = np.asarray(sum(p[1] for p in parts), dtype=float)
     f = sum(np.asarray(op.flops, dtype=float) for op in ops)
     return t, np.asarray(f, dtype=float), measured
-
-
-def _ring(groups: np.ndarray, nbytes: np.ndarray, steps: float) -> Traffic:
-    """Ring collective inside each row of ``groups``: every member sends ``nbytes`` to its
-    successor (bandwidth-optimal ring, Patarasuk & Yuan 2009, aggregated over its steps)."""
-    src = groups.ravel()
-    dst = np.roll(groups, -1, axis=1).ravel()
-    keep = nbytes[src] > 0
-    return Traffic(src[keep], dst[keep], nbytes[src][keep], 0.0, steps)

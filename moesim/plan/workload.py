@@ -19,8 +19,8 @@ import numpy as np
 from moesim.config.scenario import Scenario, ScenarioError
 from moesim.cost.ops import (
     Bytes,
+    OpCost,
     attention_ops,
-    attention_weight_params,
     expert_ops,
     ffn_ops,
     kv_cache_bytes_per_token,
@@ -32,20 +32,17 @@ from moesim.cost.ops import (
 )
 from moesim.cost.pim import weight_bytes
 from moesim.cost.roofline import op_kernels, op_time_split
+from moesim.cost.weights import (
+    dense_params_per_device,
+    embedding_params_per_device,
+    expert_params_per_shard,
+)
 from moesim.plan import pipeline
+from moesim.plan.collectives import ring_allgather, ring_allreduce, ring_reduce_scatter
+from moesim.plan.layout import Layout, dtype_bytes, layout
 from moesim.plan.mtp import add_draft, mtp_scenario
 from moesim.plan.pim import apply_memory, split_attention, split_experts
-from moesim.plan.types import (
-    GB,
-    LayerPlan,
-    PimWork,
-    Traffic,
-    WorkloadPlan,
-    _ring,
-    _split,
-    _time,
-    embedding_copies,
-)
+from moesim.plan.types import GB, LayerPlan, PimWork, Traffic, WorkloadPlan, _time, embedding_copies
 from moesim.routing.distributions import layer_probabilities, load_trace, route_layer
 from moesim.routing.placement import (
     base_placement,
@@ -66,6 +63,24 @@ def layer_generators(
     return np.random.default_rng(place), np.random.default_rng(route)
 
 
+@dataclass
+class _Context:
+    """What every layer of one plan shares: the scenario, its layout and bytes, the
+    dispatch pairs, the routing trace and per-kind attention costs."""
+
+    sc: Scenario
+    lay: Layout
+    b: Bytes
+    dispatch: _DispatchLayout
+    trace: list[np.ndarray] | None
+    attention: dict[str, tuple[tuple[np.ndarray, ...], PimWork | None]]
+
+    def time(self, phase: str, ops: list[OpCost], lp: LayerPlan) -> None:
+        """Record a phase's per-device seconds, FLOPs and measured seconds on ``lp``."""
+        dev, cdt = self.sc.cluster.device, self.sc.workload.dtypes.compute
+        lp.compute_s[phase], lp.flops[phase], lp.measured_s[phase] = _time(dev, ops, cdt)
+
+
 def build_plan(sc: Scenario) -> WorkloadPlan:
     """Turn a scenario into per-layer, per-device work and traffic. With pipeline stages or
     inference micro-batches, one plan per stage of one micro-batch over the stage's layers,
@@ -76,8 +91,8 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
     piece = pipeline.piece_scenario(sc)
     chunks = pipeline.stage_chunks(sc)
     stages = [_build(piece, sorted(i for c in cs for i in c), check=False) for cs in chunks]
-    act_bytes = sc.model.d_model * piece.workload.dtypes.bytes_of("activations")
-    plan = pipeline.assemble(sc, stages, _tokens(piece)[4] * act_bytes)
+    act_bytes = sc.model.d_model * dtype_bytes(piece).activations
+    plan = pipeline.assemble(sc, stages, layout(piece).tokens_dev * act_bytes)
     if sc.workload.phase == "train":
         from moesim.plan.training import check_fits_training
 
@@ -87,223 +102,235 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
     return plan
 
 
-def _tokens(sc: Scenario):
-    """Sequences per attention replica, new tokens and context per sequence, tokens per
-    replica and the MoE-block tokens each device owns (one pass)."""
-    wl, tp = sc.workload, sc.parallelism.tp
-    seqs_dp = _split(wl.pass_batch_size, sc.cluster.n_devices // tp)
-    whole = wl.phase in ("prefill", "train")  # whole sequences, no KV cache before them
-    new_per_seq = wl.seq_len if whole else 1 + (wl.mtp.draft_tokens if wl.mtp else 0)
-    context = 0 if whole else wl.seq_len
-    tokens_dp = seqs_dp * new_per_seq
-    return seqs_dp, new_per_seq, context, tokens_dp, _split(tokens_dp, tp).ravel()
-
-
 def _build(sc: Scenario, stage: range | list[int], check: bool = True) -> WorkloadPlan:
     """The plan of the layers ``stage`` (all of them: the whole model) on ``sc``'s devices;
     the LM head when the last layer is among them. ``check``: raise if it does not fit."""
-    m, par, wl, dev = sc.model, sc.parallelism, sc.workload, sc.cluster.device
-    n_dev, tp, ep, etp = sc.cluster.n_devices, par.tp, par.ep, par.etp
-    dp, edp = n_dev // tp, n_dev // (ep * etp)
-    dt = wl.dtypes
-    b = Bytes(
-        dt.bytes_of("weights"),
-        dt.bytes_of("expert_weights"),
-        dt.bytes_of("activations"),
-        dt.bytes_of("kv_cache"),
-    )
-    cdt = dt.compute
-    g = np.arange(n_dev)
-    replica = g // tp
-    seqs_dp, new_per_seq, context, tokens_dp, tokens_dev = _tokens(sc)
-    seqs_dev = seqs_dp[replica]
-    act_bytes_per_token = m.d_model * b.activations
-
-    # expert layout
-    group = g // (ep * etp)
-    ep_rank = (g % (ep * etp)) // etp
-    d_ff_local = m.d_ff_expert / etp
-    node = g // sc.cluster.devices_per_node
+    m, wl = sc.model, sc.workload
+    lay = layout(sc)
+    b = dtype_bytes(sc)
     r = sc.routing
     trace = load_trace(r.trace) if r.distribution == "trace" else None
-
-    layout = _dispatch_layout(tokens_dev, group, node, ep, etp, edp, r.global_routing)
-    root = np.random.SeedSequence(sc.sim.seed)
-    layer_seeds = root.spawn(m.n_layers)
+    ctx = _Context(sc, lay, b, _dispatch_layout(lay, r.global_routing), trace, {})
+    layer_seeds = np.random.SeedSequence(sc.sim.seed).spawn(m.n_layers)
     layers: list[LayerPlan] = []
-    cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    pim_attention: dict[str, PimWork | None] = {}
     for i in stage:
-        moe_index = sum(m.is_moe(j) for j in range(i))  # MoE layers before this one
-        kind = m.attention_kind(i)
-        if kind not in cache:
-            att_ops, pim_attention[kind] = split_attention(
-                sc, kind, attention_ops(m, kind, seqs_dev, new_per_seq, context, tp, b), n_dev
-            )
-            cache[kind] = _time(dev, att_ops, cdt)
-        att_s, att_f, att_m = cache[kind]
-        compute_s = {"attention": att_s}
-        flops = {"attention": att_f}
-        measured = {"attention": att_m}
-        tp_comm = None
-        if tp > 1:
-            rows = g.reshape(dp, tp)
-            full = tokens_dp[replica] * act_bytes_per_token
-            tp_comm = _ring(rows, 2.0 * (tp - 1) / tp * full, 2 * (tp - 1))
-        lp = LayerPlan(i, kind, m.is_moe(i), compute_s, flops, tp_comm, measured_s=measured)
-        lp.pim = pim_attention[kind]
-        if not m.is_moe(i):
-            compute_s["dense_ffn"], flops["dense_ffn"], measured["dense_ffn"] = _time(
-                dev,
-                ffn_ops("dense_ffn", tokens_dp[replica], m.d_model, m.d_ff_dense / tp, b),
-                cdt,
-            )
-            if tp > 1:
-                lp.tp_comm_after = _ring(rows, 2.0 * (tp - 1) / tp * full, 2 * (tp - 1))
-            layers.append(lp)
-            continue
-        place_rng, route_rng = layer_generators(layer_seeds[i])
-        probs = layer_probabilities(r, m.n_experts, moe_index, place_rng)
-        expected = _expected_load(r, probs, m.top_k, trace, moe_index)
-        share = share_matrix(base_placement(m.n_experts, ep, par.expert_placement, expected), ep)
-        if r.replicate_hot:
-            share = replicate_hot(share, expected, r.replicate_hot)
-        primary = np.argmax(share, axis=1)  # rank serving each expert for limited routing
-        limit_groups = None
-        if r.node_limit or r.device_limit:
-            dev_of = (np.arange(edp)[:, None] * ep + primary[None, :]) * etp  # [group, expert]
-            limit_groups = dev_of // sc.cluster.devices_per_node if r.node_limit else dev_of
-        routing = route_layer(
-            r,
-            probs,
-            m.top_k,
-            m.d_model,
-            tokens_dev,
-            group,
-            edp,
-            limit_groups,
-            moe_index,
-            route_rng,
-            trace,
-        )
-        kept = routing.kept
-        compute_s["router"], flops["router"], measured["router"] = _time(
-            dev, router_ops(m, tokens_dev, b), cdt
-        )
-        pairs_out = kept.sum(axis=1) * etp
-        compute_s["permute"], flops["permute"], measured["permute"] = _time(
-            dev, [permute_ops(pairs_out, m.d_model, b)], cdt
-        )
-        compute_s["unpermute"], flops["unpermute"], measured["unpermute"] = _time(
-            dev, [unpermute_ops(pairs_out, tokens_dev, m.d_model, b)], cdt
-        )
-        if m.n_shared_experts:
-            compute_s["shared_experts"], flops["shared_experts"], measured["shared_experts"] = (
-                _time(
-                    dev,
-                    ffn_ops(
-                        "shared",
-                        tokens_dp[replica],
-                        m.d_model,
-                        m.n_shared_experts * m.d_ff_shared / tp,
-                        b,
-                    ),
-                    cdt,
-                )
-            )
-        # tokens each expert-data-parallel group processes per expert: its own sources' (groups
-        # are contiguous device ranges), or an even share of all (global routing)
-        if r.global_routing:
-            arriving = np.tile(kept.sum(axis=0) / edp, (edp, 1)).round().astype(np.int64)
-            arriving = _conserve(arriving, kept.sum(axis=0))
+        lp = _attention_block(ctx, i)
+        if m.is_moe(i):
+            moe_index = sum(m.is_moe(j) for j in range(i))  # MoE layers before this one
+            _moe_block(ctx, lp, layer_seeds[i], moe_index)
         else:
-            arriving = kept.reshape(edp, n_dev // edp, -1).sum(axis=1)  # [group, e]
-        # per-expert work over each device's local experts only ([device, slot])
-        slot_expert, slot_valid = local_slots(share)
-        slot_e, slot_ok = slot_expert[ep_rank], slot_valid[ep_rank]
-        if np.all(share.max(axis=1) == 1.0):  # one rank per expert: it takes all the tokens
-            load = arriving[group[:, None], slot_e] * slot_ok
-            lp.expert_load = arriving
-        else:  # replicas: split each expert's tokens over its ranks
-            per_rank = split_integer(arriving, share[None, :, :])  # [group, expert, rank]
-            load = per_rank[group[:, None], slot_e, ep_rank[:, None]] * slot_ok
-            lp.expert_load = per_rank.sum(axis=2)
-        gpu_load = load
-        if sc.pim is not None and sc.pim.policy not in ("gpu_only", "attention"):
-            dense = np.zeros((n_dev, m.n_experts + 1), dtype=np.int64)  # last: padding
-            np.put_along_axis(dense, np.where(slot_ok, slot_e, m.n_experts), load, axis=1)
-            gpu_dense = split_experts(sc, lp, dense[:, :-1], expected, share, d_ff_local, b)
-            gpu_load = np.take_along_axis(gpu_dense, slot_e, axis=1) * slot_ok  # rest on PIM
-        ops = expert_ops(gpu_load, m.d_model, d_ff_local, b)
-        split = [op_time_split(dev, op, cdt, launches=False) for op in ops]
-        per_expert = sum(t for t, _ in split)
-        measured["experts"] = sum(mt for _, mt in split).sum(axis=1)
-        # one grouped launch per kernel, or (numpy-style loop) one per active expert; a
-        # kernel timed from a measured table already includes its launch
-        launch_s = np.zeros(n_dev)
-        for op, (_, measured_part) in zip(ops, split, strict=True):
-            roofline = (gpu_load > 0) & (measured_part == 0)
-            count = roofline.any(axis=1) if dev.grouped_experts else roofline.sum(axis=1)
-            launch_s += count * op_kernels(dev, op) * dev.kernel_launch_s
-        compute_s["experts"] = per_expert.sum(axis=1) + launch_s
-        flops["experts"] = sum(np.asarray(op.flops) for op in ops).sum(axis=1)
-        lp.expert_weight_bytes = sum(weight_bytes(op, b.expert_weights) for op in ops).sum(axis=1)
-        # dispatch: tokens from each source to each (group, EP rank), to every etp shard
-        to_rank = rank_totals(kept, share)  # [source, rank]
-        totals = kept.sum(axis=1)
-        if r.global_routing:
-            to_groups = np.full((n_dev, edp), 1.0 / edp)
-            weights = (to_groups[:, :, None] * to_rank[:, None, :]).reshape(n_dev, edp * ep)
-            flows = split_integer(totals, weights / np.maximum(totals, 1)[:, None])
-        else:  # every token stays in its own group: split over that group's ranks only
-            flows = to_rank
-            if to_rank.dtype.kind == "f":  # replicas share experts' tokens: round exactly
-                flows = split_integer(totals, to_rank / np.maximum(totals, 1)[:, None])
-        pairs = flows.ravel()  # tokens per (source, slot column), gathered by the layout
-        nbytes = pairs[layout.remote] * act_bytes_per_token
-        lp.dispatch = Traffic(
-            layout.src,
-            layout.dst,
-            nbytes.astype(float),
-            float(pairs[layout.local].sum() * act_bytes_per_token),
-        )
-        lp.device_tokens = load.sum(axis=1)
-        lp.local_experts = slot_ok.sum(axis=1)
-        lp.routed_pairs = routing.routed_pairs
-        lp.dropped_pairs = int(routing.dropped.sum())
-        lp.cross_node_pairs = int(pairs[layout.cross_node].sum() // etp)
-        lp.balance_history = routing.balance_history
-        if wl.phase == "train":
-            lp.expert_tokens, lp.pairs_out = load, pairs_out
-        if tp > 1:
-            lp.tp_comm_after = _ring(rows, (tp - 1) / tp * full, tp - 1)
+            _dense_block(ctx, lp)
         layers.append(lp)
 
-    last_tokens = seqs_dev if wl.phase == "prefill" else tokens_dp[replica]
-    lm_s, _, lm_measured = _time(dev, [lm_head_ops(m, last_tokens, tp, b)], cdt)
+    last_tokens = lay.seqs_dev if wl.phase == "prefill" else lay.tokens_att
+    lm_s, _, lm_measured = _time(
+        sc.cluster.device, [lm_head_ops(m, last_tokens, lay.tp, b)], wl.dtypes.compute
+    )
     head = float(m.n_layers - 1 in stage)  # the LM head runs on the last layer's stage
     tokens = wl.tokens * (wl.mtp.tokens_per_step if wl.mtp else 1)  # accepted tokens
     plan = WorkloadPlan(
-        sc, n_dev, tokens, layers, lm_s * head, lm_head_measured_s=lm_measured * head
+        sc, lay.n_devices, tokens, layers, lm_s * head, lm_head_measured_s=lm_measured * head
     )
-    idle = int((seqs_dp == 0).sum())
+    idle = int((lay.seqs_dp == 0).sum())
     if idle:
         plan.warnings.append(
-            f"workload.batch_size {wl.pass_batch_size} (per pass) < {dp} attention replicas "
-            f"(devices / parallelism.tp): {idle} replicas ({idle * tp} devices) hold no "
-            "sequence and do no attention work"
+            f"workload.batch_size {wl.pass_batch_size} (per pass) < {lay.dp} attention "
+            f"replicas (devices / parallelism.tp): {idle} replicas ({idle * lay.tp} devices) "
+            "hold no sequence and do no attention work"
         )
-    plan.memory_bytes = _memory(sc, b, seqs_dev, tokens_dp[replica], tokens_dev, layers, stage)
+    plan.memory_bytes = _memory(sc, b, lay, layers, stage)
     if wl.mtp is not None and head:
         add_draft(plan, _build(mtp_scenario(sc), [m.n_layers - 1], check=False))
     if wl.phase == "train":
         from moesim.plan.training import add_training
 
         add_training(plan, b, check)  # backward, gradient reduction, optimizer, memory
-    apply_memory(sc, plan, b)  # what lives on PIM units leaves the GPU (moesim/pim.py)
+    apply_memory(sc, plan, b)  # what lives on PIM units leaves the GPU (moesim/plan/pim.py)
     if check:
         _check_fits(sc, plan)
     return plan
+
+
+def _tp_bytes(ctx: _Context) -> np.ndarray:
+    """Each device's replica activations (tokens x d_model): the buffer of its tensor-
+    parallel collectives."""
+    return ctx.lay.tokens_att * ctx.sc.model.d_model * ctx.b.activations
+
+
+def _tp_groups(ctx: _Context) -> np.ndarray:
+    return np.arange(ctx.lay.n_devices).reshape(ctx.lay.dp, ctx.lay.tp)
+
+
+def _attention_block(ctx: _Context, i: int) -> LayerPlan:
+    """Attention of layer ``i`` (its PIM part, if any) and the tensor-parallel collective
+    after it: an all-reduce before a dense FFN; before an MoE block, whose devices each own
+    a ``1/tp`` slice of the tokens (sequence parallel, Korthikanti et al. 2023), a
+    reduce-scatter."""
+    sc, lay, m = ctx.sc, ctx.lay, ctx.sc.model
+    kind = m.attention_kind(i)
+    if kind not in ctx.attention:
+        ops = attention_ops(m, kind, lay.seqs_dev, lay.new_per_seq, lay.context, lay.tp, ctx.b)
+        att_ops, pim = split_attention(sc, kind, ops, lay.n_devices)
+        dev, cdt = sc.cluster.device, sc.workload.dtypes.compute
+        ctx.attention[kind] = (_time(dev, att_ops, cdt), pim)
+    (att_s, att_f, att_m), pim = ctx.attention[kind]
+    lp = LayerPlan(
+        i, kind, m.is_moe(i), {"attention": att_s}, {"attention": att_f},
+        measured_s={"attention": att_m},
+    )  # fmt: skip
+    lp.pim = pim
+    if lay.tp > 1:
+        collective = ring_reduce_scatter if lp.moe else ring_allreduce
+        lp.tp_comm = collective(_tp_groups(ctx), _tp_bytes(ctx))
+    return lp
+
+
+def _dense_block(ctx: _Context, lp: LayerPlan) -> None:
+    """A dense FFN, tensor parallel over the replica's tokens, then its all-reduce."""
+    m, lay = ctx.sc.model, ctx.lay
+    ctx.time(
+        "dense_ffn",
+        ffn_ops("dense_ffn", lay.tokens_att, m.d_model, m.d_ff_dense / lay.tp, ctx.b),
+        lp,
+    )
+    if lay.tp > 1:
+        lp.tp_comm_after = ring_allreduce(_tp_groups(ctx), _tp_bytes(ctx))
+
+
+def _moe_block(ctx: _Context, lp: LayerPlan, layer_seed, moe_index: int) -> None:
+    """Router, permutation, shared experts, the routed experts each device holds and the
+    dispatch of its tokens to them; the all-gather of the block's output (tp > 1)."""
+    sc, lay, m, b = ctx.sc, ctx.lay, ctx.sc.model, ctx.b
+    share, expected, routing = _route(ctx, layer_seed, moe_index)
+    kept = routing.kept
+    ctx.time("router", router_ops(m, lay.tokens_dev, b), lp)
+    pairs_out = kept.sum(axis=1) * lay.etp
+    ctx.time("permute", [permute_ops(pairs_out, m.d_model, b)], lp)
+    ctx.time("unpermute", [unpermute_ops(pairs_out, lay.tokens_dev, m.d_model, b)], lp)
+    if m.n_shared_experts:
+        d_ff = m.n_shared_experts * m.d_ff_shared / lay.tp
+        ctx.time("shared_experts", ffn_ops("shared", lay.tokens_att, m.d_model, d_ff, b), lp)
+        if lay.tp > 1:  # its input gathered, its partial sums reduce-scattered
+            lp.tp_shared_in = ring_allgather(_tp_groups(ctx), _tp_bytes(ctx))
+            lp.tp_shared_out = ring_reduce_scatter(_tp_groups(ctx), _tp_bytes(ctx))
+    load = _expert_load(ctx, lp, kept, share)
+    _experts(ctx, lp, load, share, expected)
+    lp.dispatch = _dispatch_traffic(ctx, kept, share, lp)
+    lp.device_tokens = load.sum(axis=1)
+    lp.routed_pairs = routing.routed_pairs
+    lp.dropped_pairs = int(routing.dropped.sum())
+    lp.balance_history = routing.balance_history
+    if sc.workload.phase == "train":
+        lp.expert_tokens, lp.pairs_out = load, pairs_out
+    if lay.tp > 1:
+        lp.tp_comm_after = ring_allgather(_tp_groups(ctx), _tp_bytes(ctx))
+
+
+def _route(ctx: _Context, layer_seed, moe_index: int):
+    """Placement (with hot-expert replicas) and the routing draws of one MoE layer:
+    ``(share [expert, rank], expected load share [expert], LayerRouting)``."""
+    sc, lay, m = ctx.sc, ctx.lay, ctx.sc.model
+    r, par = sc.routing, sc.parallelism
+    place_rng, route_rng = layer_generators(layer_seed)
+    probs = layer_probabilities(r, m.n_experts, moe_index, place_rng)
+    expected = _expected_load(r, probs, m.top_k, ctx.trace, moe_index)
+    share = share_matrix(
+        base_placement(m.n_experts, lay.ep, par.expert_placement, expected), lay.ep
+    )
+    if r.replicate_hot:
+        share = replicate_hot(share, expected, r.replicate_hot)
+    primary = np.argmax(share, axis=1)  # rank serving each expert for limited routing
+    limit_groups = None
+    if r.node_limit or r.device_limit:
+        dev_of = (np.arange(lay.edp)[:, None] * lay.ep + primary[None, :]) * lay.etp
+        limit_groups = dev_of // sc.cluster.devices_per_node if r.node_limit else dev_of
+    routing = route_layer(
+        r, probs, m.top_k, m.d_model, lay.tokens_dev, lay.group, lay.edp, limit_groups,
+        moe_index, route_rng, ctx.trace,
+    )  # fmt: skip
+    return share, expected, routing
+
+
+def _expert_load(ctx: _Context, lp: LayerPlan, kept: np.ndarray, share: np.ndarray) -> np.ndarray:
+    """Tokens of each local expert slot on each device, ``[device, slot]``: every expert
+    group's arriving tokens (its own sources', or an even share of all with global
+    routing), split over an expert's replicas when it has several."""
+    lay, r = ctx.lay, ctx.sc.routing
+    if r.global_routing:
+        arriving = np.tile(kept.sum(axis=0) / lay.edp, (lay.edp, 1)).round().astype(np.int64)
+        arriving = _conserve(arriving, kept.sum(axis=0))
+    else:
+        arriving = kept.reshape(lay.edp, lay.n_devices // lay.edp, -1).sum(axis=1)
+    slot_expert, slot_valid = local_slots(share)
+    slot_e, slot_ok = slot_expert[lay.ep_rank], slot_valid[lay.ep_rank]
+    if np.all(share.max(axis=1) == 1.0):  # one rank per expert: it takes all the tokens
+        load = arriving[lay.group[:, None], slot_e] * slot_ok
+        lp.expert_load = arriving
+    else:  # replicas: split each expert's tokens over its ranks
+        per_rank = split_integer(arriving, share[None, :, :])  # [group, expert, rank]
+        load = per_rank[lay.group[:, None], slot_e, lay.ep_rank[:, None]] * slot_ok
+        lp.expert_load = per_rank.sum(axis=2)
+    lp.local_experts = slot_ok.sum(axis=1)
+    return load
+
+
+def _experts(
+    ctx: _Context, lp: LayerPlan, load: np.ndarray, share: np.ndarray, expected: np.ndarray
+) -> None:
+    """The routed experts' kernels on the GPU (PIM takes its part first): one grouped
+    launch per kernel, or (numpy-style loop) one per active expert; a kernel timed from a
+    measured table already includes its launch."""
+    sc, lay, m, b = ctx.sc, ctx.lay, ctx.sc.model, ctx.b
+    dev, cdt = sc.cluster.device, sc.workload.dtypes.compute
+    slot_expert, slot_valid = local_slots(share)
+    slot_e, slot_ok = slot_expert[lay.ep_rank], slot_valid[lay.ep_rank]
+    d_ff_local = m.d_ff_expert / lay.etp
+    gpu_load = load
+    if sc.pim is not None and sc.pim.policy not in ("gpu_only", "attention"):
+        dense = np.zeros((lay.n_devices, m.n_experts + 1), dtype=np.int64)  # last: padding
+        np.put_along_axis(dense, np.where(slot_ok, slot_e, m.n_experts), load, axis=1)
+        gpu_dense = split_experts(sc, lp, dense[:, :-1], expected, share, d_ff_local, b)
+        gpu_load = np.take_along_axis(gpu_dense, slot_e, axis=1) * slot_ok  # rest on PIM
+    ops = expert_ops(gpu_load, m.d_model, d_ff_local, b)
+    split = [op_time_split(dev, op, cdt, launches=False) for op in ops]
+    per_expert = sum(t for t, _ in split)
+    lp.measured_s["experts"] = sum(mt for _, mt in split).sum(axis=1)
+    launch_s = np.zeros(lay.n_devices)
+    for op, (_, measured_part) in zip(ops, split, strict=True):
+        roofline = (gpu_load > 0) & (measured_part == 0)
+        count = roofline.any(axis=1) if dev.grouped_experts else roofline.sum(axis=1)
+        launch_s += count * op_kernels(dev, op) * dev.kernel_launch_s
+    lp.compute_s["experts"] = per_expert.sum(axis=1) + launch_s
+    lp.flops["experts"] = sum(np.asarray(op.flops) for op in ops).sum(axis=1)
+    lp.expert_weight_bytes = sum(weight_bytes(op, b.expert_weights) for op in ops).sum(axis=1)
+
+
+def _dispatch_traffic(ctx: _Context, kept: np.ndarray, share: np.ndarray, lp: LayerPlan) -> Traffic:
+    """Tokens from each source to each (group, EP rank), to every etp shard of the rank."""
+    lay, r = ctx.lay, ctx.sc.routing
+    act_bytes_per_token = ctx.sc.model.d_model * ctx.b.activations
+    to_rank = rank_totals(kept, share)  # [source, rank]
+    totals = kept.sum(axis=1)
+    if r.global_routing:
+        to_groups = np.full((lay.n_devices, lay.edp), 1.0 / lay.edp)
+        weights = (to_groups[:, :, None] * to_rank[:, None, :]).reshape(
+            lay.n_devices, lay.edp * lay.ep
+        )
+        flows = split_integer(totals, weights / np.maximum(totals, 1)[:, None])
+    else:  # every token stays in its own group: split over that group's ranks only
+        flows = to_rank
+        if to_rank.dtype.kind == "f":  # replicas share experts' tokens: round exactly
+            flows = split_integer(totals, to_rank / np.maximum(totals, 1)[:, None])
+    pairs = flows.ravel()  # tokens per (source, slot column), gathered by the layout
+    layout_ = ctx.dispatch
+    lp.cross_node_pairs = int(pairs[layout_.cross_node].sum() // lay.etp)
+    nbytes = pairs[layout_.remote] * act_bytes_per_token
+    return Traffic(
+        layout_.src,
+        layout_.dst,
+        nbytes.astype(float),
+        float(pairs[layout_.local].sum() * act_bytes_per_token),
+    )
 
 
 @dataclass(frozen=True)
@@ -320,19 +347,13 @@ class _DispatchLayout:
     cross_node: np.ndarray
 
 
-def _dispatch_layout(
-    tokens_dev: np.ndarray,
-    group: np.ndarray,
-    node: np.ndarray,
-    ep: int,
-    etp: int,
-    edp: int,
-    global_routing: bool,
-) -> _DispatchLayout:
+def _dispatch_layout(lay: Layout, global_routing: bool) -> _DispatchLayout:
     """Every (sender, EP rank) pair is a flow, to every etp shard of the rank, zero-byte ones
     included (a zero-size part of an all-to-all-v still costs its latency): the pairs, and so
     the flow pattern, are the same arrays in every layer whatever the routing draws. A sender
     reaches the ranks of its own group, or of every group with global routing."""
+    tokens_dev, group, node = lay.tokens_dev, lay.group, lay.node
+    ep, etp, edp = lay.ep, lay.etp, lay.edp
     senders = np.flatnonzero(tokens_dev > 0)
     columns = edp * ep if global_routing else ep
     src = np.repeat(senders, columns)
@@ -374,43 +395,29 @@ def _conserve(arriving: np.ndarray, totals: np.ndarray) -> np.ndarray:
 
 
 def _memory(
-    sc: Scenario,
-    b: Bytes,
-    seqs_dev: np.ndarray,
-    tokens_att: np.ndarray,
-    tokens_dev: np.ndarray,
-    layers: list[LayerPlan],
-    stage: range | list[int],
+    sc: Scenario, b: Bytes, lay: Layout, layers: list[LayerPlan], stage: range | list[int]
 ) -> dict[str, np.ndarray]:
-    """Bytes resident per device for the layers ``stage``: weights, KV cache / linear state,
-    peak activations."""
+    """Bytes resident per device for the layers ``stage`` (a pipeline stage's, or all):
+    weights, KV cache / linear state, peak activations."""
     m, par = sc.model, sc.parallelism
     n_dev, tp = sc.cluster.n_devices, par.tp
-    attn = sum(attention_weight_params(m, m.attention_kind(i)) for i in stage)
-    n_moe = sum(m.is_moe(i) for i in stage)
-    n_dense = len(stage) - n_moe
-    expert = 3 * m.d_model * m.d_ff_expert / par.etp
-    emb = embedding_copies(m.tied_embeddings, stage, m.n_layers)
-    weights = (
-        attn / tp * b.weights
-        + m.vocab_size * m.d_model * emb / tp * b.weights
-        + n_dense * 3 * m.d_model * m.d_ff_dense / tp * b.weights
-        + n_moe * m.n_shared_experts * 3 * m.d_model * m.d_ff_shared / tp * b.weights
-        + n_moe * m.d_model * m.n_experts * b.weights
-    )
     local = [lp.local_experts for lp in layers if lp.moe]
     experts_held = np.sum(local, axis=0) if local else np.zeros(n_dev)
-    weights = weights + experts_held * expert * b.expert_weights
+    weights = (
+        sum(dense_params_per_device(m, i, tp) for i in stage)
+        + embedding_params_per_device(m, tp, embedding_copies(m.tied_embeddings, stage, m.n_layers))
+    ) * b.weights + experts_held * expert_params_per_shard(m, par.etp) * b.expert_weights
     context = sc.workload.seq_len + (1 if sc.workload.phase == "decode" else 0)
     kv_per_token = sum(kv_cache_bytes_per_token(m, i, tp, b) for i in stage)
     state_per_seq = sum(linear_state_bytes_per_seq(m, i, tp) for i in stage)
-    kv = seqs_dev * (context * kv_per_token + state_per_seq)
+    kv = lay.seqs_dev * (context * kv_per_token + state_per_seq)
     # peak activations: the largest of one attention block and one expert block's working set
     moe_tokens = max((int(lp.device_tokens.max()) for lp in layers if lp.moe), default=0)
     act = (
         np.maximum(
-            tokens_att * (4 * m.d_model + 2 * (m.n_heads + 2 * m.n_kv_heads) * m.head_dim / tp),
-            tokens_dev * 2 * m.d_model + moe_tokens * (2 * m.d_model + 3 * m.d_ff_expert / par.etp),
+            lay.tokens_att * (4 * m.d_model + 2 * (m.n_heads + 2 * m.n_kv_heads) * m.head_dim / tp),
+            lay.tokens_dev * 2 * m.d_model
+            + moe_tokens * (2 * m.d_model + 3 * m.d_ff_expert / par.etp),
         )
         * b.activations
     )

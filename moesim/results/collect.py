@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from moesim.config.resolve import resolve
 from moesim.engine.analytic import AnalyticEngine
 from moesim.engine.des import Engine
 from moesim.plan.graph import (
@@ -205,7 +206,7 @@ def collect(engine: Engine | AnalyticEngine) -> Result:
             "fidelity": engine.fidelity,
             **engine.counters,
         },
-        "scenario_resolved": sc.model_dump(mode="json"),
+        "scenario_resolved": {**sc.model_dump(mode="json"), "resolved": resolve(sc).as_dict()},
     }
     if sc.workload.phase == "decode":  # time per output token of a sequence
         mtp = sc.workload.mtp

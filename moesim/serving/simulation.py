@@ -41,6 +41,7 @@ import pandas as pd
 import simpy
 from tqdm import tqdm
 
+from moesim.config.resolve import resolve
 from moesim.config.scenario import Scenario, ScenarioError
 from moesim.config.serve import ServeConfig
 from moesim.cost.ops import Bytes, kv_cache_bytes_per_token, linear_state_bytes_per_seq
@@ -314,7 +315,7 @@ def build_cost_model(
         kv_bytes_per_token=kv_bytes_per_token(sc),
         state_bytes_per_seq=state_bytes_per_seq(sc),
         kv_budget_bytes=kv_budget,
-        dp=sc.parallelism.dp,
+        dp=resolve(sc).dp,
         grid_wall_s=time.perf_counter() - start,
     )
 

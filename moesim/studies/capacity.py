@@ -48,9 +48,7 @@ from moesim.config.scenario import (
     scenario_from_dict,
 )
 from moesim.cost.ops import (
-    Bytes,
     attention_ops,
-    attention_weight_params,
     ffn_ops,
     kv_cache_bytes_per_token,
     linear_state_bytes_per_seq,
@@ -58,6 +56,12 @@ from moesim.cost.ops import (
     router_ops,
 )
 from moesim.cost.roofline import op_time_s
+from moesim.cost.weights import (
+    dense_params_per_device,
+    embedding_params_per_device,
+    expert_params_per_shard,
+)
+from moesim.plan.layout import dtype_bytes, layout, split_evenly
 from moesim.results.collect import Result
 from moesim.studies.sweep import check_constraint, flatten
 
@@ -205,21 +209,6 @@ def price_per_device_hour_usd(spec: PlanSpec, device: str) -> float:
 
 
 # -- bounds -----------------------------------------------------------------------------------
-def _bytes(sc: Scenario) -> Bytes:
-    dt = sc.workload.dtypes
-    return Bytes(
-        dt.bytes_of("weights"),
-        dt.bytes_of("expert_weights"),
-        dt.bytes_of("activations"),
-        dt.bytes_of("kv_cache"),
-    )
-
-
-def _split(total: int, parts: int) -> np.ndarray:
-    base, rem = divmod(int(total), parts)
-    return base + (np.arange(parts) < rem)
-
-
 def total_devices(sc: Scenario) -> int:
     """Devices paid for: the cluster, times the serving instances (replicas, or prefill plus
     decode pools) when a run has several."""
@@ -241,25 +230,15 @@ def memory_lower_bound_bytes(sc: Scenario) -> float:
     state. Activations (>= 0) are left out, so the true need is at least this."""
     m, par, wl = sc.model, sc.parallelism, sc.workload
     n_dev, tp = sc.cluster.n_devices, par.tp
-    b = _bytes(sc)
-    attn = sum(attention_weight_params(m, m.attention_kind(i)) for i in range(m.n_layers))
-    n_moe = m.n_layers - m.n_dense_layers
+    b = dtype_bytes(sc)
     weights = (
-        attn / tp * b.weights
-        + m.vocab_size * m.d_model * (1 if m.tied_embeddings else 2) / tp * b.weights
-        + m.n_dense_layers * 3 * m.d_model * m.d_ff_dense / tp * b.weights
-        + n_moe * m.n_shared_experts * 3 * m.d_model * m.d_ff_shared / tp * b.weights
-        + n_moe * m.d_model * m.n_experts * b.weights
-        + n_moe
-        * (m.n_experts // par.ep)
-        * 3
-        * m.d_model
-        * m.d_ff_expert
-        / par.etp
-        * b.expert_weights
+        sum(dense_params_per_device(m, i, tp) for i in range(m.n_layers))
+        + embedding_params_per_device(m, tp)
+    ) * b.weights + (m.n_layers - m.n_dense_layers) * (m.n_experts // par.ep) * (
+        expert_params_per_shard(m, par.etp) * b.expert_weights
     )
     dp = n_dev // tp
-    seqs = int(_split(wl.batch_size, dp).max())
+    seqs = int(split_evenly(wl.batch_size, dp).max())
     context = wl.seq_len + (1 if wl.phase == "decode" else 0)
     kv_per_token = sum(kv_cache_bytes_per_token(m, i, tp, b) for i in range(m.n_layers))
     state = sum(linear_state_bytes_per_seq(m, i, tp) for i in range(m.n_layers))
@@ -279,17 +258,16 @@ def step_time_lower_bound_s(sc: Scenario) -> float:
     expert-data-parallel group that has tokens (peak rates when a measured kernel table may
     beat the roofline's efficiencies)."""
     m, par, wl, dev = sc.model, sc.parallelism, sc.workload, sc.cluster.device
-    n_dev, tp, ep, etp = sc.cluster.n_devices, par.tp, par.ep, par.etp
-    dp = n_dev // tp
-    b, cdt = _bytes(sc), wl.dtypes.compute
-    g = np.arange(n_dev)
-    replica = g // tp
-    seqs_dp = _split(wl.batch_size, dp)
-    new = wl.seq_len if wl.phase == "prefill" else 1
-    context = 0 if wl.phase == "prefill" else wl.seq_len
-    tokens_dp = seqs_dp * new
-    tokens_dev = np.concatenate([_split(t, tp) for t in tokens_dp])
-    seqs_dev = seqs_dp[replica]
+    n_dev, tp = sc.cluster.n_devices, par.tp
+    b, cdt = dtype_bytes(sc), wl.dtypes.compute
+    lay = layout(sc)
+    new, context = lay.new_per_seq, lay.context
+    tokens_dp, tokens_dev, seqs_dev, tokens_att = (
+        lay.tokens_dp,
+        lay.tokens_dev,
+        lay.seqs_dev,
+        lay.tokens_att,
+    )
 
     def t(ops) -> np.ndarray:
         return np.asarray(sum(op_time_s(dev, op, cdt) for op in ops), dtype=float) * np.ones(n_dev)
@@ -303,14 +281,14 @@ def step_time_lower_bound_s(sc: Scenario) -> float:
             att[kind] = t(attention_ops(m, kind, seqs_dev, new, context, tp, b))
         fixed += att[kind]
         if not m.is_moe(i):
-            fixed += t(ffn_ops("dense_ffn", tokens_dp[replica], m.d_model, m.d_ff_dense / tp, b))
+            fixed += t(ffn_ops("dense_ffn", tokens_att, m.d_model, m.d_ff_dense / tp, b))
             continue
         n_moe += 1
         fixed += t(router_ops(m, tokens_dev, b))
         if m.n_shared_experts:
             d_ff = m.n_shared_experts * m.d_ff_shared / tp
-            fixed += t(ffn_ops("shared", tokens_dp[replica], m.d_model, d_ff, b))
-    last = seqs_dev if wl.phase == "prefill" else tokens_dp[replica]
+            fixed += t(ffn_ops("shared", tokens_att, m.d_model, d_ff, b))
+    last = seqs_dev if wl.phase == "prefill" else tokens_att
     fixed += t([lm_head_ops(m, last, tp, b)])
 
     r = sc.routing
@@ -323,7 +301,7 @@ def step_time_lower_bound_s(sc: Scenario) -> float:
     drops = r.capacity_factor is not None or r.gating != "topk"
     flops = 0.0 if drops else 6.0 * m.d_model * m.d_ff_expert * tokens * k
     # expert-data-parallel groups that have tokens each read their experts' weights
-    with_tokens = np.unique((g // (ep * etp))[tokens_dev > 0]).size
+    with_tokens = np.unique(lay.group[tokens_dev > 0]).size
     groups = min(1, with_tokens) if r.global_routing else with_tokens
     weight_bytes = groups * k * 3.0 * m.d_model * m.d_ff_expert * b.expert_weights
     # a measured kernel table may beat the roofline's efficiencies, never the peaks

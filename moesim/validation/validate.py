@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from moesim.config.scenario import Scenario, ScenarioError
+from moesim.plan.layout import layout
 from moesim.plan.workload import WorkloadPlan, build_plan, layer_generators
 from moesim.routing.distributions import router_weights, synthetic_router_inputs
 from moesim.routing.placement import base_placement
@@ -126,15 +127,8 @@ def n_dev_groups(sc: Scenario) -> int:
 
 
 def _tokens_per_device(plan: WorkloadPlan) -> np.ndarray:
-    """MoE-block tokens each device owns (the same split the plan used)."""
-    from moesim.plan.workload import _split
-
-    sc = plan.scenario
-    tp = sc.parallelism.tp
-    dp = plan.n_devices // tp
-    wl = sc.workload
-    per_seq = wl.seq_len if wl.phase == "prefill" else 1
-    return _split(_split(wl.batch_size, dp) * per_seq, tp).ravel()
+    """MoE-block tokens each device owns (the plan's layout)."""
+    return layout(plan.scenario).tokens_dev
 
 
 # -- timing cross-validation -------------------------------------------------------------------
