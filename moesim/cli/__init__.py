@@ -34,6 +34,18 @@ def _print_summary(summary: dict) -> None:
             share = sec / step if step else 0
             bar = "#" * round(share * 40)
             print(f"  {phase:<15} {_fmt_s(sec):>12}  {share:6.1%}  {bar}".rstrip())
+    if s.get("overlapped_comm_s") is not None:  # inference: what compute hides
+        a2a = s["breakdown_s"]["dispatch"] + s["breakdown_s"]["combine"]
+        print(
+            f"communication     exposed {_fmt_s(s['exposed_comm_s'])} (all-to-all "
+            f"{a2a / step if step else 0:.1%} of the step), overlapped "
+            f"{_fmt_s(s['overlapped_comm_s'])}; {s['tokens_per_s'] / s['devices']:,.0f} "
+            "tokens/s per device"
+        )
+    if "tpot_s" in s:
+        mtp = s.get("mtp")
+        extra = f" ({mtp['tokens_per_step']:.2f} tokens per sequence per step)" if mtp else ""
+        print(f"tpot              {_fmt_s(s['tpot_s'])}{extra}")
     bd, bl, r = s["busiest_device"], s["busiest_link"], s["routing"]
     print(
         f"busiest device    {bd['device']}: compute {_fmt_s(bd['compute_busy_s'])}, "
@@ -61,7 +73,13 @@ def _print_summary(summary: dict) -> None:
         print(
             f"training          MFU {train['mfu']:.1%} (HFU {train['hfu']:.1%}), compute "
             f"{_fmt_s(train['compute_s'])}, exposed communication "
-            f"{_fmt_s(train['exposed_comm_s'])}, {train['micro_batches']} micro-batches"
+            f"{_fmt_s(train['exposed_comm_s'])}, "
+            + (
+                f"waiting for other stages {_fmt_s(train['pipeline_wait_s'])}, "
+                if train["pipeline_wait_s"]
+                else ""
+            )
+            + f"{train['micro_batches']} micro-batches"
         )
         print(f"  memory (GB)     {parts}")
     pim = s.get("pim")

@@ -379,7 +379,9 @@ def _assemble_training(
         param_gather=[t for ts in pipe.param_gather for t in ts],
         optimizer_s=sum(pipe.optimizer_s),
         model_flops_per_token=first.model_flops_per_token,
-        executed_flops=np.concatenate([t.executed_flops for t in trs]),
+        # DualPipe: a micro-batch runs one of a stage's two chunks (half of its layers)
+        executed_flops=np.concatenate([t.executed_flops for t in trs])
+        * (0.5 if pipe.schedule == "dualpipe" else 1.0),
         dense_params=np.concatenate([t.dense_params for t in trs]),
         expert_params=np.concatenate([t.expert_params for t in trs]),
         combine=[combine.get(i) for i in range(max(combine) + 1)],

@@ -425,7 +425,8 @@ def training_summary(
         "mfu": tokens_per_s * tr.model_flops_per_token / (n * peak),
         "hfu": float(tr.executed_flops.sum()) / (step_s * n * peak) if step_s > 0 else 0.0,
         "exposed_comm_s": comm,
-        "compute_s": step_s - comm,
+        "compute_s": step_s - comm - breakdown_s.get("pipeline", 0.0),
+        "pipeline_wait_s": breakdown_s.get("pipeline", 0.0),  # bubbles, other stages
         "model_flops_per_token": tr.model_flops_per_token,
         "micro_batches": tr.micro_batches,
         "tokens_per_micro_batch": plan.tokens // tr.micro_batches,
