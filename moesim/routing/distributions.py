@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from moesim.config.tables import read_routing_trace
 from moesim.routing import gating
 from moesim.routing.placement import split_integer
 
@@ -243,23 +244,8 @@ def synthetic_router_logits(
 
 
 def load_trace(path: str) -> list[np.ndarray]:
-    """Expert ids per MoE layer, each ``[tokens, top_k]``, from an NPZ (``expert_ids``:
-    ``[layers, tokens, k]`` or ``[tokens, k]``) or CSV (columns ``layer, token, slot,
-    expert``; layer counts MoE layers from 0)."""
-    if path.endswith(".npz"):
-        ids = np.load(path)["expert_ids"]
-        ids = ids[None] if ids.ndim == 2 else ids
-        return [np.asarray(layer, dtype=np.int64) for layer in ids]
-    import pandas as pd
-
-    df = pd.read_csv(path)
-    layers = []
-    for _, grp in df.groupby("layer", sort=True):
-        t, k = int(grp["token"].max()) + 1, int(grp["slot"].max()) + 1
-        ids = np.full((t, k), -1, dtype=np.int64)
-        ids[grp["token"].to_numpy(), grp["slot"].to_numpy()] = grp["expert"].to_numpy()
-        layers.append(ids)
-    return layers
+    """Expert ids per MoE layer, each ``[tokens, top_k]`` (see ``read_routing_trace``)."""
+    return read_routing_trace(path)
 
 
 # -- one layer's routing ---------------------------------------------------------------------
@@ -318,6 +304,10 @@ class LayerRouting:
     routed_pairs: int
     probs: np.ndarray
     balance_history: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    # per-token routing only: each token's source device and kept experts (-1: none), one
+    # array per group, for dispatch modes that count distinct (token, rank) pairs
+    token_source: list[np.ndarray] = field(default_factory=list)
+    token_experts: list[np.ndarray] = field(default_factory=list)
 
 
 BIAS_REFRESH_STEPS = 8
@@ -574,7 +564,8 @@ def _scores(x: GateInput, t: int, rng: np.random.Generator) -> np.ndarray:
     log preferences (so a top-k of them is a Plackett-Luce draw)."""
     if x.weights is not None:
         return synthetic_router_logits(x.weights, t, rng)
-    return np.log(x.probs) + rng.gumbel(size=(t, len(x.probs)))
+    with np.errstate(divide="ignore"):  # p = 0: logit -inf, never chosen
+        return np.log(x.probs) + rng.gumbel(size=(t, len(x.probs)))
 
 
 def _topk_assign(x: GateInput, t: int, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
@@ -655,6 +646,8 @@ def route_layer(
     kept = np.zeros((n_src, n_experts), dtype=np.int64)
     dropped = np.zeros((n_groups, n_experts), dtype=np.int64)
     routed = 0
+    token_source: list[np.ndarray] = []
+    token_experts: list[np.ndarray] = []
     weights = router_weights(d_model, n_experts, rng) if cfg.distribution == "router" else None
     gate = GATES[cfg.gating]
     offset = 0
@@ -689,5 +682,7 @@ def route_layer(
             cap = int(np.ceil(cfg.capacity_factor * t * top_k / n_experts))
             keep &= gating.drop_over_capacity(experts, cap, n_experts, cfg.drop_priority)
         kept += gating.counts_by_source(experts, keep, source, n_src, n_experts)
+        token_source.append(source)
+        token_experts.append(np.where(keep, experts, -1))
         dropped[g] = np.bincount(experts[(experts >= 0) & ~keep], minlength=n_experts)
-    return LayerRouting(kept, dropped, routed, probs, history)
+    return LayerRouting(kept, dropped, routed, probs, history, token_source, token_experts)

@@ -32,23 +32,17 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from moesim import catalog
-from moesim.config.scenario import (
-    Scenario,
-    ScenarioError,
-    _format_validation_error,
-    apply_overrides,
-    read_yaml,
-    scenario_from_dict,
-)
+from moesim.config.constraints import check_constraint
+from moesim.config.plan import PlanSpec
+from moesim.config.plan import load_plan as load_plan  # re-exported
+from moesim.config.scenario import Scenario, ScenarioError, apply_overrides, scenario_from_dict
 from moesim.cost.ops import (
-    Bytes,
     attention_ops,
     ffn_ops,
     kv_cache_bytes_per_token,
@@ -62,9 +56,9 @@ from moesim.cost.weights import (
     embedding_params_per_device,
     expert_params_per_shard,
 )
-from moesim.plan.layout import layout, split_evenly
+from moesim.plan.layout import dtype_bytes, layout, split_evenly
 from moesim.results.collect import Result
-from moesim.studies.sweep import check_constraint, flatten
+from moesim.studies.sweep import flatten
 
 HOUR_S = 3600.0
 TIMELINE_DEVICE_LAYERS = 2048
@@ -74,123 +68,6 @@ PLAN_KEYS = ("devices", "device", "price_per_device_hour_usd", "cost_per_hour_us
 them (its ``devices`` counts one instance)."""
 CLOSEST_PRUNED = 3
 """Bound-pruned candidates simulated anyway when nothing is feasible (to name the closest)."""
-
-
-class Target(BaseModel):
-    """Bounds on one summary metric: ``min`` (throughput-like) and / or ``max`` (latency-like)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    min: float | None = None
-    max: float | None = None
-
-    @model_validator(mode="after")
-    def _one(self) -> Target:
-        if self.min is None and self.max is None:
-            raise ValueError("a target needs min, max or both")
-        return self
-
-
-class Budget(BaseModel):
-    """Limits a candidate must respect besides the targets (checked before simulating where the
-    number is known then)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    max_cost_per_hour_usd: float | None = Field(None, gt=0)
-    max_devices: int | None = Field(None, gt=0)
-    max_cost_per_million_tokens_usd: float | None = Field(None, gt=0)
-
-
-class Confirm(BaseModel):
-    """Re-simulate the best screened candidates at a higher fidelity."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    fidelity: Literal["des", "analytic"] = "des"
-    top: int = Field(2, ge=0, description="candidates confirmed per round (0: no confirmation)")
-    rounds: int = Field(
-        3, ge=1, description="rounds while the best feasible candidate is unconfirmed"
-    )
-
-
-class Prune(BaseModel):
-    """Which certain-to-fail candidates are skipped before simulating."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    memory: bool = Field(True, description="memory lower bound above device capacity")
-    bound: bool = Field(True, description="step-time lower bound already misses a target")
-
-
-Objective = Literal["cost_per_hour_usd", "cost_per_million_tokens_usd", "energy_per_token_j"]
-
-
-class PlanSpec(BaseModel):
-    """A plan file (``moesim plan PLAN.yaml``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str = "plan"
-    description: str = ""
-    base: str | dict[str, Any] = Field(
-        description="scenario file (relative to the plan file) or an inline scenario"
-    )
-    overrides: dict[str, Any] = Field(
-        default_factory=dict, description="dotted-path overrides applied to every candidate"
-    )
-    candidates: dict[str, list[Any]] = Field(
-        min_length=1,
-        description="dotted scenario paths and the values to try, combined as a grid, e.g. "
-        "{cluster.device: [h100-sxm, a100-sxm-80gb], cluster.nodes: [1, 2], "
-        "parallelism.ep: [4, 8]}",
-    )
-    constraints: list[str] = Field(
-        default_factory=list, description="sweep-style expressions; false: not a candidate"
-    )
-    targets: dict[str, Target] = Field(
-        min_length=1,
-        description="summary metric -> {min, max}, e.g. {tokens_per_s: {min: 20000}, "
-        "step_time_s: {max: 0.05}}; also cost_per_million_tokens_usd, energy_per_token_j",
-    )
-    objective: Objective = Field(
-        "cost_per_hour_usd", description="what 'cheapest' minimises among feasible candidates"
-    )
-    throughput_metric: str = Field(
-        "tokens_per_s",
-        description="summary metric that is tokens per second (cost per million tokens, "
-        "energy per token, Pareto frontier); serving runs may use throughput_tokens_per_s",
-    )
-    budget: Budget = Budget()
-    prices: dict[str, float] = Field(
-        default_factory=dict,
-        description="USD per device-hour by device name; overrides moesim/catalog/prices.yaml",
-    )
-    screen_fidelity: Literal["analytic", "des"] = "analytic"
-    confirm: Confirm = Confirm()
-    prune: Prune = Prune()
-    report_top: int = Field(5, ge=1, description="candidates in the breakdown plot")
-    seed: int = Field(0, ge=0, description="one seed for every candidate (common random numbers)")
-
-
-# -- loading ----------------------------------------------------------------------------------
-def load_plan(path: str | Path) -> tuple[PlanSpec, dict[str, Any]]:
-    """Read a plan file and its base scenario mapping; raises :class:`ScenarioError`."""
-    path = Path(path)
-    data = read_yaml(path)
-    if not isinstance(data, dict):
-        raise ScenarioError("", "a plan must be a YAML mapping", str(path))
-    try:
-        spec = PlanSpec.model_validate(data)
-    except ValidationError as err:
-        where, reason = _format_validation_error(err)
-        raise ScenarioError(where, reason, str(path)) from None
-    for axis, values in spec.candidates.items():
-        if not values:
-            raise ScenarioError(f"candidates.{axis}", "no values", str(path))
-    if isinstance(spec.base, str):
-        base_path = (path.parent / spec.base).resolve()
-        if not base_path.exists():
-            raise ScenarioError("base", f"scenario file {spec.base} not found", str(path))
-        base = read_yaml(base_path)
-    else:
-        base = dict(spec.base)
-    return spec, base
 
 
 def price_per_device_hour_usd(spec: PlanSpec, device: str) -> float:
@@ -210,16 +87,6 @@ def price_per_device_hour_usd(spec: PlanSpec, device: str) -> float:
 
 
 # -- bounds -----------------------------------------------------------------------------------
-def _bytes(sc: Scenario) -> Bytes:
-    dt = sc.workload.dtypes
-    return Bytes(
-        dt.bytes_of("weights"),
-        dt.bytes_of("expert_weights"),
-        dt.bytes_of("activations"),
-        dt.bytes_of("kv_cache"),
-    )
-
-
 def total_devices(sc: Scenario) -> int:
     """Devices paid for: the cluster, times the serving instances (replicas, or prefill plus
     decode pools) when a run has several."""
@@ -241,7 +108,7 @@ def memory_lower_bound_bytes(sc: Scenario) -> float:
     state. Activations (>= 0) are left out, so the true need is at least this."""
     m, par, wl = sc.model, sc.parallelism, sc.workload
     n_dev, tp = sc.cluster.n_devices, par.tp
-    b = _bytes(sc)
+    b = dtype_bytes(sc)
     weights = (
         sum(dense_params_per_device(m, i, tp) for i in range(m.n_layers))
         + embedding_params_per_device(m, tp)
@@ -270,7 +137,7 @@ def step_time_lower_bound_s(sc: Scenario) -> float:
     beat the roofline's efficiencies)."""
     m, par, wl, dev = sc.model, sc.parallelism, sc.workload, sc.cluster.device
     n_dev, tp = sc.cluster.n_devices, par.tp
-    b, cdt = _bytes(sc), wl.dtypes.compute
+    b, cdt = dtype_bytes(sc), wl.dtypes.compute
     lay = layout(sc)
     new, context = lay.new_per_seq, lay.context
     tokens_dp, tokens_dev, seqs_dev, tokens_att = (
