@@ -9,7 +9,6 @@ import io
 from functools import cache
 from importlib import resources
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
