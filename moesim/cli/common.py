@@ -8,8 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from moesim.config.loading import parse_yaml
-from moesim.config.scenario import ScenarioError
+from moesim.config.errors import ScenarioError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 70
@@ -29,6 +28,8 @@ def fmt_s(seconds: float) -> str:
 
 def parse_set(item: str) -> tuple[str, object]:
     """One ``--set PATH=VALUE``: the dotted path and the value parsed as YAML."""
+    from moesim.config.loading import parse_yaml
+
     if "=" not in item:
         raise ScenarioError(item, "expects PATH=VALUE, e.g. workload.batch_size=64", "--set")
     path, value = item.split("=", 1)

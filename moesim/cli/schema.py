@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 
-from moesim.config.plan import PlanSpec
-from moesim.config.scenario import Scenario
-from moesim.config.sweep import SweepSpec
-
 NAME = "schema"
-SCHEMAS = {"scenario": Scenario, "sweep": SweepSpec, "plan": PlanSpec}
+SCHEMAS = {
+    "scenario": "moesim.config.scenario:Scenario",
+    "sweep": "moesim.config.sweep:SweepSpec",
+    "plan": "moesim.config.plan:PlanSpec",
+}
+"""File kind -> its input model (module:class, imported only when printed)."""
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -33,5 +35,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Print the schema as indented JSON."""
-    print(json.dumps(SCHEMAS[args.kind].model_json_schema(), indent=2))
+    module, name = SCHEMAS[args.kind].split(":")
+    model = getattr(importlib.import_module(module), name)
+    print(json.dumps(model.model_json_schema(), indent=2))
     return 0
