@@ -264,7 +264,7 @@ def collect(engine: Engine | AnalyticEngine) -> Result:
         "energy_j": energy,
         "pim": pim,
         "all_to_all_bytes": float(
-            sum(lp.dispatch.total_bytes * 2 if lp.moe else 0.0 for lp in plan.layers)
+            sum(lp.all_to_all_bytes if lp.moe else 0.0 for lp in plan.layers)
         ),
         "sim": {
             "wall_s": engine.wall_s,
