@@ -227,6 +227,11 @@ class GpuSpec(Spec):
         description="experts run as one grouped launch (GPU grouped GEMM); false: one "
         "launch per active expert and projection (a loop over experts, as numpy does)",
     )
+    sm_count: PositiveInt | None = Field(
+        None,
+        description="streaming multiprocessors; with parallelism.comm_sms, the share of the "
+        "GPU that overlapped communication kernels take from compute (None: not modelled)",
+    )
     intra_node_link: str = "nvlink4"
     intra_node_topology: Literal["nvswitch", "full_mesh", "ring", "pcie", "bus"] = "nvswitch"
     power_w: float | None = None

@@ -139,6 +139,9 @@ class WorkloadPlan:
     tier_memory_bytes: np.ndarray | None = None  # offloaded experts (moesim/plan/tiers.py)
     sub_plans: list[WorkloadPlan] = field(default_factory=list)  # pim.sub_batches halves
     warnings: list[str] = field(default_factory=list)  # likely scenario mistakes, in the summary
+    pipeline: PipelinePlan | None = None  # stages and micro-batches (moesim/plan/pipeline.py)
+    draft: list[LayerPlan] = field(default_factory=list)  # MTP module's layer (moesim/plan/mtp.py)
+    draft_lm_head_s: np.ndarray | None = None
 
     def measured_fraction(self) -> float:
         """Share of all devices' compute seconds that came from measured kernel tables."""
@@ -154,6 +157,40 @@ class WorkloadPlan:
     @property
     def memory_used_bytes(self) -> np.ndarray:
         return sum(self.memory_bytes.values())  # type: ignore[return-value]
+
+
+@dataclass
+class PipelinePlan:
+    """Pipeline stages and micro-batches of a step (:mod:`moesim.plan.pipeline`).
+
+    Stage ``s`` runs on the devices ``masks[s]``; ``chunks[s][c]`` are the layer indices of
+    its chunk ``c`` (one chunk, or ``virtual_stages`` interleaved, or DualPipe's two
+    directions). ``send[s]`` carries one micro-batch's activations from each device of stage
+    ``s`` to the device at the same position of stage ``s + 1`` (``reversed()``: the other
+    way). ``grad_reduce[s]`` / ``param_gather[s]``: stage ``s``'s collectives after its last
+    backward."""
+
+    pp: int
+    micro_batches: int
+    schedule: str
+    masks: list[np.ndarray]
+    chunks: list[list[tuple[int, ...]]]
+    send: dict[tuple[int, int], Traffic]
+    layers: list[dict[int, LayerPlan]] = field(default_factory=list)  # per stage, by index
+    backward: list[dict[int, BackwardLayer]] = field(default_factory=list)
+    combine: list[dict[int, Traffic]] = field(default_factory=list)  # training, per stage
+    overlap: bool = False  # two_batch: micro-batches interleaved, all-to-alls under compute
+    grad_reduce: list[list[Traffic]] = field(default_factory=list)
+    param_gather: list[list[Traffic]] = field(default_factory=list)
+    optimizer_s: list[np.ndarray] = field(default_factory=list)
+
+
+def embedding_copies(tied: bool, layers: tuple[int, ...] | range, n_layers: int) -> int:
+    """Embedding matrices a stage holding ``layers`` keeps: the input embedding on the
+    stage with layer 0, the output projection on the stage with the last layer; tied
+    embeddings are one matrix, kept by both end stages when they differ (Megatron-LM)."""
+    first, last = 0 in layers, (n_layers - 1) in layers
+    return int(first or last) if tied else int(first) + int(last)
 
 
 @dataclass
