@@ -4,6 +4,7 @@ and the error handler that turns bad input into one line and exit code 2."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -108,13 +109,17 @@ def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}" if math.isfinite(value) else ""
+    return str(value)
+
+
 def markdown(df) -> str:
+    """A DataFrame as a markdown table (missing numbers, as in failed points, left blank)."""
     head = "| " + " | ".join(map(str, df.columns)) + " |"
     rule = "|" + "---|" * len(df.columns)
-    rows = [
-        "| " + " | ".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in r) + " |"
-        for r in df.itertuples(index=False)
-    ]
+    rows = ["| " + " | ".join(map(_cell, r)) + " |" for r in df.itertuples(index=False)]
     return "\n".join([head, rule, *rows])
 
 

@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     if not args.quiet:
-        print(summary.head(args.top).to_string(index=False))
+        print(summary.head(args.top).to_string(index=False, na_rep="-"))
         print(
             f"ran               {len(table) - done_before} points in {wall:.1f} s "
             f"({failed} failed); results in {run.results_path}, plots in {plots}/"
