@@ -106,9 +106,10 @@ def test_crossover_closed_form_matches_the_simulator(units):
         assert (on_pim.step_time_s < on_gpu.step_time_s) == pim_wins
     assert on_gpu.summary["pim"]["token_threshold"] is None
     plan = build_plan(one_expert(1, "by_batch", units))
-    from moesim.plan.pim import plan_bytes, token_threshold
+    from moesim.plan.layout import dtype_bytes
+    from moesim.plan.pim import token_threshold
 
-    assert token_threshold(plan.scenario, 14336, plan_bytes(plan.scenario)) == lo
+    assert token_threshold(plan.scenario, 14336, dtype_bytes(plan.scenario)) == lo
 
 
 def test_weights_that_do_not_fit_on_a_cim_part_name_device_and_shortfall(capsys):

@@ -321,6 +321,15 @@ class RoutingConfig(Config):
     )
     bias_balancing: BiasBalancingConfig = BiasBalancingConfig()
     shuffle_hot_experts: bool = Field(True, description="permute which experts are hot per layer")
+    dispatch: Literal["auto", "pairs", "per_rank", "per_node"] = Field(
+        "auto",
+        description="what the all-to-all sends: pairs (one row per token and expert, DeepEP's "
+        "low-latency kernels), per_rank (a token once per EP rank holding one of its experts, "
+        "Megatron's all-to-all dispatcher), per_node (once per destination node over the "
+        "network, then forwarded inside the node over NVLink: DeepEP's normal kernels); "
+        "auto: pairs in decode, per_node in prefill and training when an expert group spans "
+        "nodes, per_rank otherwise",
+    )
 
     @field_validator("zipf_s")
     @classmethod
@@ -486,6 +495,10 @@ class Scenario(Config):
         r = self.routing
         if r.distribution == "trace" and (r.trace is None or not Path(r.trace).exists()):
             raise ScenarioError("routing.trace", f"trace file {r.trace!r} not found")
+        if r.dispatch == "per_node" and r.global_routing:
+            raise ScenarioError(
+                "routing.dispatch", "per_node needs tokens to stay in their expert group"
+            )
         if r.gating == "expert_choice" and (r.node_limit or r.device_limit):
             raise ScenarioError("routing.gating", "expert_choice cannot be node/device limited")
         if r.replicate_hot > m.n_experts:

@@ -19,11 +19,18 @@ import time
 
 import numpy as np
 
-from moesim.engine.des import external_deps
 from moesim.engine.recorder import Recorder
 from moesim.network import Topology, build_topology
 from moesim.network.fluid import LinkStats, link_loads
-from moesim.plan.graph import COLLECTIVE, COMPUTE, GPU, Node, StepGraph, build_graph
+from moesim.plan.graph import (
+    COLLECTIVE,
+    COMPUTE,
+    GPU,
+    Node,
+    StepGraph,
+    build_graph,
+    external_deps,
+)
 from moesim.plan.types import Traffic, WorkloadPlan
 
 

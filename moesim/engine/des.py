@@ -23,7 +23,15 @@ from moesim.engine.recorder import CountingEnvironment, Recorder
 from moesim.network import FluidNetwork, Topology, build_topology
 from moesim.network.aggregate import FlowPattern, PatternCache
 from moesim.network.fluid import LinkStats
-from moesim.plan.graph import COLLECTIVE, COMPUTE, GPU, Node, StepGraph, build_graph
+from moesim.plan.graph import (
+    COLLECTIVE,
+    COMPUTE,
+    GPU,
+    Node,
+    StepGraph,
+    build_graph,
+    external_deps,
+)
 from moesim.plan.types import WorkloadPlan
 
 
@@ -41,26 +49,6 @@ class _Prepared:
     members: np.ndarray | None = None
     left: np.ndarray | None = None
     held: dict[int, list[int]] = field(default_factory=dict)
-
-
-def external_deps(graph: StepGraph) -> list[tuple[int, ...]]:
-    """Per node, the dependencies that graph order on its own stream does not already
-    satisfy: all but earlier compute nodes and blocking collectives of the same stream."""
-    nodes = graph.nodes
-    out = []
-    for node in nodes:
-        out.append(
-            tuple(
-                d
-                for d in node.deps
-                if not (
-                    node.stream is not None
-                    and nodes[d].stream == node.stream
-                    and (nodes[d].kind == COMPUTE or nodes[d].wait)
-                )
-            )
-        )
-    return out
 
 
 class Engine:

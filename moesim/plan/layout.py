@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moesim.config.scenario import Scenario
+from moesim.cost.ops import Bytes
 
 
 def split_evenly(total: np.ndarray | int, parts: int) -> np.ndarray:
@@ -22,6 +23,14 @@ def split_evenly(total: np.ndarray | int, parts: int) -> np.ndarray:
     total = np.asarray(total, dtype=np.int64)
     base, rem = np.divmod(total[..., None], parts)
     return base + (np.arange(parts) < rem)
+
+
+def dtype_bytes(sc: Scenario) -> Bytes:
+    """Bytes per element of weights, expert weights, activations and KV cache."""
+    dt = sc.workload.dtypes
+    return Bytes(
+        *(dt.bytes_of(k) for k in ("weights", "expert_weights", "activations", "kv_cache"))
+    )
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from moesim.config.scenario import Scenario, ScenarioError
 from moesim.cost.ops import Bytes, OpCost, expert_ops, kv_cache_bytes_per_token
 from moesim.cost.pim import crossover_tokens, internal_bytes, pim_op_time_s
 from moesim.cost.weights import expert_params_per_shard
-from moesim.plan.layout import layout
+from moesim.plan.layout import dtype_bytes, layout
 from moesim.plan.types import PimWork
 
 if TYPE_CHECKING:
@@ -221,7 +221,7 @@ def pim_summary(plan: WorkloadPlan, devices: pd.DataFrame) -> dict | None:
     expert_work = next((w for w in work if w.phase == "experts"), None)
     threshold = None
     if pc.policy in ("cold_experts", "by_batch") and expert_work is not None:
-        b = plan_bytes(sc)
+        b = dtype_bytes(sc)
         threshold = token_threshold(sc, sc.model.d_ff_expert / sc.parallelism.etp, b)
     return {
         "device": pc.device.name,
@@ -232,11 +232,3 @@ def pim_summary(plan: WorkloadPlan, devices: pd.DataFrame) -> dict | None:
         "max_used_bytes": float(used.max()),
         "capacity_bytes": float(pc.units_per_gpu * pc.device.capacity_bytes),
     }
-
-
-def plan_bytes(sc: Scenario) -> Bytes:
-    """Bytes per element of each tensor kind of the scenario's workload."""
-    dt = sc.workload.dtypes
-    return Bytes(
-        *(dt.bytes_of(k) for k in ("weights", "expert_weights", "activations", "kv_cache"))
-    )

@@ -28,7 +28,7 @@ import pandas as pd
 from moesim import catalog
 from moesim.config.resolve import resolve
 from moesim.network import Topology
-from moesim.plan.pim import plan_bytes
+from moesim.plan.layout import dtype_bytes
 from moesim.plan.types import WorkloadPlan
 
 PJ = 1e-12
@@ -57,7 +57,7 @@ def gpu_bytes_read(plan: WorkloadPlan) -> np.ndarray:
     m, par = sc.model, sc.parallelism
     n = plan.n_devices
     zeros = np.zeros(n)
-    b = plan_bytes(sc)
+    b = dtype_bytes(sc)
     expert_bytes = 3 * m.d_model * m.d_ff_expert / par.etp * b.expert_weights
     moe = [lp for lp in plan.layers if lp.moe]
     held = sum((lp.local_experts for lp in moe), zeros) * expert_bytes

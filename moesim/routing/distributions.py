@@ -212,6 +212,10 @@ class LayerRouting:
     routed_pairs: int
     probs: np.ndarray
     balance_history: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    # per-token routing only: each token's source device and kept experts (-1: none), one
+    # array per group, for dispatch modes that count distinct (token, rank) pairs
+    token_source: list[np.ndarray] = field(default_factory=list)
+    token_experts: list[np.ndarray] = field(default_factory=list)
 
 
 def _bias_history(
@@ -261,6 +265,8 @@ def route_layer(
     kept = np.zeros((n_src, n_experts), dtype=np.int64)
     dropped = np.zeros((n_groups, n_experts), dtype=np.int64)
     routed = 0
+    token_source: list[np.ndarray] = []
+    token_experts: list[np.ndarray] = []
     weights = router_weights(d_model, n_experts, rng) if cfg.distribution == "router" else None
     offset = 0
     for g in range(n_groups):
@@ -289,10 +295,13 @@ def route_layer(
             if cfg.gating == "expert_choice":
                 c = int(np.ceil((cfg.capacity_factor or 1.0) * t * top_k / n_experts))
                 tok, _ = gating.expert_choice_gate(logits, c)
-                np.add.at(
-                    kept, (source[tok.ravel()], np.repeat(np.arange(n_experts), tok.shape[1])), 1
-                )
+                chosen = np.repeat(np.arange(n_experts), tok.shape[1])
+                np.add.at(kept, (source[tok.ravel()], chosen), 1)
                 routed += tok.size
+                by_token = np.full((t, n_experts), -1, dtype=np.int64)
+                by_token[tok.ravel(), chosen] = chosen
+                token_source.append(source)
+                token_experts.append(by_token)
                 continue
             if limit_group_of_expert is not None:
                 limit = cfg.node_limit or cfg.device_limit
@@ -306,5 +315,7 @@ def route_layer(
         if cap is not None:
             keep &= gating.drop_over_capacity(experts, cap, n_experts, cfg.drop_priority)
         kept += gating.counts_by_source(experts, keep, source, n_src, n_experts)
+        token_source.append(source)
+        token_experts.append(np.where(keep, experts, -1))
         dropped[g] = np.bincount(experts[(experts >= 0) & ~keep], minlength=n_experts)
-    return LayerRouting(kept, dropped, routed, probs, history)
+    return LayerRouting(kept, dropped, routed, probs, history, token_source, token_experts)

@@ -43,7 +43,6 @@ from moesim.config.plan import PlanSpec
 from moesim.config.plan import load_plan as load_plan  # re-exported
 from moesim.config.scenario import Scenario, ScenarioError, apply_overrides, scenario_from_dict
 from moesim.cost.ops import (
-    Bytes,
     attention_ops,
     ffn_ops,
     kv_cache_bytes_per_token,
@@ -57,7 +56,7 @@ from moesim.cost.weights import (
     embedding_params_per_device,
     expert_params_per_shard,
 )
-from moesim.plan.layout import layout, split_evenly
+from moesim.plan.layout import dtype_bytes, layout, split_evenly
 from moesim.results.collect import Result
 from moesim.studies.sweep import flatten
 
@@ -88,16 +87,6 @@ def price_per_device_hour_usd(spec: PlanSpec, device: str) -> float:
 
 
 # -- bounds -----------------------------------------------------------------------------------
-def _bytes(sc: Scenario) -> Bytes:
-    dt = sc.workload.dtypes
-    return Bytes(
-        dt.bytes_of("weights"),
-        dt.bytes_of("expert_weights"),
-        dt.bytes_of("activations"),
-        dt.bytes_of("kv_cache"),
-    )
-
-
 def total_devices(sc: Scenario) -> int:
     """Devices paid for: the cluster, times the serving instances (replicas, or prefill plus
     decode pools) when a run has several."""
@@ -119,7 +108,7 @@ def memory_lower_bound_bytes(sc: Scenario) -> float:
     state. Activations (>= 0) are left out, so the true need is at least this."""
     m, par, wl = sc.model, sc.parallelism, sc.workload
     n_dev, tp = sc.cluster.n_devices, par.tp
-    b = _bytes(sc)
+    b = dtype_bytes(sc)
     weights = (
         sum(dense_params_per_device(m, i, tp) for i in range(m.n_layers))
         + embedding_params_per_device(m, tp)
@@ -148,7 +137,7 @@ def step_time_lower_bound_s(sc: Scenario) -> float:
     beat the roofline's efficiencies)."""
     m, par, wl, dev = sc.model, sc.parallelism, sc.workload, sc.cluster.device
     n_dev, tp = sc.cluster.n_devices, par.tp
-    b, cdt = _bytes(sc), wl.dtypes.compute
+    b, cdt = dtype_bytes(sc), wl.dtypes.compute
     lay = layout(sc)
     new, context = lay.new_per_seq, lay.context
     tokens_dp, tokens_dev, seqs_dev, tokens_att = (
