@@ -140,3 +140,46 @@ def test_readme_commands_name_real_files():
     for token in first_block.split():
         if token.startswith("scenarios/"):
             assert (ROOT / token).exists(), token
+
+
+def test_a_closed_pipe_is_quiet():
+    """``moesim catalog | head -1``: the reader closes the pipe; moesim exits 141 with nothing
+    on stderr (no BrokenPipeError traceback)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moesim", "catalog", "--sources"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        bufsize=0,
+    )
+    assert proc.stdout.read(1)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err
+
+
+def test_every_command_module_registers_and_explains_its_arguments():
+    """One module a command: each in COMMANDS registers itself, and every argument has help."""
+    import argparse
+
+    from moesim.cli import COMMANDS, build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert sorted(sub.choices) == sorted(c.NAME for c in COMMANDS)
+    for name, parser in sub.choices.items():
+        undocumented = [a.dest for a in parser._actions if not a.help]
+        assert not undocumented, (name, undocumented)
+
+
+@pytest.mark.parametrize("kind", ["scenario", "sweep", "plan"])
+def test_schema_of_each_file_kind(kind, capsys):
+    """``moesim schema KIND`` prints JSON Schema; sweep and plan fields all carry a description."""
+    assert main(["schema", kind]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    if kind == "scenario":
+        assert {"model", "cluster", "workload"} <= set(schema["properties"])
+        return
+    blocks = [schema, *schema.get("$defs", {}).values()]
+    for block in blocks:
+        for field, spec in block.get("properties", {}).items():
+            assert spec.get("description"), (kind, block.get("title"), field)
+    assert ("axes" if kind == "sweep" else "targets") in schema["required"]
