@@ -88,6 +88,16 @@ def add_set_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_study_arguments(
+    parser: argparse.ArgumentParser, name: str, out_help: str, resume_help: str
+) -> None:
+    """The study file, ``--out DIR``, ``--resume`` and the executor options (sweep, plan)."""
+    parser.add_argument(name, type=Path, help=f"{name} YAML (see scenarios/{name}s/)")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help=out_help)
+    parser.add_argument("--resume", action="store_true", help=resume_help)
+    add_executor_arguments(parser)
+
+
 def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
     """``--executor``, ``--address`` and ``--workers``, shared by sweep and plan."""
     parser.add_argument(
