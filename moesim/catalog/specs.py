@@ -22,6 +22,10 @@ DTYPE_BYTES: dict[str, float] = {
 }
 """Storage size of one element per dtype (int4 packs two values per byte)."""
 
+GEMM_TILE = 128
+"""Rows and columns of one GEMM output tile (BLOCK_M = BLOCK_N = 128 of the Hopper CUTLASS and
+DeepGEMM kernels), used to count tiles for ``GpuSpec.gemm_tiles_half``."""
+
 Dtype = Literal["fp32", "tf32", "fp16", "bf16", "fp8", "int8", "int4"]
 AttentionKind = Literal["softmax", "linear", "mla"]
 
@@ -67,6 +71,22 @@ class ModelSpec(Spec):
     kv_share_group: PositiveInt = Field(1, description="consecutive layers sharing one KV cache")
     mla: MLASpec | None = None
     tied_embeddings: bool = False
+    linear_output_gate: bool = Field(
+        False,
+        description="lightning-attention layers gate their output with a sigmoid of one more "
+        "d x (heads x head_dim) projection (MiniMax-01)",
+    )
+    lf_conv_width: int = Field(
+        0,
+        ge=0,
+        description="localized filtering (Yuan 2.0): two causal 1-D convolutions of this width "
+        "(d -> d/2 -> d) in front of each attention; 0 = none",
+    )
+    active_params_exclude: tuple[Literal["input_embedding", "lm_head"], ...] = Field(
+        (),
+        description="parts the published active count leaves out (model cards differ: "
+        "DeepSeek-V3 omits the input embedding, MiniMax-01 both embeddings)",
+    )
     total_params: float | None = Field(None, description="published total parameters")
     active_params: float | None = Field(None, description="published active parameters/token")
     sources: dict[str, str] = Field(default_factory=dict)
@@ -108,23 +128,83 @@ class GpuSpec(Spec):
         description="dense peak per compute dtype (no sparsity)"
     )
     compute_efficiency: float = Field(
-        0.7, gt=0, le=1, description="fraction of peak FLOP/s a large kernel reaches"
+        0.7,
+        gt=0,
+        le=1,
+        description="fraction of peak FLOP/s a large GEMM reaches (before the shape factors)",
+    )
+    compute_efficiency_by_dtype: dict[str, float] = Field(
+        default_factory=dict,
+        description="compute_efficiency for particular compute dtypes (e.g. fp8 GEMMs with "
+        "fine-grained scaling reach a smaller share of their peak)",
     )
     memory_efficiency: float = Field(
         0.8, gt=0, le=1, description="fraction of peak memory bandwidth a streaming kernel reaches"
     )
-    kernel_launch_s: float = Field(4e-6, ge=0, description="fixed cost per kernel")
+    kernel_launch_s: float = Field(
+        4e-6, ge=0, description="fixed cost per kernel without CUDA graphs (host dispatch)"
+    )
+    async_launch: bool = Field(
+        False,
+        description="the host enqueues kernels ahead of the device (GPU streams): a kernel costs "
+        "max(its roofline time, kernel_launch_s); false: the two add (synchronous calls, numpy)",
+    )
+    cuda_graphs_hide_launch: bool = Field(
+        False,
+        description="decode steps replay CUDA graphs: each kernel costs launch_s_with_graphs, "
+        "added to its time, instead of the host dispatch",
+    )
+    launch_s_with_graphs: float | None = Field(
+        None, ge=0, description="per-kernel gap inside a CUDA graph replay (None: kernel_launch_s)"
+    )
+    attention_efficiency: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="fraction of peak FLOP/s a long attention core reaches before its shape "
+        "factors (None: compute_efficiency)",
+    )
+    attention_keys_half: float = Field(
+        0.0,
+        ge=0,
+        description="keys per query at which the attention core's efficiency halves: "
+        "L / (L + attention_keys_half); 0 = no penalty",
+    )
+    attention_head_dim_half: float = Field(
+        0.0,
+        ge=0,
+        description="head dimension at which the attention core's efficiency halves: "
+        "hd / (hd + attention_head_dim_half); 0 = no penalty",
+    )
+    collective_launch_s: float = Field(
+        0.0,
+        ge=0,
+        description="fixed cost of a collective kernel, charged with each message's latency "
+        "(once for an all-to-all, at each step of a ring)",
+    )
     gemm_m_half: float = Field(
         0.0,
         ge=0,
         description="GEMM rows at which a GEMM reaches half its compute efficiency: "
-        "efficiency x m / (m + gemm_m_half); 0 = no small-GEMM penalty (calibrated on CPUs)",
+        "efficiency x m / (m + gemm_m_half); 0 = no small-GEMM penalty",
     )
     gemm_k_half: float = Field(
         0.0,
         ge=0,
         description="GEMM inner dimension at which efficiency halves: efficiency x "
-        "k / (k + gemm_k_half); 0 = no penalty (calibrated on CPUs)",
+        "k / (k + gemm_k_half); 0 = no penalty",
+    )
+    gemm_tiles_half: dict[str, float] = Field(
+        default_factory=dict,
+        description="per compute dtype, the output tiles (GEMM_TILE x GEMM_TILE) at which a GEMM "
+        "reaches half its compute and bandwidth efficiency: T / (T + half), T = ceil(m / 128) x "
+        "ceil(n / 128) (few tiles leave SMs idle); a dtype not listed has no tile penalty",
+    )
+    dequant_ops_per_weight: float = Field(
+        0.0,
+        ge=0,
+        description="vector (fp32) operations to dequantise one weight of a weight-only "
+        "quantised GEMM (int8/int4 weights, wider activations); 0 = not modelled",
     )
     fused_elementwise: bool = Field(
         True,
@@ -167,6 +247,19 @@ class GpuSpec(Spec):
         if unknown:
             raise ValueError(f"peak_flops_per_s has unknown dtypes {sorted(unknown)}")
         return self
+
+    def efficiency(self, dtype: str) -> float:
+        """Large-GEMM compute efficiency for ``dtype``."""
+        return self.compute_efficiency_by_dtype.get(dtype, self.compute_efficiency)
+
+    def with_graphs(self) -> GpuSpec:
+        """This device as a CUDA graph replay sees it (decode): the per-kernel gap
+        ``launch_s_with_graphs`` adds to each kernel instead of the host dispatch."""
+        if not self.cuda_graphs_hide_launch or self.launch_s_with_graphs is None:
+            return self
+        return self.model_copy(
+            update={"kernel_launch_s": self.launch_s_with_graphs, "async_launch": False}
+        )
 
     def flops_per_s(self, dtype: str) -> float:
         """Peak for ``dtype``; int4 and narrower run at the device's bf16 rate (dequantised)."""
@@ -253,7 +346,25 @@ class LinkSpec(Spec):
     description: str = ""
     bandwidth_bytes_per_s: PositiveFloat
     latency_s: float = Field(ge=0)
+    efficiency: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="fraction of bandwidth_bytes_per_s that transfers reach (protocol overhead, "
+        "measured); the topology builds links at bandwidth x efficiency",
+    )
+    message_overhead_s: float = Field(
+        0.0,
+        ge=0,
+        description="fixed cost per message (each step of a collective) on top of latency_s: "
+        "the kernel's flag handshake and protocol setup; the largest along a path is charged",
+    )
     energy_pj_per_bit: float = Field(
         0.0, ge=0, description="energy per bit carried, end to end of the hop (0 = not modelled)"
     )
     sources: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def effective_bandwidth_bytes_per_s(self) -> float:
+        """``bandwidth_bytes_per_s x efficiency``: what the topology's links carry."""
+        return self.bandwidth_bytes_per_s * self.efficiency

@@ -10,10 +10,21 @@ import argparse
 import sys
 
 from moesim._version import __version__
-from moesim.cli import calibrate, catalog, model, plan, routing, run, schema, sweep, validate
+from moesim.cli import (
+    calibrate,
+    catalog,
+    compare,
+    model,
+    plan,
+    routing,
+    run,
+    schema,
+    sweep,
+    validate,
+)
 from moesim.cli.common import handle_errors
 
-COMMANDS = [run, routing, calibrate, validate, model, sweep, plan, catalog, schema]
+COMMANDS = [run, compare, routing, calibrate, validate, model, sweep, plan, catalog, schema]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -77,6 +77,12 @@ def run(args: argparse.Namespace) -> int:
             f"{row['cost_per_hour_usd']:,.2f} USD/h, {row[spec.throughput_metric]:,.0f} "
             f"{spec.throughput_metric} ({row['fidelity']})"
         )
+        if spec.search == "max_rate":
+            print(
+                f"max rate          {row['max_rate_per_s']:,.4g} requests/s "
+                f"({row['max_rate_tokens_per_s']:,.0f} output tokens/s) within the targets; "
+                f"{row['max_rate_upper_per_s']:,.4g} requests/s fails"
+            )
     else:
         print("infeasible        no candidate meets every target")
         if focus is not None:

@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _serve_outputs(result, args: argparse.Namespace) -> int:
     """Print and write a serving run (``workload.phase: serve``)."""
-    from moesim.serving.simulation import print_serving_summary, write_serving_outputs
+    from moesim.serving.output import print_serving_summary, write_serving_outputs
 
     summary = {k: v for k, v in result.summary.items() if k != "scenario_resolved"}
     if args.json:

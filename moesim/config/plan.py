@@ -12,6 +12,7 @@ from pydantic import Field, field_validator, model_validator
 from moesim.config.constraints import parse_constraints
 from moesim.config.errors import ScenarioError
 from moesim.config.loading import did_you_mean, read_mapping, validate
+from moesim.config.serve import RateConfig
 from moesim.config.sweep import load_base
 from moesim.config.types import FiniteFloat, InputModel, NonNegativeFiniteFloat, PositiveFiniteFloat
 
@@ -131,6 +132,18 @@ class Prune(InputModel):
 Objective = Literal["cost_per_hour_usd", "cost_per_million_tokens_usd", "energy_per_token_j"]
 
 
+class MaxRateSearch(InputModel):
+    """``search: max_rate``: bisection on the arrival rate (``moesim/studies/max_rate.py``)."""
+
+    start_per_s: PositiveFiniteFloat | None = Field(
+        None, description="first rate tried (requests/s); default the scenario's rate"
+    )
+    rel_tol: float = Field(
+        0.02, gt=0, lt=1, description="stop when (upper - lower) / lower is at most this"
+    )
+    max_evaluations: int = Field(40, ge=2, le=1000, description="runs per candidate at most")
+
+
 class PlanSpec(InputModel):
     """A plan file (``moesim plan PLAN.yaml``)."""
 
@@ -176,6 +189,19 @@ class PlanSpec(InputModel):
     prune: Prune = Field(Prune(), description="pruning before simulating")
     report_top: int = Field(5, ge=1, le=100, description="candidates in the breakdown plot")
     seed: int = Field(0, ge=0, description="one seed for every candidate (common random numbers)")
+    demand: RateConfig | None = Field(
+        None,
+        description="serving: the load to serve, {requests_per_s: X} or {tokens_per_s: Y} "
+        "(output tokens); sets workload.serve.rate of every candidate, which must then also "
+        "be stable (serve all of it)",
+    )
+    search: Literal["cheapest", "max_rate"] = Field(
+        "cheapest",
+        description="cheapest: the lowest objective among feasible candidates; max_rate "
+        "(serving): each candidate's highest arrival rate that is stable and meets every "
+        "target, and the candidate with the highest",
+    )
+    max_rate: MaxRateSearch = Field(MaxRateSearch(), description="max_rate search options")
 
     @field_validator("targets")
     @classmethod

@@ -145,13 +145,31 @@ class DtypeConfig(Config):
     activations: Dtype = "bf16"
     kv_cache: Dtype = "bf16"
     compute: Dtype = "bf16"
+    dispatch: Dtype | None = Field(
+        None, description="activation rows the all-to-all sends to experts (default: activations)"
+    )
+    combine: Dtype | None = Field(
+        None, description="expert outputs the all-to-all sends back (default: activations)"
+    )
+    attention_compute: Dtype | None = Field(
+        None,
+        description="dtype the attention core computes in; default: bf16 when compute is fp8 "
+        "(FlashAttention-3 and FlashMLA run the core in BF16), else compute",
+    )
 
     def bytes_of(self, kind: str) -> float:
-        """Bytes per element of a tensor kind."""
+        """Bytes per element of a tensor kind (``dispatch``/``combine`` default to
+        ``activations``, ``expert_weights`` to ``weights``)."""
         dtype = getattr(self, kind)
-        if dtype is None and kind == "expert_weights":
-            dtype = self.weights
+        if dtype is None:
+            dtype = self.weights if kind == "expert_weights" else self.activations
         return DTYPE_BYTES[dtype]
+
+    def attention_compute_dtype(self) -> str:
+        """The attention core's compute dtype (see ``attention_compute``)."""
+        if self.attention_compute is not None:
+            return self.attention_compute
+        return "bf16" if self.compute == "fp8" else self.compute
 
 
 class TrainConfig(Config):
@@ -203,8 +221,23 @@ class WorkloadConfig(Config):
     """One forward step: ``prefill`` processes whole prompts, ``decode`` one token per sequence."""
 
     phase: Literal["prefill", "decode", "train", "serve"] = "prefill"
-    batch_size: PositiveInt | None = Field(
-        None, description="sequences in the step, whole cluster (required except for serve)"
+    batch_size: int | str | None = Field(
+        None,
+        description="sequences in the step, whole cluster (required except for serve, or "
+        "with batch_per_replica); max (decode): as many as the KV cache of every attention "
+        "replica holds at seq_len (moesim/plan/batch.py)",
+    )
+    batch_per_replica: PositiveInt | None = Field(
+        None,
+        description="sequences per attention data-parallel replica (devices / tp of them); "
+        "the cluster's batch is this times dp, so more devices serve more sequences",
+    )
+    kv_memory_utilization: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="batch_size max: share of device memory for weights and KV cache, the "
+        "rest left to activations and the runtime (vLLM gpu_memory_utilization default)",
     )
     seq_len: PositiveInt | None = Field(
         None,
@@ -229,11 +262,31 @@ class WorkloadConfig(Config):
                 data = {**data, section: {}}
         return data
 
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size(cls, value: Any) -> int | str | None:
+        """A positive integer, or ``max`` (one error message, not one per union member)."""
+        if value is None or value == "max":
+            return value
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("Input should be a positive integer or 'max'")
+        if value <= 0:
+            raise ValueError("Input should be greater than 0")
+        return value
+
     @model_validator(mode="after")
     def _phase_fields(self) -> WorkloadConfig:
         if self.phase == "serve":
             return self
+        if self.batch_size == "max" and self.phase != "decode":
+            raise ScenarioError("workload.batch_size", "max is for decode steps")
+        if self.batch_per_replica is not None and self.phase == "train":
+            raise ScenarioError("workload.batch_per_replica", "not for training steps")
         for key in ("batch_size", "seq_len"):
+            if key == "batch_size" and self.batch_per_replica is not None:
+                continue
             if getattr(self, key) is None:
                 raise ScenarioError(f"workload.{key}", f"Field required for phase {self.phase}")
         return self
@@ -314,12 +367,26 @@ class RoutingConfig(Config):
         description="replicate the k hottest experts of each layer on the least "
         "loaded EP ranks; their tokens split between replicas",
     )
+    replicas_per_hot: PositiveInt | Literal["proportional"] = Field(
+        1,
+        description="extra replicas each of the replicate_hot experts gets; proportional: "
+        "replicate_hot extra replicas in all, each to the expert with the most expected load "
+        "per copy (DeepSeek EPLB); training does not charge the replicas' gradient all-reduce",
+    )
     global_routing: bool = Field(
         False,
         description="MiniMax-01 global routing: tokens may go to an expert's replica in "
         "any expert-data-parallel group, split evenly, so groups share the load",
     )
     bias_balancing: BiasBalancingConfig = BiasBalancingConfig()
+    sampling: Literal["draw", "expected"] | None = Field(
+        None,
+        description="draw: sample which experts each token picks (per token, or multinomial "
+        "counts for large layers); expected: per-expert and per-pair loads from the routing "
+        "distribution's expectation, the hottest expert at the expected maximum load, no "
+        "sampling (token-choice top-k; other gates draw). None: draw for sim.fidelity des, "
+        "expected for analytic",
+    )
     shuffle_hot_experts: bool = Field(True, description="permute which experts are hot per layer")
     dispatch: Literal["auto", "pairs", "per_rank", "per_node"] = Field(
         "auto",
@@ -467,6 +534,11 @@ class Scenario(Config):
         if m.d_ff_expert % par.etp:
             raise ScenarioError("parallelism.etp", f"{par.etp} does not divide d_ff_expert")
         wl = self.workload
+        if wl.batch_per_replica is not None and wl.batch_size is not None:
+            # the cluster's batch is batch_per_replica x dp (moesim/plan/batch.py)
+            raise ScenarioError(
+                "workload.batch_per_replica", "give batch_size or batch_per_replica, not both"
+            )
         if wl.phase == "train":
             if wl.batch_size % (dp * wl.train.micro_batches):
                 raise ScenarioError(
@@ -480,7 +552,11 @@ class Scenario(Config):
                     "tree needs zero_stage 0: sharded optimizer states reduce-scatter and "
                     "all-gather over rings (NCCL has no tree reduce-scatter)",
                 )
-        if self.workload.phase == "decode" and self.workload.batch_size % dp:
+        if (
+            self.workload.phase == "decode"
+            and isinstance(self.workload.batch_size, int)
+            and self.workload.batch_size % dp
+        ):
             raise ScenarioError(
                 "workload.batch_size",
                 f"decode batch {self.workload.batch_size} not divisible "
@@ -567,6 +643,16 @@ def _format_validation_error(err: ValidationError) -> tuple[str, str]:
     return format_validation_error(err, Scenario)
 
 
+def cuda_graphs_in_decode(sc: Scenario) -> Scenario:
+    """A decode scenario as its engine runs it: the step replays CUDA graphs, so the device
+    costs ``launch_s_with_graphs`` per kernel (``GpuSpec.with_graphs``); others unchanged."""
+    dev = sc.cluster.device
+    if sc.workload.phase != "decode" or dev.with_graphs() is dev:
+        return sc
+    cluster = sc.cluster.model_copy(update={"device": dev.with_graphs()})
+    return sc.model_copy(update={"cluster": cluster})
+
+
 def scenario_from_dict(
     data: dict[str, Any], overrides: dict[str, Any] | None = None, file: str | None = None
 ) -> Scenario:
@@ -574,7 +660,7 @@ def scenario_from_dict(
     if not isinstance(data, dict):
         raise ScenarioError("", "a scenario must be a YAML mapping", file)
     data = apply_overrides(data, overrides or {})
-    return validate(Scenario, data, file, "scenario")
+    return cuda_graphs_in_decode(validate(Scenario, data, file, "scenario"))
 
 
 def _resolve_relative(data: Any, dotted: str, base: Path) -> None:

@@ -63,6 +63,12 @@ class SweepSpec(InputModel):
     )
     repetitions: int = Field(1, gt=0, description="runs per point with different seeds")
     seed: int = Field(0, ge=0, description="sweep seed; per-point seeds derive from it")
+    common_random_numbers: bool = Field(
+        False,
+        description="every point of a repetition runs on the same seed (the same routing draws "
+        "and request stream), so differences between points are the configuration's; false: "
+        "each point draws its own seed from its values",
+    )
 
     @field_validator("axes")
     @classmethod

@@ -72,7 +72,10 @@ def estimate_size(sc: Scenario) -> PlanSize:
         requests = 0
     else:
         tokens, passes, per_pass = 0, 1, 0
-        requests = int(getattr(serve, "n_requests", 0) or 0)
+        n = getattr(serve, "n_requests", 0) or 0
+        if n == "until_stable":  # grows by doubling up to its bound
+            n = serve.steady.max_requests
+        requests = int(n)
     moe_layers = m.n_layers - m.n_dense_layers
     if r.distribution == "trace":
         routing = per_pass * m.top_k * INT_BYTES

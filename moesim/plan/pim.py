@@ -29,7 +29,12 @@ import numpy as np
 from moesim import catalog
 from moesim.config.resolve import resolve
 from moesim.config.scenario import Scenario, ScenarioError
-from moesim.cost.ops import Bytes, OpCost, expert_ops, kv_cache_bytes_per_token
+from moesim.cost.ops import (
+    Bytes,
+    OpCost,
+    expert_ops,
+    kv_cache_bytes_per_token,
+)
 from moesim.cost.pim import crossover_tokens, internal_bytes, pim_op_time_s
 from moesim.cost.weights import expert_params_per_shard
 from moesim.plan.layout import dtype_bytes, layout

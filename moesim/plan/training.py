@@ -410,7 +410,7 @@ def training_summary(
     comm = sum(v for k, v in breakdown_s.items() if k in comm_phases)
     used = plan.memory_used_bytes
     worst = int(np.argmax(used))
-    a2a = sum(lp.dispatch.total_bytes * 2 for lp in plan.layers if lp.moe)
+    a2a = sum(lp.all_to_all_bytes for lp in plan.layers if lp.moe)
     passes = 3 if tr.full_recompute else 2  # forward, backward (and the recomputed forward)
     return {
         "mfu": tokens_per_s * tr.model_flops_per_token / (n * peak),

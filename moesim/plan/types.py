@@ -83,6 +83,7 @@ class LayerPlan:
     tp_shared_out: Traffic | None = None  # and their output reduce-scatter
     dispatch: Traffic | None = None
     dispatch_forward: Traffic | None = None  # per_node: forwarding inside the node after it
+    combine_scale: float = 1.0  # combine bytes over dispatch bytes (dtypes.combine / dispatch)
     measured_s: dict[str, np.ndarray] = field(default_factory=dict)
     expert_load: np.ndarray | None = None
     device_tokens: np.ndarray | None = None
@@ -98,7 +99,8 @@ class LayerPlan:
 
     @property
     def combine(self) -> Traffic | None:
-        return self.dispatch.reversed() if self.dispatch is not None else None
+        """The dispatch's network stage reversed, in the combine's dtype."""
+        return self.combine_stages()[-1] if self.dispatch is not None else None
 
     @property
     def dispatch_stages(self) -> list[Traffic]:
@@ -107,9 +109,16 @@ class LayerPlan:
             return []
         return [self.dispatch] + ([self.dispatch_forward] if self.dispatch_forward else [])
 
+    @property
+    def all_to_all_bytes(self) -> float:
+        """Bytes the dispatch and the combine move between devices, every stage."""
+        return sum(t.total_bytes for t in self.dispatch_stages) * (1.0 + self.combine_scale)
+
     def combine_stages(self) -> list[Traffic]:
         """The combine: the dispatch's stages reversed, in reverse order (new objects)."""
-        return [t.reversed() for t in reversed(self.dispatch_stages)]
+        scale = self.combine_scale
+        stages = [t.reversed() for t in reversed(self.dispatch_stages)]
+        return stages if scale == 1.0 else [t.scaled(scale) for t in stages]
 
 
 @dataclass

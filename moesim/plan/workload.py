@@ -51,6 +51,7 @@ from moesim.routing.placement import (
     share_matrix,
     split_integer,
 )
+from moesim.routing.sampling import sampling_mode
 
 
 def layer_generators(
@@ -220,7 +221,7 @@ def _route(ctx: _Context, layer_seed, moe_index: int):
         base_placement(m.n_experts, lay.ep, par.expert_placement, expected), lay.ep
     )
     if r.replicate_hot:
-        share = replicate_hot(share, expected, r.replicate_hot)
+        share = replicate_hot(share, expected, r.replicate_hot, r.replicas_per_hot)
     primary = np.argmax(share, axis=1)  # rank serving each expert for limited routing
     limit_groups = None
     if r.node_limit or r.device_limit:
@@ -228,7 +229,7 @@ def _route(ctx: _Context, layer_seed, moe_index: int):
         limit_groups = dev_of // sc.cluster.devices_per_node if r.node_limit else dev_of
     routing = route_layer(
         r, probs, m.top_k, m.d_model, lay.tokens_dev, lay.group, lay.edp, limit_groups,
-        moe_index, route_rng, ctx.trace,
+        moe_index, route_rng, ctx.trace, sampling=sampling_mode(ctx.sc),
     )  # fmt: skip
     return share, expected, routing
 
@@ -294,7 +295,8 @@ def _dispatch_traffic(
     the dispatch mode sends them (:mod:`moesim.plan.dispatch`); ``per_node`` also sets the
     intra-node forwarding stage (``lp.dispatch_forward``) and returns the network stage."""
     lay, r = ctx.lay, ctx.sc.routing
-    act_bytes_per_token = ctx.sc.model.d_model * ctx.b.activations
+    act_bytes_per_token = ctx.sc.model.d_model * ctx.b.dispatch
+    lp.combine_scale = ctx.b.combine / ctx.b.dispatch
     to_rank = rank_totals(kept, share)  # [source, rank]
     totals = kept.sum(axis=1)
     if r.global_routing:

@@ -18,8 +18,10 @@ def simulate(scenario: Scenario, progress: bool | None = None):
         return simulate_serving(scenario, progress=progress)
     from moesim.engine.analytic import AnalyticEngine
     from moesim.engine.des import Engine
+    from moesim.plan.batch import with_batch_resolved
     from moesim.plan.workload import build_plan
     from moesim.results.collect import collect
 
+    scenario = with_batch_resolved(scenario)  # batch_size: max
     engine_cls = AnalyticEngine if scenario.sim.fidelity == "analytic" else Engine
     return collect(engine_cls(build_plan(scenario), progress=progress).run())

@@ -104,7 +104,8 @@ def expand(spec: SweepSpec) -> list[Point]:
     points = []
     for values in combos:
         for rep in range(spec.repetitions):
-            digest = int.from_bytes(_digest(values, rep)[:8], "little")
+            shared = {} if spec.common_random_numbers else values
+            digest = int.from_bytes(_digest(shared, rep)[:8], "little")
             seed = int(np.random.SeedSequence([spec.seed, digest]).generate_state(1)[0])
             points.append(Point(len(points), values, rep, seed))
     return points
@@ -180,7 +181,7 @@ class SweepRun:
             "point": point.index,
             "key": point.key,
             "repetition": point.repetition,
-            "seed": point.seed,
+            "seed": point_overrides(self.spec, point)["sim.seed"],  # the seed used
             **point.values,
             **metrics,
         }
