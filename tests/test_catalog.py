@@ -47,6 +47,7 @@ PUBLISHED = {
     "hunyuan-large": (389e9, 52e9, "arXiv:2411.02265 abstract: 389B total, 52B activated"),
     "minimax-text-01": (456e9, 45.9e9, "arXiv:2501.08313 abstract: 456B total, 45.9B active"),
     "yuan2-m32": (40e9, 3.7e9, "arXiv:2405.17976 abstract: 40B total, 3.7B active"),
+    "gpt3-175b": (175.0e9, 175.0e9, "arXiv:2005.14165 Table 2.1: 175.0B, dense"),
 }
 
 

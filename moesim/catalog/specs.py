@@ -7,7 +7,7 @@ second, per direction), ``_flops_per_s``, ``_w``.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
@@ -119,7 +119,7 @@ class ModelSpec(Spec):
 class GpuSpec(Spec):
     """A GPU-like device: roofline constants plus its intra-node interconnect."""
 
-    type: Literal["gpu", "cpu"] = "gpu"
+    type: Literal["gpu", "cpu", "npu"] = "gpu"
     name: str = "custom-gpu"
     description: str = ""
     memory_bytes: PositiveFloat
@@ -227,6 +227,11 @@ class GpuSpec(Spec):
         description="experts run as one grouped launch (GPU grouped GEMM); false: one "
         "launch per active expert and projection (a loop over experts, as numpy does)",
     )
+    sm_count: PositiveInt | None = Field(
+        None,
+        description="streaming multiprocessors; with parallelism.comm_sms, the share of the "
+        "GPU that overlapped communication kernels take from compute (None: not modelled)",
+    )
     intra_node_link: str = "nvlink4"
     intra_node_topology: Literal["nvswitch", "full_mesh", "ring", "pcie", "bus"] = "nvswitch"
     power_w: float | None = None
@@ -273,28 +278,60 @@ class GpuSpec(Spec):
 
 class PimSpec(Spec):
     """A processing-in-memory part (``pim``: compute units beside the DRAM banks, e.g. HBM-PIM,
-    GDDR6-AiM) or a weight-stationary compute-in-memory accelerator (``cim``).
+    GDDR6-AiM, or on a stack's logic die) or a weight-stationary compute-in-memory part (``cim``).
 
-    One *unit* as attached to a GPU (a stack, a chip or a card); a scenario attaches
-    ``pim.units_per_gpu`` of them. Weights placed on it are read by its compute units at
-    ``internal_bandwidth_bytes_per_s`` (``cim``: in place, at no bandwidth cost); activations
-    cross ``external_bandwidth_bytes_per_s`` over ``host_link`` (see moesim/hardware/pim.py).
+    One *unit* as attached to a host (a stack, a chip, a card, or a device of several stacks);
+    a scenario attaches ``pim.units_per_gpu`` of them. Weights and KV cache placed on it are read
+    by its compute units at ``internal_bandwidth_bytes_per_s`` (``cim``: in place, at no
+    bandwidth cost); activations cross ``external_bandwidth_bytes_per_s`` over ``host_link``
+    (moesim/cost/pim.py). Where the papers describe the design per bank or per stack, the entry
+    gives ``stacks``, ``banks_per_stack`` and ``processing_units_per_stack``, and may give
+    ``bank_bandwidth_bytes_per_s`` / ``bank_flops_per_s`` instead of the unit totals:
+
+    ``internal_bandwidth = stacks x banks_per_stack x bank_bandwidth``,
+    ``peak_flops = stacks x banks_per_stack x bank_flops``, and
+    ``op/B = peak_flops / internal_bandwidth`` (:meth:`ops_per_byte`), the arithmetic intensity
+    at which the unit turns from bandwidth- to compute-bound.
     """
 
     type: Literal["pim", "cim"] = "pim"
     name: str = "custom-pim"
     description: str = ""
+    level: Literal["bank", "bank_group", "buffer_die", "logic_die", "array", "module"] = Field(
+        "bank",
+        description="where the compute sits: beside each bank, each bank group, on the "
+        "buffer (base) die, on a logic die with extra TSVs, inside the arrays (cim), or on a "
+        "separate module",
+    )
+    stacks: PositiveInt = Field(1, description="memory stacks or chips in one unit")
+    banks_per_stack: PositiveInt | None = Field(None, description="DRAM banks per stack")
+    processing_units_per_stack: PositiveInt | None = Field(
+        None, description="compute units per stack (per bank, per bank pair, per bank group...)"
+    )
     capacity_bytes: PositiveFloat
     internal_bandwidth_bytes_per_s: PositiveFloat | None = Field(
         None,
-        description="bank-level bandwidth seen by the compute units, all banks (pim; "
+        description="bandwidth the compute units see, all banks of all stacks (pim; "
         "weight-stationary cim parts keep operands in their arrays and need none)",
     )
+    bank_bandwidth_bytes_per_s: PositiveFloat | None = Field(
+        None, description="per bank; with banks_per_stack it gives internal_bandwidth"
+    )
     external_bandwidth_bytes_per_s: PositiveFloat = Field(
-        description="off-chip pin bandwidth per direction (activations in and out)"
+        description="off-chip pin bandwidth of the unit, per direction when full duplex, in "
+        "and out together when half duplex"
+    )
+    external_duplex: Literal["full", "half"] = Field(
+        "full",
+        description="half: the pins carry either direction at a time (a DRAM data bus), so "
+        "activations in and results out share one link; full: one link each way",
     )
     peak_flops_per_s: dict[str, PositiveFloat] = Field(
-        description="peak per supported compute dtype; other dtypes are not supported"
+        default_factory=dict,
+        description="peak per supported compute dtype; other dtypes are not supported",
+    )
+    bank_flops_per_s: dict[str, PositiveFloat] | None = Field(
+        None, description="per bank; with banks_per_stack it gives peak_flops_per_s"
     )
     compute_efficiency: float = Field(1.0, gt=0, le=1, description="fraction of peak FLOP/s")
     memory_efficiency: float = Field(
@@ -306,7 +343,12 @@ class PimSpec(Spec):
     weight_stationary: bool = Field(
         False, description="cim: weights stay in the compute arrays (no weight traffic)"
     )
-    host_link: str = Field(description="links.yaml entry joining the unit to its GPU")
+    host_link: str = Field(description="links.yaml entry joining the unit to its host")
+    host_device: str | None = Field(
+        None,
+        description="devices.yaml entry the design is built around (a GPU, or an NPU: "
+        "type npu); informative, the scenario's cluster.device is the host",
+    )
     energy_pj_per_bit_internal: float = Field(
         0.0, ge=0, description="bank to compute unit (the host link's energy covers the pins)"
     )
@@ -317,8 +359,36 @@ class PimSpec(Spec):
     idle_power_w: float = Field(0.0, ge=0, description="static power per unit")
     sources: dict[str, str] = Field(default_factory=dict)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _per_bank(cls, data: Any) -> Any:
+        """Unit totals from per-bank figures: ``stacks x banks_per_stack x per-bank``."""
+        if not isinstance(data, dict) or not data.get("banks_per_stack"):
+            return data
+        banks = data.get("stacks", 1) * data["banks_per_stack"]
+        data = dict(data)
+        bank_bw = data.get("bank_bandwidth_bytes_per_s")
+        if bank_bw is not None:
+            total = banks * bank_bw
+            given = data.get("internal_bandwidth_bytes_per_s")
+            if given is not None and abs(given - total) > 1e-9 * total:
+                raise ValueError(
+                    f"internal_bandwidth_bytes_per_s {given:g} != stacks x banks_per_stack x "
+                    f"bank_bandwidth_bytes_per_s = {total:g}"
+                )
+            data["internal_bandwidth_bytes_per_s"] = total
+        bank_flops = data.get("bank_flops_per_s")
+        if bank_flops:
+            data["peak_flops_per_s"] = {
+                **{k: banks * v for k, v in bank_flops.items()},
+                **(data.get("peak_flops_per_s") or {}),
+            }
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> PimSpec:
+        if not self.peak_flops_per_s:
+            raise ValueError("peak_flops_per_s (or bank_flops_per_s with banks_per_stack) needed")
         unknown = set(self.peak_flops_per_s) - set(DTYPE_BYTES)
         if unknown:
             raise ValueError(f"peak_flops_per_s has unknown dtypes {sorted(unknown)}")
@@ -334,9 +404,21 @@ class PimSpec(Spec):
             )
         return self.peak_flops_per_s[dtype]
 
+    def ops_per_byte(self, dtype: str) -> float:
+        """``peak_flops / internal_bandwidth``: FLOPs per byte the banks deliver at the
+        ridge point (Duplex calls it op/B); inf for a weight-stationary part."""
+        if self.internal_bandwidth_bytes_per_s is None:
+            return float("inf")
+        return self.flops_per_s(dtype) / self.internal_bandwidth_bytes_per_s
+
+    @property
+    def banks(self) -> int | None:
+        """Banks in one unit (None when the entry does not say)."""
+        return None if self.banks_per_stack is None else self.stacks * self.banks_per_stack
+
 
 DeviceSpec = Annotated[GpuSpec | PimSpec, Field(discriminator="type")]
-"""Union of device kinds, told apart by ``type``: ``gpu``/``cpu`` or ``pim``/``cim``."""
+"""Union of device kinds, told apart by ``type``: ``gpu``/``cpu``/``npu`` or ``pim``/``cim``."""
 
 
 class LinkSpec(Spec):

@@ -26,7 +26,7 @@ import networkx as nx
 import numpy as np
 
 from moesim.config.resolve import resolved_topology
-from moesim.config.scenario import ClusterConfig, PimConfig, TopologyConfig
+from moesim.config.scenario import ClusterConfig, PimConfig, TiersConfig, TopologyConfig
 
 ROUTE_TABLE_MAX_DEVICES = 512  # all-pairs route table up to here (512^2 x hops x 8 bytes)
 
@@ -227,8 +227,9 @@ def attach_pim(
     b: _Builder, t: dict[str, np.ndarray], n_devices: int, n: int, pim: PimConfig
 ) -> None:
     """A PIM node per device (``n{a}.d{j}.pim``: its ``units_per_gpu`` units) joined by one
-    link each way of kind ``pim``: ``units x min(unit pins, host link)`` bytes/s, the host
-    link's latency (moesim/hardware/pim.py). Links are appended after all others, so device
+    link each way of kind ``pim`` (one link both directions share when the unit's pins are
+    half duplex): ``units x min(unit pins, host link)`` bytes/s, the host link's latency
+    (moesim/cost/pim.py). Links are appended after all others, so device
     pairs route exactly as without PIM; ``t["pim_up"][g]`` / ``t["pim_down"][g]`` are the ids."""
     from moesim import catalog
     from moesim.cost.pim import link_bandwidth_bytes_per_s
@@ -240,15 +241,39 @@ def attach_pim(
         dev, unit = f"n{g // n}.d{g % n}", f"n{g // n}.d{g % n}.pim"
         b.graph.add_node(unit, kind="pim", device=g)
         t["pim_up"][g] = b.link(dev, unit, "pim", bw, link.latency_s)
-        t["pim_down"][g] = b.link(unit, dev, "pim", bw, link.latency_s)
+        if pim.device.external_duplex == "half":  # one shared link: in and out take turns
+            t["pim_down"][g] = t["pim_up"][g]
+        else:
+            t["pim_down"][g] = b.link(unit, dev, "pim", bw, link.latency_s)
+
+
+def attach_tiers(
+    b: _Builder, t: dict[str, np.ndarray], n_devices: int, n: int, tiers: TiersConfig
+) -> None:
+    """A memory-tier node per device (``n{a}.d{j}.tier``: where its offloaded experts live)
+    joined by one link of kind ``tier`` toward the device, at the slower of the tier's link
+    and its memory (moesim/cost/tiers.py); ``t["tier_fetch"][g]`` is its id. Appended after
+    all others, like the PIM links."""
+    from moesim.cost.tiers import fetch_bandwidth_bytes_per_s
+
+    bw = fetch_bandwidth_bytes_per_s(tiers.link, tiers.bandwidth_bytes_per_s)
+    t["tier_fetch"] = np.empty(n_devices, np.int64)
+    for g in range(n_devices):
+        dev, tier = f"n{g // n}.d{g % n}", f"n{g // n}.d{g % n}.tier"
+        b.graph.add_node(tier, kind="tier", device=g)
+        t["tier_fetch"][g] = b.link(tier, dev, "tier", bw, tiers.link.latency_s)
 
 
 def build_topology(
-    cluster: ClusterConfig, topo: TopologyConfig, pim: PimConfig | None = None
+    cluster: ClusterConfig,
+    topo: TopologyConfig,
+    pim: PimConfig | None = None,
+    tiers: TiersConfig | None = None,
 ) -> Topology:
     """Build the graph and routing tables for a cluster (defaults of ``topo`` resolved from
     the device: :func:`moesim.config.resolve.resolved_topology`); with ``pim``, each
-    device's PIM units too (:func:`attach_pim`)."""
+    device's PIM units too (:func:`attach_pim`), with ``tiers`` the memory tier its offloaded
+    experts come from (:func:`attach_tiers`)."""
     topo = resolved_topology(cluster, topo)
     nodes, n = cluster.nodes, cluster.devices_per_node
     intra_link, intra_kind = topo.intra_node_link, topo.intra_node
@@ -348,6 +373,8 @@ def build_topology(
                     t["leaf_down"][leaf] = b.link("spine", sw, "spine", uplink_bw, nl, nm)
     if pim is not None:
         attach_pim(b, t, nodes * n, n, pim)
+    if tiers is not None:
+        attach_tiers(b, t, nodes * n, n, tiers)
     return Topology(
         graph=b.graph,
         nodes=nodes,

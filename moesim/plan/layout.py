@@ -75,7 +75,8 @@ def layout(sc: Scenario) -> Layout:
     g = np.arange(n)
     dp = n // tp
     whole = wl.phase in ("prefill", "train")  # whole sequences, no KV cache before them
-    new_per_seq = wl.seq_len if whole else 1
+    # decode: one token per sequence, or the k + 1 a multi-token-prediction step verifies
+    new_per_seq = wl.seq_len if whole else 1 + (wl.mtp.draft_tokens if wl.mtp else 0)
     seqs_dp = split_evenly(wl.pass_batch_size, dp)
     return Layout(
         n_devices=n,
