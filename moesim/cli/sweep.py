@@ -7,7 +7,7 @@ import sys
 import time
 
 from moesim.cli.common import add_study_arguments, markdown, out_dir, positive_int
-from moesim.config.scenario import ScenarioError
+from moesim.config.errors import ScenarioError
 
 NAME = "sweep"
 

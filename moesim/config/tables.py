@@ -36,8 +36,9 @@ def resolve_kernel_table(path: str) -> Path:
 
 
 def read_csv(path: str | Path, where: str, columns: tuple[str, ...]) -> pd.DataFrame:
+    import pandas as pd
+
     """A CSV file with at least ``columns``; errors are :class:`ScenarioError` at ``where``."""
-    import pandas as pd  # only when a scenario names a data file
 
     try:
         text = read_text(path, "CSV file")
