@@ -29,13 +29,14 @@ def fmt_s(seconds: float) -> str:
 
 def parse_set(item: str) -> tuple[str, object]:
     """One ``--set PATH=VALUE``: the dotted path and the value parsed as YAML."""
+    from moesim.config.loading import parse_yaml
+
     if "=" not in item:
         raise ScenarioError(item, "expects PATH=VALUE, e.g. workload.batch_size=64", "--set")
     path, value = item.split("=", 1)
     path = path.strip()
     if not path or any(not part or part.startswith("_") for part in path.split(".")):
         raise ScenarioError(path, "a dotted path of field names, e.g. model.n_layers", "--set")
-    from moesim.config.loading import parse_yaml
 
     return path, parse_yaml(value, "--set", path)
 
