@@ -464,7 +464,7 @@ def test_common_random_numbers_sweep_gives_identical_routing_for_identical_confi
         "cluster": {"nodes": 1, "devices_per_node": 8, "device": "h100-sxm"},
         "parallelism": {"ep": 8},
         "workload": {"phase": "decode", "batch_size": 64, "seq_len": 512},
-        "routing": {"distribution": "zipf", "zipf_s": 1.0},
+        "routing": {"distribution": "zipf", "zipf_s": 1.0, "sampling": "draw"},
         "sim": {"fidelity": "analytic"},
     }
     tables = {}

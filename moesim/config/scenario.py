@@ -26,7 +26,27 @@ from pydantic import (
 from moesim import catalog
 from moesim.catalog.specs import DTYPE_BYTES, Dtype, GpuSpec, LinkSpec, ModelSpec, PimSpec
 from moesim.config.errors import ScenarioError
+from moesim.config.loading import did_you_mean, format_validation_error, read_yaml, validate
 from moesim.config.serve import ServeConfig
+from moesim.config.tables import read_kernel_table, read_routing_trace
+
+MAX_ZIPF_S = 100.0
+"""Largest Zipf exponent: rank^-100 already puts every token on the top experts."""
+
+
+def catalog_lookup(kind: str, name: Any, /, **overrides: Any) -> Any:
+    """``catalog.lookup`` with a did-you-mean for an unknown name, and a ``name`` override
+    renaming the entry (``{preset: mixtral-8x7b, name: mine}``)."""
+    if not isinstance(name, str):
+        raise ValueError(f"a catalog {kind[:-1]} name must be a string, not {type(name).__name__}")
+    known = catalog.names(kind)
+    if name not in known:
+        raise ValueError(
+            f"unknown {kind[:-1]} '{name}'{did_you_mean(name, known)}; known: {', '.join(known)}"
+        )
+    rename = overrides.pop("name", None)
+    spec = catalog.lookup(kind, name, **overrides)
+    return spec if rename is None else spec.model_copy(update={"name": str(rename)})
 
 
 def _resolver(kind: str):
@@ -35,7 +55,7 @@ def _resolver(kind: str):
 
     def resolve(value: Any) -> Any:
         if isinstance(value, str):
-            return catalog.lookup(kind, value)
+            return catalog_lookup(kind, value)
         if kind == "models" and isinstance(value, dict) and "hf_config" in value:
             from moesim.config.hf import load_hf_config
 
@@ -43,14 +63,14 @@ def _resolver(kind: str):
             return {**load_hf_config(value["hf_config"]), **overrides}
         if isinstance(value, dict) and "preset" in value:
             overrides = {k: v for k, v in value.items() if k != "preset"}
-            return catalog.lookup(kind, value["preset"], **overrides)
+            return catalog_lookup(kind, value["preset"], **overrides)
         return value
 
     return resolve
 
 
 class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ClusterConfig(Config):
@@ -271,7 +291,9 @@ class BiasBalancingConfig(Config):
     step, every expert's selection bias moves by ``rate`` toward the mean load."""
 
     steps: int = Field(0, ge=0, description="training steps simulated before this one")
-    rate: PositiveFloat = Field(0.001, description="bias update speed (gamma in the paper)")
+    rate: PositiveFloat = Field(
+        0.001, le=1.0, description="bias update speed (gamma in the paper), at most 1"
+    )
 
 
 class RoutingConfig(Config):
@@ -287,9 +309,13 @@ class RoutingConfig(Config):
     zipf_s: float | list[float] = Field(
         1.0, description="Zipf exponent; a list gives one per MoE layer (cycled)"
     )
-    dirichlet_alpha: PositiveFloat = Field(1.0, description="Dirichlet concentration")
+    dirichlet_alpha: PositiveFloat = Field(
+        1.0, le=1e6, description="Dirichlet concentration (at most 1e6: uniform by then)"
+    )
     hot_experts: int = Field(2, ge=1, description="hot: how many experts are hot")
-    hot_weight: PositiveFloat = Field(8.0, description="hot: preference of a hot vs a cold expert")
+    hot_weight: PositiveFloat = Field(
+        8.0, le=1e6, description="hot: preference of a hot vs a cold expert (at most 1e6)"
+    )
     hot_drift: int = Field(1, ge=0, description="hot: hot experts replaced per step")
     step: int = Field(0, ge=0, description="which step this is (hot drift, bias balancing)")
     trace: str | None = Field(
@@ -307,7 +333,10 @@ class RoutingConfig(Config):
         None, description="each token reaches at most this many devices"
     )
     capacity_factor: PositiveFloat | None = Field(
-        None, description="capacity per expert = ceil(cf * tokens * top_k / experts); None: no drop"
+        None,
+        le=1e3,
+        description="capacity per expert = ceil(cf * tokens * top_k / experts), at most 1e3 "
+        "(above experts / top_k nothing drops); None: no drop",
     )
     drop_priority: Literal["position", "choice"] = Field(
         "position",
@@ -332,14 +361,33 @@ class RoutingConfig(Config):
         "any expert-data-parallel group, split evenly, so groups share the load",
     )
     bias_balancing: BiasBalancingConfig = BiasBalancingConfig()
+    sampling: Literal["draw", "expected"] | None = Field(
+        None,
+        description="draw: sample which experts each token picks (per token, or multinomial "
+        "counts for large layers); expected: per-expert and per-pair loads from the routing "
+        "distribution's expectation, the hottest expert at the expected maximum load, no "
+        "sampling (token-choice top-k; other gates draw). None: draw for sim.fidelity des, "
+        "expected for analytic",
+    )
     shuffle_hot_experts: bool = Field(True, description="permute which experts are hot per layer")
+    dispatch: Literal["auto", "pairs", "per_rank", "per_node"] = Field(
+        "auto",
+        description="what the all-to-all sends: pairs (one row per token and expert, DeepEP's "
+        "low-latency kernels), per_rank (a token once per EP rank holding one of its experts, "
+        "Megatron's all-to-all dispatcher), per_node (once per destination node over the "
+        "network, then forwarded inside the node over NVLink: DeepEP's normal kernels); "
+        "auto: pairs in decode, per_node in prefill and training when an expert group spans "
+        "nodes, per_rank otherwise",
+    )
 
     @field_validator("zipf_s")
     @classmethod
     def _non_negative(cls, value: float | list[float]) -> float | list[float]:
         values = value if isinstance(value, list) else [value]
-        if not values or any(v < 0 for v in values):
-            raise ValueError("Zipf exponents must be >= 0 (and the list non-empty)")
+        if not values or any(not 0 <= v <= MAX_ZIPF_S for v in values):
+            raise ValueError(
+                f"Zipf exponents must be in [0, {MAX_ZIPF_S}] (and the list non-empty)"
+            )
         return value
 
     def zipf_for(self, moe_layer: int) -> float:
@@ -505,6 +553,10 @@ class Scenario(Config):
         r = self.routing
         if r.distribution == "trace" and (r.trace is None or not Path(r.trace).exists()):
             raise ScenarioError("routing.trace", f"trace file {r.trace!r} not found")
+        if r.dispatch == "per_node" and r.global_routing:
+            raise ScenarioError(
+                "routing.dispatch", "per_node needs tokens to stay in their expert group"
+            )
         if r.gating == "expert_choice" and (r.node_limit or r.device_limit):
             raise ScenarioError("routing.gating", "expert_choice cannot be node/device limited")
         if r.replicate_hot > m.n_experts:
@@ -521,17 +573,40 @@ class Scenario(Config):
                 raise ScenarioError("pim.policy", "PIM placement models prefill and decode only")
         return self
 
+    @model_validator(mode="after")
+    def _check_files(self) -> Scenario:
+        """Read the data files the scenario names now, so a bad one fails at load time."""
+        r, m = self.routing, self.model
+        if r.distribution == "trace" and r.trace is not None:
+            layers = read_routing_trace(r.trace)
+            top = max(int(ids.max()) for ids in layers)
+            if top >= m.n_experts:
+                raise ScenarioError(
+                    "routing.trace",
+                    f"{r.trace}: expert id {top} but the model has {m.n_experts} experts",
+                )
+            if min(ids.shape[1] for ids in layers) < m.top_k:
+                raise ScenarioError(
+                    "routing.trace", f"{r.trace}: fewer slots per token than top_k = {m.top_k}"
+                )
+        if self.cluster.device.kernel_table:
+            read_kernel_table(self.cluster.device.kernel_table)
+        return self
+
 
 def _set_dotted(data: dict[str, Any], path: str, value: Any) -> None:
     """Set ``a.b.c`` in nested dicts; a catalog name on the way becomes ``{preset: name}``."""
     keys = path.split(".")
     node = data
-    for key in keys[:-1]:
+    for i, key in enumerate(keys[:-1]):
         child = node.get(key)
         if isinstance(child, str):
             child = {"preset": child}
         elif child is None:
             child = {}
+        elif not isinstance(child, dict):
+            where = ".".join(keys[: i + 1])
+            raise ScenarioError(where, f"is a {type(child).__name__}, not a mapping")
         node[key] = child
         node = child
     node[keys[-1]] = value
@@ -546,16 +621,8 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
 
 
 def _format_validation_error(err: ValidationError) -> tuple[str, str]:
-    """First error as (dotted path, reason); the count of others appended to the reason."""
-    first = err.errors()[0]
-    loc = [str(p) for p in first["loc"] if not str(p).startswith("function-")]
-    reason = first["msg"].removeprefix("Value error, ")
-    if first.get("input") is not None and first["type"] == "extra_forbidden":
-        reason = "unknown key"
-    more = len(err.errors()) - 1
-    if more:
-        reason += f" (and {more} more error{'s' if more > 1 else ''})"
-    return ".".join(loc), reason
+    """First error of a scenario as (dotted path, reason), see ``format_validation_error``."""
+    return format_validation_error(err, Scenario)
 
 
 def scenario_from_dict(
@@ -565,14 +632,7 @@ def scenario_from_dict(
     if not isinstance(data, dict):
         raise ScenarioError("", "a scenario must be a YAML mapping", file)
     data = apply_overrides(data, overrides or {})
-    try:
-        return Scenario.model_validate(data)
-    except ValidationError as err:
-        path, reason = _format_validation_error(err)
-        raise ScenarioError(path, reason, file) from None
-    except ScenarioError as err:
-        err.file = file
-        raise
+    return validate(Scenario, data, file, "scenario")
 
 
 def _resolve_relative(data: Any, dotted: str, base: Path) -> None:
@@ -585,19 +645,6 @@ def _resolve_relative(data: Any, dotted: str, base: Path) -> None:
     value = block.get(key) if isinstance(block, dict) else None
     if isinstance(value, str) and not Path(value).is_absolute() and (base / value).exists():
         block[key] = str((base / value).resolve())
-
-
-def read_yaml(path: Path) -> Any:
-    """Parse a YAML file; a missing file or bad YAML is a one-line :class:`ScenarioError`."""
-    try:
-        return yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ScenarioError("", "file not found", str(path)) from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ScenarioError(where, f"invalid YAML: {problem}", str(path)) from None
 
 
 def load_scenario(path: str | Path, overrides: dict[str, Any] | None = None) -> Scenario:

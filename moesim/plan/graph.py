@@ -279,20 +279,43 @@ def _inference_layer(
     if lp.moe:
         graph.compute("router", cs["router"], i, after)
         graph.compute("permute", cs["permute"], i)
-        dispatch = graph.collective("dispatch", lp.dispatch, i, wait=False)
+        dispatch = _all_to_all(graph, "dispatch", lp.dispatch_stages, i, wait=False)
         if "shared_experts" in cs:
             _shared(graph, lp, "shared_experts", cs["shared_experts"])
         pim: tuple[int, ...] = ()
         if lp.pim is not None and lp.pim.phase == "experts":
             pim = _pim(graph, lp, (dispatch,), tables)  # PIM experts beside the GPU's
         graph.compute("experts", cs["experts"], i, (dispatch,))
-        graph.collective("combine", lp.combine, i, pim)
+        _all_to_all(graph, "combine", lp.combine_stages(), i, pim)
         graph.compute("unpermute", cs["unpermute"], i)
     else:
         graph.compute("dense_ffn", cs["dense_ffn"], i, after)
     if lp.tp_comm_after is not None:
         graph.collective("tp_comm", lp.tp_comm_after, i)
     return ()
+
+
+def _all_to_all(
+    graph: StepGraph,
+    phase: str,
+    stages: list[Traffic],
+    layer: int,
+    deps: tuple[int, ...] = (),
+    stream: str | None = GPU,
+    wait: bool = True,
+) -> int:
+    """An all-to-all of one or more stages (``per_node``: over the network, then forwarded
+    inside the node): the first issued by ``stream``, each next one by a device as soon as
+    its part of the previous one has arrived; with ``wait`` the stream waits for the last.
+    Returns the last stage's node."""
+    if len(stages) == 1:
+        return graph.collective(phase, stages[0], layer, deps, stream, wait)
+    last = graph.collective(phase, stages[0], layer, deps, stream, wait=False)
+    for traffic in stages[1:]:
+        last = graph.collective(phase, traffic, layer, (last,), stream=None)
+    if stream is not None and wait:
+        graph.compute(phase, None, layer, (last,), stream=stream)
+    return last
 
 
 def _shared(graph: StepGraph, lp: LayerPlan, phase: str, seconds, backward: bool = False):
@@ -329,20 +352,21 @@ def _moe_exchange(
     chunks = plan.train.chunks
     (p1, t1), (pw, sec), (p2, t2), (ps, side_s) = first, work, second, side
     if chunks == 1:
-        arrived = graph.collective(p1, t1, i, wait=False)
+        arrived = _all_to_all(graph, p1, t1, i, wait=False)
         _shared(graph, lp, ps, side_s, backward)
         graph.compute(pw, sec, i, (arrived,))
-        graph.collective(p2, t2, i)
+        _all_to_all(graph, p2, t2, i)
         return
-    t1, t2 = _chunk(graph, t1, chunks), _chunk(graph, t2, chunks)
-    got = [graph.collective(p1, t1, i, wait=False)]
+    t1 = [_chunk(graph, t, chunks) for t in t1]
+    t2 = [_chunk(graph, t, chunks) for t in t2]
+    got = [_all_to_all(graph, p1, t1, i, wait=False)]
     for _ in range(1, chunks):
-        got.append(graph.collective(p1, t1, i, (got[-1],), stream=None))
+        got.append(_all_to_all(graph, p1, t1, i, (got[-1],), stream=None))
     _shared(graph, lp, ps, side_s, backward)
     sent = got[-1]
     for c in range(chunks):
         done = graph.compute(pw, sec / chunks, i, (got[c],))
-        sent = graph.collective(p2, t2, i, (done, sent), stream=None)
+        sent = _all_to_all(graph, p2, t2, i, (done, sent), stream=None)
     graph.compute(p2, None, i, (sent,))  # the GPU waits for the last chunk's return
 
 
@@ -371,7 +395,7 @@ def _training_forward(graph: StepGraph, plan: WorkloadPlan, lp: LayerPlan, recom
         graph.compute(phase("permute"), cs["permute"], i)
         shared = cs.get("shared_experts", 0.0)
         _moe_exchange(
-            graph, plan, lp, ("dispatch", lp.dispatch), (phase("experts"), cs["experts"]),
+            graph, plan, lp, ("dispatch", lp.dispatch_stages), (phase("experts"), cs["experts"]),
             ("combine", plan.train.combine[i]), (phase("shared_experts"), shared),
         )  # fmt: skip
         graph.compute(phase("unpermute"), cs["unpermute"], i)
@@ -392,7 +416,8 @@ def _training_backward(graph: StepGraph, plan: WorkloadPlan, lp: LayerPlan, cs: 
         graph.compute("unpermute_bwd", cs["unpermute_bwd"], i)
         shared = cs.get("shared_experts_bwd", 0.0)
         _moe_exchange(
-            graph, plan, lp, ("combine_bwd", lp.dispatch), ("experts_bwd", cs["experts_bwd"]),
+            graph, plan, lp, ("combine_bwd", lp.dispatch_stages),
+            ("experts_bwd", cs["experts_bwd"]),
             ("dispatch_bwd", plan.train.combine[i]), ("shared_experts_bwd", shared), True,
         )  # fmt: skip
         graph.compute("permute_bwd", cs["permute_bwd"], i)

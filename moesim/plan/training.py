@@ -353,7 +353,7 @@ def add_training(plan: WorkloadPlan, b: Bytes) -> None:
         executed_flops=tr.micro_batches * (fwd_f + bwd_f + redo_f) * np.ones(plan.n_devices),
         dense_params=dense,
         expert_params=expert,
-        combine=[lp.combine for lp in plan.layers],
+        combine=[lp.combine_stages() for lp in plan.layers],
         layer_grad_reduce=layer_reduce,
     )
     n = plan.n_devices

@@ -82,6 +82,7 @@ class LayerPlan:
     tp_shared_in: Traffic | None = None  # shared experts' input all-gather (tp > 1)
     tp_shared_out: Traffic | None = None  # and their output reduce-scatter
     dispatch: Traffic | None = None
+    dispatch_forward: Traffic | None = None  # per_node: forwarding inside the node after it
     measured_s: dict[str, np.ndarray] = field(default_factory=dict)
     expert_load: np.ndarray | None = None
     device_tokens: np.ndarray | None = None
@@ -98,6 +99,17 @@ class LayerPlan:
     @property
     def combine(self) -> Traffic | None:
         return self.dispatch.reversed() if self.dispatch is not None else None
+
+    @property
+    def dispatch_stages(self) -> list[Traffic]:
+        """The dispatch's collectives in order (per_node: network, then inside the node)."""
+        if self.dispatch is None:
+            return []
+        return [self.dispatch] + ([self.dispatch_forward] if self.dispatch_forward else [])
+
+    def combine_stages(self) -> list[Traffic]:
+        """The combine: the dispatch's stages reversed, in reverse order (new objects)."""
+        return [t.reversed() for t in reversed(self.dispatch_stages)]
 
 
 @dataclass
@@ -173,7 +185,9 @@ class TrainingPlan:
     executed_flops: np.ndarray  # per device, whole step, recomputation included
     dense_params: np.ndarray  # per device
     expert_params: np.ndarray  # per device
-    combine: list[Traffic | None]  # per layer, built once (``LayerPlan.combine`` makes a new one)
+    combine: list[
+        list[Traffic]
+    ]  # per layer, its stages, built once (``combine_stages()`` makes new ones)
     # overlap_grad_reduce: per layer, the collectives of its gradient bucket (``grad_reduce``
     # then holds only the embeddings' and LM head's, run after the last backward)
     layer_grad_reduce: list[list[Traffic]] | None = None

@@ -20,16 +20,19 @@ step time, linear in tokens.
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from moesim import catalog
 from moesim.config.resolve import resolve
 from moesim.network import Topology
 from moesim.plan.layout import dtype_bytes
 from moesim.plan.types import WorkloadPlan
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PJ = 1e-12
 BITS_PER_BYTE = 8.0
@@ -71,13 +74,14 @@ def gpu_bytes_read(plan: WorkloadPlan) -> np.ndarray:
 def add_energy(
     plan: WorkloadPlan,
     topo: Topology,
-    devices: pd.DataFrame,
-    links: pd.DataFrame,
+    devices: pd.DataFrame | dict[str, Any],
+    links: pd.DataFrame | dict[str, Any],
     step_s: float,
 ) -> dict[str, Any]:
     """Add energy columns to ``devices`` (``gpu_*_j``, ``pim_*_j``, ``energy_j``: the GPU and
-    its PIM units) and ``links`` (``energy_j``); return the ``energy_j`` summary: ``total``,
-    ``per_token`` and the breakdown by kind, which sums to the total."""
+    its PIM units) and ``links`` (``energy_j``), DataFrames or columns by name; return the
+    ``energy_j`` summary: ``total``, ``per_token`` and the breakdown by kind, which sums to the
+    total."""
     sc = plan.scenario
     gpu = sc.cluster.device
     n = plan.n_devices
@@ -104,9 +108,10 @@ def add_energy(
     pj_per_bit = _link_pj_per_bit(plan, topo)
     links["energy_j"] = np.asarray(links["bytes_carried"], float) * BITS_PER_BYTE * pj_per_bit * PJ
     breakdown = {key.removesuffix("_j"): float(np.sum(v)) for key, v in parts.items()}
-    for kind, joules in links.groupby("kind")["energy_j"].sum().items():
-        breakdown[f"links_{kind}"] = float(joules)
-    total = float(devices["energy_j"].sum() + links["energy_j"].sum())
+    kinds, link_j = np.asarray(links["kind"]), np.asarray(links["energy_j"])
+    for kind in sorted(set(kinds.tolist())):
+        breakdown[f"links_{kind}"] = math.fsum(link_j[kinds == kind])  # correctly rounded
+    total = float(np.sum(devices["energy_j"]) + link_j.sum())
     return {
         "total": total,
         "per_token": total / plan.tokens if plan.tokens else 0.0,

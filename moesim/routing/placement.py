@@ -6,17 +6,24 @@ A placement is ``share[e, r]``: the fraction of expert ``e``'s tokens served by 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 
 def base_placement(n_experts: int, ep: int, kind: str, expected_load: np.ndarray) -> np.ndarray:
-    """Rank of each expert: ``contiguous`` (e // (E/ep)), ``round_robin`` (e % ep) or ``lpt``."""
-    e = np.arange(n_experts)
-    if kind == "contiguous":
-        return e // (n_experts // ep)
-    if kind == "round_robin":
-        return e % ep
-    return lpt_placement(expected_load, ep)
+    """Rank of each expert under the placement ``kind`` (a key of :data:`PLACEMENTS`)."""
+    return PLACEMENTS[kind](n_experts, ep, expected_load)
+
+
+def contiguous_placement(n_experts: int, ep: int, expected_load: np.ndarray) -> np.ndarray:
+    """``e // (E/ep)``: consecutive experts share a rank."""
+    return np.arange(n_experts) // (n_experts // ep)
+
+
+def round_robin_placement(n_experts: int, ep: int, expected_load: np.ndarray) -> np.ndarray:
+    """``e % ep``: experts dealt to ranks in turn."""
+    return np.arange(n_experts) % ep
 
 
 def lpt_placement(load: np.ndarray, ep: int) -> np.ndarray:
@@ -34,6 +41,15 @@ def lpt_placement(load: np.ndarray, ep: int) -> np.ndarray:
         total[r] += load[e]
         room[r] -= 1
     return rank
+
+
+PLACEMENTS: dict[str, Callable[[int, int, np.ndarray], np.ndarray]] = {
+    "contiguous": contiguous_placement,
+    "round_robin": round_robin_placement,
+    "lpt": lambda n_experts, ep, expected_load: lpt_placement(expected_load, ep),
+}
+"""Placement name (``parallelism.expert_placement``) -> ``(n_experts, ep, expected_load)`` ->
+rank of each expert."""
 
 
 def share_matrix(rank: np.ndarray, ep: int) -> np.ndarray:

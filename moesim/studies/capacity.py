@@ -32,22 +32,16 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from moesim import catalog
-from moesim.config.scenario import (
-    Scenario,
-    ScenarioError,
-    _format_validation_error,
-    apply_overrides,
-    read_yaml,
-    scenario_from_dict,
-)
-from moesim.config.serve import RateConfig
+from moesim.config.constraints import check_constraint
+from moesim.config.plan import PlanSpec
+from moesim.config.plan import load_plan as load_plan  # re-exported
+from moesim.config.scenario import Scenario, ScenarioError, apply_overrides, scenario_from_dict
 from moesim.cost.ops import (
     attention_ops,
     ffn_ops,
@@ -58,7 +52,7 @@ from moesim.cost.roofline import op_time_s
 from moesim.plan.batch import kv_bytes_per_seq, weights_bytes_per_device, with_batch_resolved
 from moesim.plan.layout import dtype_bytes, layout, split_evenly
 from moesim.results.collect import Result
-from moesim.studies.sweep import check_constraint, flatten
+from moesim.studies.sweep import flatten
 
 HOUR_S = 3600.0
 TIMELINE_DEVICE_LAYERS = 2048
@@ -68,149 +62,6 @@ PLAN_KEYS = ("devices", "device", "price_per_device_hour_usd", "cost_per_hour_us
 them (its ``devices`` counts one instance)."""
 CLOSEST_PRUNED = 3
 """Bound-pruned candidates simulated anyway when nothing is feasible (to name the closest)."""
-
-
-class Target(BaseModel):
-    """Bounds on one summary metric: ``min`` (throughput-like) and / or ``max`` (latency-like)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    min: float | None = None
-    max: float | None = None
-
-    @model_validator(mode="after")
-    def _one(self) -> Target:
-        if self.min is None and self.max is None:
-            raise ValueError("a target needs min, max or both")
-        return self
-
-
-class Budget(BaseModel):
-    """Limits a candidate must respect besides the targets (checked before simulating where the
-    number is known then)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    max_cost_per_hour_usd: float | None = Field(None, gt=0)
-    max_devices: int | None = Field(None, gt=0)
-    max_cost_per_million_tokens_usd: float | None = Field(None, gt=0)
-
-
-class Confirm(BaseModel):
-    """Re-simulate the best screened candidates at a higher fidelity."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    fidelity: Literal["des", "analytic"] = "des"
-    top: int = Field(2, ge=0, description="candidates confirmed per round (0: no confirmation)")
-    rounds: int = Field(
-        3, ge=1, description="rounds while the best feasible candidate is unconfirmed"
-    )
-
-
-class Prune(BaseModel):
-    """Which certain-to-fail candidates are skipped before simulating."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    memory: bool = Field(True, description="memory lower bound above device capacity")
-    bound: bool = Field(True, description="step-time lower bound already misses a target")
-
-
-Objective = Literal["cost_per_hour_usd", "cost_per_million_tokens_usd", "energy_per_token_j"]
-
-
-class MaxRateSearch(BaseModel):
-    """``search: max_rate``: bisection on the arrival rate (``moesim/studies/max_rate.py``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    start_per_s: float | None = Field(
-        None, gt=0, description="first rate tried (requests/s); default the scenario's rate"
-    )
-    rel_tol: float = Field(
-        0.02, gt=0, lt=1, description="stop when (upper - lower) / lower is at most this"
-    )
-    max_evaluations: int = Field(40, ge=2, description="runs per candidate at most")
-
-
-class PlanSpec(BaseModel):
-    """A plan file (``moesim plan PLAN.yaml``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str = "plan"
-    description: str = ""
-    base: str | dict[str, Any] = Field(
-        description="scenario file (relative to the plan file) or an inline scenario"
-    )
-    overrides: dict[str, Any] = Field(
-        default_factory=dict, description="dotted-path overrides applied to every candidate"
-    )
-    candidates: dict[str, list[Any]] = Field(
-        min_length=1,
-        description="dotted scenario paths and the values to try, combined as a grid, e.g. "
-        "{cluster.device: [h100-sxm, a100-sxm-80gb], cluster.nodes: [1, 2], "
-        "parallelism.ep: [4, 8]}",
-    )
-    constraints: list[str] = Field(
-        default_factory=list, description="sweep-style expressions; false: not a candidate"
-    )
-    targets: dict[str, Target] = Field(
-        min_length=1,
-        description="summary metric -> {min, max}, e.g. {tokens_per_s: {min: 20000}, "
-        "step_time_s: {max: 0.05}}; also cost_per_million_tokens_usd, energy_per_token_j",
-    )
-    objective: Objective = Field(
-        "cost_per_hour_usd", description="what 'cheapest' minimises among feasible candidates"
-    )
-    throughput_metric: str = Field(
-        "tokens_per_s",
-        description="summary metric that is tokens per second (cost per million tokens, "
-        "energy per token, Pareto frontier); serving runs may use throughput_tokens_per_s",
-    )
-    budget: Budget = Budget()
-    prices: dict[str, float] = Field(
-        default_factory=dict,
-        description="USD per device-hour by device name; overrides moesim/catalog/prices.yaml",
-    )
-    screen_fidelity: Literal["analytic", "des"] = "analytic"
-    confirm: Confirm = Confirm()
-    prune: Prune = Prune()
-    report_top: int = Field(5, ge=1, description="candidates in the breakdown plot")
-    demand: RateConfig | None = Field(
-        None,
-        description="serving: the load to serve, {requests_per_s: X} or {tokens_per_s: Y} "
-        "(output tokens); sets workload.serve.rate of every candidate, which must then also "
-        "be stable (serve all of it)",
-    )
-    search: Literal["cheapest", "max_rate"] = Field(
-        "cheapest",
-        description="cheapest: the lowest objective among feasible candidates; max_rate "
-        "(serving): each candidate's highest arrival rate that is stable and meets every "
-        "target, and the candidate with the highest",
-    )
-    max_rate: MaxRateSearch = MaxRateSearch()
-    seed: int = Field(0, ge=0, description="one seed for every candidate (common random numbers)")
-
-
-# -- loading ----------------------------------------------------------------------------------
-def load_plan(path: str | Path) -> tuple[PlanSpec, dict[str, Any]]:
-    """Read a plan file and its base scenario mapping; raises :class:`ScenarioError`."""
-    path = Path(path)
-    data = read_yaml(path)
-    if not isinstance(data, dict):
-        raise ScenarioError("", "a plan must be a YAML mapping", str(path))
-    try:
-        spec = PlanSpec.model_validate(data)
-    except ValidationError as err:
-        where, reason = _format_validation_error(err)
-        raise ScenarioError(where, reason, str(path)) from None
-    for axis, values in spec.candidates.items():
-        if not values:
-            raise ScenarioError(f"candidates.{axis}", "no values", str(path))
-    if isinstance(spec.base, str):
-        base_path = (path.parent / spec.base).resolve()
-        if not base_path.exists():
-            raise ScenarioError("base", f"scenario file {spec.base} not found", str(path))
-        base = read_yaml(base_path)
-    else:
-        base = dict(spec.base)
-    return spec, base
 
 
 def price_per_device_hour_usd(spec: PlanSpec, device: str) -> float:

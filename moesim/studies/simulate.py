@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from moesim.config.scenario import Scenario
+from moesim.plan.limits import check_size
 
 
 def simulate(scenario: Scenario, progress: bool | None = None):
     """Run one step of ``scenario`` (``sim.fidelity``: discrete-event or analytic); returns a
     ``Result`` with ``summary``, ``devices``, ``links`` and ``routing``. ``phase: serve`` runs
-    the request stream instead and returns a ``moesim.serving.simulation.ServeResult``."""
+    the request stream instead and returns a ``moesim.serving.simulation.ServeResult``.
+    Refuses a scenario whose estimated size exceeds ``moesim.plan.limits`` (ScenarioError)."""
+    check_size(scenario)
     if scenario.workload.phase == "serve":
         from moesim.serving.simulation import simulate_serving
 
