@@ -103,3 +103,17 @@ def test_auto_picks_the_kernel_a_deployment_would_use():
         update={"parallelism": _deepseek("auto", None).parallelism.model_copy(update={"ep": 8})}
     )
     assert dispatch_mode(one_node) == "per_rank"
+
+
+def test_fp8_dispatch_and_bf16_combine_move_one_and_two_bytes_a_value():
+    sc = _deepseek("per_node", None).model_copy()
+    data = sc.model_dump(mode="json")
+    data["workload"]["dtypes"] = {"dispatch": "fp8", "combine": "bf16"}
+    plan = build_plan(scenario_from_dict(data))
+    lp = next(lp for lp in plan.layers if lp.moe)
+    fwd = sum(t.total_bytes for t in lp.dispatch_stages)
+    back = sum(t.total_bytes for t in lp.combine_stages())
+    assert back == pytest.approx(2.0 * fwd, rel=1e-12)
+    assert lp.all_to_all_bytes == pytest.approx(3.0 * fwd, rel=1e-12)
+    bf16 = next(x for x in build_plan(_deepseek("per_node", None)).layers if x.moe)
+    assert fwd == pytest.approx(0.5 * sum(t.total_bytes for t in bf16.dispatch_stages), rel=1e-12)

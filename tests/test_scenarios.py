@@ -25,6 +25,10 @@ def test_scenario_runs(path):
         overrides["sim.trace"] = False
     if sc.workload.phase == "train":  # every layer runs forward, backward, per micro-batch
         overrides["model.n_layers"] = sc.model.n_dense_layers + 2
+    pp = sc.parallelism.pp
+    if pp > 1 and "model.n_layers" in overrides:  # fewer layers, still a layer per stage
+        overrides["model.n_layers"] = pp * -(-overrides["model.n_layers"] // pp)
+        overrides["parallelism.pp_layers"] = None
     result = simulate(load_scenario(path, overrides))
     s = result.summary
     assert s["step_time_s"] > 0 and s["tokens_per_s"] > 0

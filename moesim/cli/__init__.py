@@ -24,7 +24,7 @@ from moesim.cli import (
 )
 from moesim.cli.common import handle_errors
 
-COMMANDS = [run, routing, calibrate, validate, model, sweep, plan, compare, catalog, schema]
+COMMANDS = [run, compare, routing, calibrate, validate, model, sweep, plan, catalog, schema]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -80,6 +80,18 @@ def print_summary(summary: dict) -> None:
         f"{r['device_max_over_mean_load']:.3f}, drop rate {r['drop_rate']:.2%}, "
         f"cross-node {r['cross_node_fraction']:.1%}"
     )
+    if s.get("overlapped_comm_s") is not None:  # inference: what compute hides
+        a2a = s["breakdown_s"]["dispatch"] + s["breakdown_s"]["combine"]
+        print(
+            f"communication     exposed {fmt_s(s['exposed_comm_s'])} (all-to-all "
+            f"{a2a / step if step else 0:.1%} of the step), overlapped "
+            f"{fmt_s(s['overlapped_comm_s'])}; {s['tokens_per_s'] / s['devices']:,.0f} "
+            "tokens/s per device"
+        )
+    if "tpot_s" in s:
+        mtp = s.get("mtp")
+        extra = f" ({mtp['tokens_per_step']:.2f} tokens per sequence per step)" if mtp else ""
+        print(f"tpot              {fmt_s(s['tpot_s'])}{extra}")
     mem = s["memory"]
     print(
         f"memory            {mem['max_used_bytes'] / 1e9:.1f} of "
@@ -91,7 +103,13 @@ def print_summary(summary: dict) -> None:
         print(
             f"training          MFU {train['mfu']:.1%} (HFU {train['hfu']:.1%}), compute "
             f"{fmt_s(train['compute_s'])}, exposed communication "
-            f"{fmt_s(train['exposed_comm_s'])}, {train['micro_batches']} micro-batches"
+            f"{fmt_s(train['exposed_comm_s'])}, "
+            + (
+                f"waiting for other stages {fmt_s(train['pipeline_wait_s'])}, "
+                if train.get("pipeline_wait_s")
+                else ""
+            )
+            + f"{train['micro_batches']} micro-batches"
         )
         print(f"  memory (GB)     {parts}")
     pim = s.get("pim")

@@ -36,6 +36,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="use this calibration (from moesim calibrate) instead of measuring now",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--published",
+        action="store_true",
+        help="instead: predict the published kernel measurements (moesim/catalog/measurements) "
+        "and print median and p90 |error| per kind; writes DIR/published.csv, published.png",
+    )
     return p
 
 
@@ -43,6 +49,10 @@ def run(args: argparse.Namespace) -> int:
     from moesim.validation.validate import NOISE_LIMIT, error_stats, noise_spread, run_validation
 
     out_dir(args.out)
+    if args.published:
+        from moesim.validation.published import print_published
+
+        return print_published(args.out)
     df = run_validation(
         args.out, quick=args.quick, calibration=args.calibration, progress=not args.quiet
     )

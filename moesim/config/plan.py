@@ -26,10 +26,6 @@ PLAN_METRICS = (
     "devices",
     "price_per_device_hour_usd",
     "power_w",
-    "max_rate_per_s",
-    "max_rate_upper_per_s",
-    "max_rate_tokens_per_s",
-    "max_rate_upper_tokens_per_s",
 )
 """Metrics the plan derives for every candidate (besides the simulation's summary)."""
 SUMMARY_METRICS = (
@@ -51,12 +47,6 @@ SUMMARY_METRICS = (
     "slo_attainment",
     "throughput_requests_per_s",
     "throughput_tokens_per_s",
-    "throughput_tokens_per_s_ci",
-    "offered_tokens_per_s",
-    "whole_run_tokens_per_s",
-    "whole_run_requests_per_s",
-    "whole_run_goodput_requests_per_s",
-    "whole_run_slo_attainment",
     *(
         f"{m}_{s}_s"
         for m in ("latency", "max_token_gap", "queue", "tpot", "ttft")
@@ -76,9 +66,6 @@ SUMMARY_GROUPS = (
     "routing",
     "sim",
     "slo",
-    "steady_window",
-    "prefix_cache",
-    "until_stable",
     "train",
 )
 """Summary blocks whose members are metrics too, as ``block.member`` (``breakdown_s.experts``)."""
@@ -154,7 +141,7 @@ class MaxRateSearch(InputModel):
     rel_tol: float = Field(
         0.02, gt=0, lt=1, description="stop when (upper - lower) / lower is at most this"
     )
-    max_evaluations: int = Field(40, ge=2, le=200, description="runs per candidate at most")
+    max_evaluations: int = Field(40, ge=2, le=1000, description="runs per candidate at most")
 
 
 class PlanSpec(InputModel):
@@ -214,7 +201,7 @@ class PlanSpec(InputModel):
         "(serving): each candidate's highest arrival rate that is stable and meets every "
         "target, and the candidate with the highest",
     )
-    max_rate: MaxRateSearch = Field(MaxRateSearch(), description="search: max_rate options")
+    max_rate: MaxRateSearch = Field(MaxRateSearch(), description="max_rate search options")
 
     @field_validator("targets")
     @classmethod

@@ -1,7 +1,7 @@
 """Defaults that depend on other fields, resolved once into a separate object: the frozen
 input models keep what the user wrote (``None`` where a default applies).
 
-- ``dp = devices / tp`` and ``edp = devices / (ep x etp)``;
+- ``dp = devices / tp`` and ``edp = devices / (ep x etp)``, devices of one pipeline stage;
 - the intra-node fabric and link from the device's catalog entry, one NIC per device, every
   node under one leaf switch;
 - the PIM units' compute dtype: the workload's.
@@ -48,7 +48,8 @@ def resolved_topology(cluster: ClusterConfig, topo: TopologyConfig) -> TopologyC
 
 def resolve(sc: Scenario) -> Resolved:
     """The resolved defaults of ``sc``."""
-    n, par = sc.cluster.n_devices, sc.parallelism
+    par = sc.parallelism
+    n = sc.cluster.n_devices // par.pp  # the devices of one pipeline stage
     pim_dtype = None
     if sc.pim is not None:
         pim_dtype = sc.pim.compute_dtype or sc.workload.dtypes.compute

@@ -135,6 +135,38 @@ class ParallelismConfig(Config):
         description="expert e on EP rank e // (E/ep), e % ep, or lpt: greedy longest-processing-"
         "time packing of each layer's experts by expected load, E/ep per rank",
     )
+    pp: PositiveInt = Field(
+        1,
+        description="pipeline stages: devices = pp x (the tp / ep layout of one stage); stage s "
+        "holds a contiguous range of layers on devices [s D / pp, (s + 1) D / pp)",
+    )
+    pp_layers: list[PositiveInt] | None = Field(
+        None, description="layers per stage, first to last (default: n_layers / pp each)"
+    )
+    overlap: Literal["none", "two_batch"] = Field(
+        "none",
+        description="inference: two_batch splits the batch into micro_batches whose dispatch / "
+        "combine travel while another micro-batch's attention and experts run (DeepSeek-V3 "
+        "prefill, SGLang two-batch overlap)",
+    )
+    micro_batches: PositiveInt | None = Field(
+        None,
+        description="inference micro-batches (two_batch overlap, or stages of an inference "
+        "pipeline); default 2 with two_batch, else 1; training uses workload.train.micro_batches",
+    )
+    comm_sms: NonNegativeInt = Field(
+        20,
+        description="SMs the communication kernels hold while they overlap compute (two_batch): "
+        "compute runs at (sm_count - comm_sms) / sm_count of its speed; DeepEP's normal kernels "
+        "use 20 of the H800's 132 SMs (DeepEP README)",
+    )
+
+    @property
+    def inference_micro_batches(self) -> int:
+        """Micro-batches an inference step runs (2 by default with two_batch overlap)."""
+        if self.micro_batches is not None:
+            return self.micro_batches
+        return 2 if self.overlap == "two_batch" else 1
 
 
 class DtypeConfig(Config):
@@ -145,13 +177,31 @@ class DtypeConfig(Config):
     activations: Dtype = "bf16"
     kv_cache: Dtype = "bf16"
     compute: Dtype = "bf16"
+    dispatch: Dtype | None = Field(
+        None, description="activation rows the all-to-all sends to experts (default: activations)"
+    )
+    combine: Dtype | None = Field(
+        None, description="expert outputs the all-to-all sends back (default: activations)"
+    )
+    attention_compute: Dtype | None = Field(
+        None,
+        description="dtype the attention core computes in; default: bf16 when compute is fp8 "
+        "(FlashAttention-3 and FlashMLA run the core in BF16), else compute",
+    )
 
     def bytes_of(self, kind: str) -> float:
-        """Bytes per element of a tensor kind."""
+        """Bytes per element of a tensor kind (``dispatch``/``combine`` default to
+        ``activations``, ``expert_weights`` to ``weights``)."""
         dtype = getattr(self, kind)
-        if dtype is None and kind == "expert_weights":
-            dtype = self.weights
+        if dtype is None:
+            dtype = self.weights if kind == "expert_weights" else self.activations
         return DTYPE_BYTES[dtype]
+
+    def attention_compute_dtype(self) -> str:
+        """The attention core's compute dtype (see ``attention_compute``)."""
+        if self.attention_compute is not None:
+            return self.attention_compute
+        return "bf16" if self.compute == "fp8" else self.compute
 
 
 class TrainConfig(Config):
@@ -197,6 +247,37 @@ class TrainConfig(Config):
         "rest of the backward (PyTorch DDP buckets, Megatron overlap_grad_reduce); "
         "embeddings and LM head last",
     )
+    schedule: Literal["gpipe", "1f1b", "interleaved", "dualpipe"] = Field(
+        "1f1b",
+        description="pipeline schedule when parallelism.pp > 1: gpipe (all forwards, then all "
+        "backwards), 1f1b (PipeDream-Flush, Narayanan et al. 2021), interleaved (virtual_stages "
+        "chunks per stage, Megatron-LM), dualpipe (bidirectional, DeepSeek-V3 Sec. 3.2.1)",
+    )
+    virtual_stages: PositiveInt = Field(
+        1, description="interleaved: model chunks per stage (layers of a stage split evenly)"
+    )
+
+
+class MtpConfig(Config):
+    """Multi-token prediction / speculative decoding (DeepSeek-V3 Sec. 2.2 and 5.4.3): each
+    decode step drafts ``draft_tokens`` tokens with one extra layer (the MTP module: a
+    transformer block and the shared LM head) and verifies them with the full model."""
+
+    draft_tokens: PositiveInt = Field(1, description="k: tokens drafted per step (DeepSeek-V3: 1)")
+    acceptance: float = Field(
+        0.85,
+        ge=0.0,
+        le=1.0,
+        description="probability a draft token is accepted given the ones before it were "
+        "(DeepSeek-V3 Sec. 5.4.3: 85-90% for the second token)",
+    )
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Expected tokens a sequence gains per step: sum_{i=0..k} a^i (the verified token
+        and each draft accepted after all earlier ones)."""
+        a = self.acceptance
+        return float(sum(a**i for i in range(self.draft_tokens + 1)))
 
 
 class WorkloadConfig(Config):
@@ -232,6 +313,9 @@ class WorkloadConfig(Config):
     )
     serve: ServeConfig | None = Field(
         None, description="request stream and scheduler (phase: serve; defaults filled in)"
+    )
+    mtp: MtpConfig | None = Field(
+        None, description="multi-token prediction / speculative decoding (phase: decode)"
     )
 
     @model_validator(mode="before")
@@ -442,19 +526,35 @@ class SimConfig(Config):
     progress: bool = Field(True, description="progress bar on runs longer than a few seconds")
 
 
+PIM_IN_TRAINING = (
+    "PIM units are not modelled in training (use pim.policy: gpu_only): a training step's "
+    "GEMMs have thousands of rows, far above the 1-8 FLOP per byte PIM units are built for, "
+    "and its backward pass and optimizer need the weights, gradients and activations in the "
+    "GPU's memory (docs/pim.md)"
+)
+TIERS_IN_TRAINING = (
+    "memory tiers are not modelled in training: every step updates every expert, so its "
+    "weights, gradients and optimizer states stay on the GPUs (docs/pim.md)"
+)
+
+
 class PimConfig(Config):
-    """Processing-in-memory units attached to every GPU and what runs on them (README
-    "Processing in memory"; cost model in moesim/hardware/pim.py, placement in moesim/pim.py)."""
+    """Processing-in-memory units attached to every GPU and what runs on them (docs/pim.md;
+    cost model in moesim/cost/pim.py, placement in moesim/plan/pim.py). Prefill, decode and
+    serving steps; training refuses it (:data:`PIM_IN_TRAINING`)."""
 
     device: PimSpec = Field(description="catalog pim/cim part, {preset: name, ...} or a full spec")
     units_per_gpu: PositiveInt = Field(1, description="PIM units (stacks, chips) per GPU")
-    policy: Literal["gpu_only", "all_experts", "cold_experts", "attention", "by_batch"] = Field(
+    policy: Literal[
+        "gpu_only", "all_experts", "cold_experts", "attention", "by_batch", "co_processing"
+    ] = Field(
         "all_experts",
         description="gpu_only: nothing on PIM; all_experts: every routed expert on PIM; "
         "cold_experts: experts whose expected tokens per step are at most token_threshold on "
         "PIM, hot ones on the GPU; attention: the attention core and KV cache on PIM; "
         "by_batch: each expert runs on PIM when it has at most token_threshold tokens this "
-        "step, else on the GPU (weights kept on both)",
+        "step, else on the GPU (weights kept on both); co_processing: attention as with "
+        "attention and the experts as with by_batch (Duplex)",
     )
     token_threshold: int | None = Field(
         None,
@@ -463,6 +563,27 @@ class PimConfig(Config):
         "default: the crossover where PIM stops being faster than the GPU",
     )
     compute_dtype: Dtype | None = Field(None, description="PIM compute dtype (default: workload)")
+    sub_batches: Literal[1, 2] = Field(
+        1,
+        description="policy attention, decode: 2 splits the batch in two sub-batches that "
+        "take turns (NeuPIMs' sub-batch interleaving): the GPU runs one's projections and FFN "
+        "while the PIM units run the other's attention",
+    )
+
+    @property
+    def attention_on_pim(self) -> bool:
+        """The attention core and the softmax layers' KV cache live on PIM."""
+        return self.policy in ("attention", "co_processing")
+
+    @property
+    def experts_on_pim(self) -> bool:
+        """Some routed experts run on PIM."""
+        return self.policy not in ("gpu_only", "attention")
+
+    @property
+    def per_step_experts(self) -> bool:
+        """Each expert runs where its tokens this step make it faster, weights on both."""
+        return self.policy in ("by_batch", "co_processing")
 
     @field_validator("device", mode="before")
     @classmethod
@@ -475,6 +596,56 @@ class PimConfig(Config):
     @model_validator(mode="after")
     def _link(self) -> PimConfig:
         catalog.link(self.device.host_link)  # unknown link: ValueError naming the known ones
+        return self
+
+
+class TiersConfig(Config):
+    """Memory tiers for routed experts (docs/pim.md "Memory tiers"): the ``hbm_experts``
+    experts of each MoE layer a GPU expects to be busiest stay in its HBM; the others live in
+    a slower tier (host DRAM, CXL memory) and are fetched over ``link`` when a token needs them,
+    or run on the ``host`` CPU (cost model in moesim/cost/tiers.py, placement in
+    moesim/plan/tiers.py)."""
+
+    memory: Literal["host_dram", "cxl"] = Field(
+        "host_dram", description="where offloaded experts live (names the tier in outputs)"
+    )
+    link: LinkSpec = Field(
+        "pcie5-x16",
+        validate_default=True,
+        description="link an expert crosses from the tier to its GPU (catalog name or spec)",
+    )
+    capacity_bytes: PositiveFloat = Field(
+        1.0e12, description="what the tier holds per GPU (bytes); offloaded experts must fit"
+    )
+    bandwidth_bytes_per_s: PositiveFloat | None = Field(
+        None, description="the tier's own memory bandwidth, if below the link's (bytes/s)"
+    )
+    hbm_experts: NonNegativeInt = Field(
+        0, description="routed experts per MoE layer each GPU keeps resident in HBM"
+    )
+    cache: Literal["expected_load", "lru"] = Field(
+        "expected_load",
+        description="which experts stay in HBM: expected_load, the hbm_experts with the "
+        "highest expected load; lru, the ones the preceding steps used last (routing drawn "
+        "from the same distribution)",
+    )
+    execute: Literal["fetch", "host"] = Field(
+        "fetch",
+        description="fetch: an offloaded expert's weights cross the link to the GPU before "
+        "its kernels; host: it runs on the host CPU beside the GPU's experts, its tokens' "
+        "activations crossing the link",
+    )
+    host: GpuSpec | None = Field(
+        None, description="execute: host: the host CPU (catalog device of type cpu, or a spec)"
+    )
+
+    _link = field_validator("link", mode="before")(_resolver("links"))
+    _host = field_validator("host", mode="before")(_resolver("devices"))
+
+    @model_validator(mode="after")
+    def _host_needed(self) -> TiersConfig:
+        if self.execute == "host" and self.host is None:
+            raise ScenarioError("tiers.host", "execute: host needs a host device (e.g. xeon-8480)")
         return self
 
 
@@ -491,13 +662,14 @@ class Scenario(Config):
     routing: RoutingConfig = RoutingConfig()
     sim: SimConfig = SimConfig()
     pim: PimConfig | None = Field(None, description="processing-in-memory units per GPU")
+    tiers: TiersConfig | None = Field(None, description="expert weights in slower memory tiers")
 
     _model = field_validator("model", mode="before")(_resolver("models"))
 
     @model_validator(mode="after")
     def _resolve_and_check(self) -> Scenario:
-        n_dev = self.cluster.n_devices
         par, m = self.parallelism, self.model
+        n_dev = _check_pipeline(self)  # devices of one pipeline stage
         if n_dev % par.tp:
             raise ScenarioError("parallelism.tp", f"{par.tp} does not divide {n_dev} devices")
         if n_dev % (par.ep * par.etp):
@@ -544,6 +716,7 @@ class Scenario(Config):
                 f"decode batch {self.workload.batch_size} not divisible "
                 f"by attention data-parallel degree {dp}",
             )
+        _check_overlap(self, dp)
         topo = self.topology
         nics = topo.nics_per_node or self.cluster.devices_per_node
         if nics > self.cluster.devices_per_node:
@@ -569,8 +742,17 @@ class Scenario(Config):
                 raise ScenarioError(
                     "pim.compute_dtype", f"{pim.device.name} computes {have}, not {cdt}"
                 )
-            if self.workload.phase not in ("prefill", "decode") and pim.policy != "gpu_only":
-                raise ScenarioError("pim.policy", "PIM placement models prefill and decode only")
+            if self.workload.phase == "train" and pim.policy != "gpu_only":
+                raise ScenarioError("pim.policy", PIM_IN_TRAINING)
+            if pim.sub_batches > 1 and pim.policy != "attention":
+                raise ScenarioError(
+                    "pim.sub_batches", "sub-batch interleaving needs pim.policy: attention"
+                )
+        if self.tiers is not None:
+            if self.workload.phase == "train":
+                raise ScenarioError("tiers", TIERS_IN_TRAINING)
+            if m.n_dense_layers == m.n_layers:
+                raise ScenarioError("tiers", "the model has no MoE layer: no expert to offload")
         return self
 
     @model_validator(mode="after")
@@ -592,6 +774,108 @@ class Scenario(Config):
         if self.cluster.device.kernel_table:
             read_kernel_table(self.cluster.device.kernel_table)
         return self
+
+
+def _check_pipeline(sc: Scenario) -> int:
+    """Validate ``parallelism.pp`` / ``pp_layers`` and the schedule; the devices of a stage."""
+    par, m, cl = sc.parallelism, sc.model, sc.cluster
+    n_dev, pp = cl.n_devices, par.pp
+    if n_dev % pp:
+        raise ScenarioError("parallelism.pp", f"{pp} does not divide {n_dev} devices")
+    stage = n_dev // pp
+    if pp > 1 and stage % cl.devices_per_node and cl.devices_per_node % stage:
+        raise ScenarioError(
+            "parallelism.pp",
+            f"a stage of {stage} devices neither fills whole nodes nor divides a node of "
+            f"{cl.devices_per_node}",
+        )
+    if par.pp_layers is not None:
+        if len(par.pp_layers) != pp or sum(par.pp_layers) != m.n_layers:
+            raise ScenarioError(
+                "parallelism.pp_layers",
+                f"needs {pp} stages summing to the model's {m.n_layers} layers, got "
+                f"{par.pp_layers}",
+            )
+    elif m.n_layers % pp:
+        raise ScenarioError(
+            "parallelism.pp",
+            f"{pp} does not divide the model's {m.n_layers} layers (give parallelism.pp_layers)",
+        )
+    if pp > 1 and sc.pim is not None:
+        raise ScenarioError("parallelism.pp", "pipeline stages with PIM units are not modelled")
+    tr = sc.workload.train
+    if pp > 1 and sc.workload.phase == "train" and tr is not None:
+        layers = par.pp_layers or [m.n_layers // pp] * pp
+        if tr.schedule == "interleaved":
+            v = tr.virtual_stages
+            if v < 2 or any(n % v for n in layers):
+                raise ScenarioError(
+                    "workload.train.virtual_stages",
+                    f"interleaved needs >= 2 virtual stages dividing every stage's layers "
+                    f"{layers}, got {v}",
+                )
+            if tr.micro_batches % pp:
+                raise ScenarioError(
+                    "workload.train.micro_batches",
+                    f"interleaved needs micro_batches a multiple of pp = {pp} (Megatron-LM)",
+                )
+        if tr.schedule == "dualpipe" and (
+            pp % 2 or tr.micro_batches % 2 or tr.micro_batches < 2 * pp
+        ):
+            raise ScenarioError(
+                "workload.train.schedule",
+                f"dualpipe needs an even pp and an even micro_batches >= 2 pp, got pp {pp}, "
+                f"micro_batches {tr.micro_batches}",
+            )
+        if tr.overlap != "none" or tr.overlap_grad_reduce:
+            raise ScenarioError(
+                "workload.train.overlap"
+                if tr.overlap != "none"
+                else "workload.train.overlap_grad_reduce",
+                "with parallelism.pp > 1 the schedule decides the overlap (dualpipe); "
+                "chunked all-to-alls and per-layer gradient buckets are not modelled there",
+            )
+    elif par.pp_layers is not None and pp == 1:
+        raise ScenarioError("parallelism.pp_layers", "needs parallelism.pp > 1")
+    return stage
+
+
+def _check_overlap(sc: Scenario, dp: int) -> None:
+    """Validate the inference micro-batches, the overlap mode and multi-token prediction."""
+    par, wl = sc.parallelism, sc.workload
+    mb = par.inference_micro_batches
+    if par.micro_batches is not None or par.overlap != "none":
+        if wl.phase not in ("prefill", "decode"):
+            raise ScenarioError(
+                "parallelism.overlap" if par.overlap != "none" else "parallelism.micro_batches",
+                f"inference micro-batches run prefill and decode, not {wl.phase} "
+                "(training: workload.train.micro_batches / overlap)",
+            )
+        if par.overlap == "two_batch" and mb < 2:
+            raise ScenarioError("parallelism.micro_batches", "two_batch needs at least 2")
+        if wl.batch_size % mb or ((wl.batch_size // mb) % dp and wl.phase == "decode"):
+            raise ScenarioError(
+                "parallelism.micro_batches",
+                f"{mb} micro-batches do not split batch {wl.batch_size} evenly over {dp} "
+                "attention replicas",
+            )
+        if wl.batch_size // mb < dp:
+            raise ScenarioError(
+                "parallelism.micro_batches",
+                f"a micro-batch of {wl.batch_size // mb} sequences leaves some of the {dp} "
+                "attention replicas idle",
+            )
+        if par.overlap == "two_batch" and sc.pim is not None:
+            raise ScenarioError("parallelism.overlap", "two_batch with PIM units is not modelled")
+    sms = sc.cluster.device.sm_count
+    if par.overlap == "two_batch" and sms is not None and par.comm_sms >= sms:
+        raise ScenarioError(
+            "parallelism.comm_sms", f"{par.comm_sms} leaves none of the device's {sms} SMs"
+        )
+    if wl.mtp is not None and wl.phase != "decode":
+        raise ScenarioError(
+            "workload.mtp", f"multi-token prediction drafts decode steps, not {wl.phase}"
+        )
 
 
 def _set_dotted(data: dict[str, Any], path: str, value: Any) -> None:
@@ -625,6 +909,16 @@ def _format_validation_error(err: ValidationError) -> tuple[str, str]:
     return format_validation_error(err, Scenario)
 
 
+def cuda_graphs_in_decode(sc: Scenario) -> Scenario:
+    """A decode scenario as its engine runs it: the step replays CUDA graphs, so the device
+    costs ``launch_s_with_graphs`` per kernel (``GpuSpec.with_graphs``); others unchanged."""
+    dev = sc.cluster.device
+    if sc.workload.phase != "decode" or dev.with_graphs() is dev:
+        return sc
+    cluster = sc.cluster.model_copy(update={"device": dev.with_graphs()})
+    return sc.model_copy(update={"cluster": cluster})
+
+
 def scenario_from_dict(
     data: dict[str, Any], overrides: dict[str, Any] | None = None, file: str | None = None
 ) -> Scenario:
@@ -632,7 +926,7 @@ def scenario_from_dict(
     if not isinstance(data, dict):
         raise ScenarioError("", "a scenario must be a YAML mapping", file)
     data = apply_overrides(data, overrides or {})
-    return validate(Scenario, data, file, "scenario")
+    return cuda_graphs_in_decode(validate(Scenario, data, file, "scenario"))
 
 
 def _resolve_relative(data: Any, dotted: str, base: Path) -> None:

@@ -52,6 +52,9 @@ def dense_params_per_device(m: ModelSpec, layer: int, tp: int) -> float:
     return params + 3 * m.d_model * m.d_ff_dense / tp
 
 
-def embedding_params_per_device(m: ModelSpec, tp: int) -> float:
-    """Input embeddings and LM head (one matrix when tied), split over ``tp``."""
-    return m.vocab_size * m.d_model * (1 if m.tied_embeddings else 2) / tp
+def embedding_params_per_device(m: ModelSpec, tp: int, matrices: int | None = None) -> float:
+    """Input embeddings and LM head (one matrix when tied), split over ``tp``; ``matrices``:
+    how many of them the device holds (a pipeline stage: the first the embedding, the last
+    the head)."""
+    count = (1 if m.tied_embeddings else 2) if matrices is None else matrices
+    return m.vocab_size * m.d_model * count / tp

@@ -56,10 +56,11 @@ class AnalyticEngine:
     ) -> None:
         sc = plan.scenario
         self.plan = plan
-        self.topology = topology or build_topology(sc.cluster, sc.topology, sc.pim)
+        self.topology = topology or build_topology(sc.cluster, sc.topology, sc.pim, sc.tiers)
         self.graph = graph or build_graph(plan, self.topology.tables)
         self._recent_hops: list[tuple[np.ndarray, np.ndarray, tuple]] = []
         self.rec = Recorder(plan.n_devices, sc.sim.trace)
+        self._comm = plan.train is None  # collectives in flight (inference summaries)
         n_links = self.topology.n_links
         self.link_stats = LinkStats(np.zeros(n_links), np.zeros(n_links))
         self.counters = {"events": 0, "network_solves": 0}
@@ -109,6 +110,8 @@ class AnalyticEngine:
                 done = self._collective(node, ready) if node.kind == COLLECTIVE else None
                 if done is None:
                     done = self._transfer(node, ready)
+                elif self._comm and node.phase != "pipeline":
+                    self.rec.in_flight(np.arange(n), ready, done)
                 if stream is not None:
                     if node.wait:
                         if gpu:
@@ -157,6 +160,8 @@ class AnalyticEngine:
                 issue = np.full(len(mask), -np.inf)
                 issue[idx] = ready
                 done_all = self._collective(node, np.where(mask, issue, -np.inf))
+                if self._comm and node.phase != "pipeline":
+                    self.rec.in_flight(idx, ready, done_all[idx])
             else:
                 done_all = self._transfer(node, full_ready)
             done = done_all[idx]

@@ -65,7 +65,7 @@ class Engine:
     ) -> None:
         sc = plan.scenario
         self.plan = plan
-        self.topology = topology or build_topology(sc.cluster, sc.topology, sc.pim)
+        self.topology = topology or build_topology(sc.cluster, sc.topology, sc.pim, sc.tiers)
         self.graph = graph or build_graph(plan, self.topology.tables)
         self.env = CountingEnvironment()
         self.net = FluidNetwork(
@@ -73,6 +73,7 @@ class Engine:
         )
         self.patterns = PatternCache(self.topology, sc.sim.aggregate)
         self.rec = Recorder(plan.n_devices, sc.sim.trace)
+        self._comm = plan.train is None  # collectives in flight (inference summaries)
         nodes = self.graph.nodes
         self._ext = external_deps(self.graph)
         uses = np.zeros(len(nodes), dtype=np.int64)  # per device: waits on each node's event
@@ -82,6 +83,8 @@ class Engine:
             if node.kind != COMPUTE and node.stream is not None and node.wait:
                 uses[node.id] += 1
         self._uses = uses
+        self._complete = self.env.event()  # what a node is on a device it does not involve
+        self._complete.succeed()
         self._left: dict[int, np.ndarray] = {}
         self._events: dict[int, list[simpy.Event | None]] = {}
         self._prepared: dict[int, _Prepared] = {}
@@ -129,9 +132,11 @@ class Engine:
     # -- events -------------------------------------------------------------------------
     def _event(self, nid: int, g: int) -> simpy.Event:
         """The event of node ``nid`` completing on device ``g`` (made on first use)."""
+        node = self.graph.nodes[nid]
+        if not node.involves(g):  # complete on the devices it does not involve
+            return self._complete
         events = self._events.get(nid)
         if events is None:
-            node = self.graph.nodes[nid]
             if node.kind == COLLECTIVE:
                 events = self._prepare(node)
             else:
@@ -148,7 +153,9 @@ class Engine:
         if left is None:
             left = self._left[nid] = np.full(self.plan.n_devices, self._uses[nid])
         left[g] -= 1
-        events = self._events[nid]
+        events = self._events.get(nid)
+        if events is None:  # only waited on by devices it does not involve
+            return
         if left[g] == 0 and events[g] is not None and events[g].triggered:
             events[g] = None
 
@@ -198,7 +205,10 @@ class Engine:
             for d in self._ext[nid]:
                 self._used(d, g)
             if node.kind == COMPUTE:
-                if node.seconds is None:
+                if node.seconds is None:  # a join: done once its dependencies are
+                    if awaited[nid]:
+                        yield from self._flush(g, run)
+                        self._event(nid, g).succeed()
                     continue
                 seconds = float(node.seconds[g])
                 if gpu:
@@ -250,6 +260,9 @@ class Engine:
         done = self._event(node.id, g)
         if node.kind == COLLECTIVE:
             self._send(node, g)
+            if self._comm and node.phase != "pipeline" and done.callbacks is not None:
+                start = self.env.now
+                done.callbacks.append(lambda _e: self.rec.in_flight(g, start, self.env.now))
             return done
         link = int(node.links[g])
         if link < 0:

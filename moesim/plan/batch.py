@@ -12,7 +12,8 @@ cache; the rest is left to activations and the runtime, as vLLM's ``gpu_memory_u
 one token adds on one device (:func:`moesim.cost.ops.kv_cache_bytes_per_token`, GQA heads over
 tp, MLA latent, cross-layer sharing) and ``s`` the fixed linear-attention state per sequence.
 Every replica holds its own sequences, so the cluster's batch is that times ``dp = devices /
-tp``.
+tp``. With PIM units the weights they hold leave ``W`` and the KV cache they hold counts on
+them (:func:`moesim.plan.pim.kv_budget_bytes`: the fewer tokens of GPU and PIM).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from moesim.cost.weights import (
     expert_params_per_shard,
 )
 from moesim.plan.layout import dtype_bytes
+from moesim.plan.pim import expert_bytes_off_gpu, kv_budget_bytes
 
 
 def weights_bytes_per_device(sc: Scenario) -> float:
@@ -56,8 +58,10 @@ def max_batch_per_replica(sc: Scenario) -> int:
     """Sequences one attention replica holds at ``seq_len + 1`` tokens (module docstring)."""
     wl, dev = sc.workload, sc.cluster.device
     free = wl.kv_memory_utilization * dev.memory_bytes - weights_bytes_per_device(sc)
+    free += expert_bytes_off_gpu(sc)  # PIM units hold them (moesim/plan/pim.py)
     per_seq = kv_bytes_per_seq(sc, wl.seq_len + 1)
-    seqs = math.floor(free / per_seq) if per_seq > 0 else 0
+    cache = kv_budget_bytes(sc, free, kv_bytes_per_seq(sc, 1) - kv_bytes_per_seq(sc, 0))
+    seqs = math.floor(cache / per_seq) if per_seq > 0 else 0
     if seqs < 1:
         raise ScenarioError(
             "workload.batch_size",

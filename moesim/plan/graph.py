@@ -20,7 +20,8 @@ Semantics, per device ``g`` (both engines implement exactly these):
   a blocking collective's own wait under its phase. Graph order is a topological order.
 - ``devices``: a node involves only these devices (a pipeline stage's layers, a send from
   one stage to the next); the others skip it. A collective's ``devices`` are its senders
-  and receivers.
+  and receivers. A dependency that does not involve ``g`` is complete on ``g`` (a send's
+  receivers do not wait for the sender's kernel, only for the bytes).
 
 Adding a phase (a shared-expert reduce, a pipeline send, a second micro-batch) is one call to
 :class:`StepGraph`'s builders in :func:`build_graph`.
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from moesim.plan.pipeline import Item, route, schedule_order
 from moesim.plan.types import LayerPlan, Traffic, WorkloadPlan
 
 FORWARD_COMPUTE = (
@@ -44,7 +46,9 @@ FORWARD_COMPUTE = (
     "dense_ffn",
     "lm_head",
 )
-FORWARD_COMM = ("tp_comm", "dispatch", "combine", "pim")  # pim: waiting for PIM units
+# pim: waiting for PIM units; expert_fetch: for offloaded experts' weights
+# (moesim/plan/tiers.py); pipeline: waiting for another stage (bubbles and activations)
+FORWARD_COMM = ("tp_comm", "dispatch", "combine", "pim", "expert_fetch", "pipeline")
 # training: the backward of each forward phase, recomputation, optimizer
 TRAIN_COMPUTE_PHASES = (*(f"{p}_bwd" for p in FORWARD_COMPUTE), "recompute", "optimizer")
 TRAIN_COMM_PHASES = ("combine_bwd", "dispatch_bwd", "grad_reduce", "param_gather")
@@ -91,8 +95,11 @@ class StepGraph:
     chunks: dict[tuple[int, int], tuple[Traffic, Traffic]] = field(default_factory=dict)
     explicit_rings: bool = False  # sim.collective_steps: explicit
     steps: dict[int, tuple[Traffic, Traffic]] = field(default_factory=dict)
+    mask: np.ndarray | None = None  # devices of the nodes added next (a pipeline stage)
 
     def _add(self, **kw) -> int:
+        if kw.get("devices") is None:
+            kw["devices"] = self.mask
         node = Node(id=len(self.nodes), **kw)
         self.nodes.append(node)
         return node.id
@@ -237,20 +244,29 @@ def build_graph(plan: WorkloadPlan, topology_tables: dict[str, np.ndarray] | Non
     graph = StepGraph(
         plan.n_devices, explicit_rings=plan.scenario.sim.collective_steps == "explicit"
     )
-    if plan.train is None:
+    if plan.sub_plans:  # pim.sub_batches (moesim/plan/pim.py)
+        _interleaved(graph, plan.sub_plans, topology_tables)
+    elif plan.pipeline is not None:
+        _pipeline_step(graph, plan)
+    elif plan.train is None:
         last: tuple[int, ...] = ()
         for lp in plan.layers:
             last = _inference_layer(graph, plan, lp, last, topology_tables)
         graph.compute("lm_head", plan.lm_head_s, len(plan.layers), deps=last)
+        k = plan.scenario.workload.mtp.draft_tokens if plan.draft else 0
+        for _ in range(k):  # the MTP module drafts k tokens, one pass each
+            for lp in plan.draft:
+                _inference_layer(graph, plan, lp, (), topology_tables)
+            graph.compute("lm_head", plan.draft_lm_head_s, len(plan.layers))
     else:
         _training_step(graph, plan)
     return graph
 
 
-def _pim(graph: StepGraph, lp: LayerPlan, deps: tuple[int, ...], tables) -> tuple[int, ...]:
-    """The layer's PIM work: activations up the GPU-PIM link, the PIM kernels on the PIM
-    stream, results down; returns the node that completes it."""
-    work, i = lp.pim, lp.index
+def _pim(graph: StepGraph, lp: LayerPlan, deps: tuple[int, ...], tables, work=None):
+    """The layer's PIM work (``work``, default ``lp.pim``): activations up the GPU-PIM link,
+    the PIM kernels on the PIM stream, results down; returns the node that completes it."""
+    work, i = work or lp.pim, lp.index
     active = (work.seconds > 0) | (work.in_bytes > 0)
     up = graph.transfer("pim", tables["pim_up"], np.where(active, work.in_bytes, 0.0), i, deps)
     run = graph.compute(
@@ -262,22 +278,49 @@ def _pim(graph: StepGraph, lp: LayerPlan, deps: tuple[int, ...], tables) -> tupl
     return (down,)
 
 
+def _expert_fetch(graph: StepGraph, lp: LayerPlan, router: int, tables) -> tuple[int, ...]:
+    """Memory tiers, ``execute: fetch``: the weights of the offloaded experts this layer needs
+    come over the device's tier link once its router has chosen them, while the tokens are
+    permuted and dispatched; the expert kernels wait for them (moesim/plan/tiers.py)."""
+    work = lp.tiers
+    if work is None or not np.any(work.fetch_bytes > 0):
+        return ()
+    return (graph.transfer("expert_fetch", tables["tier_fetch"], work.fetch_bytes, lp.index,
+                           (router,), stream=None),)  # fmt: skip
+
+
 def _inference_layer(
     graph: StepGraph, plan: WorkloadPlan, lp: LayerPlan, deps: tuple[int, ...], tables
 ) -> tuple[int, ...]:
-    """attention -> [PIM attention] -> [tp collective] -> router -> permute -> dispatch
-    (shared experts while it travels) -> experts [beside PIM experts] -> combine ->
+    """attention -> [PIM attention] -> [tp collective] -> router [-> expert fetch] -> permute ->
+    dispatch (shared experts while it travels) -> experts [beside PIM experts] -> combine ->
     unpermute -> [tp collective]; returns what the next layer waits for."""
-    i, cs = lp.index, lp.compute_s
-    graph.compute("attention", cs["attention"], i, deps)
-    after: tuple[int, ...] = ()
+    after = _attention_block(graph, lp, deps, tables)
+    return _layer_rest(graph, lp, after, tables)
+
+
+def _attention_block(
+    graph: StepGraph, lp: LayerPlan, deps: tuple[int, ...], tables
+) -> tuple[int, ...]:
+    """The layer's attention on the GPU and, with attention on PIM, its core there; returns
+    what the rest of the layer waits for."""
+    graph.compute("attention", lp.compute_s["attention"], lp.index, deps)
+    if lp.pim_attention is not None:  # pim.policy co_processing
+        return _pim(graph, lp, (), tables, lp.pim_attention)
     if lp.pim is not None and lp.pim.phase == "attention":
-        after = _pim(graph, lp, (), tables)
+        return _pim(graph, lp, (), tables)
+    return ()
+
+
+def _layer_rest(graph: StepGraph, lp: LayerPlan, after: tuple[int, ...], tables) -> tuple[int, ...]:
+    """Everything of a layer after its attention (see :func:`_inference_layer`)."""
+    i, cs = lp.index, lp.compute_s
     if lp.tp_comm is not None:
         graph.collective("tp_comm", lp.tp_comm, i, after)
         after = ()
     if lp.moe:
-        graph.compute("router", cs["router"], i, after)
+        router = graph.compute("router", cs["router"], i, after)
+        fetched = _expert_fetch(graph, lp, router, tables)
         graph.compute("permute", cs["permute"], i)
         dispatch = _all_to_all(graph, "dispatch", lp.dispatch_stages, i, wait=False)
         if "shared_experts" in cs:
@@ -285,7 +328,7 @@ def _inference_layer(
         pim: tuple[int, ...] = ()
         if lp.pim is not None and lp.pim.phase == "experts":
             pim = _pim(graph, lp, (dispatch,), tables)  # PIM experts beside the GPU's
-        graph.compute("experts", cs["experts"], i, (dispatch,))
+        graph.compute("experts", cs["experts"], i, (dispatch, *fetched))
         _all_to_all(graph, "combine", lp.combine_stages(), i, pim)
         graph.compute("unpermute", cs["unpermute"], i)
     else:
@@ -293,6 +336,24 @@ def _inference_layer(
     if lp.tp_comm_after is not None:
         graph.collective("tp_comm", lp.tp_comm_after, i)
     return ()
+
+
+def _interleaved(graph: StepGraph, plans: list[WorkloadPlan], tables) -> None:
+    """Sub-batch interleaving (NeuPIMs, Heo et al., ASPLOS 2024): two sub-batches ``a`` and
+    ``b``, each a chain ``attention(l) -> PIM attention(l) -> rest(l) -> attention(l + 1)``.
+    The GPU stream takes them in turns, ``rest_a(l), attention_a(l + 1), rest_b(l),
+    attention_b(l + 1)``, so while it runs one sub-batch's projections and FFN the PIM units
+    run the other's attention. With GPU and PIM times equal the layer time halves against
+    running the whole batch one phase after another."""
+    n = len(plans[0].layers)
+    after = [_attention_block(graph, p.layers[0], (), tables) for p in plans]
+    for i in range(n):
+        for s, p in enumerate(plans):
+            _layer_rest(graph, p.layers[i], after[s], tables)
+            if i + 1 < n:
+                after[s] = _attention_block(graph, p.layers[i + 1], (), tables)
+    for p in plans:
+        graph.compute("lm_head", p.lm_head_s, n)
 
 
 def _all_to_all(
@@ -458,3 +519,227 @@ def _training_step(graph: StepGraph, plan: WorkloadPlan) -> None:
     graph.compute("optimizer", tr.optimizer_s, n_layers)
     for traffic in tr.param_gather:
         graph.collective("param_gather", traffic, n_layers)
+
+
+# -- pipelines and overlapped micro-batches ------------------------------------------------
+
+
+@dataclass
+class _Seg:
+    """Part of a piece of work: kernels ``(phase, seconds, layer)``, then a collective
+    ``(phase, traffic, layer)`` the next part waits for, and kernels that run while it
+    travels (``after``: shared experts beside the dispatch)."""
+
+    computes: list[tuple[str, np.ndarray, int]]
+    comm: tuple[str, Traffic, int] | None = None
+    after: list[tuple[str, np.ndarray, int]] = field(default_factory=list)
+
+
+def _segments(parts: list[_Seg]) -> list[_Seg]:
+    """Merge parts that end without a collective into the next one."""
+    out: list[_Seg] = []
+    for part in parts:
+        if out and out[-1].comm is None and not out[-1].after:
+            out[-1] = _Seg(out[-1].computes + part.computes, part.comm, part.after)
+        else:
+            out.append(part)
+    return out
+
+
+def _forward_parts(lp: LayerPlan, combine: Traffic | None, recompute: bool = False) -> list[_Seg]:
+    """One layer's forward as parts: attention [tp] | router, permute, dispatch (shared
+    experts beside it) | experts, combine | unpermute [tp]; a dense FFN in place of the MoE."""
+    i, cs = lp.index, lp.compute_s
+
+    def k(name: str) -> tuple[str, np.ndarray, int]:
+        return ("recompute" if recompute else name, cs[name], i)
+
+    tp = ("tp_comm", lp.tp_comm, i) if lp.tp_comm is not None else None
+    tp_after = ("tp_comm", lp.tp_comm_after, i) if lp.tp_comm_after is not None else None
+    parts = [_Seg([k("attention")], tp)]
+    if not lp.moe:
+        return [*parts, _Seg([k("dense_ffn")], tp_after)]
+    shared = [k("shared_experts")] if "shared_experts" in cs else []
+    return [
+        *parts,
+        _Seg([k("router"), k("permute")], ("dispatch", lp.dispatch, i), shared),
+        _Seg([k("experts")], ("combine", combine, i)),
+        _Seg([k("unpermute")], tp_after),
+    ]
+
+
+def _backward_parts(plan: WorkloadPlan, lp: LayerPlan, bl, combine: Traffic) -> list[_Seg]:
+    """One layer's backward as parts, the forward's in reverse (see
+    :func:`_training_backward`); full recomputation reruns the forward first."""
+    i, cs, tr = lp.index, bl.compute_s, plan.train
+    parts = _forward_parts(lp, combine, recompute=True) if tr.full_recompute else []
+    tp = ("tp_comm", lp.tp_comm, i) if lp.tp_comm is not None else None
+    tp_after = ("tp_comm", lp.tp_comm_after, i) if lp.tp_comm_after is not None else None
+    parts.append(_Seg([("recompute", bl.recompute_s, i)], tp_after))
+    if lp.moe:
+        shared = (
+            [("shared_experts_bwd", cs["shared_experts_bwd"], i)]
+            if "shared_experts_bwd" in cs
+            else []
+        )
+        parts += [
+            _Seg(
+                [("unpermute_bwd", cs["unpermute_bwd"], i)], ("combine_bwd", lp.dispatch, i), shared
+            ),
+            _Seg([("experts_bwd", cs["experts_bwd"], i)], ("dispatch_bwd", combine, i)),
+            _Seg([("permute_bwd", cs["permute_bwd"], i), ("router_bwd", cs["router_bwd"], i)], tp),
+        ]
+    else:
+        parts.append(_Seg([("dense_ffn_bwd", cs["dense_ffn_bwd"], i)], tp))
+    return [*parts, _Seg([("attention_bwd", cs["attention_bwd"], i)])]
+
+
+class _Work:
+    """One item (forward or backward of a chunk for a micro-batch) being added to the graph:
+    its parts in order, what its next part waits for."""
+
+    def __init__(self, segs: list[_Seg], deps: tuple[int, ...]) -> None:
+        self.segs, self.deps, self.next = segs, deps, 0
+        self.last: int | None = None
+
+    def emit(self, graph: StepGraph, slow: float, chain: list[int] | None) -> None:
+        """Add the next part. ``chain`` (overlapped items): the collective goes on the
+        communication stream after the chain's previous one, so that the stream runs other
+        items' kernels meanwhile; ``None``: issued by the GPU stream, waited for next."""
+        seg = self.segs[self.next]
+        self.next += 1
+        deps = self.deps
+        for phase, seconds, layer in seg.computes:
+            self.last = graph.compute(phase, seconds * slow, layer, deps)
+            deps = ()
+        if seg.comm is not None:
+            phase, traffic, layer = seg.comm
+            if chain is None:
+                comm = graph.collective(phase, traffic, layer, wait=False)
+            else:
+                comm = graph.collective(phase, traffic, layer, (self.last, *chain[-1:]), None)
+                chain.append(comm)
+            deps = (comm,)
+        for phase, seconds, layer in seg.after:
+            graph.compute(phase, seconds * slow, layer)
+        self.deps = deps
+
+    def finish(self, graph: StepGraph, layer: int) -> int:
+        """The node that completes the item (a join when its last part ends in a
+        collective)."""
+        if self.deps:
+            self.last = graph.compute(self.segs[-1].computes[0][0], None, layer, self.deps)
+        return self.last
+
+
+def _item_segments(plan: WorkloadPlan, item: Item, stage: int, end: bool) -> list[_Seg]:
+    """The parts of ``item`` on ``stage``; ``end``: the micro-batch's last chunk, where the
+    forward ends with the LM head (and the drafts) and the backward starts after it."""
+    kind, _, chunk = item
+    pipe = plan.pipeline
+    layers, n = pipe.layers[stage], plan.scenario.model.n_layers
+    combine = pipe.combine[stage] if pipe.combine else {}
+    parts: list[_Seg] = []
+    if kind == "B":
+        for i in reversed(pipe.chunks[stage][chunk]):
+            parts += _backward_parts(plan, layers[i], pipe.backward[stage][i], combine[i])
+        return _segments(parts)
+    for i in pipe.chunks[stage][chunk]:
+        lp = layers[i]
+        parts += _forward_parts(lp, combine.get(i) or lp.combine)
+    if end:
+        parts.append(_Seg([("lm_head", plan.lm_head_s, n)]))
+        if plan.train is not None:
+            parts.append(_Seg([("lm_head_bwd", plan.train.lm_head_bwd_s, n)]))
+        mtp = plan.scenario.workload.mtp
+        for _ in range(mtp.draft_tokens if mtp is not None and plan.draft else 0):
+            for lp in plan.draft:
+                parts += _forward_parts(lp, lp.combine)
+            parts.append(_Seg([("lm_head", plan.draft_lm_head_s, n)]))
+    return _segments(parts)
+
+
+def _pipeline_step(graph: StepGraph, plan: WorkloadPlan) -> None:
+    """Pipeline stages and micro-batches: each stage runs its schedule's order of items
+    (:mod:`moesim.plan.pipeline`) on its devices; a forward waits for the activations sent
+    by the previous chunk of its micro-batch's route, a backward for the gradients of the
+    next; overlapped items (two-batch overlap, DualPipe pairs) take turns on the GPU part by
+    part while their collectives go one after another on a communication stream, the
+    kernels slowed by the SMs the communication holds. Then each stage reduces its
+    gradients, steps its optimizer and gathers its weights. Graph order interleaves the
+    stages so that every item comes after the items it waits for."""
+    pipe, sc = plan.pipeline, plan.scenario
+    pp, m = pipe.pp, pipe.micro_batches
+    n_chunks = len(pipe.chunks[0])
+    orders = schedule_order(pipe.schedule, pp, m, n_chunks)
+    if pipe.overlap:  # every micro-batch of a stage in one overlapped step
+        orders = [[tuple(item for step in order for item in step)] for order in orders]
+    routes = [route(pipe.schedule, pp, n_chunks, mb, m) for mb in range(m)]
+    sms, comm_sms = sc.cluster.device.sm_count, sc.parallelism.comm_sms
+    slow = sms / (sms - comm_sms) if sms else 1.0
+    sent: dict[tuple[str, int, int], int] = {}  # (kind, micro-batch, hop) -> send node
+    n_layers = sc.model.n_layers
+    pos = [0] * pp
+    while any(pos[s] < len(orders[s]) for s in range(pp)):
+        progressed = False
+        for s in range(pp):
+            while pos[s] < len(orders[s]):
+                step = orders[s][pos[s]]
+                needs = [_needs(item, routes[item[1]], s) for item in step]
+                if any(k is not None and k not in sent for k in needs):
+                    break
+                graph.mask = pipe.masks[s]
+                works = []
+                for item, k in zip(step, needs, strict=True):
+                    hop = routes[item[1]].index((s, item[2]))
+                    end = hop == len(routes[item[1]]) - 1
+                    segs = _item_segments(plan, item, s, end)
+                    works.append(_Work(segs, (sent[k],) if k is not None else ()))
+                chain: list[int] | None = [] if len(works) > 1 else None
+                while any(w.next < len(w.segs) for w in works):
+                    for w in works:
+                        if w.next < len(w.segs):
+                            w.emit(graph, slow if chain is not None else 1.0, chain)
+                for item, w in zip(step, works, strict=True):
+                    done = w.finish(graph, n_layers)
+                    _send(graph, pipe, routes[item[1]], item, s, done, sent)
+                pos[s] += 1
+                progressed = True
+        if not progressed:
+            raise RuntimeError(f"pipeline schedule {pipe.schedule} deadlocks")
+    for s in range(pp):
+        graph.mask = pipe.masks[s]
+        for traffic in pipe.grad_reduce[s] if pipe.grad_reduce else ():
+            graph.collective("grad_reduce", traffic, n_layers)
+        if pipe.optimizer_s:
+            graph.compute("optimizer", pipe.optimizer_s[s], n_layers)
+        for traffic in pipe.param_gather[s] if pipe.param_gather else ():
+            graph.collective("param_gather", traffic, n_layers)
+    graph.mask = None
+
+
+def _needs(item: Item, hops: list[tuple[int, int]], stage: int) -> tuple[str, int, int] | None:
+    """The send an item waits for: a forward the previous hop's, a backward the next's."""
+    kind, mb, chunk = item
+    hop = hops.index((stage, chunk))
+    if kind == "F":
+        return ("F", mb, hop - 1) if hop > 0 else None
+    return ("B", mb, hop + 1) if hop < len(hops) - 1 else None
+
+
+def _send(graph, pipe, hops, item: Item, stage: int, done: int, sent: dict) -> None:
+    """After an item, its micro-batch's activations (forward) or gradients (backward) go
+    to the stage of the next (previous) hop, when that is another stage."""
+    kind, mb, chunk = item
+    hop = hops.index((stage, chunk))
+    to = hop + 1 if kind == "F" else hop - 1
+    if not 0 <= to < len(hops):
+        return
+    dest = hops[to][0]
+    key = (kind, mb, hop)
+    if dest == stage:  # the next chunk is on this stage: nothing to send
+        sent[key] = done
+        return
+    graph.mask = pipe.masks[stage] | pipe.masks[dest]
+    sent[key] = graph.collective("pipeline", pipe.send[(stage, dest)], 0, (done,), None)
+    graph.mask = pipe.masks[stage]

@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moesim.config.scenario import Scenario, ScenarioError
-from moesim.plan.batch import with_batch_resolved
 
 MAX_KERNEL_EVENTS = 50_000_000
 """Most (layer, device, pass) kernel events a run may have."""
@@ -63,8 +62,6 @@ class PlanSize:
 
 def estimate_size(sc: Scenario) -> PlanSize:
     """Estimate the plan's size from the scenario's sizes (no allocation)."""
-    if sc.workload.phase != "serve":
-        sc = with_batch_resolved(sc)  # batch_size: max, batch_per_replica
     m, wl, r = sc.model, sc.workload, sc.routing
     n_dev = sc.cluster.n_devices
     serve = wl.serve if wl.phase == "serve" else None
@@ -76,7 +73,9 @@ def estimate_size(sc: Scenario) -> PlanSize:
     else:
         tokens, passes, per_pass = 0, 1, 0
         n = getattr(serve, "n_requests", 0) or 0
-        requests = serve.steady.max_requests if n == "until_stable" else int(n)
+        if n == "until_stable":  # grows by doubling up to its bound
+            n = serve.steady.max_requests
+        requests = int(n)
     moe_layers = m.n_layers - m.n_dense_layers
     if r.distribution == "trace":
         routing = per_pass * m.top_k * INT_BYTES

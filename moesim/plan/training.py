@@ -56,6 +56,7 @@ from moesim.plan.types import (
     TrainingPlan,
     WorkloadPlan,
     _time,
+    embedding_copies,
 )
 
 ATTENTION_CORE_BACKWARD_FLOPS_RATIO = 2.5
@@ -199,7 +200,8 @@ def _layer_params(plan: WorkloadPlan) -> tuple[np.ndarray, np.ndarray, float]:
     for k, lp in enumerate(plan.layers):
         if lp.moe:
             expert[k] = lp.local_experts * expert_params_per_shard(m, par.etp)
-    return dense, expert, float(embedding_params_per_device(m, par.tp))
+    copies = embedding_copies(m.tied_embeddings, [lp.index for lp in plan.layers], m.n_layers)
+    return dense, expert, float(embedding_params_per_device(m, par.tp, copies))
 
 
 def _params_per_device(plan: WorkloadPlan) -> tuple[np.ndarray, np.ndarray]:
@@ -242,7 +244,9 @@ def _layer_activation_elems(
     return elems
 
 
-def _activations_bytes(plan: WorkloadPlan, ctx: dict[str, np.ndarray]) -> np.ndarray:
+def _activations_bytes(
+    plan: WorkloadPlan, ctx: dict[str, np.ndarray], has_head: float = 1.0
+) -> np.ndarray:
     """Peak activation bytes of one micro-batch (micro-batches run one after another):
     every layer's saved tensors (``recompute: full``: only each layer's input, plus the
     largest layer's tensors while it is recomputed), and the fp32 logits."""
@@ -258,7 +262,7 @@ def _activations_bytes(plan: WorkloadPlan, ctx: dict[str, np.ndarray]) -> np.nda
     else:
         saved = per_layer.sum(axis=0)
     logits = ctx["tokens_att"] * m.vocab_size / sc.parallelism.tp * LOGITS_BYTES_PER_ELEMENT
-    return saved * ab + logits
+    return saved * ab + logits * has_head
 
 
 def _grad_collectives(
@@ -316,9 +320,10 @@ def _context(plan: WorkloadPlan) -> dict[str, np.ndarray]:
     }
 
 
-def add_training(plan: WorkloadPlan, b: Bytes) -> None:
+def add_training(plan: WorkloadPlan, b: Bytes, check: bool = True) -> None:
     """Attach the backward pass, gradient reduction, optimizer and training memory to a
-    forward plan of one micro-batch; raise :class:`ScenarioError` if it does not fit."""
+    forward plan of one micro-batch (of a pipeline stage's layers: the LM head only on the
+    last stage); raise :class:`ScenarioError` if it does not fit (``check``)."""
     sc = plan.scenario
     tr, m = sc.workload.train, sc.model
     dev, cdt = sc.cluster.device, sc.workload.dtypes.compute
@@ -328,6 +333,8 @@ def add_training(plan: WorkloadPlan, b: Bytes) -> None:
     head = lm_head_ops(m, ctx["tokens_att"], sc.parallelism.tp, b)
     head_bwd = backward_ops(head, b.weights, gb)
     lm_bwd_s, lm_bwd_f, _ = _time(dev, head_bwd, cdt)
+    has_head = float(plan.layers[-1].index == m.n_layers - 1)  # a pipeline's last stage
+    lm_bwd_s, lm_bwd_f = lm_bwd_s * has_head, lm_bwd_f * has_head
     dense, expert = _params_per_device(plan)
     reduce, gather = _grad_collectives(plan, dense, expert, b)
     layer_reduce = None
@@ -339,9 +346,10 @@ def add_training(plan: WorkloadPlan, b: Bytes) -> None:
             for d, e in zip(dense_l, expert_l, strict=True)
         ]
         reduce = _grad_collectives(plan, embeddings * ones, 0.0 * ones, b)[0]
-    fwd_f = sum(sum(lp.flops.values()) for lp in plan.layers) + np.asarray(head.flops)
+    head_f = np.asarray(head.flops) * has_head
+    fwd_f = sum(sum(lp.flops.values()) for lp in plan.layers) + head_f
     bwd_f = sum(sum(bl.flops.values()) + bl.recompute_flops for bl in backward) + lm_bwd_f
-    redo_f = fwd_f - np.asarray(head.flops) if tr.recompute == "full" else 0.0
+    redo_f = fwd_f - head_f if tr.recompute == "full" else 0.0
     plan.train = TrainingPlan(
         config=tr,
         backward=backward,
@@ -365,9 +373,10 @@ def add_training(plan: WorkloadPlan, b: Bytes) -> None:
         "gradients": (dense / grad_div[0] + expert / grad_div[1]) * gb,
         "optimizer_states": (dense / opt_div[0] + expert / opt_div[1])
         * tr.optimizer_bytes_per_param,
-        "activations": _activations_bytes(plan, ctx),
+        "activations": _activations_bytes(plan, ctx, has_head),
     }
-    check_fits_training(plan)
+    if check:
+        check_fits_training(plan)
 
 
 def check_fits_training(plan: WorkloadPlan) -> None:
@@ -410,13 +419,14 @@ def training_summary(
     comm = sum(v for k, v in breakdown_s.items() if k in comm_phases)
     used = plan.memory_used_bytes
     worst = int(np.argmax(used))
-    a2a = sum(lp.dispatch.total_bytes * 2 for lp in plan.layers if lp.moe)
+    a2a = sum(lp.all_to_all_bytes for lp in plan.layers if lp.moe)
     passes = 3 if tr.full_recompute else 2  # forward, backward (and the recomputed forward)
     return {
         "mfu": tokens_per_s * tr.model_flops_per_token / (n * peak),
         "hfu": float(tr.executed_flops.sum()) / (step_s * n * peak) if step_s > 0 else 0.0,
         "exposed_comm_s": comm,
-        "compute_s": step_s - comm,
+        "compute_s": step_s - comm - breakdown_s.get("pipeline", 0.0),
+        "pipeline_wait_s": breakdown_s.get("pipeline", 0.0),  # bubbles, other stages
         "model_flops_per_token": tr.model_flops_per_token,
         "micro_batches": tr.micro_batches,
         "tokens_per_micro_batch": plan.tokens // tr.micro_batches,

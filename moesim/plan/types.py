@@ -83,6 +83,7 @@ class LayerPlan:
     tp_shared_out: Traffic | None = None  # and their output reduce-scatter
     dispatch: Traffic | None = None
     dispatch_forward: Traffic | None = None  # per_node: forwarding inside the node after it
+    combine_scale: float = 1.0  # combine bytes over dispatch bytes (dtypes.combine / dispatch)
     measured_s: dict[str, np.ndarray] = field(default_factory=dict)
     expert_load: np.ndarray | None = None
     device_tokens: np.ndarray | None = None
@@ -94,11 +95,14 @@ class LayerPlan:
     expert_tokens: np.ndarray | None = None  # [device, local expert slot] (training only)
     pairs_out: np.ndarray | None = None  # token-expert pairs each device sends (training only)
     pim: PimWork | None = None  # work on the processing-in-memory units (moesim/plan/pim.py)
+    pim_attention: PimWork | None = None  # pim.policy co_processing: attention beside lp.pim
     expert_weight_bytes: np.ndarray | None = None  # expert weights the GPU reads (energy)
+    tiers: object | None = None  # offloaded experts: a moesim.plan.tiers.TierWork
 
     @property
     def combine(self) -> Traffic | None:
-        return self.dispatch.reversed() if self.dispatch is not None else None
+        """The dispatch's network stage reversed, in the combine's dtype."""
+        return self.combine_stages()[-1] if self.dispatch is not None else None
 
     @property
     def dispatch_stages(self) -> list[Traffic]:
@@ -107,9 +111,16 @@ class LayerPlan:
             return []
         return [self.dispatch] + ([self.dispatch_forward] if self.dispatch_forward else [])
 
+    @property
+    def all_to_all_bytes(self) -> float:
+        """Bytes the dispatch and the combine move between devices, every stage."""
+        return sum(t.total_bytes for t in self.dispatch_stages) * (1.0 + self.combine_scale)
+
     def combine_stages(self) -> list[Traffic]:
         """The combine: the dispatch's stages reversed, in reverse order (new objects)."""
-        return [t.reversed() for t in reversed(self.dispatch_stages)]
+        scale = self.combine_scale
+        stages = [t.reversed() for t in reversed(self.dispatch_stages)]
+        return stages if scale == 1.0 else [t.scaled(scale) for t in stages]
 
 
 @dataclass
@@ -125,7 +136,12 @@ class WorkloadPlan:
     lm_head_measured_s: np.ndarray | None = None
     train: TrainingPlan | None = None  # phase: train (moesim/training.py)
     pim_memory_bytes: dict[str, np.ndarray] = field(default_factory=dict)  # on PIM units
+    tier_memory_bytes: np.ndarray | None = None  # offloaded experts (moesim/plan/tiers.py)
+    sub_plans: list[WorkloadPlan] = field(default_factory=list)  # pim.sub_batches halves
     warnings: list[str] = field(default_factory=list)  # likely scenario mistakes, in the summary
+    pipeline: PipelinePlan | None = None  # stages and micro-batches (moesim/plan/pipeline.py)
+    draft: list[LayerPlan] = field(default_factory=list)  # MTP module's layer (moesim/plan/mtp.py)
+    draft_lm_head_s: np.ndarray | None = None
 
     def measured_fraction(self) -> float:
         """Share of all devices' compute seconds that came from measured kernel tables."""
@@ -141,6 +157,40 @@ class WorkloadPlan:
     @property
     def memory_used_bytes(self) -> np.ndarray:
         return sum(self.memory_bytes.values())  # type: ignore[return-value]
+
+
+@dataclass
+class PipelinePlan:
+    """Pipeline stages and micro-batches of a step (:mod:`moesim.plan.pipeline`).
+
+    Stage ``s`` runs on the devices ``masks[s]``; ``chunks[s][c]`` are the layer indices of
+    its chunk ``c`` (one chunk, or ``virtual_stages`` interleaved, or DualPipe's two
+    directions). ``send[s]`` carries one micro-batch's activations from each device of stage
+    ``s`` to the device at the same position of stage ``s + 1`` (``reversed()``: the other
+    way). ``grad_reduce[s]`` / ``param_gather[s]``: stage ``s``'s collectives after its last
+    backward."""
+
+    pp: int
+    micro_batches: int
+    schedule: str
+    masks: list[np.ndarray]
+    chunks: list[list[tuple[int, ...]]]
+    send: dict[tuple[int, int], Traffic]
+    layers: list[dict[int, LayerPlan]] = field(default_factory=list)  # per stage, by index
+    backward: list[dict[int, BackwardLayer]] = field(default_factory=list)
+    combine: list[dict[int, Traffic]] = field(default_factory=list)  # training, per stage
+    overlap: bool = False  # two_batch: micro-batches interleaved, all-to-alls under compute
+    grad_reduce: list[list[Traffic]] = field(default_factory=list)
+    param_gather: list[list[Traffic]] = field(default_factory=list)
+    optimizer_s: list[np.ndarray] = field(default_factory=list)
+
+
+def embedding_copies(tied: bool, layers: tuple[int, ...] | range, n_layers: int) -> int:
+    """Embedding matrices a stage holding ``layers`` keeps: the input embedding on the
+    stage with layer 0, the output projection on the stage with the last layer; tied
+    embeddings are one matrix, kept by both end stages when they differ (Megatron-LM)."""
+    first, last = 0 in layers, (n_layers - 1) in layers
+    return int(first or last) if tied else int(first) + int(last)
 
 
 @dataclass

@@ -37,11 +37,22 @@ from moesim.cost.weights import (
     embedding_params_per_device,
     expert_params_per_shard,
 )
+from moesim.plan import pipeline
 from moesim.plan.collectives import ring_allgather, ring_allreduce, ring_reduce_scatter
 from moesim.plan.dispatch import dispatch_mode, distinct_tokens
 from moesim.plan.layout import Layout, dtype_bytes, layout
-from moesim.plan.pim import apply_memory, split_attention, split_experts
-from moesim.plan.types import GB, LayerPlan, PimWork, Traffic, WorkloadPlan, _time
+from moesim.plan.mtp import add_draft, mtp_scenario
+from moesim.plan.pim import apply_memory, split_attention, split_experts, sub_batch_scenarios
+from moesim.plan.tiers import experts_phase_s, offload_experts
+from moesim.plan.types import (
+    GB,
+    LayerPlan,
+    PimWork,
+    Traffic,
+    WorkloadPlan,
+    _time,
+    embedding_copies,
+)
 from moesim.routing.distributions import layer_probabilities, load_trace, route_layer
 from moesim.routing.placement import (
     base_placement,
@@ -85,7 +96,29 @@ class _Context:
 
 
 def build_plan(sc: Scenario) -> WorkloadPlan:
-    """Turn a scenario into per-layer, per-device work and traffic."""
+    """Turn a scenario into per-layer, per-device work and traffic. With pipeline stages or
+    inference micro-batches, one plan per stage of one micro-batch over the stage's layers,
+    placed side by side (:mod:`moesim.plan.pipeline`)."""
+    par = sc.parallelism
+    if par.pp == 1 and par.inference_micro_batches == 1:
+        return _build(sc, range(sc.model.n_layers))
+    piece = pipeline.piece_scenario(sc)
+    chunks = pipeline.stage_chunks(sc)
+    stages = [_build(piece, sorted(i for c in cs for i in c), check=False) for cs in chunks]
+    act_bytes = sc.model.d_model * dtype_bytes(piece).activations
+    plan = pipeline.assemble(sc, stages, layout(piece).tokens_dev * act_bytes)
+    if sc.workload.phase == "train":
+        from moesim.plan.training import check_fits_training
+
+        check_fits_training(plan)
+    else:
+        _check_fits(sc, plan)
+    return plan
+
+
+def _build(sc: Scenario, stage: range | list[int], check: bool = True) -> WorkloadPlan:
+    """The plan of the layers ``stage`` (all of them: the whole model) on ``sc``'s devices;
+    the LM head when the last layer is among them. ``check``: raise if it does not fit."""
     m, wl = sc.model, sc.workload
     lay = layout(sc)
     b = dtype_bytes(sc)
@@ -102,12 +135,11 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
         ctx.forward_layout = _dispatch_layout(lay, False, same_node=True)
     layer_seeds = np.random.SeedSequence(sc.sim.seed).spawn(m.n_layers)
     layers: list[LayerPlan] = []
-    moe_index = 0
-    for i in range(m.n_layers):
+    for i in stage:
         lp = _attention_block(ctx, i)
         if m.is_moe(i):
+            moe_index = sum(m.is_moe(j) for j in range(i))  # MoE layers before this one
             _moe_block(ctx, lp, layer_seeds[i], moe_index)
-            moe_index += 1
         else:
             _dense_block(ctx, lp)
         layers.append(lp)
@@ -116,7 +148,11 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
     lm_s, _, lm_measured = _time(
         sc.cluster.device, [lm_head_ops(m, last_tokens, lay.tp, b)], wl.dtypes.compute
     )
-    plan = WorkloadPlan(sc, lay.n_devices, wl.tokens, layers, lm_s, lm_head_measured_s=lm_measured)
+    head = float(m.n_layers - 1 in stage)  # the LM head runs on the last layer's stage
+    tokens = wl.tokens * (wl.mtp.tokens_per_step if wl.mtp else 1)  # accepted tokens
+    plan = WorkloadPlan(
+        sc, lay.n_devices, tokens, layers, lm_s * head, lm_head_measured_s=lm_measured * head
+    )
     idle = int((lay.seqs_dp == 0).sum())
     if idle:
         plan.warnings.append(
@@ -124,13 +160,18 @@ def build_plan(sc: Scenario) -> WorkloadPlan:
             f"replicas (devices / parallelism.tp): {idle} replicas ({idle * lay.tp} devices) "
             "hold no sequence and do no attention work"
         )
-    plan.memory_bytes = _memory(sc, b, lay, layers)
+    plan.memory_bytes = _memory(sc, b, lay, layers, stage)
+    if wl.mtp is not None and head:
+        add_draft(plan, _build(mtp_scenario(sc), [m.n_layers - 1], check=False))
     if wl.phase == "train":
         from moesim.plan.training import add_training
 
-        add_training(plan, b)  # backward, gradient reduction, optimizer, training memory
+        add_training(plan, b, check)  # backward, gradient reduction, optimizer, memory
     apply_memory(sc, plan, b)  # what lives on PIM units leaves the GPU (moesim/plan/pim.py)
-    _check_fits(sc, plan)
+    if check:
+        _check_fits(sc, plan)
+        # pim.sub_batches: one plan per sub-batch, interleaved in the graph (moesim/plan/pim.py)
+        plan.sub_plans = [build_plan(half) for half in sub_batch_scenarios(sc)]
     return plan
 
 
@@ -274,6 +315,8 @@ def _experts(
         np.put_along_axis(dense, np.where(slot_ok, slot_e, m.n_experts), load, axis=1)
         gpu_dense = split_experts(sc, lp, dense[:, :-1], expected, share, d_ff_local, b)
         gpu_load = np.take_along_axis(gpu_dense, slot_e, axis=1) * slot_ok  # rest on PIM
+    if sc.tiers is not None:  # experts in slower memory (moesim/plan/tiers.py)
+        gpu_load = offload_experts(sc, lp, gpu_load, slot_e, slot_ok, expected, d_ff_local, b)
     ops = expert_ops(gpu_load, m.d_model, d_ff_local, b)
     split = [op_time_split(dev, op, cdt, launches=False) for op in ops]
     per_expert = sum(t for t, _ in split)
@@ -283,7 +326,7 @@ def _experts(
         roofline = (gpu_load > 0) & (measured_part == 0)
         count = roofline.any(axis=1) if dev.grouped_experts else roofline.sum(axis=1)
         launch_s += count * op_kernels(dev, op) * dev.kernel_launch_s
-    lp.compute_s["experts"] = per_expert.sum(axis=1) + launch_s
+    lp.compute_s["experts"] = experts_phase_s(lp.tiers, per_expert.sum(axis=1) + launch_s)
     lp.flops["experts"] = sum(np.asarray(op.flops) for op in ops).sum(axis=1)
     lp.expert_weight_bytes = sum(weight_bytes(op, b.expert_weights) for op in ops).sum(axis=1)
 
@@ -295,7 +338,8 @@ def _dispatch_traffic(
     the dispatch mode sends them (:mod:`moesim.plan.dispatch`); ``per_node`` also sets the
     intra-node forwarding stage (``lp.dispatch_forward``) and returns the network stage."""
     lay, r = ctx.lay, ctx.sc.routing
-    act_bytes_per_token = ctx.sc.model.d_model * ctx.b.activations
+    act_bytes_per_token = ctx.sc.model.d_model * ctx.b.dispatch
+    lp.combine_scale = ctx.b.combine / ctx.b.dispatch
     to_rank = rank_totals(kept, share)  # [source, rank]
     totals = kept.sum(axis=1)
     if r.global_routing:
@@ -441,19 +485,22 @@ def _conserve(arriving: np.ndarray, totals: np.ndarray) -> np.ndarray:
     return arriving
 
 
-def _memory(sc: Scenario, b: Bytes, lay: Layout, layers: list[LayerPlan]) -> dict[str, np.ndarray]:
-    """Bytes resident per device: weights, KV cache / linear state, peak activations."""
+def _memory(
+    sc: Scenario, b: Bytes, lay: Layout, layers: list[LayerPlan], stage: range | list[int]
+) -> dict[str, np.ndarray]:
+    """Bytes resident per device for the layers ``stage`` (a pipeline stage's, or all):
+    weights, KV cache / linear state, peak activations."""
     m, par = sc.model, sc.parallelism
     n_dev, tp = sc.cluster.n_devices, par.tp
     local = [lp.local_experts for lp in layers if lp.moe]
     experts_held = np.sum(local, axis=0) if local else np.zeros(n_dev)
     weights = (
-        sum(dense_params_per_device(m, i, tp) for i in range(m.n_layers))
-        + embedding_params_per_device(m, tp)
+        sum(dense_params_per_device(m, i, tp) for i in stage)
+        + embedding_params_per_device(m, tp, embedding_copies(m.tied_embeddings, stage, m.n_layers))
     ) * b.weights + experts_held * expert_params_per_shard(m, par.etp) * b.expert_weights
     context = sc.workload.seq_len + (1 if sc.workload.phase == "decode" else 0)
-    kv_per_token = sum(kv_cache_bytes_per_token(m, i, tp, b) for i in range(m.n_layers))
-    state_per_seq = sum(linear_state_bytes_per_seq(m, i, tp) for i in range(m.n_layers))
+    kv_per_token = sum(kv_cache_bytes_per_token(m, i, tp, b) for i in stage)
+    state_per_seq = sum(linear_state_bytes_per_seq(m, i, tp) for i in stage)
     kv = lay.seqs_dev * (context * kv_per_token + state_per_seq)
     # peak activations: the largest of one attention block and one expert block's working set
     moe_tokens = max((int(lp.device_tokens.max()) for lp in layers if lp.moe), default=0)

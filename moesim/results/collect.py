@@ -19,6 +19,7 @@ from moesim.plan.graph import (
     TRAIN_COMPUTE_PHASES,
 )
 from moesim.plan.pim import pim_summary
+from moesim.plan.tiers import tiers_summary
 from moesim.plan.types import WorkloadPlan
 from moesim.results.energy import add_energy
 from moesim.routing.distributions import max_over_mean
@@ -39,7 +40,9 @@ BREAKDOWN_KEYS = (
     "unpermute",
     "dense_ffn",
     "lm_head",
+    "pipeline",
 )
+NETWORK_PHASES = tuple(p for p in COMM_PHASES if p != "pipeline")  # pipeline: other stages
 TRAIN_BREAKDOWN_KEYS = TRAIN_COMPUTE_PHASES + TRAIN_COMM_PHASES
 
 
@@ -131,7 +134,8 @@ def routing_rows(plan: WorkloadPlan) -> list[dict[str, Any]]:
                 "cv_load": float(per_expert.std() / per_expert.mean())
                 if per_expert.mean()
                 else 0.0,
-                "device_max_over_mean_load": max_over_mean(lp.device_tokens),
+                # over the devices holding the layer's experts (its pipeline stage)
+                "device_max_over_mean_load": max_over_mean(lp.device_tokens[lp.local_experts > 0]),
                 "routed_pairs": lp.routed_pairs,
                 "dropped_pairs": lp.dropped_pairs,
                 "cross_node_pairs": lp.cross_node_pairs,
@@ -173,6 +177,8 @@ def collect(engine: Engine | AnalyticEngine) -> Result:
     for phase, seconds in rec.phase_s.items():
         if plan.train is None and phase in train_phases:
             continue  # training-only columns
+        if phase == "expert_fetch" and sc.tiers is None:
+            continue  # memory tiers only (moesim/plan/tiers.py)
         col = f"{phase}_s" if phase in COMPUTE_PHASES else f"{phase}_wait_s"
         dev[col] = np.asarray(seconds)
     compute_cols = [f"{p}_s" for p in COMPUTE_PHASES if f"{p}_s" in dev]
@@ -180,11 +186,12 @@ def collect(engine: Engine | AnalyticEngine) -> Result:
         (np.asarray(dev[c], dtype=float) for c in compute_cols), np.zeros(plan.n_devices)
     )
     dev["utilization"] = dev["compute_busy_s"] / step if step > 0 else np.zeros(plan.n_devices)
-    flops = sum(sum(lp.flops.values()) for lp in plan.layers)
+    passes = plan.pipeline.micro_batches if plan.pipeline and plan.train is None else 1
+    flops = passes * sum(sum(lp.flops.values()) for lp in plan.layers)
     if plan.train is not None:  # every pass, backward and recomputation included
         flops = plan.train.executed_flops
     dev["flops"] = np.asarray(flops, dtype=float) * np.ones(plan.n_devices)
-    dev["expert_tokens"] = sum(
+    dev["expert_tokens"] = passes * sum(
         (lp.device_tokens for lp in plan.layers if lp.moe), np.zeros(plan.n_devices, dtype=np.int64)
     )
     for kind, used in plan.memory_bytes.items():
@@ -206,10 +213,13 @@ def collect(engine: Engine | AnalyticEngine) -> Result:
     routing = routing_rows(plan)
     energy = add_energy(plan, topo, dev, links, step)  # energy columns (moesim/energy.py)
     pim = pim_summary(plan, dev)  # PIM columns, None without PIM units (moesim/pim.py)
+    tiers = tiers_summary(plan, dev)  # memory tiers, None without (moesim/plan/tiers.py)
 
     crit = int(np.argmax(rec.finish_s))
     keys = BREAKDOWN_KEYS + (TRAIN_BREAKDOWN_KEYS if plan.train is not None else ())
+    keys += ("expert_fetch",) if sc.tiers is not None else ()
     breakdown = {k: float(rec.phase_s[k][crit]) for k in keys}  # the critical device's
+    exposed = float(sum(rec.phase_s[k][crit] for k in NETWORK_PHASES))
     busiest_dev = int(np.argmax(dev["compute_busy_s"]))
     busiest_link = int(np.argmax(carried)) if len(carried) else None
     routed = int(sum(row["routed_pairs"] for row in routing))
@@ -263,9 +273,14 @@ def collect(engine: Engine | AnalyticEngine) -> Result:
         "measured_kernel_fraction": plan.measured_fraction(),
         "energy_j": energy,
         "pim": pim,
-        "all_to_all_bytes": float(
-            sum(lp.dispatch.total_bytes * 2 if lp.moe else 0.0 for lp in plan.layers)
-        ),
+        **({"tiers": tiers} if tiers is not None else {}),
+        "all_to_all_bytes": passes
+        * float(sum(lp.all_to_all_bytes if lp.moe else 0.0 for lp in plan.layers)),
+        # the critical device: waiting on collectives; and their time in flight beyond that
+        "exposed_comm_s": exposed,
+        "overlapped_comm_s": max(0.0, float(rec.comm_busy_s()[crit]) - exposed)
+        if plan.train is None
+        else None,
         "sim": {
             "wall_s": engine.wall_s,
             "fidelity": engine.fidelity,
@@ -280,10 +295,20 @@ def collect(engine: Engine | AnalyticEngine) -> Result:
             "numba is not installed: the network solver runs its numpy kernels, 2.5-3.5x "
             "slower on large all-to-alls (pip install numba)"
         )
+    if sc.workload.phase == "decode":  # time per output token of a sequence
+        mtp = sc.workload.mtp
+        per_step = mtp.tokens_per_step if mtp is not None else 1.0
+        summary["tpot_s"] = step / per_step
+        if mtp is not None:
+            summary["mtp"] = {
+                "draft_tokens": mtp.draft_tokens,
+                "acceptance": mtp.acceptance,
+                "tokens_per_step": per_step,
+            }
     if plan.train is not None:
         from moesim.plan.training import training_summary
 
-        train = training_summary(plan, breakdown, COMM_PHASES, step)
+        train = training_summary(plan, breakdown, NETWORK_PHASES, step)
         summary["mfu"], summary["exposed_comm_s"] = train["mfu"], train["exposed_comm_s"]
         summary["all_to_all_bytes"] = train["all_to_all_bytes"]
         summary["train"] = train

@@ -31,6 +31,7 @@ from moesim.config.resolve import resolve
 from moesim.config.scenario import Scenario, ScenarioError
 from moesim.config.serve import ServeConfig
 from moesim.cost.ops import Bytes, kv_cache_bytes_per_token, linear_state_bytes_per_seq
+from moesim.plan.pim import kv_budget_bytes, without_memory_limits
 
 
 # -- KV cache ------------------------------------------------------------------------------
@@ -81,6 +82,7 @@ def _step_scenario(sc: Scenario, phase: str, batch: int, length: int) -> Scenari
             "workload": wl,
             "cluster": sc.cluster.model_copy(update={"device": device}),
             "sim": sim,
+            **without_memory_limits(sc),  # PIM units and memory tiers too
         }
     )
 
@@ -310,7 +312,7 @@ def build_cost_model(
 
     serve = sc.workload.serve
     start = time.perf_counter()
-    topology = build_topology(sc.cluster, sc.topology)
+    topology = build_topology(sc.cluster, sc.topology, sc.pim, sc.tiers)
     digest = _digest(sc)
     _load_steps(digest)
     before = len(_STEP_CACHE)
@@ -366,7 +368,11 @@ def build_cost_model(
     )
     weights = max(w for _, w, _ in timed.values())
     dev = sc.cluster.device
-    kv_budget = serve.memory_utilization * dev.memory_bytes - weights - activations
+    kv_budget = kv_budget_bytes(  # PIM may hold the cache (moesim/plan/pim.py)
+        sc,
+        serve.memory_utilization * dev.memory_bytes - weights - activations,
+        kv_bytes_per_token(sc),
+    )
     if kv_budget <= 0:
         raise ScenarioError(
             "cluster.device",
@@ -393,7 +399,9 @@ def _check_longest_fits(
     """Before timing the grid: the longest request's KV cache must fit what the weights leave
     (activations come on top; the scheduler checks again with them)."""
     serve, dev = sc.workload.serve, sc.cluster.device
-    free = serve.memory_utilization * dev.memory_bytes - step[1]
+    free = kv_budget_bytes(
+        sc, serve.memory_utilization * dev.memory_bytes - step[1], kv_bytes_per_token(sc)
+    )
     total = prompts + outputs
     worst = int(np.argmax(total))
     need = total[worst] * kv_bytes_per_token(sc) + state_bytes_per_seq(sc)

@@ -91,8 +91,13 @@ def total_devices(sc: Scenario) -> int:
 
 
 def bounds_apply(sc: Scenario) -> bool:
-    """The bounds below are derived for forward steps (prefill, decode) without PIM."""
-    return sc.workload.phase in ("prefill", "decode") and getattr(sc, "pim", None) is None
+    """The bounds below are derived for forward steps (prefill, decode) without PIM, every
+    device running every layer (no pipeline stages)."""
+    return (
+        sc.workload.phase in ("prefill", "decode")
+        and getattr(sc, "pim", None) is None
+        and sc.parallelism.pp == 1
+    )
 
 
 def memory_lower_bound_bytes(sc: Scenario) -> float:
