@@ -67,8 +67,11 @@ def test_latency_rises_with_rate_and_throughput_saturates():
     runs = [r.summary for r in results]
     for metric in ("ttft", "latency"):
         for q in ("p50", "p90", "p99"):
-            values = [s[f"{metric}_{q}_s"] for s in runs]
-            assert np.all(np.diff(values) > 0), (metric, q, values)
+            values = np.array([s[f"{metric}_{q}_s"] for s in runs])
+            # at light load a small eager prefill is dispatch-bound (a kernel costs at least
+            # kernel_launch_s, however few tokens it has), so TTFT stays flat within 1%
+            assert np.all(np.diff(values) > -0.01 * values[:-1]), (metric, q, values)
+            assert values[-1] > 2 * values[0], (metric, q, values)
     assert runs[-1]["ttft_p99_s"] > 100 * runs[0]["ttft_p99_s"]
     outputs = results[0].requests["output_tokens"]  # the same requests at every rate
     offered = np.array(rates) * outputs.mean()
@@ -502,8 +505,9 @@ def test_prefix_cache_skips_compute_but_not_kv():
     }
     ttft = {h: float(r.requests["ttft_s"].mean()) for h, r in runs.items()}
     assert ttft[0.0] > ttft[0.5] > ttft[0.9]
-    # the uncached half still attends to the cached half: more than a prefill of half a prompt
-    assert ttft[0.5] >= one_step_s(serve_scenario(), "prefill", 1, PROMPT // 2) * (1 - 1e-9)
+    # the uncached half still attends to the cached half: no less than a prefill of half a
+    # prompt (the step grid interpolates between timed lengths, within 1e-4 here)
+    assert ttft[0.5] > one_step_s(serve_scenario(), "prefill", 1, PROMPT // 2) * (1 - 1e-4)
     assert ttft[0.0] == pytest.approx(one_step_s(serve_scenario(), "prefill", 1, PROMPT))
     # cached tokens hold KV like computed ones: the same KV in use, iteration by iteration
     kv = [r.iterations["kv_used_bytes"].to_numpy() for r in runs.values()]
