@@ -5,10 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from moesim.cli.common import add_set_argument, out_dir, parse_set
-from moesim.config.scenario import ScenarioError, load_scenario
-
-NAME = "compare"
+from moesim.config.errors import ScenarioError
 
 HELP = """\
 Simulate two or more scenarios (step or serving runs alike) and print their headline metrics
@@ -22,29 +19,36 @@ for each headline metric, and the stacked step-time breakdown).
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``compare`` on an ``argparse`` subparsers object."""
     p = subparsers.add_parser(
-        NAME,
+        "compare",
         help="scenarios side by side: headline metrics, breakdowns, a bar chart",
         description=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("scenarios", type=Path, nargs="+", help="two or more scenario YAML files")
-    add_set_argument(p)
+    p.add_argument("--set", action="append", metavar="PATH=VALUE", help="override (repeatable)")
     p.add_argument("--out", type=Path, metavar="DIR", help="write compare.csv and compare.png")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
     return p
 
 
 def _overrides(items: list[str] | None, files: list[Path]) -> list[dict[str, object]]:
     """--set items for each file: plain ones for all, ``FILE::PATH=VALUE`` for one."""
+    import yaml
+
     per_file: list[dict[str, object]] = [{} for _ in files]
     for item in items or []:
         target, _, rest = item.rpartition("::")
-        path, value = parse_set(rest)
-        hits = [i for i, f in enumerate(files) if not target or target in (str(f), f.name)]
+        if "=" not in rest:
+            raise ScenarioError(item, "--set expects PATH=VALUE, e.g. workload.batch_size=64")
+        path, value = rest.split("=", 1)
+        hits = [
+            i for i, f in enumerate(files) if not target or str(f) == target or f.name == target
+        ]
         if not hits:
             raise ScenarioError(item, f"no scenario {target!r} among {[str(f) for f in files]}")
         for i in hits:
-            per_file[i][path] = value
+            per_file[i][path.strip()] = yaml.safe_load(value)
     return per_file
 
 
@@ -52,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     """Simulate, print the side-by-side table, and write it and its chart with ``--out``."""
     import pandas as pd
 
+    from moesim.config.scenario import load_scenario
     from moesim.report.compare_plots import plot_compare
     from moesim.studies.compare import compare_scenarios, relative_to_first
 
@@ -74,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         import matplotlib.pyplot as plt
 
-        out_dir(args.out)
+        args.out.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.out / "compare.csv")
         fig = plot_compare(table)
         fig.savefig(args.out / "compare.png", dpi=110)

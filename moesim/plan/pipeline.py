@@ -252,6 +252,9 @@ def _layer(lp: LayerPlan, offset: int, n: int, shift: _Shift) -> LayerPlan:
         tp_comm=shift(lp.tp_comm, offset),
         tp_comm_after=shift(lp.tp_comm_after, offset),
         dispatch=shift(lp.dispatch, offset),
+        tp_shared_in=shift(lp.tp_shared_in, offset),
+        tp_shared_out=shift(lp.tp_shared_out, offset),
+        combine_scale=lp.combine_scale,
         measured_s=dicts(lp.measured_s),
         expert_load=lp.expert_load,
         device_tokens=_spread(lp.device_tokens, offset, n),
@@ -367,7 +370,10 @@ def _assemble_training(
         pipe.optimizer_s.append(_spread(tr.optimizer_s, off, n))
     for s, (plan, tr) in enumerate(zip(stages, trs, strict=True)):
         pipe.combine.append(
-            {lp.index: shift(c, s * per) for lp, c in zip(plan.layers, tr.combine, strict=True)}
+            {
+                lp.index: shift(c[0] if c else None, s * per)  # one stage: per_node is off here
+                for lp, c in zip(plan.layers, tr.combine, strict=True)
+            }
         )
     combine = {i: c for stage in pipe.combine for i, c in stage.items()}
     first = trs[0]
