@@ -1,7 +1,7 @@
 """Schema of ``workload.serve``: the request stream, the scheduler and the latency targets.
 
 Kept apart from ``scenario.py`` (which embeds it as ``WorkloadConfig.serve``) so the serving
-options read as one block; ``moesim/serving.py`` runs them.
+options read as one block; ``moesim/serving/`` runs them.
 """
 
 from __future__ import annotations

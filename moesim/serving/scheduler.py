@@ -273,12 +273,14 @@ class ServingSimulation:
         """One prefill iteration of prompts of ``lengths`` tokens whose first ``cached`` are in
         the prefix cache: the batch of the uncached tokens, plus for each prompt the attention
         of its new tokens to the cached prefix (:meth:`StepGrid.chunk_time` at offset
-        ``cached`` minus at offset 0)."""
+        ``cached`` minus at offset 0, at least 0)."""
         grid = self.costs.grid
         new = lengths - cached
         t = grid.prefill_time(new)
         for c, k in zip(cached[cached > 0], new[cached > 0], strict=True):
-            t += grid.chunk_time(int(c), int(k)) - grid.chunk_time(0, int(k))
+            # never negative: where the grid is concave for other reasons (expert imbalance
+            # shrinking with tokens) the difference is not attention
+            t += max(grid.chunk_time(int(c), int(k)) - grid.chunk_time(0, int(k)), 0.0)
         return t
 
     def _prefill_tokens(self, r: int) -> int:
