@@ -149,6 +149,13 @@ def test_mtp_verifies_k_plus_one_tokens_and_drafts_k_times():
             {"workload": {"phase": "prefill", "batch_size": 8, "seq_len": 64, "mtp": {}}},
             "workload.mtp",
         ),
+        (
+            {
+                "model": {"preset": "mixtral-8x7b", "n_layers": 4},
+                "parallelism": {"tp": 1, "ep": 4, "pp": 2, "overlap": "two_batch"},
+            },
+            "parallelism.overlap",
+        ),
     ],
 )
 def test_bad_overlap_fields_name_the_field(overrides, field):

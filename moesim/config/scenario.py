@@ -628,6 +628,12 @@ def _check_overlap(sc: Scenario, dp: int) -> None:
                 f"a micro-batch of {wl.batch_size // mb} sequences leaves some of the {dp} "
                 "attention replicas idle",
             )
+        if par.overlap == "two_batch" and par.pp > 1:
+            raise ScenarioError(
+                "parallelism.overlap",
+                "two_batch inside pipeline stages is not modelled (a stage would wait for "
+                "every micro-batch before it starts); use overlap none with micro_batches",
+            )
         if par.overlap == "two_batch" and sc.pim is not None:
             raise ScenarioError("parallelism.overlap", "two_batch with PIM units is not modelled")
     sms = sc.cluster.device.sm_count
