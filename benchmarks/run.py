@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Simulator speed: run a fixed set of scenarios and print a table (no assertions).
 
+    python benchmarks/run.py --targets            # the speed targets, each with a same-run ratio
+    python benchmarks/run.py --targets --quick    # the targets without the 2,048-GPU DES runs
     python benchmarks/run.py                      # every scenario, analytic and discrete-event
     python benchmarks/run.py --des-layers 4       # discrete-event runs over 64 GPUs: 4 MoE layers
     python benchmarks/run.py --only mixtral --fidelity des
@@ -12,6 +14,14 @@ of that work (steadier than wall time on a shared machine), engine seconds (the 
 alone, without building the plan that both fidelities share), simpy events, events per wall
 second, peak resident memory of the process that ran it (each run is its own process, so the
 number is that run's). Also written to benchmarks/results.csv.
+
+``--targets`` times the screening and start-up targets instead (see TARGETS): analytic points
+in-process, whole ``moesim run`` processes as a user runs them (trace and progress on), the
+discrete-event runs; and, in the same run, a fixed reference workload (one million simpy
+timeouts; a fixed numpy kernel), so that every row also reads as a ratio to the reference
+(``x_simpy``: seconds over the simpy reference's seconds), which moves far less than seconds
+from one machine to the next. The load average is printed with each row. Written to
+benchmarks/targets.csv with --csv.
 """
 
 from __future__ import annotations
@@ -19,7 +29,9 @@ from __future__ import annotations
 import argparse
 import csv
 import multiprocessing as mp
+import os
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -62,12 +74,194 @@ def _run(path: str, overrides: dict, queue) -> None:
             "engine_s": s["sim"]["wall_s"],
             "events": s["sim"]["events"],
             "peak_memory_bytes": peak,
+            "network_kernels": s["sim"].get("network_kernels", ""),
         }
     )
 
 
+def reference_simpy_s(n: int = 1_000_000) -> float:
+    """Seconds for ``n`` simpy timeouts in one process (pure-Python event loop work)."""
+    import simpy
+
+    env = simpy.Environment()
+
+    def ticker(env):
+        for _ in range(n):
+            yield env.timeout(1.0)
+
+    env.process(ticker(env))
+    start = time.perf_counter()
+    env.run()
+    return time.perf_counter() - start
+
+
+def reference_numpy_s() -> float:
+    """Seconds for a fixed numpy kernel: 20 sorts of 2^20 float64 (seeded) and 20 float64
+    matrix-vector products of 2,048 x 2,048 (memory-bound, one thread's worth of work)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    data = rng.random(1 << 20)
+    mat, vec = rng.random((2048, 2048)), rng.random(2048)
+    start = time.perf_counter()
+    for _ in range(20):
+        np.sort(data)
+        mat @ vec
+    return time.perf_counter() - start
+
+
+def _load() -> float:
+    return os.getloadavg()[0]
+
+
+def _analytic_points(path: str, overrides: dict, points: int) -> float:
+    """Median seconds of ``simulate`` on an analytic scenario loaded once, as a screening loop
+    calls it (no trace; plan, routing with expected counts, engine, summary; the tables are
+    never built)."""
+    import moesim
+    from moesim.network.fluid import warm_up
+
+    warm_up()
+    sc = moesim.load_scenario(
+        path, {**overrides, "sim.fidelity": "analytic", "sim.progress": False, "sim.trace": False}
+    )
+    moesim.simulate(sc)  # first call: kernels, caches
+    times = []
+    for _ in range(points):
+        start = time.perf_counter()
+        moesim.simulate(sc)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def _process_s(args: list[str], repeat: int) -> float:
+    """Median wall seconds of a whole ``python -m moesim ...`` process."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "moesim", *args],
+            cwd=ROOT,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def _des_in_process(path: str, overrides: dict) -> float:
+    """Wall seconds of one discrete-event ``simulate`` (kernels warmed, no trace, no
+    progress), in a fresh process."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_run, args=(path, overrides, queue))
+    proc.start()
+    out = queue.get()
+    proc.join()
+    return out["wall_s"], out["network_kernels"]
+
+
+S = str(ROOT / "scenarios")
+TARGETS = [
+    # row, how it is timed, scenario, target seconds (None: none)
+    ("analytic point: mixtral-8x7b decode", "point", f"{S}/mixtral-8x7b-8xh100-decode.yaml", 0.010),
+    (
+        "analytic point: deepseek-v3 256 prefill",
+        "point",
+        f"{S}/deepseek-v3-256xh800-prefill.yaml",
+        0.050,
+    ),
+    (
+        "analytic point: deepseek-v3 2048 prefill",
+        "point",
+        f"{S}/deepseek-v3-2048xh800-prefill.yaml",
+        0.5,
+    ),
+    ("process: moesim --version", "version", "", 0.3),
+    (
+        "process: moesim run mixtral-8x7b decode",
+        "process",
+        f"{S}/mixtral-8x7b-8xh100-decode.yaml",
+        1.0,
+    ),
+    (
+        "des: deepseek-v3 64 decode (node-limited)",
+        "des",
+        f"{S}/deepseek-v3-64xh800-decode.yaml",
+        10.0,
+    ),
+    (
+        "process: moesim run deepseek-v3 256 prefill",
+        "process",
+        f"{S}/deepseek-v3-256xh800-prefill.yaml",
+        5.0,
+    ),
+    ("des: deepseek-v3 256 prefill", "des", f"{S}/deepseek-v3-256xh800-prefill.yaml", None),
+    ("des: deepseek-v3 2048 decode", "des", f"{S}/deepseek-v3-2048xh800-decode.yaml", 30.0),
+    (
+        "process: moesim run deepseek-v3 2048 prefill",
+        "process",
+        f"{S}/deepseek-v3-2048xh800-prefill.yaml",
+        60.0,
+    ),
+]
+
+
+def targets(quick: bool, points: int, csv_path: str | None) -> int:
+    """Time TARGETS and the reference workload in one run; print seconds, the ratio to the
+    simpy reference and the load average next to each."""
+    ref = reference_simpy_s()
+    ref_np = reference_numpy_s()
+    rows = [
+        {"row": "reference: 1e6 simpy timeouts", "seconds": ref, "target_s": None},
+        {"row": "reference: numpy kernel", "seconds": ref_np, "target_s": None},
+    ]
+    print(f"{'row':<48} {'seconds':>9} {'x_simpy':>8} {'target_s':>8} {'load':>5}  kernels")
+
+    def show(row: dict) -> None:
+        row["x_simpy"] = row["seconds"] / ref
+        row["load"] = _load()
+        target = "" if row["target_s"] is None else f"{row['target_s']:g}"
+        print(
+            f"{row['row']:<48} {row['seconds']:>9.4f} {row['x_simpy']:>8.3f} {target:>8} "
+            f"{row['load']:>5.1f}  {row.get('kernels', '')}".rstrip(),
+            flush=True,
+        )
+
+    for row in rows:
+        show(row)
+    for name, how, path, target in TARGETS:
+        if quick and "2048" in name and how != "point":
+            continue
+        if how == "point":
+            seconds = _analytic_points(path, {}, points)
+        elif how == "version":
+            seconds = _process_s(["--version"], 5)
+        elif how == "process":
+            seconds = _process_s(["run", path], 3 if "mixtral" in path else 1)
+        kernels = ""
+        if how == "des":
+            seconds, kernels = _des_in_process(path, {"sim.fidelity": "des"})
+        row = {"row": name, "seconds": seconds, "target_s": target, "kernels": kernels}
+        show(row)
+        rows.append(row)
+    if csv_path:
+        with open(csv_path, "w", newline="") as fh:
+            writer = csv.DictWriter(
+                fh, fieldnames=["row", "seconds", "x_simpy", "target_s", "load"]
+            )
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {csv_path}")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--targets", action="store_true", help="time the speed targets (see TARGETS)")
+    p.add_argument("--quick", action="store_true", help="--targets without the 2,048-GPU DES runs")
+    p.add_argument("--points", type=int, default=20, help="--targets: analytic points timed each")
     p.add_argument("--only", help="run scenarios whose name contains this")
     p.add_argument("--fidelity", choices=["des", "analytic", "both"], default="both")
     p.add_argument(
@@ -96,6 +290,8 @@ def main() -> int:
         "narrowed with --only or --fidelity writes a CSV only when this is given)",
     )
     args = p.parse_args()
+    if args.targets:
+        return targets(args.quick, args.points, args.csv)
     ctx = mp.get_context("spawn")
     rows = []
     fidelities = ["analytic", "des"] if args.fidelity == "both" else [args.fidelity]

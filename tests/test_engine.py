@@ -98,11 +98,20 @@ def test_imbalance_shows_as_waiting_on_other_devices(small):
     assert (others["combine_wait_s"] >= 0.9 * gap).all()
 
 
+PLAIN_ROOFLINE = {  # the plain roofline: no shape factors, launches add (tests/test_roofline.py)
+    "gemm_k_half": 0.0,
+    "gemm_tiles_half": {},
+    "attention_efficiency": None,
+    "async_launch": False,
+}
+
+
 def test_single_device_step_is_sum_of_closed_form_kernels():
     """One device, one MoE layer, 1 expert top-1, no attention context: hand-computed."""
     from moesim import scenario_from_dict
 
     d, f, heads, hd, vocab, tokens = 1024, 4096, 8, 128, 1000, 2048
+    plain = {"preset": "h100-sxm", **PLAIN_ROOFLINE}
     sc = scenario_from_dict(
         {
             "model": {
@@ -116,12 +125,12 @@ def test_single_device_step_is_sum_of_closed_form_kernels():
                 "n_experts": 1,
                 "top_k": 1,
             },
-            "cluster": {"nodes": 1, "devices_per_node": 1, "device": "h100-sxm"},
+            "cluster": {"nodes": 1, "devices_per_node": 1, "device": plain},
             "workload": {"phase": "prefill", "batch_size": 1, "seq_len": tokens},
             "sim": {"progress": False},
         }
     )
-    dev = catalog.device("h100-sxm")
+    dev = catalog.device("h100-sxm", **PLAIN_ROOFLINE)
     peak = 989.4e12 * dev.compute_efficiency
     bw = 3.35e12 * dev.memory_efficiency
     launch = dev.kernel_launch_s
@@ -140,7 +149,8 @@ def test_single_device_step_is_sum_of_closed_form_kernels():
     gate = roof(2 * tokens * d * 1, 2 * (d + tokens * (d + 1)))
     gating = roof(5 * tokens * 1, 3 * tokens * 1 * 4)  # softmax + top-k over fp32 scores
     permute = roof(0, 2 * tokens * d * 2)  # gather: read + write each pair's activation
-    unpermute = roof(2 * tokens * d, (3 * tokens + tokens) * d * 2)  # weighted scatter-add
+    # weighted scatter-add, inside the combine kernel: no launch of its own
+    unpermute = roof(2 * tokens * d, (3 * tokens + tokens) * d * 2, 0)
     experts = (
         roof(4 * tokens * d * f, 2 * (2 * d * f + tokens * (d + 2 * f)), 0)  # gate + up GEMM
         + roof(5 * tokens * f, 2 * 3 * tokens * f, 0)  # silu(g) * u

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from moesim import catalog
 from moesim.engine.analytic import AnalyticEngine
 from moesim.engine.des import Engine
 from moesim.plan.collectives import ring_allreduce
@@ -41,9 +42,14 @@ def test_a_late_rank_holds_up_every_member_of_its_ring(engine_cls, explicit):
     plan = _tp4()
     alone = engine_cls(plan, graph=_late_ring(plan, 0.0, explicit)).run().rec.finish_s
     allreduce_s = float(alone.min())
-    # the ring alone: 2 (n-1)/n x 64 MB at 450 GB/s (one NVLink direction) plus 6 latencies
-    nvlink = 450e9
-    assert allreduce_s == pytest.approx(2 * 3 / 4 * 64e6 / nvlink, rel=0.05)
+    # the ring alone: 2 (n-1)/n x 64 MB at one NVLink direction as transfers reach it, plus
+    # 6 messages (hop latency, per-message overhead and the collective launch each)
+    link = catalog.link("nvlink4")
+    alpha = (
+        link.latency_s + link.message_overhead_s + catalog.device("h100-sxm").collective_launch_s
+    )
+    expect = 2 * 3 / 4 * 64e6 / link.effective_bandwidth_bytes_per_s + 6 * alpha
+    assert allreduce_s == pytest.approx(expect, rel=0.05)
     finish = engine_cls(plan, graph=_late_ring(plan, LATE_S, explicit)).run().rec.finish_s
     assert np.all(finish >= LATE_S + allreduce_s * (1 - 1e-6)), finish
     if not explicit:  # behind the barrier the ring starts when the late rank joins

@@ -452,3 +452,147 @@ def test_confirmation_overturns_a_screened_answer(tmp_path, monkeypatch):
     table = result.table.set_index("device")
     assert table.loc["fast", "fidelity"] == "analytic" and table.loc["fast", "feasible"]
     assert not table.loc["slow", "feasible"] and table.loc["slow", "screen_step_time_s"] == 1e-3
+
+
+# -- common random numbers -------------------------------------------------------------------
+def test_common_random_numbers_sweep_gives_identical_routing_for_identical_configs(tmp_path):
+    from moesim.studies.sweep import SweepSpec, execute, prepare
+
+    base = {
+        "name": "crn",
+        "model": {"preset": "mixtral-8x7b", "n_layers": 2},
+        "cluster": {"nodes": 1, "devices_per_node": 8, "device": "h100-sxm"},
+        "parallelism": {"ep": 8},
+        "workload": {"phase": "decode", "batch_size": 64, "seq_len": 512},
+        "routing": {"distribution": "zipf", "zipf_s": 1.0, "sampling": "draw"},
+        "sim": {"fidelity": "analytic"},
+    }
+    tables = {}
+    for crn in (True, False):
+        # three points that differ only in a label: the same configuration three times
+        spec = SweepSpec(
+            name="crn", base=base, axes={"description": ["a", "b", "c"]}, common_random_numbers=crn
+        )
+        run = prepare(spec, base, tmp_path / str(crn), "crn.yaml", "csv")
+        tables[crn] = execute(run, None, progress=False)
+    same, own = tables[True], tables[False]
+    assert same["seed"].nunique() == 1 and own["seed"].nunique() == 3
+    for col in ("routing.max_over_mean_load", "step_time_s"):
+        assert same[col].nunique() == 1, col
+    assert own["routing.max_over_mean_load"].nunique() > 1
+    # the seed column is the seed the point ran on
+    rerun = simulate(scenario_from_dict(base, {"sim.seed": int(same["seed"].iloc[0])}))
+    assert (
+        rerun.summary["routing"]["max_over_mean_load"] == same["routing.max_over_mean_load"].iloc[0]
+    )
+
+
+# -- per-replica batch -----------------------------------------------------------------------
+def _decode(over=None, **workload):
+    from .conftest import small_scenario
+
+    wl = {"phase": "decode", "seq_len": 1024, **workload}
+    return small_scenario(workload=wl, **{"sim.fidelity": "analytic", **(over or {})})
+
+
+def test_batch_size_max_fills_the_kv_memory_left_by_the_weights():
+    from moesim.plan.batch import batch_size_for
+
+    sc = _decode(batch_size="max")
+    # hand count: Mixtral, 8 KV heads x 128 x bf16 x (K, V) per layer, 2 layers, tp 1
+    kv_per_token = 2 * 8 * 128 * 2 * 2
+    # the weights per device as the plan builder places them, from a run of any batch
+    weights = simulate(_decode(batch_size=8)).devices["weights_bytes"].max()
+    per_replica = math.floor((0.9 * 80e9 - weights) / ((1024 + 1) * kv_per_token))
+    assert batch_size_for(sc) == 8 * per_replica  # dp 8 replicas (tp 1)
+    result = simulate(sc)
+    assert result.summary["tokens"] == 8 * per_replica
+    # one more sequence per replica would not fit
+    peak = result.devices["weights_bytes"].max() + (per_replica + 1) * 1025 * kv_per_token
+    assert peak > 0.9 * 80e9
+
+
+def test_batch_per_replica_scales_with_the_cluster():
+    one = _decode(batch_per_replica=16)
+    two = _decode({"cluster.nodes": 2}, batch_per_replica=16)
+    from moesim.plan.batch import batch_size_for
+
+    assert batch_size_for(one) == 16 * 8 and batch_size_for(two) == 16 * 16
+    a, b = simulate(one).summary, simulate(two).summary
+    # the same per-replica work: twice the tokens at about the same step time
+    assert b["tokens"] == 2 * a["tokens"]
+    assert b["tokens_per_s"] > 1.5 * a["tokens_per_s"]
+
+
+def test_batch_options_reject_bad_combinations():
+    from moesim import ScenarioError
+
+    with pytest.raises(ScenarioError, match="not both"):
+        _decode(batch_size=64, batch_per_replica=16)
+    with pytest.raises(ScenarioError, match="decode"):
+        from .conftest import small_scenario
+
+        small_scenario(workload={"phase": "prefill", "seq_len": 512, "batch_size": "max"})
+
+
+# -- serving plans: stability, demand, max_rate ----------------------------------------------
+def _serve_plan(tmp_path: Path, name: str, **fields) -> Path:
+    base = {
+        "name": "serve-plan",
+        "model": {"preset": "mixtral-8x7b", "n_layers": 2},
+        "cluster": {"nodes": 1, "devices_per_node": 8, "device": "h100-sxm"},
+        "parallelism": {"tp": 1, "ep": 8},
+        "workload": {
+            "phase": "serve",
+            "serve": {
+                "n_requests": 2000,
+                "prompt_tokens": {"distribution": "uniform", "low": 64, "high": 1024},
+                "output_tokens": {"distribution": "lognormal", "mean": 48, "high": 512},
+                "grid_points": 4,
+                "max_batch_size": 64,
+                "max_batched_tokens": 4096,
+            },
+        },
+        "routing": {"distribution": "uniform"},
+        "sim": {"fidelity": "analytic"},
+    }
+    plan = {
+        "name": name,
+        "base": base,
+        "candidates": {"workload.serve.replicas": [1, 2]},
+        "targets": {"ttft_p99_s": {"max": 1000.0}},  # loose: stability decides
+        "throughput_metric": "throughput_tokens_per_s",
+        "confirm": {"top": 0},
+        **fields,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    return path
+
+
+def test_max_rate_plan_then_an_overloaded_candidate_is_never_feasible(tmp_path):
+    found = _run(
+        _serve_plan(tmp_path, "rate", search="max_rate", max_rate={"start_per_s": 200.0}),
+        tmp_path / "rate",
+        detail=False,
+    )
+    table = found.table.set_index("workload.serve.replicas")
+    one, two = (float(table.loc[str(r), "max_rate_per_s"]) for r in (1, 2))
+    for r in ("1", "2"):
+        lo, hi = table.loc[r, "max_rate_per_s"], table.loc[r, "max_rate_upper_per_s"]
+        assert 0 < lo < hi <= 1.02 * lo  # bracketed to rel_tol
+        assert table.loc[r, "stable"]  # the metrics are those of the highest passing run
+    assert 1.6 * one < two < 2.4 * one  # two replicas sustain about twice the rate
+    assert found.chosen == int(table.loc["2", "candidate"])
+    # demand 1.4 x what one replica sustains: one replica is unstable, never feasible
+    result = _run(
+        _serve_plan(tmp_path, "demand", demand={"requests_per_s": 1.4 * one}),
+        tmp_path / "demand",
+        detail=False,
+    )
+    table = result.table.set_index("workload.serve.replicas")
+    assert not table.loc["1", "stable"] and not table.loc["1", "feasible"]
+    assert table.loc["1", "ttft_p99_s"] <= 1000.0  # it meets the (loose) target ...
+    assert any("unstable" in m for m in result.misses(int(table.loc["1", "candidate"])))
+    assert table.loc["2", "feasible"] and result.chosen == int(table.loc["2", "candidate"])
+    assert table.loc["2", "offered_rate_per_s"] == pytest.approx(1.4 * one)

@@ -102,3 +102,22 @@ def test_max_over_mean():
     assert max_over_mean(np.array([1, 1, 1, 1])) == 1.0
     assert max_over_mean(np.array([4, 0, 0, 0])) == 4.0
     assert max_over_mean(np.zeros(3)) == 1.0
+
+
+def test_replicate_hot_counts_and_proportional_like_eplb():
+    from moesim.routing.placement import replicate_hot, share_matrix
+
+    load = np.array([8.0, 4.0, 2.0, 2.0])
+    one_hot = share_matrix(np.arange(4), 4)
+    # two more replicas of the hottest expert: three copies, a third of its load on each
+    two = replicate_hot(one_hot, load, 1, replicas=2)
+    assert (two[0] > 0).sum() == 3 and np.allclose(two[0][two[0] > 0], 1 / 3)
+    assert np.allclose(two.sum(axis=1), 1.0) and np.array_equal(two[1:], one_hot[1:])
+    # proportional, three extra replicas: load per copy 8, 4, 4 (tie: lower id), 8/3 < 4
+    prop = replicate_hot(one_hot, load, 3, replicas="proportional")
+    assert list((prop > 0).sum(axis=1)) == [3, 2, 1, 1]
+    assert np.allclose(prop.sum(axis=1), 1.0)
+    # expected tokens are conserved by any placement
+    assert (load @ prop).sum() == pytest.approx(load.sum())
+    # never more copies than ranks
+    assert ((replicate_hot(one_hot, load, 20, "proportional") > 0).sum(axis=1) <= 4).all()

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -102,6 +101,35 @@ def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert "does not fit" in table.loc[table["status"] == "error", "error"].iloc[0]
 
 
+def _failing_sweep(tmp_path: Path, devices: list[int]) -> Path:
+    # one device cannot hold a 32-layer Mixtral: that point fails at run time
+    return _sweep(
+        tmp_path,
+        axes={"cluster.devices_per_node": devices, "parallelism.ep": devices},
+        mode="zip",
+        overrides={"model.n_layers": 32, "sim.fidelity": "analytic"},
+    )
+
+
+def test_failures_are_named_and_set_the_exit_code(tmp_path, capsys):
+    """Failed points: each named on stderr and in summary.md; exit 1 when any failed, 0 with
+    --allow-failures unless every point failed."""
+    some = _failing_sweep(tmp_path, [1, 8])
+    assert main(["sweep", str(some), "--out", str(tmp_path / "a"), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("failed ") and "cluster.devices_per_node=1" in err
+    assert "does not fit" in err and len(err.strip().splitlines()) == 1
+    summary = (tmp_path / "a" / "summary.md").read_text()
+    assert "2 points, 1 failed" in summary and "## Failed points" in summary
+    assert "does not fit" in summary.split("## Failed points")[1]
+    args = ["sweep", str(some), "--out", str(tmp_path / "b"), "-q", "--allow-failures"]
+    assert main(args) == 0
+    every = _failing_sweep(tmp_path, [1, 1])
+    args = ["sweep", str(every), "--out", str(tmp_path / "c"), "-q", "--allow-failures"]
+    assert main(args) == 1
+    assert "1 points, 1 failed" in (tmp_path / "c" / "summary.md").read_text()
+
+
 def test_latin_hypercube_covers_every_stratum(tmp_path):
     path = _sweep(
         tmp_path,
@@ -129,45 +157,62 @@ def _journal_keys(out: Path) -> list[str]:
     return keys
 
 
+GATED_SWEEP = """
+import sys
+import moesim.studies.sweep as sweep
+from moesim.cli import main
+
+real, calls = sweep.run_point, []
+
+
+def gated(base, overrides):
+    # the N+1-th point waits (forever) once the first N are journaled: the test kills it here
+    calls.append(1)
+    if len(calls) > int(sys.argv[1]):
+        print("paused", flush=True)
+        sys.stdin.readline()
+    return real(base, overrides)
+
+
+sweep.run_point = gated
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_kill_and_resume_keeps_every_point_exactly_once(tmp_path, sig):
+    """The kill lands after exactly N journaled points, however loaded the machine: the sweep
+    (in-process, one worker) blocks before its N+1-th point and says so on stdout."""
+    n_before = 5
     path = _sweep(
         tmp_path,
-        axes={"routing.zipf_s": [round(0.05 * i, 2) for i in range(40)]},
-        overrides={"model.n_layers": 4},
+        axes={"routing.zipf_s": [round(0.1 * i, 2) for i in range(20)]},
+        overrides={"model.n_layers": 4, "sim.fidelity": "analytic"},
     )
     out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "moesim",
-        "sweep",
-        str(path),
-        "--out",
-        str(out),
-        "--workers",
-        "1",
-        "-q",
-        "--format",
-        "csv",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while len(_journal_keys(out)) < 5 and time.time() < deadline:
-        time.sleep(0.05)
+    args = ["sweep", str(path), "--out", str(out), "--workers", "1", "-q", "--format", "csv"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", GATED_SWEEP, str(n_before), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "paused", proc.stderr.read()
+    assert len(_journal_keys(out)) == n_before
     os.kill(proc.pid, sig)
-    proc.wait(timeout=60)
-    first = _journal_keys(out)
-    assert 5 <= len(first) < 40, "the kill should land mid-way"
+    proc.wait(timeout=120)
+    assert len(_journal_keys(out)) == n_before
     if sig == signal.SIGINT:
         assert proc.returncode == 130
-    before = (out / "points.jsonl").read_text().splitlines()[: len(first)]
-    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, check=False)
+    before = (out / "points.jsonl").read_text().splitlines()
+    cmd = [sys.executable, "-m", "moesim", *args, "--resume"]
+    resumed = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert resumed.returncode == 0, resumed.stderr
     keys = _journal_keys(out)
-    assert len(keys) == len(set(keys)) == 40  # every point exactly once
-    assert (out / "points.jsonl").read_text().splitlines()[: len(first)] == before  # not redone
-    assert len(pd.read_csv(out / "results.csv")) == 40
+    assert len(keys) == len(set(keys)) == 20  # every point exactly once
+    assert (out / "points.jsonl").read_text().splitlines()[:n_before] == before  # not redone
+    assert len(pd.read_csv(out / "results.csv")) == 20
 
 
 def test_dask_local_cluster_gives_the_same_rows(tmp_path):

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import pytest
 
 from moesim.cli import main
-from moesim.validation.validate import error_stats
+from moesim.validation.validate import (
+    error_stats,
+    functional_rows,
+    measure_noise,
+    noise_spread,
+)
 
 # Bounds for the quick grid (8 layer shapes, 2 exchanges) on a shared, noisy CI machine; the
 # full grid's targets (median <= 15%, p90 <= 30% over 36 shapes) are quoted in the README.
@@ -20,7 +27,8 @@ def test_validate_quick(tmp_path, capsys):
     for attempt in range(3):
         out = tmp_path / f"v{attempt}"
         assert main(["validate", "--quick", "--out", str(out), "-q"]) == 0
-        assert "4/4 layouts" in capsys.readouterr().out
+        printed = capsys.readouterr().out
+        assert "4/4 layouts" in printed and "host noise" in printed
         df = pd.read_csv(out / "validation.csv")
         median, p90, _ = error_stats(df, "timing")
         if median <= QUICK_MEDIAN and p90 <= QUICK_P90:
@@ -67,3 +75,20 @@ def test_calibration_is_a_catalog_device(tmp_path):
         assert set(numeric) <= set(entry["sources"])
     for name, entry in links.items():
         LinkSpec.model_validate({"name": name, **entry})
+
+
+def test_functional_rows_are_exact():
+    """The functional half of ``moesim validate`` (no timing): every layout's per-expert tokens,
+    drops and dispatch bytes equal the numpy reference exactly."""
+    rows = pd.DataFrame(functional_rows())
+    assert len(rows) == 4 and rows["exact"].all()
+    assert (rows["output_rel_error"] < 1e-5).all()
+
+
+def test_noise_spread_is_p10_to_p90_over_the_median():
+    # 11 timings 1..11 s: p10 = 2, p90 = 10, median 6 (linear quantiles): spread 8 / 6
+    df = pd.DataFrame({"kind": ["noise"] * 11 + ["timing"], "measured_s": [*range(1, 12), 99.0]})
+    assert noise_spread(df) == pytest.approx(8 / 6)
+    assert math.isnan(noise_spread(df[df["kind"] == "timing"]))  # no noise rows
+    rows = measure_noise(repeats=3)
+    assert [r["kind"] for r in rows] == ["noise"] * 3 and all(r["measured_s"] > 0 for r in rows)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from moesim.config.errors import ScenarioError
+from moesim.config.loading import read_text
 
 
 def _get(cfg: dict[str, Any], key: str, default: Any = ..., *, where: str = "") -> Any:
@@ -166,16 +167,20 @@ def load_hf_config(path: str | Path) -> dict[str, Any]:
     """ModelSpec fields from a local config.json; errors name the config field."""
     path = Path(path)
     try:
-        cfg = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ScenarioError("model.hf_config", f"{path} not found") from None
+        cfg = json.loads(read_text(path, "config.json"))
+    except ScenarioError as err:
+        raise ScenarioError("model.hf_config", f"{path}: {err.reason}") from None
     except json.JSONDecodeError as err:
         raise ScenarioError(
             "model.hf_config", f"{path}: invalid JSON: {err.msg} at line {err.lineno}"
         ) from None
+    except RecursionError:
+        raise ScenarioError("model.hf_config", f"{path}: JSON nested too deeply") from None
     if not isinstance(cfg, dict):
         raise ScenarioError("model.hf_config", f"{path}: not a JSON object")
     try:
         return model_fields(cfg, str(cfg.get("_name_or_path") or path.stem))
     except ScenarioError as err:
         raise ScenarioError(f"model.hf_config.{err.path}", f"{path}: {err.reason}") from None
+    except (TypeError, ValueError, ArithmeticError, AttributeError) as err:
+        raise ScenarioError("model.hf_config", f"{path}: malformed config ({err})") from None

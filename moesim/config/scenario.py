@@ -26,7 +26,27 @@ from pydantic import (
 from moesim import catalog
 from moesim.catalog.specs import DTYPE_BYTES, Dtype, GpuSpec, LinkSpec, ModelSpec, PimSpec
 from moesim.config.errors import ScenarioError
+from moesim.config.loading import did_you_mean, format_validation_error, read_yaml, validate
 from moesim.config.serve import ServeConfig
+from moesim.config.tables import read_kernel_table, read_routing_trace
+
+MAX_ZIPF_S = 100.0
+"""Largest Zipf exponent: rank^-100 already puts every token on the top experts."""
+
+
+def catalog_lookup(kind: str, name: Any, /, **overrides: Any) -> Any:
+    """``catalog.lookup`` with a did-you-mean for an unknown name, and a ``name`` override
+    renaming the entry (``{preset: mixtral-8x7b, name: mine}``)."""
+    if not isinstance(name, str):
+        raise ValueError(f"a catalog {kind[:-1]} name must be a string, not {type(name).__name__}")
+    known = catalog.names(kind)
+    if name not in known:
+        raise ValueError(
+            f"unknown {kind[:-1]} '{name}'{did_you_mean(name, known)}; known: {', '.join(known)}"
+        )
+    rename = overrides.pop("name", None)
+    spec = catalog.lookup(kind, name, **overrides)
+    return spec if rename is None else spec.model_copy(update={"name": str(rename)})
 
 
 def _resolver(kind: str):
@@ -35,7 +55,7 @@ def _resolver(kind: str):
 
     def resolve(value: Any) -> Any:
         if isinstance(value, str):
-            return catalog.lookup(kind, value)
+            return catalog_lookup(kind, value)
         if kind == "models" and isinstance(value, dict) and "hf_config" in value:
             from moesim.config.hf import load_hf_config
 
@@ -43,14 +63,14 @@ def _resolver(kind: str):
             return {**load_hf_config(value["hf_config"]), **overrides}
         if isinstance(value, dict) and "preset" in value:
             overrides = {k: v for k, v in value.items() if k != "preset"}
-            return catalog.lookup(kind, value["preset"], **overrides)
+            return catalog_lookup(kind, value["preset"], **overrides)
         return value
 
     return resolve
 
 
 class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ClusterConfig(Config):
@@ -157,13 +177,31 @@ class DtypeConfig(Config):
     activations: Dtype = "bf16"
     kv_cache: Dtype = "bf16"
     compute: Dtype = "bf16"
+    dispatch: Dtype | None = Field(
+        None, description="activation rows the all-to-all sends to experts (default: activations)"
+    )
+    combine: Dtype | None = Field(
+        None, description="expert outputs the all-to-all sends back (default: activations)"
+    )
+    attention_compute: Dtype | None = Field(
+        None,
+        description="dtype the attention core computes in; default: bf16 when compute is fp8 "
+        "(FlashAttention-3 and FlashMLA run the core in BF16), else compute",
+    )
 
     def bytes_of(self, kind: str) -> float:
-        """Bytes per element of a tensor kind."""
+        """Bytes per element of a tensor kind (``dispatch``/``combine`` default to
+        ``activations``, ``expert_weights`` to ``weights``)."""
         dtype = getattr(self, kind)
-        if dtype is None and kind == "expert_weights":
-            dtype = self.weights
+        if dtype is None:
+            dtype = self.weights if kind == "expert_weights" else self.activations
         return DTYPE_BYTES[dtype]
+
+    def attention_compute_dtype(self) -> str:
+        """The attention core's compute dtype (see ``attention_compute``)."""
+        if self.attention_compute is not None:
+            return self.attention_compute
+        return "bf16" if self.compute == "fp8" else self.compute
 
 
 class TrainConfig(Config):
@@ -246,8 +284,23 @@ class WorkloadConfig(Config):
     """One forward step: ``prefill`` processes whole prompts, ``decode`` one token per sequence."""
 
     phase: Literal["prefill", "decode", "train", "serve"] = "prefill"
-    batch_size: PositiveInt | None = Field(
-        None, description="sequences in the step, whole cluster (required except for serve)"
+    batch_size: int | str | None = Field(
+        None,
+        description="sequences in the step, whole cluster (required except for serve, or "
+        "with batch_per_replica); max (decode): as many as the KV cache of every attention "
+        "replica holds at seq_len (moesim/plan/batch.py)",
+    )
+    batch_per_replica: PositiveInt | None = Field(
+        None,
+        description="sequences per attention data-parallel replica (devices / tp of them); "
+        "the cluster's batch is this times dp, so more devices serve more sequences",
+    )
+    kv_memory_utilization: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="batch_size max: share of device memory for weights and KV cache, the "
+        "rest left to activations and the runtime (vLLM gpu_memory_utilization default)",
     )
     seq_len: PositiveInt | None = Field(
         None,
@@ -275,11 +328,31 @@ class WorkloadConfig(Config):
                 data = {**data, section: {}}
         return data
 
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size(cls, value: Any) -> int | str | None:
+        """A positive integer, or ``max`` (one error message, not one per union member)."""
+        if value is None or value == "max":
+            return value
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("Input should be a positive integer or 'max'")
+        if value <= 0:
+            raise ValueError("Input should be greater than 0")
+        return value
+
     @model_validator(mode="after")
     def _phase_fields(self) -> WorkloadConfig:
         if self.phase == "serve":
             return self
+        if self.batch_size == "max" and self.phase != "decode":
+            raise ScenarioError("workload.batch_size", "max is for decode steps")
+        if self.batch_per_replica is not None and self.phase == "train":
+            raise ScenarioError("workload.batch_per_replica", "not for training steps")
         for key in ("batch_size", "seq_len"):
+            if key == "batch_size" and self.batch_per_replica is not None:
+                continue
             if getattr(self, key) is None:
                 raise ScenarioError(f"workload.{key}", f"Field required for phase {self.phase}")
         return self
@@ -302,7 +375,9 @@ class BiasBalancingConfig(Config):
     step, every expert's selection bias moves by ``rate`` toward the mean load."""
 
     steps: int = Field(0, ge=0, description="training steps simulated before this one")
-    rate: PositiveFloat = Field(0.001, description="bias update speed (gamma in the paper)")
+    rate: PositiveFloat = Field(
+        0.001, le=1.0, description="bias update speed (gamma in the paper), at most 1"
+    )
 
 
 class RoutingConfig(Config):
@@ -318,9 +393,13 @@ class RoutingConfig(Config):
     zipf_s: float | list[float] = Field(
         1.0, description="Zipf exponent; a list gives one per MoE layer (cycled)"
     )
-    dirichlet_alpha: PositiveFloat = Field(1.0, description="Dirichlet concentration")
+    dirichlet_alpha: PositiveFloat = Field(
+        1.0, le=1e6, description="Dirichlet concentration (at most 1e6: uniform by then)"
+    )
     hot_experts: int = Field(2, ge=1, description="hot: how many experts are hot")
-    hot_weight: PositiveFloat = Field(8.0, description="hot: preference of a hot vs a cold expert")
+    hot_weight: PositiveFloat = Field(
+        8.0, le=1e6, description="hot: preference of a hot vs a cold expert (at most 1e6)"
+    )
     hot_drift: int = Field(1, ge=0, description="hot: hot experts replaced per step")
     step: int = Field(0, ge=0, description="which step this is (hot drift, bias balancing)")
     trace: str | None = Field(
@@ -338,7 +417,10 @@ class RoutingConfig(Config):
         None, description="each token reaches at most this many devices"
     )
     capacity_factor: PositiveFloat | None = Field(
-        None, description="capacity per expert = ceil(cf * tokens * top_k / experts); None: no drop"
+        None,
+        le=1e3,
+        description="capacity per expert = ceil(cf * tokens * top_k / experts), at most 1e3 "
+        "(above experts / top_k nothing drops); None: no drop",
     )
     drop_priority: Literal["position", "choice"] = Field(
         "position",
@@ -351,20 +433,45 @@ class RoutingConfig(Config):
         description="replicate the k hottest experts of each layer on the least "
         "loaded EP ranks; their tokens split between replicas",
     )
+    replicas_per_hot: PositiveInt | Literal["proportional"] = Field(
+        1,
+        description="extra replicas each of the replicate_hot experts gets; proportional: "
+        "replicate_hot extra replicas in all, each to the expert with the most expected load "
+        "per copy (DeepSeek EPLB); training does not charge the replicas' gradient all-reduce",
+    )
     global_routing: bool = Field(
         False,
         description="MiniMax-01 global routing: tokens may go to an expert's replica in "
         "any expert-data-parallel group, split evenly, so groups share the load",
     )
     bias_balancing: BiasBalancingConfig = BiasBalancingConfig()
+    sampling: Literal["draw", "expected"] | None = Field(
+        None,
+        description="draw: sample which experts each token picks (per token, or multinomial "
+        "counts for large layers); expected: per-expert and per-pair loads from the routing "
+        "distribution's expectation, the hottest expert at the expected maximum load, no "
+        "sampling (token-choice top-k; other gates draw). None: draw for sim.fidelity des, "
+        "expected for analytic",
+    )
     shuffle_hot_experts: bool = Field(True, description="permute which experts are hot per layer")
+    dispatch: Literal["auto", "pairs", "per_rank", "per_node"] = Field(
+        "auto",
+        description="what the all-to-all sends: pairs (one row per token and expert, DeepEP's "
+        "low-latency kernels), per_rank (a token once per EP rank holding one of its experts, "
+        "Megatron's all-to-all dispatcher), per_node (once per destination node over the "
+        "network, then forwarded inside the node over NVLink: DeepEP's normal kernels); "
+        "auto: pairs in decode, per_node in prefill and training when an expert group spans "
+        "nodes, per_rank otherwise",
+    )
 
     @field_validator("zipf_s")
     @classmethod
     def _non_negative(cls, value: float | list[float]) -> float | list[float]:
         values = value if isinstance(value, list) else [value]
-        if not values or any(v < 0 for v in values):
-            raise ValueError("Zipf exponents must be >= 0 (and the list non-empty)")
+        if not values or any(not 0 <= v <= MAX_ZIPF_S for v in values):
+            raise ValueError(
+                f"Zipf exponents must be in [0, {MAX_ZIPF_S}] (and the list non-empty)"
+            )
         return value
 
     def zipf_for(self, moe_layer: int) -> float:
@@ -419,19 +526,35 @@ class SimConfig(Config):
     progress: bool = Field(True, description="progress bar on runs longer than a few seconds")
 
 
+PIM_IN_TRAINING = (
+    "PIM units are not modelled in training (use pim.policy: gpu_only): a training step's "
+    "GEMMs have thousands of rows, far above the 1-8 FLOP per byte PIM units are built for, "
+    "and its backward pass and optimizer need the weights, gradients and activations in the "
+    "GPU's memory (docs/pim.md)"
+)
+TIERS_IN_TRAINING = (
+    "memory tiers are not modelled in training: every step updates every expert, so its "
+    "weights, gradients and optimizer states stay on the GPUs (docs/pim.md)"
+)
+
+
 class PimConfig(Config):
-    """Processing-in-memory units attached to every GPU and what runs on them (README
-    "Processing in memory"; cost model in moesim/hardware/pim.py, placement in moesim/pim.py)."""
+    """Processing-in-memory units attached to every GPU and what runs on them (docs/pim.md;
+    cost model in moesim/cost/pim.py, placement in moesim/plan/pim.py). Prefill, decode and
+    serving steps; training refuses it (:data:`PIM_IN_TRAINING`)."""
 
     device: PimSpec = Field(description="catalog pim/cim part, {preset: name, ...} or a full spec")
     units_per_gpu: PositiveInt = Field(1, description="PIM units (stacks, chips) per GPU")
-    policy: Literal["gpu_only", "all_experts", "cold_experts", "attention", "by_batch"] = Field(
+    policy: Literal[
+        "gpu_only", "all_experts", "cold_experts", "attention", "by_batch", "co_processing"
+    ] = Field(
         "all_experts",
         description="gpu_only: nothing on PIM; all_experts: every routed expert on PIM; "
         "cold_experts: experts whose expected tokens per step are at most token_threshold on "
         "PIM, hot ones on the GPU; attention: the attention core and KV cache on PIM; "
         "by_batch: each expert runs on PIM when it has at most token_threshold tokens this "
-        "step, else on the GPU (weights kept on both)",
+        "step, else on the GPU (weights kept on both); co_processing: attention as with "
+        "attention and the experts as with by_batch (Duplex)",
     )
     token_threshold: int | None = Field(
         None,
@@ -440,6 +563,27 @@ class PimConfig(Config):
         "default: the crossover where PIM stops being faster than the GPU",
     )
     compute_dtype: Dtype | None = Field(None, description="PIM compute dtype (default: workload)")
+    sub_batches: Literal[1, 2] = Field(
+        1,
+        description="policy attention, decode: 2 splits the batch in two sub-batches that "
+        "take turns (NeuPIMs' sub-batch interleaving): the GPU runs one's projections and FFN "
+        "while the PIM units run the other's attention",
+    )
+
+    @property
+    def attention_on_pim(self) -> bool:
+        """The attention core and the softmax layers' KV cache live on PIM."""
+        return self.policy in ("attention", "co_processing")
+
+    @property
+    def experts_on_pim(self) -> bool:
+        """Some routed experts run on PIM."""
+        return self.policy not in ("gpu_only", "attention")
+
+    @property
+    def per_step_experts(self) -> bool:
+        """Each expert runs where its tokens this step make it faster, weights on both."""
+        return self.policy in ("by_batch", "co_processing")
 
     @field_validator("device", mode="before")
     @classmethod
@@ -452,6 +596,56 @@ class PimConfig(Config):
     @model_validator(mode="after")
     def _link(self) -> PimConfig:
         catalog.link(self.device.host_link)  # unknown link: ValueError naming the known ones
+        return self
+
+
+class TiersConfig(Config):
+    """Memory tiers for routed experts (docs/pim.md "Memory tiers"): the ``hbm_experts``
+    experts of each MoE layer a GPU expects to be busiest stay in its HBM; the others live in
+    a slower tier (host DRAM, CXL memory) and are fetched over ``link`` when a token needs them,
+    or run on the ``host`` CPU (cost model in moesim/cost/tiers.py, placement in
+    moesim/plan/tiers.py)."""
+
+    memory: Literal["host_dram", "cxl"] = Field(
+        "host_dram", description="where offloaded experts live (names the tier in outputs)"
+    )
+    link: LinkSpec = Field(
+        "pcie5-x16",
+        validate_default=True,
+        description="link an expert crosses from the tier to its GPU (catalog name or spec)",
+    )
+    capacity_bytes: PositiveFloat = Field(
+        1.0e12, description="what the tier holds per GPU (bytes); offloaded experts must fit"
+    )
+    bandwidth_bytes_per_s: PositiveFloat | None = Field(
+        None, description="the tier's own memory bandwidth, if below the link's (bytes/s)"
+    )
+    hbm_experts: NonNegativeInt = Field(
+        0, description="routed experts per MoE layer each GPU keeps resident in HBM"
+    )
+    cache: Literal["expected_load", "lru"] = Field(
+        "expected_load",
+        description="which experts stay in HBM: expected_load, the hbm_experts with the "
+        "highest expected load; lru, the ones the preceding steps used last (routing drawn "
+        "from the same distribution)",
+    )
+    execute: Literal["fetch", "host"] = Field(
+        "fetch",
+        description="fetch: an offloaded expert's weights cross the link to the GPU before "
+        "its kernels; host: it runs on the host CPU beside the GPU's experts, its tokens' "
+        "activations crossing the link",
+    )
+    host: GpuSpec | None = Field(
+        None, description="execute: host: the host CPU (catalog device of type cpu, or a spec)"
+    )
+
+    _link = field_validator("link", mode="before")(_resolver("links"))
+    _host = field_validator("host", mode="before")(_resolver("devices"))
+
+    @model_validator(mode="after")
+    def _host_needed(self) -> TiersConfig:
+        if self.execute == "host" and self.host is None:
+            raise ScenarioError("tiers.host", "execute: host needs a host device (e.g. xeon-8480)")
         return self
 
 
@@ -468,6 +662,7 @@ class Scenario(Config):
     routing: RoutingConfig = RoutingConfig()
     sim: SimConfig = SimConfig()
     pim: PimConfig | None = Field(None, description="processing-in-memory units per GPU")
+    tiers: TiersConfig | None = Field(None, description="expert weights in slower memory tiers")
 
     _model = field_validator("model", mode="before")(_resolver("models"))
 
@@ -493,6 +688,11 @@ class Scenario(Config):
         if m.d_ff_expert % par.etp:
             raise ScenarioError("parallelism.etp", f"{par.etp} does not divide d_ff_expert")
         wl = self.workload
+        if wl.batch_per_replica is not None and wl.batch_size is not None:
+            # the cluster's batch is batch_per_replica x dp (moesim/plan/batch.py)
+            raise ScenarioError(
+                "workload.batch_per_replica", "give batch_size or batch_per_replica, not both"
+            )
         if wl.phase == "train":
             if wl.batch_size % (dp * wl.train.micro_batches):
                 raise ScenarioError(
@@ -506,7 +706,11 @@ class Scenario(Config):
                     "tree needs zero_stage 0: sharded optimizer states reduce-scatter and "
                     "all-gather over rings (NCCL has no tree reduce-scatter)",
                 )
-        if self.workload.phase == "decode" and self.workload.batch_size % dp:
+        if (
+            self.workload.phase == "decode"
+            and isinstance(self.workload.batch_size, int)
+            and self.workload.batch_size % dp
+        ):
             raise ScenarioError(
                 "workload.batch_size",
                 f"decode batch {self.workload.batch_size} not divisible "
@@ -522,6 +726,10 @@ class Scenario(Config):
         r = self.routing
         if r.distribution == "trace" and (r.trace is None or not Path(r.trace).exists()):
             raise ScenarioError("routing.trace", f"trace file {r.trace!r} not found")
+        if r.dispatch == "per_node" and r.global_routing:
+            raise ScenarioError(
+                "routing.dispatch", "per_node needs tokens to stay in their expert group"
+            )
         if r.gating == "expert_choice" and (r.node_limit or r.device_limit):
             raise ScenarioError("routing.gating", "expert_choice cannot be node/device limited")
         if r.replicate_hot > m.n_experts:
@@ -534,8 +742,37 @@ class Scenario(Config):
                 raise ScenarioError(
                     "pim.compute_dtype", f"{pim.device.name} computes {have}, not {cdt}"
                 )
-            if self.workload.phase not in ("prefill", "decode") and pim.policy != "gpu_only":
-                raise ScenarioError("pim.policy", "PIM placement models prefill and decode only")
+            if self.workload.phase == "train" and pim.policy != "gpu_only":
+                raise ScenarioError("pim.policy", PIM_IN_TRAINING)
+            if pim.sub_batches > 1 and pim.policy != "attention":
+                raise ScenarioError(
+                    "pim.sub_batches", "sub-batch interleaving needs pim.policy: attention"
+                )
+        if self.tiers is not None:
+            if self.workload.phase == "train":
+                raise ScenarioError("tiers", TIERS_IN_TRAINING)
+            if m.n_dense_layers == m.n_layers:
+                raise ScenarioError("tiers", "the model has no MoE layer: no expert to offload")
+        return self
+
+    @model_validator(mode="after")
+    def _check_files(self) -> Scenario:
+        """Read the data files the scenario names now, so a bad one fails at load time."""
+        r, m = self.routing, self.model
+        if r.distribution == "trace" and r.trace is not None:
+            layers = read_routing_trace(r.trace)
+            top = max(int(ids.max()) for ids in layers)
+            if top >= m.n_experts:
+                raise ScenarioError(
+                    "routing.trace",
+                    f"{r.trace}: expert id {top} but the model has {m.n_experts} experts",
+                )
+            if min(ids.shape[1] for ids in layers) < m.top_k:
+                raise ScenarioError(
+                    "routing.trace", f"{r.trace}: fewer slots per token than top_k = {m.top_k}"
+                )
+        if self.cluster.device.kernel_table:
+            read_kernel_table(self.cluster.device.kernel_table)
         return self
 
 
@@ -651,12 +888,15 @@ def _set_dotted(data: dict[str, Any], path: str, value: Any) -> None:
     """Set ``a.b.c`` in nested dicts; a catalog name on the way becomes ``{preset: name}``."""
     keys = path.split(".")
     node = data
-    for key in keys[:-1]:
+    for i, key in enumerate(keys[:-1]):
         child = node.get(key)
         if isinstance(child, str):
             child = {"preset": child}
         elif child is None:
             child = {}
+        elif not isinstance(child, dict):
+            where = ".".join(keys[: i + 1])
+            raise ScenarioError(where, f"is a {type(child).__name__}, not a mapping")
         node[key] = child
         node = child
     node[keys[-1]] = value
@@ -671,16 +911,18 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
 
 
 def _format_validation_error(err: ValidationError) -> tuple[str, str]:
-    """First error as (dotted path, reason); the count of others appended to the reason."""
-    first = err.errors()[0]
-    loc = [str(p) for p in first["loc"] if not str(p).startswith("function-")]
-    reason = first["msg"].removeprefix("Value error, ")
-    if first.get("input") is not None and first["type"] == "extra_forbidden":
-        reason = "unknown key"
-    more = len(err.errors()) - 1
-    if more:
-        reason += f" (and {more} more error{'s' if more > 1 else ''})"
-    return ".".join(loc), reason
+    """First error of a scenario as (dotted path, reason), see ``format_validation_error``."""
+    return format_validation_error(err, Scenario)
+
+
+def cuda_graphs_in_decode(sc: Scenario) -> Scenario:
+    """A decode scenario as its engine runs it: the step replays CUDA graphs, so the device
+    costs ``launch_s_with_graphs`` per kernel (``GpuSpec.with_graphs``); others unchanged."""
+    dev = sc.cluster.device
+    if sc.workload.phase != "decode" or dev.with_graphs() is dev:
+        return sc
+    cluster = sc.cluster.model_copy(update={"device": dev.with_graphs()})
+    return sc.model_copy(update={"cluster": cluster})
 
 
 def scenario_from_dict(
@@ -690,14 +932,7 @@ def scenario_from_dict(
     if not isinstance(data, dict):
         raise ScenarioError("", "a scenario must be a YAML mapping", file)
     data = apply_overrides(data, overrides or {})
-    try:
-        return Scenario.model_validate(data)
-    except ValidationError as err:
-        path, reason = _format_validation_error(err)
-        raise ScenarioError(path, reason, file) from None
-    except ScenarioError as err:
-        err.file = file
-        raise
+    return cuda_graphs_in_decode(validate(Scenario, data, file, "scenario"))
 
 
 def _resolve_relative(data: Any, dotted: str, base: Path) -> None:
@@ -710,19 +945,6 @@ def _resolve_relative(data: Any, dotted: str, base: Path) -> None:
     value = block.get(key) if isinstance(block, dict) else None
     if isinstance(value, str) and not Path(value).is_absolute() and (base / value).exists():
         block[key] = str((base / value).resolve())
-
-
-def read_yaml(path: Path) -> Any:
-    """Parse a YAML file; a missing file or bad YAML is a one-line :class:`ScenarioError`."""
-    try:
-        return yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ScenarioError("", "file not found", str(path)) from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ScenarioError(where, f"invalid YAML: {problem}", str(path)) from None
 
 
 def load_scenario(path: str | Path, overrides: dict[str, Any] | None = None) -> Scenario:

@@ -19,6 +19,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from scipy import special
 
 from moesim import catalog
 from moesim.catalog.specs import LinkSpec
@@ -59,6 +60,23 @@ class LengthConfig(_Config):
         # lognormal: clipped to high, or to 20 x the mean (P(> 20 x mean) < 1e-3 for sigma <= 1.5)
         return self.low, int(self.high or 20 * self.mean)
 
+    def expected(self) -> float:
+        """The exact mean of :meth:`sample`: for lognormal, the mean of the rounded and clipped
+        draw, ``sum_k k P(k - 1/2 < X < k + 1/2)`` with the clipped tails at ``low`` and
+        ``high`` (not the configured ``mean``, which is that of the unclipped ``X``)."""
+        lo, hi = self.bounds
+        if self.distribution != "lognormal":
+            return (lo + hi) / 2.0
+        mu = np.log(self.mean) - self.sigma**2 / 2
+        k = np.arange(lo, hi + 1, dtype=float)
+        upper = np.append(k[:-1] + 0.5, np.inf)
+        lower = np.insert(k[1:] - 0.5, 0, 0.0)
+        with np.errstate(divide="ignore"):
+            z_hi = (np.log(upper) - mu) / self.sigma
+            z_lo = (np.log(lower) - mu) / self.sigma
+        p = special.ndtr(z_hi) - special.ndtr(z_lo)
+        return float((k * p).sum() / p.sum())
+
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """``n`` integer lengths."""
         lo, hi = self.bounds
@@ -68,6 +86,48 @@ class LengthConfig(_Config):
             return rng.integers(lo, hi + 1, size=n)
         mu = np.log(self.mean) - self.sigma**2 / 2
         return np.clip(np.rint(rng.lognormal(mu, self.sigma, size=n)), lo, hi).astype(np.int64)
+
+
+class SteadyConfig(_Config):
+    """How the steady window, its interval and the stability verdict are taken (see
+    ``moesim/serving/steady.py``), and how far ``n_requests: until_stable`` grows a run."""
+
+    warmup_fraction: float = Field(
+        0.2, ge=0, lt=1, description="share of requests, by arrival, excluded as warm-up"
+    )
+    batches: int = Field(
+        10, ge=2, le=100, description="batch means over the steady window (95% interval)"
+    )
+    growth_tolerance: float = Field(
+        0.1,
+        gt=0,
+        description="relative rise of requests in system or TTFT from the third to the last "
+        "quarter of the window above which (and above 3 standard errors) a run is unstable",
+    )
+    ci_tolerance: float = Field(
+        0.05,
+        gt=0,
+        description="until_stable: stop when the 95% half-width of the steady tokens/s is at "
+        "most this share of it (and the run is stable)",
+    )
+    initial_requests: PositiveInt = Field(1000, description="until_stable: the first run")
+    max_requests: PositiveInt = Field(
+        16000, description="until_stable: the request count is doubled up to this bound"
+    )
+
+
+class RateConfig(_Config):
+    """An arrival rate in requests per second or in output tokens per second (converted with
+    the exact mean of the output-length distribution, :meth:`LengthConfig.expected`)."""
+
+    requests_per_s: PositiveFloat | None = None
+    tokens_per_s: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> RateConfig:
+        if (self.requests_per_s is None) == (self.tokens_per_s is None):
+            raise ValueError("give exactly one of requests_per_s, tokens_per_s")
+        return self
 
 
 class SloConfig(_Config):
@@ -87,6 +147,15 @@ class DisaggregatedConfig(_Config):
     prefill_replicas: PositiveInt = Field(1, description="instances that only run prefills")
     decode_replicas: PositiveInt = Field(1, description="instances that only run decodes")
     kv_transfer_link: LinkSpec = Field("ib-ndr-400", validate_default=True)
+    kv_transfer_bandwidth_share: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="share of each kv_transfer_link's bandwidth the KV transfers get, the "
+        "rest taken by other traffic on the same links (say the decode pool's own expert "
+        "all-to-all over the same NICs); concurrent transfers into one decode instance share "
+        "what is left equally",
+    )
 
     @field_validator("kv_transfer_link", mode="before")
     @classmethod
@@ -108,7 +177,18 @@ class ServeConfig(_Config):
         "poisson", description="poisson (rate_per_s, n_requests, length distributions) or trace"
     )
     rate_per_s: PositiveFloat = Field(1.0, description="poisson: mean arrivals per second")
-    n_requests: PositiveInt = Field(1000, description="poisson: requests simulated")
+    rate: RateConfig | None = Field(
+        None,
+        description="poisson: {requests_per_s: X} or {tokens_per_s: Y} (output tokens, divided "
+        "by the exact mean output length); replaces rate_per_s when given",
+    )
+    n_requests: int | str = Field(
+        1000,
+        description="poisson: requests simulated; until_stable doubles the count from "
+        "steady.initial_requests until the run is stable and its steady tokens/s interval is "
+        "within steady.ci_tolerance, at most steady.max_requests",
+    )
+    steady: SteadyConfig = SteadyConfig()
     prompt_tokens: LengthConfig = LengthConfig(mean=512)
     output_tokens: LengthConfig = LengthConfig(mean=128)
     trace: str | None = Field(
@@ -117,7 +197,15 @@ class ServeConfig(_Config):
         "relative paths are relative to the scenario file",
     )
     replicas: PositiveInt = Field(
-        1, description="identical instances of the cluster; a request goes to the least loaded"
+        1,
+        description="identical instances (data-parallel replicas) of the cluster, each with "
+        "its own batch and KV cache; a request joins one of them (router)",
+    )
+    router: Literal["least_loaded", "round_robin"] = Field(
+        "least_loaded",
+        description="which instance a request joins: least_loaded (fewest requests queued, "
+        "running or in transfer) or round_robin (request r to instance r mod replicas); the "
+        "same rule sends prefilled requests to decode pools",
     )
     max_batch_size: PositiveInt = Field(
         256, description="running sequences per instance (vLLM max_num_seqs)"
@@ -150,6 +238,14 @@ class ServeConfig(_Config):
         "preempted (as if output lengths were known; decode instances of disaggregated pools "
         "always reserve)",
     )
+    prefix_cache_hit_rate: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of each prompt's leading tokens found in the prefix cache (vLLM "
+        "automatic prefix caching, SGLang RadixAttention): they skip prefill compute (the new "
+        "tokens still attend to them) but occupy the request's KV cache like any other token",
+    )
     slo: SloConfig = SloConfig()
     disaggregated: DisaggregatedConfig | None = Field(
         None, description="separate prefill and decode pools (replicas is then ignored)"
@@ -162,6 +258,29 @@ class ServeConfig(_Config):
     grid_points: int = Field(
         8, ge=2, le=32, description="points per length axis of the iteration-time grid"
     )
+
+    @field_validator("n_requests", mode="before")
+    @classmethod
+    def _n_requests(cls, value: Any) -> int | str:
+        """A positive integer or ``until_stable`` (one message, not one per union member)."""
+        if value == "until_stable":
+            return value
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("Input should be a positive integer or 'until_stable'")
+        if value <= 0:
+            raise ValueError("Input should be greater than 0")
+        return value
+
+    @property
+    def arrival_rate_per_s(self) -> float:
+        """Poisson arrivals per second: ``rate`` converted, else ``rate_per_s``."""
+        if self.rate is None:
+            return float(self.rate_per_s)
+        if self.rate.requests_per_s is not None:
+            return float(self.rate.requests_per_s)
+        return float(self.rate.tokens_per_s) / self.output_tokens.expected()
 
     @property
     def instances(self) -> int:

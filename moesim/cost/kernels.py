@@ -15,32 +15,17 @@ falls back to the roofline.
 from __future__ import annotations
 
 from functools import cache
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-COLUMNS = ["op", "m", "k", "n", "dtype", "seconds"]
-
-
-def resolve_table(path: str) -> Path:
-    """A table path as given, or a bare file name from ``moesim/catalog/kernels/``."""
-    given = Path(path)
-    if given.exists() or given.is_absolute():
-        return given
-    from importlib import resources
-
-    shipped = Path(str(resources.files("moesim.catalog").joinpath("kernels", path)))
-    return shipped if shipped.exists() else given
+from moesim.config.tables import KERNEL_COLUMNS as COLUMNS  # noqa: F401 (re-exported)
+from moesim.config.tables import read_kernel_table
 
 
 @cache
 def load_table(path: str) -> dict[tuple[str, int, int, str], tuple[np.ndarray, np.ndarray]]:
     """``(op, k, n, dtype) -> (log m, log seconds)`` sorted by m, from a CSV file."""
-    df = pd.read_csv(resolve_table(path))
-    missing = set(COLUMNS) - set(df.columns)
-    if missing:
-        raise ValueError(f"kernel table {path} lacks columns {sorted(missing)}")
+    df = read_kernel_table(path)
     table = {}
     for (op, k, n, dtype), grp in df.groupby(["op", "k", "n", "dtype"]):
         grp = grp.groupby("m", as_index=False)["seconds"].median().sort_values("m")

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moesim.catalog.specs import DTYPE_BYTES, ModelSpec
+from moesim.catalog.specs import ModelSpec
+from moesim.config.scenario import DtypeConfig
 
 ArrayLike = float | np.ndarray
 
@@ -32,29 +33,47 @@ class OpCost:
     scores: ArrayLike | None = None  # router scores handled (for gating_s_per_score)
     gemm: tuple[float, float] | None = None  # (k, n) of each GEMM, for measured kernel tables
     gemm_count: int = 1  # how many (m x k) @ (k x n) GEMMs the op is
+    compute_dtype: str | None = None  # its own compute dtype (attention core), else the workload's
+    dequant_weights: float | None = None  # weights dequantised (weight-only quantised GEMMs)
+    attention: tuple[float, float] | None = None  # core: (keys per query, head dim)
 
 
 @dataclass(frozen=True)
 class Bytes:
-    """Bytes per element of each tensor kind."""
+    """Bytes per element of each tensor kind, and the attention core's compute dtype.
+
+    ``dispatch`` and ``combine`` are the activation rows the all-to-all carries each way
+    (DeepSeek-V3 dispatches in FP8 and combines in BF16, arXiv:2412.19437 Sec. 3.3); ``None``
+    means ``activations``. ``attention_compute`` is the dtype the attention core runs in
+    (``None``: the workload's compute dtype)."""
 
     weights: float = 2.0
     expert_weights: float = 2.0
     activations: float = 2.0
     kv_cache: float = 2.0
+    dispatch: float | None = None
+    combine: float | None = None
+    attention_compute: str | None = None
 
-    @classmethod
-    def from_dtypes(cls, weights: str, expert_weights: str, activations: str, kv: str) -> Bytes:
-        return cls(
-            DTYPE_BYTES[weights],
-            DTYPE_BYTES[expert_weights],
-            DTYPE_BYTES[activations],
-            DTYPE_BYTES[kv],
-        )
+    def __post_init__(self) -> None:
+        for kind in ("dispatch", "combine"):
+            if getattr(self, kind) is None:
+                object.__setattr__(self, kind, self.activations)
+
+
+def workload_bytes(dt: DtypeConfig) -> Bytes:
+    """The :class:`Bytes` of a workload's ``dtypes`` block."""
+    kinds = ("weights", "expert_weights", "activations", "kv_cache", "dispatch", "combine")
+    return Bytes(*(dt.bytes_of(k) for k in kinds), dt.attention_compute_dtype())
 
 
 LINEAR_ATTENTION_STATE_BYTES = 4.0
 """Lightning-attention state is kept in fp32 (MiniMax-01 report, Sec. 2.2)."""
+
+LIGHTNING_BLOCK_TOKENS = 256
+"""Tokens per block of lightning attention (Qin et al., Lightning Attention-2, arXiv:2401.04658,
+Sec. 3: intra-block attention is computed as masked ``Q K^T V`` within a block, inter-block
+through the recurrent state). Assumption: 256, the block size is not published for MiniMax-01."""
 
 
 def _gemm(
@@ -71,8 +90,20 @@ def _gemm(
     flops = 2.0 * tokens * k * n
     memory = np.where(tokens > 0, k * n * w_bytes, 0.0) + tokens * (k + n) * a_bytes
     return OpCost(
-        name, flops, memory, kernels, rows=tokens, inner=float(k), gemm=(float(k), float(n))
+        name,
+        flops,
+        memory,
+        kernels,
+        rows=tokens,
+        inner=float(k),
+        gemm=(float(k), float(n)),
+        dequant_weights=_dequant(k * n, w_bytes, a_bytes),
     )
+
+
+def _dequant(weights: float, w_bytes: float, a_bytes: float) -> float | None:
+    """Weights a weight-only quantised GEMM dequantises (narrower than its activations)."""
+    return float(weights) if w_bytes < a_bytes else None
 
 
 def attention_weight_params(m: ModelSpec, kind: str) -> float:
@@ -92,7 +123,14 @@ def attention_weight_params(m: ModelSpec, kind: str) -> float:
             + h * a.v_head_dim * d
         )
     kv = h if kind == "linear" else m.n_kv_heads
-    return d * (h + 2 * kv) * hd + h * hd * d
+    gate = d * h * hd if kind == "linear" and m.linear_output_gate else 0
+    return d * (h + 2 * kv) * hd + h * hd * d + gate + lf_conv_params(m)
+
+
+def lf_conv_params(m: ModelSpec) -> float:
+    """Localized filtering (Yuan 2.0, arXiv:2311.15786 Sec. 3): causal convolutions of width
+    ``w`` from ``d`` to ``d/2`` and back, ``2 w d (d/2) = w d^2`` weights per layer."""
+    return float(m.lf_conv_width * m.d_model * m.d_model)
 
 
 def attention_ops(
@@ -111,7 +149,13 @@ def attention_ops(
     causal within the new tokens; KV cache read ``c * 2 * kv_heads * hd`` elements (decode is
     memory-bound on it). Linear (lightning) attention: ``4 * hd^2`` FLOPs per token and head
     (state update and readout) and an fp32 state of ``h * hd^2`` per sequence. MLA (DeepSeek-V2
-    Sec. 2.1): low-rank q/kv projections, latent KV cache of ``kv_lora + rope`` per token.
+    Sec. 2.1): low-rank q/kv projections, latent KV cache of ``kv_lora + rope`` per token;
+    decode (one new token) runs with the up-projections absorbed (FlashMLA): the core attends
+    the latent, ``2 q c h (2 kv_lora + rope)`` FLOPs, and the absorbed ``W_UK`` / ``W_UV``
+    cost ``2 q h kv_lora (nope + v)``. Lightning prefill adds the intra-block term
+    ``4 q k_b h hd`` with ``k_b = (min(s, B) + 1) / 2`` keys per query inside a block of
+    :data:`LIGHTNING_BLOCK_TOKENS`. Yuan's localized filtering adds two GEMM-shaped
+    convolutions per token. The core runs in ``b.attention_compute``.
     """
     batch = np.asarray(batch, dtype=float)
     s, c = new_tokens_per_seq, context_len
@@ -122,6 +166,11 @@ def attention_ops(
     # average keys attended per new token: the cache plus the causal part of the new tokens
     keys_per_query = c + (s + 1) / 2.0
     ops: list[OpCost] = []
+    core_dtype = b.attention_compute
+    if m.lf_conv_width:
+        w = m.lf_conv_width
+        ops.append(_gemm("lf_conv_down", tokens, w * d, d / 2, wb, ab))
+        ops.append(_gemm("lf_conv_up", tokens, w * d / 2, d, wb, ab))
     if kind == "mla":
         a = m.mla
         assert a is not None
@@ -132,14 +181,44 @@ def attention_ops(
         else:
             ops.append(_gemm("q_proj", tokens, d, h_loc * qk, wb, ab))
         ops.append(_gemm("kv_down", tokens, d, lat, wb, ab))
+        if s == 1:  # absorbed (FlashMLA decode): per-head W_UK on q, W_UV on the output
+            r = a.kv_lora_rank
+            for name, inner in (("q_absorb", a.qk_nope_head_dim), ("o_absorb", a.v_head_dim)):
+                ops.append(
+                    OpCost(
+                        name,
+                        2.0 * tokens * h_loc * inner * r,
+                        np.where(tokens > 0, h_loc * inner * r * wb, 0.0)
+                        + tokens * h_loc * (inner + r) * ab,
+                        rows=tokens,
+                        inner=float(inner),
+                    )
+                )
+            core_flops = 2.0 * tokens * keys_per_query * h_loc * (lat + r)
+            core_bytes = batch * (c + s) * lat * kvb + tokens * h_loc * (lat + r) * ab
+        else:
+            ops.append(
+                _gemm(
+                    "kv_up",
+                    tokens,
+                    a.kv_lora_rank,
+                    h_loc * (a.qk_nope_head_dim + a.v_head_dim),
+                    wb,
+                    ab,
+                )
+            )
+            core_flops = 2.0 * tokens * keys_per_query * h_loc * (qk + a.v_head_dim)
+            core_bytes = batch * (c + s) * lat * kvb + tokens * h_loc * (qk + a.v_head_dim) * ab
+        core_dim = float(lat if s == 1 else qk)
         ops.append(
-            _gemm(
-                "kv_up", tokens, a.kv_lora_rank, h_loc * (a.qk_nope_head_dim + a.v_head_dim), wb, ab
+            OpCost(
+                "attention_core",
+                core_flops,
+                core_bytes,
+                compute_dtype=core_dtype,
+                attention=(keys_per_query, core_dim),
             )
         )
-        core_flops = 2.0 * tokens * keys_per_query * h_loc * (qk + a.v_head_dim)
-        core_bytes = batch * (c + s) * lat * kvb + tokens * h_loc * (qk + a.v_head_dim) * ab
-        ops.append(OpCost("attention_core", core_flops, core_bytes))
         ops.append(_gemm("o_proj", tokens, h_loc * a.v_head_dim, d, wb, ab))
         return ops
     kv = h if kind == "linear" else m.n_kv_heads
@@ -147,14 +226,47 @@ def attention_ops(
     ops.append(_gemm("qkv_proj", tokens, d, (h_loc + 2 * kv_loc) * hd, wb, ab))
     if kind == "linear":
         state = batch * h_loc * hd * hd * LINEAR_ATTENTION_STATE_BYTES
-        core_flops = 4.0 * tokens * h_loc * hd * hd
+        intra_keys = (min(s, LIGHTNING_BLOCK_TOKENS) + 1) / 2.0
+        core_flops = 4.0 * tokens * h_loc * hd * hd + 4.0 * tokens * intra_keys * h_loc * hd
         core_bytes = 2.0 * state + tokens * 4 * h_loc * hd * ab
+        ops.append(OpCost("attention_core", core_flops, core_bytes, compute_dtype=core_dtype))
     else:
-        core_flops = 4.0 * tokens * keys_per_query * h_loc * hd
-        core_bytes = batch * (c + s) * 2 * kv_loc * hd * kvb + tokens * 2 * h_loc * hd * ab
-    ops.append(OpCost("attention_core", core_flops, core_bytes))
+        ops.append(
+            softmax_core_op(batch, s, keys_per_query, c + s, h_loc, kv_loc, hd, ab, kvb, core_dtype)
+        )
+    if kind == "linear" and m.linear_output_gate:
+        ops.append(_gemm("output_gate", tokens, d, h_loc * hd, wb, ab))
     ops.append(_gemm("o_proj", tokens, h_loc * hd, d, wb, ab))
     return ops
+
+
+def softmax_core_op(
+    batch: ArrayLike,
+    queries_per_seq: float,
+    keys_per_query: float,
+    kv_per_seq: float,
+    heads: float,
+    kv_heads: float,
+    head_dim: float,
+    a_bytes: float,
+    kv_bytes: float,
+    compute_dtype: str | None = None,
+) -> OpCost:
+    """Softmax attention core (FlashAttention): ``4 q L h hd`` FLOPs for q queries attending
+    L keys each (QK^T and PV; causal: L is the mean over queries), reading ``kv_per_seq`` cached
+    keys and values per sequence and the queries and outputs once (Dao et al. 2022)."""
+    batch = np.asarray(batch, dtype=float)
+    q = batch * queries_per_seq
+    flops = 4.0 * q * keys_per_query * heads * head_dim
+    memory = batch * kv_per_seq * 2 * kv_heads * head_dim * kv_bytes
+    memory = memory + q * 2 * heads * head_dim * a_bytes
+    return OpCost(
+        "attention_core",
+        flops,
+        memory,
+        compute_dtype=compute_dtype,
+        attention=(float(keys_per_query), float(head_dim)),
+    )
 
 
 def router_ops(m: ModelSpec, tokens: ArrayLike, b: Bytes) -> list[OpCost]:
@@ -204,15 +316,18 @@ def permute_ops(pairs: ArrayLike, d_model: int, b: Bytes) -> OpCost:
 
 def unpermute_ops(pairs: ArrayLike, tokens: ArrayLike, d_model: int, b: Bytes) -> OpCost:
     """Combine: scale each returned pair by its gate weight and add it into its token's
-    output (``2 d`` FLOPs per pair; read the pair and read-modify-write the output row)."""
+    output (``2 d`` FLOPs per pair; read the pair and read-modify-write the output row). On a
+    GPU the weighted reduction runs inside the combine kernel, which reduces the top-k rows as
+    they arrive (DeepEP's combine), so it launches nothing of its own (``kernels = 0``)."""
     pairs = np.asarray(pairs, dtype=float)
     tokens = np.asarray(tokens, dtype=float)
     return OpCost(
         "unpermute",
         2.0 * pairs * d_model,
-        (3.0 * pairs + tokens) * d_model * b.activations,
+        (pairs * b.combine + (2.0 * pairs + tokens) * b.activations) * d_model,
+        kernels=0,
         # unfused: scale (r+w), gather the output rows (r), add (2r+w), scatter (w), zero (w)
-        unfused_memory_bytes=(7.0 * pairs + tokens) * d_model * b.activations,
+        unfused_memory_bytes=(pairs * b.combine + (6.0 * pairs + tokens) * b.activations) * d_model,
         unfused_kernels=6,
     )
 
@@ -241,6 +356,7 @@ def swiglu_ops(
             unfused_kernels=2,  # gate and up as two GEMMs (one concatenated GEMM when fused)
             gemm=(float(d_model), float(d_ff)),
             gemm_count=2,
+            dequant_weights=_dequant(2.0 * d_model * d_ff, w_bytes, ab),
         ),
         OpCost(
             f"{name}_act",
@@ -257,6 +373,7 @@ def swiglu_ops(
             rows=n,
             inner=float(d_ff),
             gemm=(float(d_ff), float(d_model)),
+            dequant_weights=_dequant(d_model * d_ff, w_bytes, ab),
         ),
     ]
 
@@ -311,9 +428,12 @@ def param_counts(m: ModelSpec) -> dict[str, float]:
     dense = m.n_dense_layers * 3 * m.d_model * m.d_ff_dense
     norms = m.n_layers * 2 * m.d_model
     common = emb + attn + router + shared + dense + norms
+    active = common + n_moe * m.top_k * expert
+    left_out = m.vocab_size * m.d_model * len(m.active_params_exclude)
     return {
         "total": float(common + routed),
-        "active": float(common + n_moe * m.top_k * expert),
+        "active": float(active),
+        "active_as_published": float(active - left_out),
         "embeddings": float(emb),
         "attention": float(attn),
         "routed_experts": float(routed),
@@ -325,7 +445,8 @@ def param_counts(m: ModelSpec) -> dict[str, float]:
 def forward_flops_per_token(m: ModelSpec, context: int) -> float:
     """Forward FLOPs of one token at ``context`` cached tokens: ``2 x`` the active matmul
     parameters (embedding lookup excluded, LM head included) plus the attention core per
-    layer (softmax ``4 C h hd``; MLA ``2 C h (qk + v)``; linear ``4 h hd^2``)."""
+    layer (softmax ``4 C h hd``; MLA ``2 C h (qk + v)``; linear ``4 h hd^2`` plus the
+    intra-block ``4 k_b h hd``)."""
     p = param_counts(m)
     emb_in = m.vocab_size * m.d_model if not m.tied_embeddings else 0
     matmul = 2.0 * (p["active"] - emb_in - m.n_layers * 2 * m.d_model)
@@ -333,7 +454,8 @@ def forward_flops_per_token(m: ModelSpec, context: int) -> float:
     for i in range(m.n_layers):
         kind = m.attention_kind(i)
         if kind == "linear":
-            core += 4.0 * m.n_heads * m.head_dim**2
+            intra = (min(context, LIGHTNING_BLOCK_TOKENS) + 1) / 2.0
+            core += 4.0 * m.n_heads * m.head_dim**2 + 4.0 * intra * m.n_heads * m.head_dim
         elif kind == "mla":
             a = m.mla
             qk = a.qk_nope_head_dim + a.qk_rope_head_dim

@@ -56,7 +56,7 @@ class AnalyticEngine:
     ) -> None:
         sc = plan.scenario
         self.plan = plan
-        self.topology = topology or build_topology(sc.cluster, sc.topology, sc.pim)
+        self.topology = topology or build_topology(sc.cluster, sc.topology, sc.pim, sc.tiers)
         self.graph = graph or build_graph(plan, self.topology.tables)
         self._recent_hops: list[tuple[np.ndarray, np.ndarray, tuple]] = []
         self.rec = Recorder(plan.n_devices, sc.sim.trace)

@@ -65,7 +65,7 @@ class Engine:
     ) -> None:
         sc = plan.scenario
         self.plan = plan
-        self.topology = topology or build_topology(sc.cluster, sc.topology, sc.pim)
+        self.topology = topology or build_topology(sc.cluster, sc.topology, sc.pim, sc.tiers)
         self.graph = graph or build_graph(plan, self.topology.tables)
         self.env = CountingEnvironment()
         self.net = FluidNetwork(

@@ -44,10 +44,19 @@ def _compiled():
     return _KERNELS
 
 
+COMPILED_MIN_DEVICES = 16
+"""Networks of fewer devices run the numpy kernels (the same arithmetic in the same order, so
+the same rates): there, loading the compiled ones (about 0.5-1 s a process) costs more than
+they save."""
+
+COMPILED_MIN_ELEMENTS = 1 << 16
+""":func:`link_loads` on fewer path entries sums with numpy (the same order of additions)."""
+
+
 def link_loads(paths: np.ndarray, nbytes: np.ndarray, n_links: int) -> np.ndarray:
     """Bytes each link carries when pair ``p`` sends ``nbytes[p]`` along ``paths[p]``
-    (-1 padded link ids); compiled where numba is installed."""
-    kernel = _compiled().get("link_loads")
+    (-1 padded link ids); compiled where numba is installed and the paths are large."""
+    kernel = _compiled().get("link_loads") if paths.size >= COMPILED_MIN_ELEMENTS else None
     if kernel is not None:
         return kernel(np.ascontiguousarray(paths, np.int64), np.asarray(nbytes, float), n_links)
     valid = paths >= 0
@@ -319,6 +328,13 @@ class FluidNetwork:
         self._unsent_s = 0.0  # seconds of sending not yet taken off `remaining`
         self._wake_at = np.inf
         self.solves = 0
+        big = topology.n_devices >= COMPILED_MIN_DEVICES
+        self._kernels = _compiled() if big and "maxmin" in _compiled() else {}
+        # which kernels run: "compiled", "numpy" (small network), or "numpy (numba missing)",
+        # which is 2.5-3.5x slower on big all-to-alls: the summary reports it
+        self.kernels = "compiled" if self._kernels else "numpy"
+        if not self._kernels and big:
+            self.kernels = "numpy (numba missing)"
 
     # -- API for senders -------------------------------------------------------------------
     def group(self, n_slots: int) -> tuple[int, simpy.Event]:
@@ -464,7 +480,7 @@ class FluidNetwork:
         elapsed = now - self._last_t
         if elapsed > 0 and self._n_alive:
             self.stats.busy_s[self._link_active] += elapsed
-            if "due_rows" in _compiled():
+            if "due_rows" in self._kernels:
                 self._unsent_s = elapsed  # applied by _retire before anything reads it
             else:
                 self._remaining -= self._rate * elapsed
@@ -567,7 +583,7 @@ class FluidNetwork:
 
     def _next_finish_s(self) -> float:
         """Seconds until the first live flow finishes at its current rate."""
-        kernel = _compiled().get("next_finish")
+        kernel = self._kernels.get("next_finish")
         if kernel is not None:
             return float(kernel(self._remaining, self._rate, self._alive))
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -595,7 +611,7 @@ class FluidNetwork:
         elapsed, self._unsent_s = self._unsent_s, 0.0
         if not self._n_alive:
             return False
-        kernels = _compiled()
+        kernels = self._kernels
         if "due_rows" in kernels:
             idx, delay = kernels["due_rows"](
                 self._remaining,
@@ -660,7 +676,7 @@ class FluidNetwork:
         blk.slots_left -= len(slots)
         if blk.slots_left == 0:
             del self._blocks[block]
-        kernel = _compiled().get("deliver")
+        kernel = self._kernels.get("deliver")
         if kernel is None:
             starts, lens = blk.group_ptr[slots], blk.group_ptr[slots + 1] - blk.group_ptr[slots]
             gidx = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())
@@ -694,7 +710,7 @@ class FluidNetwork:
 
     def _solve(self) -> None:
         self.solves += 1
-        kernels = _compiled()
+        kernels = self._kernels
         if self._n_alive and "maxmin_csr" in kernels:
             n_links = self.topology.n_links
             if self._csr is None:
@@ -719,7 +735,12 @@ class FluidNetwork:
             )
         elif self._n_alive:
             self._rate = _rates_and_active(
-                self._paths, self.capacity, self._weight, self.tolerance, alive=self._alive
+                self._paths,
+                self.capacity,
+                self._weight,
+                self.tolerance,
+                compiled=bool(self._kernels),
+                alive=self._alive,
             )[0]
         active = self._link_flows > 0
         if self.record_intervals:

@@ -26,7 +26,7 @@ import networkx as nx
 import numpy as np
 
 from moesim.config.resolve import resolved_topology
-from moesim.config.scenario import ClusterConfig, PimConfig, TopologyConfig
+from moesim.config.scenario import ClusterConfig, PimConfig, TiersConfig, TopologyConfig
 
 ROUTE_TABLE_MAX_DEVICES = 512  # all-pairs route table up to here (512^2 x hops x 8 bytes)
 
@@ -44,6 +44,8 @@ class Topology:
     link_kinds: list[str] = field(default_factory=list)
     bandwidth_bytes_per_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
     latency_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    message_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    collective_launch_s: float = 0.0
     tables: dict[str, np.ndarray] = field(default_factory=dict)
     nodes_per_leaf: int = 1
     nic_of_local: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
@@ -109,9 +111,18 @@ class Topology:
         return dom
 
     def path_latency_s(self, paths: np.ndarray) -> np.ndarray:
-        """Sum of link latencies along each padded path."""
-        lat = np.where(paths >= 0, self.latency_s[np.maximum(paths, 0)], 0.0)
-        return lat.sum(axis=1)
+        """Latency of one message along each padded path: the links' ``latency_s`` summed, the
+        largest ``message_overhead_s`` along it (the protocol's fixed cost per message) and the
+        device's ``collective_launch_s``; an empty path (a device to itself) costs nothing.
+        Ring collectives multiply this by their steps, so they pay the launch at every step (an
+        upper bound: NCCL runs a ring inside one kernel)."""
+        valid = paths >= 0
+        ids = np.maximum(paths, 0)
+        lat = np.where(valid, self.latency_s[ids], 0.0).sum(axis=1)
+        if not self.message_s.size:
+            return lat
+        msg = np.where(valid, self.message_s[ids], 0.0).max(axis=1, initial=0.0)
+        return lat + np.where(valid.any(axis=1), msg + self.collective_launch_s, 0.0)
 
     # -- routing pieces -------------------------------------------------------------------
     def _intra(self, a: np.ndarray, j: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -197,14 +208,18 @@ class _Builder:
         self.kinds: list[str] = []
         self.bw: list[float] = []
         self.lat: list[float] = []
+        self.msg: list[float] = []
 
-    def link(self, u: str, v: str, kind: str, bw: float, lat: float) -> int:
+    def link(self, u: str, v: str, kind: str, bw: float, lat: float, msg: float = 0.0) -> int:
+        """Add one directed link: ``bw`` bytes/s as transfers reach it, ``lat`` seconds,
+        ``msg`` seconds of fixed cost per message."""
         lid = len(self.names)
         self.graph.add_edge(u, v, link_id=lid, kind=kind, bandwidth_bytes_per_s=bw, latency_s=lat)
         self.names.append(f"{u}->{v}")
         self.kinds.append(kind)
         self.bw.append(bw)
         self.lat.append(lat)
+        self.msg.append(msg)
         return lid
 
 
@@ -212,8 +227,9 @@ def attach_pim(
     b: _Builder, t: dict[str, np.ndarray], n_devices: int, n: int, pim: PimConfig
 ) -> None:
     """A PIM node per device (``n{a}.d{j}.pim``: its ``units_per_gpu`` units) joined by one
-    link each way of kind ``pim``: ``units x min(unit pins, host link)`` bytes/s, the host
-    link's latency (moesim/hardware/pim.py). Links are appended after all others, so device
+    link each way of kind ``pim`` (one link both directions share when the unit's pins are
+    half duplex): ``units x min(unit pins, host link)`` bytes/s, the host link's latency
+    (moesim/cost/pim.py). Links are appended after all others, so device
     pairs route exactly as without PIM; ``t["pim_up"][g]`` / ``t["pim_down"][g]`` are the ids."""
     from moesim import catalog
     from moesim.cost.pim import link_bandwidth_bytes_per_s
@@ -225,15 +241,39 @@ def attach_pim(
         dev, unit = f"n{g // n}.d{g % n}", f"n{g // n}.d{g % n}.pim"
         b.graph.add_node(unit, kind="pim", device=g)
         t["pim_up"][g] = b.link(dev, unit, "pim", bw, link.latency_s)
-        t["pim_down"][g] = b.link(unit, dev, "pim", bw, link.latency_s)
+        if pim.device.external_duplex == "half":  # one shared link: in and out take turns
+            t["pim_down"][g] = t["pim_up"][g]
+        else:
+            t["pim_down"][g] = b.link(unit, dev, "pim", bw, link.latency_s)
+
+
+def attach_tiers(
+    b: _Builder, t: dict[str, np.ndarray], n_devices: int, n: int, tiers: TiersConfig
+) -> None:
+    """A memory-tier node per device (``n{a}.d{j}.tier``: where its offloaded experts live)
+    joined by one link of kind ``tier`` toward the device, at the slower of the tier's link
+    and its memory (moesim/cost/tiers.py); ``t["tier_fetch"][g]`` is its id. Appended after
+    all others, like the PIM links."""
+    from moesim.cost.tiers import fetch_bandwidth_bytes_per_s
+
+    bw = fetch_bandwidth_bytes_per_s(tiers.link, tiers.bandwidth_bytes_per_s)
+    t["tier_fetch"] = np.empty(n_devices, np.int64)
+    for g in range(n_devices):
+        dev, tier = f"n{g // n}.d{g % n}", f"n{g // n}.d{g % n}.tier"
+        b.graph.add_node(tier, kind="tier", device=g)
+        t["tier_fetch"][g] = b.link(tier, dev, "tier", bw, tiers.link.latency_s)
 
 
 def build_topology(
-    cluster: ClusterConfig, topo: TopologyConfig, pim: PimConfig | None = None
+    cluster: ClusterConfig,
+    topo: TopologyConfig,
+    pim: PimConfig | None = None,
+    tiers: TiersConfig | None = None,
 ) -> Topology:
     """Build the graph and routing tables for a cluster (defaults of ``topo`` resolved from
     the device: :func:`moesim.config.resolve.resolved_topology`); with ``pim``, each
-    device's PIM units too (:func:`attach_pim`)."""
+    device's PIM units too (:func:`attach_pim`), with ``tiers`` the memory tier its offloaded
+    experts come from (:func:`attach_tiers`)."""
     topo = resolved_topology(cluster, topo)
     nodes, n = cluster.nodes, cluster.devices_per_node
     intra_link, intra_kind = topo.intra_node_link, topo.intra_node
@@ -242,15 +282,17 @@ def build_topology(
         b.graph.add_node(f"n{g // n}.d{g % n}", kind="device", device=g)
     t: dict[str, np.ndarray] = {}
     dev = [[f"n{a}.d{j}" for j in range(n)] for a in range(nodes)]
-    bw, lat = intra_link.bandwidth_bytes_per_s, intra_link.latency_s
+    # links carry what transfers reach: nominal bandwidth x the link's measured efficiency
+    bw, lat = intra_link.effective_bandwidth_bytes_per_s, intra_link.latency_s
+    im = intra_link.message_overhead_s
     if intra_kind in ("nvswitch", "pcie"):
         up, down = np.empty(nodes * n, np.int64), np.empty(nodes * n, np.int64)
         for a in range(nodes):
             sw = f"n{a}.{'nvsw' if intra_kind == 'nvswitch' else 'pcisw'}"
             b.graph.add_node(sw, kind="switch")
             for j in range(n):
-                up[a * n + j] = b.link(dev[a][j], sw, "intra", bw, lat / 2)
-                down[a * n + j] = b.link(sw, dev[a][j], "intra", bw, lat / 2)
+                up[a * n + j] = b.link(dev[a][j], sw, "intra", bw, lat / 2, im)
+                down[a * n + j] = b.link(sw, dev[a][j], "intra", bw, lat / 2, im)
         t["up"], t["down"] = up, down
     elif intra_kind == "bus":
         up, down = np.empty(nodes * n, np.int64), np.empty(nodes * n, np.int64)
@@ -259,10 +301,10 @@ def build_topology(
             src, dst = f"n{a}.bus", f"n{a}.bus_out"
             b.graph.add_node(src, kind="switch")
             b.graph.add_node(dst, kind="switch")
-            bus[a] = b.link(src, dst, "intra", bw, 0.0)
+            bus[a] = b.link(src, dst, "intra", bw, 0.0, im)
             for j in range(n):
-                up[a * n + j] = b.link(dev[a][j], src, "intra", bw, lat / 2)
-                down[a * n + j] = b.link(dst, dev[a][j], "intra", bw, lat / 2)
+                up[a * n + j] = b.link(dev[a][j], src, "intra", bw, lat / 2, im)
+                down[a * n + j] = b.link(dst, dev[a][j], "intra", bw, lat / 2, im)
         t["up"], t["down"], t["bus"] = up, down, bus
     elif intra_kind == "full_mesh":
         mesh = np.full((nodes, n, n), -1, np.int64)
@@ -270,17 +312,17 @@ def build_topology(
             for j in range(n):
                 for k in range(n):
                     if j != k:
-                        mesh[a, j, k] = b.link(dev[a][j], dev[a][k], "intra", bw, lat)
+                        mesh[a, j, k] = b.link(dev[a][j], dev[a][k], "intra", bw, lat, im)
         t["mesh"] = mesh
     else:  # ring
         nxt, prv = np.full(nodes * n, -1, np.int64), np.full(nodes * n, -1, np.int64)
         for a in range(nodes):
             for j in range(n):
                 if n > 1:
-                    nxt[a * n + j] = b.link(dev[a][j], dev[a][(j + 1) % n], "intra", bw, lat)
+                    nxt[a * n + j] = b.link(dev[a][j], dev[a][(j + 1) % n], "intra", bw, lat, im)
             for j in range(n):
                 if n > 2:
-                    prv[a * n + j] = b.link(dev[a][j], dev[a][(j - 1) % n], "intra", bw, lat)
+                    prv[a * n + j] = b.link(dev[a][j], dev[a][(j - 1) % n], "intra", bw, lat, im)
                 elif n == 2:
                     prv[a * n + j] = nxt[a * n + j]
         t["next"], t["prev"] = nxt, prv
@@ -294,21 +336,25 @@ def build_topology(
         t["dev_nic_down"] = np.empty(nodes * n, np.int64)
         t["nic_up"] = np.empty((nodes, nics), np.int64)
         t["nic_down"] = np.empty((nodes, nics), np.int64)
-        hb, hl = host.bandwidth_bytes_per_s, host.latency_s / 2
-        nb, nl = net.bandwidth_bytes_per_s, net.latency_s / 2
+        hb, hl, hm = (
+            host.effective_bandwidth_bytes_per_s,
+            host.latency_s / 2,
+            host.message_overhead_s,
+        )
+        nb, nl, nm = net.effective_bandwidth_bytes_per_s, net.latency_s / 2, net.message_overhead_s
         for a in range(nodes):
             for j in range(n):
                 nic = f"n{a}.nic{nic_of_local[j]}"
                 b.graph.add_node(nic, kind="nic")
-                t["dev_nic_up"][a * n + j] = b.link(dev[a][j], nic, "host", hb, hl)
-                t["dev_nic_down"][a * n + j] = b.link(nic, dev[a][j], "host", hb, hl)
+                t["dev_nic_up"][a * n + j] = b.link(dev[a][j], nic, "host", hb, hl, hm)
+                t["dev_nic_down"][a * n + j] = b.link(nic, dev[a][j], "host", hb, hl, hm)
         if topo.inter_node == "rail_optimized":
             for r in range(nics):
                 sw = f"rail{r}"
                 b.graph.add_node(sw, kind="switch")
                 for a in range(nodes):
-                    t["nic_up"][a, r] = b.link(f"n{a}.nic{r}", sw, "network", nb, nl)
-                    t["nic_down"][a, r] = b.link(sw, f"n{a}.nic{r}", "network", nb, nl)
+                    t["nic_up"][a, r] = b.link(f"n{a}.nic{r}", sw, "network", nb, nl, nm)
+                    t["nic_down"][a, r] = b.link(sw, f"n{a}.nic{r}", "network", nb, nl, nm)
         else:
             n_leaves = nodes // npl
             t["leaf_up"] = np.full(n_leaves, -1, np.int64)
@@ -319,14 +365,16 @@ def build_topology(
                 b.graph.add_node(sw, kind="switch")
                 for a in range(leaf * npl, (leaf + 1) * npl):
                     for r in range(nics):
-                        t["nic_up"][a, r] = b.link(f"n{a}.nic{r}", sw, "network", nb, nl)
-                        t["nic_down"][a, r] = b.link(sw, f"n{a}.nic{r}", "network", nb, nl)
+                        t["nic_up"][a, r] = b.link(f"n{a}.nic{r}", sw, "network", nb, nl, nm)
+                        t["nic_down"][a, r] = b.link(sw, f"n{a}.nic{r}", "network", nb, nl, nm)
                 if n_leaves > 1:
                     b.graph.add_node("spine", kind="switch")
-                    t["leaf_up"][leaf] = b.link(sw, "spine", "spine", uplink_bw, nl)
-                    t["leaf_down"][leaf] = b.link("spine", sw, "spine", uplink_bw, nl)
+                    t["leaf_up"][leaf] = b.link(sw, "spine", "spine", uplink_bw, nl, nm)
+                    t["leaf_down"][leaf] = b.link("spine", sw, "spine", uplink_bw, nl, nm)
     if pim is not None:
         attach_pim(b, t, nodes * n, n, pim)
+    if tiers is not None:
+        attach_tiers(b, t, nodes * n, n, tiers)
     return Topology(
         graph=b.graph,
         nodes=nodes,
@@ -337,6 +385,8 @@ def build_topology(
         link_kinds=b.kinds,
         bandwidth_bytes_per_s=np.array(b.bw, dtype=float),
         latency_s=np.array(b.lat, dtype=float),
+        message_s=np.array(b.msg, dtype=float),
+        collective_launch_s=cluster.device.collective_launch_s,
         tables=t,
         nodes_per_leaf=npl,
         nic_of_local=nic_of_local,

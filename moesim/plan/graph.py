@@ -46,8 +46,9 @@ FORWARD_COMPUTE = (
     "dense_ffn",
     "lm_head",
 )
-# pim: waiting for PIM units; pipeline: waiting for another stage (bubbles and activations)
-FORWARD_COMM = ("tp_comm", "dispatch", "combine", "pim", "pipeline")
+# pim: waiting for PIM units; expert_fetch: for offloaded experts' weights
+# (moesim/plan/tiers.py); pipeline: waiting for another stage (bubbles and activations)
+FORWARD_COMM = ("tp_comm", "dispatch", "combine", "pim", "expert_fetch", "pipeline")
 # training: the backward of each forward phase, recomputation, optimizer
 TRAIN_COMPUTE_PHASES = (*(f"{p}_bwd" for p in FORWARD_COMPUTE), "recompute", "optimizer")
 TRAIN_COMM_PHASES = ("combine_bwd", "dispatch_bwd", "grad_reduce", "param_gather")
@@ -243,7 +244,9 @@ def build_graph(plan: WorkloadPlan, topology_tables: dict[str, np.ndarray] | Non
     graph = StepGraph(
         plan.n_devices, explicit_rings=plan.scenario.sim.collective_steps == "explicit"
     )
-    if plan.pipeline is not None:
+    if plan.sub_plans:  # pim.sub_batches (moesim/plan/pim.py)
+        _interleaved(graph, plan.sub_plans, topology_tables)
+    elif plan.pipeline is not None:
         _pipeline_step(graph, plan)
     elif plan.train is None:
         last: tuple[int, ...] = ()
@@ -260,10 +263,10 @@ def build_graph(plan: WorkloadPlan, topology_tables: dict[str, np.ndarray] | Non
     return graph
 
 
-def _pim(graph: StepGraph, lp: LayerPlan, deps: tuple[int, ...], tables) -> tuple[int, ...]:
-    """The layer's PIM work: activations up the GPU-PIM link, the PIM kernels on the PIM
-    stream, results down; returns the node that completes it."""
-    work, i = lp.pim, lp.index
+def _pim(graph: StepGraph, lp: LayerPlan, deps: tuple[int, ...], tables, work=None):
+    """The layer's PIM work (``work``, default ``lp.pim``): activations up the GPU-PIM link,
+    the PIM kernels on the PIM stream, results down; returns the node that completes it."""
+    work, i = work or lp.pim, lp.index
     active = (work.seconds > 0) | (work.in_bytes > 0)
     up = graph.transfer("pim", tables["pim_up"], np.where(active, work.in_bytes, 0.0), i, deps)
     run = graph.compute(
@@ -275,37 +278,105 @@ def _pim(graph: StepGraph, lp: LayerPlan, deps: tuple[int, ...], tables) -> tupl
     return (down,)
 
 
+def _expert_fetch(graph: StepGraph, lp: LayerPlan, router: int, tables) -> tuple[int, ...]:
+    """Memory tiers, ``execute: fetch``: the weights of the offloaded experts this layer needs
+    come over the device's tier link once its router has chosen them, while the tokens are
+    permuted and dispatched; the expert kernels wait for them (moesim/plan/tiers.py)."""
+    work = lp.tiers
+    if work is None or not np.any(work.fetch_bytes > 0):
+        return ()
+    return (graph.transfer("expert_fetch", tables["tier_fetch"], work.fetch_bytes, lp.index,
+                           (router,), stream=None),)  # fmt: skip
+
+
 def _inference_layer(
     graph: StepGraph, plan: WorkloadPlan, lp: LayerPlan, deps: tuple[int, ...], tables
 ) -> tuple[int, ...]:
-    """attention -> [PIM attention] -> [tp collective] -> router -> permute -> dispatch
-    (shared experts while it travels) -> experts [beside PIM experts] -> combine ->
+    """attention -> [PIM attention] -> [tp collective] -> router [-> expert fetch] -> permute ->
+    dispatch (shared experts while it travels) -> experts [beside PIM experts] -> combine ->
     unpermute -> [tp collective]; returns what the next layer waits for."""
-    i, cs = lp.index, lp.compute_s
-    graph.compute("attention", cs["attention"], i, deps)
-    after: tuple[int, ...] = ()
+    after = _attention_block(graph, lp, deps, tables)
+    return _layer_rest(graph, lp, after, tables)
+
+
+def _attention_block(
+    graph: StepGraph, lp: LayerPlan, deps: tuple[int, ...], tables
+) -> tuple[int, ...]:
+    """The layer's attention on the GPU and, with attention on PIM, its core there; returns
+    what the rest of the layer waits for."""
+    graph.compute("attention", lp.compute_s["attention"], lp.index, deps)
+    if lp.pim_attention is not None:  # pim.policy co_processing
+        return _pim(graph, lp, (), tables, lp.pim_attention)
     if lp.pim is not None and lp.pim.phase == "attention":
-        after = _pim(graph, lp, (), tables)
+        return _pim(graph, lp, (), tables)
+    return ()
+
+
+def _layer_rest(graph: StepGraph, lp: LayerPlan, after: tuple[int, ...], tables) -> tuple[int, ...]:
+    """Everything of a layer after its attention (see :func:`_inference_layer`)."""
+    i, cs = lp.index, lp.compute_s
     if lp.tp_comm is not None:
         graph.collective("tp_comm", lp.tp_comm, i, after)
         after = ()
     if lp.moe:
-        graph.compute("router", cs["router"], i, after)
+        router = graph.compute("router", cs["router"], i, after)
+        fetched = _expert_fetch(graph, lp, router, tables)
         graph.compute("permute", cs["permute"], i)
-        dispatch = graph.collective("dispatch", lp.dispatch, i, wait=False)
+        dispatch = _all_to_all(graph, "dispatch", lp.dispatch_stages, i, wait=False)
         if "shared_experts" in cs:
             _shared(graph, lp, "shared_experts", cs["shared_experts"])
         pim: tuple[int, ...] = ()
         if lp.pim is not None and lp.pim.phase == "experts":
             pim = _pim(graph, lp, (dispatch,), tables)  # PIM experts beside the GPU's
-        graph.compute("experts", cs["experts"], i, (dispatch,))
-        graph.collective("combine", lp.combine, i, pim)
+        graph.compute("experts", cs["experts"], i, (dispatch, *fetched))
+        _all_to_all(graph, "combine", lp.combine_stages(), i, pim)
         graph.compute("unpermute", cs["unpermute"], i)
     else:
         graph.compute("dense_ffn", cs["dense_ffn"], i, after)
     if lp.tp_comm_after is not None:
         graph.collective("tp_comm", lp.tp_comm_after, i)
     return ()
+
+
+def _interleaved(graph: StepGraph, plans: list[WorkloadPlan], tables) -> None:
+    """Sub-batch interleaving (NeuPIMs, Heo et al., ASPLOS 2024): two sub-batches ``a`` and
+    ``b``, each a chain ``attention(l) -> PIM attention(l) -> rest(l) -> attention(l + 1)``.
+    The GPU stream takes them in turns, ``rest_a(l), attention_a(l + 1), rest_b(l),
+    attention_b(l + 1)``, so while it runs one sub-batch's projections and FFN the PIM units
+    run the other's attention. With GPU and PIM times equal the layer time halves against
+    running the whole batch one phase after another."""
+    n = len(plans[0].layers)
+    after = [_attention_block(graph, p.layers[0], (), tables) for p in plans]
+    for i in range(n):
+        for s, p in enumerate(plans):
+            _layer_rest(graph, p.layers[i], after[s], tables)
+            if i + 1 < n:
+                after[s] = _attention_block(graph, p.layers[i + 1], (), tables)
+    for p in plans:
+        graph.compute("lm_head", p.lm_head_s, n)
+
+
+def _all_to_all(
+    graph: StepGraph,
+    phase: str,
+    stages: list[Traffic],
+    layer: int,
+    deps: tuple[int, ...] = (),
+    stream: str | None = GPU,
+    wait: bool = True,
+) -> int:
+    """An all-to-all of one or more stages (``per_node``: over the network, then forwarded
+    inside the node): the first issued by ``stream``, each next one by a device as soon as
+    its part of the previous one has arrived; with ``wait`` the stream waits for the last.
+    Returns the last stage's node."""
+    if len(stages) == 1:
+        return graph.collective(phase, stages[0], layer, deps, stream, wait)
+    last = graph.collective(phase, stages[0], layer, deps, stream, wait=False)
+    for traffic in stages[1:]:
+        last = graph.collective(phase, traffic, layer, (last,), stream=None)
+    if stream is not None and wait:
+        graph.compute(phase, None, layer, (last,), stream=stream)
+    return last
 
 
 def _shared(graph: StepGraph, lp: LayerPlan, phase: str, seconds, backward: bool = False):
@@ -342,20 +413,21 @@ def _moe_exchange(
     chunks = plan.train.chunks
     (p1, t1), (pw, sec), (p2, t2), (ps, side_s) = first, work, second, side
     if chunks == 1:
-        arrived = graph.collective(p1, t1, i, wait=False)
+        arrived = _all_to_all(graph, p1, t1, i, wait=False)
         _shared(graph, lp, ps, side_s, backward)
         graph.compute(pw, sec, i, (arrived,))
-        graph.collective(p2, t2, i)
+        _all_to_all(graph, p2, t2, i)
         return
-    t1, t2 = _chunk(graph, t1, chunks), _chunk(graph, t2, chunks)
-    got = [graph.collective(p1, t1, i, wait=False)]
+    t1 = [_chunk(graph, t, chunks) for t in t1]
+    t2 = [_chunk(graph, t, chunks) for t in t2]
+    got = [_all_to_all(graph, p1, t1, i, wait=False)]
     for _ in range(1, chunks):
-        got.append(graph.collective(p1, t1, i, (got[-1],), stream=None))
+        got.append(_all_to_all(graph, p1, t1, i, (got[-1],), stream=None))
     _shared(graph, lp, ps, side_s, backward)
     sent = got[-1]
     for c in range(chunks):
         done = graph.compute(pw, sec / chunks, i, (got[c],))
-        sent = graph.collective(p2, t2, i, (done, sent), stream=None)
+        sent = _all_to_all(graph, p2, t2, i, (done, sent), stream=None)
     graph.compute(p2, None, i, (sent,))  # the GPU waits for the last chunk's return
 
 
@@ -384,7 +456,7 @@ def _training_forward(graph: StepGraph, plan: WorkloadPlan, lp: LayerPlan, recom
         graph.compute(phase("permute"), cs["permute"], i)
         shared = cs.get("shared_experts", 0.0)
         _moe_exchange(
-            graph, plan, lp, ("dispatch", lp.dispatch), (phase("experts"), cs["experts"]),
+            graph, plan, lp, ("dispatch", lp.dispatch_stages), (phase("experts"), cs["experts"]),
             ("combine", plan.train.combine[i]), (phase("shared_experts"), shared),
         )  # fmt: skip
         graph.compute(phase("unpermute"), cs["unpermute"], i)
@@ -405,7 +477,8 @@ def _training_backward(graph: StepGraph, plan: WorkloadPlan, lp: LayerPlan, cs: 
         graph.compute("unpermute_bwd", cs["unpermute_bwd"], i)
         shared = cs.get("shared_experts_bwd", 0.0)
         _moe_exchange(
-            graph, plan, lp, ("combine_bwd", lp.dispatch), ("experts_bwd", cs["experts_bwd"]),
+            graph, plan, lp, ("combine_bwd", lp.dispatch_stages),
+            ("experts_bwd", cs["experts_bwd"]),
             ("dispatch_bwd", plan.train.combine[i]), ("shared_experts_bwd", shared), True,
         )  # fmt: skip
         graph.compute("permute_bwd", cs["permute_bwd"], i)

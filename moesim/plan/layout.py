@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moesim.config.scenario import Scenario
-from moesim.cost.ops import Bytes
+from moesim.cost.ops import Bytes, workload_bytes
 
 
 def split_evenly(total: np.ndarray | int, parts: int) -> np.ndarray:
@@ -26,11 +26,9 @@ def split_evenly(total: np.ndarray | int, parts: int) -> np.ndarray:
 
 
 def dtype_bytes(sc: Scenario) -> Bytes:
-    """Bytes per element of weights, expert weights, activations and KV cache."""
-    dt = sc.workload.dtypes
-    return Bytes(
-        *(dt.bytes_of(k) for k in ("weights", "expert_weights", "activations", "kv_cache"))
-    )
+    """Bytes per element of weights, expert weights, activations, KV cache and the two
+    all-to-all directions, and the attention core's compute dtype."""
+    return workload_bytes(sc.workload.dtypes)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ it by the unit's host link). Policies (``pim.policy``):
   projections and the experts stay on the GPU (AttAcc-style; linear / MLA layers stay).
 - ``by_batch``: every expert's weights are kept on both; each (device, expert) runs on PIM
   when it has at most ``token_threshold`` tokens this step (GEMV), else on the GPU (GEMM).
+- ``co_processing``: ``attention`` and ``by_batch`` together (Duplex's expert and attention
+  co-processing); the layer's attention work is ``lp.pim_attention``, its experts' ``lp.pim``.
 
 ``token_threshold`` defaults to the crossover of one expert (moesim.cost.pim.crossover_tokens).
 The plan gets, per layer, a :class:`PimWork` (per-device PIM seconds, activations in and out,
@@ -22,17 +24,24 @@ the activations as flows over the GPU-PIM links.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from moesim import catalog
 from moesim.config.resolve import resolve
 from moesim.config.scenario import Scenario, ScenarioError
-from moesim.cost.ops import Bytes, OpCost, expert_ops, kv_cache_bytes_per_token
+from moesim.cost.ops import (
+    Bytes,
+    OpCost,
+    expert_ops,
+    kv_cache_bytes_per_token,
+)
 from moesim.cost.pim import crossover_tokens, internal_bytes, pim_op_time_s
 from moesim.cost.weights import expert_params_per_shard
 from moesim.plan.layout import dtype_bytes, layout
+from moesim.plan.tiers import add_layer_totals, apply_tier_memory
 from moesim.plan.types import PimWork
 
 if TYPE_CHECKING:
@@ -91,7 +100,7 @@ def split_experts(
     per expert, ``share`` the ``[expert, ep_rank]`` placement shares. Returns the GPU's part
     of ``load`` and sets the layer's ``lp.pim`` when experts run on PIM."""
     pc = sc.pim
-    if pc is None or pc.policy in ("gpu_only", "attention"):
+    if pc is None or not pc.experts_on_pim:
         return load
     par = sc.parallelism
     n_dev = load.shape[0]
@@ -104,17 +113,25 @@ def split_experts(
         pairs = np.bincount(group, weights=load.sum(axis=1)) / par.etp  # routed pairs per group
         expected_tokens = expected[None, :] * pairs[group][:, None] * share[:, rank].T
         on_pim = local & (expected_tokens <= token_threshold(sc, d_ff, b))
-    else:  # by_batch
+    else:  # by_batch, co_processing
         on_pim = local & (load <= token_threshold(sc, d_ff, b))
-    resident = local if pc.policy == "by_batch" else on_pim
+    resident = local if pc.per_step_experts else on_pim
     pim_load = np.where(on_pim, load, 0)
     seconds, flops, moved = _work(
         sc, "experts", expert_ops(pim_load, sc.model.d_model, d_ff, b), b.expert_weights
     )
     tokens = pim_load.sum(axis=1)
     io = tokens * sc.model.d_model * b.activations
+    if lp.pim is not None:  # co_processing: the layer's attention is on PIM too
+        lp.pim_attention = lp.pim
     lp.pim = PimWork("experts", seconds, io, io.copy(), flops, moved, tokens, resident.sum(axis=1))
     return load - pim_load
+
+
+def pim_works(plan: WorkloadPlan) -> list[PimWork]:
+    """Every layer's PIM work: attention (co_processing keeps it in ``pim_attention``) and
+    experts."""
+    return [w for lp in plan.layers for w in (lp.pim_attention, lp.pim) if w is not None]
 
 
 def split_attention(
@@ -124,7 +141,7 @@ def split_attention(
     the KV cache) runs on PIM; the projections stay on the GPU. New queries, keys and values
     (the ``qkv_proj`` output) go in, the attention output (``o_proj``'s input) comes back."""
     pc = sc.pim
-    if pc is None or pc.policy != "attention" or kind != "softmax":
+    if pc is None or not pc.attention_on_pim or kind != "softmax":
         return ops, None
     ab = sc.workload.dtypes.bytes_of("activations")
     core = [op for op in ops if op.name == "attention_core"]
@@ -154,16 +171,18 @@ def _size(nbytes: float) -> str:
 
 
 def apply_memory(sc: Scenario, plan: WorkloadPlan, b: Bytes) -> None:
-    """Move what lives on PIM out of the GPU's memory, into ``plan.pim_memory_bytes``
+    """Move what lives off the GPU out of its memory: offloaded experts into their tier
+    (moesim/plan/tiers.py), what lives on PIM into ``plan.pim_memory_bytes``
     (``{"weights": ..., "kv_cache": ...}`` per device), and check it fits on the units.
 
     Expert weights on PIM leave the GPU (``by_batch`` keeps a copy on both); policy
     ``attention`` moves the KV cache of the softmax layers. Raises :class:`ScenarioError`
     naming the part, the GPU and the shortfall when the units cannot hold it."""
+    apply_tier_memory(sc, plan)  # offloaded experts leave the GPU (moesim/plan/tiers.py)
     pc = sc.pim
     if pc is None:
         return
-    m, par, wl = sc.model, sc.parallelism, sc.workload
+    m, par = sc.model, sc.parallelism
     n_dev = plan.n_devices
     expert_bytes = expert_params_per_shard(m, par.etp) * b.expert_weights
     held = sum(
@@ -171,22 +190,15 @@ def apply_memory(sc: Scenario, plan: WorkloadPlan, b: Bytes) -> None:
         np.zeros(n_dev),
     )
     weights = held * expert_bytes
-    if pc.policy != "by_batch":
+    if not pc.per_step_experts:
         plan.memory_bytes["weights"] = plan.memory_bytes["weights"] - weights
     kv = np.zeros(n_dev)
-    if pc.policy == "attention":
+    if pc.attention_on_pim:
         if pc.device.weight_stationary:
             raise ScenarioError(
                 "pim.policy", f"{pc.device.name} is weight-stationary: it cannot hold a KV cache"
             )
-        seqs_dev = layout(sc).seqs_dev
-        context = wl.seq_len + (1 if wl.phase == "decode" else 0)
-        per_token = sum(
-            kv_cache_bytes_per_token(m, i, par.tp, b)
-            for i in range(m.n_layers)
-            if m.attention_kind(i) == "softmax"
-        )
-        kv = seqs_dev * context * per_token
+        kv = layout(sc).seqs_dev * _context(sc) * pim_kv_bytes_per_token(sc)
         plan.memory_bytes["kv_cache"] = plan.memory_bytes["kv_cache"] - kv
     plan.pim_memory_bytes = {"weights": weights, "kv_cache": kv}
     used = weights + kv
@@ -204,6 +216,125 @@ def apply_memory(sc: Scenario, plan: WorkloadPlan, b: Bytes) -> None:
         )
 
 
+def sub_batch_scenarios(sc: Scenario) -> list[Scenario]:
+    """``pim.sub_batches: 2`` on a decode step: the two halves of the batch (``B - B // 2``
+    and ``B // 2`` sequences), each a step of its own whose plan times that sub-batch; the
+    step graph interleaves them (moesim/plan/graph.py). Nothing to split otherwise."""
+    pc, wl = sc.pim, sc.workload
+    if pc is None or pc.sub_batches == 1 or wl.phase != "decode" or wl.batch_size < 2:
+        return []
+    one = pc.model_copy(update={"sub_batches": 1})
+    return [
+        sc.model_copy(update={"workload": wl.model_copy(update={"batch_size": size}), "pim": one})
+        for size in (wl.batch_size - wl.batch_size // 2, wl.batch_size // 2)
+    ]
+
+
+# -- capacity: what PIM memory holds, for the largest batch a cluster can run ----------------
+def _context(sc: Scenario) -> int:
+    """Tokens each sequence keeps in the KV cache during the step (decode: the new one too)."""
+    wl = sc.workload
+    return wl.seq_len + (1 if wl.phase == "decode" else 0)
+
+
+def pim_capacity_bytes(sc: Scenario) -> float:
+    """PIM memory per GPU: ``units_per_gpu x capacity_bytes`` (0 without PIM units or with
+    policy ``gpu_only``, which uses none of it)."""
+    pc = sc.pim
+    if pc is None or pc.policy == "gpu_only":
+        return 0.0
+    return pc.units_per_gpu * pc.device.capacity_bytes
+
+
+def pim_kv_bytes_per_token(sc: Scenario) -> float:
+    """KV-cache bytes one token of context puts on a GPU's PIM units instead of its HBM:
+    policy ``attention`` moves the softmax layers' cache (``2 x kv_heads / tp x head_dim x
+    kv bytes`` per layer, moesim/cost/ops.py), nothing otherwise."""
+    pc = sc.pim
+    if pc is None or not pc.attention_on_pim:
+        return 0.0
+    m, tp = sc.model, sc.parallelism.tp
+    b = dtype_bytes(sc)
+    return float(
+        sum(
+            kv_cache_bytes_per_token(m, i, tp, b)
+            for i in range(m.n_layers)
+            if m.attention_kind(i) == "softmax"
+        )
+    )
+
+
+def pim_expert_bytes(sc: Scenario) -> float:
+    """Expert weight bytes a GPU's PIM units hold whatever the routing: every local routed
+    expert of every MoE layer for ``all_experts`` and ``by_batch`` (``by_batch`` keeps a copy
+    on the GPU too), none for ``attention`` and ``gpu_only``. ``cold_experts`` depends on the
+    step's routing; it counts as ``all_experts`` here, the most it can hold."""
+    pc = sc.pim
+    if pc is None or not pc.experts_on_pim:
+        return 0.0
+    m, par = sc.model, sc.parallelism
+    local = m.n_experts / par.ep
+    moe_layers = sum(m.is_moe(i) for i in range(m.n_layers))
+    return moe_layers * local * expert_params_per_shard(m, par.etp) * dtype_bytes(sc).expert_weights
+
+
+def expert_bytes_off_gpu(sc: Scenario) -> float:
+    """Expert weight bytes PIM takes off each GPU whatever the routing: ``pim_expert_bytes``
+    for ``all_experts``; none for ``by_batch`` and ``co_processing`` (a copy stays on the GPU),
+    ``attention`` and ``gpu_only``; none for ``cold_experts`` either, which moves only the
+    experts a step's routing finds cold (the GPU must hold the rest)."""
+    pc = sc.pim
+    if pc is None or pc.policy != "all_experts":
+        return 0.0
+    return pim_expert_bytes(sc)
+
+
+def pim_max_batch(sc: Scenario) -> int | None:
+    """The largest ``workload.batch_size`` whose KV cache the PIM units hold at the scenario's
+    context (policy ``attention``; None when PIM holds no KV cache):
+
+    ``dp x floor((pim_capacity_bytes - pim_expert_bytes) / (context x pim_kv_bytes_per_token))``
+
+    with ``dp = devices / tp`` attention replicas, each GPU of a replica holding its replica's
+    sequences (its ``1 / tp`` of the heads). The GPU's own memory (weights, activations, the
+    KV cache of other attention kinds) bounds the batch separately."""
+    per_token = pim_kv_bytes_per_token(sc)
+    if per_token == 0:
+        return None
+    free = pim_capacity_bytes(sc) - pim_expert_bytes(sc)
+    dp = sc.cluster.n_devices // sc.parallelism.tp
+    return dp * max(0, int(free // (_context(sc) * per_token)))
+
+
+def without_memory_limits(sc: Scenario) -> dict[str, Any]:
+    """Scenario updates that lift the PIM units' and memory tiers' capacity, for timing a step
+    whose memory a scheduler checks itself (serving's iteration grid)."""
+    updates: dict[str, Any] = {}
+    if sc.pim is not None:
+        device = sc.pim.device.model_copy(update={"capacity_bytes": math.inf})
+        updates["pim"] = sc.pim.model_copy(update={"device": device})
+    if sc.tiers is not None:
+        updates["tiers"] = sc.tiers.model_copy(update={"capacity_bytes": math.inf})
+    return updates
+
+
+def kv_budget_bytes(sc: Scenario, gpu_free_bytes: float, kv_bytes_per_token: float) -> float:
+    """The KV budget per device, in bytes of ``kv_bytes_per_token`` (the whole cache of one
+    token, all layers), when PIM holds part of it (policy ``attention``): the tokens that fit
+    are the fewer of the GPU's (``gpu_free / (kv - pim part)``) and the PIM units'
+    (``(pim_capacity - pim_expert_bytes) / pim part``). Without a PIM KV cache:
+    ``gpu_free_bytes``."""
+    on_pim = pim_kv_bytes_per_token(sc)
+    if on_pim == 0:
+        return gpu_free_bytes
+    pim_free = pim_capacity_bytes(sc) - pim_expert_bytes(sc)
+    tokens = pim_free / on_pim
+    on_gpu = kv_bytes_per_token - on_pim
+    if on_gpu > 0:
+        tokens = min(tokens, gpu_free_bytes / on_gpu)
+    return tokens * kv_bytes_per_token
+
+
 def pim_summary(plan: WorkloadPlan, devices: pd.DataFrame) -> dict | None:
     """Add ``pim_busy_s``, ``pim_flops``, ``pim_tokens`` and ``pim_memory_bytes`` to the
     devices table; return the summary's ``pim`` entry (None without PIM units)."""
@@ -212,15 +343,13 @@ def pim_summary(plan: WorkloadPlan, devices: pd.DataFrame) -> dict | None:
     if pc is None:
         return None
     n = plan.n_devices
-    work = [lp.pim for lp in plan.layers if lp.pim is not None]
-    devices["pim_busy_s"] = sum((w.seconds for w in work), np.zeros(n))
-    devices["pim_flops"] = sum((w.flops for w in work), np.zeros(n))
-    devices["pim_tokens"] = sum((w.tokens for w in work), np.zeros(n))
+    work = pim_works(plan)
+    add_layer_totals(devices, work, n, pim_busy_s="seconds", pim_flops="flops", pim_tokens="tokens")
     used = sum(plan.pim_memory_bytes.values(), np.zeros(n))
     devices["pim_memory_bytes"] = used
     expert_work = next((w for w in work if w.phase == "experts"), None)
     threshold = None
-    if pc.policy in ("cold_experts", "by_batch") and expert_work is not None:
+    if pc.policy in ("cold_experts", "by_batch", "co_processing") and expert_work is not None:
         b = dtype_bytes(sc)
         threshold = token_threshold(sc, sc.model.d_ff_expert / sc.parallelism.etp, b)
     return {

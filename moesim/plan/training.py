@@ -361,7 +361,7 @@ def add_training(plan: WorkloadPlan, b: Bytes, check: bool = True) -> None:
         executed_flops=tr.micro_batches * (fwd_f + bwd_f + redo_f) * np.ones(plan.n_devices),
         dense_params=dense,
         expert_params=expert,
-        combine=[lp.combine for lp in plan.layers],
+        combine=[lp.combine_stages() for lp in plan.layers],
         layer_grad_reduce=layer_reduce,
     )
     n = plan.n_devices
@@ -419,7 +419,7 @@ def training_summary(
     comm = sum(v for k, v in breakdown_s.items() if k in comm_phases)
     used = plan.memory_used_bytes
     worst = int(np.argmax(used))
-    a2a = sum(lp.dispatch.total_bytes * 2 for lp in plan.layers if lp.moe)
+    a2a = sum(lp.all_to_all_bytes for lp in plan.layers if lp.moe)
     passes = 3 if tr.full_recompute else 2  # forward, backward (and the recomputed forward)
     return {
         "mfu": tokens_per_s * tr.model_flops_per_token / (n * peak),

@@ -82,6 +82,8 @@ class LayerPlan:
     tp_shared_in: Traffic | None = None  # shared experts' input all-gather (tp > 1)
     tp_shared_out: Traffic | None = None  # and their output reduce-scatter
     dispatch: Traffic | None = None
+    dispatch_forward: Traffic | None = None  # per_node: forwarding inside the node after it
+    combine_scale: float = 1.0  # combine bytes over dispatch bytes (dtypes.combine / dispatch)
     measured_s: dict[str, np.ndarray] = field(default_factory=dict)
     expert_load: np.ndarray | None = None
     device_tokens: np.ndarray | None = None
@@ -93,11 +95,32 @@ class LayerPlan:
     expert_tokens: np.ndarray | None = None  # [device, local expert slot] (training only)
     pairs_out: np.ndarray | None = None  # token-expert pairs each device sends (training only)
     pim: PimWork | None = None  # work on the processing-in-memory units (moesim/plan/pim.py)
+    pim_attention: PimWork | None = None  # pim.policy co_processing: attention beside lp.pim
     expert_weight_bytes: np.ndarray | None = None  # expert weights the GPU reads (energy)
+    tiers: object | None = None  # offloaded experts: a moesim.plan.tiers.TierWork
 
     @property
     def combine(self) -> Traffic | None:
-        return self.dispatch.reversed() if self.dispatch is not None else None
+        """The dispatch's network stage reversed, in the combine's dtype."""
+        return self.combine_stages()[-1] if self.dispatch is not None else None
+
+    @property
+    def dispatch_stages(self) -> list[Traffic]:
+        """The dispatch's collectives in order (per_node: network, then inside the node)."""
+        if self.dispatch is None:
+            return []
+        return [self.dispatch] + ([self.dispatch_forward] if self.dispatch_forward else [])
+
+    @property
+    def all_to_all_bytes(self) -> float:
+        """Bytes the dispatch and the combine move between devices, every stage."""
+        return sum(t.total_bytes for t in self.dispatch_stages) * (1.0 + self.combine_scale)
+
+    def combine_stages(self) -> list[Traffic]:
+        """The combine: the dispatch's stages reversed, in reverse order (new objects)."""
+        scale = self.combine_scale
+        stages = [t.reversed() for t in reversed(self.dispatch_stages)]
+        return stages if scale == 1.0 else [t.scaled(scale) for t in stages]
 
 
 @dataclass
@@ -113,6 +136,8 @@ class WorkloadPlan:
     lm_head_measured_s: np.ndarray | None = None
     train: TrainingPlan | None = None  # phase: train (moesim/training.py)
     pim_memory_bytes: dict[str, np.ndarray] = field(default_factory=dict)  # on PIM units
+    tier_memory_bytes: np.ndarray | None = None  # offloaded experts (moesim/plan/tiers.py)
+    sub_plans: list[WorkloadPlan] = field(default_factory=list)  # pim.sub_batches halves
     warnings: list[str] = field(default_factory=list)  # likely scenario mistakes, in the summary
     pipeline: PipelinePlan | None = None  # stages and micro-batches (moesim/plan/pipeline.py)
     draft: list[LayerPlan] = field(default_factory=list)  # MTP module's layer (moesim/plan/mtp.py)
@@ -211,7 +236,9 @@ class TrainingPlan:
     executed_flops: np.ndarray  # per device, whole step, recomputation included
     dense_params: np.ndarray  # per device
     expert_params: np.ndarray  # per device
-    combine: list[Traffic | None]  # per layer, built once (``LayerPlan.combine`` makes a new one)
+    combine: list[
+        list[Traffic]
+    ]  # per layer, its stages, built once (``combine_stages()`` makes new ones)
     # overlap_grad_reduce: per layer, the collectives of its gradient bucket (``grad_reduce``
     # then holds only the embeddings' and LM head's, run after the last backward)
     layer_grad_reduce: list[list[Traffic]] | None = None

@@ -39,10 +39,20 @@ from moesim.cost.weights import (
 )
 from moesim.plan import pipeline
 from moesim.plan.collectives import ring_allgather, ring_allreduce, ring_reduce_scatter
+from moesim.plan.dispatch import dispatch_mode, distinct_tokens
 from moesim.plan.layout import Layout, dtype_bytes, layout
 from moesim.plan.mtp import add_draft, mtp_scenario
-from moesim.plan.pim import apply_memory, split_attention, split_experts
-from moesim.plan.types import GB, LayerPlan, PimWork, Traffic, WorkloadPlan, _time, embedding_copies
+from moesim.plan.pim import apply_memory, split_attention, split_experts, sub_batch_scenarios
+from moesim.plan.tiers import experts_phase_s, offload_experts
+from moesim.plan.types import (
+    GB,
+    LayerPlan,
+    PimWork,
+    Traffic,
+    WorkloadPlan,
+    _time,
+    embedding_copies,
+)
 from moesim.routing.distributions import layer_probabilities, load_trace, route_layer
 from moesim.routing.placement import (
     base_placement,
@@ -52,6 +62,7 @@ from moesim.routing.placement import (
     share_matrix,
     split_integer,
 )
+from moesim.routing.sampling import sampling_mode
 
 
 def layer_generators(
@@ -74,6 +85,9 @@ class _Context:
     dispatch: _DispatchLayout
     trace: list[np.ndarray] | None
     attention: dict[str, tuple[tuple[np.ndarray, ...], PimWork | None]]
+    mode: str = "pairs"  # dispatch mode (moesim/plan/dispatch.py)
+    node_layout: _NodeLayout | None = None  # per_node: the network stage's pairs
+    forward_layout: _DispatchLayout | None = None  # per_node: the intra-node stage's pairs
 
     def time(self, phase: str, ops: list[OpCost], lp: LayerPlan) -> None:
         """Record a phase's per-device seconds, FLOPs and measured seconds on ``lp``."""
@@ -111,6 +125,14 @@ def _build(sc: Scenario, stage: range | list[int], check: bool = True) -> Worklo
     r = sc.routing
     trace = load_trace(r.trace) if r.distribution == "trace" else None
     ctx = _Context(sc, lay, b, _dispatch_layout(lay, r.global_routing), trace, {})
+    ctx.mode = dispatch_mode(sc)
+    dpn = sc.cluster.devices_per_node
+    size = lay.ep * lay.etp
+    if ctx.mode == "per_node" and (size <= dpn or size % dpn):
+        ctx.mode = "per_rank"  # an expert group inside one node (or not whole nodes)
+    if ctx.mode == "per_node":
+        ctx.node_layout = _node_layout(lay, dpn)
+        ctx.forward_layout = _dispatch_layout(lay, False, same_node=True)
     layer_seeds = np.random.SeedSequence(sc.sim.seed).spawn(m.n_layers)
     layers: list[LayerPlan] = []
     for i in stage:
@@ -148,6 +170,8 @@ def _build(sc: Scenario, stage: range | list[int], check: bool = True) -> Worklo
     apply_memory(sc, plan, b)  # what lives on PIM units leaves the GPU (moesim/plan/pim.py)
     if check:
         _check_fits(sc, plan)
+        # pim.sub_batches: one plan per sub-batch, interleaved in the graph (moesim/plan/pim.py)
+        plan.sub_plans = [build_plan(half) for half in sub_batch_scenarios(sc)]
     return plan
 
 
@@ -215,7 +239,7 @@ def _moe_block(ctx: _Context, lp: LayerPlan, layer_seed, moe_index: int) -> None
             lp.tp_shared_out = ring_reduce_scatter(_tp_groups(ctx), _tp_bytes(ctx))
     load = _expert_load(ctx, lp, kept, share)
     _experts(ctx, lp, load, share, expected)
-    lp.dispatch = _dispatch_traffic(ctx, kept, share, lp)
+    lp.dispatch = _dispatch_traffic(ctx, kept, share, lp, routing)
     lp.device_tokens = load.sum(axis=1)
     lp.routed_pairs = routing.routed_pairs
     lp.dropped_pairs = int(routing.dropped.sum())
@@ -238,7 +262,7 @@ def _route(ctx: _Context, layer_seed, moe_index: int):
         base_placement(m.n_experts, lay.ep, par.expert_placement, expected), lay.ep
     )
     if r.replicate_hot:
-        share = replicate_hot(share, expected, r.replicate_hot)
+        share = replicate_hot(share, expected, r.replicate_hot, r.replicas_per_hot)
     primary = np.argmax(share, axis=1)  # rank serving each expert for limited routing
     limit_groups = None
     if r.node_limit or r.device_limit:
@@ -246,7 +270,7 @@ def _route(ctx: _Context, layer_seed, moe_index: int):
         limit_groups = dev_of // sc.cluster.devices_per_node if r.node_limit else dev_of
     routing = route_layer(
         r, probs, m.top_k, m.d_model, lay.tokens_dev, lay.group, lay.edp, limit_groups,
-        moe_index, route_rng, ctx.trace,
+        moe_index, route_rng, ctx.trace, sampling=sampling_mode(ctx.sc),
     )  # fmt: skip
     return share, expected, routing
 
@@ -291,6 +315,8 @@ def _experts(
         np.put_along_axis(dense, np.where(slot_ok, slot_e, m.n_experts), load, axis=1)
         gpu_dense = split_experts(sc, lp, dense[:, :-1], expected, share, d_ff_local, b)
         gpu_load = np.take_along_axis(gpu_dense, slot_e, axis=1) * slot_ok  # rest on PIM
+    if sc.tiers is not None:  # experts in slower memory (moesim/plan/tiers.py)
+        gpu_load = offload_experts(sc, lp, gpu_load, slot_e, slot_ok, expected, d_ff_local, b)
     ops = expert_ops(gpu_load, m.d_model, d_ff_local, b)
     split = [op_time_split(dev, op, cdt, launches=False) for op in ops]
     per_expert = sum(t for t, _ in split)
@@ -300,15 +326,20 @@ def _experts(
         roofline = (gpu_load > 0) & (measured_part == 0)
         count = roofline.any(axis=1) if dev.grouped_experts else roofline.sum(axis=1)
         launch_s += count * op_kernels(dev, op) * dev.kernel_launch_s
-    lp.compute_s["experts"] = per_expert.sum(axis=1) + launch_s
+    lp.compute_s["experts"] = experts_phase_s(lp.tiers, per_expert.sum(axis=1) + launch_s)
     lp.flops["experts"] = sum(np.asarray(op.flops) for op in ops).sum(axis=1)
     lp.expert_weight_bytes = sum(weight_bytes(op, b.expert_weights) for op in ops).sum(axis=1)
 
 
-def _dispatch_traffic(ctx: _Context, kept: np.ndarray, share: np.ndarray, lp: LayerPlan) -> Traffic:
-    """Tokens from each source to each (group, EP rank), to every etp shard of the rank."""
+def _dispatch_traffic(
+    ctx: _Context, kept: np.ndarray, share: np.ndarray, lp: LayerPlan, routing
+) -> Traffic:
+    """Tokens from each source to each (group, EP rank), to every etp shard of the rank, as
+    the dispatch mode sends them (:mod:`moesim.plan.dispatch`); ``per_node`` also sets the
+    intra-node forwarding stage (``lp.dispatch_forward``) and returns the network stage."""
     lay, r = ctx.lay, ctx.sc.routing
-    act_bytes_per_token = ctx.sc.model.d_model * ctx.b.activations
+    act_bytes_per_token = ctx.sc.model.d_model * ctx.b.dispatch
+    lp.combine_scale = ctx.b.combine / ctx.b.dispatch
     to_rank = rank_totals(kept, share)  # [source, rank]
     totals = kept.sum(axis=1)
     if r.global_routing:
@@ -324,13 +355,68 @@ def _dispatch_traffic(ctx: _Context, kept: np.ndarray, share: np.ndarray, lp: La
     pairs = flows.ravel()  # tokens per (source, slot column), gathered by the layout
     layout_ = ctx.dispatch
     lp.cross_node_pairs = int(pairs[layout_.cross_node].sum() // lay.etp)
-    nbytes = pairs[layout_.remote] * act_bytes_per_token
+    mode = ctx.mode
+    if mode == "pairs":
+        return _traffic(layout_, pairs, act_bytes_per_token)
+    m = ctx.sc.model
+    primary = np.argmax(share, axis=1)  # the rank a token's copy for an expert goes to
+    rank_of = np.broadcast_to(primary, (lay.edp, m.n_experts))
+    distinct = distinct_tokens(routing, rank_of, lay.group, lay.ep, m.top_k)  # [source, rank]
+    if mode == "per_rank":
+        if r.global_routing or to_rank.dtype.kind == "f":  # scale the split pairs per source
+            ratio = distinct.sum(axis=1) / np.maximum(to_rank.sum(axis=1), 1)
+            flows = split_integer(
+                np.rint(totals * ratio).astype(np.int64),
+                flows / np.maximum(flows.sum(axis=1), 1)[:, None],
+            )
+        else:
+            flows = distinct
+        return _traffic(layout_, flows.ravel(), act_bytes_per_token)
+    # per_node: once per destination node to the sender's rail peer there, then forwarded
+    dpn = ctx.sc.cluster.devices_per_node
+    node_of = rank_of * lay.etp // dpn  # node of the group, per (group, expert)
+    per_node = distinct_tokens(routing, node_of, lay.group, ctx.node_layout.nodes, m.top_k)
+    forward = np.zeros((lay.n_devices, lay.ep), dtype=np.int64)
+    size = lay.ep * lay.etp
+    for g in range(lay.edp):
+        rows = slice(g * size, (g + 1) * size)
+        rail = distinct[rows].reshape(-1, dpn, lay.ep).sum(axis=0)  # [local index, rank]
+        forward[rows] = np.tile(rail, (size // dpn, 1))
+    lp.dispatch_forward = _traffic(ctx.forward_layout, forward.ravel(), act_bytes_per_token)
+    nl = ctx.node_layout
+    return Traffic(nl.src, nl.dst, per_node.ravel()[nl.remote] * act_bytes_per_token, 0.0)
+
+
+def _traffic(layout_: _DispatchLayout, pairs: np.ndarray, act_bytes_per_token: float) -> Traffic:
     return Traffic(
         layout_.src,
         layout_.dst,
-        nbytes.astype(float),
+        (pairs[layout_.remote] * act_bytes_per_token).astype(float),
         float(pairs[layout_.local].sum() * act_bytes_per_token),
     )
+
+
+@dataclass(frozen=True)
+class _NodeLayout:
+    """The network stage of ``per_node``: every sender to its rail peer on every other node
+    of its expert group (zero-byte pairs included); ``remote`` indexes the flattened
+    ``[source, node of the group]`` token matrix."""
+
+    src: np.ndarray
+    dst: np.ndarray
+    remote: np.ndarray
+    nodes: int
+
+
+def _node_layout(lay: Layout, dpn: int) -> _NodeLayout:
+    size = lay.ep * lay.etp
+    nodes = size // dpn
+    senders = np.flatnonzero(lay.tokens_dev > 0)
+    src = np.repeat(senders, nodes)
+    col = np.tile(np.arange(nodes), len(senders))
+    dst = lay.group[src] * size + col * dpn + src % dpn
+    cross = lay.node[src] != lay.node[dst]
+    return _NodeLayout(src[cross], dst[cross], (src * nodes + col)[cross], nodes)
 
 
 @dataclass(frozen=True)
@@ -347,14 +433,16 @@ class _DispatchLayout:
     cross_node: np.ndarray
 
 
-def _dispatch_layout(lay: Layout, global_routing: bool) -> _DispatchLayout:
+def _dispatch_layout(lay: Layout, global_routing: bool, same_node: bool = False) -> _DispatchLayout:
     """Every (sender, EP rank) pair is a flow, to every etp shard of the rank, zero-byte ones
     included (a zero-size part of an all-to-all-v still costs its latency): the pairs, and so
     the flow pattern, are the same arrays in every layer whatever the routing draws. A sender
-    reaches the ranks of its own group, or of every group with global routing."""
+    reaches the ranks of its own group, or of every group with global routing. With
+    ``same_node`` (``per_node``'s forwarding stage) every device sends to the ranks of its
+    own node only, tokens or not (it forwards its rail peers' tokens)."""
     tokens_dev, group, node = lay.tokens_dev, lay.group, lay.node
     ep, etp, edp = lay.ep, lay.etp, lay.edp
-    senders = np.flatnonzero(tokens_dev > 0)
+    senders = np.arange(lay.n_devices) if same_node else np.flatnonzero(tokens_dev > 0)
     columns = edp * ep if global_routing else ep
     src = np.repeat(senders, columns)
     col = np.tile(np.arange(columns), len(senders))
@@ -363,6 +451,9 @@ def _dispatch_layout(lay: Layout, global_routing: bool) -> _DispatchLayout:
     flat = np.repeat(src * columns + col, etp)
     src = np.repeat(src, etp)
     dst = (base[:, None] + np.arange(etp)[None, :]).ravel()
+    if same_node:
+        keep = node[src] == node[dst]
+        src, dst, flat = src[keep], dst[keep], flat[keep]
     local = src == dst
     return _DispatchLayout(
         src=src[~local],

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from moesim.config.resolve import resolve
 from moesim.engine.analytic import AnalyticEngine
@@ -20,9 +19,13 @@ from moesim.plan.graph import (
     TRAIN_COMPUTE_PHASES,
 )
 from moesim.plan.pim import pim_summary
+from moesim.plan.tiers import tiers_summary
 from moesim.plan.types import WorkloadPlan
 from moesim.results.energy import add_energy
 from moesim.routing.distributions import max_over_mean
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 BREAKDOWN_KEYS = (
     "attention",
@@ -43,26 +46,81 @@ NETWORK_PHASES = tuple(p for p in COMM_PHASES if p != "pipeline")  # pipeline: o
 TRAIN_BREAKDOWN_KEYS = TRAIN_COMPUTE_PHASES + TRAIN_COMM_PHASES
 
 
-@dataclass
 class Result:
-    """What ``simulate`` returns: ``summary`` (JSON-ready), ``devices`` and ``links`` tables,
-    ``routing`` (one row per MoE layer) and the timelines behind ``trace.json``."""
+    """What ``simulate`` returns: ``summary`` (JSON-ready, built with the run), the ``devices``
+    and ``links`` tables, ``routing`` (one row per MoE layer), ``expert_load`` and the
+    timelines behind ``trace.json``.
 
-    summary: dict[str, Any]
-    devices: pd.DataFrame
-    links: pd.DataFrame
-    routing: pd.DataFrame
-    expert_load: pd.DataFrame = field(default_factory=pd.DataFrame)
-    slices: list[tuple[int, str, float, float, int]] = field(default_factory=list)
-    link_intervals: list[tuple[int, float, float]] = field(default_factory=list)
-    pim_slices: list[tuple[int, str, float, float, int]] = field(default_factory=list)
+    Each table is a pandas DataFrame built on first access from the arrays the run left (a
+    table given as a DataFrame is kept as it is), so a caller that reads only ``summary`` (a
+    sweep point, a capacity search) never builds one, nor imports pandas."""
+
+    TABLES = ("devices", "links", "routing", "expert_load")
+
+    def __init__(
+        self,
+        summary: dict[str, Any],
+        devices: pd.DataFrame | Callable[[], pd.DataFrame],
+        links: pd.DataFrame | Callable[[], pd.DataFrame],
+        routing: pd.DataFrame | Callable[[], pd.DataFrame],
+        expert_load: pd.DataFrame | Callable[[], pd.DataFrame] | None = None,
+        slices: list[tuple[int, str, float, float, int]] | None = None,
+        link_intervals: list[tuple[int, float, float]] | None = None,
+        pim_slices: list[tuple[int, str, float, float, int]] | None = None,
+    ) -> None:
+        self.summary = summary
+        self._tables: dict[str, Any] = {
+            "devices": devices,
+            "links": links,
+            "routing": routing,
+            "expert_load": expert_load if expert_load is not None else _empty_table,
+        }
+        self.slices = slices if slices is not None else []
+        self.link_intervals = link_intervals if link_intervals is not None else []
+        self.pim_slices = pim_slices if pim_slices is not None else []
+
+    def _table(self, name: str) -> pd.DataFrame:
+        table = self._tables[name]
+        if callable(table):
+            table = self._tables[name] = table()
+        return table
+
+    @property
+    def built(self) -> tuple[str, ...]:
+        """The tables built so far (for tests and profiling)."""
+        return tuple(k for k, v in self._tables.items() if not callable(v))
+
+    devices = property(lambda self: self._table("devices"), doc="One row per device.")
+    links = property(lambda self: self._table("links"), doc="One row per link.")
+    routing = property(lambda self: self._table("routing"), doc="One row per MoE layer.")
+    expert_load = property(
+        lambda self: self._table("expert_load"),
+        doc="Tokens per (MoE layer, expert-data-parallel group, expert).",
+    )
 
     @property
     def step_time_s(self) -> float:
         return float(self.summary["step_time_s"])
 
 
-def routing_table(plan: WorkloadPlan) -> pd.DataFrame:
+def _empty_table() -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.DataFrame()
+
+
+def _frame(data: dict[str, Any] | list[dict[str, Any]]) -> Callable[[], pd.DataFrame]:
+    """A builder of the DataFrame of ``data`` (columns by name, or rows), for :class:`Result`."""
+
+    def build() -> pd.DataFrame:
+        import pandas as pd
+
+        return pd.DataFrame(data)
+
+    return build
+
+
+def routing_rows(plan: WorkloadPlan) -> list[dict[str, Any]]:
     """One row per MoE layer: load imbalance, drops and node crossings from the routing counts."""
     rows = []
     for lp in plan.layers:
@@ -91,32 +149,48 @@ def routing_table(plan: WorkloadPlan) -> pd.DataFrame:
                 "balance_last": float(lp.balance_history[-1]) if len(lp.balance_history) else None,
             }
         )
-    return pd.DataFrame(rows)
+    return rows
+
+
+def routing_table(plan: WorkloadPlan) -> pd.DataFrame:
+    """:func:`routing_rows` as a DataFrame."""
+    import pandas as pd
+
+    return pd.DataFrame(routing_rows(plan))
+
+
+def _routing_column(rows: list[dict[str, Any]], key: str) -> np.ndarray:
+    return np.array([row[key] for row in rows], dtype=float)
 
 
 def collect(engine: Engine | AnalyticEngine) -> Result:
-    """Summarise a finished engine run."""
+    """Summarise a finished engine run: the summary from numpy arrays, the tables deferred
+    (:class:`Result`)."""
     plan, topo, rec, stats = engine.plan, engine.topology, engine.rec, engine.link_stats
     sc = plan.scenario
     step = float(rec.finish_s.max())
     n = topo.devices_per_node
     g = np.arange(plan.n_devices)
-    dev = pd.DataFrame(
-        {"device": [topo.device_name(i) for i in g], "node": g // n, "local_index": g % n}
-    )
+    names = [topo.device_name(i) for i in g]
+    dev: dict[str, Any] = {"device": names, "node": g // n, "local_index": g % n}
     train_phases = TRAIN_COMPUTE_PHASES + TRAIN_COMM_PHASES
     for phase, seconds in rec.phase_s.items():
         if plan.train is None and phase in train_phases:
             continue  # training-only columns
+        if phase == "expert_fetch" and sc.tiers is None:
+            continue  # memory tiers only (moesim/plan/tiers.py)
         col = f"{phase}_s" if phase in COMPUTE_PHASES else f"{phase}_wait_s"
-        dev[col] = seconds
+        dev[col] = np.asarray(seconds)
     compute_cols = [f"{p}_s" for p in COMPUTE_PHASES if f"{p}_s" in dev]
-    dev["compute_busy_s"] = dev[compute_cols].sum(axis=1)
-    dev["utilization"] = dev["compute_busy_s"] / step if step > 0 else 0.0
+    dev["compute_busy_s"] = sum(
+        (np.asarray(dev[c], dtype=float) for c in compute_cols), np.zeros(plan.n_devices)
+    )
+    dev["utilization"] = dev["compute_busy_s"] / step if step > 0 else np.zeros(plan.n_devices)
     passes = plan.pipeline.micro_batches if plan.pipeline and plan.train is None else 1
-    dev["flops"] = passes * sum(sum(lp.flops.values()) for lp in plan.layers)
+    flops = passes * sum(sum(lp.flops.values()) for lp in plan.layers)
     if plan.train is not None:  # every pass, backward and recomputation included
-        dev["flops"] = plan.train.executed_flops
+        flops = plan.train.executed_flops
+    dev["flops"] = np.asarray(flops, dtype=float) * np.ones(plan.n_devices)
     dev["expert_tokens"] = passes * sum(
         (lp.device_tokens for lp in plan.layers if lp.moe), np.zeros(plan.n_devices, dtype=np.int64)
     )
@@ -125,30 +199,31 @@ def collect(engine: Engine | AnalyticEngine) -> Result:
     dev["memory_used_bytes"] = plan.memory_used_bytes
     dev["finish_s"] = rec.finish_s
 
-    links = pd.DataFrame(
-        {
-            "link": topo.link_names,
-            "kind": topo.link_kinds,
-            "bandwidth_bytes_per_s": topo.bandwidth_bytes_per_s,
-            "latency_s": topo.latency_s,
-            "bytes_carried": stats.bytes_carried,
-            "busy_s": stats.busy_s,
-        }
-    )
-    links["utilization"] = (
-        links["bytes_carried"] / (links["bandwidth_bytes_per_s"] * step) if step > 0 else 0.0
-    )
-    routing = routing_table(plan)
+    bandwidth = np.asarray(topo.bandwidth_bytes_per_s, dtype=float)
+    carried = np.asarray(stats.bytes_carried, dtype=float)
+    links: dict[str, Any] = {
+        "link": topo.link_names,
+        "kind": topo.link_kinds,
+        "bandwidth_bytes_per_s": topo.bandwidth_bytes_per_s,
+        "latency_s": topo.latency_s,
+        "bytes_carried": stats.bytes_carried,
+        "busy_s": stats.busy_s,
+    }
+    links["utilization"] = carried / (bandwidth * step) if step > 0 else np.zeros(len(carried))
+    routing = routing_rows(plan)
     energy = add_energy(plan, topo, dev, links, step)  # energy columns (moesim/energy.py)
     pim = pim_summary(plan, dev)  # PIM columns, None without PIM units (moesim/pim.py)
+    tiers = tiers_summary(plan, dev)  # memory tiers, None without (moesim/plan/tiers.py)
 
     crit = int(np.argmax(rec.finish_s))
     keys = BREAKDOWN_KEYS + (TRAIN_BREAKDOWN_KEYS if plan.train is not None else ())
+    keys += ("expert_fetch",) if sc.tiers is not None else ()
     breakdown = {k: float(rec.phase_s[k][crit]) for k in keys}  # the critical device's
     exposed = float(sum(rec.phase_s[k][crit] for k in NETWORK_PHASES))
-    busiest_dev = int(dev["compute_busy_s"].idxmax())
-    busiest_link = int(links["bytes_carried"].idxmax()) if len(links) else None
-    routed = int(routing["routed_pairs"].sum()) if len(routing) else 0
+    busiest_dev = int(np.argmax(dev["compute_busy_s"]))
+    busiest_link = int(np.argmax(carried)) if len(carried) else None
+    routed = int(sum(row["routed_pairs"] for row in routing))
+    imbalance = _routing_column(routing, "max_over_mean_load")
     summary: dict[str, Any] = {
         "scenario": sc.name,
         "warnings": list(plan.warnings),
@@ -158,44 +233,49 @@ def collect(engine: Engine | AnalyticEngine) -> Result:
         "breakdown_s": breakdown,
         "critical_device": topo.device_name(crit),
         "routing": {
-            "max_over_mean_load": float(routing["max_over_mean_load"].mean()) if routed else 1.0,
-            "max_over_mean_load_worst_layer": float(routing["max_over_mean_load"].max())
+            "max_over_mean_load": float(imbalance.mean()) if routed else 1.0,
+            "max_over_mean_load_worst_layer": float(imbalance.max()) if routed else 1.0,
+            "device_max_over_mean_load": float(
+                _routing_column(routing, "device_max_over_mean_load").mean()
+            )
             if routed
             else 1.0,
-            "device_max_over_mean_load": float(routing["device_max_over_mean_load"].mean())
+            "cv_load": float(_routing_column(routing, "cv_load").mean()) if routed else 0.0,
+            "drop_rate": float(_routing_column(routing, "dropped_pairs").sum() / routed)
             if routed
-            else 1.0,
-            "cv_load": float(routing["cv_load"].mean()) if routed else 0.0,
-            "drop_rate": float(routing["dropped_pairs"].sum() / routed) if routed else 0.0,
-            "cross_node_fraction": float(routing["cross_node_pairs"].sum() / routed)
+            else 0.0,
+            "cross_node_fraction": float(
+                _routing_column(routing, "cross_node_pairs").sum() / routed
+            )
             if routed
             else 0.0,
             # seconds the slowest device's experts add over the mean device's, all MoE layers
-            "imbalance_s": float(routing["imbalance_s"].sum()) if routed else 0.0,
+            "imbalance_s": float(_routing_column(routing, "imbalance_s").sum()) if routed else 0.0,
         },
         "devices": plan.n_devices,
         "links": topo.n_links,
         "busiest_device": {
-            "device": dev.at[busiest_dev, "device"],
-            "compute_busy_s": float(dev.at[busiest_dev, "compute_busy_s"]),
-            "utilization": float(dev.at[busiest_dev, "utilization"]),
+            "device": names[busiest_dev],
+            "compute_busy_s": float(dev["compute_busy_s"][busiest_dev]),
+            "utilization": float(dev["utilization"][busiest_dev]),
         },
         "busiest_link": None
         if busiest_link is None
         else {
-            "link": links.at[busiest_link, "link"],
-            "bytes_carried": float(links.at[busiest_link, "bytes_carried"]),
-            "utilization": float(links.at[busiest_link, "utilization"]),
+            "link": topo.link_names[busiest_link],
+            "bytes_carried": float(carried[busiest_link]),
+            "utilization": float(links["utilization"][busiest_link]),
         },
         "memory": {
-            "max_used_bytes": float(dev["memory_used_bytes"].max()),
+            "max_used_bytes": float(np.max(dev["memory_used_bytes"])),
             "capacity_bytes": float(sc.cluster.device.memory_bytes),
         },
         "measured_kernel_fraction": plan.measured_fraction(),
         "energy_j": energy,
         "pim": pim,
+        **({"tiers": tiers} if tiers is not None else {}),
         "all_to_all_bytes": passes
-        * float(sum(lp.dispatch.total_bytes * 2 if lp.moe else 0.0 for lp in plan.layers)),
+        * float(sum(lp.all_to_all_bytes if lp.moe else 0.0 for lp in plan.layers)),
         # the critical device: waiting on collectives; and their time in flight beyond that
         "exposed_comm_s": exposed,
         "overlapped_comm_s": max(0.0, float(rec.comm_busy_s()[crit]) - exposed)
@@ -205,9 +285,16 @@ def collect(engine: Engine | AnalyticEngine) -> Result:
             "wall_s": engine.wall_s,
             "fidelity": engine.fidelity,
             **engine.counters,
+            # the discrete-event network's solver: a run without numba is several times slower
+            **({"network_kernels": engine.net.kernels} if hasattr(engine, "net") else {}),
         },
         "scenario_resolved": {**sc.model_dump(mode="json"), "resolved": resolve(sc).as_dict()},
     }
+    if summary["sim"].get("network_kernels") == "numpy (numba missing)":
+        summary["warnings"].append(
+            "numba is not installed: the network solver runs its numpy kernels, 2.5-3.5x "
+            "slower on large all-to-alls (pip install numba)"
+        )
     if sc.workload.phase == "decode":  # time per output token of a sequence
         mtp = sc.workload.mtp
         per_step = mtp.tokens_per_step if mtp is not None else 1.0
@@ -227,10 +314,10 @@ def collect(engine: Engine | AnalyticEngine) -> Result:
         summary["train"] = train
     return Result(
         summary,
-        dev,
-        links,
-        routing,
-        expert_load_table(plan),
+        _frame(dev),
+        _frame(links),
+        _frame(routing),
+        lambda: expert_load_table(plan),
         rec.slices,
         stats.intervals,
         pim_slices=rec.pim_slices,
@@ -323,6 +410,8 @@ def write_outputs(result: Result, out_dir: str | Path) -> Path:
 
 def expert_load_table(plan: WorkloadPlan) -> pd.DataFrame:
     """Tokens per (MoE layer, expert-data-parallel group, expert): the expert-load heatmap data."""
+    import pandas as pd
+
     frames = []
     for lp in plan.layers:
         if lp.moe:
@@ -346,6 +435,8 @@ def expert_load_table(plan: WorkloadPlan) -> pd.DataFrame:
 
 def device_load_table(plan: WorkloadPlan, topology_names: list[str]) -> pd.DataFrame:
     """Expert tokens processed per (MoE layer, device)."""
+    import pandas as pd
+
     frames = [
         pd.DataFrame(
             {

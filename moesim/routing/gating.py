@@ -7,7 +7,20 @@ the pair is dropped) with ``weights [T, k]`` (combine weights, 0 where dropped).
 
 from __future__ import annotations
 
+from functools import cache
+from types import ModuleType
+
 import numpy as np
+
+
+@cache
+def _jit() -> ModuleType | None:
+    """The compiled gating kernels (numba, imported on first use), or None without numba."""
+    try:
+        from moesim.routing import _gating_jit
+    except ImportError:  # pragma: no cover - numba not installed
+        return None
+    return _gating_jit
 
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -18,18 +31,25 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def topk_gate(
-    logits: np.ndarray, k: int, bias: np.ndarray | None = None, normalize: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
+    logits: np.ndarray,
+    k: int,
+    bias: np.ndarray | None = None,
+    normalize: bool = True,
+    weights: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Token-choice top-k (Mixtral, MiniMax-01): each token takes its ``k`` best experts.
 
     ``bias`` (DeepSeek-V3's auxiliary-loss-free balancing) shifts *selection* only; combine
     weights are the softmax probabilities of the chosen experts, renormalised over the k
-    (Mixtral) when ``normalize``.
+    (Mixtral) when ``normalize``; ``weights=False`` skips them (returns None) where only the
+    assignment is needed.
     """
     select = logits if bias is None else logits + bias
     idx = np.argpartition(-select, k - 1, axis=1)[:, :k]
     order = np.argsort(-np.take_along_axis(select, idx, axis=1), axis=1, kind="stable")
     experts = np.take_along_axis(idx, order, axis=1)
+    if not weights:
+        return experts, None
     probs = np.take_along_axis(softmax(logits), experts, axis=1)
     if normalize:
         probs = probs / probs.sum(axis=1, keepdims=True)
@@ -42,28 +62,43 @@ def limited_topk_gate(
     group_of_expert: np.ndarray,
     max_groups: int,
     bias: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+    weights: bool = True,
+    compiled: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Group-limited top-k (DeepSeek-V3 node-limited routing, arXiv:2412.19437 Sec. 2.1.2):
     keep the ``max_groups`` groups (nodes or devices) whose best ``k // max_groups`` scores sum
     highest, then take the top-k experts inside them. Each token reaches at most
-    ``max_groups`` groups."""
+    ``max_groups`` groups. Array operations over all tokens and groups at once (groups of
+    equal size are one ``[tokens, groups, experts per group]`` sort); with ``weights=False``
+    and equal groups, the compiled per-token loop of :mod:`moesim.routing._gating_jit` makes
+    the same choices (``compiled=False`` forces the numpy path)."""
     select = logits if bias is None else logits + bias
-    groups = np.unique(group_of_expert)
+    groups, index = np.unique(group_of_expert, return_inverse=True)
     if max_groups >= len(groups):
-        return topk_gate(logits, k, bias)
+        return topk_gate(logits, k, bias, weights=weights)
     per = max(1, k // max_groups)
-    affinity = np.full((len(select), len(groups)), -np.inf)
-    for gi, grp in enumerate(groups):
-        cols = select[:, group_of_expert == grp]
-        top = -np.sort(-cols, axis=1)[:, : min(per, cols.shape[1])]
-        affinity[:, gi] = top.sum(axis=1)
+    sizes = np.bincount(index)
+    if np.all(sizes == sizes[0]):
+        members = np.argsort(index, kind="stable")  # each group's experts, in id order
+        if compiled and not weights and _jit() is not None:
+            members = members.reshape(len(groups), int(sizes[0]))
+            sel = np.ascontiguousarray(select, dtype=np.float64)
+            return _jit().limited_topk(sel, k, members, max_groups, per), None
+        blocks = select[:, members].reshape(len(select), len(groups), int(sizes[0]))
+        affinity = (-np.sort(-blocks, axis=2))[:, :, : min(per, int(sizes[0]))].sum(axis=2)
+    else:
+        affinity = np.full((len(select), len(groups)), -np.inf)
+        for gi in range(len(groups)):
+            cols = select[:, index == gi]
+            top = -np.sort(-cols, axis=1)[:, : min(per, cols.shape[1])]
+            affinity[:, gi] = top.sum(axis=1)
     keep_groups = np.argpartition(-affinity, max_groups - 1, axis=1)[:, :max_groups]
-    allowed = np.zeros_like(select, dtype=bool)
-    for gi in range(max_groups):
-        allowed |= group_of_expert[None, :] == groups[keep_groups[:, gi]][:, None]
+    kept = np.zeros(affinity.shape, dtype=bool)
+    np.put_along_axis(kept, keep_groups, True, axis=1)
+    allowed = kept[:, index]
     masked = np.where(allowed, logits, -np.inf)
     masked_bias = None if bias is None else np.where(allowed, bias, 0.0)
-    return topk_gate(masked, k, masked_bias)
+    return topk_gate(masked, k, masked_bias, weights=weights)
 
 
 def expert_choice_gate(logits: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
@@ -76,6 +111,20 @@ def expert_choice_gate(logits: np.ndarray, capacity: int) -> tuple[np.ndarray, n
     cap = min(capacity, len(logits))
     tokens = np.argpartition(-probs.T, cap - 1, axis=1)[:, :cap]
     return tokens, np.take_along_axis(probs.T, tokens, axis=1)
+
+
+def experts_per_token(tokens_of_expert: np.ndarray, n_tokens: int) -> np.ndarray:
+    """An expert-choice assignment (token ids ``[E, C]``) as ``experts [T, m]`` per token,
+    ``m`` the most experts any token got, -1 padded; each token's experts in id order."""
+    n_experts, c = tokens_of_expert.shape
+    tok = tokens_of_expert.ravel()
+    exp = np.repeat(np.arange(n_experts), c)
+    order = np.argsort(tok, kind="stable")
+    per_token = np.bincount(tok, minlength=n_tokens)
+    slot = np.arange(len(tok)) - np.repeat(np.cumsum(per_token) - per_token, per_token)
+    experts = np.full((n_tokens, max(int(per_token.max(initial=0)), 1)), -1, dtype=np.int64)
+    experts[tok[order], slot] = exp[order]
+    return experts
 
 
 def hash_gate(token_ids: np.ndarray, n_experts: int, k: int, seed: int = 0) -> np.ndarray:

@@ -6,17 +6,24 @@ A placement is ``share[e, r]``: the fraction of expert ``e``'s tokens served by 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 
 def base_placement(n_experts: int, ep: int, kind: str, expected_load: np.ndarray) -> np.ndarray:
-    """Rank of each expert: ``contiguous`` (e // (E/ep)), ``round_robin`` (e % ep) or ``lpt``."""
-    e = np.arange(n_experts)
-    if kind == "contiguous":
-        return e // (n_experts // ep)
-    if kind == "round_robin":
-        return e % ep
-    return lpt_placement(expected_load, ep)
+    """Rank of each expert under the placement ``kind`` (a key of :data:`PLACEMENTS`)."""
+    return PLACEMENTS[kind](n_experts, ep, expected_load)
+
+
+def contiguous_placement(n_experts: int, ep: int, expected_load: np.ndarray) -> np.ndarray:
+    """``e // (E/ep)``: consecutive experts share a rank."""
+    return np.arange(n_experts) // (n_experts // ep)
+
+
+def round_robin_placement(n_experts: int, ep: int, expected_load: np.ndarray) -> np.ndarray:
+    """``e % ep``: experts dealt to ranks in turn."""
+    return np.arange(n_experts) % ep
 
 
 def lpt_placement(load: np.ndarray, ep: int) -> np.ndarray:
@@ -36,6 +43,15 @@ def lpt_placement(load: np.ndarray, ep: int) -> np.ndarray:
     return rank
 
 
+PLACEMENTS: dict[str, Callable[[int, int, np.ndarray], np.ndarray]] = {
+    "contiguous": contiguous_placement,
+    "round_robin": round_robin_placement,
+    "lpt": lambda n_experts, ep, expected_load: lpt_placement(expected_load, ep),
+}
+"""Placement name (``parallelism.expert_placement``) -> ``(n_experts, ep, expected_load)`` ->
+rank of each expert."""
+
+
 def share_matrix(rank: np.ndarray, ep: int) -> np.ndarray:
     """One-hot ``share[e, r]`` from a rank per expert."""
     share = np.zeros((len(rank), ep))
@@ -43,14 +59,35 @@ def share_matrix(rank: np.ndarray, ep: int) -> np.ndarray:
     return share
 
 
-def replicate_hot(share: np.ndarray, expected_load: np.ndarray, k: int) -> np.ndarray:
-    """Give each of the ``k`` hottest experts one more replica, on the rank with the least
-    expected load that does not hold it yet; its tokens split evenly between replicas."""
+def replicate_hot(
+    share: np.ndarray, expected_load: np.ndarray, k: int, replicas: int | str = 1
+) -> np.ndarray:
+    """Add replicas of hot experts; a replicated expert's tokens split evenly over its copies.
+
+    ``replicas`` an integer: each of the ``k`` hottest experts gets that many more replicas.
+    ``proportional`` (DeepSeek EPLB, ``replicate_experts``): ``k`` extra replicas in all, each
+    given to the expert with the highest expected load per copy, ``load_e / copies_e``, so
+    copies end up roughly in proportion to load. Every new replica goes to the rank with the
+    least expected load that does not hold the expert yet; an expert has at most ``ep`` copies.
+    """
     share = share.copy()
     ep = share.shape[1]
-    if ep < 2:
+    if ep < 2 or k <= 0:
         return share
-    for e in np.argsort(-expected_load, kind="stable")[:k]:
+    if replicas == "proportional":
+        order = []
+        copies = (share > 0).sum(axis=1).astype(float)
+        for _ in range(k):
+            per_copy = np.where(copies < ep, expected_load / copies, -np.inf)
+            e = int(np.argmax(per_copy))
+            if per_copy[e] == -np.inf:
+                break
+            order.append(e)
+            copies[e] += 1
+    else:
+        hottest = np.argsort(-expected_load, kind="stable")[:k]
+        order = [int(e) for e in hottest for _ in range(int(replicas))]
+    for e in order:
         rank_load = expected_load @ share
         holders = share[e] > 0
         candidates = np.flatnonzero(~holders)

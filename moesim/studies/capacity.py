@@ -32,38 +32,27 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from moesim import catalog
-from moesim.config.scenario import (
-    Scenario,
-    ScenarioError,
-    _format_validation_error,
-    apply_overrides,
-    read_yaml,
-    scenario_from_dict,
-)
+from moesim.config.constraints import check_constraint
+from moesim.config.plan import PlanSpec
+from moesim.config.plan import load_plan as load_plan  # re-exported
+from moesim.config.scenario import Scenario, ScenarioError, apply_overrides, scenario_from_dict
 from moesim.cost.ops import (
     attention_ops,
     ffn_ops,
-    kv_cache_bytes_per_token,
-    linear_state_bytes_per_seq,
     lm_head_ops,
     router_ops,
 )
 from moesim.cost.roofline import op_time_s
-from moesim.cost.weights import (
-    dense_params_per_device,
-    embedding_params_per_device,
-    expert_params_per_shard,
-)
+from moesim.plan.batch import kv_bytes_per_seq, weights_bytes_per_device, with_batch_resolved
 from moesim.plan.layout import dtype_bytes, layout, split_evenly
 from moesim.results.collect import Result
-from moesim.studies.sweep import check_constraint, flatten
+from moesim.studies.sweep import flatten
 
 HOUR_S = 3600.0
 TIMELINE_DEVICE_LAYERS = 2048
@@ -73,123 +62,6 @@ PLAN_KEYS = ("devices", "device", "price_per_device_hour_usd", "cost_per_hour_us
 them (its ``devices`` counts one instance)."""
 CLOSEST_PRUNED = 3
 """Bound-pruned candidates simulated anyway when nothing is feasible (to name the closest)."""
-
-
-class Target(BaseModel):
-    """Bounds on one summary metric: ``min`` (throughput-like) and / or ``max`` (latency-like)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    min: float | None = None
-    max: float | None = None
-
-    @model_validator(mode="after")
-    def _one(self) -> Target:
-        if self.min is None and self.max is None:
-            raise ValueError("a target needs min, max or both")
-        return self
-
-
-class Budget(BaseModel):
-    """Limits a candidate must respect besides the targets (checked before simulating where the
-    number is known then)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    max_cost_per_hour_usd: float | None = Field(None, gt=0)
-    max_devices: int | None = Field(None, gt=0)
-    max_cost_per_million_tokens_usd: float | None = Field(None, gt=0)
-
-
-class Confirm(BaseModel):
-    """Re-simulate the best screened candidates at a higher fidelity."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    fidelity: Literal["des", "analytic"] = "des"
-    top: int = Field(2, ge=0, description="candidates confirmed per round (0: no confirmation)")
-    rounds: int = Field(
-        3, ge=1, description="rounds while the best feasible candidate is unconfirmed"
-    )
-
-
-class Prune(BaseModel):
-    """Which certain-to-fail candidates are skipped before simulating."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    memory: bool = Field(True, description="memory lower bound above device capacity")
-    bound: bool = Field(True, description="step-time lower bound already misses a target")
-
-
-Objective = Literal["cost_per_hour_usd", "cost_per_million_tokens_usd", "energy_per_token_j"]
-
-
-class PlanSpec(BaseModel):
-    """A plan file (``moesim plan PLAN.yaml``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str = "plan"
-    description: str = ""
-    base: str | dict[str, Any] = Field(
-        description="scenario file (relative to the plan file) or an inline scenario"
-    )
-    overrides: dict[str, Any] = Field(
-        default_factory=dict, description="dotted-path overrides applied to every candidate"
-    )
-    candidates: dict[str, list[Any]] = Field(
-        min_length=1,
-        description="dotted scenario paths and the values to try, combined as a grid, e.g. "
-        "{cluster.device: [h100-sxm, a100-sxm-80gb], cluster.nodes: [1, 2], "
-        "parallelism.ep: [4, 8]}",
-    )
-    constraints: list[str] = Field(
-        default_factory=list, description="sweep-style expressions; false: not a candidate"
-    )
-    targets: dict[str, Target] = Field(
-        min_length=1,
-        description="summary metric -> {min, max}, e.g. {tokens_per_s: {min: 20000}, "
-        "step_time_s: {max: 0.05}}; also cost_per_million_tokens_usd, energy_per_token_j",
-    )
-    objective: Objective = Field(
-        "cost_per_hour_usd", description="what 'cheapest' minimises among feasible candidates"
-    )
-    throughput_metric: str = Field(
-        "tokens_per_s",
-        description="summary metric that is tokens per second (cost per million tokens, "
-        "energy per token, Pareto frontier); serving runs may use throughput_tokens_per_s",
-    )
-    budget: Budget = Budget()
-    prices: dict[str, float] = Field(
-        default_factory=dict,
-        description="USD per device-hour by device name; overrides moesim/catalog/prices.yaml",
-    )
-    screen_fidelity: Literal["analytic", "des"] = "analytic"
-    confirm: Confirm = Confirm()
-    prune: Prune = Prune()
-    report_top: int = Field(5, ge=1, description="candidates in the breakdown plot")
-    seed: int = Field(0, ge=0, description="one seed for every candidate (common random numbers)")
-
-
-# -- loading ----------------------------------------------------------------------------------
-def load_plan(path: str | Path) -> tuple[PlanSpec, dict[str, Any]]:
-    """Read a plan file and its base scenario mapping; raises :class:`ScenarioError`."""
-    path = Path(path)
-    data = read_yaml(path)
-    if not isinstance(data, dict):
-        raise ScenarioError("", "a plan must be a YAML mapping", str(path))
-    try:
-        spec = PlanSpec.model_validate(data)
-    except ValidationError as err:
-        where, reason = _format_validation_error(err)
-        raise ScenarioError(where, reason, str(path)) from None
-    for axis, values in spec.candidates.items():
-        if not values:
-            raise ScenarioError(f"candidates.{axis}", "no values", str(path))
-    if isinstance(spec.base, str):
-        base_path = (path.parent / spec.base).resolve()
-        if not base_path.exists():
-            raise ScenarioError("base", f"scenario file {spec.base} not found", str(path))
-        base = read_yaml(base_path)
-    else:
-        base = dict(spec.base)
-    return spec, base
 
 
 def price_per_device_hour_usd(spec: PlanSpec, device: str) -> float:
@@ -229,25 +101,13 @@ def bounds_apply(sc: Scenario) -> bool:
 
 
 def memory_lower_bound_bytes(sc: Scenario) -> float:
-    """A per-device memory floor for the fullest device: replicated and tp-sharded weights, the
-    ``E / ep`` local experts (``/ etp``) every EP rank holds in every MoE layer (placement gives
-    each rank that many; hot-expert replicas only add), and its KV cache or linear-attention
+    """A per-device memory floor for the fullest device: its weights
+    (:func:`moesim.plan.batch.weights_bytes_per_device`) and its KV cache or linear-attention
     state. Activations (>= 0) are left out, so the true need is at least this."""
-    m, par, wl = sc.model, sc.parallelism, sc.workload
-    n_dev, tp = sc.cluster.n_devices, par.tp
-    b = dtype_bytes(sc)
-    weights = (
-        sum(dense_params_per_device(m, i, tp) for i in range(m.n_layers))
-        + embedding_params_per_device(m, tp)
-    ) * b.weights + (m.n_layers - m.n_dense_layers) * (m.n_experts // par.ep) * (
-        expert_params_per_shard(m, par.etp) * b.expert_weights
-    )
-    dp = n_dev // tp
-    seqs = int(split_evenly(wl.batch_size, dp).max())
+    wl = sc.workload
+    seqs = int(split_evenly(wl.batch_size, sc.cluster.n_devices // sc.parallelism.tp).max())
     context = wl.seq_len + (1 if wl.phase == "decode" else 0)
-    kv_per_token = sum(kv_cache_bytes_per_token(m, i, tp, b) for i in range(m.n_layers))
-    state = sum(linear_state_bytes_per_seq(m, i, tp) for i in range(m.n_layers))
-    return float(weights + seqs * (context * kv_per_token + state))
+    return weights_bytes_per_device(sc) + seqs * kv_bytes_per_seq(sc, context)
 
 
 def step_time_lower_bound_s(sc: Scenario) -> float:
@@ -355,8 +215,12 @@ def _label(spec: PlanSpec, values: dict[str, Any]) -> str:
 
 
 def _overrides(spec: PlanSpec, values: dict[str, Any], fidelity: str) -> dict[str, Any]:
+    demand = {}
+    if spec.demand is not None:
+        demand = {"workload.serve.rate": spec.demand.model_dump(exclude_none=True)}
     return {
         **spec.overrides,
+        **demand,
         **values,
         "sim.fidelity": fidelity,
         "sim.seed": spec.seed,
@@ -396,6 +260,7 @@ def _simulate(
         axes=axes,
         mode="zip",
         seed=spec.seed,
+        common_random_numbers=True,
     )
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -457,6 +322,16 @@ def _margins(spec: PlanSpec, row: dict[str, Any]) -> dict[str, float]:
             parts.append(1 - v / target.max if target.max else -v)
         out[metric] = min(parts) if not math.isnan(v) else -math.inf
     return out
+
+
+def unstable(row: dict[str, Any]) -> bool:
+    """A serving run flagged unstable (``stable`` false; absent for step runs)."""
+    value = row.get("stable")
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    if isinstance(value, str):
+        return value.strip().lower() in ("false", "0")
+    return not bool(value)
 
 
 def _worst_miss(spec: PlanSpec, row: dict[str, Any]) -> float:
@@ -575,6 +450,8 @@ class PlanResult:
                 out.append(f"{metric} {_g(v)} > {_g(target.max)} ({v / target.max - 1:+.1%})")
         if not _budget_ok(self.spec, row):
             out.append(f"over budget (cost {row['cost_per_hour_usd']:,.2f} USD/h)")
+        if unstable(row):
+            out.append(f"unstable ({row.get('unstable_reason', '')})")
         return out
 
 
@@ -608,7 +485,7 @@ def run_plan(
         if not ok:
             continue
         try:
-            sc = scenario_from_dict(base, over)
+            sc = with_batch_resolved(scenario_from_dict(base, over))
         except ScenarioError as err:
             if _hard_error(err):
                 axis = next((a for a in values if err.path.startswith(a)), None)
@@ -723,7 +600,11 @@ def run_plan(
             margins = _margins(spec, row)
             for metric, m in margins.items():
                 row[f"margin.{metric}"] = m
-            row["feasible"] = all(m >= 0 for m in margins.values()) and _budget_ok(spec, row)
+            row["feasible"] = (
+                all(m >= 0 for m in margins.values())
+                and _budget_ok(spec, row)
+                and not unstable(row)  # serving: an unstable run never is feasible
+            )
 
     todo = [i for i, r in enumerate(rows) if r["status"] == ""]
     simulate_rows(todo, spec.screen_fidelity, "screen")
@@ -746,6 +627,12 @@ def run_plan(
             simulate_rows(batch, conf.fidelity, f"confirm{rnd}")
             confirmed.update(batch)
             evaluate()
+
+    if spec.search == "max_rate":
+        for row in rows:
+            if row.get("status") == "ok":
+                _search_max_rate(spec, base, candidate_values[row["candidate"]], row)
+                row["feasible"] = row["max_rate_per_s"] > 0 and _budget_ok(spec, row)
 
     if not any(r["feasible"] for r in rows):
         # nothing feasible: simulate the pruned candidates nearest their target, so the report
@@ -777,8 +664,10 @@ def run_plan(
     feas = table[table["feasible"]]
     chosen = closest = None
     if len(feas):
-        # ties (same price) go to the higher throughput
+        # ties (same price) go to the higher throughput; max_rate: the highest rate first
         order = feas.assign(_o=obj[feas.index], _t=-thr[feas.index].astype(float))
+        if spec.search == "max_rate":
+            order["_t"], order["_o"] = order["_o"], -order["max_rate_per_s"].astype(float)
         order = order.sort_values(["_o", "_t", "candidate"])
         chosen = int(order["candidate"].iloc[0])
     else:
@@ -831,6 +720,43 @@ def run_plan(
         result.timeline_layers = (keep, layers)
     result.wall_s = time.perf_counter() - start
     return result
+
+
+def _search_max_rate(
+    spec: PlanSpec, base: dict[str, Any], values: dict[str, Any], row: dict[str, Any]
+) -> None:
+    """``search: max_rate`` for one candidate: bisection on the arrival rate with the
+    predicate stable and every target met (``moesim/studies/max_rate.py``); the row takes the
+    metrics of the run at the highest passing rate and the bracket."""
+    from moesim.studies.max_rate import max_rate_search
+    from moesim.studies.simulate import simulate
+
+    over = _overrides(spec, values, row.get("fidelity", spec.screen_fidelity))
+    over.pop("workload.serve.rate", None)
+    serve = scenario_from_dict(base, over).workload.serve
+    mean_output = serve.output_tokens.expected()
+
+    def passes(rate: float) -> tuple[bool, dict[str, Any]]:
+        at = {**over, "workload.serve.rate": {"requests_per_s": rate}}
+        trial = {**row, **flatten(simulate(scenario_from_dict(base, at)).summary)}
+        _derive(spec, trial)
+        ok = not unstable(trial) and all(m >= 0 for m in _margins(spec, trial).values())
+        return ok, trial
+
+    cfg = spec.max_rate
+    found = max_rate_search(
+        passes, cfg.start_per_s or serve.arrival_rate_per_s, cfg.rel_tol, cfg.max_evaluations
+    )
+    if found.best is not None:
+        row.update({k: v for k, v in found.best.items() if k not in PLAN_KEYS})
+    row.update(
+        max_rate_per_s=found.lower_per_s,
+        max_rate_upper_per_s=found.upper_per_s,
+        max_rate_tokens_per_s=found.lower_per_s * mean_output,
+        max_rate_upper_tokens_per_s=found.upper_per_s * mean_output,
+        max_rate_evaluations=len(found.evaluations),
+        max_rate_converged=found.converged,
+    )
 
 
 SERVE_STEP_NOTE = (

@@ -21,7 +21,7 @@ from moesim.report.plan_plots import (
     plot_pareto,
 )
 from moesim.report.plots import plot_expert_heatmap
-from moesim.studies.capacity import PlanResult
+from moesim.studies.capacity import PlanResult, unstable
 
 PLOTS = ("breakdown", "pareto", "expert_load", "link_utilization", "timeline")
 
@@ -152,6 +152,39 @@ def _target_rows(result: PlanResult, row: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(recs)
 
 
+def _serving_answer(result: PlanResult, row: dict[str, Any]) -> str:
+    """The serving figures of the answer: steady-state throughput with its interval, the
+    whole-run figure, stability and (``search: max_rate``) the highest sustained rate."""
+    if "whole_run_tokens_per_s" not in row:
+        return ""
+    spec = result.spec
+    thr = float(row.get("throughput_tokens_per_s", math.nan))
+    ci = float(row.get("throughput_tokens_per_s_ci", math.nan))
+    whole = float(row.get("whole_run_tokens_per_s", math.nan))
+    text = (
+        f"Steady state (warm-up and drain excluded): **{_fmt(thr)} +- {_fmt(ci)} output "
+        f"tokens/s** (95% interval, batch means) at {_fmt(float(row.get('offered_rate_per_s')))}"
+        f" requests/s offered, {_fmt(float(row.get('requests', math.nan)))} requests "
+        f"simulated; {_fmt(float(row.get('cost_per_million_tokens_usd', math.nan)))} USD per "
+        f"million tokens on it. The whole run, ramp and drain included, averages "
+        f"{_fmt(whole)} tokens/s. "
+    )
+    text += (
+        "The run is stable: its queue and time to first token do not grow over the last "
+        "quarter of the steady window."
+        if not unstable(row)
+        else f"**The run is unstable**: {row.get('unstable_reason', '')}."
+    )
+    if spec.search == "max_rate" and "max_rate_per_s" in row:
+        text += (
+            f" Highest sustained rate within the targets: **{_fmt(row['max_rate_per_s'])} "
+            f"requests/s** ({_fmt(row['max_rate_tokens_per_s'])} output tokens/s); "
+            f"{_fmt(row['max_rate_upper_per_s'])} requests/s fails (bisection, "
+            f"{int(row['max_rate_evaluations'])} runs)."
+        )
+    return text
+
+
 def _candidate_table(result: PlanResult) -> pd.DataFrame:
     spec, t = result.spec, result.table
     thr = spec.throughput_metric
@@ -166,7 +199,12 @@ def _candidate_table(result: PlanResult) -> pd.DataFrame:
         thr,
         "cost_per_million_tokens_usd",
         "energy_per_token_j",
+        f"{thr}_ci",
+        "whole_run_tokens_per_s",
+        "max_rate_per_s",
+        "max_rate_upper_per_s",
         *[m for m in spec.targets if m not in ("step_time_s", thr)],
+        "stable",
         "feasible",
         "pareto_cost",
         "limited_by",
@@ -239,8 +277,13 @@ def build_report(result: PlanResult, out: Path) -> list[Block]:
                 f"tokens, {_fmt(energy)} J per token ({row.get('energy_source', '')}); "
                 + (f"step {_seconds(step)}, " if math.isfinite(step) else "")
                 + f"{_fmt(float(row.get(thr, math.nan)))} {thr} "
-                f"({row.get('fidelity', '')} engine). It is the lowest `{spec.objective}` "
-                "among the candidates that meet every target and the budget.",
+                f"({row.get('fidelity', '')} engine). "
+                + (
+                    "It sustains the highest rate among the candidates (search: max_rate)."
+                    if spec.search == "max_rate"
+                    else f"It is the lowest `{spec.objective}` among the candidates that meet "
+                    "every target and the budget."
+                ),
             )
         )
     else:
@@ -254,6 +297,9 @@ def build_report(result: PlanResult, out: Path) -> list[Block]:
                     + "; ".join(result.misses(focus)),
                 )
             )
+    serving = _serving_answer(result, row)
+    if serving:
+        blocks.append(("p", serving))
     if focus is not None:
         blocks.append(("table", _target_rows(result, row)))
     blocks.append(

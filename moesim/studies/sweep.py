@@ -12,7 +12,6 @@ from the sweep seed and the point's values, never from which worker ran it.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import hashlib
 import itertools
@@ -28,61 +27,16 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from moesim.config.scenario import (
-    ScenarioError,
-    _format_validation_error,
-    apply_overrides,
-    read_yaml,
-    scenario_from_dict,
-)
+from moesim.config.constraints import ConstraintError, check_constraint
+from moesim.config.scenario import ScenarioError, apply_overrides, scenario_from_dict
+from moesim.config.sweep import Range, SweepSpec
+from moesim.config.sweep import load_sweep as load_sweep  # re-exported
+from moesim.plan.limits import check_size
 
 JOURNAL = "points.jsonl"
 WALL_COLUMNS = ("sim.wall_s",)
 """Columns that measure the host, not the simulated system (they differ between reruns)."""
-
-
-class Range(BaseModel):
-    """A continuous axis for random / Latin-hypercube sampling."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    low: float
-    high: float
-    log: bool = Field(False, description="sample uniformly in log space")
-    integer: bool = Field(False, description="round samples to integers")
-
-
-class SweepSpec(BaseModel):
-    """A sweep file."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str = "sweep"
-    description: str = ""
-    base: str | dict[str, Any] = Field(
-        description="scenario file (relative to the sweep file) or an inline scenario"
-    )
-    overrides: dict[str, Any] = Field(
-        default_factory=dict, description="dotted-path overrides applied to every point"
-    )
-    axes: dict[str, list[Any] | Range] = Field(min_length=1)
-    mode: Literal["grid", "zip", "random", "lhs"] = "grid"
-    samples: int | None = Field(None, gt=0, description="points for random / lhs")
-    constraints: list[str] = Field(
-        default_factory=list,
-        description="expressions over dotted scenario paths; points where one is false are "
-        "skipped, e.g. 'parallelism.ep <= cluster.nodes * cluster.devices_per_node'",
-    )
-    repetitions: int = Field(1, gt=0, description="runs per point with different seeds")
-    seed: int = Field(0, ge=0)
-
-    @field_validator("axes")
-    @classmethod
-    def _non_empty(cls, axes: dict[str, Any]) -> dict[str, Any]:
-        for path, values in axes.items():
-            if isinstance(values, list) and not values:
-                raise ValueError(f"axis {path} has no values")
-        return axes
 
 
 @dataclass(frozen=True)
@@ -106,34 +60,7 @@ def _digest(values: dict[str, Any], repetition: int) -> bytes:
     return hashlib.sha256(blob.encode()).digest()
 
 
-# -- loading and expanding --------------------------------------------------------------------
-def load_sweep(path: str | Path) -> tuple[SweepSpec, dict[str, Any]]:
-    """Read a sweep file and its base scenario mapping; raises :class:`ScenarioError`."""
-    path = Path(path)
-    data = read_yaml(path)
-    try:
-        spec = SweepSpec.model_validate(data)
-    except ValidationError as err:
-        where, reason = _format_validation_error(err)
-        raise ScenarioError(where, reason, str(path)) from None
-    if isinstance(spec.base, str):
-        base_path = (path.parent / spec.base).resolve()
-        if not base_path.exists():
-            raise ScenarioError("base", f"scenario file {spec.base} not found", str(path))
-        base = read_yaml(base_path)
-    else:
-        base = spec.base
-    if spec.mode in ("random", "lhs") and spec.samples is None:
-        raise ScenarioError("samples", f"mode {spec.mode} needs samples", str(path))
-    if spec.mode in ("grid", "zip") and any(isinstance(v, Range) for v in spec.axes.values()):
-        raise ScenarioError(
-            "axes", f"mode {spec.mode} needs lists of values, not ranges", str(path)
-        )
-    if spec.mode == "zip" and len({len(v) for v in spec.axes.values()}) > 1:
-        raise ScenarioError("axes", "mode zip needs axes of equal length", str(path))
-    return spec, base
-
-
+# -- expanding --------------------------------------------------------------------------------
 def _sample(spec: SweepSpec) -> list[dict[str, Any]]:
     """Random or Latin-hypercube samples (McKay et al. 1979): one stratum per sample per axis."""
     rng = np.random.default_rng(np.random.SeedSequence([spec.seed, 1]))
@@ -177,68 +104,11 @@ def expand(spec: SweepSpec) -> list[Point]:
     points = []
     for values in combos:
         for rep in range(spec.repetitions):
-            digest = int.from_bytes(_digest(values, rep)[:8], "little")
+            shared = {} if spec.common_random_numbers else values
+            digest = int.from_bytes(_digest(shared, rep)[:8], "little")
             seed = int(np.random.SeedSequence([spec.seed, digest]).generate_state(1)[0])
             points.append(Point(len(points), values, rep, seed))
     return points
-
-
-# -- constraints ------------------------------------------------------------------------------
-_ALLOWED = (
-    ast.Expression,
-    ast.BoolOp,
-    ast.BinOp,
-    ast.UnaryOp,
-    ast.Compare,
-    ast.Name,
-    ast.Attribute,
-    ast.Constant,
-    ast.Load,
-    ast.And,
-    ast.Or,
-    ast.Not,
-    ast.Add,
-    ast.Sub,
-    ast.Mult,
-    ast.Div,
-    ast.FloorDiv,
-    ast.Mod,
-    ast.Pow,
-    ast.USub,
-    ast.Eq,
-    ast.NotEq,
-    ast.Lt,
-    ast.LtE,
-    ast.Gt,
-    ast.GtE,
-    ast.In,
-    ast.NotIn,
-    ast.Tuple,
-    ast.List,
-)
-
-
-class _Tree(dict):
-    """Attribute access over nested scenario mappings, for constraint expressions."""
-
-    def __getattr__(self, name: str) -> Any:
-        if name not in self:
-            raise KeyError(name)
-        value = self[name]
-        return _Tree(value) if isinstance(value, dict) else value
-
-
-def check_constraint(expr: str, scenario: dict[str, Any]) -> bool:
-    """Evaluate a constraint (arithmetic, comparisons, and/or/not over dotted paths)."""
-    tree = ast.parse(expr, mode="eval")
-    for node in ast.walk(tree):
-        if not isinstance(node, _ALLOWED):
-            raise ValueError(f"constraint '{expr}': {type(node).__name__} is not allowed")
-    namespace = {k: _Tree(v) if isinstance(v, dict) else v for k, v in scenario.items()}
-    try:
-        return bool(eval(compile(tree, "<constraint>", "eval"), {"__builtins__": {}}, namespace))
-    except KeyError as err:
-        raise ValueError(f"constraint '{expr}': no field {err.args[0]} in the scenario") from None
 
 
 # -- running ----------------------------------------------------------------------------------
@@ -271,6 +141,8 @@ def run_point(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]
     try:
         result = simulate(scenario_from_dict(base, overrides))
         return {"status": "ok", "error": "", **flatten(result.summary)}
+    except ScenarioError as err:
+        return {"status": "error", "error": str(err)}
     except Exception as err:
         return {"status": "error", "error": f"{type(err).__name__}: {err}"}
 
@@ -309,7 +181,7 @@ class SweepRun:
             "point": point.index,
             "key": point.key,
             "repetition": point.repetition,
-            "seed": point.seed,
+            "seed": point_overrides(self.spec, point)["sim.seed"],  # the seed used
             **point.values,
             **metrics,
         }
@@ -351,20 +223,20 @@ def prepare(
     file: str,
     fmt: Literal["parquet", "csv"] = "parquet",
 ) -> SweepRun:
-    """Expand, filter by constraints and validate every point; raises :class:`ScenarioError`
-    naming the axis path and value of the first invalid point."""
+    """Expand, filter by constraints and validate every point (schema and size limits);
+    raises :class:`ScenarioError` naming the axis path and value of the first invalid point."""
     kept, skipped = [], []
     for point in expand(spec):
         over = point_overrides(spec, point)
         try:
             ok = all(check_constraint(c, apply_overrides(base, over)) for c in spec.constraints)
-        except (ValueError, SyntaxError) as err:
+        except ConstraintError as err:
             raise ScenarioError("constraints", str(err), file) from None
         if not ok:
             skipped.append(point)
             continue
         try:
-            scenario_from_dict(base, over)
+            check_size(scenario_from_dict(base, over))
         except ScenarioError as err:
             axis = next(
                 (a for a in point.values if err.path == a or err.path.startswith(a + ".")), None

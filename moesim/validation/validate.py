@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from moesim.config.loading import read_mapping
 from moesim.config.scenario import Scenario, ScenarioError
+from moesim.plan.dispatch import dispatch_mode
 from moesim.plan.layout import layout
 from moesim.plan.workload import WorkloadPlan, build_plan, layer_generators
 from moesim.routing.distributions import router_weights, synthetic_router_inputs
@@ -34,6 +36,8 @@ class FunctionalCheck:
     dispatch_bytes_sim: np.ndarray
     output_max_abs_error: float
     output_scale: float
+    forward_bytes_ref: np.ndarray | None = None  # per_node: the intra-node stage
+    forward_bytes_sim: np.ndarray | None = None
 
     @property
     def exact(self) -> bool:
@@ -41,15 +45,53 @@ class FunctionalCheck:
             np.array_equal(self.expert_tokens_ref, self.expert_tokens_sim)
             and self.dropped_ref == self.dropped_sim
             and np.array_equal(self.dispatch_bytes_ref, self.dispatch_bytes_sim)
+            and (
+                self.forward_bytes_ref is None
+                or np.array_equal(self.forward_bytes_ref, self.forward_bytes_sim)
+            )
         )
 
 
-def _dense_traffic(plan: WorkloadPlan, layer: int) -> np.ndarray:
-    lp = plan.layers[layer]
-    n = plan.n_devices
+def _dense_traffic(traffic, n: int) -> np.ndarray:
     mat = np.zeros((n, n))
-    np.add.at(mat, (lp.dispatch.src, lp.dispatch.dst), lp.dispatch.nbytes)
+    np.add.at(mat, (traffic.src, traffic.dst), traffic.nbytes)
     return mat
+
+
+def reference_dispatch(
+    token: np.ndarray,
+    source: np.ndarray,
+    dest: np.ndarray,
+    mode: str,
+    devices_per_node: int,
+    n_devices: int,
+    row_bytes: float,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Bytes per (source, destination) of the reference layer's pairs (token ``token[p]``
+    of device ``source[p]`` to device ``dest[p]``) as ``mode`` sends them: every pair;
+    every distinct (token, device); or once per distinct (token, node) to the source's rail
+    peer there, then once per distinct (token, device) from that peer (or the source, on its
+    own node). Bytes a device keeps are left out."""
+    stage1 = np.zeros((n_devices, n_devices))
+    stage2 = None
+    if mode == "pairs":
+        np.add.at(stage1, (source, dest), row_bytes)
+    else:
+        _, first = np.unique(token * n_devices + dest, return_index=True)
+        t, s, d = token[first], source[first], dest[first]
+        if mode == "per_rank":
+            np.add.at(stage1, (s, d), row_bytes)
+        else:
+            node = d // devices_per_node
+            via = node * devices_per_node + s % devices_per_node
+            via = np.where(node == s // devices_per_node, s, via)
+            _, hop = np.unique(t * n_devices + via, return_index=True)
+            np.add.at(stage1, (s[hop], via[hop]), row_bytes)
+            stage2 = np.zeros((n_devices, n_devices))
+            np.add.at(stage2, (via, d), row_bytes)
+            np.fill_diagonal(stage2, 0.0)
+    np.fill_diagonal(stage1, 0.0)
+    return stage1, stage2
 
 
 def functional_check(sc: Scenario, plan: WorkloadPlan | None = None) -> FunctionalCheck:
@@ -77,7 +119,8 @@ def functional_check(sc: Scenario, plan: WorkloadPlan | None = None) -> Function
     group = np.arange(n_dev) // (ep * etp)
     act_bytes = plan.scenario.workload.dtypes.bytes_of("activations")
     expert_ref = np.zeros((edp, m.n_experts), dtype=np.int64)
-    traffic = np.zeros((n_dev, n_dev))
+    pairs_token, pairs_source, pairs_dest = [], [], []
+    tokens_seen = 0
     dropped = 0
     rest_rng = np.random.default_rng(sc.sim.seed + 1)
     err, scale = 0.0, 0.0
@@ -106,9 +149,15 @@ def functional_check(sc: Scenario, plan: WorkloadPlan | None = None) -> Function
         dropped += int(routing.dropped_per_expert.sum())
         source = np.repeat(rows, tokens_dev[rows])[routing.token]
         for shard in range(etp):
-            dest = g * ep * etp + rank_of[routing.expert] * etp + shard
-            np.add.at(traffic, (source, dest), m.d_model * act_bytes)
-    np.fill_diagonal(traffic, 0.0)  # bytes a device keeps do not cross the network
+            pairs_token.append(tokens_seen + routing.token)
+            pairs_source.append(source)
+            pairs_dest.append(g * ep * etp + rank_of[routing.expert] * etp + shard)
+        tokens_seen += t
+    mode = _plan_mode(plan)
+    traffic, forward = reference_dispatch(
+        np.concatenate(pairs_token), np.concatenate(pairs_source), np.concatenate(pairs_dest),
+        mode, sc.cluster.devices_per_node, n_dev, m.d_model * act_bytes,
+    )  # fmt: skip
     lp = plan.layers[layer]
     return FunctionalCheck(
         expert_ref,
@@ -116,10 +165,21 @@ def functional_check(sc: Scenario, plan: WorkloadPlan | None = None) -> Function
         dropped,
         lp.dropped_pairs,
         traffic,
-        _dense_traffic(plan, layer),
+        _dense_traffic(lp.dispatch, n_dev),
         err,
         scale,
+        forward,
+        None if lp.dispatch_forward is None else _dense_traffic(lp.dispatch_forward, n_dev),
     )
+
+
+def _plan_mode(plan: WorkloadPlan) -> str:
+    """The dispatch mode the plan used (``per_node`` falls back inside one node)."""
+    lp = next(lp for lp in plan.layers if lp.moe)
+    if lp.dispatch_forward is not None:
+        return "per_node"
+    mode = dispatch_mode(plan.scenario)
+    return "per_rank" if mode == "per_node" else mode
 
 
 def n_dev_groups(sc: Scenario) -> int:
@@ -367,7 +427,9 @@ FUNCTIONAL_CASES = [
 ]
 
 
-def functional_scenario(par: dict, nodes: int, per_node: int, routing: dict) -> Scenario:
+def functional_scenario(
+    par: dict, nodes: int, per_node: int, routing: dict, top_k: int = 2
+) -> Scenario:
     """A small one-layer MoE (128 wide, 8 experts, top-2, 400 tokens) for functional checks."""
     from moesim.config.scenario import scenario_from_dict
 
@@ -381,7 +443,7 @@ def functional_scenario(par: dict, nodes: int, per_node: int, routing: dict) -> 
                 "head_dim": 32,
                 "d_ff_expert": 256,
                 "n_experts": 8,
-                "top_k": 2,
+                "top_k": top_k,
             },
             "cluster": {"nodes": nodes, "devices_per_node": per_node, "device": "h100-sxm"},
             "parallelism": par,
@@ -409,21 +471,57 @@ def functional_rows() -> list[dict]:
     return rows
 
 
+NOISE_REPEATS = 15
+"""Timings of the same reference GEMM that measure this host's noise before validating."""
+NOISE_SHAPE = (256, 1024, 1024)
+"""(m, k, n) of the float32 reference GEMM, about 0.5 GFLOP: long enough to time alone."""
+NOISE_LIMIT = 0.10
+"""Relative spread of those timings, ``(p90 - p10) / median``, above which the host is too
+noisy for a timing error of the size validated (15% median) to mean anything."""
+
+
+def measure_noise(repeats: int = NOISE_REPEATS, seed: int = 0) -> list[dict]:
+    """Seconds of one float32 GEMM of ``NOISE_SHAPE``, timed ``repeats`` times (each the median
+    of a few calls): rows ``kind: noise`` of validation.csv. Their spread is the host's noise."""
+    from moesim.validation.calibrate import median_time_s
+
+    rng = np.random.default_rng(seed)
+    m, k, n = NOISE_SHAPE
+    a = rng.standard_normal((m, k), dtype=np.float32)
+    b = rng.standard_normal((k, n), dtype=np.float32)
+    return [
+        {
+            "case": f"noise-gemm-{m}x{k}x{n}-{i}",
+            "kind": "noise",
+            "measured_s": median_time_s(lambda: a @ b, repeats=3, min_sample_s=0.01),
+        }
+        for i in range(repeats)
+    ]
+
+
+def noise_spread(df) -> float:
+    """``(p90 - p10) / median`` of the noise timings (NaN when there are none)."""
+    t = df.loc[df["kind"] == "noise", "measured_s"].dropna()
+    if t.empty:
+        return float("nan")
+    return float((t.quantile(0.9) - t.quantile(0.1)) / t.median())
+
+
 def run_validation(
     out: Path, quick: bool = False, calibration: Path | None = None, progress: bool = True
 ):
-    """Calibrate (or load a calibration), then run the functional, timing and communication
-    checks; writes ``validation.csv`` and ``validation.png`` into ``out``."""
+    """Measure the host's timing noise, calibrate (or load a calibration), then run the
+    functional, timing and communication checks; writes ``validation.csv`` (noise rows
+    included) and ``validation.png`` into ``out``."""
     import pandas as pd
-    import yaml
     from tqdm import tqdm
 
     from moesim.validation.calibrate import calibrate, write_calibration
 
     out.mkdir(parents=True, exist_ok=True)
     if calibration is not None:
-        devices = yaml.safe_load((calibration / "devices.yaml").read_text())
-        links = yaml.safe_load((calibration / "links.yaml").read_text())
+        devices = read_mapping(calibration / "devices.yaml", "calibration")
+        links = read_mapping(calibration / "links.yaml", "calibration")
     else:
         devices, links = calibrate(quick=quick)
         write_calibration(out / "calibration", devices, links)
@@ -431,7 +529,7 @@ def run_validation(
     dev = {k: v for k, v in dev.items() if k != "measured_gemms"}
     link_name, link = next(iter(links.items()))
     device, link_spec = {"name": dev_name, **dev}, {"name": link_name, **link}
-    rows = functional_rows()
+    rows = [*measure_noise(), *functional_rows()]
     cases = timing_cases(8 if quick else 36)
     exchanges = comm_cases(quick)
     bar = tqdm(

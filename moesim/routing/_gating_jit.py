@@ -1,0 +1,92 @@
+"""Group-limited top-k per token, as loops (numba, ``cache=True``; plain Python without it).
+
+The same selection as :func:`moesim.routing.gating.limited_topk_gate` (which stays the numpy
+reference): a token's group affinity is the sum of its best ``per`` selection scores in the
+group (largest first), the ``max_groups`` groups of highest affinity are kept, and the token
+takes its ``k`` best experts inside them, ordered by score. One pass over a token's scores per
+step, so ``O(tokens x experts)`` with no ``[tokens, experts]`` temporaries.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:  # pragma: no cover - exercised where numba is installed
+    from numba import njit
+except ImportError:  # pragma: no cover - numba not installed
+
+    def njit(**_kwargs):
+        return lambda fn: fn
+
+
+@njit(cache=True)
+def _best_first(
+    values: np.ndarray, n: int, count: int, out: np.ndarray, best: np.ndarray
+) -> None:  # pragma: no cover - compiled
+    """Indices of the ``count`` largest of ``values[:n]`` into ``out``, largest first (ties:
+    lower index first), by insertion into a sorted list of ``count`` (``best`` is scratch)."""
+    for c in range(count):
+        best[c] = -np.inf
+        out[c] = -1
+    for i in range(n):
+        v = values[i]
+        if v > best[count - 1]:
+            c = count - 1
+            while c > 0 and v > best[c - 1]:
+                best[c] = best[c - 1]
+                out[c] = out[c - 1]
+                c -= 1
+            best[c] = v
+            out[c] = i
+
+
+@njit(cache=True)
+def limited_topk(
+    select: np.ndarray,
+    k: int,
+    members: np.ndarray,
+    max_groups: int,
+    per: int,
+) -> np.ndarray:  # pragma: no cover - compiled
+    """Experts ``[tokens, k]`` from selection scores ``select [tokens, E]`` (logits + bias);
+    ``members [groups, m]`` lists each group's experts in id order (equal-size groups)."""
+    n_tok = select.shape[0]
+    n_groups, m = members.shape
+    take = min(per, m)
+    experts = np.empty((n_tok, k), np.int64)
+    affinity = np.empty(n_groups)
+    top = np.empty(take)
+    groups = np.empty(max_groups, np.int64)
+    cand = np.empty(max_groups * m)
+    cand_id = np.empty(max_groups * m, np.int64)
+    pick = np.empty(k, np.int64)
+    scratch = np.empty(max(k, max_groups))
+    for t in range(n_tok):
+        row = select[t]
+        for g in range(n_groups):
+            for c in range(take):  # the group's best ``take`` scores, largest first
+                top[c] = -np.inf
+            for j in range(m):
+                v = row[members[g, j]]
+                if v > top[take - 1]:
+                    c = take - 1
+                    while c > 0 and v > top[c - 1]:
+                        top[c] = top[c - 1]
+                        c -= 1
+                    top[c] = v
+            acc = 0.0
+            for c in range(take):
+                acc += top[c]
+            affinity[g] = acc
+        _best_first(affinity, n_groups, max_groups, groups, scratch)
+        n = 0
+        for gi in range(max_groups):
+            for j in range(m):
+                e = members[groups[gi], j]
+                cand[n] = row[e]
+                cand_id[n] = e
+                n += 1
+        _best_first(cand, n, k, pick, scratch)
+        for c in range(k):
+            experts[t, c] = cand_id[pick[c]]
+    return experts

@@ -1,0 +1,119 @@
+"""Dispatch modes: what an all-to-all sends per (token, expert), (token, rank), (token, node)."""
+
+from __future__ import annotations
+
+from math import comb
+
+import numpy as np
+import pytest
+
+from moesim.config.scenario import scenario_from_dict
+from moesim.plan.dispatch import dispatch_mode, distinct_tokens
+from moesim.plan.workload import build_plan
+from moesim.routing.distributions import LayerRouting
+
+
+def _deepseek(dispatch: str, node_limit: int | None, phase: str = "prefill"):
+    routing = {"distribution": "uniform", "dispatch": dispatch}
+    if node_limit:
+        routing["node_limit"] = node_limit
+    workload = {"phase": phase, "batch_size": 64, "seq_len": 8 if phase == "prefill" else 512}
+    return scenario_from_dict(
+        {
+            "model": {"preset": "deepseek-v3", "n_layers": 4},
+            "cluster": {"nodes": 8, "devices_per_node": 8, "device": "h800"},
+            "parallelism": {"ep": 64},
+            "workload": workload,
+            "routing": routing,
+            "sim": {"progress": False, "trace": False},
+        }
+    )
+
+
+def _cross_node_bytes(plan) -> float:
+    n = plan.scenario.cluster.devices_per_node
+    total = 0.0
+    for lp in plan.layers:
+        if lp.moe:
+            t = lp.dispatch
+            total += float(t.nbytes[t.src // n != t.dst // n].sum())
+    return total
+
+
+def test_node_limit_cuts_inter_node_bytes_per_node_but_not_per_pair():
+    """DeepSeek-V3 top-8 of 256 on EP 64 over 8 nodes: with ``node_limit: 4`` a token reaches
+    at most 4 nodes, so per_node's network bytes are at most 4 rows a token, against
+    ``7 (1 - C(224, 8) / C(256, 8))`` = 4.6 remote nodes a token without the limit (uniform
+    routing); per pair the limit moves few bytes off the network."""
+    row = 7168 * 2  # d_model x bf16
+    limited = build_plan(_deepseek("per_node", 4))
+    free = build_plan(_deepseek("per_node", None))
+    tokens = 64 * 8
+    # expected remote nodes per token without a limit: 7 x P(node touched), uniform top-8
+    p_touch = 1 - comb(256 - 32, 8) / comb(256, 8)
+    assert _cross_node_bytes(free) == pytest.approx(tokens * 7 * p_touch * row, rel=0.05)
+    assert _cross_node_bytes(limited) <= tokens * 4 * row
+    assert _cross_node_bytes(limited) < 0.85 * _cross_node_bytes(free)
+    pairs_limited = _cross_node_bytes(build_plan(_deepseek("pairs", 4)))
+    pairs_free = _cross_node_bytes(build_plan(_deepseek("pairs", None)))
+    assert pairs_limited > 0.5 * pairs_free  # pairs still cross per expert
+    assert _cross_node_bytes(limited) < 0.5 * pairs_limited
+
+
+def test_per_rank_and_per_node_send_fewer_bytes_than_pairs():
+    plans = {m: build_plan(_deepseek(m, None)) for m in ("pairs", "per_rank", "per_node")}
+    net = {m: _cross_node_bytes(p) for m, p in plans.items()}
+    assert net["per_node"] < net["per_rank"] <= net["pairs"]
+    lp = next(lp for lp in plans["per_node"].layers if lp.moe)
+    assert lp.dispatch_forward is not None  # the NVLink stage inside each node
+    n = 8
+    fwd = lp.dispatch_forward
+    assert np.all(fwd.src // n == fwd.dst // n)
+
+
+def test_expected_distinct_tokens_match_the_closed_form():
+    """On aggregate counts, distinct tokens per rank follow ``T (1 - C(E-m, k) / C(E, k))``
+    (uniform top-k); the per-token count of a large draw agrees within sampling noise."""
+    rng = np.random.default_rng(0)
+    n_experts, k, ranks, tokens = 32, 4, 8, 20000
+    experts = np.argsort(rng.random((tokens, n_experts)), axis=1)[:, :k]
+    kept = np.bincount(experts.ravel(), minlength=n_experts)[None, :]
+    rank_of = (np.arange(n_experts) // (n_experts // ranks))[None, :]
+    group = np.zeros(1, dtype=np.int64)
+    probs = np.full(n_experts, 1 / n_experts)
+    aggregate = LayerRouting(kept, np.zeros((1, n_experts)), tokens * k, probs)
+    exact = LayerRouting(
+        kept, np.zeros((1, n_experts)), tokens * k, probs, token_source=[np.zeros(tokens, int)],
+        token_experts=[experts],
+    )  # fmt: skip
+    m = n_experts // ranks
+    closed = tokens * (1 - comb(n_experts - m, k) / comb(n_experts, k))
+    est = distinct_tokens(aggregate, rank_of, group, ranks, k)[0]
+    drawn = distinct_tokens(exact, rank_of, group, ranks, k)[0]
+    # the estimate scales each rank's drawn pairs, so it follows their noise like the draw
+    np.testing.assert_allclose(est, drawn, rtol=0.02)
+    np.testing.assert_allclose(drawn, closed, rtol=0.03)
+    assert est.mean() == pytest.approx(closed, rel=0.003)
+
+
+def test_auto_picks_the_kernel_a_deployment_would_use():
+    assert dispatch_mode(_deepseek("auto", None, "decode")) == "pairs"
+    assert dispatch_mode(_deepseek("auto", None, "prefill")) == "per_node"
+    one_node = _deepseek("auto", None).model_copy(
+        update={"parallelism": _deepseek("auto", None).parallelism.model_copy(update={"ep": 8})}
+    )
+    assert dispatch_mode(one_node) == "per_rank"
+
+
+def test_fp8_dispatch_and_bf16_combine_move_one_and_two_bytes_a_value():
+    sc = _deepseek("per_node", None).model_copy()
+    data = sc.model_dump(mode="json")
+    data["workload"]["dtypes"] = {"dispatch": "fp8", "combine": "bf16"}
+    plan = build_plan(scenario_from_dict(data))
+    lp = next(lp for lp in plan.layers if lp.moe)
+    fwd = sum(t.total_bytes for t in lp.dispatch_stages)
+    back = sum(t.total_bytes for t in lp.combine_stages())
+    assert back == pytest.approx(2.0 * fwd, rel=1e-12)
+    assert lp.all_to_all_bytes == pytest.approx(3.0 * fwd, rel=1e-12)
+    bf16 = next(x for x in build_plan(_deepseek("per_node", None)).layers if x.moe)
+    assert fwd == pytest.approx(0.5 * sum(t.total_bytes for t in bf16.dispatch_stages), rel=1e-12)
