@@ -179,7 +179,7 @@ class PipelinePlan:
     send: dict[tuple[int, int], Traffic]
     layers: list[dict[int, LayerPlan]] = field(default_factory=list)  # per stage, by index
     backward: list[dict[int, BackwardLayer]] = field(default_factory=list)
-    combine: list[dict[int, Traffic]] = field(default_factory=list)  # training, per stage
+    combine: list[dict[int, list[Traffic]]] = field(default_factory=list)  # training, per stage
     overlap: bool = False  # two_batch: micro-batches interleaved, all-to-alls under compute
     grad_reduce: list[list[Traffic]] = field(default_factory=list)
     param_gather: list[list[Traffic]] = field(default_factory=list)
