@@ -130,3 +130,11 @@ def test_the_contract_catches_a_backward_import(tmp_path, monkeypatch):
         assert "moesim.cost.x (cost) imports moesim.engine.des (engine)" in str(err)
     else:
         raise AssertionError("a backward import went unnoticed")
+
+
+def test_the_version_string_is_the_installed_package_version():
+    from importlib.metadata import version
+
+    from moesim._version import __version__
+
+    assert __version__ == version("moesim")

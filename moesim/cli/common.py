@@ -8,8 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from moesim.config.loading import parse_yaml
-from moesim.config.scenario import ScenarioError
+from moesim.config.errors import ScenarioError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 70
@@ -35,6 +34,8 @@ def parse_set(item: str) -> tuple[str, object]:
     path = path.strip()
     if not path or any(not part or part.startswith("_") for part in path.split(".")):
         raise ScenarioError(path, "a dotted path of field names, e.g. model.n_layers", "--set")
+    from moesim.config.loading import parse_yaml
+
     return path, parse_yaml(value, "--set", path)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from moesim.config.scenario import ScenarioError, load_scenario
+from moesim.config.errors import ScenarioError
 
 HELP = """\
 Simulate two or more scenarios (step or serving runs alike) and print their headline metrics
@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     """Simulate, print the side-by-side table, and write it and its chart with ``--out``."""
     import pandas as pd
 
+    from moesim.config.scenario import load_scenario
     from moesim.report.compare_plots import plot_compare
     from moesim.studies.compare import compare_scenarios, relative_to_first
 

@@ -6,8 +6,7 @@ import argparse
 from pathlib import Path
 
 from moesim.cli.common import positive_int
-from moesim.config.loading import validate
-from moesim.config.scenario import ScenarioError, catalog_lookup
+from moesim.config.errors import ScenarioError
 
 NAME = "model"
 
@@ -34,6 +33,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from moesim.catalog.specs import DTYPE_BYTES, ModelSpec
+    from moesim.config.loading import validate
+    from moesim.config.scenario import catalog_lookup
     from moesim.cost.ops import (
         Bytes,
         forward_flops_per_token,

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from moesim.cli.common import add_set_argument, out_dir, parse_overrides
-from moesim.config.scenario import ScenarioError, load_scenario
+from moesim.config.errors import ScenarioError
 
 NAME = "routing"
 
@@ -36,6 +36,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
 
+    from moesim.config.scenario import load_scenario
     from moesim.network import build_topology
     from moesim.plan.limits import check_size
     from moesim.plan.workload import build_plan

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from moesim.cli.common import add_set_argument, fmt_s, non_negative_int, out_dir, parse_overrides
-from moesim.config.scenario import ScenarioError, load_scenario
+from moesim.config.errors import ScenarioError
 
 NAME = "run"
 
@@ -137,6 +137,7 @@ def print_summary(summary: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moesim.config.scenario import load_scenario
     from moesim.plan.limits import check_size
     from moesim.results.collect import write_outputs
     from moesim.studies.simulate import simulate

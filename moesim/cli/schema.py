@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from moesim.config.plan import PlanSpec
-from moesim.config.scenario import Scenario
-from moesim.config.sweep import SweepSpec
-
 NAME = "schema"
-SCHEMAS = {"scenario": Scenario, "sweep": SweepSpec, "plan": PlanSpec}
+SCHEMAS = {  # file kind -> (module, model), imported when printed
+    "scenario": ("moesim.config.scenario", "Scenario"),
+    "sweep": ("moesim.config.sweep", "SweepSpec"),
+    "plan": ("moesim.config.plan", "PlanSpec"),
+}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -33,5 +33,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Print the schema as indented JSON."""
-    print(json.dumps(SCHEMAS[args.kind].model_json_schema(), indent=2))
+    from importlib import import_module
+
+    module, name = SCHEMAS[args.kind]
+    model = getattr(import_module(module), name)
+    print(json.dumps(model.model_json_schema(), indent=2))
     return 0

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from moesim.cli.common import add_executor_arguments, markdown, out_dir, positive_int
-from moesim.config.scenario import ScenarioError
+from moesim.config.errors import ScenarioError
 
 NAME = "sweep"
 

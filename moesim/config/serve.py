@@ -19,7 +19,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from scipy import special
 
 from moesim import catalog
 from moesim.catalog.specs import LinkSpec
@@ -74,6 +73,8 @@ class LengthConfig(_Config):
         with np.errstate(divide="ignore"):
             z_hi = (np.log(upper) - mu) / self.sigma
             z_lo = (np.log(lower) - mu) / self.sigma
+        from scipy import special
+
         p = special.ndtr(z_hi) - special.ndtr(z_lo)
         return float((k * p).sum() / p.sum())
 

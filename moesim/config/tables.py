@@ -9,12 +9,15 @@ import io
 from functools import cache
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from moesim.config.errors import ScenarioError
 from moesim.config.loading import read_text
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 KERNEL_COLUMNS = ("op", "m", "k", "n", "dtype", "seconds")
 TRACE_COLUMNS = ("layer", "token", "slot", "expert")
@@ -33,6 +36,8 @@ def resolve_kernel_table(path: str) -> Path:
 
 
 def read_csv(path: str | Path, where: str, columns: tuple[str, ...]) -> pd.DataFrame:
+    import pandas as pd
+
     """A CSV file with at least ``columns``; errors are :class:`ScenarioError` at ``where``."""
     try:
         text = read_text(path, "CSV file")
@@ -52,6 +57,8 @@ def read_csv(path: str | Path, where: str, columns: tuple[str, ...]) -> pd.DataF
 
 
 def _numeric(df: pd.DataFrame, cols: list[str], path: str | Path, where: str) -> pd.DataFrame:
+    import pandas as pd
+
     num = df[cols].apply(pd.to_numeric, errors="coerce")
     if not np.isfinite(num.to_numpy(dtype=float)).all():
         raise ScenarioError(where, f"{path}: non-numeric, empty or non-finite values in {cols}")

@@ -230,7 +230,10 @@ class AnalyticEngine:
         if hit is None:
             paths, path_latency_s = self._hops(traffic.src, traffic.dst)
             loads = link_loads(paths, traffic.nbytes, topo.n_links)
-            latency_s = path_latency_s * traffic.latency_steps
+            steps, launches = traffic.latency_steps, traffic.launches
+            latency_s = float(
+                topo.collective_latency_s(np.array([path_latency_s]), steps, launches)[0]
+            )
             hit = self._link_loads[id(traffic)] = (traffic, loads, latency_s)
         _, loads, latency_s = hit
         busy = loads / topo.bandwidth_bytes_per_s

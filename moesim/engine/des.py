@@ -321,7 +321,9 @@ class Engine:
         floor_s = float(np.max(link_bytes / self.net.capacity)) if len(link_bytes) else 0.0
         block = self.net.add_block(
             pat.paths,
-            pat.latency_s * traffic.latency_steps,
+            self.topology.collective_latency_s(
+                pat.latency_s, traffic.latency_steps, traffic.launches
+            ),
             pat.receiver_ptr,
             gids[pat.receivers],
             pat.contributors,

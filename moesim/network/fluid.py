@@ -427,7 +427,9 @@ class FluidNetwork:
         """Start one flow per (src, dst) now, each feeding group ``gid``; ``latency_steps``
         multiplies path latency (ring collectives)."""
         paths = self.topology.routes(src, dst)
-        latency = self.topology.path_latency_s(paths) * latency_steps
+        latency = self.topology.collective_latency_s(
+            self.topology.path_latency_s(paths), latency_steps
+        )
         n = len(paths)
         bid = self.add_block(
             paths, latency, np.arange(n + 1), np.asarray(gid, np.int64), np.ones(n, np.int64)

@@ -111,18 +111,27 @@ class Topology:
         return dom
 
     def path_latency_s(self, paths: np.ndarray) -> np.ndarray:
-        """Latency of one message along each padded path: the links' ``latency_s`` summed, the
-        largest ``message_overhead_s`` along it (the protocol's fixed cost per message) and the
-        device's ``collective_launch_s``; an empty path (a device to itself) costs nothing.
-        Ring collectives multiply this by their steps, so they pay the launch at every step (an
-        upper bound: NCCL runs a ring inside one kernel)."""
+        """Latency of one message along each padded path: the links' ``latency_s`` summed and
+        the largest ``message_overhead_s`` along it (the protocol's fixed cost per message); an
+        empty path (a device to itself) costs nothing. A ring collective pays it once per step;
+        the device's ``collective_launch_s`` is paid once per collective on top
+        (:meth:`collective_latency_s`: NCCL runs a whole ring inside one kernel)."""
         valid = paths >= 0
         ids = np.maximum(paths, 0)
         lat = np.where(valid, self.latency_s[ids], 0.0).sum(axis=1)
         if not self.message_s.size:
             return lat
         msg = np.where(valid, self.message_s[ids], 0.0).max(axis=1, initial=0.0)
-        return lat + np.where(valid.any(axis=1), msg + self.collective_launch_s, 0.0)
+        return lat + np.where(valid.any(axis=1), msg, 0.0)
+
+    def collective_latency_s(
+        self, path_latency_s: np.ndarray, steps: float, launches: bool = True
+    ) -> np.ndarray:
+        """A collective's fixed time per flow: ``steps`` messages along the path, then the
+        kernel's launch once (paths with no latency, a device to itself, pay nothing)."""
+        lat = np.asarray(path_latency_s, dtype=float)
+        launch = self.collective_launch_s if launches else 0.0
+        return lat * steps + np.where(lat > 0, launch, 0.0)
 
     # -- routing pieces -------------------------------------------------------------------
     def _intra(self, a: np.ndarray, j: np.ndarray, k: np.ndarray) -> np.ndarray:

@@ -94,7 +94,7 @@ class StepGraph:
     nodes: list[Node] = field(default_factory=list)
     chunks: dict[tuple[int, int], tuple[Traffic, Traffic]] = field(default_factory=dict)
     explicit_rings: bool = False  # sim.collective_steps: explicit
-    steps: dict[int, tuple[Traffic, Traffic]] = field(default_factory=dict)
+    steps: dict[int, tuple[Traffic, Traffic, Traffic]] = field(default_factory=dict)
     mask: np.ndarray | None = None  # devices of the nodes added next (a pipeline stage)
 
     def _add(self, **kw) -> int:
@@ -143,12 +143,12 @@ class StepGraph:
         )  # fmt: skip
 
     def _ring_steps(self, phase, traffic, layer, deps, stream, wait, devices) -> int:
-        if id(traffic) not in self.steps:
-            self.steps[id(traffic)] = (traffic, traffic.ring_step())  # holds it: id unique
-        step = self.steps[id(traffic)][1]
+        if id(traffic) not in self.steps:  # holds traffic: its id stays unique
+            self.steps[id(traffic)] = (traffic, traffic.ring_step(), traffic.ring_step(False))
+        _, first, step = self.steps[id(traffic)]
         last = self._add(
             kind=COLLECTIVE, phase=phase, layer=layer, deps=deps, stream=stream, wait=False,
-            traffic=step, devices=devices,
+            traffic=first, devices=devices,
         )  # fmt: skip
         for _ in range(1, traffic.ring_steps):
             last = self._add(

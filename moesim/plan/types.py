@@ -41,6 +41,7 @@ class Traffic:
     members: np.ndarray | None = None
     barrier: bool = False
     ring_steps: int = 0  # a ring algorithm of this many equal steps (0: not a ring)
+    launches: bool = True  # pays the collective kernel's launch (not a ring's later steps)
 
     def reversed(self) -> Traffic:
         return replace(self, src=self.dst, dst=self.src)
@@ -50,9 +51,10 @@ class Traffic:
         collective)."""
         return replace(self, nbytes=self.nbytes * factor, local_bytes=self.local_bytes * factor)
 
-    def ring_step(self) -> Traffic:
+    def ring_step(self, first: bool = True) -> Traffic:
         """One step of a ring collective: every member's flow with ``1 / ring_steps`` of its
-        bytes, one latency, no barrier (each step waits for its own receive instead)."""
+        bytes, one latency, no barrier (each step waits for its own receive instead); only the
+        ``first`` pays the kernel launch (one kernel runs the whole ring)."""
         k = self.ring_steps
         return replace(
             self,
@@ -61,6 +63,7 @@ class Traffic:
             latency_steps=1.0,
             barrier=False,
             ring_steps=0,
+            launches=first,
         )
 
     @property

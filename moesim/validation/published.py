@@ -115,7 +115,10 @@ def bottleneck_s(topology: Topology, traffic: Traffic) -> float:
     paths = topology.routes(traffic.src, traffic.dst)
     loads = link_loads(paths, traffic.nbytes, topology.n_links)
     busy = float((loads / topology.bandwidth_bytes_per_s).max())
-    return busy + traffic.latency_steps * float(topology.path_latency_s(paths).max())
+    longest = float(topology.path_latency_s(paths).max())
+    return busy + float(
+        topology.collective_latency_s(np.array([longest]), traffic.latency_steps)[0]
+    )
 
 
 BUS_FACTOR = {"all_reduce": 2.0, "all_gather": 1.0, "reduce_scatter": 1.0, "all_to_all": 1.0}
