@@ -140,3 +140,51 @@ def test_readme_commands_name_real_files():
     for token in first_block.split():
         if token.startswith("scenarios/"):
             assert (ROOT / token).exists(), token
+
+
+def test_a_closed_pipe_is_quiet():
+    """``moesim catalog | head -1``: the reader closes the pipe; moesim exits 141 with nothing
+    on stderr (no BrokenPipeError traceback)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moesim", "catalog", "--sources"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        bufsize=0,
+    )
+    assert proc.stdout.read(1)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err
+
+
+def test_every_command_module_registers_and_explains_its_arguments():
+    """One module a command: each in COMMANDS registers itself, and every argument has help."""
+    import argparse
+
+    from moesim.cli import COMMANDS, build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert len(sub.choices) == len(COMMANDS)
+    assert all(callable(c.add_parser) and callable(c.run) for c in COMMANDS)
+    for name, parser in sub.choices.items():
+        undocumented = [a.dest for a in parser._actions if not a.help]
+        assert not undocumented, (name, undocumented)
+
+
+@pytest.mark.parametrize("kind", ["scenario", "sweep", "plan"])
+def test_schema_of_each_file_kind(kind, capsys):
+    """``moesim schema KIND`` prints JSON Schema; the sweep and plan models' fields all carry a
+    description."""
+    assert main(["schema", kind]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    if kind == "scenario":
+        assert {"model", "cluster", "workload"} <= set(schema["properties"])
+        return
+    from moesim.config import plan, sweep
+
+    models = [sweep.SweepSpec, sweep.Range] if kind == "sweep" else [plan.PlanSpec, plan.Target]
+    models += [plan.Budget, plan.Confirm, plan.Prune] if kind == "plan" else []
+    for model in models:
+        for field, info in model.model_fields.items():
+            assert info.description, (kind, model.__name__, field)
+    assert ("axes" if kind == "sweep" else "targets") in schema["required"]

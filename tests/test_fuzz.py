@@ -73,9 +73,11 @@ NON_FINITE = re.compile(r"(?<![\w.])-?(nan|inf|infinity)(?![\w])", re.IGNORECASE
 def _report_count(request):
     """Print how many inputs this module tried, once it is done."""
     yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(f"fuzz inputs tried: {TRIED} ({sum(TRIED.values())} in all)")
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"\nfuzz inputs tried: {TRIED} ({sum(TRIED.values())} in all)")
 
 
 class Hang(BaseException):

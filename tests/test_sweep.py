@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -122,6 +123,7 @@ def test_failures_are_named_and_set_the_exit_code(tmp_path, capsys):
     summary = (tmp_path / "a" / "summary.md").read_text()
     assert "2 points, 1 failed" in summary and "## Failed points" in summary
     assert "does not fit" in summary.split("## Failed points")[1]
+    assert not re.search(r"\bnan\b", summary, re.IGNORECASE)  # failed rows: blank cells
     args = ["sweep", str(some), "--out", str(tmp_path / "b"), "-q", "--allow-failures"]
     assert main(args) == 0
     every = _failing_sweep(tmp_path, [1, 1])

@@ -4,6 +4,7 @@ and the error handler that turns bad input into one line and exit code 2."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -28,13 +29,14 @@ def fmt_s(seconds: float) -> str:
 
 def parse_set(item: str) -> tuple[str, object]:
     """One ``--set PATH=VALUE``: the dotted path and the value parsed as YAML."""
+    from moesim.config.loading import parse_yaml
+
     if "=" not in item:
         raise ScenarioError(item, "expects PATH=VALUE, e.g. workload.batch_size=64", "--set")
     path, value = item.split("=", 1)
     path = path.strip()
     if not path or any(not part or part.startswith("_") for part in path.split(".")):
         raise ScenarioError(path, "a dotted path of field names, e.g. model.n_layers", "--set")
-    from moesim.config.loading import parse_yaml
 
     return path, parse_yaml(value, "--set", path)
 
@@ -88,6 +90,16 @@ def add_set_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_study_arguments(
+    parser: argparse.ArgumentParser, name: str, out_help: str, resume_help: str
+) -> None:
+    """The study file, ``--out DIR``, ``--resume`` and the executor options (sweep, plan)."""
+    parser.add_argument(name, type=Path, help=f"{name} YAML (see scenarios/{name}s/)")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help=out_help)
+    parser.add_argument("--resume", action="store_true", help=resume_help)
+    add_executor_arguments(parser)
+
+
 def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
     """``--executor``, ``--address`` and ``--workers``, shared by sweep and plan."""
     parser.add_argument(
@@ -109,13 +121,17 @@ def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}" if math.isfinite(value) else ""
+    return str(value)
+
+
 def markdown(df) -> str:
+    """A DataFrame as a markdown table (missing numbers, as in failed points, left blank)."""
     head = "| " + " | ".join(map(str, df.columns)) + " |"
     rule = "|" + "---|" * len(df.columns)
-    rows = [
-        "| " + " | ".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in r) + " |"
-        for r in df.itertuples(index=False)
-    ]
+    rows = ["| " + " | ".join(map(_cell, r)) + " |" for r in df.itertuples(index=False)]
     return "\n".join([head, rule, *rows])
 
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from moesim.cli.common import add_executor_arguments, out_dir
+from moesim.cli.common import add_study_arguments, out_dir
 
 NAME = "plan"
 
@@ -48,14 +47,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=PLAN_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("plan", type=Path, help="plan YAML (see scenarios/plans/)")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="report folder")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="keep simulations already journaled in DIR/work/ (default: start afresh)",
+    add_study_arguments(
+        p,
+        NAME,
+        "report folder",
+        "keep simulations already journaled in DIR/work/ (default: start afresh)",
     )
-    add_executor_arguments(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p
 

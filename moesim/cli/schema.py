@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 
 NAME = "schema"
-SCHEMAS = {  # file kind -> (module, model), imported when printed
-    "scenario": ("moesim.config.scenario", "Scenario"),
-    "sweep": ("moesim.config.sweep", "SweepSpec"),
-    "plan": ("moesim.config.plan", "PlanSpec"),
+SCHEMAS = {
+    "scenario": "moesim.config.scenario:Scenario",
+    "sweep": "moesim.config.sweep:SweepSpec",
+    "plan": "moesim.config.plan:PlanSpec",
 }
+"""File kind -> its input model (module:class, imported only when printed)."""
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -33,9 +35,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Print the schema as indented JSON."""
-    from importlib import import_module
-
-    module, name = SCHEMAS[args.kind]
-    model = getattr(import_module(module), name)
+    module, name = SCHEMAS[args.kind].split(":")
+    model = getattr(importlib.import_module(module), name)
     print(json.dumps(model.model_json_schema(), indent=2))
     return 0

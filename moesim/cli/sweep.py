@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-from moesim.cli.common import add_executor_arguments, markdown, out_dir, positive_int
+from moesim.cli.common import add_study_arguments, markdown, out_dir, positive_int
 from moesim.config.errors import ScenarioError
 
 NAME = "sweep"
@@ -30,8 +29,11 @@ A sweep file:
   seed: 0
 
 Every point is validated before anything runs. A point that fails while running is recorded
-with its error and the sweep goes on. Ctrl-C (or a crash) keeps every finished point: rerun
-with --resume to do only the rest. Per-point seeds come from the sweep seed and the point.
+with its error and the sweep goes on; failed points are printed with their errors and
+listed in DIR/summary.md, and the exit code is 1 when any point failed (with
+--allow-failures: only when every point failed). Ctrl-C (or a crash) keeps every finished
+point: rerun with --resume to do only the rest. Per-point seeds come from the sweep seed and
+the point.
 """
 
 
@@ -56,14 +58,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=SWEEP_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("sweep", type=Path, help="sweep YAML (see scenarios/sweeps/)")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="results folder")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue an interrupted sweep in DIR: finished points are kept",
+    add_study_arguments(
+        p, NAME, "results folder", "continue an interrupted sweep in DIR: finished points are kept"
     )
-    add_executor_arguments(p)
     p.add_argument(
         "--format",
         choices=["parquet", "csv"],
@@ -148,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     if not args.quiet:
-        print(summary.head(args.top).to_string(index=False))
+        print(summary.head(args.top).to_string(index=False, na_rep="-"))
         print(
             f"ran               {len(table) - done_before} points in {wall:.1f} s "
             f"({failed} failed); results in {run.results_path}, plots in {plots}/"

@@ -39,6 +39,7 @@ def read_csv(path: str | Path, where: str, columns: tuple[str, ...]) -> pd.DataF
     import pandas as pd
 
     """A CSV file with at least ``columns``; errors are :class:`ScenarioError` at ``where``."""
+
     try:
         text = read_text(path, "CSV file")
     except ScenarioError as err:

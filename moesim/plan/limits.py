@@ -62,6 +62,10 @@ class PlanSize:
 
 def estimate_size(sc: Scenario) -> PlanSize:
     """Estimate the plan's size from the scenario's sizes (no allocation)."""
+    if sc.workload.phase != "serve":
+        from moesim.plan.batch import with_batch_resolved
+
+        sc = with_batch_resolved(sc)  # batch_size: max, batch_per_replica
     m, wl, r = sc.model, sc.workload, sc.routing
     n_dev = sc.cluster.n_devices
     serve = wl.serve if wl.phase == "serve" else None

@@ -1,0 +1,28 @@
+"""Start-up: the command line parser loads no heavy library, so ``moesim --version`` and
+``moesim --help`` cost little more than Python itself."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+HEAVY = ("numpy", "pydantic", "pandas", "numba", "networkx", "yaml", "matplotlib", "scipy")
+
+
+def test_the_parser_imports_no_heavy_library():
+    code = (
+        "import sys\n"
+        "from moesim.cli import build_parser\n"
+        "build_parser()\n"
+        f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert out.stdout.strip() == ""
+    version = subprocess.run(
+        [sys.executable, "-m", "moesim", "--version"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert version.returncode == 0 and version.stdout.startswith("moesim ")
