@@ -41,6 +41,7 @@ def _network_bound(overlap: str):
         topology={"inter_node_link": {"bandwidth_bytes_per_s": 5e9, "latency_s": 0.0}},
         parallelism={"tp": 1, "ep": 8, "overlap": overlap, "micro_batches": 2, "comm_sms": 0},
         workload={"phase": "prefill", "batch_size": 16, "seq_len": 512},
+        routing={"distribution": "uniform", "dispatch": "pairs"},
     )
 
 
@@ -148,6 +149,13 @@ def test_mtp_verifies_k_plus_one_tokens_and_drafts_k_times():
         (
             {"workload": {"phase": "prefill", "batch_size": 8, "seq_len": 64, "mtp": {}}},
             "workload.mtp",
+        ),
+        (
+            {
+                "model": {"preset": "mixtral-8x7b", "n_layers": 4},
+                "parallelism": {"tp": 1, "ep": 4, "pp": 2, "overlap": "two_batch"},
+            },
+            "parallelism.overlap",
         ),
     ],
 )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moesim import catalog
 from moesim.config.errors import ScenarioError
 from moesim.engine.analytic import AnalyticEngine
 from moesim.engine.des import Engine
@@ -16,7 +15,7 @@ from tests.conftest import small_scenario
 ENGINES = [Engine, AnalyticEngine]
 DENSE = {"preset": "mixtral-8x7b", "n_layers": 8, "n_dense_layers": 8, "d_ff_dense": 14336}
 FAST_LINK = {"bandwidth_bytes_per_s": 1e15, "latency_s": 0.0}  # stage sends cost ~nothing
-FREE_SENDS = {"preset": "h100-sxm", "collective_launch_s": 0.0}  # and no per-call cost
+FREE_CALLS = {"preset": "h100-sxm", "collective_launch_s": 0.0}  # no fixed cost per send
 
 
 def _train(schedule: str, pp: int = 4, m: int = 8, model=None, v: int = 1, **kw):
@@ -57,8 +56,8 @@ def test_uniform_stages_give_the_closed_form_bubble(engine_cls, schedule):
     interleaved) for identical stages and free stage-to-stage sends."""
     pp, m, v = 4, 8, 2 if schedule == "interleaved" else 1
     fast = {"intra_node_link": FAST_LINK}
-    scenario = _train(schedule, pp, m, DENSE, v, topology=fast, device=FREE_SENDS)
-    plan = _uniform(build_plan(scenario))
+    sc = _train(schedule, pp, m, DENSE, v, topology=fast, device=FREE_CALLS)
+    plan = _uniform(build_plan(sc))
     idle = _idle_fraction(engine_cls(plan).run())
     closed = (pp - 1) / (v * m + pp - 1)
     np.testing.assert_allclose(idle, closed, rtol=0.01)
@@ -102,28 +101,26 @@ def test_stage_memory_counts_its_own_layers():
 
 @pytest.mark.parametrize("engine_cls", ENGINES, ids=["des", "analytic"])
 def test_an_inference_pipeline_runs_the_stages_in_turn(engine_cls):
-    """One micro-batch through four stages takes the single-stage step plus the three
-    activation sends (no overlap: each stage waits for the one before)."""
+    """One micro-batch through four stages with free sends takes the single-stage step (no
+    overlap: each stage waits for the one before)."""
     fast = {"intra_node_link": FAST_LINK}
     sc4 = small_scenario(
         model={"preset": "mixtral-8x7b", "n_layers": 8},
-        cluster={"nodes": 1, "devices_per_node": 8, "device": "h100-sxm"},
+        cluster={"nodes": 1, "devices_per_node": 8, "device": FREE_CALLS},
         topology=fast,
         parallelism={"tp": 2, "ep": 2, "pp": 4},
         workload={"phase": "prefill", "batch_size": 2, "seq_len": 512},
     )
     sc1 = small_scenario(
         model={"preset": "mixtral-8x7b", "n_layers": 8},
-        cluster={"nodes": 1, "devices_per_node": 2, "device": "h100-sxm"},
+        cluster={"nodes": 1, "devices_per_node": 2, "device": FREE_CALLS},
         topology=fast,
         parallelism={"tp": 2, "ep": 2},
         workload={"phase": "prefill", "batch_size": 2, "seq_len": 512},
     )
     four = engine_cls(build_plan(sc4)).run().rec.finish_s.max()
     single = engine_cls(build_plan(sc1)).run().rec.finish_s.max()
-    # each send costs its collective's fixed call cost only (the link is free)
-    sends = 3 * catalog.device("h100-sxm").collective_launch_s
-    np.testing.assert_allclose(four, single + sends, rtol=1e-4)
+    np.testing.assert_allclose(four, single, rtol=1e-3)
 
 
 @pytest.mark.parametrize("schedule", ["1f1b", "dualpipe"])

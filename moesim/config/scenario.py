@@ -801,8 +801,10 @@ def _check_pipeline(sc: Scenario) -> int:
             "parallelism.pp",
             f"{pp} does not divide the model's {m.n_layers} layers (give parallelism.pp_layers)",
         )
-    if pp > 1 and sc.pim is not None:
-        raise ScenarioError("parallelism.pp", "pipeline stages with PIM units are not modelled")
+    if pp > 1 and (sc.pim is not None or getattr(sc, "tiers", None) is not None):
+        raise ScenarioError(
+            "parallelism.pp", "pipeline stages with PIM units or memory tiers are not modelled"
+        )
     tr = sc.workload.train
     if pp > 1 and sc.workload.phase == "train" and tr is not None:
         layers = par.pp_layers or [m.n_layers // pp] * pp
@@ -864,6 +866,17 @@ def _check_overlap(sc: Scenario, dp: int) -> None:
                 "parallelism.micro_batches",
                 f"a micro-batch of {wl.batch_size // mb} sequences leaves some of the {dp} "
                 "attention replicas idle",
+            )
+        if sc.pim is not None or getattr(sc, "tiers", None) is not None:
+            raise ScenarioError(
+                "parallelism.micro_batches",
+                "inference micro-batches with PIM units or memory tiers are not modelled",
+            )
+        if par.overlap == "two_batch" and par.pp > 1:
+            raise ScenarioError(
+                "parallelism.overlap",
+                "two_batch inside pipeline stages is not modelled (a stage would wait for "
+                "every micro-batch before it starts); use overlap none with micro_batches",
             )
         if par.overlap == "two_batch" and sc.pim is not None:
             raise ScenarioError("parallelism.overlap", "two_batch with PIM units is not modelled")

@@ -527,12 +527,13 @@ def _training_step(graph: StepGraph, plan: WorkloadPlan) -> None:
 @dataclass
 class _Seg:
     """Part of a piece of work: kernels ``(phase, seconds, layer)``, then a collective
-    ``(phase, traffic, layer)`` the next part waits for, and kernels that run while it
-    travels (``after``: shared experts beside the dispatch)."""
+    ``(phase, stages, layer)`` the next part waits for (an all-to-all of one or more
+    stages), and what runs while it travels (``after``: the shared experts beside the
+    dispatch, ``(phase, seconds or a blocking tp collective, layer)``)."""
 
     computes: list[tuple[str, np.ndarray, int]]
-    comm: tuple[str, Traffic, int] | None = None
-    after: list[tuple[str, np.ndarray, int]] = field(default_factory=list)
+    comm: tuple[str, list[Traffic], int] | None = None
+    after: list[tuple[str, np.ndarray | Traffic, int]] = field(default_factory=list)
 
 
 def _segments(parts: list[_Seg]) -> list[_Seg]:
@@ -546,7 +547,21 @@ def _segments(parts: list[_Seg]) -> list[_Seg]:
     return out
 
 
-def _forward_parts(lp: LayerPlan, combine: Traffic | None, recompute: bool = False) -> list[_Seg]:
+def _one(phase: str, traffic: Traffic | None, i: int) -> tuple[str, list[Traffic], int] | None:
+    return (phase, [traffic], i) if traffic is not None else None
+
+
+def _shared_parts(lp: LayerPlan, phase: str, seconds, backward: bool) -> list:
+    """The shared experts beside the dispatch, with their tp collectives (see :func:`_shared`)."""
+    first, last = (
+        (lp.tp_shared_out, lp.tp_shared_in) if backward else (lp.tp_shared_in, lp.tp_shared_out)
+    )
+    out = [("tp_comm", first, lp.index)] if first is not None else []
+    out.append((phase, seconds, lp.index))
+    return out + ([("tp_comm", last, lp.index)] if last is not None else [])
+
+
+def _forward_parts(lp: LayerPlan, combine: list[Traffic], recompute: bool = False) -> list[_Seg]:
     """One layer's forward as parts: attention [tp] | router, permute, dispatch (shared
     experts beside it) | experts, combine | unpermute [tp]; a dense FFN in place of the MoE."""
     i, cs = lp.index, lp.compute_s
@@ -554,37 +569,37 @@ def _forward_parts(lp: LayerPlan, combine: Traffic | None, recompute: bool = Fal
     def k(name: str) -> tuple[str, np.ndarray, int]:
         return ("recompute" if recompute else name, cs[name], i)
 
-    tp = ("tp_comm", lp.tp_comm, i) if lp.tp_comm is not None else None
-    tp_after = ("tp_comm", lp.tp_comm_after, i) if lp.tp_comm_after is not None else None
+    tp, tp_after = _one("tp_comm", lp.tp_comm, i), _one("tp_comm", lp.tp_comm_after, i)
     parts = [_Seg([k("attention")], tp)]
     if not lp.moe:
         return [*parts, _Seg([k("dense_ffn")], tp_after)]
-    shared = [k("shared_experts")] if "shared_experts" in cs else []
+    shared = []
+    if "shared_experts" in cs:
+        shared = _shared_parts(lp, *k("shared_experts")[:2], backward=False)
     return [
         *parts,
-        _Seg([k("router"), k("permute")], ("dispatch", lp.dispatch, i), shared),
+        _Seg([k("router"), k("permute")], ("dispatch", lp.dispatch_stages, i), shared),
         _Seg([k("experts")], ("combine", combine, i)),
         _Seg([k("unpermute")], tp_after),
     ]
 
 
-def _backward_parts(plan: WorkloadPlan, lp: LayerPlan, bl, combine: Traffic) -> list[_Seg]:
+def _backward_parts(plan: WorkloadPlan, lp: LayerPlan, bl, combine: list[Traffic]) -> list[_Seg]:
     """One layer's backward as parts, the forward's in reverse (see
     :func:`_training_backward`); full recomputation reruns the forward first."""
     i, cs, tr = lp.index, bl.compute_s, plan.train
     parts = _forward_parts(lp, combine, recompute=True) if tr.full_recompute else []
-    tp = ("tp_comm", lp.tp_comm, i) if lp.tp_comm is not None else None
-    tp_after = ("tp_comm", lp.tp_comm_after, i) if lp.tp_comm_after is not None else None
+    tp, tp_after = _one("tp_comm", lp.tp_comm, i), _one("tp_comm", lp.tp_comm_after, i)
     parts.append(_Seg([("recompute", bl.recompute_s, i)], tp_after))
     if lp.moe:
-        shared = (
-            [("shared_experts_bwd", cs["shared_experts_bwd"], i)]
-            if "shared_experts_bwd" in cs
-            else []
-        )
+        shared = []
+        if "shared_experts_bwd" in cs:
+            shared = _shared_parts(lp, "shared_experts_bwd", cs["shared_experts_bwd"], True)
         parts += [
             _Seg(
-                [("unpermute_bwd", cs["unpermute_bwd"], i)], ("combine_bwd", lp.dispatch, i), shared
+                [("unpermute_bwd", cs["unpermute_bwd"], i)],
+                ("combine_bwd", lp.dispatch_stages, i),
+                shared,
             ),
             _Seg([("experts_bwd", cs["experts_bwd"], i)], ("dispatch_bwd", combine, i)),
             _Seg([("permute_bwd", cs["permute_bwd"], i), ("router_bwd", cs["router_bwd"], i)], tp),
@@ -613,15 +628,20 @@ class _Work:
             self.last = graph.compute(phase, seconds * slow, layer, deps)
             deps = ()
         if seg.comm is not None:
-            phase, traffic, layer = seg.comm
+            phase, stages, layer = seg.comm
             if chain is None:
-                comm = graph.collective(phase, traffic, layer, wait=False)
+                comm = _all_to_all(graph, phase, stages, layer, wait=False)
             else:
-                comm = graph.collective(phase, traffic, layer, (self.last, *chain[-1:]), None)
-                chain.append(comm)
+                for traffic in stages:  # every stage on the communication stream, in turn
+                    prev = (chain[-1],) if chain else ()
+                    chain.append(graph.collective(phase, traffic, layer, (self.last, *prev), None))
+                comm = chain[-1]
             deps = (comm,)
-        for phase, seconds, layer in seg.after:
-            graph.compute(phase, seconds * slow, layer)
+        for phase, work, layer in seg.after:
+            if isinstance(work, Traffic):  # a blocking tp collective of the shared experts
+                graph.collective(phase, work, layer)
+            else:
+                graph.compute(phase, work * slow, layer)
         self.deps = deps
 
     def finish(self, graph: StepGraph, layer: int) -> int:
@@ -646,7 +666,7 @@ def _item_segments(plan: WorkloadPlan, item: Item, stage: int, end: bool) -> lis
         return _segments(parts)
     for i in pipe.chunks[stage][chunk]:
         lp = layers[i]
-        parts += _forward_parts(lp, combine.get(i) or lp.combine)
+        parts += _forward_parts(lp, combine.get(i) or lp.combine_stages())
     if end:
         parts.append(_Seg([("lm_head", plan.lm_head_s, n)]))
         if plan.train is not None:
@@ -654,7 +674,7 @@ def _item_segments(plan: WorkloadPlan, item: Item, stage: int, end: bool) -> lis
         mtp = plan.scenario.workload.mtp
         for _ in range(mtp.draft_tokens if mtp is not None and plan.draft else 0):
             for lp in plan.draft:
-                parts += _forward_parts(lp, lp.combine)
+                parts += _forward_parts(lp, lp.combine_stages())
             parts.append(_Seg([("lm_head", plan.draft_lm_head_s, n)]))
     return _segments(parts)
 

@@ -32,6 +32,7 @@ Schedules (bubbles are not computed here: the engines time the orders):
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -239,34 +240,27 @@ class _Shift:
         return self.done[key][1]
 
 
-def _layer(lp: LayerPlan, offset: int, n: int, shift: _Shift) -> LayerPlan:
-    def dicts(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {k: _spread(v, offset, n) for k, v in d.items()}
+_PER_DEVICE = (
+    "device_tokens",
+    "local_experts",
+    "expert_tokens",
+    "pairs_out",
+    "expert_weight_bytes",
+)  # LayerPlan arrays indexed by device
 
-    return LayerPlan(
-        index=lp.index,
-        attention_kind=lp.attention_kind,
-        moe=lp.moe,
-        compute_s=dicts(lp.compute_s),
-        flops=dicts(lp.flops),
-        tp_comm=shift(lp.tp_comm, offset),
-        tp_comm_after=shift(lp.tp_comm_after, offset),
-        dispatch=shift(lp.dispatch, offset),
-        tp_shared_in=shift(lp.tp_shared_in, offset),
-        tp_shared_out=shift(lp.tp_shared_out, offset),
-        combine_scale=lp.combine_scale,
-        measured_s=dicts(lp.measured_s),
-        expert_load=lp.expert_load,
-        device_tokens=_spread(lp.device_tokens, offset, n),
-        routed_pairs=lp.routed_pairs,
-        dropped_pairs=lp.dropped_pairs,
-        cross_node_pairs=lp.cross_node_pairs,
-        local_experts=_spread(lp.local_experts, offset, n),
-        balance_history=lp.balance_history,
-        expert_tokens=_spread(lp.expert_tokens, offset, n),
-        pairs_out=_spread(lp.pairs_out, offset, n),
-        expert_weight_bytes=_spread(lp.expert_weight_bytes, offset, n),
-    )
+
+def _layer(lp: LayerPlan, offset: int, n: int, shift: _Shift) -> LayerPlan:
+    """A stage's layer on the whole cluster: per-device arrays spread, traffic moved."""
+    update: dict[str, object] = {}
+    for f in dataclasses.fields(lp):
+        value = getattr(lp, f.name)
+        if isinstance(value, Traffic):
+            update[f.name] = shift(value, offset)
+        elif isinstance(value, dict):
+            update[f.name] = {k: _spread(v, offset, n) for k, v in value.items()}
+        elif f.name in _PER_DEVICE:
+            update[f.name] = _spread(value, offset, n)
+    return dataclasses.replace(lp, **update)
 
 
 def _send(stage_devices: int, pp: int, bytes_per_device: np.ndarray) -> dict:
@@ -371,7 +365,7 @@ def _assemble_training(
     for s, (plan, tr) in enumerate(zip(stages, trs, strict=True)):
         pipe.combine.append(
             {
-                lp.index: shift(c[0] if c else None, s * per)  # one stage: per_node is off here
+                lp.index: [shift(t, s * per) for t in c]
                 for lp, c in zip(plan.layers, tr.combine, strict=True)
             }
         )

@@ -168,10 +168,11 @@ class PipelinePlan:
 
     Stage ``s`` runs on the devices ``masks[s]``; ``chunks[s][c]`` are the layer indices of
     its chunk ``c`` (one chunk, or ``virtual_stages`` interleaved, or DualPipe's two
-    directions). ``send[s]`` carries one micro-batch's activations from each device of stage
-    ``s`` to the device at the same position of stage ``s + 1`` (``reversed()``: the other
-    way). ``grad_reduce[s]`` / ``param_gather[s]``: stage ``s``'s collectives after its last
-    backward."""
+    directions); ``layers[s]`` / ``backward[s]`` / ``combine[s]`` its layers' work by layer
+    index. ``send[(a, b)]`` carries one micro-batch's activations (or gradients) from each
+    device of stage ``a`` to the device at the same position of stage ``b``.
+    ``grad_reduce[s]`` / ``param_gather[s]`` / ``optimizer_s[s]``: stage ``s``'s step after
+    its last backward."""
 
     pp: int
     micro_batches: int
@@ -181,7 +182,7 @@ class PipelinePlan:
     send: dict[tuple[int, int], Traffic]
     layers: list[dict[int, LayerPlan]] = field(default_factory=list)  # per stage, by index
     backward: list[dict[int, BackwardLayer]] = field(default_factory=list)
-    combine: list[dict[int, Traffic]] = field(default_factory=list)  # training, per stage
+    combine: list[dict[int, list[Traffic]]] = field(default_factory=list)  # training, per stage
     overlap: bool = False  # two_batch: micro-batches interleaved, all-to-alls under compute
     grad_reduce: list[list[Traffic]] = field(default_factory=list)
     param_gather: list[list[Traffic]] = field(default_factory=list)
