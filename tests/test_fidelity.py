@@ -97,23 +97,26 @@ def test_links_run_at_their_measured_share_and_messages_pay_fixed_costs():
     np.testing.assert_allclose(topo.bandwidth_bytes_per_s[net], 47e9)
     launch = catalog.device("h800").collective_launch_s
     local = topo.path_latency_s(topo.routes(np.array([0]), np.array([1])))
-    assert float(local[0]) == pytest.approx(nvl.latency_s + nvl.message_overhead_s + launch)
+    assert float(local[0]) == pytest.approx(nvl.latency_s + nvl.message_overhead_s)
     remote = topo.routes(np.array([0]), np.array([8]))
     lat = float(topo.latency_s[remote[remote >= 0]].sum())
     expect = lat + max(ib.message_overhead_s, catalog.link("pcie5-x16").message_overhead_s)
-    assert float(topo.path_latency_s(remote)[0]) == pytest.approx(expect + launch)
+    assert float(topo.path_latency_s(remote)[0]) == pytest.approx(expect)
     assert float(topo.path_latency_s(topo.routes(np.array([3]), np.array([3])))[0]) == 0.0
+    # a collective of 6 steps pays 6 messages and one kernel launch
+    assert float(topo.collective_latency_s(local, 6)[0]) == pytest.approx(6 * local[0] + launch)
 
 
 def test_ring_all_reduce_on_dgx_h100_is_the_alpha_beta_closed_form():
     """The published-collective predictor: 8 GPUs on one NVSwitch, ring all-reduce of B,
-    ``2 (n-1)/n B / (450 GB/s x 0.82) + 2 (n-1) alpha``."""
+    ``2 (n-1)/n B / (450 GB/s x 0.82) + 2 (n-1) alpha + launch`` (one kernel runs the ring)."""
     _, topo = dgx_h100(1, 8)
     size, n = 2.0**30, 8
     nvl = catalog.link("nvlink4")
-    alpha = nvl.latency_s + nvl.message_overhead_s + catalog.device("h100-sxm").collective_launch_s
+    alpha = nvl.latency_s + nvl.message_overhead_s
+    launch = catalog.device("h100-sxm").collective_launch_s
     got = bottleneck_s(topo, collective_traffic("all_reduce", n, size))
-    expect = 2 * (n - 1) / n * size / (450e9 * nvl.efficiency) + 2 * (n - 1) * alpha
+    expect = 2 * (n - 1) / n * size / (450e9 * nvl.efficiency) + 2 * (n - 1) * alpha + launch
     assert got == pytest.approx(expect, rel=1e-9)
 
 

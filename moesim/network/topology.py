@@ -127,11 +127,10 @@ class Topology:
     def collective_latency_s(
         self, path_latency_s: np.ndarray, steps: float, launches: bool = True
     ) -> np.ndarray:
-        """A collective's fixed time per flow: ``steps`` messages along the path, then the
-        kernel's launch once (paths with no latency, a device to itself, pay nothing)."""
+        """A collective's fixed time per flow (of a path between two devices): ``steps``
+        messages along the path, then the kernel's launch once."""
         lat = np.asarray(path_latency_s, dtype=float)
-        launch = self.collective_launch_s if launches else 0.0
-        return lat * steps + np.where(lat > 0, launch, 0.0)
+        return lat * steps + (self.collective_launch_s if launches else 0.0)
 
     # -- routing pieces -------------------------------------------------------------------
     def _intra(self, a: np.ndarray, j: np.ndarray, k: np.ndarray) -> np.ndarray:
