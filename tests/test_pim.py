@@ -109,7 +109,7 @@ def test_crossover_closed_form_matches_the_simulator(units):
     assert on_gpu.summary["pim"]["token_threshold"] is None
     plan = build_plan(one_expert(1, "by_batch", units))
     from moesim.plan.layout import dtype_bytes
-    from moesim.plan.pim import token_threshold
+    from moesim.plan.pim_placement import token_threshold
 
     assert token_threshold(plan.scenario, 14336, dtype_bytes(plan.scenario)) == lo
 
@@ -540,7 +540,7 @@ def test_the_batch_pim_memory_holds_grows_as_kv_bytes_per_token_predict(units):
     token per GPU for each GPT-3 layer, ``seq_len + 1`` tokens per decoding sequence. The
     largest batch is ``floor(units x capacity / (context x that))`` (dp = 1); one more
     sequence does not fit."""
-    from moesim.plan.pim import (
+    from moesim.plan.pim_placement import (
         pim_capacity_bytes,
         pim_expert_bytes,
         pim_kv_bytes_per_token,
@@ -580,13 +580,13 @@ def test_the_batch_pim_memory_holds_grows_as_kv_bytes_per_token_predict(units):
 
 
 def test_experts_on_pim_leave_the_rest_of_its_memory_to_the_kv_cache():
-    from moesim.plan.pim import pim_expert_bytes
+    from moesim.plan.pim_placement import pim_expert_bytes
 
     sc = load_scenario(HBMPIM)
     m = sc.model
     assert pim_expert_bytes(sc) == m.n_layers * 1 * 3 * m.d_model * m.d_ff_expert * 2
     assert pim_expert_bytes(load_scenario(HBMPIM, {"pim.policy": "attention"})) == 0
-    from moesim.plan.pim import expert_bytes_off_gpu
+    from moesim.plan.pim_placement import expert_bytes_off_gpu
 
     on_gpu = build_plan(load_scenario(HBMPIM, {"pim.policy": "gpu_only"})).memory_bytes["weights"]
     on_pim = build_plan(sc).memory_bytes["weights"]
@@ -652,7 +652,7 @@ def _run(name: str, **overrides):
 
 
 def test_attacc_beats_the_gpu_system_of_the_same_memory_in_throughput_and_energy():
-    from moesim.plan.pim import pim_max_batch
+    from moesim.plan.pim_placement import pim_max_batch
 
     attacc = load_scenario(PAPERS / "gpt3-175b-8xa100-attacc-decode.yaml")
     assert attacc.workload.batch_size == pim_max_batch(attacc)  # the batch its PIM holds
@@ -759,7 +759,7 @@ def test_sub_batches_need_attention_on_pim():
 
 
 def test_neupims_pim_holds_the_cache_and_beats_the_npu_alone():
-    from moesim.plan.pim import pim_max_batch
+    from moesim.plan.pim_placement import pim_max_batch
 
     sc = load_scenario(PAPERS / "gpt3-175b-32xnpu-neupims-decode.yaml")
     assert sc.workload.batch_size == pim_max_batch(sc) - pim_max_batch(sc) % 2
@@ -878,7 +878,7 @@ def test_batch_size_max_counts_the_pim_memory():
     """``workload.batch_size: max`` with attention on PIM: the cache lives on the AttAcc
     devices, so the batch is what they hold (the GPU keeps none of it)."""
     from moesim.plan.batch import batch_size_for
-    from moesim.plan.pim import pim_max_batch
+    from moesim.plan.pim_placement import pim_max_batch
 
     sc = load_scenario(
         PAPERS / "gpt3-175b-8xa100-attacc-decode.yaml", {"workload.batch_size": "max"}

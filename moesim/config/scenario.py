@@ -540,8 +540,8 @@ TIERS_IN_TRAINING = (
 
 class PimConfig(Config):
     """Processing-in-memory units attached to every GPU and what runs on them (docs/pim.md;
-    cost model in moesim/cost/pim.py, placement in moesim/plan/pim.py). Prefill, decode and
-    serving steps; training refuses it (:data:`PIM_IN_TRAINING`)."""
+    cost model in moesim/cost/pim.py, placement in moesim/plan/pim_placement.py). Prefill,
+    decode and serving steps; training refuses it (:data:`PIM_IN_TRAINING`)."""
 
     device: PimSpec = Field(description="catalog pim/cim part, {preset: name, ...} or a full spec")
     units_per_gpu: PositiveInt = Field(1, description="PIM units (stacks, chips) per GPU")

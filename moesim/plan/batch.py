@@ -13,7 +13,7 @@ one token adds on one device (:func:`moesim.cost.ops.kv_cache_bytes_per_token`, 
 tp, MLA latent, cross-layer sharing) and ``s`` the fixed linear-attention state per sequence.
 Every replica holds its own sequences, so the cluster's batch is that times ``dp = devices /
 tp``. With PIM units the weights they hold leave ``W`` and the KV cache they hold counts on
-them (:func:`moesim.plan.pim.kv_budget_bytes`: the fewer tokens of GPU and PIM).
+them (:func:`moesim.plan.pim_placement.kv_budget_bytes`: the fewer tokens of GPU and PIM).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from moesim.cost.weights import (
     expert_params_per_shard,
 )
 from moesim.plan.layout import dtype_bytes
-from moesim.plan.pim import expert_bytes_off_gpu, kv_budget_bytes
+from moesim.plan.pim_placement import expert_bytes_off_gpu, kv_budget_bytes
 
 
 def weights_bytes_per_device(sc: Scenario) -> float:
@@ -58,7 +58,7 @@ def max_batch_per_replica(sc: Scenario) -> int:
     """Sequences one attention replica holds at ``seq_len + 1`` tokens (module docstring)."""
     wl, dev = sc.workload, sc.cluster.device
     free = wl.kv_memory_utilization * dev.memory_bytes - weights_bytes_per_device(sc)
-    free += expert_bytes_off_gpu(sc)  # PIM units hold them (moesim/plan/pim.py)
+    free += expert_bytes_off_gpu(sc)  # PIM units hold them (moesim/plan/pim_placement.py)
     per_seq = kv_bytes_per_seq(sc, wl.seq_len + 1)
     cache = kv_budget_bytes(sc, free, kv_bytes_per_seq(sc, 1) - kv_bytes_per_seq(sc, 0))
     seqs = math.floor(cache / per_seq) if per_seq > 0 else 0

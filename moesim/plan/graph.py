@@ -244,7 +244,7 @@ def build_graph(plan: WorkloadPlan, topology_tables: dict[str, np.ndarray] | Non
     graph = StepGraph(
         plan.n_devices, explicit_rings=plan.scenario.sim.collective_steps == "explicit"
     )
-    if plan.sub_plans:  # pim.sub_batches (moesim/plan/pim.py)
+    if plan.sub_plans:  # pim.sub_batches (moesim/plan/pim_placement.py)
         _interleaved(graph, plan.sub_plans, topology_tables)
     elif plan.pipeline is not None:
         _pipeline_step(graph, plan)

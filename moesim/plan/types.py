@@ -97,7 +97,7 @@ class LayerPlan:
     balance_history: np.ndarray | None = None
     expert_tokens: np.ndarray | None = None  # [device, local expert slot] (training only)
     pairs_out: np.ndarray | None = None  # token-expert pairs each device sends (training only)
-    pim: PimWork | None = None  # work on the processing-in-memory units (moesim/plan/pim.py)
+    pim: PimWork | None = None  # work on the PIM units (plan/pim_placement.py)
     pim_attention: PimWork | None = None  # pim.policy co_processing: attention beside lp.pim
     expert_weight_bytes: np.ndarray | None = None  # expert weights the GPU reads (energy)
     tiers: object | None = None  # offloaded experts: a moesim.plan.tiers.TierWork

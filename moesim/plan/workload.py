@@ -42,7 +42,12 @@ from moesim.plan.collectives import ring_allgather, ring_allreduce, ring_reduce_
 from moesim.plan.dispatch import dispatch_mode, distinct_tokens
 from moesim.plan.layout import Layout, dtype_bytes, layout
 from moesim.plan.mtp import add_draft, mtp_scenario
-from moesim.plan.pim import apply_memory, split_attention, split_experts, sub_batch_scenarios
+from moesim.plan.pim_placement import (
+    apply_memory,
+    split_attention,
+    split_experts,
+    sub_batch_scenarios,
+)
 from moesim.plan.tiers import experts_phase_s, offload_experts
 from moesim.plan.types import (
     GB,
@@ -170,10 +175,10 @@ def _build(sc: Scenario, stage: range | list[int], check: bool = True) -> Worklo
         from moesim.plan.training import add_training
 
         add_training(plan, b, check)  # backward, gradient reduction, optimizer, memory
-    apply_memory(sc, plan, b)  # what lives on PIM units leaves the GPU (moesim/plan/pim.py)
+    apply_memory(sc, plan, b)  # what lives on PIM units leaves the GPU (plan/pim_placement.py)
     if check:
         _check_fits(sc, plan)
-        # pim.sub_batches: one plan per sub-batch, interleaved in the graph (moesim/plan/pim.py)
+        # pim.sub_batches: one plan per sub-batch, interleaved in the graph (pim_placement.py)
         plan.sub_plans = [build_plan(half) for half in sub_batch_scenarios(sc)]
     return plan
 

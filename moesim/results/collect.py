@@ -18,7 +18,7 @@ from moesim.plan.graph import (
     TRAIN_COMM_PHASES,
     TRAIN_COMPUTE_PHASES,
 )
-from moesim.plan.pim import pim_summary
+from moesim.plan.pim_placement import pim_summary
 from moesim.plan.tiers import tiers_summary
 from moesim.plan.types import WorkloadPlan
 from moesim.results.energy import add_energy

@@ -32,7 +32,7 @@ from moesim.config.resolve import resolve
 from moesim.cost.weights import expert_params_per_shard
 from moesim.network import Topology
 from moesim.plan.layout import dtype_bytes
-from moesim.plan.pim import pim_works
+from moesim.plan.pim_placement import pim_works
 from moesim.plan.tiers import fetch_buffer_bytes
 from moesim.plan.types import WorkloadPlan
 

@@ -31,7 +31,7 @@ from moesim.config.resolve import resolve
 from moesim.config.scenario import Scenario, ScenarioError
 from moesim.config.serve import ServeConfig
 from moesim.cost.ops import Bytes, kv_cache_bytes_per_token, linear_state_bytes_per_seq
-from moesim.plan.pim import kv_budget_bytes, without_memory_limits
+from moesim.plan.pim_placement import kv_budget_bytes, without_memory_limits
 
 
 # -- KV cache ------------------------------------------------------------------------------
@@ -368,7 +368,7 @@ def build_cost_model(
     )
     weights = max(w for _, w, _ in timed.values())
     dev = sc.cluster.device
-    kv_budget = kv_budget_bytes(  # PIM may hold the cache (moesim/plan/pim.py)
+    kv_budget = kv_budget_bytes(  # PIM may hold the cache (moesim/plan/pim_placement.py)
         sc,
         serve.memory_utilization * dev.memory_bytes - weights - activations,
         kv_bytes_per_token(sc),

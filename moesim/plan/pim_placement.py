@@ -85,6 +85,35 @@ def _work(sc: Scenario, phase: str, ops: list[OpCost], w_bytes: float) -> tuple[
     return tuple(parts)
 
 
+def _all_experts(sc, load, expected, share, d_ff, b) -> np.ndarray:
+    return np.ones(load.shape, dtype=bool)
+
+
+def _cold_experts(sc, load, expected, share, d_ff, b) -> np.ndarray:
+    """Experts whose expected tokens on a device are at most the threshold."""
+    par = sc.parallelism
+    g = np.arange(load.shape[0])
+    group, rank = g // (par.ep * par.etp), (g % (par.ep * par.etp)) // par.etp
+    pairs = np.bincount(group, weights=load.sum(axis=1)) / par.etp  # routed pairs per group
+    expected_tokens = expected[None, :] * pairs[group][:, None] * share[:, rank].T
+    return expected_tokens <= token_threshold(sc, d_ff, b)
+
+
+def _by_batch(sc, load, expected, share, d_ff, b) -> np.ndarray:
+    """This step's (device, expert) token counts at most the threshold (GEMV on PIM)."""
+    return load <= token_threshold(sc, d_ff, b)
+
+
+EXPERTS_ON_PIM = {
+    "all_experts": _all_experts,
+    "cold_experts": _cold_experts,
+    "by_batch": _by_batch,
+    "co_processing": _by_batch,
+}
+"""``pim.policy`` -> which (device, expert) pairs of a layer run on PIM, ``[device, expert]``
+bool (before masking to the experts the device holds)."""
+
+
 def split_experts(
     sc: Scenario,
     lp: LayerPlan,
@@ -105,16 +134,9 @@ def split_experts(
     par = sc.parallelism
     n_dev = load.shape[0]
     g = np.arange(n_dev)
-    group, rank = g // (par.ep * par.etp), (g % (par.ep * par.etp)) // par.etp
+    rank = (g % (par.ep * par.etp)) // par.etp
     local = (share[:, rank] > 0).T  # [device, expert]: expert (a shard of it) on this device
-    if pc.policy == "all_experts":
-        on_pim = local
-    elif pc.policy == "cold_experts":
-        pairs = np.bincount(group, weights=load.sum(axis=1)) / par.etp  # routed pairs per group
-        expected_tokens = expected[None, :] * pairs[group][:, None] * share[:, rank].T
-        on_pim = local & (expected_tokens <= token_threshold(sc, d_ff, b))
-    else:  # by_batch, co_processing
-        on_pim = local & (load <= token_threshold(sc, d_ff, b))
+    on_pim = local & EXPERTS_ON_PIM[pc.policy](sc, load, expected, share, d_ff, b)
     resident = local if pc.per_step_experts else on_pim
     pim_load = np.where(on_pim, load, 0)
     seconds, flops, moved = _work(
