@@ -19,8 +19,9 @@ import time
 
 import numpy as np
 
+from moesim.engine.inputs import step_inputs
 from moesim.engine.recorder import Recorder
-from moesim.network import Topology, build_topology
+from moesim.network import Topology
 from moesim.network.fluid import LinkStats, link_loads
 from moesim.plan.graph import (
     COLLECTIVE,
@@ -28,7 +29,6 @@ from moesim.plan.graph import (
     GPU,
     Node,
     StepGraph,
-    build_graph,
     external_deps,
 )
 from moesim.plan.types import Traffic, WorkloadPlan
@@ -56,8 +56,7 @@ class AnalyticEngine:
     ) -> None:
         sc = plan.scenario
         self.plan = plan
-        self.topology = topology or build_topology(sc.cluster, sc.topology, sc.pim, sc.tiers)
-        self.graph = graph or build_graph(plan, self.topology.tables)
+        self.topology, self.graph = step_inputs(plan, topology, graph)
         self._recent_hops: list[tuple[np.ndarray, np.ndarray, tuple]] = []
         self.rec = Recorder(plan.n_devices, sc.sim.trace)
         self._comm = plan.train is None  # collectives in flight (inference summaries)

@@ -19,8 +19,9 @@ import numpy as np
 import simpy
 from tqdm import tqdm
 
+from moesim.engine.inputs import step_inputs
 from moesim.engine.recorder import CountingEnvironment, Recorder
-from moesim.network import FluidNetwork, Topology, build_topology
+from moesim.network import FluidNetwork, Topology
 from moesim.network.aggregate import FlowPattern, PatternCache
 from moesim.network.fluid import LinkStats
 from moesim.plan.graph import (
@@ -29,7 +30,6 @@ from moesim.plan.graph import (
     GPU,
     Node,
     StepGraph,
-    build_graph,
     external_deps,
 )
 from moesim.plan.types import WorkloadPlan
@@ -65,8 +65,7 @@ class Engine:
     ) -> None:
         sc = plan.scenario
         self.plan = plan
-        self.topology = topology or build_topology(sc.cluster, sc.topology, sc.pim, sc.tiers)
-        self.graph = graph or build_graph(plan, self.topology.tables)
+        self.topology, self.graph = step_inputs(plan, topology, graph)
         self.env = CountingEnvironment()
         self.net = FluidNetwork(
             self.env, self.topology, sc.sim.network_tolerance, record_intervals=sc.sim.trace
