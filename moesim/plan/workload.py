@@ -38,6 +38,7 @@ from moesim.cost.weights import (
     expert_params_per_shard,
 )
 from moesim.plan import pipeline
+from moesim.plan.batch import with_batch_resolved
 from moesim.plan.collectives import ring_allgather, ring_allreduce, ring_reduce_scatter
 from moesim.plan.dispatch import dispatch_mode, distinct_tokens
 from moesim.plan.layout import Layout, dtype_bytes, layout
@@ -103,7 +104,9 @@ class _Context:
 def build_plan(sc: Scenario) -> WorkloadPlan:
     """Turn a scenario into per-layer, per-device work and traffic. With pipeline stages or
     inference micro-batches, one plan per stage of one micro-batch over the stage's layers,
-    placed side by side (:mod:`moesim.plan.pipeline`)."""
+    placed side by side (:mod:`moesim.plan.pipeline`). ``batch_size: max`` and
+    ``batch_per_replica`` are resolved first (:mod:`moesim.plan.batch`)."""
+    sc = with_batch_resolved(sc)
     par = sc.parallelism
     if par.pp == 1 and par.inference_micro_batches == 1:
         return _build(sc, range(sc.model.n_layers))

@@ -11,18 +11,15 @@ def simulate(scenario: Scenario, progress: bool | None = None):
     ``Result`` with ``summary``, ``devices``, ``links`` and ``routing``. ``phase: serve`` runs
     the request stream instead and returns a ``moesim.serving.simulation.ServeResult``.
     Refuses a scenario whose estimated size exceeds ``moesim.plan.limits`` (ScenarioError)."""
+    check_size(scenario)  # resolves batch_size: max first, as build_plan does
     if scenario.workload.phase == "serve":
-        check_size(scenario)
         from moesim.serving.simulation import simulate_serving
 
         return simulate_serving(scenario, progress=progress)
     from moesim.engine.analytic import AnalyticEngine
     from moesim.engine.des import Engine
-    from moesim.plan.batch import with_batch_resolved
     from moesim.plan.workload import build_plan
     from moesim.results.collect import collect
 
-    scenario = with_batch_resolved(scenario)  # batch_size: max, batch_per_replica
-    check_size(scenario)
     engine_cls = AnalyticEngine if scenario.sim.fidelity == "analytic" else Engine
     return collect(engine_cls(build_plan(scenario), progress=progress).run())
