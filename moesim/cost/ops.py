@@ -43,22 +43,18 @@ class Bytes:
     """Bytes per element of each tensor kind, and the attention core's compute dtype.
 
     ``dispatch`` and ``combine`` are the activation rows the all-to-all carries each way
-    (DeepSeek-V3 dispatches in FP8 and combines in BF16, arXiv:2412.19437 Sec. 3.3); ``None``
-    means ``activations``. ``attention_compute`` is the dtype the attention core runs in
-    (``None``: the workload's compute dtype)."""
+    (DeepSeek-V3 dispatches in FP8 and combines in BF16, arXiv:2412.19437 Sec. 3.3;
+    :func:`workload_bytes` resolves them to ``activations`` where a workload leaves them
+    unset). ``attention_compute`` is the dtype the attention core runs in (``None``: the
+    workload's compute dtype)."""
 
     weights: float = 2.0
     expert_weights: float = 2.0
     activations: float = 2.0
     kv_cache: float = 2.0
-    dispatch: float | None = None
-    combine: float | None = None
+    dispatch: float = 2.0
+    combine: float = 2.0
     attention_compute: str | None = None
-
-    def __post_init__(self) -> None:
-        for kind in ("dispatch", "combine"):
-            if getattr(self, kind) is None:
-                object.__setattr__(self, kind, self.activations)
 
 
 def workload_bytes(dt: DtypeConfig) -> Bytes:
