@@ -71,7 +71,14 @@ def test_schedules_run_every_item_once_in_dependency_order():
         for s, order in enumerate(schedule_order(schedule, pp, m, chunks)):
             items = [item for step in order for item in step]
             per_stage = m * chunks if schedule == "interleaved" else m
-            assert len(items) == len(set(items)) == 2 * per_stage, (schedule, s)
+            # a zero-bubble backward (I) leaves its weight gradients (W) for later
+            inputs = [(mb, c) for k, mb, c in items if k == "I"]
+            weights = [(mb, c) for k, mb, c in items if k == "W"]
+            assert sorted(inputs) == sorted(weights), (schedule, s)
+            assert all(items.index(("I", *w)) < items.index(("W", *w)) for w in weights)
+            assert len(items) == len(set(items)) == 2 * per_stage + len(weights), (schedule, s)
+            backwards = {(mb, c) for k, mb, c in items if k in ("B", "I")}
+            assert len(backwards) == per_stage, (schedule, s)
             if schedule == "1f1b":
                 live = np.cumsum([1 if k == "F" else -1 for k, _, _ in items])
                 assert live.max() == min(m, pp - s)
@@ -128,6 +135,41 @@ def test_engines_agree_on_uniform_routing(schedule):
     plan = build_plan(_train(schedule))
     des, ana = Engine(plan).run(), AnalyticEngine(plan).run()
     np.testing.assert_allclose(des.rec.finish_s.max(), ana.rec.finish_s.max(), rtol=0.05)
+
+
+@pytest.mark.parametrize("engine_cls", ENGINES, ids=["des", "analytic"])
+def test_dualpipe_bubble_is_the_zero_bubble_closed_form(engine_cls):
+    """DeepSeek-V3 Table 2: DualPipe's bubble is ``(pp/2 - 1)(F&B + B - 3W)`` and 1F1B's
+    ``(pp - 1)(F + B)``, with F, B (input and weight gradients) and W (weight gradients) the
+    times of one chunk; identical dense stages, free sends and no SMs held for communication,
+    so the overlapped pair F&B is F + B. The bubble is the step minus each device's work,
+    ``m (F + B)``."""
+    pp, m = 4, 8
+    fast = {"intra_node_link": FAST_LINK}
+    bubble, chunk = {}, {}
+    for schedule in ("1f1b", "dualpipe"):
+        sc = _train(schedule, pp, m, DENSE, topology=fast, device=FREE_CALLS)
+        sc = sc.model_copy(
+            update={"parallelism": sc.parallelism.model_copy(update={"comm_sms": 0})}
+        )
+        plan = _uniform(build_plan(sc))
+        pipe = plan.pipeline
+        layers = pipe.chunks[0][0]
+        backward = [pipe.backward[0][i] for i in layers]
+        f = sum(sum(v[0] for v in pipe.layers[0][i].compute_s.values()) for i in layers)
+        b = sum(sum(v[0] for v in bl.compute_s.values()) + bl.recompute_s[0] for bl in backward)
+        w = sum(sum(v[0] for v in bl.weight_s.values()) for bl in backward)
+        assert 0 < w < b
+        chunk[schedule] = (f, b, w)
+        engine = engine_cls(plan).run()
+        bubble[schedule] = engine.rec.finish_s.max() - m * (f + b)
+        np.testing.assert_allclose(
+            _idle_fraction(engine) * engine.rec.finish_s.max(), bubble[schedule], rtol=1e-3
+        )
+    f, b, w = chunk["1f1b"]
+    assert bubble["1f1b"] == pytest.approx((pp - 1) * (f + b), rel=0.01)
+    f, b, w = chunk["dualpipe"]
+    assert bubble["dualpipe"] == pytest.approx((pp / 2 - 1) * ((f + b) + b - 3 * w), rel=0.01)
 
 
 def test_dualpipe_bubble_is_smaller_than_1f1b():
