@@ -201,3 +201,41 @@ def test_bad_pipeline_fields_name_the_field(overrides, field):
 def test_dualpipe_needs_enough_micro_batches():
     with pytest.raises(ScenarioError, match="dualpipe"):
         _train("dualpipe", pp=4, m=4)
+
+
+def _tp_bytes_per_layer(sc) -> dict[int, float]:
+    """Bytes of the tensor-parallel collectives the step graph sends, per layer."""
+    from moesim.plan.graph import build_graph
+
+    out: dict[int, float] = {}
+    for node in build_graph(build_plan(sc)).nodes:
+        if node.phase == "tp_comm":
+            out[node.layer] = out.get(node.layer, 0.0) + node.traffic.total_bytes
+    return out
+
+
+@pytest.mark.parametrize("phase", ["train", "prefill"])
+def test_pipeline_stages_charge_the_shared_experts_tp_collectives(phase):
+    """pp 2 x tp 2 sends per layer the tp collectives of pp 1 (attention and the shared
+    experts' gather and reduce-scatter), forward and backward."""
+    model = {"preset": "mixtral-8x7b", "n_layers": 4, "n_shared_experts": 1, "d_ff_shared": 4096}
+
+    def scenario(pp: int):
+        wl = {"phase": phase, "batch_size": 8, "seq_len": 256}
+        if phase == "train":
+            wl["train"] = {"micro_batches": 4, "schedule": "1f1b"}
+        return small_scenario(
+            model=model,
+            cluster={"nodes": 1, "devices_per_node": 4 * pp, "device": "h100-sxm"},
+            parallelism={"tp": 2, "ep": 2, "pp": pp},
+            workload=wl,
+        )
+
+    one, two = _tp_bytes_per_layer(scenario(1)), _tp_bytes_per_layer(scenario(2))
+    assert sorted(one) == sorted(two) == [0, 1, 2, 3]
+    plain = build_plan(scenario(1))
+    passes = 2 * 4 if phase == "train" else 1  # forward and backward of 4 micro-batches
+    for lp in plain.layers:
+        shared = lp.tp_shared_in.total_bytes + lp.tp_shared_out.total_bytes
+        assert one[lp.index] > passes * shared > 0
+        assert two[lp.index] == pytest.approx(one[lp.index], rel=1e-12)
