@@ -163,3 +163,44 @@ def test_bad_overlap_fields_name_the_field(overrides, field):
     with pytest.raises(ScenarioError) as err:
         small_scenario(**overrides)
     assert err.value.path == field
+
+
+def _per_node(batch: int, nodes: int = 4, **parallelism):
+    """Prefill with an expert group over several nodes of 2 GPUs: DeepEP's per_node
+    dispatch (network stage, then forwarding inside the node)."""
+    return small_scenario(
+        cluster={"nodes": nodes, "devices_per_node": 2, "device": "h100-sxm"},
+        parallelism={"tp": 1, **parallelism},
+        workload={"phase": "prefill", "batch_size": batch, "seq_len": 128},
+        routing={"distribution": "uniform", "dispatch": "per_node"},
+    )
+
+
+@pytest.mark.parametrize(
+    ("parallelism", "nodes"),
+    [({"ep": 8, "overlap": "two_batch"}, 4), ({"ep": 4, "pp": 2, "micro_batches": 2}, 2)],
+    ids=["two_batch", "pipeline"],
+)
+def test_per_node_dispatch_in_micro_batches_moves_the_plain_bytes(parallelism, nodes):
+    """Overlapped micro-batches and pipeline stages keep the two-stage per_node dispatch:
+    each micro-batch's layer moves what the same layer moves in a plain per_node step of one
+    micro-batch on one stage's devices, network stage and forwarding stage alike."""
+    staged = build_plan(_per_node(32, **parallelism))
+    plain = build_plan(_per_node(16, nodes=nodes, ep=parallelism["ep"]))
+    layers = {i: lp for stage in staged.pipeline.layers for i, lp in stage.items()}
+    for lp in plain.layers:
+        got = layers[lp.index]
+        assert got.dispatch_forward is not None and lp.dispatch_forward is not None
+        for a, b in zip(got.dispatch_stages, lp.dispatch_stages, strict=True):
+            assert a.total_bytes == pytest.approx(b.total_bytes, rel=1e-12)
+    micro = staged.pipeline.micro_batches
+    runs = [collect(engine(staged).run()).summary for engine in ENGINES]
+    expected = micro * collect(AnalyticEngine(plain).run()).summary["all_to_all_bytes"]
+    for s in runs:
+        assert s["all_to_all_bytes"] == pytest.approx(expected, rel=1e-12)
+    assert runs[0]["step_time_s"] == pytest.approx(runs[1]["step_time_s"], rel=0.05)
+    if "overlap" in parallelism:  # no stage-to-stage sends: the links carry the same bytes
+        carried = [
+            collect(Engine(plan).run()).links["bytes_carried"].sum() for plan in (staged, plain)
+        ]
+        assert carried[0] == pytest.approx(micro * carried[1], rel=1e-9)

@@ -71,7 +71,14 @@ def test_schedules_run_every_item_once_in_dependency_order():
         for s, order in enumerate(schedule_order(schedule, pp, m, chunks)):
             items = [item for step in order for item in step]
             per_stage = m * chunks if schedule == "interleaved" else m
-            assert len(items) == len(set(items)) == 2 * per_stage, (schedule, s)
+            # a zero-bubble backward (I) leaves its weight gradients (W) for later
+            inputs = [(mb, c) for k, mb, c in items if k == "I"]
+            weights = [(mb, c) for k, mb, c in items if k == "W"]
+            assert sorted(inputs) == sorted(weights), (schedule, s)
+            assert all(items.index(("I", *w)) < items.index(("W", *w)) for w in weights)
+            assert len(items) == len(set(items)) == 2 * per_stage + len(weights), (schedule, s)
+            backwards = {(mb, c) for k, mb, c in items if k in ("B", "I")}
+            assert len(backwards) == per_stage, (schedule, s)
             if schedule == "1f1b":
                 live = np.cumsum([1 if k == "F" else -1 for k, _, _ in items])
                 assert live.max() == min(m, pp - s)
@@ -130,6 +137,41 @@ def test_engines_agree_on_uniform_routing(schedule):
     np.testing.assert_allclose(des.rec.finish_s.max(), ana.rec.finish_s.max(), rtol=0.05)
 
 
+@pytest.mark.parametrize("engine_cls", ENGINES, ids=["des", "analytic"])
+def test_dualpipe_bubble_is_the_zero_bubble_closed_form(engine_cls):
+    """DeepSeek-V3 Table 2: DualPipe's bubble is ``(pp/2 - 1)(F&B + B - 3W)`` and 1F1B's
+    ``(pp - 1)(F + B)``, with F, B (input and weight gradients) and W (weight gradients) the
+    times of one chunk; identical dense stages, free sends and no SMs held for communication,
+    so the overlapped pair F&B is F + B. The bubble is the step minus each device's work,
+    ``m (F + B)``."""
+    pp, m = 4, 8
+    fast = {"intra_node_link": FAST_LINK}
+    bubble, chunk = {}, {}
+    for schedule in ("1f1b", "dualpipe"):
+        sc = _train(schedule, pp, m, DENSE, topology=fast, device=FREE_CALLS)
+        sc = sc.model_copy(
+            update={"parallelism": sc.parallelism.model_copy(update={"comm_sms": 0})}
+        )
+        plan = _uniform(build_plan(sc))
+        pipe = plan.pipeline
+        layers = pipe.chunks[0][0]
+        backward = [pipe.backward[0][i] for i in layers]
+        f = sum(sum(v[0] for v in pipe.layers[0][i].compute_s.values()) for i in layers)
+        b = sum(sum(v[0] for v in bl.compute_s.values()) + bl.recompute_s[0] for bl in backward)
+        w = sum(sum(v[0] for v in bl.weight_s.values()) for bl in backward)
+        assert 0 < w < b
+        chunk[schedule] = (f, b, w)
+        engine = engine_cls(plan).run()
+        bubble[schedule] = engine.rec.finish_s.max() - m * (f + b)
+        np.testing.assert_allclose(
+            _idle_fraction(engine) * engine.rec.finish_s.max(), bubble[schedule], rtol=1e-3
+        )
+    f, b, w = chunk["1f1b"]
+    assert bubble["1f1b"] == pytest.approx((pp - 1) * (f + b), rel=0.01)
+    f, b, w = chunk["dualpipe"]
+    assert bubble["dualpipe"] == pytest.approx((pp / 2 - 1) * ((f + b) + b - 3 * w), rel=0.01)
+
+
 def test_dualpipe_bubble_is_smaller_than_1f1b():
     """Same stages, same micro-batches: DualPipe's two directions fill each other's bubbles."""
     idle = {}
@@ -159,3 +201,41 @@ def test_bad_pipeline_fields_name_the_field(overrides, field):
 def test_dualpipe_needs_enough_micro_batches():
     with pytest.raises(ScenarioError, match="dualpipe"):
         _train("dualpipe", pp=4, m=4)
+
+
+def _tp_bytes_per_layer(sc) -> dict[int, float]:
+    """Bytes of the tensor-parallel collectives the step graph sends, per layer."""
+    from moesim.plan.graph import build_graph
+
+    out: dict[int, float] = {}
+    for node in build_graph(build_plan(sc)).nodes:
+        if node.phase == "tp_comm":
+            out[node.layer] = out.get(node.layer, 0.0) + node.traffic.total_bytes
+    return out
+
+
+@pytest.mark.parametrize("phase", ["train", "prefill"])
+def test_pipeline_stages_charge_the_shared_experts_tp_collectives(phase):
+    """pp 2 x tp 2 sends per layer the tp collectives of pp 1 (attention and the shared
+    experts' gather and reduce-scatter), forward and backward."""
+    model = {"preset": "mixtral-8x7b", "n_layers": 4, "n_shared_experts": 1, "d_ff_shared": 4096}
+
+    def scenario(pp: int):
+        wl = {"phase": phase, "batch_size": 8, "seq_len": 256}
+        if phase == "train":
+            wl["train"] = {"micro_batches": 4, "schedule": "1f1b"}
+        return small_scenario(
+            model=model,
+            cluster={"nodes": 1, "devices_per_node": 4 * pp, "device": "h100-sxm"},
+            parallelism={"tp": 2, "ep": 2, "pp": pp},
+            workload=wl,
+        )
+
+    one, two = _tp_bytes_per_layer(scenario(1)), _tp_bytes_per_layer(scenario(2))
+    assert sorted(one) == sorted(two) == [0, 1, 2, 3]
+    plain = build_plan(scenario(1))
+    passes = 2 * 4 if phase == "train" else 1  # forward and backward of 4 micro-batches
+    for lp in plain.layers:
+        shared = lp.tp_shared_in.total_bytes + lp.tp_shared_out.total_bytes
+        assert one[lp.index] > passes * shared > 0
+        assert two[lp.index] == pytest.approx(one[lp.index], rel=1e-12)

@@ -885,7 +885,7 @@ def _check_overlap(sc: Scenario, dp: int) -> None:
         raise ScenarioError(
             "parallelism.comm_sms", f"{par.comm_sms} leaves none of the device's {sms} SMs"
         )
-    if wl.mtp is not None and wl.phase != "decode":
+    if wl.mtp is not None and wl.phase not in ("decode", "serve"):
         raise ScenarioError(
             "workload.mtp", f"multi-token prediction drafts decode steps, not {wl.phase}"
         )

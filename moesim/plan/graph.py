@@ -584,10 +584,15 @@ def _forward_parts(lp: LayerPlan, combine: list[Traffic], recompute: bool = Fals
     ]
 
 
-def _backward_parts(plan: WorkloadPlan, lp: LayerPlan, bl, combine: list[Traffic]) -> list[_Seg]:
+def _backward_parts(
+    plan: WorkloadPlan, lp: LayerPlan, bl, combine: list[Traffic], inputs_only: bool = False
+) -> list[_Seg]:
     """One layer's backward as parts, the forward's in reverse (see
-    :func:`_training_backward`); full recomputation reruns the forward first."""
+    :func:`_training_backward`); full recomputation reruns the forward first.
+    ``inputs_only``: without the weight gradients (``bl.weight_s``, a later ``W`` item)."""
     i, cs, tr = lp.index, bl.compute_s, plan.train
+    if inputs_only:
+        cs = {k: v - bl.weight_s.get(k, 0.0) for k, v in cs.items()}
     parts = _forward_parts(lp, combine, recompute=True) if tr.full_recompute else []
     tp, tp_after = _one("tp_comm", lp.tp_comm, i), _one("tp_comm", lp.tp_comm_after, i)
     parts.append(_Seg([("recompute", bl.recompute_s, i)], tp_after))
@@ -660,10 +665,18 @@ def _item_segments(plan: WorkloadPlan, item: Item, stage: int, end: bool) -> lis
     layers, n = pipe.layers[stage], plan.scenario.model.n_layers
     combine = pipe.combine[stage] if pipe.combine else {}
     parts: list[_Seg] = []
-    if kind == "B":
+    if kind in ("B", "I"):
         for i in reversed(pipe.chunks[stage][chunk]):
-            parts += _backward_parts(plan, layers[i], pipe.backward[stage][i], combine[i])
+            bl = pipe.backward[stage][i]
+            parts += _backward_parts(plan, layers[i], bl, combine[i], inputs_only=kind == "I")
         return _segments(parts)
+    if kind == "W":  # the weight gradients an earlier I left, layer by layer (no collective)
+        computes = [
+            (phase, seconds, i)
+            for i in reversed(pipe.chunks[stage][chunk])
+            for phase, seconds in pipe.backward[stage][i].weight_s.items()
+        ]
+        return [_Seg(computes)]
     for i in pipe.chunks[stage][chunk]:
         lp = layers[i]
         parts += _forward_parts(lp, combine.get(i) or lp.combine_stages())
@@ -739,9 +752,12 @@ def _pipeline_step(graph: StepGraph, plan: WorkloadPlan) -> None:
 
 
 def _needs(item: Item, hops: list[tuple[int, int]], stage: int) -> tuple[str, int, int] | None:
-    """The send an item waits for: a forward the previous hop's, a backward the next's."""
+    """The send an item waits for: a forward the previous hop's, a backward the next's
+    (a weight-gradient item only its own input-gradient item, earlier on the stage)."""
     kind, mb, chunk = item
     hop = hops.index((stage, chunk))
+    if kind == "W":
+        return None
     if kind == "F":
         return ("F", mb, hop - 1) if hop > 0 else None
     return ("B", mb, hop + 1) if hop < len(hops) - 1 else None
@@ -751,6 +767,9 @@ def _send(graph, pipe, hops, item: Item, stage: int, done: int, sent: dict) -> N
     """After an item, its micro-batch's activations (forward) or gradients (backward) go
     to the stage of the next (previous) hop, when that is another stage."""
     kind, mb, chunk = item
+    if kind == "W":  # weight gradients stay on the stage
+        return
+    kind = "B" if kind == "I" else kind  # the input gradients are what a backward sends
     hop = hops.index((stage, chunk))
     to = hop + 1 if kind == "F" else hop - 1
     if not 0 <= to < len(hops):

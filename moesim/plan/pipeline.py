@@ -10,8 +10,11 @@ plans side by side.
 
 A *chunk* is a set of layers a stage runs in one piece of work; a micro-batch's *route* is
 the chain of (stage, chunk) it goes through. Work items are ``(kind, micro-batch, chunk)``
-with kind ``F`` (forward) or ``B`` (backward, weight gradients included); a stage's order is
-a list of steps, each one item or two overlapped items (DualPipe's forward-backward pairs).
+with kind ``F`` (forward), ``B`` (backward, weight gradients included), or the zero-bubble
+split of a backward (Qi et al., ICLR 2024): ``I`` (input gradients only, sent on to the
+previous stage) and ``W`` (the weight gradients of an earlier ``I``, run later to fill a
+bubble); a stage's order is a list of steps, each one item or two overlapped items
+(DualPipe's forward-backward pairs).
 
 Schedules (bubbles are not computed here: the engines time the orders):
 
@@ -26,8 +29,10 @@ Schedules (bubbles are not computed here: the engines time the orders):
   stage ``pp - 1``; stage ``s`` holds the layers of stage ``s`` for the first direction and
   of stage ``pp - 1 - s`` for the second (two copies of the weights); in its main phase a
   forward of one direction runs together with a backward of the other, each layer's
-  all-to-all under the other's compute. The zero-bubble split of the backward into input and
-  weight gradients is not modelled (a backward computes both).
+  all-to-all under the other's compute. Where the reference runs a backward with
+  ``enable_zb`` (steps 3, 6 and 7), it is an ``I`` and its ``W`` runs at the reference's
+  ``_weight_chunk`` (first in, first out): in step 3 right after it, in steps 7 and 8 in the
+  cool-down. Table 2 of the report gives its bubble as ``(pp/2 - 1)(F&B + B - 3W)``.
 """
 
 from __future__ import annotations
@@ -131,38 +136,53 @@ def _one_f_one_b(forwards: list[Item], backwards: list[Item], warm: int) -> list
 
 
 def _dualpipe(pp: int, m: int, rank: int) -> list[Step]:
-    """DualPipe's order on one rank (deepseek-ai/DualPipe ``DualPipe.step``, steps 1-8, the
-    weight-gradient steps folded into the backwards). Phase 0 is the direction in which this
-    rank comes early (the first direction on the first half of the ranks)."""
+    """DualPipe's order on one rank (deepseek-ai/DualPipe ``DualPipe.step``, steps 1-8). A
+    backward the reference runs with ``enable_zb`` is an ``I`` whose ``W`` waits in a queue
+    for the next ``_weight_chunk``. Phase 0 is the direction in which this rank comes early
+    (the first direction on the first half of the ranks)."""
     half_ranks, half_rank = pp // 2, min(rank, pp - 1 - rank)
     half_m = m // 2
     second = rank >= half_ranks
     middle = half_rank == half_ranks - 1
     count = {"F": [0, 0], "B": [0, 0]}
+    queue: list[Item] = []  # the reference's WeightGradStore
 
-    def item(kind: str, phase: int) -> Item:
+    def item(kind: str, phase: int, zb: bool = False) -> Item:
         direction = phase ^ second
         k = count[kind][direction]
         count[kind][direction] += 1
+        if zb:
+            queue.append(("W", direction * half_m + k, direction))
+            return ("I", direction * half_m + k, direction)
         return (kind, direction * half_m + k, direction)
 
+    def weight() -> Step:
+        return (queue.pop(0),)
+
     steps: list[Step] = []
-    steps += [(item("F", 0),) for _ in range((half_ranks - half_rank - 1) * 2)]
-    for _ in range(half_rank + 1):
+    steps += [(item("F", 0),) for _ in range((half_ranks - half_rank - 1) * 2)]  # 1: nF0
+    for _ in range(half_rank + 1):  # 2: nF0F1
         steps += [(item("F", 0),), (item("F", 1),)]
-    for _ in range(half_ranks - half_rank - 1):
-        steps += [(item("B", 1),), (item("F", 1),)]
-    for i in range(half_m - pp + half_rank + 1):
+    for _ in range(half_ranks - half_rank - 1):  # 3: nB1W1F1
+        steps += [(item("B", 1, zb=True),), weight(), (item("F", 1),)]
+    for i in range(half_m - pp + half_rank + 1):  # 4: nF0B1F1B0
         if i == 0 and middle:
             steps += [(item("F", 0),), (item("B", 1),)]
         else:
             steps.append((item("F", 0), item("B", 1)))
         steps.append((item("F", 1), item("B", 0)))
-    for _ in range(half_ranks - half_rank - 1):
+    for _ in range(half_ranks - half_rank - 1):  # 5: nB1F1B0
         steps += [(item("B", 1),), (item("F", 1), item("B", 0))]
-    for _ in range(half_rank + 1):
-        steps += [(item("B", 1),), (item("B", 0),)]
-    steps += [(item("B", 0),) for _ in range(half_ranks - half_rank - 1)]
+    zb, step_6 = False, half_rank + 1
+    for i in range(step_6):  # 6: nB1B0, the second half zero-bubble
+        zb = zb or (i == step_6 // 2 and half_rank % 2 == 1)
+        steps.append((item("B", 1, zb),))
+        zb = zb or (i == step_6 // 2 and half_rank % 2 == 0)
+        steps.append((item("B", 0, zb),))
+    for _ in range(half_ranks - half_rank - 1):  # 7: nWB0
+        steps += [weight(), (item("B", 0, zb=True),)]
+    steps += [weight() for _ in range(half_rank + 1)]  # 8: nW
+    assert not queue
     return steps
 
 
@@ -309,6 +329,7 @@ def assemble(sc: Scenario, stages: list[WorkloadPlan], hidden_bytes: np.ndarray)
                     {p: _spread(v, off, n) for p, v in bl.flops.items()},
                     _spread(bl.recompute_s, off, n),
                     _spread(bl.recompute_flops, off, n),
+                    {p: _spread(v, off, n) for p, v in bl.weight_s.items()},
                 )
         if plan.draft:
             draft = [_layer(lp, off, n, shift) for lp in plan.draft]

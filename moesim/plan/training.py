@@ -167,25 +167,28 @@ def _layer_backward(
     sc = plan.scenario
     dev, cdt = sc.cluster.device, sc.workload.dtypes.compute
     selective = sc.workload.train.recompute == "selective"
-    compute_s, flops = {}, {}
+    compute_s, flops, weight_s = {}, {}, {}
     recompute_s = np.zeros(plan.n_devices)
     recompute_f = np.zeros(plan.n_devices)
     for phase, ops in _phase_ops(plan, lp, b, ctx).items():
         w_bytes = b.expert_weights if phase == "experts" else b.weights
         bwd = [k for op in ops for k in backward_ops(op, w_bytes, grad_bytes)]
         redo = [op for op in ops if op.name == "attention_core" or op.name.endswith("_act")]
+        wgrad = [k for k in bwd if k.name.endswith("_wgrad")]
         if phase == "experts":
             compute_s[f"{phase}_bwd"], flops[f"{phase}_bwd"] = _expert_time(dev, bwd, cdt)
+            weight_s[f"{phase}_bwd"] = _expert_time(dev, wgrad, cdt)[0]
             if selective:
                 t, f = _expert_time(dev, redo, cdt)
                 recompute_s, recompute_f = recompute_s + t, recompute_f + f
         else:
             t, f, _ = _time(dev, bwd, cdt)
             compute_s[f"{phase}_bwd"], flops[f"{phase}_bwd"] = t * np.ones(plan.n_devices), f
+            weight_s[f"{phase}_bwd"] = _time(dev, wgrad, cdt)[0] * np.ones(plan.n_devices)
             if selective and redo:
                 t, f, _ = _time(dev, redo, cdt)
                 recompute_s, recompute_f = recompute_s + t, recompute_f + f
-    return BackwardLayer(compute_s, flops, recompute_s, recompute_f)
+    return BackwardLayer(compute_s, flops, recompute_s, recompute_f, weight_s)
 
 
 def _layer_params(plan: WorkloadPlan) -> tuple[np.ndarray, np.ndarray, float]:

@@ -217,12 +217,15 @@ class PimWork:
 
 @dataclass
 class BackwardLayer:
-    """Backward work of one layer on every device (keys: forward phase + ``_bwd``)."""
+    """Backward work of one layer on every device (keys: forward phase + ``_bwd``).
+    ``weight_s``: the part of ``compute_s`` that computes weight gradients (the wgrad GEMMs),
+    which a zero-bubble schedule runs apart from the input gradients (DualPipe's W)."""
 
     compute_s: dict[str, np.ndarray]
     flops: dict[str, np.ndarray]
     recompute_s: np.ndarray  # selective recomputation run just before this layer's backward
     recompute_flops: np.ndarray
+    weight_s: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass

@@ -136,11 +136,8 @@ def _build(sc: Scenario, stage: range | list[int], check: bool = True) -> Worklo
     ctx.mode = dispatch_mode(sc)
     dpn = sc.cluster.devices_per_node
     size = lay.ep * lay.etp
-    staged = sc.parallelism.pp > 1 or sc.parallelism.inference_micro_batches > 1
-    if ctx.mode == "per_node" and (size <= dpn or size % dpn or staged):
-        # an expert group inside one node (or not whole nodes); pipeline stages and
-        # overlapped micro-batches send their all-to-all in one stage
-        ctx.mode = "per_rank"
+    if ctx.mode == "per_node" and (size <= dpn or size % dpn):
+        ctx.mode = "per_rank"  # an expert group inside one node (or not whole nodes)
     if ctx.mode == "per_node":
         ctx.node_layout = _node_layout(lay, dpn)
         ctx.forward_layout = _dispatch_layout(lay, False, same_node=True)

@@ -70,9 +70,10 @@ def _step_scenario(sc: Scenario, phase: str, batch: int, length: int) -> Scenari
     """The scenario of one prefill or decode step. The memory check is left to the scheduler
     (device memory set to infinity here), so grid corners that would not fit still time."""
     serve = sc.workload.serve
-    wl = sc.workload.model_copy(
-        update={"phase": phase, "batch_size": int(batch), "seq_len": int(length), "serve": None}
-    )
+    update = {"phase": phase, "batch_size": int(batch), "seq_len": int(length), "serve": None}
+    if phase != "decode":
+        update["mtp"] = None  # prefills draft nothing; a decode step verifies k + 1 tokens
+    wl = sc.workload.model_copy(update=update)
     device = sc.cluster.device.model_copy(update={"memory_bytes": math.inf})
     sim = sc.sim.model_copy(
         update={"fidelity": serve.step_fidelity, "trace": False, "progress": False}

@@ -83,6 +83,7 @@ def collect_serving(sim: ServingSimulation, wall_s: float) -> ServeResult:
             "waiting",
             "running",
             "kv_used_bytes",
+            "decode_sequences",
         ],
     )
     iterations["kv_utilization"] = iterations["kv_used_bytes"] / iterations["instance"].map(
@@ -164,7 +165,7 @@ def collect_serving(sim: ServingSimulation, wall_s: float) -> ServeResult:
             "prefill": int((iterations["kind"] == "prefill").sum()),
             "decode": int((iterations["kind"] == "decode").sum()),
             "mixed": int((iterations["kind"] == "mixed").sum()),
-            "mean_decode_batch": float(decodes["decode_tokens"].mean()) if len(decodes) else 0.0,
+            "mean_decode_batch": float(decodes["decode_sequences"].mean()) if len(decodes) else 0.0,
             "mean_prefill_tokens": float(prefills["prefill_tokens"].mean())
             if len(prefills)
             else 0.0,
@@ -179,4 +180,14 @@ def collect_serving(sim: ServingSimulation, wall_s: float) -> ServeResult:
         },
         "scenario_resolved": sc.model_dump(mode="json"),
     }
+    if sc.workload.mtp is not None:  # multi-token prediction: accepted tokens per step
+        mtp = sc.workload.mtp
+        summary["mtp"] = {
+            "draft_tokens": mtp.draft_tokens,
+            "acceptance": mtp.acceptance,
+            "tokens_per_step": mtp.tokens_per_step,
+            # what the run achieved: a request's last step yields only the tokens it lacks
+            "accepted_tokens_per_step": float(decodes["decode_tokens"].sum())
+            / max(float(decodes["decode_sequences"].sum()), 1.0),
+        }
     return ServeResult(summary, requests, iterations, costs.grid.table())

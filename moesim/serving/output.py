@@ -76,6 +76,13 @@ def print_serving_summary(s: dict[str, Any]) -> None:
         f"tokens), {it['decode']:,} decode (mean batch {it['mean_decode_batch']:.1f})"
         + (f", {it['mixed']:,} mixed" if it["mixed"] else "")
     )
+    if s.get("mtp"):
+        mtp = s["mtp"]
+        print(
+            f"multi-token pred. {mtp['draft_tokens']} draft tokens at {mtp['acceptance']:.0%} "
+            f"acceptance: {mtp['accepted_tokens_per_step']:.2f} tokens per sequence per decode "
+            f"step (expected {mtp['tokens_per_step']:.2f})"
+        )
     print(
         f"simulated in      {s['sim']['wall_s']:.2f} s wall ({s['sim']['grid_points']} grid "
         f"steps timed in {s['sim']['grid_wall_s']:.2f} s), {s['sim']['events']:,} events"

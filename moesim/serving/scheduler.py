@@ -117,6 +117,9 @@ class ServingSimulation:
         self.prompt = requests["prompt_tokens"].to_numpy(dtype=np.int64)
         self.output = requests["output_tokens"].to_numpy(dtype=np.int64)
         self.generated = np.zeros(n, dtype=np.int64)
+        self.decode_steps = np.zeros(n, dtype=np.int64)  # decode steps each request ran
+        mtp = sc.workload.mtp  # multi-token prediction: accepted tokens per decode step
+        self.tokens_per_step = mtp.tokens_per_step if mtp is not None else 1.0
         self.instance = np.full(n, -1, dtype=np.int64)
         self.decode_instance = np.full(n, -1, dtype=np.int64)
         self.admitted_s = np.full(n, np.nan)
@@ -202,8 +205,17 @@ class ServingSimulation:
         self._count(-1)
 
     def _record(
-        self, inst: _Instance, kind: str, start: float, seqs: int, prefill: int, decode: int
+        self,
+        inst: _Instance,
+        kind: str,
+        start: float,
+        seqs: int,
+        prefill: int,
+        decode: int,
+        decoding: int | None = None,
     ) -> None:
+        """One iteration: ``decode`` output tokens of ``decoding`` decoded sequences (more
+        tokens than sequences with multi-token prediction)."""
         self.iterations.append(
             (
                 inst.index,
@@ -218,6 +230,7 @@ class ServingSimulation:
                 len(inst.waiting) + len(inst.incoming),
                 len(inst.running),
                 inst.used_bytes,
+                decode if decoding is None else decoding,
             )
         )
 
@@ -320,24 +333,37 @@ class ServingSimulation:
         running = np.asarray(inst.running)
         start = env.now
         yield env.timeout(self._decode_s(running))
-        self._decoded(inst, running)
-        self._record(inst, "decode", start, len(running), 0, len(running))
+        accepted = self._decoded(inst, running)
+        self._record(inst, "decode", start, len(running), 0, accepted, len(running))
 
     def _decode_s(self, running: np.ndarray) -> float:
         """One decode step of ``running`` at their mean cached context."""
         context = self.prompt[running] + self.generated[running] - 1
         return self.costs.grid.decode_time(len(running), float(context.mean()))
 
-    def _decoded(self, inst: _Instance, running: np.ndarray) -> None:
+    def _gain(self, running: np.ndarray) -> np.ndarray:
+        """Tokens each of ``running`` gains in its next decode step. With multi-token
+        prediction a step yields on average ``tau = sum_{i=0..k} a^i`` accepted tokens
+        (:attr:`moesim.config.scenario.MtpConfig.tokens_per_step`), aggregated without random
+        draws: after ``n`` decode steps a request holds ``1 + floor(n tau)`` tokens (the
+        first from its prefill), at most its output; without MTP one token a step."""
+        total = 1 + np.floor((self.decode_steps[running] + 1) * self.tokens_per_step + 1e-9)
+        return np.minimum(total.astype(np.int64), self.output[running]) - self.generated[running]
+
+    def _decoded(self, inst: _Instance, running: np.ndarray) -> int:
+        """Advance ``running`` by one decode step; returns the output tokens it produced."""
         now = self.env.now
         gap = now - self.last_token_s[running]
         self.max_gap_s[running] = np.fmax(self.max_gap_s[running], gap)
         self.last_token_s[running] = now
-        self.generated[running] += 1
+        gain = self._gain(running)
+        self.generated[running] += gain
+        self.decode_steps[running] += 1
         done = self.generated[running] >= self.output[running]
         for r in running[done]:
             self._finish(inst, int(r))
         inst.running = [int(r) for r in running[~done]]
+        return int(gain.sum())
 
     def _front_chunked(self, inst: _Instance):
         """Chunked prefill (Sarathi-Serve): every iteration decodes every running request and
@@ -382,8 +408,7 @@ class ServingSimulation:
                 t = grid.decode_time(1, float(grid.decode_contexts[0]))
             t += sum(grid.chunk_time(o, c) for _, o, c in chunks)
             yield env.timeout(t)
-            if len(running):
-                self._decoded(inst, running)
+            accepted = self._decoded(inst, running) if len(running) else 0
             for r, _, c in chunks:
                 done_tokens[r] += c
                 if done_tokens[r] < self._prefill_tokens(r):
@@ -399,24 +424,26 @@ class ServingSimulation:
                     inst.running.append(r)
             kind = "mixed" if chunks and len(running) else ("prefill" if chunks else "decode")
             seqs = len(running) + len(chunks)
-            self._record(inst, kind, start, seqs, sum(c for _, _, c in chunks), len(running))
+            prefilled = sum(c for _, _, c in chunks)
+            self._record(inst, kind, start, seqs, prefilled, accepted, len(running))
 
     def _grow(self, inst: _Instance) -> None:
-        """Give every running request one more token of KV; when that does not fit, preempt
-        the newest running requests (their KV freed, back to the head of the queue, recomputed
-        when readmitted), as vLLM does."""
-        per_token = self.costs.kv_bytes_per_token
-        while (
-            len(inst.running) > 1
-            and inst.used_bytes + len(inst.running) * per_token > inst.capacity_bytes
-        ):
+        """Give every running request the KV of the tokens its next step adds (one, or the
+        accepted tokens of multi-token prediction: :meth:`_gain`); when that does not fit,
+        preempt the newest running requests (their KV freed, back to the head of the queue,
+        recomputed when readmitted), as vLLM does."""
+        need = self._gain(np.asarray(inst.running, dtype=np.int64)) * self.costs.kv_bytes_per_token
+        total = float(need.sum())
+        while len(inst.running) > 1 and inst.used_bytes + total > inst.capacity_bytes:
             victim = inst.running.pop()
+            total -= float(need[len(inst.running)])
             self._release(inst, victim)
             self.preemptions[victim] += 1
             inst.waiting.appendleft(victim)
-        running = np.asarray(inst.running)
-        self.held[running] += per_token
-        self._kv(inst, len(running) * per_token)
+        running = np.asarray(inst.running, dtype=np.int64)
+        need = need[: len(running)]
+        self.held[running] += need
+        self._kv(inst, float(need.sum()))
 
     def _hand_off(self, r: int) -> None:
         target = ROUTERS[self.serve.router](self.back, r)
