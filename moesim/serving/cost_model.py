@@ -237,7 +237,10 @@ class StepGrid:
         """Seconds to prefill ``prompts`` (token counts) in one iteration."""
         p = np.asarray(prompts, dtype=float)
         tokens, squares = p.sum(), (p * p).sum()
-        b_eff, p_eff = tokens * tokens / squares, squares / tokens
+        return self.prefill_at(tokens * tokens / squares, squares / tokens)
+
+    def prefill_at(self, b_eff: float, p_eff: float) -> float:
+        """Seconds of the grid's prefill of ``b_eff`` prompts of ``p_eff`` tokens."""
         lengths = self.prefill_lengths
         per_length = np.array(
             [

@@ -83,6 +83,8 @@ def collect_serving(sim: ServingSimulation, wall_s: float) -> ServeResult:
             "waiting",
             "running",
             "kv_used_bytes",
+            "replica_max_sequences",
+            "replica_min_sequences",
         ],
     )
     iterations["kv_utilization"] = iterations["kv_used_bytes"] / iterations["instance"].map(
