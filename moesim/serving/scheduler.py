@@ -364,17 +364,17 @@ class ServingSimulation:
         return True
 
     def _prefill_s(self, batch: list[int]) -> float:
-        """One prefill iteration of ``batch`` over its replicas (:meth:`StepGrid.prefill_at`
-        at :func:`slowest_replica_prefill`), plus for each prompt of a replica the attention
-        of its new tokens to its cached prefix (:meth:`StepGrid.chunk_time` at offset
-        ``cached`` minus at offset 0, at least 0), the largest such sum of any replica."""
+        """One prefill iteration of ``batch`` over its replicas: the slowest of the grid's
+        prefills (:meth:`StepGrid.prefill_at`) at :func:`slowest_replica_prefill`, plus for
+        each prompt of a replica the attention of its new tokens to its cached prefix
+        (:meth:`StepGrid.chunk_time` at offset ``cached`` minus at offset 0, at least 0), the
+        largest such sum of any replica."""
         grid = self.costs.grid
         lengths = np.array([self._prefill_tokens(r) for r in batch])
         cached = self.cached[batch]
         where = self.replica[batch]
         new = (lengths - cached).astype(float)
-        b_eff, p_eff = slowest_replica_prefill(new, where, self.dp)
-        t = grid.prefill_at(b_eff, p_eff)
+        t = max(grid.prefill_at(b, p) for b, p in slowest_replica_prefill(new, where, self.dp))
         extra = np.zeros(self.dp)
         for c, k, j in zip(cached[cached > 0], new[cached > 0], where[cached > 0], strict=True):
             # never negative: where the grid is concave for other reasons (expert imbalance
@@ -609,21 +609,25 @@ def slowest_replica_decode(counts: np.ndarray, context_sums: np.ndarray) -> tupl
     return max(total, len(counts) * (b - 1) + 1), float(context_sums.max()) / b
 
 
-def slowest_replica_prefill(new: np.ndarray, replica: np.ndarray, dp: int) -> tuple[float, float]:
-    """The grid prefill point ``(b_eff, p_eff)`` of prompts of ``new`` tokens on replicas
-    ``replica``: the instance's ``b_eff = (sum p)^2 / sum p^2`` and ``p_eff = sum p^2 / sum p``
-    (:meth:`StepGrid.prefill_time`), raised to those of the replica with the most tokens, as
-    :func:`slowest_replica_decode` does: ``b_eff = max(b_all, dp (b_r - 1) + 1)``, ``p_eff =
-    max(p_all, p_r)``. Exact for one replica and for identical prompts packed evenly."""
+def slowest_replica_prefill(
+    new: np.ndarray, replica: np.ndarray, dp: int
+) -> list[tuple[float, float]]:
+    """The grid prefill points ``(b_eff, p_eff)`` that stand for prompts of ``new`` tokens
+    packed on ``replica``, one per busy replica ``r`` (the iteration takes the slowest): the
+    replica's own ``p_r = sum p^2 / sum p`` and ``b_r = (sum p)^2 / sum p^2``
+    (:meth:`StepGrid.prefill_time`), at ``b = max(T / p_r, dp (b_r - 1) + 1)`` prompts, ``T``
+    the instance's prompt tokens: the even-split step whose busiest replica holds ``b_r``
+    prompts of ``p_r`` and whose experts see at least ``T`` tokens. One replica: the
+    instance's own point; identical prompts packed evenly: exact."""
     tokens, squares = new.sum(), (new * new).sum()
-    b_all, p_all = tokens * tokens / squares, squares / tokens
     if dp == 1:
-        return b_all, p_all
+        return [(tokens * tokens / squares, squares / tokens)]
     t_r = np.bincount(replica, weights=new, minlength=dp)
     q_r = np.bincount(replica, weights=new * new, minlength=dp)
-    j = int(np.argmax(t_r))
-    b_r, p_r = t_r[j] * t_r[j] / q_r[j], q_r[j] / t_r[j]
-    return max(b_all, dp * (b_r - 1) + 1), max(p_all, p_r)
+    busy = t_r > 0
+    b_r, p_r = t_r[busy] ** 2 / q_r[busy], q_r[busy] / t_r[busy]
+    b = np.maximum(tokens / p_r, dp * (b_r - 1) + 1)
+    return list(zip(b.tolist(), p_r.tolist(), strict=True))
 
 
 def _least_loaded(instances: list[_Instance], request: int) -> _Instance:
