@@ -12,6 +12,7 @@ Optional disaggregation: prefill instances hand each request's KV to a decode in
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
@@ -421,35 +422,49 @@ class ServingSimulation:
     def _decode(self, inst: _Instance):
         env = self.env
         if inst.role == "both" and self.serve.kv_allocation == "on_demand":
-            self._grow(inst)
-        running = [np.asarray(rep.running, dtype=np.int64) for rep in inst.replicas]
+            running, counts = self._grow(inst)
+        else:
+            running, counts = self._running(inst)
         start = env.now
-        yield env.timeout(self._decode_s(running))
+        yield env.timeout(self._decode_s(running, counts))
         self._decoded(inst, running)
-        seqs = [len(x) for x in running]
-        self._record(inst, "decode", start, seqs, 0, sum(seqs))
+        self._record(inst, "decode", start, counts, 0, len(running))
 
-    def _decode_s(self, running: list[np.ndarray]) -> float:
-        """One decode step of every replica's ``running`` requests: the grid step at
+    def _running(self, inst: _Instance) -> tuple[np.ndarray, list[int]]:
+        """The instance's running requests, replica after replica, and their count on each."""
+        counts = [len(rep.running) for rep in inst.replicas]
+        if len(counts) == 1:
+            return np.array(inst.replicas[0].running, dtype=np.int64), counts
+        rows = itertools.chain.from_iterable(rep.running for rep in inst.replicas)
+        return np.fromiter(rows, dtype=np.int64, count=sum(counts)), counts
+
+    def _decode_s(self, running: np.ndarray, counts: list[int]) -> float:
+        """One decode step of ``running`` (``counts`` on each replica): the grid step at
         :func:`slowest_replica_decode` of their cached contexts."""
-        counts = np.array([len(x) for x in running])
-        sums = np.array([float((self.prompt[x] + self.generated[x] - 1).sum()) for x in running])
-        batch, context = slowest_replica_decode(counts, sums)
-        return self.costs.grid.decode_time(batch, context)
+        context = self.prompt[running] + self.generated[running] - 1
+        if self.dp == 1:
+            batch, mean = len(running), float(context.sum()) / len(running)
+        else:
+            sums = np.bincount(self.replica[running], weights=context, minlength=self.dp)
+            batch, mean = slowest_replica_decode(np.array(counts), sums)
+        return self.costs.grid.decode_time(batch, mean)
 
-    def _decoded(self, inst: _Instance, running: list[np.ndarray]) -> None:
+    def _decoded(self, inst: _Instance, running: np.ndarray) -> None:
         now = self.env.now
-        for rep, x in zip(inst.replicas, running, strict=True):
-            if not len(x):
-                continue
-            gap = now - self.last_token_s[x]
-            self.max_gap_s[x] = np.fmax(self.max_gap_s[x], gap)
-            self.last_token_s[x] = now
-            self.generated[x] += 1
-            done = self.generated[x] >= self.output[x]
-            for r in x[done].tolist():
-                self._finish(rep, r)
-            rep.running = x[~done].tolist()
+        last = self.last_token_s[running]
+        self.max_gap_s[running] = np.fmax(self.max_gap_s[running], now - last)
+        self.last_token_s[running] = now
+        self.generated[running] += 1
+        done = self.generated[running] >= self.output[running]
+        if not done.any():
+            return
+        finished = running[done].tolist()
+        for r in finished:
+            self._finish(inst.replicas[self.replica[r]], r)
+        gone = set(finished)
+        for j in set(self.replica[finished].tolist()):
+            rep = inst.replicas[j]
+            rep.running = [r for r in rep.running if r not in gone]
 
     def _front_chunked(self, inst: _Instance):
         """Chunked prefill (Sarathi-Serve): every iteration decodes every running request and
@@ -461,9 +476,10 @@ class ServingSimulation:
         done_tokens = self.prefilled
         while True:
             if serve.kv_allocation == "on_demand" and inst.n_running:
-                self._grow(inst)
-            running = [np.asarray(rep.running, dtype=np.int64) for rep in inst.replicas]
-            n_running = sum(len(x) for x in running)
+                running, counts = self._grow(inst)
+            else:
+                running, counts = self._running(inst)
+            n_running = len(running)
             left = serve.chunked_prefill_tokens - n_running
             chunks: list[tuple[int, int, int]] = []  # (request, offset, tokens)
             for r in prefilling:
@@ -486,7 +502,7 @@ class ServingSimulation:
                 continue
             start = env.now
             if n_running:
-                t = self._decode_s(running)
+                t = self._decode_s(running, counts)
             else:  # the weights are read once per iteration either way
                 t = grid.decode_time(1, float(grid.decode_contexts[0]))
             per_replica = np.zeros(self.dp)
@@ -495,7 +511,7 @@ class ServingSimulation:
             yield env.timeout(t + float(per_replica.max()))
             if n_running:
                 self._decoded(inst, running)
-            seqs = np.array([len(x) for x in running]) + self._seqs([r for r, _, _ in chunks])
+            seqs = np.array(counts) + self._seqs([r for r, _, _ in chunks])
             for r, _, c in chunks:
                 done_tokens[r] += c
                 if done_tokens[r] < self._prefill_tokens(r):
@@ -513,10 +529,11 @@ class ServingSimulation:
             kind = "mixed" if chunks and n_running else ("prefill" if chunks else "decode")
             self._record(inst, kind, start, seqs, sum(c for _, _, c in chunks), n_running)
 
-    def _grow(self, inst: _Instance) -> None:
+    def _grow(self, inst: _Instance) -> tuple[np.ndarray, list[int]]:
         """Give every running request one more token of KV; when that does not fit a replica,
         preempt its newest running requests (their KV freed, back to the head of the
-        instance's queue, recomputed when readmitted), as vLLM does."""
+        instance's queue, recomputed when readmitted), as vLLM does. Returns
+        :meth:`_running` after it."""
         per_token = self.costs.kv_bytes_per_token
         for rep in inst.replicas:
             while (
@@ -529,8 +546,10 @@ class ServingSimulation:
                 self.preemptions[victim] += 1
                 inst.waiting.appendleft(victim)
             if rep.running:
-                self.held[rep.running] += per_token
                 self._kv(rep, len(rep.running) * per_token)
+        running = self._running(inst)
+        self.held[running[0]] += per_token
+        return running
 
     def _hand_off(self, rep: _Replica, r: int) -> None:
         target = ROUTERS[self.serve.router](self.back, r)
