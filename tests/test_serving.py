@@ -69,8 +69,10 @@ def test_latency_rises_with_rate_and_throughput_saturates():
         for q in ("p50", "p90", "p99"):
             values = np.array([s[f"{metric}_{q}_s"] for s in runs])
             # at light load a small eager prefill is dispatch-bound (a kernel costs at least
-            # kernel_launch_s, however few tokens it has), so TTFT stays flat within 1%
-            assert np.all(np.diff(values) > -0.01 * values[:-1]), (metric, q, values)
+            # kernel_launch_s, however few tokens it has), so TTFT stays flat within 2% (two
+            # prompts on two replicas take the grid at a fractional batch, where the grid's
+            # expert imbalance, drawn per step, is not monotone to the last percent)
+            assert np.all(np.diff(values) > -0.02 * values[:-1]), (metric, q, values)
             assert values[-1] > 2 * values[0], (metric, q, values)
     assert runs[-1]["ttft_p99_s"] > 100 * runs[0]["ttft_p99_s"]
     outputs = results[0].requests["output_tokens"]  # the same requests at every rate
