@@ -69,8 +69,10 @@ def test_latency_rises_with_rate_and_throughput_saturates():
         for q in ("p50", "p90", "p99"):
             values = np.array([s[f"{metric}_{q}_s"] for s in runs])
             # at light load a small eager prefill is dispatch-bound (a kernel costs at least
-            # kernel_launch_s, however few tokens it has), so TTFT stays flat within 1%
-            assert np.all(np.diff(values) > -0.01 * values[:-1]), (metric, q, values)
+            # kernel_launch_s, however few tokens it has), so TTFT stays flat within 2% (two
+            # prompts on two replicas take the grid at a fractional batch, where the grid's
+            # expert imbalance, drawn per step, is not monotone to the last percent)
+            assert np.all(np.diff(values) > -0.02 * values[:-1]), (metric, q, values)
             assert values[-1] > 2 * values[0], (metric, q, values)
     assert runs[-1]["ttft_p99_s"] > 100 * runs[0]["ttft_p99_s"]
     outputs = results[0].requests["output_tokens"]  # the same requests at every rate
@@ -562,3 +564,158 @@ def test_kv_transfer_bandwidth_share_slows_the_hand_off():
     transfer_s = PROMPT * 2 * 8 * 128 * 2 * 2 / spec.bandwidth_bytes_per_s
     gap = (quarter["done_s"] - quarter["first_token_s"]) - (full["done_s"] - full["first_token_s"])
     assert np.allclose(gap, 3 * transfer_s)  # 1 / 0.25 - 1 more transfers' worth
+
+
+def _trace(tmp_path, rows):
+    path = tmp_path / "reqs.csv"
+    lines = ["arrival_s,prompt_tokens,output_tokens"] + [f"{a},{p},{o}" for a, p, o in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_replica_packing_is_moot_with_one_attention_replica():
+    # tp 8 on 8 GPUs: one attention replica, so both packings give the same run
+    runs = [
+        simulate(
+            serve_scenario(
+                {"rate_per_s": 400.0, "replica_packing": packing}, **{"parallelism.tp": 8}
+            )
+        )
+        for packing in ("least_loaded", "round_robin")
+    ]
+    a, b = (r.requests for r in runs)
+    assert a.equals(b)
+    it = runs[0].iterations
+    assert (it["replica_max_sequences"] == it["sequences"]).all()
+
+
+def test_round_robin_packing_keeps_identical_requests_within_one():
+    # tp 4 on 8 GPUs: two attention replicas; identical requests taken in turn
+    res = simulate(
+        serve_scenario(
+            {"rate_per_s": 300.0, "replica_packing": "round_robin"}, **{"parallelism.tp": 4}
+        )
+    )
+    dec = res.iterations[res.iterations["kind"] == "decode"]
+    assert len(dec) and dec["sequences"].max() > 8
+    assert (dec["replica_max_sequences"] - dec["replica_min_sequences"] <= 1).all()
+    assert (dec["replica_max_sequences"] + dec["replica_min_sequences"] == dec["sequences"]).all()
+
+
+def test_replicas_serve_every_request_once_within_their_kv():
+    from moesim.serving.cost_model import build_cost_model
+    from moesim.serving.requests import request_stream
+    from moesim.serving.scheduler import ServingSimulation
+
+    def setup(utilization):
+        sc = serve_scenario(
+            {
+                "rate_per_s": 2000.0,
+                "n_requests": 150,
+                "output_tokens": {"distribution": "uniform", "low": 1, "high": 96},
+                "memory_utilization": utilization,
+            },
+            **{"parallelism.tp": 4},
+        )
+        req = request_stream(sc)
+        lengths = req["prompt_tokens"].to_numpy(), req["output_tokens"].to_numpy()
+        return sc, req, build_cost_model(sc, *lengths)
+
+    # a KV pool of about ten requests per replica: admission waits and decodes preempt
+    sc, _, costs = setup(0.5)
+    fixed = 0.5 * sc.cluster.device.memory_bytes - costs.kv_budget_bytes
+    ten = 10 * float(costs.footprint_bytes(PROMPT + 96))
+    sc, req, costs = setup((fixed + ten) / sc.cluster.device.memory_bytes)
+    sim = ServingSimulation(sc, req, costs).run()
+    reps = [rep for inst in sim.front for rep in inst.replicas]
+    assert len(reps) == 2 and sim.preemptions.sum() > 0
+    assert all(rep.peak_bytes <= rep.capacity_bytes == costs.kv_budget_bytes for rep in reps)
+    assert all(rep.used_bytes == pytest.approx(0.0, abs=1e-3) and not rep.seated for rep in reps)
+    assert (sim.generated == sim.output).all() and not np.isnan(sim.done_s).any()
+    it = pd_iterations(sim)
+    # every output token after the first decoded exactly once, recomputes included
+    assert it["decode_tokens"].sum() == (sim.output - 1).sum()
+    assert (it["replica_max_sequences"] <= -(-sc.workload.serve.max_batch_size // 2)).all()
+
+
+def pd_iterations(sim):
+    from moesim.serving.metrics import collect_serving
+
+    return collect_serving(sim, 0.0).iterations
+
+
+def test_least_loaded_packing_balances_what_round_robin_does_not(tmp_path):
+    # alternating long and short outputs: round robin sends every long one to replica 0
+    rows = [(0.0005 * i, PROMPT, 96 if i % 2 == 0 else 4) for i in range(120)]
+    trace = _trace(tmp_path, rows)
+    imbalance = {}
+    for packing in ("round_robin", "least_loaded"):
+        it = simulate(
+            serve_scenario(
+                {"arrivals": "trace", "trace": trace, "replica_packing": packing},
+                **{"parallelism.tp": 4},
+            )
+        ).iterations
+        dec = it[it["kind"] == "decode"]
+        imbalance[packing] = float((dec["replica_max_sequences"] / (dec["sequences"] / 2)).mean())
+    assert 1.0 <= imbalance["least_loaded"] < imbalance["round_robin"]
+
+
+def test_slowest_replica_sets_the_step():
+    from moesim.serving.scheduler import slowest_replica_decode, slowest_replica_prefill
+
+    # even as integers allow: the grid's own even split, unchanged
+    assert slowest_replica_decode(np.array([3, 2]), np.array([300.0, 200.0])) == (5, 100.0)
+    # uneven: the even split whose busiest replica holds 4 sequences and 400 cached tokens
+    assert slowest_replica_decode(np.array([4, 1]), np.array([400.0, 50.0])) == (7, 100.0)
+    assert slowest_replica_decode(np.array([1, 0, 0, 0]), np.array([9.0, 0, 0, 0])) == (1, 9.0)
+    p = np.full(4, 100.0)
+    assert slowest_replica_prefill(p, np.array([0, 1, 2, 3]), 4) == [(4.0, 100.0)] * 4
+    assert slowest_replica_prefill(p[:1], np.array([2]), 4) == [(1.0, 100.0)]
+    # three on one replica of two, one on the other: the even split of 5 (3 + 2)
+    assert slowest_replica_prefill(p, np.array([0, 0, 0, 1]), 2)[0] == (5.0, 100.0)
+    # one long prompt beside short ones: one prompt of 400 per replica, 700 tokens in all
+    got = slowest_replica_prefill(np.array([400.0, 100, 100, 100]), np.arange(4), 4)
+    assert got == [(1.75, 400.0), (7.0, 100.0), (7.0, 100.0), (7.0, 100.0)]
+
+
+def test_kv_links_share_max_min():
+    import simpy
+
+    from moesim.serving.scheduler import SharedLinks
+
+    env = simpy.Environment()
+    links = SharedLinks(env, {"out0": 1.0, "out1": 3.0, "in0": 1.0, "in1": 3.0})
+    finish = {}
+
+    def send(name, nbytes, route):
+        yield links.send(nbytes, route)
+        finish[name] = env.now
+
+    # a and b share out0 (1/2 each); c gets what b leaves of in1: 3 - 1/2
+    for name, nbytes, route in (
+        ("a", 1.0, ("out0", "in0")),
+        ("b", 1.0, ("out0", "in1")),
+        ("c", 5.0, ("out1", "in1")),
+    ):
+        env.process(send(name, nbytes, route))
+    env.run()
+    assert finish == pytest.approx({"a": 2.0, "b": 2.0, "c": 2.0})
+
+
+def test_kv_transfers_share_the_prefill_replicas_egress(tmp_path):
+    # two prompts prefilled together on a one-replica prefill instance (tp 8) leave over the
+    # same links for two decode instances: each at half the bandwidth
+    trace = _trace(tmp_path, [(0.0, PROMPT, OUTPUT), (0.0, PROMPT, OUTPUT)])
+    dis = {"prefill_replicas": 1, "decode_replicas": 2}
+    res = simulate(
+        serve_scenario(
+            {"arrivals": "trace", "trace": trace, "disaggregated": dis}, **{"parallelism.tp": 8}
+        )
+    )
+    spec = catalog.link("ib-ndr-400")
+    per_device = PROMPT * 2 * 1 * 128 * 2 * 2  # K and V, 1 of 8 kv heads, 128 dims, bf16, 2 layers
+    first = res.iterations[res.iterations["role"] == "decode"].groupby("instance")["start_s"].min()
+    prefilled = res.requests["first_token_s"].max()
+    expected = prefilled + 2 * per_device / spec.bandwidth_bytes_per_s + spec.latency_s
+    assert len(first) == 2 and np.allclose(first, expected, rtol=1e-9)

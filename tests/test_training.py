@@ -326,3 +326,39 @@ def test_gradient_buckets_overlap_the_backward(fidelity):
     assert overlapped.summary["train"]["grad_reduce_bytes"] == pytest.approx(
         serial.summary["train"]["grad_reduce_bytes"]
     )
+
+
+@pytest.mark.parametrize("fidelity", ["des", "analytic"])
+def test_replicated_experts_all_reduce_their_gradients(fidelity):
+    """8 experts on ep 8 (one node), the hottest of each of the 2 layers given ``extra``
+    copies: ``r = extra + 1`` ranks all-reduce its fp32 weight gradient, each sending
+    ``2 (r - 1) / r`` of it in a ring; nothing without replication."""
+
+    def run(extra):
+        routing = {"distribution": "uniform", "replicate_hot": 1 if extra else 0}
+        if extra:
+            routing["replicas_per_hot"] = extra
+        sc = small_scenario(
+            **{
+                "routing": routing,
+                "workload.phase": "train",
+                "workload.batch_size": 8,
+                "workload.seq_len": 128,
+                "workload.train": {"zero_stage": 1, "grad_allreduce": "ring"},
+                "sim.fidelity": fidelity,
+            }
+        )
+        return simulate(sc).summary
+
+    base = run(0)
+    assert base["train"]["replica_grad_reduce_bytes"] == 0.0
+    grad = 3 * D_MODEL * D_FF * 4.0  # one expert's weight gradient, fp32
+    bw, alpha = NVL.effective_bandwidth_bytes_per_s, NVLINK_LATENCY_S
+    for extra in (1, 3):
+        r = extra + 1
+        s = run(extra)
+        per_replica = s["train"]["replica_grad_reduce_bytes"] / (2 * r)  # 2 layers x r ranks
+        assert per_replica == pytest.approx(2 * (r - 1) / r * grad)
+        added = s["breakdown_s"]["grad_reduce"] - base["breakdown_s"]["grad_reduce"]
+        ring_s = ring_closed_form_s(grad, r, bw, alpha) + COLL_LAUNCH_S
+        assert added == pytest.approx(2 * ring_s, rel=0.01)

@@ -437,7 +437,7 @@ class RoutingConfig(Config):
         1,
         description="extra replicas each of the replicate_hot experts gets; proportional: "
         "replicate_hot extra replicas in all, each to the expert with the most expected load "
-        "per copy (DeepSeek EPLB); training does not charge the replicas' gradient all-reduce",
+        "per copy (DeepSeek EPLB); in training the copies all-reduce their gradients",
     )
     global_routing: bool = Field(
         False,

@@ -208,8 +208,17 @@ class ServeConfig(_Config):
         "running or in transfer) or round_robin (request r to instance r mod replicas); the "
         "same rule sends prefilled requests to decode pools",
     )
+    replica_packing: Literal["least_loaded", "round_robin"] = Field(
+        "least_loaded",
+        description="which attention data-parallel replica of an instance an admitted request "
+        "joins (its KV cache and decode batch stay there): least_loaded (the fewest KV bytes "
+        "in use among replicas with a free seat) or round_robin (replicas in turn; admission "
+        "waits while that one is full)",
+    )
     max_batch_size: PositiveInt = Field(
-        256, description="running sequences per instance (vLLM max_num_seqs)"
+        256,
+        description="running sequences per instance (vLLM max_num_seqs), ceil(max_batch_size "
+        "/ dp) per attention replica",
     )
     max_batched_tokens: PositiveInt = Field(
         8192,

@@ -297,6 +297,32 @@ def _grad_collectives(
     return reduce, gather
 
 
+def replica_grad_collectives(plan: WorkloadPlan, lp: LayerPlan) -> list[Traffic]:
+    """The gradient all-reduce of one layer's replicated experts (``routing.replicate_hot``):
+    the ``r`` EP ranks of an expert group holding copies of expert ``e`` sum its weight
+    gradient, one ring (or tree, ``grad_allreduce``) per expert, expert group and etp shard,
+    of the expert's gradient bytes per shard ``3 d d_ff / etp x grad_dtype`` (each of the
+    ``r`` members sends ``2 (r - 1) / r`` of it in a ring). It runs before the
+    expert-data-parallel reduction, which then sums each rank's copy over the expert groups
+    as for any expert (a two-level all-reduce)."""
+    share = lp.expert_share
+    if not lp.moe or share is None or not (share > 0).sum(axis=1).max() > 1:
+        return []
+    sc = plan.scenario
+    tr, par = sc.workload.train, sc.parallelism
+    ep, etp = share.shape[1], par.etp
+    edp = plan.n_devices // (ep * etp)
+    nbytes = expert_params_per_shard(sc.model, etp) * DTYPE_BYTES[tr.grad_dtype]
+    allreduce = tree_allreduce if tr.grad_allreduce == "tree" else ring_allreduce
+    out = []
+    for e in np.flatnonzero((share > 0).sum(axis=1) > 1):
+        ranks = np.flatnonzero(share[e] > 0)
+        base = (np.arange(edp)[:, None] * ep * etp + np.arange(etp)[None, :]).ravel()
+        groups = base[:, None] + ranks[None, :] * etp  # [edp x etp, r] devices
+        out.append(allreduce(groups, nbytes))
+    return out
+
+
 def _optimizer_s(plan: WorkloadPlan, dense: np.ndarray, expert: np.ndarray, b: Bytes):
     """Adam on this device's parameters (its shard with ZeRO >= 1): read the gradient, read
     and write the optimizer state, write the weight; memory-bound."""
@@ -339,14 +365,16 @@ def add_training(plan: WorkloadPlan, b: Bytes, check: bool = True) -> None:
     has_head = float(plan.layers[-1].index == m.n_layers - 1)  # a pipeline's last stage
     lm_bwd_s, lm_bwd_f = lm_bwd_s * has_head, lm_bwd_f * has_head
     dense, expert = _params_per_device(plan)
+    replicas = [replica_grad_collectives(plan, lp) for lp in plan.layers]
     reduce, gather = _grad_collectives(plan, dense, expert, b)
+    reduce = [t for layer in replicas for t in layer] + reduce
     layer_reduce = None
     if tr.overlap_grad_reduce:  # one bucket per layer, then embeddings and LM head
         dense_l, expert_l, embeddings = _layer_params(plan)
         ones = np.ones(plan.n_devices)
         layer_reduce = [
-            _grad_collectives(plan, d * ones, e, b)[0]
-            for d, e in zip(dense_l, expert_l, strict=True)
+            rep + _grad_collectives(plan, d * ones, e, b)[0]
+            for rep, d, e in zip(replicas, dense_l, expert_l, strict=True)
         ]
         reduce = _grad_collectives(plan, embeddings * ones, 0.0 * ones, b)[0]
     head_f = np.asarray(head.flops) * has_head
@@ -439,6 +467,9 @@ def training_summary(
         "grad_reduce_bytes": float(
             sum(t.total_bytes for t in tr.grad_reduce)
             + sum(t.total_bytes for bucket in tr.layer_grad_reduce or [] for t in bucket)
+        ),
+        "replica_grad_reduce_bytes": float(
+            sum(t.total_bytes for lp in plan.layers for t in replica_grad_collectives(plan, lp))
         ),
         "overlap_grad_reduce": tr.config.overlap_grad_reduce,
         "param_gather_bytes": float(sum(t.total_bytes for t in tr.param_gather)),

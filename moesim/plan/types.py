@@ -96,6 +96,7 @@ class LayerPlan:
     local_experts: np.ndarray | None = None
     balance_history: np.ndarray | None = None
     expert_tokens: np.ndarray | None = None  # [device, local expert slot] (training only)
+    expert_share: np.ndarray | None = None  # [expert, ep rank] token shares (training only)
     pairs_out: np.ndarray | None = None  # token-expert pairs each device sends (training only)
     pim: PimWork | None = None  # work on the PIM units (plan/pim_placement.py)
     pim_attention: PimWork | None = None  # pim.policy co_processing: attention beside lp.pim

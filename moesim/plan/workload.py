@@ -254,6 +254,7 @@ def _moe_block(ctx: _Context, lp: LayerPlan, layer_seed, moe_index: int) -> None
     lp.balance_history = routing.balance_history
     if sc.workload.phase == "train":
         lp.expert_tokens, lp.pairs_out = load, pairs_out
+        lp.expert_share = share  # replicas synchronise their gradients (plan/training.py)
     if lay.tp > 1:
         lp.tp_comm_after = ring_allgather(_tp_groups(ctx), _tp_bytes(ctx))
 

@@ -14,13 +14,16 @@ come from :func:`moesim.cost.ops.kv_cache_bytes_per_token`; the KV budget per de
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -203,16 +206,26 @@ def _batch_axis(hi: int) -> np.ndarray:
     return np.unique(np.append(powers, hi)).astype(np.int64)
 
 
-def _interp(x: float, xp: np.ndarray, fp: np.ndarray) -> float:
-    """Piecewise-linear interpolation, extended linearly past both ends (a step's time keeps
-    growing with its batch); a single point is a constant."""
-    if len(xp) == 1:
-        return float(fp[0])
+def _interp_at(x: float, xp: list[float], f: Callable[[int], float]) -> float:
+    """Piecewise-linear interpolation of ``f`` over ``xp`` at ``x``, extended linearly past
+    both ends (a step's time keeps growing with its batch); a single point is a constant.
+    Reads only the (at most two) values ``f(i)`` it needs, on plain floats, with the
+    operations of ``np.interp`` (``slope (x - xp[j]) + fp[j]``) and without its per-call cost
+    (the scheduler interpolates at every iteration)."""
+    n = len(xp)
+    if n == 1:
+        return f(0)
     if x > xp[-1]:
-        return float(fp[-1] + (x - xp[-1]) * (fp[-1] - fp[-2]) / (xp[-1] - xp[-2]))
+        a, b = f(n - 2), f(n - 1)
+        return b + (x - xp[-1]) * (b - a) / (xp[-1] - xp[-2])
     if x < xp[0]:
-        return float(fp[0] + (x - xp[0]) * (fp[1] - fp[0]) / (xp[1] - xp[0]))
-    return float(np.interp(x, xp, fp))
+        a, b = f(0), f(1)
+        return a + (x - xp[0]) * (b - a) / (xp[1] - xp[0])
+    j = bisect.bisect_right(xp, x) - 1
+    if j == n - 1 or xp[j] == x:
+        return f(j)
+    a = f(j)
+    return (f(j + 1) - a) / (xp[j + 1] - xp[j]) * (x - xp[j]) + a
 
 
 @dataclass(frozen=True)
@@ -238,15 +251,17 @@ class StepGrid:
         """Seconds to prefill ``prompts`` (token counts) in one iteration."""
         p = np.asarray(prompts, dtype=float)
         tokens, squares = p.sum(), (p * p).sum()
-        b_eff, p_eff = tokens * tokens / squares, squares / tokens
-        lengths = self.prefill_lengths
-        per_length = np.array(
-            [
-                _interp(b_eff, bs, ts)
-                for bs, ts in zip(self.prefill_batches, self.prefill_s, strict=True)
-            ]
-        )
-        return max(_interp(p_eff, lengths.astype(float), per_length), 0.0)
+        return self.prefill_at(tokens * tokens / squares, squares / tokens)
+
+    def prefill_at(self, b_eff: float, p_eff: float) -> float:
+        """Seconds of the grid's prefill of ``b_eff`` prompts of ``p_eff`` tokens."""
+        lengths, batches, times = self._prefill_lists
+        b_eff, p_eff = float(b_eff), float(p_eff)
+
+        def at_length(k: int) -> float:
+            return _interp_at(b_eff, batches[k], times[k].__getitem__)
+
+        return max(_interp_at(p_eff, lengths, at_length), 0.0)
 
     def chunk_time(self, offset: int, tokens: int) -> float:
         """Marginal seconds of prefilling prompt tokens ``offset .. offset + tokens`` in an
@@ -254,16 +269,38 @@ class StepGrid:
         of ``offset + tokens`` minus one of ``offset`` tokens. The difference keeps the chunk's
         projections and expert work (linear in tokens) and its causal attention against the
         cached prefix (``(o + c)^2 - o^2``), and cancels the fixed weight streaming."""
-        lengths = self.prefill_lengths.astype(float)
-        single = np.array([ts[0] for ts in self.prefill_s])  # batch 1 at every length
-        whole = _interp(offset + tokens, lengths, single)
-        return max(whole - _interp(offset, lengths, single), 0.0)
+        lengths, _, times = self._prefill_lists
+        single = [ts[0] for ts in times]  # batch 1 at every length
+        whole = _interp_at(float(offset + tokens), lengths, single.__getitem__)
+        return max(whole - _interp_at(float(offset), lengths, single.__getitem__), 0.0)
 
     def decode_time(self, batch: int, mean_context: float) -> float:
         """Seconds of one decode step of ``batch`` sequences at ``mean_context`` cached tokens."""
-        ctx = self.decode_contexts.astype(float)
-        per_batch = np.array([_interp(mean_context, ctx, row) for row in self.decode_s])
-        return max(_interp(float(batch), self.decode_batches.astype(float), per_batch), 0.0)
+        batches, contexts, rows = self._decode_lists
+        ctx = float(mean_context)
+
+        def at_batch(i: int) -> float:
+            return _interp_at(ctx, contexts, rows[i].__getitem__)
+
+        return max(_interp_at(float(batch), batches, at_batch), 0.0)
+
+    @cached_property
+    def _prefill_lists(self) -> tuple[list[float], list[list[float]], list[list[float]]]:
+        """The prefill axes and times as plain floats (read once per iteration)."""
+        return (
+            [float(p) for p in self.prefill_lengths],
+            [[float(b) for b in bs] for bs in self.prefill_batches],
+            [[float(t) for t in ts] for ts in self.prefill_s],
+        )
+
+    @cached_property
+    def _decode_lists(self) -> tuple[list[float], list[float], list[list[float]]]:
+        """The decode axes and times as plain floats."""
+        return (
+            [float(b) for b in self.decode_batches],
+            [float(c) for c in self.decode_contexts],
+            [[float(t) for t in row] for row in self.decode_s],
+        )
 
     def table(self) -> pd.DataFrame:
         """One row per timed grid point: phase, batch, length (prompt or context), step_s."""

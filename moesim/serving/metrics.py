@@ -84,6 +84,8 @@ def collect_serving(sim: ServingSimulation, wall_s: float) -> ServeResult:
             "running",
             "kv_used_bytes",
             "decode_sequences",
+            "replica_max_sequences",
+            "replica_min_sequences",
         ],
     )
     iterations["kv_utilization"] = iterations["kv_used_bytes"] / iterations["instance"].map(
