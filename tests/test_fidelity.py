@@ -19,6 +19,8 @@ from moesim.validation.published import (
     collective_traffic,
     dgx_h100,
     error_table,
+    measurement_files,
+    predict_row,
     run_published,
     shipped_table_errors,
 )
@@ -85,6 +87,18 @@ def test_narrow_gemms_pay_the_split_k_launch_below_the_tile_threshold():
     graphs = H100.with_graphs()
     assert t(1024, device=graphs) == pytest.approx(stream(1024) + 2 * 1e-6, rel=1e-9)
     assert "fp8" not in H100.gemm_split_k_launch_s
+
+
+def test_flashmla_compute_bound_row_runs_at_the_attention_ceiling():
+    """FlashMLA decode, h_q = 128, s_q = 2, 4096 keys, d_k 576 / d_v 512, batch 128 on H800:
+    the shape factors (0.925 x 0.904) exceed attention_efficiency_max, so the core runs at
+    0.7 x 989.4 TFLOP/s; the memory-bound row (h_q = 16, s_q = 1) streams at 0.9 x 3.35 TB/s."""
+    df = pd.read_csv(next(p for p in measurement_files() if p.name == "flashmla-h800-bf16.csv"))
+    compute, memory = df[df["heads"] == 128].iloc[0], df[df["heads"] == 16].iloc[0]
+    flops = 2.0 * 128 * 2 * 128 * 4096 * (576 + 512)
+    assert predict_row(compute)[0] == pytest.approx(flops / (989.4e12 * 0.7), rel=1e-9)
+    nbytes = 2.0 * 128 * (4096 * 576 + 1 * 16 * (576 + 512))
+    assert predict_row(memory)[0] == pytest.approx(nbytes / (3.35e12 * 0.9), rel=1e-9)
 
 
 def test_published_measurements_meet_the_targets():
@@ -182,5 +196,6 @@ def test_validate_published_command_writes_its_table_and_plot(tmp_path, capsys):
     for kind in ("gemm", "grouped_gemm", "attention", "collective"):
         assert f"\n{kind} " in "\n" + out
     df = pd.read_csv(tmp_path / "published.csv")
-    assert len(df) == 62 and df["rel_error"].notna().all()
+    rows = sum(len(pd.read_csv(p)) for p in measurement_files())
+    assert rows >= 83 and len(df) == rows and df["rel_error"].notna().all()
     assert (tmp_path / "published.png").stat().st_size > 0

@@ -164,6 +164,13 @@ class GpuSpec(Spec):
         description="fraction of peak FLOP/s a long attention core reaches before its shape "
         "factors (None: compute_efficiency)",
     )
+    attention_efficiency_max: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="ceiling on the attention core's efficiency after its shape factors (wide "
+        "heads cannot push it past what the tensor cores sustain at their throttled clock)",
+    )
     attention_keys_half: float = Field(
         0.0,
         ge=0,

@@ -40,8 +40,9 @@ def kernel_time_s(
     dequantises. ``isolated``: one call timed on its own (the launch always adds, as in a
     measured kernel table). ``attention``: (keys per query L, head dim) of an attention core,
     whose efficiency is ``attention_efficiency * L / (L + attention_keys_half) * hd / (hd +
-    attention_head_dim_half)`` (FlashAttention-3, arXiv:2407.08608, Fig. 5: shorter sequences
-    and narrower heads reach less of the peak)."""
+    attention_head_dim_half)``, at most ``attention_efficiency_max`` (FlashAttention-3,
+    arXiv:2407.08608, Fig. 5: shorter sequences and narrower heads reach less of the peak;
+    FlashMLA's deep-dive: the tensor cores sustain about 0.7 of the dense peak)."""
     flops, memory_bytes = np.asarray(flops, dtype=float), np.asarray(memory_bytes, dtype=float)
     eff = device.efficiency(compute_dtype)
     if attention is not None and device.attention_efficiency is not None:
@@ -49,6 +50,7 @@ def kernel_time_s(
         eff = device.attention_efficiency
         eff *= keys / (keys + device.attention_keys_half) if keys > 0 else 1.0
         eff *= head_dim / (head_dim + device.attention_head_dim_half)
+        eff = min(eff, device.attention_efficiency_max)
     occ = 1.0
     split_k_s = 0.0
     if rows is not None:
