@@ -199,3 +199,40 @@ def test_validate_published_command_writes_its_table_and_plot(tmp_path, capsys):
     rows = sum(len(pd.read_csv(p)) for p in measurement_files())
     assert rows >= 83 and len(df) == rows and df["rel_error"].notna().all()
     assert (tmp_path / "published.png").stat().st_size > 0
+
+
+def test_mfu_is_model_flops_over_step_devices_and_the_named_peak():
+    """Mixtral-8x7B decode on 8 H100 (bf16): model FLOPs per token by hand, 2 x active matmul
+    parameters plus 4 C h hd per layer at C = seq_len + 1 keys, over step x 8 x 989.4 TFLOP/s;
+    the peak is named in the summary. Training: 3 x the forward at seq_len."""
+    from moesim import simulate
+    from moesim.cost.ops import param_counts
+
+    base = {
+        "model": "mixtral-8x7b",
+        "cluster": {"nodes": 1, "devices_per_node": 8, "device": "h100-sxm"},
+        "parallelism": {"ep": 8},
+        "sim": {"fidelity": "analytic", "progress": False, "trace": False},
+    }
+    sc = scenario_from_dict(
+        {**base, "workload": {"phase": "decode", "batch_size": 64, "seq_len": 511}}
+    )
+    s = simulate(sc).summary
+    m = catalog.model("mixtral-8x7b")
+    active = param_counts(m)["active"] - m.vocab_size * m.d_model - m.n_layers * 2 * m.d_model
+    per_token = 2.0 * active + m.n_layers * 4.0 * 512 * m.n_heads * m.head_dim
+    assert s["model_flops_per_step"] == pytest.approx(64 * per_token, rel=1e-12)
+    assert s["mfu"] == pytest.approx(64 * per_token / (s["step_time_s"] * 8 * 989.4e12), rel=1e-12)
+    assert s["mfu_peak"] == "h100-sxm dense BF16 989.4 TFLOP/s"
+    from moesim import load_scenario
+
+    train = load_scenario(
+        "scenarios/mixtral-8x7b-8xh100-train.yaml",
+        overrides={"sim.fidelity": "analytic", "sim.trace": False},
+    )
+    seq, n = train.workload.seq_len, train.cluster.nodes * train.cluster.devices_per_node
+    t = simulate(train).summary
+    per_token = 2.0 * active + m.n_layers * 4.0 * seq * m.n_heads * m.head_dim
+    expect = t["tokens"] * 3 * per_token / (t["step_time_s"] * n * 989.4e12)
+    assert t["mfu"] == pytest.approx(expect, rel=1e-12)
+    assert t["mfu"] == pytest.approx(t["train"]["mfu"], rel=1e-12)
