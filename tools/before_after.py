@@ -91,7 +91,7 @@ def table(before: Path, timeout_s: float) -> str:
             if "error" in r:
                 notes.append(f"- {name}, {side}: {r['error']}")
         print(rows[-1], file=sys.stderr, flush=True)
-    return "\n".join(rows + ([""] + notes if notes else []))
+    return "\n".join(rows + (["", *notes] if notes else []))
 
 
 def ablation(overrides: dict, timeout_s: float) -> str:
