@@ -101,6 +101,7 @@ def test_imbalance_shows_as_waiting_on_other_devices(small):
 PLAIN_ROOFLINE = {  # the plain roofline: no shape factors, launches add (tests/test_roofline.py)
     "gemm_k_half": 0.0,
     "gemm_tiles_half": {},
+    "gemm_split_k_launch_s": {},
     "attention_efficiency": None,
     "async_launch": False,
 }

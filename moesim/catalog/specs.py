@@ -164,6 +164,13 @@ class GpuSpec(Spec):
         description="fraction of peak FLOP/s a long attention core reaches before its shape "
         "factors (None: compute_efficiency)",
     )
+    attention_efficiency_max: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="ceiling on the attention core's efficiency after its shape factors (wide "
+        "heads cannot push it past what the tensor cores sustain at their throttled clock)",
+    )
     attention_keys_half: float = Field(
         0.0,
         ge=0,
@@ -199,6 +206,19 @@ class GpuSpec(Spec):
         description="per compute dtype, the output tiles (GEMM_TILE x GEMM_TILE) at which a GEMM "
         "reaches half its compute and bandwidth efficiency: T / (T + half), T = ceil(m / 128) x "
         "ceil(n / 128) (few tiles leave SMs idle); a dtype not listed has no tile penalty",
+    )
+    gemm_split_k_below_tiles: int = Field(
+        0,
+        ge=0,
+        description="a GEMM with fewer output tiles (GEMM_TILE x GEMM_TILE) than this runs as "
+        "split-K: partial products in a workspace and a reduction kernel, launched inside the "
+        "same library call (cuBLAS); 0 = never",
+    )
+    gemm_split_k_launch_s: dict[str, float] = Field(
+        default_factory=dict,
+        description="per compute dtype, the host time a split-K GEMM's extra kernels add to its "
+        "launch (added to kernel_launch_s; under CUDA graphs launch_s_with_graphs instead); a "
+        "dtype not listed has no split-K path",
     )
     dequant_ops_per_weight: float = Field(
         0.0,
@@ -262,8 +282,13 @@ class GpuSpec(Spec):
         ``launch_s_with_graphs`` adds to each kernel instead of the host dispatch."""
         if not self.cuda_graphs_hide_launch or self.launch_s_with_graphs is None:
             return self
+        split_k = {d: self.launch_s_with_graphs for d in self.gemm_split_k_launch_s}
         return self.model_copy(
-            update={"kernel_launch_s": self.launch_s_with_graphs, "async_launch": False}
+            update={
+                "kernel_launch_s": self.launch_s_with_graphs,
+                "async_launch": False,
+                "gemm_split_k_launch_s": split_k,
+            }
         )
 
     def flops_per_s(self, dtype: str) -> float:

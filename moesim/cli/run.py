@@ -58,6 +58,8 @@ def print_summary(summary: dict) -> None:
     print(f"scenario          {s['scenario']}  ({s['devices']} devices, {s['links']} links)")
     print(f"step time         {fmt_s(step)}")
     print(f"tokens/s          {s['tokens_per_s']:,.0f}  ({s['tokens']:,} tokens per step)")
+    if "mfu" in s and "mfu_peak" in s:
+        print(f"mfu               {s['mfu']:.1%} of {s['mfu_peak']} per device")
     print(f"breakdown         (timeline of {s['critical_device']}, the last device to finish)")
     for phase, sec in s["breakdown_s"].items():
         if sec > 0:

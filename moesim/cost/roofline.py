@@ -3,7 +3,10 @@
 ``r = max(flops / (peak * e_c), bytes / (bandwidth * memory_efficiency * occ))`` with
 ``e_c = efficiency(dtype) * occ * m / (m + gemm_m_half) * k / (k + gemm_k_half)`` for GEMMs
 (``occ = T / (T + gemm_tiles_half[dtype])``, ``T`` output tiles of ``GEMM_TILE``), plus the
-dequantisation of weight-only quantised weights on the vector units. The launch cost then
+dequantisation of weight-only quantised weights on the vector units. A GEMM with fewer than
+``gemm_split_k_below_tiles`` output tiles runs as split-K (partial products and a reduction
+kernel in one library call), whose extra kernels add ``gemm_split_k_launch_s[dtype]`` to each
+launch: the launch is ``kernel_launch_s + gemm_split_k_launch_s``. The launch cost then
 adds (``r + kernels * kernel_launch_s``: synchronous calls, CUDA graph replays) or overlaps
 (``max(r, kernels * kernel_launch_s)``: an eager GPU stream the host keeps ahead of). Every
 constant is a named, documented device parameter (moesim/catalog/devices.yaml).
@@ -37,8 +40,9 @@ def kernel_time_s(
     dequantises. ``isolated``: one call timed on its own (the launch always adds, as in a
     measured kernel table). ``attention``: (keys per query L, head dim) of an attention core,
     whose efficiency is ``attention_efficiency * L / (L + attention_keys_half) * hd / (hd +
-    attention_head_dim_half)`` (FlashAttention-3, arXiv:2407.08608, Fig. 5: shorter sequences
-    and narrower heads reach less of the peak)."""
+    attention_head_dim_half)``, at most ``attention_efficiency_max`` (FlashAttention-3,
+    arXiv:2407.08608, Fig. 5: shorter sequences and narrower heads reach less of the peak;
+    FlashMLA's deep-dive: the tensor cores sustain about 0.7 of the dense peak)."""
     flops, memory_bytes = np.asarray(flops, dtype=float), np.asarray(memory_bytes, dtype=float)
     eff = device.efficiency(compute_dtype)
     if attention is not None and device.attention_efficiency is not None:
@@ -46,7 +50,9 @@ def kernel_time_s(
         eff = device.attention_efficiency
         eff *= keys / (keys + device.attention_keys_half) if keys > 0 else 1.0
         eff *= head_dim / (head_dim + device.attention_head_dim_half)
+        eff = min(eff, device.attention_efficiency_max)
     occ = 1.0
+    split_k_s = 0.0
     if rows is not None:
         m = np.asarray(rows, dtype=float)
         if device.gemm_m_half > 0:
@@ -56,6 +62,10 @@ def kernel_time_s(
             tiles = np.ceil(m / GEMM_TILE) * np.ceil(cols / GEMM_TILE)
             occ = np.where(tiles > 0, tiles / (tiles + half), 1.0)
             eff = eff * occ
+        extra = device.gemm_split_k_launch_s.get(compute_dtype, 0.0)
+        if extra > 0 and cols is not None:
+            tiles = np.ceil(m / GEMM_TILE) * np.ceil(cols / GEMM_TILE)
+            split_k_s = np.where(tiles < device.gemm_split_k_below_tiles, extra, 0.0)
     if inner is not None and device.gemm_k_half > 0:
         eff = eff * inner / (inner + device.gemm_k_half)
     compute_s = flops / (device.flops_per_s(compute_dtype) * eff)
@@ -67,7 +77,7 @@ def kernel_time_s(
     bw = device.memory_bandwidth_bytes_per_s * device.memory_efficiency * occ
     memory_s = memory_bytes / bw
     busy = (flops > 0) | (memory_bytes > 0)
-    launch = np.where(busy, kernels * device.kernel_launch_s, 0.0)
+    launch = np.where(busy, kernels * (device.kernel_launch_s + split_k_s), 0.0)
     roof = np.maximum(compute_s, memory_s)
     if device.async_launch and not isolated:
         return np.maximum(roof, launch)

@@ -22,6 +22,7 @@ from moesim.plan.pim_placement import pim_summary
 from moesim.plan.tiers import tiers_summary
 from moesim.plan.types import WorkloadPlan
 from moesim.results.energy import add_energy
+from moesim.results.mfu import mfu
 from moesim.routing.distributions import max_over_mean
 
 if TYPE_CHECKING:
@@ -312,6 +313,7 @@ def collect(engine: Engine | AnalyticEngine) -> Result:
         summary["mfu"], summary["exposed_comm_s"] = train["mfu"], train["exposed_comm_s"]
         summary["all_to_all_bytes"] = train["all_to_all_bytes"]
         summary["train"] = train
+    summary.update(mfu(plan, step))  # against the named dense peak (results/mfu.py)
     return Result(
         summary,
         _frame(dev),

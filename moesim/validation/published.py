@@ -76,6 +76,23 @@ def _attention_s(row: pd.Series) -> tuple[float, float]:
     return predicted, published_flops / (float(row.tflops) * 1e12)
 
 
+def _mla_decode_s(row: pd.Series) -> tuple[float, float]:
+    """(predicted, measured) seconds of a FlashMLA decode row, absorbed MLA as the simulator
+    costs it (:func:`moesim.cost.ops.attention_ops`, ``s == 1`` branch): ``2 b s_q h s_k (d_k +
+    d_v)`` FLOPs reading ``2 b (s_k d_k + s_q h (d_k + d_v))`` bytes (FlashMLA deep-dive blog);
+    the published figure is TFLOP/s (compute-bound rows) or GB/s (memory-bound rows)."""
+    b, sq, h = float(row.batch), float(row.seqlen_q), float(row.heads)
+    sk, dk, dv = float(row.seqlen_k), float(row.head_dim_k), float(row.head_dim_v)
+    a = DTYPE_BYTES[row["dtype"]]
+    flops = 2.0 * b * sq * h * sk * (dk + dv)
+    nbytes = a * b * (sk * dk + sq * h * (dk + dv))
+    op = OpCost("attention_core", flops, nbytes, attention=(sk, dk))
+    predicted = float(op_time_s(catalog.device(row.device), op, row["dtype"], launches=False))
+    if pd.notna(row.get("tflops")) and str(row.get("tflops")) != "":
+        return predicted, flops / (float(row.tflops) * 1e12)
+    return predicted, nbytes / (float(row.gbps) * 1e9)
+
+
 @cache
 def dgx_h100(nodes: int, gpus_per_node: int) -> tuple[Scenario, Topology]:
     """A DGX H100 cluster as the catalog describes it: NVSwitch inside a node, one NDR NIC per
@@ -131,13 +148,21 @@ def _collective_s(row: pd.Series) -> tuple[float, float]:
     _, topo = dgx_h100(nodes, per_node)
     size = float(row.size_bytes)
     predicted = bottleneck_s(topo, collective_traffic(row.collective, n, size))
+    if "time_us" in row.index and pd.notna(row.get("time_us")):
+        return predicted, float(row.time_us) * 1e-6
     algbw = float(row.busbw_gbps) * 1e9 / (BUS_FACTOR[row.collective] * (n - 1) / n)
     return predicted, size / algbw
 
 
 def _case(row: pd.Series) -> str:
     if row.kind == "collective":
-        return f"{row.collective} {row.nodes}x{row.gpus_per_node} {row.size_bytes / 2**30:g} GiB"
+        size = float(row.size_bytes)
+        scaled = f"{size / 2**30:g} GiB" if size >= 2**30 else f"{size / 2**10:g} KiB"
+        if 2**20 <= size < 2**30:
+            scaled = f"{size / 2**20:g} MiB"
+        return f"{row.collective} {row.nodes}x{row.gpus_per_node} {scaled}"
+    if row.kind == "attention" and str(row.kernel).startswith("flashmla"):
+        return f"{row.kernel} h_q={row.heads} s_q={row.seqlen_q} s_k={row.seqlen_k}"
     if row.kind == "attention":
         mask = "causal" if str(row.causal).lower() == "true" else "full"
         return f"{row.kernel} s={row.seqlen} hd={row.head_dim} {mask}"
@@ -150,6 +175,8 @@ def predict_row(row: pd.Series) -> tuple[float, float]:
         g = int(row.groups)
         predicted = _gemm_s(row.device, row.m, row.n, row.k, row["dtype"], g)
         return predicted, 2.0 * row.m * row.n * row.k * g / (float(row.tflops) * 1e12)
+    if row.kind == "attention" and str(row.kernel).startswith("flashmla"):
+        return _mla_decode_s(row)
     if row.kind == "attention":
         return _attention_s(row)
     if row.kind == "collective":
