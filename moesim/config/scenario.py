@@ -463,6 +463,13 @@ class RoutingConfig(Config):
         "auto: pairs in decode, per_node in prefill and training when an expert group spans "
         "nodes, per_rank otherwise",
     )
+    per_node_stages: Literal["streamed", "sequential"] = Field(
+        "streamed",
+        description="per_node dispatch and combine: streamed runs the network leg and the "
+        "forwarding inside the node as one kernel whose flows move together, so the slower leg "
+        "sets the time (DeepEP's normal kernels forward each chunk of tokens over NVLink as it "
+        "arrives over RDMA); sequential forwards only once a device's network part has arrived",
+    )
 
     @field_validator("zipf_s")
     @classmethod

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moesim.plan.pipeline import Item, route, schedule_order
-from moesim.plan.types import LayerPlan, Traffic, WorkloadPlan
+from moesim.plan.types import LayerPlan, Traffic, WorkloadPlan, streamed
 
 FORWARD_COMPUTE = (
     "attention",
@@ -96,6 +96,8 @@ class StepGraph:
     explicit_rings: bool = False  # sim.collective_steps: explicit
     steps: dict[int, tuple[Traffic, Traffic, Traffic]] = field(default_factory=dict)
     mask: np.ndarray | None = None  # devices of the nodes added next (a pipeline stage)
+    streamed_stages: bool = False  # routing.per_node_stages: streamed
+    merged: dict[tuple[int, ...], tuple[list[Traffic], Traffic]] = field(default_factory=dict)
 
     def _add(self, **kw) -> int:
         if kw.get("devices") is None:
@@ -242,7 +244,9 @@ def build_graph(plan: WorkloadPlan, topology_tables: dict[str, np.ndarray] | Non
     ``topology_tables`` gives the GPU-PIM links (``pim_up`` / ``pim_down`` per device) when
     the plan has PIM work."""
     graph = StepGraph(
-        plan.n_devices, explicit_rings=plan.scenario.sim.collective_steps == "explicit"
+        plan.n_devices,
+        explicit_rings=plan.scenario.sim.collective_steps == "explicit",
+        streamed_stages=plan.scenario.routing.per_node_stages == "streamed",
     )
     if plan.sub_plans:  # pim.sub_batches (moesim/plan/pim_placement.py)
         _interleaved(graph, plan.sub_plans, topology_tables)
@@ -368,7 +372,13 @@ def _all_to_all(
     """An all-to-all of one or more stages (``per_node``: over the network, then forwarded
     inside the node): the first issued by ``stream``, each next one by a device as soon as
     its part of the previous one has arrived; with ``wait`` the stream waits for the last.
-    Returns the last stage's node."""
+    Returns the last stage's node. With ``streamed_stages`` the stages are one collective
+    (:func:`~moesim.plan.types.streamed`)."""
+    if len(stages) > 1 and graph.streamed_stages:
+        key = tuple(id(t) for t in stages)
+        if key not in graph.merged:  # holds the stages: their ids stay unique
+            graph.merged[key] = (list(stages), streamed(stages))
+        stages = [graph.merged[key][1]]
     if len(stages) == 1:
         return graph.collective(phase, stages[0], layer, deps, stream, wait)
     last = graph.collective(phase, stages[0], layer, deps, stream, wait=False)

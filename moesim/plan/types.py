@@ -71,6 +71,23 @@ class Traffic:
         return float(self.nbytes.sum())
 
 
+def streamed(stages: list[Traffic]) -> Traffic:
+    """The stages of a staged all-to-all as one collective whose flows move together: a kernel
+    that forwards each chunk as it arrives (DeepEP's normal kernels: RDMA to the rail peer,
+    NVLink on from there, deepseek-ai/DeepEP ``csrc/kernels/internode.cu``), so the slower
+    leg sets the time. A device completes when its own inbound bytes of every leg have
+    arrived; the pipeline's fill (one chunk's trip through both legs) is not charged."""
+    if any(t.members is not None or t.barrier or t.ring_steps for t in stages):
+        raise ValueError("only plain all-to-all stages stream together")
+    return Traffic(
+        np.concatenate([t.src for t in stages]),
+        np.concatenate([t.dst for t in stages]),
+        np.concatenate([t.nbytes for t in stages]),
+        sum(t.local_bytes for t in stages),
+        max(t.latency_steps for t in stages),
+    )
+
+
 @dataclass
 class LayerPlan:
     """One transformer layer on every device."""
