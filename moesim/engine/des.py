@@ -261,7 +261,7 @@ class Engine:
             self._send(node, g)
             if self._comm and node.phase != "pipeline" and done.callbacks is not None:
                 start = self.env.now
-                done.callbacks.append(lambda _e: self.rec.in_flight(g, start, self.env.now))
+                done.callbacks.append(lambda _e: self.rec.in_flight_one(g, start, self.env.now))
             return done
         link = int(node.links[g])
         if link < 0:
