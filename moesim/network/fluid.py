@@ -415,6 +415,27 @@ class FluidNetwork:
         self._group_event[gid] = event
         return gid, event
 
+    def groups(self, n_slots: np.ndarray) -> tuple[np.ndarray, list[simpy.Event]]:
+        """:meth:`group` for each of ``n_slots`` in order (consecutive ids): the ids and
+        the events."""
+        k = len(n_slots)
+        first = self._next_group
+        self._next_group += k
+        while first + k > len(self._group_left):
+            grow = len(self._group_left)
+            self._group_left = np.concatenate([self._group_left, np.zeros(grow, np.int64)])
+            self._group_at = np.concatenate([self._group_at, np.zeros(grow)])
+        self._group_left[first : first + k] = n_slots
+        self._group_at[first : first + k] = 0.0
+        env = self.env
+        events = [simpy.Event(env) for _ in range(k)]
+        for i, count in enumerate(np.asarray(n_slots).tolist()):
+            if count == 0:
+                events[i].succeed()
+            else:
+                self._group_event[first + i] = events[i]
+        return np.arange(first, first + k, dtype=np.int64), events
+
     def add_block(
         self,
         paths: np.ndarray,
