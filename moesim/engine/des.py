@@ -210,8 +210,9 @@ class Engine:
                 self._used(d, g)
             if node.kind == COMPUTE:
                 if node.seconds is None:  # a join: done once its dependencies are
-                    if awaited[nid] and run:
-                        yield from self._flush(g, run)
+                    if awaited[nid]:
+                        if run:
+                            yield from self._flush(g, run)
                         self._event(nid, g).succeed()
                     continue
                 seconds = float(node.seconds[g])
