@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +104,22 @@ def test_lightning_prefill_has_intra_block_term():
     expect = 4 * s * h * hd * hd + 4 * s * (257 / 2) * h * hd
     assert float(ops["attention_core"].flops) == pytest.approx(expect)
     assert "output_gate" in ops
+
+
+def test_the_parse_cache_returns_what_yaml_parses(tmp_path):
+    """The catalog's parse, kept on disk, reads back equal to a fresh YAML parse; a damaged
+    cache file is parsed again, a changed file gets its own entry."""
+    import yaml
+
+    from moesim.catalog import parse_yaml
+
+    data = (Path(catalog.__file__).parent / "devices.yaml").read_bytes()
+    fresh = yaml.safe_load(data)
+    assert parse_yaml(data, tmp_path, "devices") == fresh  # parsed, then written
+    (kept,) = tmp_path.glob("devices.*.yaml.marshal")
+    assert parse_yaml(data, tmp_path, "devices") == fresh  # read back
+    kept.write_bytes(b"\x00damaged")
+    assert parse_yaml(data, tmp_path, "devices") == fresh
+    changed = data + b"\nextra-entry: {type: gpu}\n"
+    assert parse_yaml(changed, tmp_path, "devices")["extra-entry"] == {"type": "gpu"}
+    assert len(list(tmp_path.glob("devices.*.yaml.marshal"))) == 1  # the old key dropped

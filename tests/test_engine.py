@@ -202,3 +202,31 @@ def test_every_moe_layer_dispatches_over_the_same_pairs(small):
         assert lp.dispatch.src is moe[0].dispatch.src and lp.dispatch.dst is moe[0].dispatch.dst
     engine = Engine(plan, progress=False).run()
     assert len(engine.patterns._cache) == 2  # dispatch and combine
+
+
+def test_time_in_flight_is_the_union_of_intervals():
+    """Per device, the time some collective is in flight is the measure of the union of its
+    intervals (single devices and arrays of devices recorded in any mix), against a fine
+    grid count."""
+    from moesim.engine.recorder import Recorder
+
+    rng = np.random.default_rng(2)
+    rec = Recorder(3, keep_slices=False)
+    intervals = []
+    for k in range(40):
+        start = float(rng.integers(0, 90))
+        end = start + float(rng.integers(0, 15))
+        if k % 5 == 0:
+            rec.in_flight(np.arange(3), start, end)
+            intervals += [(g, start, end) for g in range(3)]
+        else:
+            g = int(rng.integers(0, 3))
+            rec.in_flight_one(g, start, end)
+            intervals.append((g, start, end))
+    grid = np.arange(0, 110, 0.5) + 0.25  # integer endpoints: half-step cells are exact
+    for g in range(3):
+        covered = np.zeros(len(grid), dtype=bool)
+        for h, s, e in intervals:
+            if h == g:
+                covered |= (grid > s) & (grid < e)
+        assert rec.comm_busy_s()[g] == pytest.approx(0.5 * covered.sum())

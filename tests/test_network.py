@@ -356,3 +356,115 @@ def test_zero_byte_pairs_carry_no_max_min_weight_and_still_arrive():
     assert np.all(weight[pat.contribution_bytes(nbytes) == 0] == 0)
     done = collective_times_s(topo, src, dst, nbytes, "node", tolerance=1e-9)
     assert 0 < done[5] < 1e-4 < done.max()  # latency only, while the others move megabytes
+
+
+def _random_instances(seed: int, n: int):
+    """Random max-min instances: paths (-1 padded, valid hops first), capacities (rounded
+    every other time, so links tie), weights, tolerance."""
+    rng = np.random.default_rng(seed)
+    for trial in range(n):
+        n_flows, n_links, hops = rng.integers(1, 60), rng.integers(4, 25), rng.integers(1, 5)
+        paths = np.full((n_flows, hops), -1, dtype=np.int64)
+        for f in range(n_flows):
+            k = rng.integers(1, hops + 1)
+            paths[f, :k] = rng.choice(n_links, size=k, replace=False)
+        cap = rng.uniform(1.0, 10.0, n_links)
+        if trial % 2:
+            cap = np.round(cap)
+        weight = rng.integers(1, 8, n_flows).astype(float)
+        yield paths, cap, weight, [1e-12, 1e-3, 1e-2, 0.0][trial % 4]
+
+
+def test_small_max_min_is_bit_identical_to_the_numpy_reference():
+    """The plain-Python solve of small networks does the numpy reference's floating-point
+    operations in its order: the same rates, bit for bit (ties and tolerances included)."""
+    from moesim.network.fluid import maxmin_rates_numpy, maxmin_rates_small
+
+    for paths, cap, weight, tol in _random_instances(3, 120):
+        rows = [[int(x) for x in row if x >= 0] for row in paths]
+        small = maxmin_rates_small(rows, cap.tolist(), weight.tolist(), tol)
+        assert np.array_equal(np.array(small), maxmin_rates_numpy(paths, cap, weight, tol))
+
+
+def _maxmin_csr_loops(paths, capacity, weight, tolerance, alive):
+    """The compiled kernel's progressive filling as plain loops, one pass per step (the
+    kernel merges the share pass into the pass that keeps the live links): its reference."""
+    n_links = len(capacity)
+    cap, load = capacity.astype(float).copy(), np.zeros(n_links)
+    live_flows = [f for f in range(len(paths)) if alive[f]]
+    by_link = [[] for _ in range(n_links)]
+    for f in live_flows:
+        for link in paths[f]:
+            if link < 0:
+                break
+            load[link] += weight[f]
+            by_link[link].append(f)
+    eps = 1e-9 * min(weight[f] for f in live_flows)
+    live = [link for link in range(n_links) if load[link] > eps]
+    rate, frozen, level = np.zeros(len(paths)), ~np.asarray(alive), 0.0
+    while live:
+        share = [cap[link] / load[link] for link in live]
+        step = min(share)
+        level += step
+        threshold = step + tolerance * level
+        sat = []
+        for link, s in zip(live, share, strict=True):
+            cap[link] -= step * load[link]
+            if s <= threshold:
+                sat.append(link)
+        for link in sat:
+            for f in by_link[link]:
+                if not frozen[f]:
+                    frozen[f] = True
+                    rate[f] = level * weight[f]
+                    for other in paths[f]:
+                        if other < 0:
+                            break
+                        load[other] -= weight[f]
+        for link in sat:
+            load[link] = 0.0
+        live = [link for link in live if load[link] > eps]
+    return rate
+
+
+def test_compiled_max_min_is_bit_identical_to_its_loop_reference():
+    """The compiled kernel (shares computed while the live links are kept) gives the rates
+    of the step-by-step loops bit for bit."""
+    from moesim.network.fluid import _compiled
+
+    kernels = _compiled()
+    if "maxmin_csr" not in kernels:
+        pytest.skip("numba not installed")
+    rng = np.random.default_rng(5)
+    for paths, cap, weight, tol in _random_instances(9, 100):
+        alive = rng.random(len(paths)) < 0.7
+        alive[0] = True
+        ptr, flows = kernels["csr"](paths, len(cap), np.ones(len(paths), dtype=np.bool_))
+        active = np.zeros(len(cap), dtype=np.bool_)
+        rate = kernels["maxmin_csr"](paths, cap, weight, tol, active, alive, ptr, flows)
+        assert np.array_equal(rate, _maxmin_csr_loops(paths, cap, weight, tol, alive))
+
+
+def test_small_network_solver_changes_no_result(monkeypatch):
+    """A step with contention and skewed routing (Zipf, 2 nodes sharing NICs) times the
+    same, bit for bit, whether small solves run in plain Python or in numpy."""
+    from moesim.network import fluid
+    from moesim.studies.simulate import simulate
+    from tests.conftest import small_scenario
+
+    sc = small_scenario(
+        **{
+            "cluster.nodes": 2,
+            "cluster.devices_per_node": 4,
+            "topology.nics_per_node": 1,
+            "routing.distribution": "zipf",
+            "workload.batch_size": 128,
+        }
+    )
+    fast = simulate(sc)
+    monkeypatch.setattr(fluid, "SMALL_MAX_HOPS", -1)
+    ref = simulate(sc)
+    assert fast.summary["sim"]["network_solves"] > 20  # the solver did run, many times
+    assert fast.step_time_s == ref.step_time_s
+    assert fast.summary["breakdown_s"] == ref.summary["breakdown_s"]
+    assert fast.devices.equals(ref.devices) and fast.links.equals(ref.links)

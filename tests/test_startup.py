@@ -26,3 +26,20 @@ def test_the_parser_imports_no_heavy_library():
         [sys.executable, "-m", "moesim", "--version"], capture_output=True, text=True, cwd=ROOT
     )
     assert version.returncode == 0 and version.stdout.startswith("moesim ")
+
+
+def test_a_run_without_tables_imports_no_table_or_graph_library():
+    """``moesim run`` of a small scenario, summary printed, no ``--out``: no pandas (tables
+    are built on access), no networkx (the graph is built on access), no matplotlib, and
+    no numba (small networks solve without the compiled kernels)."""
+    code = (
+        "import sys\n"
+        "from moesim.cli import main\n"
+        "main(['run', '-q', 'scenarios/mixtral-8x7b-8xh100-decode.yaml',"
+        " '--set', 'model.n_layers=1'])\n"
+        f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert set(out.stdout.split()) == {"numpy", "pydantic", "yaml"}

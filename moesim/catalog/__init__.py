@@ -5,11 +5,13 @@ Each entry carries a ``sources`` mapping citing where every number comes from.
 
 from __future__ import annotations
 
+import hashlib
+import marshal
+import sys
 from functools import cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
-
-import yaml
 
 from moesim.catalog.specs import GpuSpec, LinkSpec, ModelSpec, PimSpec
 
@@ -18,9 +20,41 @@ _KINDS = {"models": ModelSpec, "devices": GpuSpec, "links": LinkSpec}
 
 @cache
 def raw(kind: str) -> dict[str, dict[str, Any]]:
-    """The YAML mapping of one catalog file (``models``, ``devices`` or ``links``)."""
-    text = resources.files(__name__).joinpath(f"{kind}.yaml").read_text()
-    return yaml.safe_load(text) or {}
+    """The YAML mapping of one catalog file (``models``, ``devices`` or ``links``); the parse
+    is cached on disk (:func:`parse_yaml`)."""
+    path = resources.files(__name__).joinpath(f"{kind}.yaml")
+    cache_dir = Path(str(path)).parent / "__pycache__" if isinstance(path, Path) else None
+    return parse_yaml(path.read_bytes(), cache_dir, kind) or {}
+
+
+def parse_yaml(data: bytes, cache_dir: Path | None, stem: str) -> Any:
+    """``yaml.safe_load(data)``, kept in ``cache_dir`` as marshal bytes keyed by a hash of
+    ``data`` (as ``__pycache__`` keeps bytecode): the pure-Python YAML parser takes ~0.2 s a
+    process on the catalog, reading it back ~1 ms. A cache that cannot be written or read
+    (a read-only install, a data type marshal does not keep) only costs the parse."""
+    key = hashlib.blake2b(data, digest_size=12).hexdigest()
+    tag = sys.implementation.cache_tag
+    cached = None if cache_dir is None else cache_dir / f"{stem}.{tag}.{key}.yaml.marshal"
+    if cached is not None:
+        try:
+            return marshal.loads(cached.read_bytes())
+        except (OSError, ValueError, EOFError, TypeError):
+            pass
+    import yaml
+
+    parsed = yaml.safe_load(data)
+    if cached is not None:
+        try:
+            blob = marshal.dumps(parsed)
+            cache_dir.mkdir(exist_ok=True)
+            for old in cache_dir.glob(f"{stem}.{tag}.*.yaml.marshal"):
+                old.unlink(missing_ok=True)
+            tmp = cached.with_suffix(f".tmp{id(blob)}")
+            tmp.write_bytes(blob)
+            tmp.replace(cached)  # atomic: a concurrent reader sees all of it or nothing
+        except (OSError, ValueError):
+            pass
+    return parsed
 
 
 def names(kind: str) -> list[str]:

@@ -84,7 +84,9 @@ class Engine:
         self._uses = uses
         self._complete = self.env.event()  # what a node is on a device it does not involve
         self._complete.succeed()
-        self._left: dict[int, np.ndarray] = {}
+        self._left: dict[int, list[int]] = {}
+        # per node, the devices it involves as a Python list (None: all): read per device
+        self._involves = [None if n.devices is None else n.devices.tolist() for n in nodes]
         self._events: dict[int, list[simpy.Event | None]] = {}
         self._prepared: dict[int, _Prepared] = {}
         self._streams = self.graph.streams()
@@ -131,11 +133,12 @@ class Engine:
     # -- events -------------------------------------------------------------------------
     def _event(self, nid: int, g: int) -> simpy.Event:
         """The event of node ``nid`` completing on device ``g`` (made on first use)."""
-        node = self.graph.nodes[nid]
-        if not node.involves(g):  # complete on the devices it does not involve
+        involves = self._involves[nid]
+        if involves is not None and not involves[g]:  # done where it involves no device
             return self._complete
         events = self._events.get(nid)
         if events is None:
+            node = self.graph.nodes[nid]
             if node.kind == COLLECTIVE:
                 events = self._prepare(node)
             else:
@@ -150,7 +153,7 @@ class Engine:
         """One wait on ``nid``'s event of device ``g`` is done; drop it after the last."""
         left = self._left.get(nid)
         if left is None:
-            left = self._left[nid] = np.full(self.plan.n_devices, self._uses[nid])
+            left = self._left[nid] = [int(self._uses[nid])] * self.plan.n_devices
         left[g] -= 1
         events = self._events.get(nid)
         if events is None:  # only waited on by devices it does not involve
@@ -181,10 +184,12 @@ class Engine:
         gpu = stream == GPU
         run: list[tuple[str, float, int]] = []
         awaited = self._awaited
+        involves_of = self._involves
         layer = None
         for nid in ids:
             node = nodes[nid]
-            if node.devices is not None and not node.devices[g]:
+            involves = involves_of[nid]
+            if involves is not None and not involves[g]:
                 continue
             if node.stream is None:
                 self._arm(node, g)
@@ -194,7 +199,7 @@ class Engine:
                     self._bar.update()
                 layer = node.layer
             waits = [d for d in self._ext[nid] if not self._event(d, g).triggered]
-            if waits or node.kind != COMPUTE:
+            if run and (waits or node.kind != COMPUTE):
                 yield from self._flush(g, run)
             for d in waits:
                 start = env.now
@@ -206,7 +211,8 @@ class Engine:
             if node.kind == COMPUTE:
                 if node.seconds is None:  # a join: done once its dependencies are
                     if awaited[nid]:
-                        yield from self._flush(g, run)
+                        if run:
+                            yield from self._flush(g, run)
                         self._event(nid, g).succeed()
                     continue
                 seconds = float(node.seconds[g])
@@ -261,7 +267,7 @@ class Engine:
             self._send(node, g)
             if self._comm and node.phase != "pipeline" and done.callbacks is not None:
                 start = self.env.now
-                done.callbacks.append(lambda _e: self.rec.in_flight(g, start, self.env.now))
+                done.callbacks.append(lambda _e: self.rec.in_flight_one(g, start, self.env.now))
             return done
         link = int(node.links[g])
         if link < 0:
@@ -311,10 +317,7 @@ class Engine:
         n = self.plan.n_devices
         pat = self.patterns.get(traffic.src, traffic.dst)
         inbound = np.bincount(pat.receivers, minlength=n)
-        gids, events = np.empty(n, dtype=np.int64), []
-        for d in range(n):
-            gids[d], ev = self.net.group(int(inbound[d]))
-            events.append(ev)
+        gids, events = self.net.groups(inbound)
         # the collective takes at least its busiest link's bytes over that link's bandwidth
         link_bytes = pat.link_bytes(traffic.nbytes, self.topology.n_links)
         floor_s = float(np.max(link_bytes / self.net.capacity)) if len(link_bytes) else 0.0

@@ -3,16 +3,22 @@ monitoring by wrapping, outside the device and network models."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
 import simpy
+from simpy.core import EmptySchedule
 
 from moesim.plan.graph import COMM_PHASES, COMPUTE_PHASES
 
 
 class CountingEnvironment(simpy.Environment):
-    """A simpy environment that counts processed events (monitoring by wrapping ``step``)."""
+    """A simpy environment that counts processed events (monitoring by wrapping ``step``).
+
+    ``run()`` to the end counts in its own loop (one Python call less per event than
+    counting in an overridden ``step``), the same count: every ``step`` call, the one
+    that finds the queue empty included."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -21,6 +27,20 @@ class CountingEnvironment(simpy.Environment):
     def step(self) -> None:
         self.events_processed += 1
         super().step()
+
+    def run(self, until=None):
+        if until is not None:
+            return super().run(until)
+        step = simpy.Environment.step.__get__(self)
+        n = 0
+        try:
+            while True:
+                n += 1
+                step()
+        except EmptySchedule:
+            return None
+        finally:
+            self.events_processed += n
 
 
 @dataclass
@@ -33,8 +53,12 @@ class Recorder:
     finish_s: np.ndarray | None = None
     slices: list[tuple[int, str, float, float, int]] = field(default_factory=list)
     pim_slices: list[tuple[int, str, float, float, int]] = field(default_factory=list)
-    # collectives in flight per device: (devices, issue times, completion times)
+    # collectives in flight per device: (devices, issue times, completion times), in the
+    # order recorded; single devices gather in the three lists of `_one` until an array comes
     comm: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    _one: tuple[list[int], list[float], list[float]] = field(
+        default_factory=lambda: ([], [], []), repr=False
+    )
 
     def __post_init__(self) -> None:
         self.phase_s = {p: np.zeros(self.n_devices) for p in COMPUTE_PHASES + COMM_PHASES}
@@ -47,25 +71,54 @@ class Recorder:
 
     def in_flight(self, devices, start, end) -> None:
         """Collectives in flight on ``devices`` from ``start`` to ``end`` (arrays or scalars)."""
-        self.comm.append((np.atleast_1d(devices), np.atleast_1d(start), np.atleast_1d(end)))
+        if np.ndim(devices) == 0 and np.ndim(start) == 0 and np.ndim(end) == 0:
+            self.in_flight_one(int(devices), float(start), float(end))
+            return
+        self._gather_one()
+        devices = np.atleast_1d(devices)
+        self.comm.append(
+            (
+                devices,
+                np.broadcast_to(np.asarray(start, float), devices.shape),
+                np.broadcast_to(np.asarray(end, float), devices.shape),
+            )
+        )
+
+    def in_flight_one(self, g: int, start: float, end: float) -> None:
+        """A collective in flight on device ``g`` from ``start`` to ``end``."""
+        one = self._one
+        one[0].append(g)
+        one[1].append(start)
+        one[2].append(end)
+
+    def _gather_one(self) -> None:
+        """Move the single-device intervals recorded so far into ``comm`` (order kept)."""
+        g, start, end = self._one
+        if g:
+            self.comm.append(
+                (np.array(g, dtype=np.int64), np.array(start, float), np.array(end, float))
+            )
+            self._one = ([], [], [])
 
     def comm_busy_s(self) -> np.ndarray:
         """Per device, the time at least one of its collectives was in flight (the union of
         their intervals: sorted by start, each adds what reaches past the ones before)."""
-        busy = np.zeros(self.n_devices)
+        self._gather_one()
         if not self.comm:
-            return busy
+            return np.zeros(self.n_devices)
         g = np.concatenate([c[0] for c in self.comm])
-        start = np.concatenate([np.broadcast_to(c[1], c[0].shape) for c in self.comm])
-        end = np.concatenate([np.broadcast_to(c[2], c[0].shape) for c in self.comm])
+        start = np.concatenate([c[1] for c in self.comm])
+        end = np.concatenate([c[2] for c in self.comm])
         order = np.lexsort((start, g))
         g, start, end = g[order], start[order], end[order]
         first = np.r_[True, g[1:] != g[:-1]]
         reach = end.copy()  # the latest end so far within each device's run
-        for dev_start in np.flatnonzero(first):  # per device (runs of g): running maximum
-            stop = np.searchsorted(g, g[dev_start], side="right")
-            reach[dev_start:stop] = np.maximum.accumulate(end[dev_start:stop])
+        bounds = np.r_[np.flatnonzero(first), len(g)]
+        for lo, hi in itertools.pairwise(bounds.tolist()):  # per device: running maximum
+            reach[lo:hi] = np.maximum.accumulate(end[lo:hi])
         before = np.r_[-np.inf, reach[:-1]]
         before[first] = -np.inf
-        np.add.at(busy, g, np.maximum(0.0, end - np.maximum(start, before)))
-        return busy
+        # in order from 0, as np.add.at would: the same sums
+        return np.bincount(
+            g, weights=np.maximum(0.0, end - np.maximum(start, before)), minlength=self.n_devices
+        )

@@ -79,24 +79,22 @@ def maxmin_csr(
             active[link] = True
     eps = 1e-9 * wmin
     live = np.empty(n_links, np.int64)
+    share = np.empty(n_links)
     n_live = 0
+    step = np.inf  # the next round's: the smallest share, found as the live links are listed
     for link in range(n_links):
         if load[link] > eps:
             live[n_live] = link
+            s = cap[link] / load[link]
+            share[n_live] = s
+            if s < step:
+                step = s
             n_live += 1
     rate = np.zeros(n_flows)
     frozen = ~alive
-    share = np.empty(n_links)
     sat = np.empty(n_links, np.int64)
     level = 0.0
     while n_live > 0:
-        step = np.inf
-        for i in range(n_live):
-            link = live[i]
-            s = cap[link] / load[link]
-            share[i] = s
-            if s < step:
-                step = s
         level += step
         thr = step + tolerance * level
         n_sat = 0
@@ -122,11 +120,17 @@ def maxmin_csr(
                     load[link2] -= w
         for k in range(n_sat):
             load[sat[k]] = 0.0
+        # keep the links still live and, in the same pass, their shares for the next round
         j = 0
+        step = np.inf
         for i in range(n_live):
             link = live[i]
             if load[link] > eps:
                 live[j] = link
+                s = cap[link] / load[link]
+                share[j] = s
+                if s < step:
+                    step = s
                 j += 1
         n_live = j
     return rate

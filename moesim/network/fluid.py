@@ -13,6 +13,7 @@ and admission batches, not with tokens, bytes or flows delivered.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import numpy as np
 import simpy
@@ -202,6 +203,60 @@ def maxmin_rates_numpy(
     return rate
 
 
+SMALL_MAX_HOPS = 1024
+"""A solve of at most this many (flow, link) incidences runs :func:`maxmin_rates_small`
+(plain Python: on a few dozen flows numpy's per-call overhead costs more than the work)."""
+
+
+def maxmin_rates_small(
+    rows: list[list[int]], capacity: list[float], weight: list[float], tolerance: float
+) -> list[float]:
+    """:func:`maxmin_rates_numpy` over Python lists, the same floating-point operations in
+    the same order (so the same rates, bit for bit): ``rows[f]`` the links of flow ``f``
+    (no padding), ``capacity`` per link, ``weight`` per flow (all given)."""
+    n_flows = len(rows)
+    rate = [0.0] * n_flows
+    if not n_flows:
+        return rate
+    cap = list(capacity)
+    load = [0.0] * len(cap)
+    by_link: dict[int, list[int]] = {}
+    for f, row in enumerate(rows):  # row-major: each link's flows ascending, as bincount adds
+        w = weight[f]
+        for link in row:
+            load[link] += w
+            by_link.setdefault(link, []).append(f)
+    eps = 1e-9 * min(weight)
+    alive = [link for link in range(len(cap)) if load[link] > eps]
+    frozen = [False] * n_flows
+    level = 0.0
+    while alive:
+        share = [cap[link] / load[link] for link in alive]
+        step = min(share)
+        level += step
+        for link in alive:
+            cap[link] -= step * load[link]
+        threshold = step + tolerance * level
+        sat = [link for link, sh in zip(alive, share, strict=True) if sh <= threshold]
+        new = [f for link in sat for f in by_link[link] if not frozen[f]]
+        if len(new) > 1:  # a flow on two saturated links: its last occurrence stays
+            last = {f: i for i, f in enumerate(new)}
+            new = [f for i, f in enumerate(new) if last[f] == i]
+        delta: dict[int, float] = {}
+        for f in new:
+            frozen[f] = True
+            w = weight[f]
+            rate[f] = level * w
+            for link in rows[f]:
+                delta[link] = delta.get(link, 0.0) + w
+        for link, d in delta.items():
+            load[link] -= d
+        for link in sat:
+            load[link] = 0.0
+        alive = [link for link in alive if load[link] > eps]
+    return rate
+
+
 _COLUMNS = {
     "remaining": np.float64,  # bytes still to send
     "rate": np.float64,  # current max-min rate, bytes/s
@@ -241,6 +296,7 @@ class _Block:
     contributors_left: np.ndarray
     pos: np.ndarray  # index in the active arrays, -1 while idle
     slots_left: int
+    solve_paths: np.ndarray | None = None  # paths less the links that never set a rate
     floor_s: float = 0.0  # lower bound on the block's duration (its bottleneck link alone)
     start_s: float = np.inf  # first contribution
     open: bool = True  # some sender has yet to contribute
@@ -296,6 +352,7 @@ class FluidNetwork:
     ) -> None:
         self.env, self.topology, self.tolerance = env, topology, tolerance
         self.capacity = topology.bandwidth_bytes_per_s
+        self._capacity_list: list[float] | None = None  # for maxmin_rates_small
         n_links = topology.n_links
         self.stats = LinkStats(np.zeros(n_links), np.zeros(n_links))
         self.record_intervals = record_intervals
@@ -319,6 +376,8 @@ class FluidNetwork:
         self._csr: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         dominated = topology.dominated_by() >= 0
         self._dominated = dominated if dominated.any() else None
+        # the solver's path of each row, kept beside `_path_store` where links are left out
+        self._solve_store: np.ndarray | None = None
         self._link_flows = np.zeros(n_links, dtype=np.int64)  # live flows on each link
         self._n_alive = 0
         self._link_active = np.zeros(n_links, dtype=bool)
@@ -330,6 +389,8 @@ class FluidNetwork:
         self.solves = 0
         big = topology.n_devices >= COMPILED_MIN_DEVICES
         self._kernels = _compiled() if big and "maxmin" in _compiled() else {}
+        if self._dominated is not None and "maxmin_csr" in self._kernels:
+            self._solve_store = self._path_store.copy()
         # which kernels run: "compiled", "numpy" (small network), or "numpy (numba missing)",
         # which is 2.5-3.5x slower on big all-to-alls: the summary reports it
         self.kernels = "compiled" if self._kernels else "numpy"
@@ -354,6 +415,27 @@ class FluidNetwork:
         self._group_event[gid] = event
         return gid, event
 
+    def groups(self, n_slots: np.ndarray) -> tuple[np.ndarray, list[simpy.Event]]:
+        """:meth:`group` for each of ``n_slots`` in order (consecutive ids): the ids and
+        the events."""
+        k = len(n_slots)
+        first = self._next_group
+        self._next_group += k
+        while first + k > len(self._group_left):
+            grow = len(self._group_left)
+            self._group_left = np.concatenate([self._group_left, np.zeros(grow, np.int64)])
+            self._group_at = np.concatenate([self._group_at, np.zeros(grow)])
+        self._group_left[first : first + k] = n_slots
+        self._group_at[first : first + k] = 0.0
+        env = self.env
+        events = [simpy.Event(env) for _ in range(k)]
+        for i, count in enumerate(np.asarray(n_slots).tolist()):
+            if count == 0:
+                events[i].succeed()
+            else:
+                self._group_event[first + i] = events[i]
+        return np.arange(first, first + k, dtype=np.int64), events
+
     def add_block(
         self,
         paths: np.ndarray,
@@ -370,6 +452,10 @@ class FluidNetwork:
         completions. ``link_bytes``: the bytes the block will put on each link, counted now
         (otherwise counted per contribution)."""
         cap = np.where(paths >= 0, self.capacity[np.maximum(paths, 0)], np.inf)
+        solve_paths = None
+        if self._solve_store is not None:  # once per block, not at every rebuild of the CSR
+            keep = (paths >= 0) & ~self._dominated[np.maximum(paths, 0)]
+            solve_paths = left_justify(np.where(keep, paths, -1))
         bid = self._next_block
         self._next_block += 1
         self._blocks[bid] = _Block(
@@ -381,6 +467,7 @@ class FluidNetwork:
             contributors_left=np.asarray(contributors, np.int64).copy(),
             pos=np.full(len(paths), -1, dtype=np.int64),
             slots_left=len(paths),
+            solve_paths=solve_paths,
             floor_s=floor_s,
             counted=link_bytes is not None,
         )
@@ -541,6 +628,10 @@ class FluidNetwork:
             rows = blk.paths[slots]
             self._path_store[row:end, : rows.shape[1]] = rows
             self._path_store[row:end, rows.shape[1] :] = -1
+            if self._solve_store is not None:
+                rows = blk.solve_paths[slots]
+                self._solve_store[row:end, : rows.shape[1]] = rows
+                self._solve_store[row:end, rows.shape[1] :] = -1
             cols["blk"][row:end] = block
             cols["loc"][row:end] = slots
             cols["remaining"][row:end] = nbytes
@@ -573,6 +664,10 @@ class FluidNetwork:
         paths = np.full((capacity, max(width, old_width)), -1, dtype=np.int64)
         paths[: self._n, :old_width] = self._path_store[: self._n]
         self._path_store = paths
+        if self._solve_store is not None:
+            solve = np.full_like(paths, -1)
+            solve[: self._n, :old_width] = self._solve_store[: self._n]
+            self._solve_store = solve
 
     def _backdate(self) -> None:
         """Credit flows admitted late (see class docstring) with what their first fair rate
@@ -660,6 +755,8 @@ class FluidNetwork:
         for col in self._cols.values():
             col[:k] = col[keep]
         self._path_store[:k] = self._path_store[keep]
+        if self._solve_store is not None:
+            self._solve_store[:k] = self._solve_store[keep]
         self._n = k
         for b, blk in self._blocks.items():
             if blk.open:
@@ -719,9 +816,8 @@ class FluidNetwork:
                 if self._n_alive < self._n:  # rebuilding anyway: drop retired rows first
                     self._compact()
                 solve = self._paths
-                if self._dominated is not None:
-                    keep = (solve >= 0) & ~self._dominated[np.maximum(solve, 0)]
-                    solve = np.ascontiguousarray(left_justify(np.where(keep, solve, -1)))
+                if self._solve_store is not None:  # rows already less the dominated links
+                    solve = self._solve_store[: self._n]
                 every = np.ones(len(solve), dtype=np.bool_)
                 self._csr = (solve, *kernels["csr"](solve, n_links, every))
             solve, ptr, flows = self._csr
@@ -735,6 +831,16 @@ class FluidNetwork:
                 ptr,
                 flows,
             )
+        elif self._n_alive and self._n_alive * self._path_store.shape[1] <= SMALL_MAX_HOPS:
+            live = np.flatnonzero(self._alive)
+            rows = [[link for link in row if link >= 0] for row in self._paths[live].tolist()]
+            if self._capacity_list is None:
+                self._capacity_list = self.capacity.tolist()
+            rate = np.zeros(self._n)
+            rate[live] = maxmin_rates_small(
+                rows, self._capacity_list, self._weight[live].tolist(), self.tolerance
+            )
+            self._rate = rate
         elif self._n_alive:
             self._rate = _rates_and_active(
                 self._paths,
@@ -747,8 +853,10 @@ class FluidNetwork:
         active = self._link_flows > 0
         if self.record_intervals:
             now = self.env.now
-            ended = self._link_active & ~active
-            for lid in np.flatnonzero(ended):
-                self.stats.intervals.append((int(lid), float(self._link_since[lid]), now))
+            ended = np.flatnonzero(self._link_active & ~active)
+            if len(ended):
+                self.stats.intervals.extend(
+                    zip(ended.tolist(), self._link_since[ended].tolist(), repeat(now))
+                )
             self._link_since[active & ~self._link_active] = now
         self._link_active = active

@@ -21,21 +21,28 @@ uplinks sized by ``oversubscription``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
-import networkx as nx
 import numpy as np
 
 from moesim.config.resolve import resolved_topology
 from moesim.config.scenario import ClusterConfig, PimConfig, TiersConfig, TopologyConfig
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 ROUTE_TABLE_MAX_DEVICES = 512  # all-pairs route table up to here (512^2 x hops x 8 bytes)
 
 
 @dataclass
 class Topology:
-    """A built topology: the graph, per-link arrays and routing tables."""
+    """A built topology: the graph's nodes and edges, per-link arrays and routing tables.
+    :attr:`graph` (networkx, imported on first use: about 0.3 s) is built from them when
+    asked for; routing and the engines never need it."""
 
-    graph: nx.DiGraph
+    graph_nodes: list[tuple[str, dict[str, Any]]]
+    graph_edges: list[tuple[str, str, dict[str, Any]]]
     nodes: int
     devices_per_node: int
     intra_kind: str
@@ -49,6 +56,18 @@ class Topology:
     tables: dict[str, np.ndarray] = field(default_factory=dict)
     nodes_per_leaf: int = 1
     nic_of_local: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @cached_property
+    def graph(self) -> nx.DiGraph:
+        """The topology as a networkx DiGraph: devices, switches and NICs as nodes (with
+        ``kind``), links as edges (``link_id``, ``kind``, ``bandwidth_bytes_per_s``,
+        ``latency_s``), in the order they were built."""
+        import networkx as nx
+
+        graph = nx.DiGraph()
+        graph.add_nodes_from(self.graph_nodes)
+        graph.add_edges_from(self.graph_edges)
+        return graph
 
     @property
     def n_devices(self) -> int:
@@ -208,10 +227,12 @@ def _hstack(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 class _Builder:
-    """Accumulates nodes and links into a DiGraph and parallel arrays."""
+    """Accumulates nodes and links (the graph's, see :attr:`Topology.graph`) and parallel
+    arrays."""
 
     def __init__(self) -> None:
-        self.graph = nx.DiGraph()
+        self.nodes: list[tuple[str, dict[str, Any]]] = []
+        self.edges: list[tuple[str, str, dict[str, Any]]] = []
         self.names: list[str] = []
         self.kinds: list[str] = []
         self.bw: list[float] = []
@@ -222,13 +243,19 @@ class _Builder:
         """Add one directed link: ``bw`` bytes/s as transfers reach it, ``lat`` seconds,
         ``msg`` seconds of fixed cost per message."""
         lid = len(self.names)
-        self.graph.add_edge(u, v, link_id=lid, kind=kind, bandwidth_bytes_per_s=bw, latency_s=lat)
+        self.edges.append(
+            (u, v, {"link_id": lid, "kind": kind, "bandwidth_bytes_per_s": bw, "latency_s": lat})
+        )
         self.names.append(f"{u}->{v}")
         self.kinds.append(kind)
         self.bw.append(bw)
         self.lat.append(lat)
         self.msg.append(msg)
         return lid
+
+    def add_node(self, name: str, **attrs: Any) -> None:
+        """Add a graph node (device, switch, NIC) with its attributes."""
+        self.nodes.append((name, attrs))
 
 
 def attach_pim(
@@ -247,7 +274,7 @@ def attach_pim(
     t["pim_up"], t["pim_down"] = np.empty(n_devices, np.int64), np.empty(n_devices, np.int64)
     for g in range(n_devices):
         dev, unit = f"n{g // n}.d{g % n}", f"n{g // n}.d{g % n}.pim"
-        b.graph.add_node(unit, kind="pim", device=g)
+        b.add_node(unit, kind="pim", device=g)
         t["pim_up"][g] = b.link(dev, unit, "pim", bw, link.latency_s)
         if pim.device.external_duplex == "half":  # one shared link: in and out take turns
             t["pim_down"][g] = t["pim_up"][g]
@@ -268,7 +295,7 @@ def attach_tiers(
     t["tier_fetch"] = np.empty(n_devices, np.int64)
     for g in range(n_devices):
         dev, tier = f"n{g // n}.d{g % n}", f"n{g // n}.d{g % n}.tier"
-        b.graph.add_node(tier, kind="tier", device=g)
+        b.add_node(tier, kind="tier", device=g)
         t["tier_fetch"][g] = b.link(tier, dev, "tier", bw, tiers.link.latency_s)
 
 
@@ -287,7 +314,7 @@ def build_topology(
     intra_link, intra_kind = topo.intra_node_link, topo.intra_node
     b = _Builder()
     for g in range(nodes * n):
-        b.graph.add_node(f"n{g // n}.d{g % n}", kind="device", device=g)
+        b.add_node(f"n{g // n}.d{g % n}", kind="device", device=g)
     t: dict[str, np.ndarray] = {}
     dev = [[f"n{a}.d{j}" for j in range(n)] for a in range(nodes)]
     # links carry what transfers reach: nominal bandwidth x the link's measured efficiency
@@ -297,7 +324,7 @@ def build_topology(
         up, down = np.empty(nodes * n, np.int64), np.empty(nodes * n, np.int64)
         for a in range(nodes):
             sw = f"n{a}.{'nvsw' if intra_kind == 'nvswitch' else 'pcisw'}"
-            b.graph.add_node(sw, kind="switch")
+            b.add_node(sw, kind="switch")
             for j in range(n):
                 up[a * n + j] = b.link(dev[a][j], sw, "intra", bw, lat / 2, im)
                 down[a * n + j] = b.link(sw, dev[a][j], "intra", bw, lat / 2, im)
@@ -307,8 +334,8 @@ def build_topology(
         bus = np.empty(nodes, np.int64)
         for a in range(nodes):
             src, dst = f"n{a}.bus", f"n{a}.bus_out"
-            b.graph.add_node(src, kind="switch")
-            b.graph.add_node(dst, kind="switch")
+            b.add_node(src, kind="switch")
+            b.add_node(dst, kind="switch")
             bus[a] = b.link(src, dst, "intra", bw, 0.0, im)
             for j in range(n):
                 up[a * n + j] = b.link(dev[a][j], src, "intra", bw, lat / 2, im)
@@ -353,13 +380,13 @@ def build_topology(
         for a in range(nodes):
             for j in range(n):
                 nic = f"n{a}.nic{nic_of_local[j]}"
-                b.graph.add_node(nic, kind="nic")
+                b.add_node(nic, kind="nic")
                 t["dev_nic_up"][a * n + j] = b.link(dev[a][j], nic, "host", hb, hl, hm)
                 t["dev_nic_down"][a * n + j] = b.link(nic, dev[a][j], "host", hb, hl, hm)
         if topo.inter_node == "rail_optimized":
             for r in range(nics):
                 sw = f"rail{r}"
-                b.graph.add_node(sw, kind="switch")
+                b.add_node(sw, kind="switch")
                 for a in range(nodes):
                     t["nic_up"][a, r] = b.link(f"n{a}.nic{r}", sw, "network", nb, nl, nm)
                     t["nic_down"][a, r] = b.link(sw, f"n{a}.nic{r}", "network", nb, nl, nm)
@@ -370,13 +397,13 @@ def build_topology(
             uplink_bw = npl * nics * nb / topo.oversubscription
             for leaf in range(n_leaves):
                 sw = f"leaf{leaf}"
-                b.graph.add_node(sw, kind="switch")
+                b.add_node(sw, kind="switch")
                 for a in range(leaf * npl, (leaf + 1) * npl):
                     for r in range(nics):
                         t["nic_up"][a, r] = b.link(f"n{a}.nic{r}", sw, "network", nb, nl, nm)
                         t["nic_down"][a, r] = b.link(sw, f"n{a}.nic{r}", "network", nb, nl, nm)
                 if n_leaves > 1:
-                    b.graph.add_node("spine", kind="switch")
+                    b.add_node("spine", kind="switch")
                     t["leaf_up"][leaf] = b.link(sw, "spine", "spine", uplink_bw, nl, nm)
                     t["leaf_down"][leaf] = b.link("spine", sw, "spine", uplink_bw, nl, nm)
     if pim is not None:
@@ -384,7 +411,8 @@ def build_topology(
     if tiers is not None:
         attach_tiers(b, t, nodes * n, n, tiers)
     return Topology(
-        graph=b.graph,
+        graph_nodes=b.nodes,
+        graph_edges=b.edges,
         nodes=nodes,
         devices_per_node=n,
         intra_kind=intra_kind,

@@ -326,9 +326,10 @@ def collect(engine: Engine | AnalyticEngine) -> Result:
     )
 
 
-def chrome_trace(result: Result, link_names: list[str], device_names: list[str]) -> dict:
-    """Chrome trace-event JSON (opens in Perfetto / chrome://tracing): one track per device
-    (pid 1) and per link that carried traffic (pid 2); timestamps in microseconds."""
+def _trace_head(
+    result: Result, link_names: list[str], device_names: list[str]
+) -> list[dict[str, Any]]:
+    """The trace's metadata events ahead of the slices: process and thread names."""
     events: list[dict[str, Any]] = [
         {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "devices"}},
         {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "links"}},
@@ -348,6 +349,13 @@ def chrome_trace(result: Result, link_names: list[str], device_names: list[str])
                 "args": {"name": link_names[lid]},
             }
         )
+    return events
+
+
+def chrome_trace(result: Result, link_names: list[str], device_names: list[str]) -> dict:
+    """Chrome trace-event JSON (opens in Perfetto / chrome://tracing): one track per device
+    (pid 1) and per link that carried traffic (pid 2); timestamps in microseconds."""
+    events = _trace_head(result, link_names, device_names)
     for g, phase, start, end, layer in result.slices:
         cat = "compute" if phase in COMPUTE_PHASES else "wait"
         events.append(
@@ -405,9 +413,49 @@ def write_outputs(result: Result, out_dir: str | Path) -> Path:
     result.links.to_csv(out / "links.csv", index=False)
     result.routing.to_csv(out / "routing.csv", index=False)
     result.expert_load.to_csv(out / "expert_load.csv", index=False)
-    trace = chrome_trace(result, list(result.links["link"]), list(result.devices["device"]))
-    (out / "trace.json").write_text(json.dumps(trace))
+    write_trace(
+        out / "trace.json", result, list(result.links["link"]), list(result.devices["device"])
+    )
     return out
+
+
+def write_trace(
+    path: str | Path, result: Result, link_names: list[str], device_names: list[str]
+) -> None:
+    """Write ``json.dumps(chrome_trace(...))`` to ``path``, the same bytes, with the slices
+    formatted as strings rather than built as dicts first (several times faster on
+    hundreds of thousands of slices)."""
+    n = len(device_names)
+    r = float.__repr__
+    lines = [json.dumps(e) for e in _trace_head(result, link_names, device_names)]
+    for g, phase, start, end, layer in result.slices:
+        cat = "compute" if phase in COMPUTE_PHASES else "wait"
+        lines.append(
+            f'{{"ph": "X", "pid": 1, "tid": {int(g)}, "name": {json.dumps(phase)}, '
+            f'"cat": "{cat}", "ts": {r(start * 1e6)}, "dur": {r((end - start) * 1e6)}, '
+            f'"args": {{"layer": {int(layer)}}}}}'
+        )
+    for g in sorted({g for g, *_ in result.pim_slices}):
+        name = {"name": f"{device_names[g]}.pim"}
+        lines.append(
+            json.dumps({"ph": "M", "pid": 1, "tid": n + g, "name": "thread_name", "args": name})
+        )
+    for g, phase, start, end, layer in result.pim_slices:
+        lines.append(
+            f'{{"ph": "X", "pid": 1, "tid": {n + int(g)}, "name": {json.dumps(f"pim_{phase}")}, '
+            f'"cat": "pim", "ts": {r(start * 1e6)}, "dur": {r((end - start) * 1e6)}, '
+            f'"args": {{"layer": {int(layer)}}}}}'
+        )
+    for lid, start, end in result.link_intervals:
+        if end > start:
+            lines.append(
+                f'{{"ph": "X", "pid": 2, "tid": {int(lid)}, "name": "busy", "cat": "link", '
+                f'"ts": {r(start * 1e6)}, "dur": {r((end - start) * 1e6)}}}'
+            )
+    with open(path, "w") as fh:
+        fh.write('{"traceEvents": [')
+        fh.write(", ".join(lines))
+        fh.write('], "displayTimeUnit": "ns"}')
 
 
 def expert_load_table(plan: WorkloadPlan) -> pd.DataFrame:
