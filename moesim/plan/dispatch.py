@@ -61,7 +61,8 @@ def distinct_tokens(
             token, pick = np.nonzero(experts >= 0)
             col = column_of_expert[group_of_source[source[token]], experts[token, pick]]
             key = np.unique(token * n_columns + col)
-            np.add.at(out, (source[key // n_columns], key % n_columns), 1)
+            flat = source[key // n_columns] * n_columns + key % n_columns
+            out += np.bincount(flat, minlength=n_src * n_columns).reshape(n_src, n_columns)
         return out
     # aggregate counts: pairs per column times the expected distinct tokens per pair
     pi = inclusion_probabilities(routing.probs / routing.probs.sum(), top_k)
@@ -70,8 +71,7 @@ def distinct_tokens(
     for g in np.unique(group_of_source):
         rows = np.flatnonzero(group_of_source == g)
         cols = column_of_expert[g]
-        pairs = np.zeros((len(rows), n_columns))
-        np.add.at(pairs.T, cols, routing.kept[rows].T)
+        pairs = _column_sums(routing.kept[rows], cols, n_columns)
         picks = np.bincount(cols, weights=pi, minlength=n_columns)
         if uniform:
             size = np.bincount(cols, minlength=n_columns)
@@ -84,4 +84,19 @@ def distinct_tokens(
         per_token = np.minimum(top_k, np.maximum(np.bincount(cols, minlength=n_columns), 1))
         distinct = np.clip(distinct, np.ceil(pairs / per_token), pairs)
         out[rows] = distinct.astype(np.int64)
+    return out
+
+
+def _column_sums(values: np.ndarray, cols: np.ndarray, n_columns: int) -> np.ndarray:
+    """``out[:, c] = sum of values[:, e] over experts e with cols[e] == c``, added in expert
+    order from 0.0 (what ``np.add.at`` gives, bit for bit): round ``j`` adds every column's
+    ``j``-th expert, so a round's columns are distinct."""
+    out = np.zeros((values.shape[0], n_columns))
+    order = np.argsort(cols, kind="stable")
+    sorted_cols = cols[order]
+    counts = np.bincount(sorted_cols, minlength=n_columns)
+    rank = np.arange(len(cols)) - np.repeat(np.cumsum(counts) - counts, counts)
+    for j in range(int(counts.max(initial=0))):
+        pick = order[rank == j]
+        out[:, cols[pick]] += values[:, pick]
     return out
