@@ -268,7 +268,7 @@ def targets(quick: bool, points: int, csv_path: str | None) -> int:
     if csv_path:
         with open(csv_path, "w", newline="") as fh:
             writer = csv.DictWriter(
-                fh, fieldnames=["row", "seconds", "x_simpy", "target_s", "load"]
+                fh, fieldnames=["row", "seconds", "x_simpy", "target_s", "load", "kernels"]
             )
             writer.writeheader()
             writer.writerows(rows)
