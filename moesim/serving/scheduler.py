@@ -468,8 +468,12 @@ class ServingSimulation:
         (:attr:`moesim.config.scenario.MtpConfig.tokens_per_step`), aggregated without random
         draws: after ``n`` decode steps a request holds ``1 + floor(n tau)`` tokens (the
         first from its prefill), at most its output; without MTP one token a step."""
-        total = 1 + np.floor((self.decode_steps[running] + 1) * self.tokens_per_step + 1e-9)
-        return np.minimum(total.astype(np.int64), self.output[running]) - self.generated[running]
+        if self.tokens_per_step == 1.0:  # floor(n + 1 + 1e-9) = n + 1 for integer n: exact
+            total = self.decode_steps[running] + 2
+        else:
+            steps = self.decode_steps[running] + 1
+            total = (1 + np.floor(steps * self.tokens_per_step + 1e-9)).astype(np.int64)
+        return np.minimum(total, self.output[running]) - self.generated[running]
 
     def _decoded(self, inst: _Instance, running: np.ndarray) -> int:
         """Advance ``running`` by one decode step; returns the output tokens it produced."""
