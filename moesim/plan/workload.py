@@ -12,6 +12,7 @@ experts and dense FFNs are tensor-parallel over the replica's tokens, like atten
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,7 +60,12 @@ from moesim.plan.types import (
     _time,
     embedding_copies,
 )
-from moesim.routing.distributions import layer_probabilities, load_trace, route_layer
+from moesim.routing.distributions import (
+    expected_applies,
+    layer_probabilities,
+    load_trace,
+    route_layer,
+)
 from moesim.routing.placement import (
     base_placement,
     local_slots,
@@ -160,11 +166,19 @@ def _build(sc: Scenario, stage: range | list[int], check: bool = True) -> Worklo
         ctx.forward_layout = _dispatch_layout(lay, False, same_node=True)
     layer_seeds = np.random.SeedSequence(sc.sim.seed).spawn(m.n_layers)
     layers: list[LayerPlan] = []
+    planned: dict[bytes, dict] = {}  # MoE blocks of expected routing, by preferences
     for i in stage:
         lp = _attention_block(ctx, i)
         if m.is_moe(i):
             moe_index = sum(m.is_moe(j) for j in range(i))  # MoE layers before this one
-            _moe_block(ctx, lp, layer_seeds[i], moe_index)
+            key = _moe_key(ctx, layer_seeds[i], moe_index) if REUSE_MOE_BLOCKS else None
+            if key is not None and key in planned:
+                _apply_block(lp, planned[key])
+            else:
+                before = _block_fields(lp)
+                _moe_block(ctx, lp, layer_seeds[i], moe_index)
+                if key is not None:
+                    planned[key] = _block_delta(before, lp)
         else:
             _dense_block(ctx, lp)
         layers.append(lp)
@@ -274,6 +288,62 @@ def _moe_block(ctx: _Context, lp: LayerPlan, layer_seed, moe_index: int) -> None
         lp.expert_share = share  # replicas synchronise their gradients (plan/training.py)
     if lay.tp > 1:
         lp.tp_comm_after = ring_allgather(_tp_groups(ctx), _tp_bytes(ctx))
+
+
+REUSE_MOE_BLOCKS = True
+"""Plan an MoE block once per distinct router preferences when its routing is an expectation
+(``routing.sampling: expected`` where :func:`expected_applies`, no trace, no bias warm-up,
+which draws from the layer's own stream): its routing,
+placement, expert work and dispatch then depend on the preferences alone, so every layer
+with the same preferences gets copies of the first one's. ``tests/test_reuse.py`` checks the
+plans equal those built layer by layer (this switch off)."""
+
+
+def _moe_key(ctx: _Context, layer_seed, moe_index: int) -> bytes | None:
+    """What an MoE block of expected routing depends on beyond the plan's context: the
+    layer's preferences (drawn from its own placement stream); None when the block draws."""
+    r = ctx.sc.routing
+    if ctx.trace is not None or sampling_mode(ctx.sc) != "expected" or not expected_applies(r):
+        return None
+    if r.bias_balancing.steps:  # the bias warm-up draws from the layer's routing stream
+        return None
+    # the placement stream layer_generators will give, without spawning from layer_seed
+    # (a SeedSequence's n-th child: its spawn key extended by n)
+    place = np.random.SeedSequence(
+        layer_seed.entropy,
+        spawn_key=(*layer_seed.spawn_key, layer_seed.n_children_spawned),
+        pool_size=layer_seed.pool_size,
+    )
+    rng = np.random.default_rng(place)
+    return layer_probabilities(r, ctx.sc.model.n_experts, moe_index, rng).tobytes()
+
+
+def _block_fields(lp: LayerPlan) -> dict:
+    """The layer's fields before its MoE block, the per-phase tables as key sets."""
+    return {k: (set(v) if k in _PHASE_TABLES else v) for k, v in vars(lp).items() if k != "index"}
+
+
+_PHASE_TABLES = ("compute_s", "flops", "measured_s")
+
+
+def _block_delta(before: dict, lp: LayerPlan) -> dict:
+    """What the MoE block set on ``lp``: fields it replaced, and the phases it added."""
+    delta = {}
+    for k, v in vars(lp).items():
+        if k in _PHASE_TABLES:
+            delta[k] = {p: copy.deepcopy(v[p]) for p in v if p not in before[k]}
+        elif k != "index" and v is not before[k]:
+            delta[k] = copy.deepcopy(v)
+    return delta
+
+
+def _apply_block(lp: LayerPlan, delta: dict) -> None:
+    """Set on ``lp`` copies of what :func:`_block_delta` recorded."""
+    for k, v in delta.items():
+        if k in _PHASE_TABLES:
+            getattr(lp, k).update(copy.deepcopy(v))
+        else:
+            setattr(lp, k, copy.deepcopy(v))
 
 
 def _route(ctx: _Context, layer_seed, moe_index: int):

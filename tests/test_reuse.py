@@ -1,0 +1,101 @@
+"""MoE blocks planned once per distinct preferences under expected routing
+(``moesim.plan.workload.REUSE_MOE_BLOCKS``) give the plans built layer by layer."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import moesim
+from moesim.plan import workload
+from moesim.plan.workload import build_plan
+
+CASES = [
+    ("mixtral-8x7b-8xh100-decode.yaml", {}),
+    ("mixtral-8x7b-8xh100-train.yaml", {}),
+    ("deepseek-v3-64xh800-decode.yaml", {}),  # node-limited, bias warm-up: not reused
+    ("deepseek-v3-64xh800-decode.yaml", {"routing.bias_balancing.steps": 0}),  # node-limited
+    ("mixtral-8x7b-8xh100-decode.yaml", {"routing.distribution": "zipf", "routing.zipf_s": 1.2}),
+    ("minimax-text-01-64xh100-prefill.yaml", {"routing.replicate_hot": 4}),
+]
+
+
+def _summary(path: str, over: dict, reuse: bool, monkeypatch) -> dict:
+    monkeypatch.setattr(workload, "REUSE_MOE_BLOCKS", reuse)
+    sc = moesim.load_scenario(
+        f"scenarios/{path}",
+        {**over, "sim.fidelity": "analytic", "sim.trace": False, "sim.progress": False},
+    )
+    s = dict(moesim.simulate(sc).summary)
+    s.pop("sim")  # wall times
+    return json.loads(json.dumps(s, sort_keys=True, default=str))
+
+
+@pytest.mark.parametrize(("path", "over"), CASES)
+def test_reused_blocks_give_the_layer_by_layer_result(path, over, monkeypatch):
+    assert _summary(path, over, True, monkeypatch) == _summary(path, over, False, monkeypatch)
+
+
+def _layers(sc, reuse: bool, monkeypatch):
+    monkeypatch.setattr(workload, "REUSE_MOE_BLOCKS", reuse)
+    return build_plan(sc).layers
+
+
+def test_reused_layer_plans_equal_field_by_field(monkeypatch):
+    """Every field of every layer, arrays and traffic included, on the 256-GPU per-node
+    prefill."""
+    sc = moesim.load_scenario(
+        "scenarios/deepseek-v3-256xh800-prefill.yaml",
+        {"sim.fidelity": "analytic", "sim.trace": False, "sim.progress": False},
+    )
+    a, b = _layers(sc, True, monkeypatch), _layers(sc, False, monkeypatch)
+    assert len(a) == len(b)
+
+    def same(x, y) -> bool:
+        if isinstance(x, np.ndarray):
+            return isinstance(y, np.ndarray) and np.array_equal(x, y)
+        if isinstance(x, dict):
+            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        if hasattr(x, "__dict__") and not isinstance(x, type):
+            return type(x) is type(y) and same(vars(x), vars(y))
+        if isinstance(x, list | tuple):
+            return len(x) == len(y) and all(same(p, q) for p, q in zip(x, y, strict=True))
+        return x == y
+
+    for la, lb in zip(a, b, strict=True):
+        assert same(vars(la), vars(lb)), la.index
+
+
+def test_reused_blocks_are_copies(monkeypatch):
+    """A change to one layer's arrays leaves the others' alone."""
+    sc = moesim.load_scenario("scenarios/mixtral-8x7b-8xh100-decode.yaml", {"sim.trace": False})
+    layers = _layers(sc, True, monkeypatch)
+    before = layers[1].compute_s["experts"].copy()
+    layers[0].compute_s["experts"] *= 2.0
+    assert np.array_equal(layers[1].compute_s["experts"], before)
+
+
+def test_the_key_spawns_nothing():
+    """Computing a block's key leaves the layer's seed as it was, so its streams are the
+    ones the block draws from."""
+    over = {"sim.fidelity": "analytic", "routing.distribution": "zipf", "routing.zipf_s": 1.2}
+    sc = moesim.load_scenario("scenarios/mixtral-8x7b-8xh100-decode.yaml", over)
+    seed = np.random.SeedSequence(7)
+    ctx = workload._Context(sc, None, None, None, None, {})
+    key = workload._moe_key(ctx, seed, 3)
+    place, _ = workload.layer_generators(seed)
+    n = sc.model.n_experts
+    assert key == workload.layer_probabilities(sc.routing, n, 3, place).tobytes()
+
+
+def test_drawn_routing_is_not_reused(monkeypatch):
+    """Under ``sampling: draw`` each layer draws its own routing: no block is shared."""
+    sc = moesim.load_scenario(
+        "scenarios/mixtral-8x7b-8xh100-decode.yaml",
+        {"sim.trace": False, "routing.sampling": "draw"},
+    )
+    layers = _layers(sc, True, monkeypatch)
+    loads = {layers[i].expert_load.tobytes() for i in range(len(layers))}
+    assert len(loads) > 1
