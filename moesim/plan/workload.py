@@ -13,7 +13,7 @@ experts and dense FFNs are tensor-parallel over the replica's tokens, like atten
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -100,23 +100,6 @@ class _Context:
     mode: str = "pairs"  # dispatch mode (moesim/plan/dispatch.py)
     node_layout: _NodeLayout | None = None  # per_node: the network stage's pairs
     forward_layout: _DispatchLayout | None = None  # per_node: the intra-node stage's pairs
-    distinct: dict = field(default_factory=dict)  # aggregate distinct-token counts by input
-
-    def distinct_tokens(self, routing, column_of_expert: np.ndarray, n_columns: int) -> np.ndarray:
-        """:func:`~moesim.plan.dispatch.distinct_tokens` over this plan's sources; aggregate
-        counts are reused by the layers whose routing counts and preferences are equal (every
-        layer under expected uniform routing), checked array by array, so a reused count is
-        the one the layer would compute."""
-        top_k, group = self.sc.model.top_k, self.lay.group
-        if routing.token_experts:
-            return distinct_tokens(routing, column_of_expert, group, n_columns, top_k)
-        key = (n_columns, column_of_expert.tobytes(), routing.probs.tobytes(), routing.kept.shape)
-        for kept, counts in self.distinct.get(key, ()):
-            if np.array_equal(kept, routing.kept):
-                return counts.copy()
-        counts = distinct_tokens(routing, column_of_expert, group, n_columns, top_k)
-        self.distinct.setdefault(key, []).append((routing.kept.copy(), counts.copy()))
-        return counts
 
     def time(self, phase: str, ops: list[OpCost], lp: LayerPlan) -> None:
         """Record a phase's per-device seconds, FLOPs and measured seconds on ``lp``."""
@@ -457,7 +440,7 @@ def _dispatch_traffic(
     m = ctx.sc.model
     primary = np.argmax(share, axis=1)  # the rank a token's copy for an expert goes to
     rank_of = np.broadcast_to(primary, (lay.edp, m.n_experts))
-    distinct = ctx.distinct_tokens(routing, rank_of, lay.ep)  # [source, rank]
+    distinct = distinct_tokens(routing, rank_of, lay.group, lay.ep, m.top_k)  # [source, rank]
     if mode == "per_rank":
         if r.global_routing or to_rank.dtype.kind == "f":  # scale the split pairs per source
             ratio = distinct.sum(axis=1) / np.maximum(to_rank.sum(axis=1), 1)
@@ -471,7 +454,7 @@ def _dispatch_traffic(
     # per_node: once per destination node to the sender's rail peer there, then forwarded
     dpn = ctx.sc.cluster.devices_per_node
     node_of = rank_of * lay.etp // dpn  # node of the group, per (group, expert)
-    per_node = ctx.distinct_tokens(routing, node_of, ctx.node_layout.nodes)
+    per_node = distinct_tokens(routing, node_of, lay.group, ctx.node_layout.nodes, m.top_k)
     forward = np.zeros((lay.n_devices, lay.ep), dtype=np.int64)
     size = lay.ep * lay.etp
     for g in range(lay.edp):
