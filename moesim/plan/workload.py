@@ -12,8 +12,7 @@ experts and dense FFNs are tensor-parallel over the replica's tokens, like atten
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass, replace
 
 import numpy as np
 
@@ -314,9 +313,9 @@ def _block_delta(before: dict, lp: LayerPlan) -> dict:
     delta = {}
     for k, v in vars(lp).items():
         if k in _PHASE_TABLES:
-            delta[k] = {p: copy.deepcopy(v[p]) for p in v if p not in before[k]}
+            delta[k] = {p: _copied(v[p]) for p in v if p not in before[k]}
         elif k != "index" and v is not before[k]:
-            delta[k] = copy.deepcopy(v)
+            delta[k] = _copied(v)
     return delta
 
 
@@ -324,9 +323,26 @@ def _apply_block(lp: LayerPlan, delta: dict) -> None:
     """Set on ``lp`` copies of what :func:`_block_delta` recorded."""
     for k, v in delta.items():
         if k in _PHASE_TABLES:
-            getattr(lp, k).update(copy.deepcopy(v))
+            getattr(lp, k).update(_copied(v))
         else:
-            setattr(lp, k, copy.deepcopy(v))
+            setattr(lp, k, _copied(v))
+
+
+def _copied(value):
+    """A copy of ``value`` that shares no array with it: arrays, containers and dataclass
+    instances (a block's tables and :class:`Traffic`) copied, anything else shared (numbers,
+    strings, None)."""
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_copied(v) for v in value)
+    if is_dataclass(value) and not isinstance(value, type):
+        return replace(
+            value, **{f.name: _copied(getattr(value, f.name)) for f in fields(value) if f.init}
+        )
+    return value
 
 
 def _route(ctx: _Context, layer_seed, moe_index: int):
