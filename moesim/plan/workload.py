@@ -81,7 +81,14 @@ def layer_generators(
 ) -> tuple[np.random.Generator, np.random.Generator]:
     """The two random streams of a layer: expert preferences / placement, and routing. The
     reference layer uses the same streams to reproduce the simulator's routing exactly."""
-    place, route = layer_seed.spawn(2)
+    place, route = (
+        np.random.SeedSequence(
+            layer_seed.entropy,
+            spawn_key=(*layer_seed.spawn_key, i),
+            pool_size=layer_seed.pool_size,
+        )
+        for i in (0, 1)
+    )  # the seed's first two children (``spawn(2)`` on a fresh seed), built without spawning
     return np.random.default_rng(place), np.random.default_rng(route)
 
 
@@ -274,10 +281,10 @@ def _moe_block(ctx: _Context, lp: LayerPlan, layer_seed, moe_index: int) -> None
 
 REUSE_MOE_BLOCKS = True
 """Plan an MoE block once per distinct router preferences when its routing is an expectation
-(``routing.sampling: expected`` where :func:`expected_applies`, no trace, no bias warm-up,
-which draws from the layer's own stream): its routing,
-placement, expert work and dispatch then depend on the preferences alone, so every layer
-with the same preferences gets copies of the first one's. ``tests/test_reuse.py`` checks the
+(``routing.sampling: expected`` where :func:`expected_applies`; no trace, and no bias warm-up,
+which draws from the layer's routing stream): its routing, placement, expert work and
+dispatch then depend on the preferences alone, so every layer with the same preferences gets
+copies of the first one's. ``tests/test_reuse.py`` checks the
 plans equal those built layer by layer (this switch off)."""
 
 
@@ -289,15 +296,8 @@ def _moe_key(ctx: _Context, layer_seed, moe_index: int) -> bytes | None:
         return None
     if r.bias_balancing.steps:  # the bias warm-up draws from the layer's routing stream
         return None
-    # the placement stream layer_generators will give, without spawning from layer_seed
-    # (a SeedSequence's n-th child: its spawn key extended by n)
-    place = np.random.SeedSequence(
-        layer_seed.entropy,
-        spawn_key=(*layer_seed.spawn_key, layer_seed.n_children_spawned),
-        pool_size=layer_seed.pool_size,
-    )
-    rng = np.random.default_rng(place)
-    return layer_probabilities(r, ctx.sc.model.n_experts, moe_index, rng).tobytes()
+    place_rng, _ = layer_generators(layer_seed)
+    return layer_probabilities(r, ctx.sc.model.n_experts, moe_index, place_rng).tobytes()
 
 
 def _block_fields(lp: LayerPlan) -> dict:
