@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from moesim.cli import main
+from moesim.config.scenario import Scenario
 
 from .conftest import ROOT
 
@@ -143,10 +144,12 @@ def test_readme_commands_name_real_files():
 
 
 def test_a_closed_pipe_is_quiet():
-    """``moesim catalog | head -1``: the reader closes the pipe; moesim exits 141 with nothing
-    on stderr (no BrokenPipeError traceback)."""
+    """``moesim schema | head -1``: the reader closes the pipe; moesim exits 141 with nothing
+    on stderr (no BrokenPipeError traceback). The schema is larger than a pipe's buffer
+    (64 KiB), so moesim cannot have written all of it before the pipe closes."""
+    assert len(json.dumps(Scenario.model_json_schema(), indent=2)) > 1 << 16
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moesim", "catalog", "--sources"],
+        [sys.executable, "-m", "moesim", "schema"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         bufsize=0,
