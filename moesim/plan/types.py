@@ -43,6 +43,14 @@ class Traffic:
     ring_steps: int = 0  # a ring algorithm of this many equal steps (0: not a ring)
     launches: bool = True  # pays the collective kernel's launch (not a ring's later steps)
 
+    def __post_init__(self) -> None:
+        """The arrays are made read-only: a traffic is a value (the plan shares one between
+        the layers that reuse a block, the analytic engine caches its link loads)."""
+        for name in ("src", "dst", "nbytes", "members"):
+            value = getattr(self, name)
+            if isinstance(value, np.ndarray):
+                value.flags.writeable = False
+
     def reversed(self) -> Traffic:
         return replace(self, src=self.dst, dst=self.src)
 

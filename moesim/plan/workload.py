@@ -329,9 +329,11 @@ def _apply_block(lp: LayerPlan, delta: dict) -> None:
 
 
 def _copied(value):
-    """A copy of ``value`` that shares no array with it: arrays, containers and dataclass
-    instances (a block's tables and :class:`Traffic`) copied, anything else shared (numbers,
-    strings, None)."""
+    """A copy of ``value`` that shares no writable array with it: arrays, containers and
+    dataclass instances (a block's tables) copied; a :class:`Traffic` (its arrays are
+    read-only), numbers, strings and None shared."""
+    if isinstance(value, Traffic):  # read-only arrays: shared
+        return value
     if isinstance(value, np.ndarray):
         return value.copy()
     if isinstance(value, dict):
