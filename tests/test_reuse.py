@@ -99,3 +99,51 @@ def test_drawn_routing_is_not_reused(monkeypatch):
     layers = _layers(sc, True, monkeypatch)
     loads = {layers[i].expert_load.tobytes() for i in range(len(layers))}
     assert len(loads) > 1
+
+
+def test_traffic_is_read_only_and_shared_between_reused_layers(monkeypatch):
+    """Reused layers share their (read-only) dispatch and combine objects; the combine is
+    the dispatch's stages reversed, in reverse order, scaled by the combine's dtype."""
+    sc = moesim.load_scenario(
+        "scenarios/deepseek-v3-256xh800-prefill.yaml", {"sim.fidelity": "analytic"}
+    )
+    layers = [lp for lp in _layers(sc, True, monkeypatch) if lp.moe]
+    first, later = layers[0], layers[-1]
+    assert later.dispatch is first.dispatch
+    assert all(p is q for p, q in zip(later.combine_stages(), first.combine_stages(), strict=True))
+    with pytest.raises(ValueError, match="read-only"):
+        first.dispatch.nbytes[0] = 1.0
+    stages = first.dispatch_stages
+    for got, src in zip(first.combine_stages(), reversed(stages), strict=True):
+        assert np.array_equal(got.src, src.dst) and np.array_equal(got.dst, src.src)
+        assert np.allclose(got.nbytes, src.nbytes * first.combine_scale)
+
+
+def test_a_topology_is_built_once_per_cluster():
+    """The same cluster settings give the same topology object (another seed or batch does
+    not matter), equal to a fresh build; another cluster gives another; the cache keeps a
+    bounded number, the least recently used dropped first."""
+    from moesim.engine import inputs
+    from moesim.network import build_topology
+
+    def load(name: str, over: dict | None = None):
+        return moesim.load_scenario(f"scenarios/{name}.yaml", over or {})
+
+    sc = load("mixtral-8x7b-8xh100-decode")
+    topo = inputs.scenario_topology(sc)
+    again = load("mixtral-8x7b-8xh100-decode", {"sim.seed": 3, "workload.batch_size": 64})
+    assert inputs.scenario_topology(again) is topo
+    fresh = build_topology(sc.cluster, sc.topology, sc.pim, sc.tiers)
+    assert topo.link_names == fresh.link_names
+    assert np.array_equal(topo.bandwidth_bytes_per_s, fresh.bandwidth_bytes_per_s)
+    others = [
+        "hunyuan-large-16xh100-decode", "yuan2-m32-8xa100-decode",
+        "deepseek-v3-32xh800-prefill", "deepseek-v3-64xh800-decode",
+        "mixtral-8x7b-8xh100-hbmpim-decode",
+    ]  # fmt: skip
+    built = [inputs.scenario_topology(load(name)) for name in others]
+    assert all(t is not topo for t in built)
+    assert [t.n_devices for t in built[:4]] == [16, 8, 32, 64]
+    assert len(inputs._TOPOLOGIES) == inputs.TOPOLOGY_CACHE_SIZE
+    assert inputs.scenario_topology(sc) is not topo  # dropped, built again
+    assert inputs.scenario_topology(load(others[-1])) is built[-1]  # kept

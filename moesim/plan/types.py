@@ -127,6 +127,8 @@ class LayerPlan:
     pim_attention: PimWork | None = None  # pim.policy co_processing: attention beside lp.pim
     expert_weight_bytes: np.ndarray | None = None  # expert weights the GPU reads (energy)
     tiers: object | None = None  # offloaded experts: a moesim.plan.tiers.TierWork
+    combine_made: tuple | None = field(default=None, repr=False, compare=False)
+    """``(dispatch, dispatch_forward, {combine_scale: stages})`` of :meth:`combine_stages`."""
 
     @property
     def combine(self) -> Traffic | None:
@@ -146,10 +148,16 @@ class LayerPlan:
         return sum(t.total_bytes for t in self.dispatch_stages) * (1.0 + self.combine_scale)
 
     def combine_stages(self) -> list[Traffic]:
-        """The combine: the dispatch's stages reversed, in reverse order (new objects)."""
+        """The combine: the dispatch's stages reversed, in reverse order, in the combine's
+        dtype; built once per dispatch (layers that share a dispatch share its combine)."""
+        made = self.combine_made
+        if made is None or made[0] is not self.dispatch or made[1] is not self.dispatch_forward:
+            made = self.combine_made = (self.dispatch, self.dispatch_forward, {})
         scale = self.combine_scale
-        stages = [t.reversed() for t in reversed(self.dispatch_stages)]
-        return stages if scale == 1.0 else [t.scaled(scale) for t in stages]
+        if scale not in made[2]:
+            stages = [t.reversed() for t in reversed(self.dispatch_stages)]
+            made[2][scale] = stages if scale == 1.0 else [t.scaled(scale) for t in stages]
+        return list(made[2][scale])
 
 
 @dataclass

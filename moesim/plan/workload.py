@@ -12,7 +12,7 @@ experts and dense FFNs are tensor-parallel over the replica's tokens, like atten
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, is_dataclass, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 
 import numpy as np
 
@@ -106,6 +106,15 @@ class _Context:
     mode: str = "pairs"  # dispatch mode (moesim/plan/dispatch.py)
     node_layout: _NodeLayout | None = None  # per_node: the network stage's pairs
     forward_layout: _DispatchLayout | None = None  # per_node: the intra-node stage's pairs
+    tp_traffic: dict = field(default_factory=dict)  # tensor-parallel collectives, by algorithm
+
+    def tp(self, collective) -> Traffic:
+        """The tensor-parallel ``collective`` (a ring algorithm) of every layer's replica
+        activations: the same for every layer, so built once and shared (its arrays are
+        read-only)."""
+        if collective not in self.tp_traffic:
+            self.tp_traffic[collective] = collective(_tp_groups(self), _tp_bytes(self))
+        return self.tp_traffic[collective]
 
     def time(self, phase: str, ops: list[OpCost], lp: LayerPlan) -> None:
         """Record a phase's per-device seconds, FLOPs and measured seconds on ``lp``."""
@@ -233,7 +242,7 @@ def _attention_block(ctx: _Context, i: int) -> LayerPlan:
     lp.pim = pim
     if lay.tp > 1:
         collective = ring_reduce_scatter if lp.moe else ring_allreduce
-        lp.tp_comm = collective(_tp_groups(ctx), _tp_bytes(ctx))
+        lp.tp_comm = ctx.tp(collective)
     return lp
 
 
@@ -246,7 +255,7 @@ def _dense_block(ctx: _Context, lp: LayerPlan) -> None:
         lp,
     )
     if lay.tp > 1:
-        lp.tp_comm_after = ring_allreduce(_tp_groups(ctx), _tp_bytes(ctx))
+        lp.tp_comm_after = ctx.tp(ring_allreduce)
 
 
 def _moe_block(ctx: _Context, lp: LayerPlan, layer_seed, moe_index: int) -> None:
@@ -263,11 +272,12 @@ def _moe_block(ctx: _Context, lp: LayerPlan, layer_seed, moe_index: int) -> None
         d_ff = m.n_shared_experts * m.d_ff_shared / lay.tp
         ctx.time("shared_experts", ffn_ops("shared", lay.tokens_att, m.d_model, d_ff, b), lp)
         if lay.tp > 1:  # its input gathered, its partial sums reduce-scattered
-            lp.tp_shared_in = ring_allgather(_tp_groups(ctx), _tp_bytes(ctx))
-            lp.tp_shared_out = ring_reduce_scatter(_tp_groups(ctx), _tp_bytes(ctx))
+            lp.tp_shared_in = ctx.tp(ring_allgather)
+            lp.tp_shared_out = ctx.tp(ring_reduce_scatter)
     load = _expert_load(ctx, lp, kept, share)
     _experts(ctx, lp, load, share, expected)
     lp.dispatch = _dispatch_traffic(ctx, kept, share, lp, routing)
+    lp.combine_stages()  # built with the block, so layers that reuse it share the combine
     lp.device_tokens = load.sum(axis=1)
     lp.routed_pairs = routing.routed_pairs
     lp.dropped_pairs = int(routing.dropped.sum())
@@ -276,7 +286,7 @@ def _moe_block(ctx: _Context, lp: LayerPlan, layer_seed, moe_index: int) -> None
         lp.expert_tokens, lp.pairs_out = load, pairs_out
         lp.expert_share = share  # replicas synchronise their gradients (plan/training.py)
     if lay.tp > 1:
-        lp.tp_comm_after = ring_allgather(_tp_groups(ctx), _tp_bytes(ctx))
+        lp.tp_comm_after = ctx.tp(ring_allgather)
 
 
 REUSE_MOE_BLOCKS = True
