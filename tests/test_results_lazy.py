@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import moesim
 from moesim.engine.analytic import AnalyticEngine
 from moesim.engine.des import Engine
 from moesim.plan.graph import COMPUTE_PHASES
@@ -88,3 +89,42 @@ def test_the_summary_says_which_network_kernels_ran(monkeypatch):
     assert fallback.summary["sim"]["network_kernels"] == "numpy (numba missing)"
     assert any("numba is not installed" in w for w in fallback.summary["warnings"])
     assert fallback.step_time_s == compiled.step_time_s  # the same arithmetic
+
+
+def _routing_row_reference(lp) -> dict:
+    """One MoE layer's routing statistics, computed on its own arrays one by one."""
+    per_expert = lp.expert_load.sum(axis=0)
+    mean = per_expert.mean()
+    held = lp.device_tokens[lp.local_experts > 0]
+    experts_s = lp.compute_s["experts"]
+    return {
+        "max_over_mean_load": float(per_expert.max() / mean) if mean > 0 else 1.0,
+        "cv_load": float(per_expert.std() / mean) if mean > 0 else 0.0,
+        "device_max_over_mean_load": float(held.max() / held.mean()) if held.mean() > 0 else 1.0,
+        "imbalance_s": float(experts_s.max() - experts_s.mean()),
+    }
+
+
+@pytest.mark.parametrize(
+    ("path", "over"),
+    [
+        ("mixtral-8x7b-8xh100-zipf-decode.yaml", {"routing.sampling": "draw"}),
+        ("mixtral-8x7b-32xh100-pp4-train.yaml", {}),  # pipeline stages: devices per layer
+        ("deepseek-v3-64xh800-decode.yaml", {"sim.fidelity": "analytic"}),
+        ("minimax-text-01-64xh100-prefill.yaml", {"routing.replicate_hot": 4}),
+    ],
+)
+def test_routing_rows_match_the_per_layer_statistics(path, over):
+    """The routing table's statistics, computed over all layers at once, equal each layer's
+    computed from its own arrays."""
+    from moesim.plan.workload import build_plan
+    from moesim.results.collect import routing_rows
+
+    sc = moesim.load_scenario(f"scenarios/{path}", {**over, "sim.trace": False})
+    plan = build_plan(sc)
+    rows = routing_rows(plan)
+    moe = [lp for lp in plan.layers if lp.moe]
+    assert [r["layer"] for r in rows] == [lp.index for lp in moe]
+    for row, lp in zip(rows, moe, strict=True):
+        want = _routing_row_reference(lp)
+        assert {k: row[k] for k in want} == pytest.approx(want, rel=1e-12, abs=1e-15)

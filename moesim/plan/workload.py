@@ -76,20 +76,34 @@ from moesim.routing.placement import (
 from moesim.routing.sampling import sampling_mode
 
 
+def _child(seed: np.random.SeedSequence, i: int) -> np.random.SeedSequence:
+    """The seed's child ``i`` (``spawn`` on a fresh seed), built without spawning."""
+    return np.random.SeedSequence(
+        seed.entropy, spawn_key=(*seed.spawn_key, i), pool_size=seed.pool_size
+    )
+
+
 def layer_generators(
     layer_seed: np.random.SeedSequence,
 ) -> tuple[np.random.Generator, np.random.Generator]:
     """The two random streams of a layer: expert preferences / placement, and routing. The
     reference layer uses the same streams to reproduce the simulator's routing exactly."""
-    place, route = (
-        np.random.SeedSequence(
-            layer_seed.entropy,
-            spawn_key=(*layer_seed.spawn_key, i),
-            pool_size=layer_seed.pool_size,
-        )
-        for i in (0, 1)
-    )  # the seed's first two children (``spawn(2)`` on a fresh seed), built without spawning
-    return np.random.default_rng(place), np.random.default_rng(route)
+    return np.random.default_rng(_child(layer_seed, 0)), np.random.default_rng(
+        _child(layer_seed, 1)
+    )
+
+
+class _LazyGenerator:
+    """A layer's placement stream made on first use: a score model that draws nothing
+    (uniform preferences) never pays for one (~35 us a layer)."""
+
+    def __init__(self, layer_seed: np.random.SeedSequence) -> None:
+        self._seed, self._rng = layer_seed, None
+
+    def __getattr__(self, name: str):
+        if self._rng is None:
+            self._rng = layer_generators(self._seed)[0]
+        return getattr(self._rng, name)
 
 
 @dataclass
@@ -165,10 +179,11 @@ def _build(sc: Scenario, stage: range | list[int], check: bool = True) -> Worklo
     layer_seeds = np.random.SeedSequence(sc.sim.seed).spawn(m.n_layers)
     layers: list[LayerPlan] = []
     planned: dict[bytes, dict] = {}  # MoE blocks of expected routing, by preferences
+    n_moe_before = np.cumsum([0] + [m.is_moe(j) for j in range(m.n_layers)])  # per layer
     for i in stage:
         lp = _attention_block(ctx, i)
         if m.is_moe(i):
-            moe_index = sum(m.is_moe(j) for j in range(i))  # MoE layers before this one
+            moe_index = int(n_moe_before[i])
             key = _moe_key(ctx, layer_seeds[i], moe_index) if REUSE_MOE_BLOCKS else None
             if key is not None and key in planned:
                 _apply_block(lp, planned[key])
@@ -306,7 +321,7 @@ def _moe_key(ctx: _Context, layer_seed, moe_index: int) -> bytes | None:
         return None
     if r.bias_balancing.steps:  # the bias warm-up draws from the layer's routing stream
         return None
-    place_rng, _ = layer_generators(layer_seed)
+    place_rng = _LazyGenerator(layer_seed)
     return layer_probabilities(r, ctx.sc.model.n_experts, moe_index, place_rng).tobytes()
 
 

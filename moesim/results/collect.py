@@ -23,7 +23,6 @@ from moesim.plan.tiers import tiers_summary
 from moesim.plan.types import WorkloadPlan
 from moesim.results.energy import add_energy
 from moesim.results.mfu import mfu
-from moesim.routing.distributions import max_over_mean
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -121,33 +120,61 @@ def _frame(data: dict[str, Any] | list[dict[str, Any]]) -> Callable[[], pd.DataF
     return build
 
 
+def _per_row(arrays: list[np.ndarray], stat) -> np.ndarray:
+    """``stat`` (a function of a 2-D array along its rows) of each array: all at once where
+    they have one shape, one by one otherwise."""
+    if len({a.shape for a in arrays}) == 1:
+        return stat(np.stack(arrays))
+    return np.concatenate([stat(a[None, :]) for a in arrays])
+
+
+def _max_over_mean_rows(x: np.ndarray) -> np.ndarray:
+    """:func:`moesim.routing.distributions.max_over_mean` of each row."""
+    mean = x.mean(axis=1)
+    return np.where(mean > 0, x.max(axis=1) / np.where(mean > 0, mean, 1.0), 1.0)
+
+
+def _cv_rows(x: np.ndarray) -> np.ndarray:
+    """Coefficient of variation of each row (0 where its mean is 0)."""
+    mean = x.mean(axis=1)
+    return np.where(mean > 0, x.std(axis=1) / np.where(mean > 0, mean, 1.0), 0.0)
+
+
+def _spread_rows(x: np.ndarray) -> np.ndarray:
+    """Max minus mean of each row."""
+    return x.max(axis=1) - x.mean(axis=1)
+
+
 def routing_rows(plan: WorkloadPlan) -> list[dict[str, Any]]:
-    """One row per MoE layer: load imbalance, drops and node crossings from the routing counts."""
+    """One row per MoE layer: load imbalance, drops and node crossings from the routing counts
+    (each statistic over all the layers at once)."""
+    moe = [lp for lp in plan.layers if lp.moe]
+    if not moe:
+        return []
+    per_expert = [lp.expert_load.sum(axis=0) for lp in moe]
+    mom, cv = _per_row(per_expert, _max_over_mean_rows), _per_row(per_expert, _cv_rows)
+    # over the devices holding the layer's experts (its pipeline stage)
+    held = [lp.device_tokens[lp.local_experts > 0] for lp in moe]
+    device_mom = _per_row(held, _max_over_mean_rows)
+    # seconds the slowest device's experts add over the average device's
+    imbalance_s = _per_row([lp.compute_s["experts"] for lp in moe], _spread_rows)
     rows = []
-    for lp in plan.layers:
-        if not lp.moe:
-            continue
-        per_expert = lp.expert_load.sum(axis=0)
+    for k, lp in enumerate(moe):
+        history = lp.balance_history
         rows.append(
             {
                 "layer": lp.index,
-                "max_over_mean_load": max_over_mean(per_expert),
-                "cv_load": float(per_expert.std() / per_expert.mean())
-                if per_expert.mean()
-                else 0.0,
-                # over the devices holding the layer's experts (its pipeline stage)
-                "device_max_over_mean_load": max_over_mean(lp.device_tokens[lp.local_experts > 0]),
+                "max_over_mean_load": float(mom[k]),
+                "cv_load": float(cv[k]),
+                "device_max_over_mean_load": float(device_mom[k]),
                 "routed_pairs": lp.routed_pairs,
                 "dropped_pairs": lp.dropped_pairs,
                 "cross_node_pairs": lp.cross_node_pairs,
                 "dispatch_bytes": lp.dispatch.total_bytes,
-                # seconds the slowest device's experts add over the average device's
-                "imbalance_s": float(
-                    lp.compute_s["experts"].max() - lp.compute_s["experts"].mean()
-                ),
-                "balance_steps": len(lp.balance_history),
-                "balance_first": float(lp.balance_history[0]) if len(lp.balance_history) else None,
-                "balance_last": float(lp.balance_history[-1]) if len(lp.balance_history) else None,
+                "imbalance_s": float(imbalance_s[k]),
+                "balance_steps": len(history),
+                "balance_first": float(history[0]) if len(history) else None,
+                "balance_last": float(history[-1]) if len(history) else None,
             }
         )
     return rows
