@@ -207,11 +207,11 @@ def test_every_moe_layer_dispatches_over_the_same_pairs(small):
 def test_time_in_flight_is_the_union_of_intervals():
     """Per device, the time some collective is in flight is the measure of the union of its
     intervals (single devices and arrays of devices recorded in any mix), against a fine
-    grid count."""
+    grid count; a device without any (the fourth) has none."""
     from moesim.engine.recorder import Recorder
 
     rng = np.random.default_rng(2)
-    rec = Recorder(3, keep_slices=False)
+    rec = Recorder(4, keep_slices=False)
     intervals = []
     for k in range(40):
         start = float(rng.integers(0, 90))
@@ -230,3 +230,4 @@ def test_time_in_flight_is_the_union_of_intervals():
             if h == g:
                 covered |= (grid > s) & (grid < e)
         assert rec.comm_busy_s()[g] == pytest.approx(0.5 * covered.sum())
+    assert rec.comm_busy_s()[3] == 0.0

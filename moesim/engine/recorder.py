@@ -3,7 +3,6 @@ monitoring by wrapping, outside the device and network models."""
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -112,10 +111,13 @@ class Recorder:
         order = np.lexsort((start, g))
         g, start, end = g[order], start[order], end[order]
         first = np.r_[True, g[1:] != g[:-1]]
-        reach = end.copy()  # the latest end so far within each device's run
-        bounds = np.r_[np.flatnonzero(first), len(g)]
-        for lo, hi in itertools.pairwise(bounds.tolist()):  # per device: running maximum
-            reach[lo:hi] = np.maximum.accumulate(end[lo:hi])
+        # the latest end so far within each device's run: a running maximum along the rows
+        # of a [device, interval] table padded with -inf (exact: max does no arithmetic)
+        counts = np.bincount(g, minlength=self.n_devices)
+        col = np.arange(len(g)) - np.repeat(np.cumsum(counts) - counts, counts)
+        table = np.full((self.n_devices, int(counts.max())), -np.inf)
+        table[g, col] = end
+        reach = np.maximum.accumulate(table, axis=1)[g, col]
         before = np.r_[-np.inf, reach[:-1]]
         before[first] = -np.inf
         # in order from 0, as np.add.at would: the same sums
