@@ -175,6 +175,8 @@ def test_column_sums_add_in_the_order_of_np_add_at():
         n, rows, cols_n = rng.integers(0, 40), rng.integers(1, 6), rng.integers(1, 10)
         values = rng.random((rows, n)) * rng.integers(1, 1000)
         cols = rng.integers(0, cols_n, n)
-        ref = np.zeros((rows, cols_n))
-        np.add.at(ref.T, cols, values.T)
-        assert np.array_equal(_column_sums(values, cols, cols_n), ref)
+        for v in (values, (values * 1e6).astype(np.int64)):  # floats, and token counts
+            ref = np.zeros((rows, cols_n))
+            np.add.at(ref.T, cols, v.T.astype(float))
+            got = _column_sums(v, cols, cols_n)
+            assert got.dtype == float and np.array_equal(got, ref)

@@ -90,10 +90,17 @@ def distinct_tokens(
 def _column_sums(values: np.ndarray, cols: np.ndarray, n_columns: int) -> np.ndarray:
     """``out[:, c] = sum of values[:, e] over experts e with cols[e] == c``, added in expert
     order from 0.0 (what ``np.add.at`` gives, bit for bit): round ``j`` adds every column's
-    ``j``-th expert, so a round's columns are distinct."""
-    out = np.zeros((values.shape[0], n_columns))
+    ``j``-th expert, so a round's columns are distinct. Integer counts (below 2^53, as every
+    token count is) sum exactly in any order: one segmented sum over the sorted columns."""
     order = np.argsort(cols, kind="stable")
     sorted_cols = cols[order]
+    if np.issubdtype(values.dtype, np.integer):
+        out = np.zeros((values.shape[0], n_columns), dtype=values.dtype)
+        present, starts = np.unique(sorted_cols, return_index=True)
+        if len(present):
+            out[:, present] = np.add.reduceat(values[:, order], starts, axis=1)
+        return out.astype(float)
+    out = np.zeros((values.shape[0], n_columns))
     counts = np.bincount(sorted_cols, minlength=n_columns)
     rank = np.arange(len(cols)) - np.repeat(np.cumsum(counts) - counts, counts)
     for j in range(int(counts.max(initial=0))):

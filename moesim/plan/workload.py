@@ -566,23 +566,29 @@ def _dispatch_layout(lay: Layout, global_routing: bool, same_node: bool = False)
     ep, etp, edp = lay.ep, lay.etp, lay.edp
     senders = np.arange(lay.n_devices) if same_node else np.flatnonzero(tokens_dev > 0)
     columns = edp * ep if global_routing else ep
-    src = np.repeat(senders, columns)
-    col = np.tile(np.arange(columns), len(senders))
-    slot = col if global_routing else group[src] * ep + col
-    base = (slot // ep) * ep * etp + (slot % ep) * etp
-    flat = np.repeat(src * columns + col, etp)
-    src = np.repeat(src, etp)
-    dst = (base[:, None] + np.arange(etp)[None, :]).ravel()
+    # [sender, column, shard]: column c of sender s is its slot's rank (group g's rank c,
+    # or with global routing slot c itself), whose shards are devices slot * etp + shard
+    first = np.arange(columns) * etp  # a slot's first device, beyond its group's offset
+    if not global_routing:
+        first = (group[senders] * ep * etp)[:, None] + first[None, :]
+    dst = (np.broadcast_to(first, (len(senders), columns))[:, :, None] + np.arange(etp)).ravel()
+    per_sender = columns * etp
+    src = np.repeat(senders, per_sender)
+    flat = (senders[:, None] * columns + np.arange(columns)[None, :]).ravel()
+    flat = np.repeat(flat, etp) if etp > 1 else flat
+    src_node = np.repeat(node[senders], per_sender)
+    dst_node = node[dst]
     if same_node:
-        keep = node[src] == node[dst]
-        src, dst, flat = src[keep], dst[keep], flat[keep]
+        keep = src_node == dst_node
+        src, dst, flat, src_node, dst_node = (a[keep] for a in (src, dst, flat, src_node, dst_node))
     local = src == dst
+    remote = ~local
     return _DispatchLayout(
-        src=src[~local],
-        dst=dst[~local],
-        remote=flat[~local],
+        src=src[remote],
+        dst=dst[remote],
+        remote=flat[remote],
         local=flat[local],
-        cross_node=flat[node[src] != node[dst]],
+        cross_node=flat[src_node != dst_node],
     )
 
 
