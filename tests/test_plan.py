@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from moesim import catalog, scenario_from_dict, simulate
+from moesim import catalog, load_scenario, scenario_from_dict, simulate
 from moesim.cli import main
 from moesim.studies.capacity import (
     load_plan,
@@ -596,3 +596,26 @@ def test_max_rate_plan_then_an_overloaded_candidate_is_never_feasible(tmp_path):
     assert any("unstable" in m for m in result.misses(int(table.loc["1", "candidate"])))
     assert table.loc["2", "feasible"] and result.chosen == int(table.loc["2", "candidate"])
     assert table.loc["2", "offered_rate_per_s"] == pytest.approx(1.4 * one)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mixtral-8x7b-8xh100-decode",
+        "mixtral-8x7b-32xh100-pp4-train",
+        "minimax-text-01-8xh100-hbmpim-cold-decode",
+    ],
+)
+def test_measured_fraction_is_the_plain_sum(name):
+    """The measured share of compute seconds equals a plain loop over layers and phases."""
+    from moesim.plan.workload import build_plan
+
+    plan = build_plan(load_scenario(f"scenarios/{name}.yaml", {"sim.trace": False}))
+    total = float(np.sum(plan.lm_head_s))
+    measured = (
+        float(np.sum(plan.lm_head_measured_s)) if plan.lm_head_measured_s is not None else 0.0
+    )
+    for lp in plan.layers:
+        total += sum(float(np.sum(v)) for v in lp.compute_s.values())
+        measured += sum(float(np.sum(v)) for v in lp.measured_s.values())
+    assert plan.measured_fraction() == measured / total

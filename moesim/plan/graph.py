@@ -86,6 +86,15 @@ class Node:
         return self.devices is None or bool(self.devices[g])
 
 
+def _per_device(seconds, n_devices: int) -> np.ndarray:
+    """``seconds`` as a read-only float vector over the devices (a view: never copied)."""
+    if isinstance(seconds, np.ndarray) and seconds.shape == (n_devices,) and seconds.dtype == float:
+        view = seconds.view()  # the common case, ~30x cheaper than broadcast_to
+        view.flags.writeable = False
+        return view
+    return np.broadcast_to(np.asarray(seconds, dtype=float), (n_devices,))
+
+
 @dataclass
 class StepGraph:
     """The nodes of one step in graph (topological) order, and helpers that add them."""
@@ -118,7 +127,7 @@ class StepGraph:
     ) -> int:
         """A kernel of ``seconds[g]`` on every device's ``stream`` (``None``: a join)."""
         if seconds is not None:
-            seconds = np.broadcast_to(np.asarray(seconds, dtype=float), (self.n_devices,))
+            seconds = _per_device(seconds, self.n_devices)
         return self._add(
             kind=COMPUTE, phase=phase, layer=layer, deps=deps, stream=stream, seconds=seconds,
             label=label, devices=devices,

@@ -96,6 +96,17 @@ def streamed(stages: list[Traffic]) -> Traffic:
     )
 
 
+def _layer_sums(tables: list[dict[str, np.ndarray]]) -> list[float]:
+    """Per table, the sum over its arrays of ``float(np.sum(a))``; one reduction where all
+    arrays share a 1-D shape (a row's sum is the 1-D sum, bit for bit)."""
+    arrays = [np.asarray(a, dtype=float) for t in tables for a in t.values()]
+    if arrays and len({a.shape for a in arrays}) == 1 and arrays[0].ndim == 1:
+        sums = iter(np.stack(arrays).sum(axis=1).tolist())
+    else:
+        sums = iter([float(np.sum(a)) for a in arrays])
+    return [sum(next(sums) for _ in t) for t in tables]
+
+
 @dataclass
 class LayerPlan:
     """One transformer layer on every device."""
@@ -186,9 +197,9 @@ class WorkloadPlan:
         measured = (
             float(np.sum(self.lm_head_measured_s)) if self.lm_head_measured_s is not None else 0.0
         )
-        for lp in self.layers:
-            total += sum(float(v.sum()) for v in lp.compute_s.values())
-            measured += sum(float(np.sum(v)) for v in lp.measured_s.values())
+        # each layer's phases summed, then added in layer order: a plain loop's order
+        total = sum(_layer_sums([lp.compute_s for lp in self.layers]), total)
+        measured = sum(_layer_sums([lp.measured_s for lp in self.layers]), measured)
         return measured / total if total > 0 else 0.0
 
     @property
