@@ -256,3 +256,24 @@ def test_a_torn_last_line_is_cut_before_resuming(tmp_path):
     keys = [r["key"] for r in run.done_rows()]
     assert len(keys) == len(set(keys)) == 9 and len(table) == 9
     assert run.journal.read_text().splitlines(keepends=True)[:6] == lines[:6]
+
+
+def test_overrides_apply_to_a_deep_copy():
+    """``apply_overrides`` leaves the base mapping as it was (nested mappings and lists are
+    copied, a tuple becomes a list as in YAML) and sets dotted paths, a catalog name on the
+    way becoming a preset."""
+    from moesim.config.scenario import apply_overrides
+
+    base = {"a": {"b": [1, {"c": 2}]}, "model": "mixtral-8x7b", "t": (1, 2)}
+    snapshot = {"a": {"b": [1, {"c": 2}]}, "model": "mixtral-8x7b", "t": (1, 2)}
+    out = apply_overrides(base, {"a.b": 5, "model.n_layers": 2})
+    out["t"].append(3)
+    assert base == snapshot
+    assert out == {
+        "a": {"b": 5},
+        "model": {"preset": "mixtral-8x7b", "n_layers": 2},
+        "t": [1, 2, 3],
+    }
+    copy = apply_overrides(base, {})
+    copy["a"]["b"][1]["c"] = 9
+    assert base["a"]["b"][1]["c"] == 2

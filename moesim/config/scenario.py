@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -916,9 +915,19 @@ def _set_dotted(data: dict[str, Any], path: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def _plain_copy(data: Any) -> Any:
+    """A deep copy of plain YAML data: mappings and sequences copied (a tuple becomes a list,
+    as a YAML round trip makes it), scalars shared."""
+    if isinstance(data, dict):
+        return {k: _plain_copy(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_plain_copy(v) for v in data]
+    return data
+
+
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """A deep copy of a scenario mapping with dotted-path ``overrides`` applied."""
-    data = yaml.safe_load(yaml.safe_dump(data))  # deep copy of plain data
+    data = _plain_copy(data)
     for path, value in overrides.items():
         _set_dotted(data, path, value)
     return data
