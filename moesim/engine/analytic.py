@@ -64,7 +64,7 @@ class AnalyticEngine:
         self.link_stats = LinkStats(np.zeros(n_links), np.zeros(n_links))
         self.counters = {"events": 0, "network_solves": 0}
         self.wall_s = 0.0
-        self._link_loads: dict[int, tuple[Traffic, np.ndarray, float]] = {}
+        self._link_loads: dict[int, tuple[Traffic, np.ndarray, np.ndarray, float]] = {}
 
     def run(self) -> AnalyticEngine:
         start = time.perf_counter()
@@ -233,15 +233,16 @@ class AnalyticEngine:
             latency_s = float(
                 topo.collective_latency_s(np.array([path_latency_s]), steps, launches)[0]
             )
-            hit = self._link_loads[id(traffic)] = (traffic, loads, latency_s)
-        _, loads, latency_s = hit
-        busy = loads / topo.bandwidth_bytes_per_s
+            busy = loads / topo.bandwidth_bytes_per_s
+            span_s = float(busy.max()) + latency_s
+            hit = self._link_loads[id(traffic)] = (traffic, loads, busy, span_s)
+        _, loads, busy, span_s = hit
         self.link_stats.bytes_carried += loads
         self.link_stats.busy_s += busy
         if self.rec.keep_slices:
             for lid in np.flatnonzero(busy):
                 self.link_stats.intervals.append((int(lid), begin_s, begin_s + float(busy[lid])))
-        return float(busy.max()) + latency_s
+        return span_s
 
     # -- timeline slices ----------------------------------------------------------------
     def _slices(self, phase: str, start: np.ndarray, seconds: np.ndarray, layer: int) -> None:

@@ -75,13 +75,12 @@ class Recorder:
             return
         self._gather_one()
         devices = np.atleast_1d(devices)
-        self.comm.append(
-            (
-                devices,
-                np.broadcast_to(np.asarray(start, float), devices.shape),
-                np.broadcast_to(np.asarray(end, float), devices.shape),
-            )
-        )
+        start, end = np.asarray(start, float), np.asarray(end, float)
+        if start.shape != devices.shape:
+            start = np.broadcast_to(start, devices.shape)
+        if end.shape != devices.shape:
+            end = np.broadcast_to(end, devices.shape)
+        self.comm.append((devices, start, end))
 
     def in_flight_one(self, g: int, start: float, end: float) -> None:
         """A collective in flight on device ``g`` from ``start`` to ``end``."""
