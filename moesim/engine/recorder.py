@@ -100,26 +100,30 @@ class Recorder:
 
     def comm_busy_s(self) -> np.ndarray:
         """Per device, the time at least one of its collectives was in flight (the union of
-        their intervals: sorted by start, each adds what reaches past the ones before)."""
+        their intervals: sorted by start, each adds what reaches past the ones before).
+
+        The intervals go into ``[device, interval]`` tables in the order they were recorded
+        (padding starts at +inf and ends at -inf, so it adds nothing), each row is sorted by
+        start (stable: ties keep that order), and a row's additions run in order from 0
+        (``np.add.accumulate``), as a loop over each device's sorted intervals would."""
         self._gather_one()
+        n = self.n_devices
         if not self.comm:
-            return np.zeros(self.n_devices)
+            return np.zeros(n)
         g = np.concatenate([c[0] for c in self.comm])
         start = np.concatenate([c[1] for c in self.comm])
         end = np.concatenate([c[2] for c in self.comm])
-        order = np.lexsort((start, g))
-        g, start, end = g[order], start[order], end[order]
-        first = np.r_[True, g[1:] != g[:-1]]
-        # the latest end so far within each device's run: a running maximum along the rows
-        # of a [device, interval] table padded with -inf (exact: max does no arithmetic)
-        counts = np.bincount(g, minlength=self.n_devices)
-        col = np.arange(len(g)) - np.repeat(np.cumsum(counts) - counts, counts)
-        table = np.full((self.n_devices, int(counts.max())), -np.inf)
-        table[g, col] = end
-        reach = np.maximum.accumulate(table, axis=1)[g, col]
-        before = np.r_[-np.inf, reach[:-1]]
-        before[first] = -np.inf
-        # in order from 0, as np.add.at would: the same sums
-        return np.bincount(
-            g, weights=np.maximum(0.0, end - np.maximum(start, before)), minlength=self.n_devices
-        )
+        counts = np.bincount(g, minlength=n)
+        by_device = np.argsort(g.astype(np.int16) if n < 1 << 15 else g, kind="stable")
+        col = np.empty(len(g), dtype=np.int64)
+        col[by_device] = np.arange(len(g)) - np.repeat(np.cumsum(counts) - counts, counts)
+        width = int(counts.max())
+        starts, ends = np.full((n, width), np.inf), np.full((n, width), -np.inf)
+        starts[g, col], ends[g, col] = start, end
+        order = np.argsort(starts, axis=1, kind="stable")
+        starts = np.take_along_axis(starts, order, axis=1)
+        ends = np.take_along_axis(ends, order, axis=1)
+        reach = np.maximum.accumulate(ends, axis=1)  # the latest end so far in each row
+        before = np.concatenate([np.full((n, 1), -np.inf), reach[:, :-1]], axis=1)
+        added = np.maximum(0.0, ends - np.maximum(starts, before))
+        return np.add.accumulate(added, axis=1)[:, -1]
