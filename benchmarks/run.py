@@ -34,6 +34,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -222,6 +223,12 @@ TARGETS = [
         f"{S}/deepseek-v3-2048xh800-prefill.yaml",
         60.0,
     ),
+    (
+        "process: moesim sweep 1,000 deepseek-v3 layouts",
+        "sweep",
+        f"{S}/sweeps/deepseek-v3-layouts.yaml",
+        60.0,
+    ),
 ]
 
 
@@ -249,7 +256,7 @@ def targets(quick: bool, points: int, csv_path: str | None) -> int:
     for row in rows:
         show(row)
     for name, how, path, target in TARGETS:
-        if quick and "2048" in name and how != "point":
+        if quick and (("2048" in name and how != "point") or how == "sweep"):
             continue
         if how == "point":
             seconds = _analytic_points(path, {}, points)
@@ -259,6 +266,9 @@ def targets(quick: bool, points: int, csv_path: str | None) -> int:
             seconds = _process_s(["--version"], 5)
         elif how == "process":
             seconds = _process_s(["run", path], 3 if "mixtral" in path else 1)
+        elif how == "sweep":  # a fresh output folder: no finished point to resume from
+            with tempfile.TemporaryDirectory() as out:
+                seconds = _process_s(["sweep", path, "--out", out], 1)
         kernels = ""
         if how == "des":
             seconds, kernels = _des_in_process(path, {"sim.fidelity": "des"})
@@ -279,7 +289,11 @@ def targets(quick: bool, points: int, csv_path: str | None) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--targets", action="store_true", help="time the speed targets (see TARGETS)")
-    p.add_argument("--quick", action="store_true", help="--targets without the 2,048-GPU DES runs")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="--targets without the 2,048-GPU runs and the 1,000-point sweep",
+    )
     p.add_argument("--points", type=int, default=20, help="--targets: analytic points timed each")
     p.add_argument("--only", help="run scenarios whose name contains this")
     p.add_argument("--fidelity", choices=["des", "analytic", "both"], default="both")
