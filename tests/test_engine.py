@@ -240,15 +240,16 @@ def test_time_in_flight_adds_in_the_order_of_a_plain_loop():
     from moesim.engine.recorder import Recorder
 
     rng = np.random.default_rng(5)
-    for _ in range(30):
+    for case in range(60):
         n = int(rng.integers(1, 7))
+        every = case % 2 == 0  # only collectives of every device (the stacked tables)
         rec = Recorder(n, keep_slices=False)
         intervals: list[tuple[int, float, float]] = []
         for _ in range(int(rng.integers(1, 40))):
             start = float(rng.choice([rng.random() * 10, float(rng.integers(0, 5))]))
             end = start + float(rng.random() * 3 * rng.integers(0, 2))
-            if rng.random() < 0.4:
-                devices = np.flatnonzero(rng.random(n) < 0.7)
+            if every or rng.random() < 0.4:
+                devices = np.arange(n) if every else np.flatnonzero(rng.random(n) < 0.7)
                 ends = end + rng.random(len(devices))
                 rec.in_flight(devices, start, ends)
                 intervals += [(int(g), start, float(e)) for g, e in zip(devices, ends, strict=True)]

@@ -98,6 +98,23 @@ class Recorder:
             )
             self._one = ([], [], [])
 
+    def _interval_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(starts, ends)`` as ``[device, interval]`` tables in recording order, padded
+        with +inf starts and -inf ends."""
+        n, every = self.n_devices, np.arange(self.n_devices)
+        if all(len(c[0]) == n and np.array_equal(c[0], every) for c in self.comm):
+            # every collective on every device (the analytic engine's inference steps)
+            return np.stack([c[1] for c in self.comm], 1), np.stack([c[2] for c in self.comm], 1)
+        g = np.concatenate([c[0] for c in self.comm])
+        counts = np.bincount(g, minlength=n)
+        by_device = np.argsort(g.astype(np.int16) if n < 1 << 15 else g, kind="stable")
+        col = np.empty(len(g), dtype=np.int64)
+        col[by_device] = np.arange(len(g)) - np.repeat(np.cumsum(counts) - counts, counts)
+        starts, ends = np.full((n, int(counts.max())), np.inf), np.full((n, counts.max()), -np.inf)
+        starts[g, col] = np.concatenate([c[1] for c in self.comm])
+        ends[g, col] = np.concatenate([c[2] for c in self.comm])
+        return starts, ends
+
     def comm_busy_s(self) -> np.ndarray:
         """Per device, the time at least one of its collectives was in flight (the union of
         their intervals: sorted by start, each adds what reaches past the ones before).
@@ -110,19 +127,11 @@ class Recorder:
         n = self.n_devices
         if not self.comm:
             return np.zeros(n)
-        g = np.concatenate([c[0] for c in self.comm])
-        start = np.concatenate([c[1] for c in self.comm])
-        end = np.concatenate([c[2] for c in self.comm])
-        counts = np.bincount(g, minlength=n)
-        by_device = np.argsort(g.astype(np.int16) if n < 1 << 15 else g, kind="stable")
-        col = np.empty(len(g), dtype=np.int64)
-        col[by_device] = np.arange(len(g)) - np.repeat(np.cumsum(counts) - counts, counts)
-        width = int(counts.max())
-        starts, ends = np.full((n, width), np.inf), np.full((n, width), -np.inf)
-        starts[g, col], ends[g, col] = start, end
-        order = np.argsort(starts, axis=1, kind="stable")
-        starts = np.take_along_axis(starts, order, axis=1)
-        ends = np.take_along_axis(ends, order, axis=1)
+        starts, ends = self._interval_tables()
+        if not (starts[:, 1:] >= starts[:, :-1]).all():  # usually recorded in start order
+            order = np.argsort(starts, axis=1, kind="stable")
+            starts = np.take_along_axis(starts, order, axis=1)
+            ends = np.take_along_axis(ends, order, axis=1)
         reach = np.maximum.accumulate(ends, axis=1)  # the latest end so far in each row
         before = np.concatenate([np.full((n, 1), -np.inf), reach[:, :-1]], axis=1)
         added = np.maximum(0.0, ends - np.maximum(starts, before))
