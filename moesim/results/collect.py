@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Callable
 from operator import itemgetter
@@ -100,6 +101,19 @@ class Result:
         doc="Tokens per (MoE layer, expert-data-parallel group, expert).",
     )
 
+    def write_csv(self, name: str, path: Path) -> None:
+        """``self.<name>.to_csv(path, index=False)``: the same bytes, written from the run's
+        columns without building the DataFrame (nor importing pandas) where they allow."""
+        table = self._tables[name]
+        if not (isinstance(table, _Frame) and table.write_csv(path)):
+            self._table(name).to_csv(path, index=False)
+
+    def column(self, name: str, column: str) -> list:
+        """``list(self.<name>[column])``, from the run's columns where the table is not built."""
+        table = self._tables[name]
+        values = table.column(column) if isinstance(table, _Frame) else None
+        return values if values is not None else list(self._table(name)[column])
+
     @property
     def step_time_s(self) -> float:
         return float(self.summary["step_time_s"])
@@ -111,15 +125,93 @@ def _empty_table() -> pd.DataFrame:
     return pd.DataFrame()
 
 
-def _frame(data: dict[str, Any] | list[dict[str, Any]]) -> Callable[[], pd.DataFrame]:
-    """A builder of the DataFrame of ``data`` (columns by name, or rows), for :class:`Result`."""
+class _Frame:
+    """A builder of the DataFrame of ``data`` (columns by name, or rows), for :class:`Result`,
+    that can also write the table's CSV without building it (:meth:`write_csv`)."""
 
-    def build() -> pd.DataFrame:
+    def __init__(self, data: dict[str, Any] | list[dict[str, Any]] | Callable[[], Any]) -> None:
+        self._make = data if callable(data) else None
+        self._data = None if callable(data) else data
+
+    @property
+    def data(self) -> Any:
+        """The columns or rows (``data()`` on first use where a function was given: it may
+        return a DataFrame builder instead)."""
+        if self._make is not None:
+            self._data, self._make = self._make(), None
+        return self._data
+
+    def __call__(self) -> pd.DataFrame:
         import pandas as pd
 
-        return pd.DataFrame(data)
+        data = self.data
+        return data() if callable(data) else pd.DataFrame(data)
 
-    return build
+    def column(self, name: str) -> list | None:
+        """Column ``name`` as a list, without pandas (None: not a plain column)."""
+        data = self.data
+        if isinstance(data, dict) and isinstance(data.get(name), list | np.ndarray):
+            return list(data[name])
+        return None
+
+    def write_csv(self, path: Path) -> bool:
+        """Write ``DataFrame(data).to_csv(path, index=False)``'s bytes without pandas; False
+        (nothing written) where a column is not one this writer knows to format as pandas
+        does."""
+        data = self.data
+        if isinstance(data, list):
+            keys = list(data[0]) if data else []
+            if not keys or any(list(row) != keys for row in data):
+                return False
+            data = {k: [row[k] for row in data] for k in keys}
+        if not isinstance(data, dict):
+            return False
+        columns = [_csv_column(v) for v in data.values()]
+        if not columns or any(c is None for c in columns):
+            return False
+        n = {len(c) for c in columns}
+        if len(n) != 1:
+            return False
+        with open(path, "w", newline="") as fh:
+            writer = csv.writer(fh, lineterminator="\n")
+            writer.writerow([str(k) for k in data])
+            writer.writerows(zip(*columns, strict=True))
+        return True
+
+
+def _csv_column(values: Any) -> list | None:
+    """The cells ``DataFrame.to_csv`` writes for one column (``na_rep=""``, no float format):
+    floats as numpy's ``astype(str)``, NaN empty, other numbers and strings as they are;
+    None where the column is not a 1-D array or a list of plain numbers, bools or strings."""
+    if isinstance(values, list):
+        kinds = {type(v) for v in values}
+        if not values:
+            return None
+        if kinds == {type(None)}:  # an object column of None: empty cells
+            return [""] * len(values)
+        if kinds <= {str}:
+            return values
+        if kinds <= {bool, np.bool_}:
+            values = np.array(values, dtype=bool)
+        elif kinds <= {int, np.int64}:
+            if any(abs(v) >= 2**63 for v in values):
+                return None
+            values = np.array(values, dtype=np.int64)
+        elif kinds <= {int, float, np.int64, np.float64, type(None)}:  # pandas: float64, NaN
+            if any(type(v) in (int, np.int64) and abs(v) >= 2**53 for v in values):
+                return None
+            values = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+        else:
+            return None
+    if not isinstance(values, np.ndarray) or values.ndim != 1:
+        return None
+    if values.dtype.kind == "f":
+        cells = values.astype(str).astype(object)
+        cells[np.isnan(values)] = ""
+        return cells.tolist()
+    if values.dtype.kind in "biu":
+        return values.tolist()
+    return None
 
 
 def routing_rows(plan: WorkloadPlan) -> list[dict[str, Any]]:
@@ -317,10 +409,10 @@ def collect(engine: Engine | AnalyticEngine) -> Result:
     summary.update(mfu(plan, step))  # against the named dense peak (results/mfu.py)
     return Result(
         summary,
-        _frame(dev),
-        _frame(links),
-        _frame(routing),
-        lambda: expert_load_table(plan),
+        _Frame(dev),
+        _Frame(links),
+        _Frame(routing),
+        _Frame(lambda: _expert_load_columns(plan)),
         rec.slices,
         stats.intervals,
         pim_slices=rec.pim_slices,
@@ -410,12 +502,13 @@ def write_outputs(result: Result, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(result.summary, indent=2) + "\n")
-    result.devices.to_csv(out / "devices.csv", index=False)
-    result.links.to_csv(out / "links.csv", index=False)
-    result.routing.to_csv(out / "routing.csv", index=False)
-    result.expert_load.to_csv(out / "expert_load.csv", index=False)
+    for name in Result.TABLES:
+        result.write_csv(name, out / f"{name}.csv")
     write_trace(
-        out / "trace.json", result, list(result.links["link"]), list(result.devices["device"])
+        out / "trace.json",
+        result,
+        result.column("links", "link"),
+        result.column("devices", "device"),
     )
     return out
 
@@ -534,6 +627,26 @@ def write_trace(
         fh.write('{"traceEvents": [')
         fh.write(", ".join(p for p in parts if p))
         fh.write('], "displayTimeUnit": "ns"}')
+
+
+def _expert_load_columns(plan: WorkloadPlan) -> dict[str, np.ndarray] | Callable[[], Any]:
+    """:func:`expert_load_table`'s columns (its builder where there is no MoE layer)."""
+    loads = [(lp.index, lp.expert_load) for lp in plan.layers if lp.moe]
+    if not loads:
+        return lambda: expert_load_table(plan)
+    layer, group, expert, tokens = [], [], [], []
+    for index, load in loads:
+        groups, experts = np.nonzero(np.ones_like(load, dtype=bool))
+        layer.append(np.full(len(groups), index, dtype=np.int64))
+        group.append(groups)
+        expert.append(experts)
+        tokens.append(load[groups, experts])
+    return {
+        "layer": np.concatenate(layer),
+        "group": np.concatenate(group),
+        "expert": np.concatenate(expert),
+        "tokens": np.concatenate(tokens),
+    }
 
 
 def expert_load_table(plan: WorkloadPlan) -> pd.DataFrame:
