@@ -162,29 +162,36 @@ class Engine:
             events[g] = None
 
     # -- a device's stream ---------------------------------------------------------------
-    def _flush(self, g: int, kernels: list[tuple[str, float, int]]):
-        """Back-to-back kernels ``(phase, seconds, layer)`` as one timeout (one event), each
-        recorded as its own slice; empties ``kernels``. Exact: nothing else touches a
-        stream between two of its kernels, so only sends and waits need the clock."""
-        if not kernels:
-            return
-        t = self.env.now
-        total = sum(k[1] for k in kernels)
-        if total > 0:
-            yield self.env.timeout(total)
+    def _record_run(self, g: int, kernels: list[tuple[str, float, int]], t: float) -> None:
+        """Record back-to-back kernels ``(phase, seconds, layer)`` that started at ``t`` and
+        ended now, each as its own slice (as ``rec.add`` would, inlined); empties
+        ``kernels``."""
+        now = self.env.now
+        phase_s, keep = self.rec.phase_s, self.rec.keep_slices
+        slices = self.rec.slices
         for phase, seconds, layer in kernels:
-            self.rec.add(g, phase, t, min(t + seconds, self.env.now), layer)
+            end = min(t + seconds, now)
+            phase_s[phase][g] += end - t
+            if keep and end > t:
+                slices.append((g, phase, t, end, layer))
             t += seconds
         kernels.clear()
 
     def _walk(self, g: int, stream: str, ids: list[int]):
         """Device ``g``'s ``stream``: its nodes in graph order (the GPU stream also arms the
-        nodes that their dependencies issue, at their place in the order)."""
+        nodes that their dependencies issue, at their place in the order).
+
+        Back-to-back GPU kernels run as one timeout (one event), each recorded as its own
+        slice (``_record_run``). Exact: nothing else touches a stream between two of its
+        kernels, so only sends and waits need the clock."""
         env, nodes, rec = self.env, self.graph.nodes, self.rec
         gpu = stream == GPU
         run: list[tuple[str, float, int]] = []
         awaited = self._awaited
         involves_of = self._involves
+        ext_of = self._ext
+        event, used, record_run = self._event, self._used, self._record_run
+        timeout = env.timeout
         layer = None
         for nid in ids:
             node = nodes[nid]
@@ -198,45 +205,64 @@ class Engine:
                 if layer is not None:
                     self._bar.update()
                 layer = node.layer
-            waits = [d for d in self._ext[nid] if not self._event(d, g).triggered]
-            if run and (waits or node.kind != COMPUTE):
-                yield from self._flush(g, run)
+            ext = ext_of[nid]
+            waits = [d for d in ext if not event(d, g).triggered] if ext else ext
+            compute = node.kind == COMPUTE
+            if run and (waits or not compute):
+                t = env.now
+                total = sum(k[1] for k in run)
+                if total > 0:
+                    yield timeout(total)
+                record_run(g, run, t)
             for d in waits:
                 start = env.now
-                yield self._event(d, g)
+                yield event(d, g)
                 if gpu:
                     rec.add(g, nodes[d].phase, start, env.now, node.layer)
-            for d in self._ext[nid]:
-                self._used(d, g)
-            if node.kind == COMPUTE:
+            for d in ext:
+                used(d, g)
+            if compute:
                 if node.seconds is None:  # a join: done once its dependencies are
                     if awaited[nid]:
                         if run:
-                            yield from self._flush(g, run)
-                        self._event(nid, g).succeed()
+                            t = env.now
+                            total = sum(k[1] for k in run)
+                            if total > 0:
+                                yield timeout(total)
+                            record_run(g, run, t)
+                        event(nid, g).succeed()
                     continue
                 seconds = float(node.seconds[g])
                 if gpu:
                     run.append((node.phase, seconds, node.layer))
                     if awaited[nid]:
-                        yield from self._flush(g, run)
+                        t = env.now
+                        total = sum(k[1] for k in run)
+                        if total > 0:
+                            yield timeout(total)
+                        record_run(g, run, t)
                 else:  # a PIM unit's kernel: its own track in trace.json
                     start = env.now
                     if seconds > 0:
-                        yield env.timeout(seconds)
+                        yield timeout(seconds)
                         if rec.keep_slices:
                             rec.pim_slices.append((g, node.label, start, env.now, node.layer))
                 if awaited[nid]:
-                    self._event(nid, g).succeed()
+                    event(nid, g).succeed()
                 continue
             done = self._issue(node, g)
             if node.wait:
                 start = env.now
                 yield done
-                self._used(nid, g)
+                used(nid, g)
                 if gpu:
                     rec.add(g, node.phase, start, env.now, node.layer)
-        yield from self._flush(g, run)
+        if run:
+            t = env.now
+            total = sum(k[1] for k in run)
+            if total > 0:
+                yield timeout(total)
+            record_run(g, run, t)
         if gpu:
             self._bar.update()
             rec.finish_s[g] = env.now
