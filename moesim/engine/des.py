@@ -46,6 +46,7 @@ class _Prepared:
     nbytes: np.ndarray
     weight: np.ndarray  # max-min weight per contribution: its pairs that carry bytes
     senders_left: int
+    offsets: list[int] = field(default_factory=list)  # pattern.contrib_offsets, as ints
     members: np.ndarray | None = None
     left: np.ndarray | None = None
     held: dict[int, list[int]] = field(default_factory=dict)
@@ -329,11 +330,10 @@ class Engine:
                 self._contribute(prep, h)
 
     def _contribute(self, prep: _Prepared, g: int) -> None:
-        pat = prep.pattern
-        lo, hi = pat.contrib_offsets[g], pat.contrib_offsets[g + 1]
+        lo, hi = prep.offsets[g], prep.offsets[g + 1]
         if hi > lo:
             self.net.contribute(
-                prep.block, pat.contrib_slot[lo:hi], prep.nbytes[lo:hi], prep.weight[lo:hi]
+                prep.block, prep.pattern.contrib_slot[lo:hi], prep.nbytes[lo:hi], prep.weight[lo:hi]
             )
 
     def _prepare(self, node: Node) -> list[simpy.Event]:
@@ -364,6 +364,7 @@ class Engine:
             nbytes=pat.contribution_bytes(traffic.nbytes),
             weight=pat.contribution_weights(traffic.nbytes),
             senders_left=n if node.devices is None else int(np.count_nonzero(node.devices)),
+            offsets=pat.contrib_offsets.tolist(),
         )
         if traffic.barrier and traffic.members is not None:
             prep.members = traffic.members
