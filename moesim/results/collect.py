@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Callable
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -98,6 +100,19 @@ class Result:
         doc="Tokens per (MoE layer, expert-data-parallel group, expert).",
     )
 
+    def write_csv(self, name: str, path: Path) -> None:
+        """``self.<name>.to_csv(path, index=False)``: the same bytes, written from the run's
+        columns without building the DataFrame (nor importing pandas) where they allow."""
+        table = self._tables[name]
+        if not (isinstance(table, _Frame) and table.write_csv(path)):
+            self._table(name).to_csv(path, index=False)
+
+    def column(self, name: str, column: str) -> list:
+        """``list(self.<name>[column])``, from the run's columns where the table is not built."""
+        table = self._tables[name]
+        values = table.column(column) if isinstance(table, _Frame) else None
+        return values if values is not None else list(self._table(name)[column])
+
     @property
     def step_time_s(self) -> float:
         return float(self.summary["step_time_s"])
@@ -109,15 +124,93 @@ def _empty_table() -> pd.DataFrame:
     return pd.DataFrame()
 
 
-def _frame(data: dict[str, Any] | list[dict[str, Any]]) -> Callable[[], pd.DataFrame]:
-    """A builder of the DataFrame of ``data`` (columns by name, or rows), for :class:`Result`."""
+class _Frame:
+    """A builder of the DataFrame of ``data`` (columns by name, or rows), for :class:`Result`,
+    that can also write the table's CSV without building it (:meth:`write_csv`)."""
 
-    def build() -> pd.DataFrame:
+    def __init__(self, data: dict[str, Any] | list[dict[str, Any]] | Callable[[], Any]) -> None:
+        self._make = data if callable(data) else None
+        self._data = None if callable(data) else data
+
+    @property
+    def data(self) -> Any:
+        """The columns or rows (``data()`` on first use where a function was given: it may
+        return a DataFrame builder instead)."""
+        if self._make is not None:
+            self._data, self._make = self._make(), None
+        return self._data
+
+    def __call__(self) -> pd.DataFrame:
         import pandas as pd
 
-        return pd.DataFrame(data)
+        data = self.data
+        return data() if callable(data) else pd.DataFrame(data)
 
-    return build
+    def column(self, name: str) -> list | None:
+        """Column ``name`` as a list, without pandas (None: not a plain column)."""
+        data = self.data
+        if isinstance(data, dict) and isinstance(data.get(name), list | np.ndarray):
+            return list(data[name])
+        return None
+
+    def write_csv(self, path: Path) -> bool:
+        """Write ``DataFrame(data).to_csv(path, index=False)``'s bytes without pandas; False
+        (nothing written) where a column is not one this writer knows to format as pandas
+        does."""
+        data = self.data
+        if isinstance(data, list):
+            keys = list(data[0]) if data else []
+            if not keys or any(list(row) != keys for row in data):
+                return False
+            data = {k: [row[k] for row in data] for k in keys}
+        if not isinstance(data, dict):
+            return False
+        columns = [_csv_column(v) for v in data.values()]
+        if not columns or any(c is None for c in columns):
+            return False
+        n = {len(c) for c in columns}
+        if len(n) != 1:
+            return False
+        with open(path, "w", newline="") as fh:
+            writer = csv.writer(fh, lineterminator="\n")
+            writer.writerow([str(k) for k in data])
+            writer.writerows(zip(*columns, strict=True))
+        return True
+
+
+def _csv_column(values: Any) -> list | None:
+    """The cells ``DataFrame.to_csv`` writes for one column (``na_rep=""``, no float format):
+    floats as numpy's ``astype(str)``, NaN empty, other numbers and strings as they are;
+    None where the column is not a 1-D array or a list of plain numbers, bools or strings."""
+    if isinstance(values, list):
+        kinds = {type(v) for v in values}
+        if not values:
+            return None
+        if kinds == {type(None)}:  # an object column of None: empty cells
+            return [""] * len(values)
+        if kinds <= {str}:
+            return values
+        if kinds <= {bool, np.bool_}:
+            values = np.array(values, dtype=bool)
+        elif kinds <= {int, np.int64}:
+            if any(abs(v) >= 2**63 for v in values):
+                return None
+            values = np.array(values, dtype=np.int64)
+        elif kinds <= {int, float, np.int64, np.float64, type(None)}:  # pandas: float64, NaN
+            if any(type(v) in (int, np.int64) and abs(v) >= 2**53 for v in values):
+                return None
+            values = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+        else:
+            return None
+    if not isinstance(values, np.ndarray) or values.ndim != 1:
+        return None
+    if values.dtype.kind == "f":
+        cells = values.astype(str).astype(object)
+        cells[np.isnan(values)] = ""
+        return cells.tolist()
+    if values.dtype.kind in "biu":
+        return values.tolist()
+    return None
 
 
 def _per_row(arrays: list[np.ndarray], stat) -> np.ndarray:
@@ -343,10 +436,10 @@ def collect(engine: Engine | AnalyticEngine) -> Result:
     summary.update(mfu(plan, step))  # against the named dense peak (results/mfu.py)
     return Result(
         summary,
-        _frame(dev),
-        _frame(links),
-        _frame(routing),
-        lambda: expert_load_table(plan),
+        _Frame(dev),
+        _Frame(links),
+        _Frame(routing),
+        _Frame(lambda: _expert_load_columns(plan)),
         rec.slices,
         stats.intervals,
         pim_slices=rec.pim_slices,
@@ -436,53 +529,151 @@ def write_outputs(result: Result, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(result.summary, indent=2) + "\n")
-    result.devices.to_csv(out / "devices.csv", index=False)
-    result.links.to_csv(out / "links.csv", index=False)
-    result.routing.to_csv(out / "routing.csv", index=False)
-    result.expert_load.to_csv(out / "expert_load.csv", index=False)
+    for name in Result.TABLES:
+        result.write_csv(name, out / f"{name}.csv")
     write_trace(
-        out / "trace.json", result, list(result.links["link"]), list(result.devices["device"])
+        out / "trace.json",
+        result,
+        result.column("links", "link"),
+        result.column("devices", "device"),
     )
     return out
+
+
+def _reprs(values: np.ndarray, conv: Callable[[Any], str]) -> list[str]:
+    """``[conv(v) for v in values.tolist()]``, converting each distinct value once (the
+    trace repeats its timestamps: many links start and end at the same instants). Values
+    are told apart by their bits, so -0.0 and 0.0 keep their own strings."""
+    if len(values) == 0:
+        return []
+    bits = values.view(np.int64) if values.dtype == np.float64 else values
+    _, first, inverse = np.unique(bits, return_index=True, return_inverse=True)
+    strings = np.array([conv(v) for v in values[first].tolist()] + [""], dtype=object)[:-1]
+    return strings[inverse.reshape(-1)].tolist()
+
+
+def _ints(values: list, offset: int = 0) -> list[str]:
+    """The strings of ``offset + int(v)`` for ``v`` in ``values``."""
+    return _reprs(np.array(values, dtype=np.int64) + offset, int.__repr__)
+
+
+def _trace_lines(*columns: list[str] | str) -> str:
+    """The lines ``"".join(parts)`` of the rows of ``columns`` (a str: the same in every
+    row), joined by ``", "``: interleaved by slicing and joined once, no Python loop per
+    row."""
+    n = next((len(c) for c in columns if not isinstance(c, str)), 0)
+    if n == 0:
+        return ""
+    k = len(columns)
+    pieces: list[str] = [""] * (k * n + 1)
+    for i, column in enumerate(columns):
+        pieces[i : k * n : k] = [column] * n if isinstance(column, str) else column
+    pieces[k : k * n : k] = [", " + p for p in pieces[k : k * n : k]]  # between rows
+    return "".join(pieces)
+
+
+def _timeline(
+    rows: list[tuple], start_end: tuple[int, int]
+) -> tuple[list[list], list[str], list[str]]:
+    """The columns of ``rows`` (tuples), and the strings of their trace times: the start and
+    the duration in microseconds, as ``float.__repr__`` writes them (same arithmetic)."""
+    cols = [list(map(itemgetter(i), rows)) for i in range(len(rows[0]))]
+    start = np.array(cols[start_end[0]], dtype=np.float64)
+    end = np.array(cols[start_end[1]], dtype=np.float64)
+    return cols, _reprs(start * 1e6, float.__repr__), _reprs((end - start) * 1e6, float.__repr__)
 
 
 def write_trace(
     path: str | Path, result: Result, link_names: list[str], device_names: list[str]
 ) -> None:
     """Write ``json.dumps(chrome_trace(...))`` to ``path``, the same bytes, with the slices
-    formatted as strings rather than built as dicts first (several times faster on
-    hundreds of thousands of slices)."""
+    formatted column by column rather than built as dicts first (numbers converted once per
+    distinct value, rows put together by slicing: several times faster on hundreds of
+    thousands of slices)."""
     n = len(device_names)
-    r = float.__repr__
-    lines = [json.dumps(e) for e in _trace_head(result, link_names, device_names)]
-    for g, phase, start, end, layer in result.slices:
-        cat = "compute" if phase in COMPUTE_PHASES else "wait"
-        lines.append(
-            f'{{"ph": "X", "pid": 1, "tid": {int(g)}, "name": {json.dumps(phase)}, '
-            f'"cat": "{cat}", "ts": {r(start * 1e6)}, "dur": {r((end - start) * 1e6)}, '
-            f'"args": {{"layer": {int(layer)}}}}}'
+    parts = [", ".join(json.dumps(e) for e in _trace_head(result, link_names, device_names))]
+    if result.slices:
+        (g, phase, _, _, layer), ts, dur = _timeline(result.slices, (2, 3))
+        names = {
+            p: f'{json.dumps(p)}, "cat": "{"compute" if p in COMPUTE_PHASES else "wait"}"'
+            for p in set(phase)
+        }
+        parts.append(
+            _trace_lines(
+                '{"ph": "X", "pid": 1, "tid": ',
+                _ints(g),
+                ', "name": ',
+                [names[p] for p in phase],
+                ', "ts": ',
+                ts,
+                ', "dur": ',
+                dur,
+                ', "args": {"layer": ',
+                _ints(layer),
+                "}}",
+            )
         )
     for g in sorted({g for g, *_ in result.pim_slices}):
         name = {"name": f"{device_names[g]}.pim"}
-        lines.append(
+        parts.append(
             json.dumps({"ph": "M", "pid": 1, "tid": n + g, "name": "thread_name", "args": name})
         )
-    for g, phase, start, end, layer in result.pim_slices:
-        lines.append(
-            f'{{"ph": "X", "pid": 1, "tid": {n + int(g)}, "name": {json.dumps(f"pim_{phase}")}, '
-            f'"cat": "pim", "ts": {r(start * 1e6)}, "dur": {r((end - start) * 1e6)}, '
-            f'"args": {{"layer": {int(layer)}}}}}'
-        )
-    for lid, start, end in result.link_intervals:
-        if end > start:
-            lines.append(
-                f'{{"ph": "X", "pid": 2, "tid": {int(lid)}, "name": "busy", "cat": "link", '
-                f'"ts": {r(start * 1e6)}, "dur": {r((end - start) * 1e6)}}}'
+    if result.pim_slices:
+        (g, phase, _, _, layer), ts, dur = _timeline(result.pim_slices, (2, 3))
+        names = {p: json.dumps(f"pim_{p}") for p in set(phase)}
+        parts.append(
+            _trace_lines(
+                '{"ph": "X", "pid": 1, "tid": ',
+                _ints(g, n),
+                ', "name": ',
+                [names[p] for p in phase],
+                ', "cat": "pim", "ts": ',
+                ts,
+                ', "dur": ',
+                dur,
+                ', "args": {"layer": ',
+                _ints(layer),
+                "}}",
             )
+        )
+    busy = [iv for iv in result.link_intervals if iv[2] > iv[1]]
+    if busy:
+        (lid, _, _), ts, dur = _timeline(busy, (1, 2))
+        parts.append(
+            _trace_lines(
+                '{"ph": "X", "pid": 2, "tid": ',
+                _ints(lid),
+                ', "name": "busy", "cat": "link", "ts": ',
+                ts,
+                ', "dur": ',
+                dur,
+                "}",
+            )
+        )
     with open(path, "w") as fh:
         fh.write('{"traceEvents": [')
-        fh.write(", ".join(lines))
+        fh.write(", ".join(p for p in parts if p))
         fh.write('], "displayTimeUnit": "ns"}')
+
+
+def _expert_load_columns(plan: WorkloadPlan) -> dict[str, np.ndarray] | Callable[[], Any]:
+    """:func:`expert_load_table`'s columns (its builder where there is no MoE layer)."""
+    loads = [(lp.index, lp.expert_load) for lp in plan.layers if lp.moe]
+    if not loads:
+        return lambda: expert_load_table(plan)
+    layer, group, expert, tokens = [], [], [], []
+    for index, load in loads:
+        groups, experts = np.nonzero(np.ones_like(load, dtype=bool))
+        layer.append(np.full(len(groups), index, dtype=np.int64))
+        group.append(groups)
+        expert.append(experts)
+        tokens.append(load[groups, experts])
+    return {
+        "layer": np.concatenate(layer),
+        "group": np.concatenate(group),
+        "expert": np.concatenate(expert),
+        "tokens": np.concatenate(tokens),
+    }
 
 
 def expert_load_table(plan: WorkloadPlan) -> pd.DataFrame:

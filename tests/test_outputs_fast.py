@@ -1,0 +1,116 @@
+"""The fast output writers give the bytes of their references: the CSVs those of
+``DataFrame.to_csv`` and trace.json that of ``json.dumps(chrome_trace(...))``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from moesim.results.collect import Result, _Frame, chrome_trace, write_outputs, write_trace
+from tests.conftest import ROOT
+
+TRICKY_FLOATS = [0.0, -0.0, 1e-5, 1.5e-4, 1e16, 123456789012345.6, 0.1 + 0.2, np.inf, 2.5]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {  # columns: arrays of each kind, strings that need quoting, NaN
+            "name": ["a", "b,c", 'say "hi"', "x y", "", "z", "n\nl", "q", "r"],
+            "f": np.array(TRICKY_FLOATS),
+            "nan": np.array([np.nan, 1.0, 2, 3, 4, 5, 6, 7, 8]),
+            "i": np.arange(9, dtype=np.int64) - 4,
+            "i32": np.arange(9, dtype=np.int32),
+            "b": np.arange(9) % 2 == 0,
+            "f32": np.linspace(0, 1, 9, dtype=np.float32),
+        },
+        [  # rows with Python numbers, None in float and in empty columns, ints then a float
+            {"layer": k, "x": 0.1 * k, "none": None, "mix": k if k else 0.5, "maybe": None or k}
+            for k in range(5)
+        ]
+        + [{"layer": 9, "x": None, "none": None, "mix": 3, "maybe": None}],
+    ],
+)
+def test_csv_is_the_bytes_of_pandas(data, tmp_path):
+    ours, ref = tmp_path / "ours.csv", tmp_path / "ref.csv"
+    assert _Frame(data).write_csv(ours)
+    pd.DataFrame(data).to_csv(ref, index=False)
+    assert ours.read_bytes() == ref.read_bytes()
+
+
+def test_csv_refuses_columns_it_does_not_know(tmp_path):
+    for data in (
+        {"obj": [1, "a"]},  # mixed: pandas keeps objects
+        {"big": [2**63, 1]},
+        {"scalar": 3},
+        {"a": np.zeros(2), "b": np.zeros(3)},
+        [],
+        [{"a": 1}, {"b": 2}],
+    ):
+        assert not _Frame(data).write_csv(tmp_path / "x.csv")
+        assert not (tmp_path / "x.csv").exists()
+
+
+def _result(n_slices: int, seed: int) -> tuple[Result, list[str], list[str]]:
+    rng = np.random.default_rng(seed)
+    t = np.round(rng.random(n_slices), 3)  # repeated instants, as in a real trace
+    phases = ["attention", "dispatch", "experts", "combine", "tp_comm"]
+    slices = [
+        (int(rng.integers(4)), phases[k % 5], float(t[k]), float(t[k] + rng.random()), k % 7)
+        for k in range(n_slices)
+    ]
+    slices[0] = (0, "attention", 0, 1.0, 0)  # an int start, as env.now is at time 0
+    pim = [(1, "experts", 0.25, 0.5, 3), (3, "experts", 0.5, 0.625, 2)]
+    links = [(int(rng.integers(6)), float(t[k]), float(t[(k + 1) % n_slices])) for k in range(50)]
+    links.append((2, 0.5, 0.5))  # empty: left out
+    result = Result({}, None, None, None, slices=slices, link_intervals=links, pim_slices=pim)
+    return result, [f"link{k}" for k in range(6)], [f"gpu{k}" for k in range(4)]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_trace_is_the_bytes_of_json_dumps(seed, tmp_path):
+    result, link_names, device_names = _result(500, seed)
+    write_trace(tmp_path / "trace.json", result, link_names, device_names)
+    expected = json.dumps(chrome_trace(result, link_names, device_names))
+    assert (tmp_path / "trace.json").read_text() == expected
+
+
+def test_empty_trace_is_the_bytes_of_json_dumps(tmp_path):
+    result = Result({}, None, None, None)
+    write_trace(tmp_path / "trace.json", result, [], ["gpu0"])
+    assert (tmp_path / "trace.json").read_text() == json.dumps(chrome_trace(result, [], ["gpu0"]))
+
+
+def test_outputs_need_no_pandas_and_equal_pandas_tables(tmp_path):
+    path = str(ROOT / "scenarios" / "mixtral-8x7b-8xh100-decode.yaml")
+    code = (
+        "import sys, moesim\n"
+        "from moesim.results.collect import write_outputs\n"
+        f"sc = moesim.load_scenario({path!r}, {{'model.n_layers': 2, 'sim.progress': False}})\n"
+        "r = moesim.simulate(sc)\n"
+        f"write_outputs(r, {str(tmp_path / 'fast')!r})\n"
+        "print('pandas' in sys.modules, r.built)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert out.stdout.split() == ["False", "()"]
+    import moesim
+
+    sc = moesim.load_scenario(path, {"model.n_layers": 2, "sim.progress": False})
+    result = moesim.simulate(sc)
+    for name in Result.TABLES:  # pandas' own CSVs of the same run
+        getattr(result, name).to_csv(tmp_path / f"{name}.csv", index=False)
+        assert (tmp_path / "fast" / f"{name}.csv").read_bytes() == (
+            tmp_path / f"{name}.csv"
+        ).read_bytes(), name
+    write_outputs(result, tmp_path / "built")  # built tables: written by pandas, same bytes
+    for name in Result.TABLES:
+        assert (tmp_path / "built" / f"{name}.csv").read_bytes() == (
+            tmp_path / f"{name}.csv"
+        ).read_bytes(), name
