@@ -334,42 +334,43 @@ _PHASE_TABLES = ("compute_s", "flops", "measured_s")
 
 
 def _block_delta(before: dict, lp: LayerPlan) -> dict:
-    """What the MoE block set on ``lp``: fields it replaced, and the phases it added."""
+    """What the MoE block set on ``lp``: fields it replaced, and the phases it added, each as
+    a function that returns a fresh copy (:func:`_copier`)."""
     delta = {}
     for k, v in vars(lp).items():
         if k in _PHASE_TABLES:
-            delta[k] = {p: _copied(v[p]) for p in v if p not in before[k]}
+            delta[k] = _copier({p: v[p] for p in v if p not in before[k]})
         elif k != "index" and v is not before[k]:
-            delta[k] = _copied(v)
+            delta[k] = _copier(v)
     return delta
 
 
 def _apply_block(lp: LayerPlan, delta: dict) -> None:
     """Set on ``lp`` copies of what :func:`_block_delta` recorded."""
-    for k, v in delta.items():
+    for k, copy in delta.items():
         if k in _PHASE_TABLES:
-            getattr(lp, k).update(_copied(v))
+            getattr(lp, k).update(copy())
         else:
-            setattr(lp, k, _copied(v))
+            setattr(lp, k, copy())
 
 
-def _copied(value):
-    """A copy of ``value`` that shares no writable array with it: arrays, containers and
-    dataclass instances (a block's tables) copied; a :class:`Traffic` (its arrays are
-    read-only), numbers, strings and None shared."""
-    if isinstance(value, Traffic):  # read-only arrays: shared
-        return value
+def _copier(value):
+    """A function that returns a copy of ``value`` sharing no writable array with it: arrays,
+    containers and dataclass instances (a block's tables) copied; a :class:`Traffic` (its
+    arrays are read-only), numbers, strings and None shared. The structure is walked once,
+    here, so each copy only copies."""
     if isinstance(value, np.ndarray):
-        return value.copy()
+        return value.copy
     if isinstance(value, dict):
-        return {k: _copied(v) for k, v in value.items()}
+        items = [(k, _copier(v)) for k, v in value.items()]
+        return lambda: {k: copy() for k, copy in items}
     if isinstance(value, list | tuple):
-        return type(value)(_copied(v) for v in value)
-    if is_dataclass(value) and not isinstance(value, type):
-        return replace(
-            value, **{f.name: _copied(getattr(value, f.name)) for f in fields(value) if f.init}
-        )
-    return value
+        kind, parts = type(value), [_copier(v) for v in value]
+        return lambda: kind(copy() for copy in parts)
+    if is_dataclass(value) and not isinstance(value, type | Traffic):
+        parts = [(f.name, _copier(getattr(value, f.name))) for f in fields(value) if f.init]
+        return lambda: replace(value, **{name: copy() for name, copy in parts})
+    return lambda: value  # Traffic, numbers, strings, None: shared
 
 
 def _route(ctx: _Context, layer_seed, moe_index: int):
