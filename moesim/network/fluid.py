@@ -813,13 +813,12 @@ class FluidNetwork:
         if self._n_alive and "maxmin_csr" in kernels:
             n_links = self.topology.n_links
             if self._csr is None:
-                if self._n_alive < self._n:  # rebuilding anyway: drop retired rows first
-                    self._compact()
                 solve = self._paths
                 if self._solve_store is not None:  # rows already less the dominated links
                     solve = self._solve_store[: self._n]
-                every = np.ones(len(solve), dtype=np.bool_)
-                self._csr = (solve, *kernels["csr"](solve, n_links, every))
+                # retired rows stay where they are (compaction keeps the rows' order, so
+                # leaving them out of the index gives the same rates as dropping them)
+                self._csr = (solve, *kernels["csr"](solve, n_links, self._alive))
             solve, ptr, flows = self._csr
             self._rate = kernels["maxmin_csr"](
                 solve,
