@@ -246,3 +246,50 @@ def link_loads(
                 break
             loads[link] += b
     return loads
+
+
+@njit(cache=True)
+def merge_contributions(
+    every: np.ndarray,
+    nbytes: np.ndarray,
+    weight: np.ndarray,
+    times: np.ndarray,
+    contributors_left: np.ndarray,
+    count: np.ndarray,
+    acc_bytes: np.ndarray,
+    acc_weight: np.ndarray,
+    first: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """Several senders' contributions summed per slot (``every[i]`` the slot of entry ``i``):
+    the slots ascending, their bytes and weights (added in entry order, as ``np.bincount``
+    adds them) and their first sending time; ``contributors_left`` loses each slot's count.
+    ``count``/``acc_*``/``first`` are scratch, one per slot of the block, zero (``first``:
+    inf) on entry and left so, so that the cost is the entries', not the block's slots'."""
+    m = every.shape[0]
+    touched = np.empty(m, np.int64)
+    k = 0
+    for i in range(m):
+        s = every[i]
+        if count[s] == 0:
+            touched[k] = s
+            k += 1
+        count[s] += 1
+        acc_bytes[s] += nbytes[i]
+        acc_weight[s] += weight[i]
+        if times[i] < first[s]:
+            first[s] = times[i]
+    slots = np.sort(touched[:k])
+    out_bytes = np.empty(k)
+    out_weight = np.empty(k)
+    out_first = np.empty(k)
+    for j in range(k):
+        s = slots[j]
+        out_bytes[j] = acc_bytes[s]
+        out_weight[j] = acc_weight[s]
+        out_first[j] = first[s]
+        contributors_left[s] -= count[s]
+        count[s] = 0
+        acc_bytes[s] = 0.0
+        acc_weight[s] = 0.0
+        first[s] = np.inf
+    return slots, out_bytes, out_weight, out_first
