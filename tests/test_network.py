@@ -561,3 +561,34 @@ def test_merge_contributions_kernel_matches_bincount():
         assert np.array_equal(left, 200 - count)
         assert not scratch[0].any() and not scratch[1].any() and not scratch[2].any()
         assert np.all(scratch[3] == np.inf)
+
+
+def test_compiled_max_min_divides_only_where_needed_yet_matches_every_division():
+    """The kernel takes exact shares only for links whose estimate (capacity x kept
+    reciprocal of the load) is near the saturation threshold; on instances built to tie
+    (equal capacities, equal and fractional weights, zero tolerance and a large one) it
+    still gives the step-by-step loops' rates bit for bit."""
+    from moesim.network.fluid import _compiled
+
+    kernels = _compiled()
+    if "maxmin_csr" not in kernels:
+        pytest.skip("numba not installed")
+    rng = np.random.default_rng(21)
+    for trial in range(300):
+        n_flows, n_links = int(rng.integers(2, 80)), int(rng.integers(2, 30))
+        paths = np.full((n_flows, 4), -1, dtype=np.int64)
+        for f in range(n_flows):
+            k = rng.integers(1, min(4, n_links) + 1)
+            paths[f, :k] = rng.choice(n_links, size=k, replace=False)
+        cap = np.full(n_links, 3.0) if trial % 3 == 0 else rng.uniform(0.1, 10.0, n_links)
+        if trial % 2:
+            weight = rng.uniform(0.3, 3.0, n_flows)  # fractional: loads round as they drop
+        else:
+            weight = np.ones(n_flows) if trial % 4 == 0 else rng.integers(1, 5, n_flows) * 1.0
+        tol = [0.0, 1e-9, 1e-2, 0.5][trial % 4]
+        alive = rng.random(n_flows) < 0.8
+        alive[0] = True
+        ptr, flows = kernels["csr"](paths, n_links, alive)
+        active = np.zeros(n_links, dtype=np.bool_)
+        rate = kernels["maxmin_csr"](paths, cap, weight, tol, active, alive, ptr, flows)
+        assert np.array_equal(rate, _maxmin_csr_loops(paths, cap, weight, tol, alive))

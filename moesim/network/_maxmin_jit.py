@@ -123,6 +123,15 @@ def maxmin_csr(
                 n_cand += 1
                 if s < step:
                     step = s
+        if n_cand == 0:  # no estimate within the margin (never expected): divide everywhere
+            for i in range(n_live):
+                link = live[i]
+                s = cap[link] / load[link]
+                cand[n_cand] = link
+                cshare[n_cand] = s
+                n_cand += 1
+                if s < step:
+                    step = s
         level += step
         thr = step + tolerance * level
         for i in range(n_live):
