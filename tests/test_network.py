@@ -468,3 +468,127 @@ def test_small_network_solver_changes_no_result(monkeypatch):
     assert fast.step_time_s == ref.step_time_s
     assert fast.summary["breakdown_s"] == ref.summary["breakdown_s"]
     assert fast.devices.equals(ref.devices) and fast.links.equals(ref.links)
+
+
+def _staggered_arrivals(drop_merge: bool, stagger_s: float) -> np.ndarray:
+    """Arrival times of a node-aggregated all-to-all over 16 devices whose senders start
+    ``stagger_s`` apart (so merged slots have several senders and different first times)."""
+    import simpy
+
+    from moesim.network.aggregate import flow_pattern
+    from moesim.network.fluid import FluidNetwork
+
+    topo = _topology(nodes=4, per_node=4, inter_node="rail_optimized")
+    src, dst = _all_pairs(16)
+    nbytes = np.random.default_rng(9).uniform(1 * MB, 8 * MB, len(src))
+    nbytes[::5] = 0.0
+    env = simpy.Environment()
+    net = FluidNetwork(env, topo, 1e-2, record_intervals=False)
+    assert net.kernels == "compiled"
+    if drop_merge:
+        net._kernels = {k: v for k, v in net._kernels.items() if k != "merge"}
+    pat = flow_pattern(topo, src, dst, "node")
+    n = topo.n_devices
+    inbound = np.bincount(pat.receivers, minlength=n)
+    done = np.zeros(n)
+    gids = np.empty(n, dtype=np.int64)
+    for d in range(n):
+        gids[d], ev = net.group(int(inbound[d]))
+        ev.callbacks.append(lambda _e, d=d: done.__setitem__(d, env.now))
+    block = net.add_block(
+        pat.paths, pat.latency_s, pat.receiver_ptr, gids[pat.receivers], pat.contributors
+    )
+    nb, weight = pat.contribution_bytes(nbytes), pat.contribution_weights(nbytes)
+
+    def sender(g):
+        yield env.timeout(g * stagger_s)
+        lo, hi = pat.contrib_offsets[g], pat.contrib_offsets[g + 1]
+        net.contribute(block, pat.contrib_slot[lo:hi], nb[lo:hi], weight[lo:hi])
+
+    for g in range(n):
+        env.process(sender(g))
+    env.run()
+    assert not net._blocks  # every slot delivered, the block dropped
+    return done
+
+
+@pytest.mark.parametrize("stagger_s", [0.0, 3e-7, 2e-5])
+def test_compiled_merge_of_senders_gives_the_numpy_arrival_times(stagger_s):
+    """Contributions of several senders admitted together are summed per slot by a compiled
+    kernel over the entries; the numpy bincounts over the block's slots give the same
+    arrival times, bit for bit (simultaneous, nearly simultaneous and spread senders)."""
+    from moesim.network import fluid
+
+    if "merge" not in fluid._compiled():
+        pytest.skip("numba not installed")
+    compiled = _staggered_arrivals(False, stagger_s)
+    assert np.all(compiled > 0)
+    assert np.array_equal(compiled, _staggered_arrivals(True, stagger_s))
+
+
+def test_merge_contributions_kernel_matches_bincount():
+    """The compiled merge: slots ascending, bytes and weights summed in entry order (as
+    np.bincount sums them), the first sending time, contributors counted off, and its
+    scratch left zero (first: inf) for the next call."""
+    from moesim.network import fluid
+
+    kernels = fluid._compiled()
+    if "merge" not in kernels:
+        pytest.skip("numba not installed")
+    rng = np.random.default_rng(13)
+    n_slots = 50
+    scratch = (
+        np.zeros(n_slots, np.int64),
+        np.zeros(n_slots),
+        np.zeros(n_slots),
+        np.full(n_slots, np.inf),
+    )
+    for _ in range(30):
+        m = int(rng.integers(1, 120))
+        every = rng.integers(0, n_slots, m).astype(np.int64)
+        nbytes, weight = rng.uniform(0, 1e6, m), rng.integers(0, 4, m).astype(float)
+        times = rng.uniform(0, 1e-3, m)
+        left = np.full(n_slots, 200, np.int64)
+        slots, b, w, first = kernels["merge"](every, nbytes, weight, times, left, *scratch)
+        count = np.bincount(every, minlength=n_slots)
+        want = np.flatnonzero(count)
+        assert np.array_equal(slots, want)
+        assert np.array_equal(b, np.bincount(every, nbytes, n_slots)[want])
+        assert np.array_equal(w, np.bincount(every, weight, n_slots)[want])
+        lo = np.full(n_slots, np.inf)
+        np.minimum.at(lo, every, times)
+        assert np.array_equal(first, lo[want])
+        assert np.array_equal(left, 200 - count)
+        assert not scratch[0].any() and not scratch[1].any() and not scratch[2].any()
+        assert np.all(scratch[3] == np.inf)
+
+
+def test_compiled_max_min_divides_only_where_needed_yet_matches_every_division():
+    """The kernel takes exact shares only for links whose estimate (capacity x kept
+    reciprocal of the load) is near the saturation threshold; on instances built to tie
+    (equal capacities, equal and fractional weights, zero tolerance and a large one) it
+    still gives the step-by-step loops' rates bit for bit."""
+    from moesim.network.fluid import _compiled
+
+    kernels = _compiled()
+    if "maxmin_csr" not in kernels:
+        pytest.skip("numba not installed")
+    rng = np.random.default_rng(21)
+    for trial in range(300):
+        n_flows, n_links = int(rng.integers(2, 80)), int(rng.integers(2, 30))
+        paths = np.full((n_flows, 4), -1, dtype=np.int64)
+        for f in range(n_flows):
+            k = rng.integers(1, min(4, n_links) + 1)
+            paths[f, :k] = rng.choice(n_links, size=k, replace=False)
+        cap = np.full(n_links, 3.0) if trial % 3 == 0 else rng.uniform(0.1, 10.0, n_links)
+        if trial % 2:
+            weight = rng.uniform(0.3, 3.0, n_flows)  # fractional: loads round as they drop
+        else:
+            weight = np.ones(n_flows) if trial % 4 == 0 else rng.integers(1, 5, n_flows) * 1.0
+        tol = [0.0, 1e-9, 1e-2, 0.5][trial % 4]
+        alive = rng.random(n_flows) < 0.8
+        alive[0] = True
+        ptr, flows = kernels["csr"](paths, n_links, alive)
+        active = np.zeros(n_links, dtype=np.bool_)
+        rate = kernels["maxmin_csr"](paths, cap, weight, tol, active, alive, ptr, flows)
+        assert np.array_equal(rate, _maxmin_csr_loops(paths, cap, weight, tol, alive))

@@ -57,7 +57,15 @@ def maxmin_csr(
 ) -> np.ndarray:  # pragma: no cover - compiled
     """Progressive filling given flows by link (:func:`build_csr`, over at least the live
     rows; rows not ``alive`` in it are skipped), so a caller that keeps the CSR between solves
-    pays one pass over the live flows for the link loads plus one to freeze them."""
+    pays one pass over the live flows for the link loads plus one to freeze them.
+
+    A round divides only where it must: every live link's share ``cap / load`` is first
+    estimated as ``cap x (1 / load)`` (the reciprocal kept per link, renewed when its load
+    changes), within a few ulps of the quotient; the exact quotient is then taken for the
+    links whose estimate is within a 1e-12 margin of the smallest estimate's saturation
+    threshold. Those include the link of the smallest share and every link that saturates,
+    so the step, the links saturated and every floating-point operation on capacities and
+    loads are those of dividing every link: the same rates, bit for bit."""
     n_flows, width = paths.shape
     n_links = capacity.shape[0]
     cap = capacity.copy()
@@ -78,31 +86,61 @@ def maxmin_csr(
             load[link] += w
             active[link] = True
     eps = 1e-9 * wmin
+    inv = np.empty(n_links)
     live = np.empty(n_links, np.int64)
-    share = np.empty(n_links)
+    approx = np.empty(n_links)
+    cand = np.empty(n_links, np.int64)
+    cshare = np.empty(n_links)
     n_live = 0
-    step = np.inf  # the next round's: the smallest share, found as the live links are listed
+    amin = np.inf
     for link in range(n_links):
         if load[link] > eps:
             live[n_live] = link
-            s = cap[link] / load[link]
-            share[n_live] = s
-            if s < step:
-                step = s
+            inv[link] = 1.0 / load[link]
+            a = cap[link] * inv[link]
+            approx[n_live] = a
+            if a < amin:
+                amin = a
             n_live += 1
     rate = np.zeros(n_flows)
     frozen = ~alive
     sat = np.empty(n_links, np.int64)
     level = 0.0
+    margin = 1.0 + 1e-12
     while n_live > 0:
+        # candidates: every link whose exact share could be the smallest or saturate
+        bound = (amin + tolerance * (level + amin)) * margin
+        if bound < 0:  # a share rounded below zero: the margin widens toward zero
+            bound = bound / margin / margin
+        n_cand = 0
+        step = np.inf
+        for i in range(n_live):
+            if approx[i] <= bound:
+                link = live[i]
+                s = cap[link] / load[link]
+                cand[n_cand] = link
+                cshare[n_cand] = s
+                n_cand += 1
+                if s < step:
+                    step = s
+        if n_cand == 0:  # no estimate within the margin (never expected): divide everywhere
+            for i in range(n_live):
+                link = live[i]
+                s = cap[link] / load[link]
+                cand[n_cand] = link
+                cshare[n_cand] = s
+                n_cand += 1
+                if s < step:
+                    step = s
         level += step
         thr = step + tolerance * level
-        n_sat = 0
         for i in range(n_live):
             link = live[i]
             cap[link] -= step * load[link]
-            if share[i] <= thr:
-                sat[n_sat] = link
+        n_sat = 0
+        for k in range(n_cand):
+            if cshare[k] <= thr:
+                sat[n_sat] = cand[k]
                 n_sat += 1
         for k in range(n_sat):
             link = sat[k]
@@ -118,19 +156,19 @@ def maxmin_csr(
                     if link2 < 0:
                         break
                     load[link2] -= w
+                    inv[link2] = 1.0 / load[link2] if load[link2] != 0.0 else 0.0
         for k in range(n_sat):
             load[sat[k]] = 0.0
-        # keep the links still live and, in the same pass, their shares for the next round
         j = 0
-        step = np.inf
+        amin = np.inf
         for i in range(n_live):
             link = live[i]
             if load[link] > eps:
                 live[j] = link
-                s = cap[link] / load[link]
-                share[j] = s
-                if s < step:
-                    step = s
+                a = cap[link] * inv[link]
+                approx[j] = a
+                if a < amin:
+                    amin = a
                 j += 1
         n_live = j
     return rate
@@ -246,3 +284,50 @@ def link_loads(
                 break
             loads[link] += b
     return loads
+
+
+@njit(cache=True)
+def merge_contributions(
+    every: np.ndarray,
+    nbytes: np.ndarray,
+    weight: np.ndarray,
+    times: np.ndarray,
+    contributors_left: np.ndarray,
+    count: np.ndarray,
+    acc_bytes: np.ndarray,
+    acc_weight: np.ndarray,
+    first: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """Several senders' contributions summed per slot (``every[i]`` the slot of entry ``i``):
+    the slots ascending, their bytes and weights (added in entry order, as ``np.bincount``
+    adds them) and their first sending time; ``contributors_left`` loses each slot's count.
+    ``count``/``acc_*``/``first`` are scratch, one per slot of the block, zero (``first``:
+    inf) on entry and left so, so that the cost is the entries', not the block's slots'."""
+    m = every.shape[0]
+    touched = np.empty(m, np.int64)
+    k = 0
+    for i in range(m):
+        s = every[i]
+        if count[s] == 0:
+            touched[k] = s
+            k += 1
+        count[s] += 1
+        acc_bytes[s] += nbytes[i]
+        acc_weight[s] += weight[i]
+        if times[i] < first[s]:
+            first[s] = times[i]
+    slots = np.sort(touched[:k])
+    out_bytes = np.empty(k)
+    out_weight = np.empty(k)
+    out_first = np.empty(k)
+    for j in range(k):
+        s = slots[j]
+        out_bytes[j] = acc_bytes[s]
+        out_weight[j] = acc_weight[s]
+        out_first[j] = first[s]
+        contributors_left[s] -= count[s]
+        count[s] = 0
+        acc_bytes[s] = 0.0
+        acc_weight[s] = 0.0
+        first[s] = np.inf
+    return slots, out_bytes, out_weight, out_first

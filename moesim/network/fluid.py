@@ -40,6 +40,7 @@ def _compiled():
             due_rows=jit.due_rows,
             deliver=jit.deliver,
             link_loads=jit.link_loads,
+            merge=jit.merge_contributions,
             next_finish=jit.next_finish_s,
         )
     return _KERNELS
@@ -80,6 +81,8 @@ def warm_up() -> None:
     k["deliver"](np.array([0, 1]), idx, idx, one, np.ones(1, dtype=np.int64), np.zeros(1))
     k["next_finish"](one, one, yes)
     k["link_loads"](paths, one, 1)
+    count, inf = np.zeros(1, dtype=np.int64), np.full(1, np.inf)
+    k["merge"](idx, one, one, one, np.ones(1, dtype=np.int64), count, np.zeros(1), np.zeros(1), inf)
 
 
 def compiled_kernel():
@@ -295,6 +298,7 @@ class _Block:
     groups: np.ndarray
     contributors_left: np.ndarray
     pos: np.ndarray  # index in the active arrays, -1 while idle
+    contributions_left: int  # sum of contributors_left (the block is open while above 0)
     slots_left: int
     solve_paths: np.ndarray | None = None  # paths less the links that never set a rate
     floor_s: float = 0.0  # lower bound on the block's duration (its bottleneck link alone)
@@ -387,6 +391,7 @@ class FluidNetwork:
         self._unsent_s = 0.0  # seconds of sending not yet taken off `remaining`
         self._wake_at = np.inf
         self.solves = 0
+        self._scratch: tuple[np.ndarray, ...] | None = None
         big = topology.n_devices >= COMPILED_MIN_DEVICES
         self._kernels = _compiled() if big and "maxmin" in _compiled() else {}
         if self._dominated is not None and "maxmin_csr" in self._kernels:
@@ -466,6 +471,7 @@ class FluidNetwork:
             groups=groups,
             contributors_left=np.asarray(contributors, np.int64).copy(),
             pos=np.full(len(paths), -1, dtype=np.int64),
+            contributions_left=int(np.sum(contributors)),
             slots_left=len(paths),
             solve_paths=solve_paths,
             floor_s=floor_s,
@@ -588,6 +594,19 @@ class FluidNetwork:
                 _, slots, nbytes, weight, t = items[0]
                 sent = np.full(len(slots), t)
                 blk.contributors_left[slots] -= 1
+                blk.contributions_left -= len(slots)
+            elif "merge" in self._kernels:  # several senders, compiled: sum per slot
+                every = np.concatenate([x[1] for x in items])
+                times = np.repeat([x[4] for x in items], [len(x[1]) for x in items])
+                slots, nbytes, weight, sent = self._kernels["merge"](
+                    every,
+                    np.concatenate([x[2] for x in items]),
+                    np.concatenate([x[3] for x in items]),
+                    times,
+                    blk.contributors_left,
+                    *self._merge_scratch(len(blk.pos)),
+                )
+                blk.contributions_left -= len(every)
             else:  # several senders: sum per slot (slot ids index the block, no sort)
                 every = np.concatenate([x[1] for x in items])
                 n_slots = len(blk.pos)
@@ -600,7 +619,8 @@ class FluidNetwork:
                 np.minimum.at(first, every, times)
                 sent = first[slots]
                 blk.contributors_left -= count
-            blk.open = bool(blk.contributors_left.any())
+                blk.contributions_left -= len(every)
+            blk.open = blk.contributions_left > 0
             pos = blk.pos[slots]
             busy = pos >= 0
             self._remaining[pos[busy]] += nbytes[busy]
@@ -648,6 +668,18 @@ class FluidNetwork:
         self._n_alive += added
         hops = self._path_store[first:row]
         self._link_flows += np.bincount(hops[hops >= 0], minlength=len(self._link_flows))
+
+    def _merge_scratch(self, n_slots: int) -> tuple[np.ndarray, ...]:
+        """Scratch for the compiled ``merge`` (per-slot count, bytes, weight, first time),
+        at least ``n_slots`` long; the kernel leaves it zero (first: inf) again."""
+        if self._scratch is None or len(self._scratch[0]) < n_slots:
+            self._scratch = (
+                np.zeros(n_slots, dtype=np.int64),
+                np.zeros(n_slots),
+                np.zeros(n_slots),
+                np.full(n_slots, np.inf),
+            )
+        return self._scratch
 
     def _reserve(self, rows: int, width: int) -> None:
         """Grow the columns (doubling) to hold ``rows`` rows and paths ``width`` hops wide."""
@@ -813,13 +845,12 @@ class FluidNetwork:
         if self._n_alive and "maxmin_csr" in kernels:
             n_links = self.topology.n_links
             if self._csr is None:
-                if self._n_alive < self._n:  # rebuilding anyway: drop retired rows first
-                    self._compact()
                 solve = self._paths
                 if self._solve_store is not None:  # rows already less the dominated links
                     solve = self._solve_store[: self._n]
-                every = np.ones(len(solve), dtype=np.bool_)
-                self._csr = (solve, *kernels["csr"](solve, n_links, every))
+                # retired rows stay where they are (compaction keeps the rows' order, so
+                # leaving them out of the index gives the same rates as dropping them)
+                self._csr = (solve, *kernels["csr"](solve, n_links, self._alive))
             solve, ptr, flows = self._csr
             self._rate = kernels["maxmin_csr"](
                 solve,
