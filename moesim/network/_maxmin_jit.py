@@ -114,24 +114,18 @@ def maxmin_csr(
             bound = bound / margin / margin
         n_cand = 0
         step = np.inf
-        for i in range(n_live):
-            if approx[i] <= bound:
-                link = live[i]
-                s = cap[link] / load[link]
-                cand[n_cand] = link
-                cshare[n_cand] = s
-                n_cand += 1
-                if s < step:
-                    step = s
-        if n_cand == 0:  # no estimate within the margin (never expected): divide everywhere
+        every = False
+        while n_cand == 0:  # a second pass divides everywhere (no estimate within the margin)
             for i in range(n_live):
-                link = live[i]
-                s = cap[link] / load[link]
-                cand[n_cand] = link
-                cshare[n_cand] = s
-                n_cand += 1
-                if s < step:
-                    step = s
+                if every or approx[i] <= bound:
+                    link = live[i]
+                    s = cap[link] / load[link]
+                    cand[n_cand] = link
+                    cshare[n_cand] = s
+                    n_cand += 1
+                    if s < step:
+                        step = s
+            every = True  # n_live > 0: the second pass finds every live link
         level += step
         thr = step + tolerance * level
         for i in range(n_live):
