@@ -110,7 +110,8 @@ class Recorder:
         by_device = np.argsort(g.astype(np.int16) if n < 1 << 15 else g, kind="stable")
         col = np.empty(len(g), dtype=np.int64)
         col[by_device] = np.arange(len(g)) - np.repeat(np.cumsum(counts) - counts, counts)
-        starts, ends = np.full((n, int(counts.max())), np.inf), np.full((n, counts.max()), -np.inf)
+        shape = (n, int(counts.max()))
+        starts, ends = np.full(shape, np.inf), np.full(shape, -np.inf)
         starts[g, col] = np.concatenate([c[1] for c in self.comm])
         ends[g, col] = np.concatenate([c[2] for c in self.comm])
         return starts, ends
