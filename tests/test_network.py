@@ -188,7 +188,7 @@ def test_node_aggregation_conserves_link_bytes_and_the_last_arrival():
 def test_compiled_and_numpy_max_min_agree():
     """The compiled kernel and the vectorised reference give the same rates (random
     instances, weighted and not, at several tolerances)."""
-    from moesim.network.fluid import compiled_kernel, maxmin_rates_numpy
+    from moesim.network.fluid import compiled_kernel, maxmin_rates_by_component
 
     if compiled_kernel() is None:
         pytest.skip("numba not installed")
@@ -205,7 +205,7 @@ def test_compiled_and_numpy_max_min_agree():
         tol = [1e-12, 1e-3, 1e-2][trial % 3]
         np.testing.assert_allclose(
             maxmin_rates(paths, cap, weight, tol),
-            maxmin_rates_numpy(paths, cap, weight, tol),
+            maxmin_rates_by_component(paths, cap, weight, tol),
             rtol=1e-9,
         )
 
@@ -213,10 +213,10 @@ def test_compiled_and_numpy_max_min_agree():
 def test_kept_flow_index_skips_retired_flows():
     """The network keeps its flows-by-link index between solves, retired rows included;
     solving over it gives the rates the reference gives for the live flows alone."""
-    from moesim.network.fluid import _compiled, maxmin_rates_numpy
+    from moesim.network.fluid import _compiled, maxmin_rates_by_component
 
     kernels = _compiled()
-    if "maxmin_csr" not in kernels:
+    if "components" not in kernels:
         pytest.skip("numba not installed")
     rng = np.random.default_rng(11)
     for _ in range(20):
@@ -230,13 +230,13 @@ def test_kept_flow_index_skips_retired_flows():
         ptr, flows = kernels["csr"](paths, n_links, np.ones(n_flows, dtype=np.bool_))
         alive = rng.random(n_flows) < 0.6
         alive[0] = True
-        active = np.zeros(n_links, dtype=np.bool_)
-        rate = kernels["maxmin_csr"](paths, cap, weight, 1e-12, active, alive, ptr, flows)
-        expected = maxmin_rates_numpy(paths[alive], cap, weight[alive], 1e-12)
+        rate = np.zeros(n_flows)
+        dirty = np.ones(n_links, dtype=np.bool_)
+        kernels["components"](paths, cap, weight, 1e-12, alive, ptr, flows, dirty, rate)
+        expected = maxmin_rates_by_component(paths[alive], cap, weight[alive], 1e-12)
         np.testing.assert_allclose(rate[alive], expected, rtol=1e-9)
         assert np.all(rate[~alive] == 0)
-        used = paths[alive]
-        assert set(np.flatnonzero(active)) == set(used[used >= 0].tolist())
+        assert not dirty.any()
 
 
 def test_left_justify_keeps_each_rows_hops_in_order():
@@ -378,17 +378,41 @@ def _random_instances(seed: int, n: int):
 def test_small_max_min_is_bit_identical_to_the_numpy_reference():
     """The plain-Python solve of small networks does the numpy reference's floating-point
     operations in its order: the same rates, bit for bit (ties and tolerances included)."""
-    from moesim.network.fluid import maxmin_rates_numpy, maxmin_rates_small
+    from moesim.network.fluid import maxmin_rates_by_component, maxmin_rates_small
 
     for paths, cap, weight, tol in _random_instances(3, 120):
         rows = [[int(x) for x in row if x >= 0] for row in paths]
         small = maxmin_rates_small(rows, cap.tolist(), weight.tolist(), tol)
-        assert np.array_equal(np.array(small), maxmin_rates_numpy(paths, cap, weight, tol))
+        expected = maxmin_rates_by_component(paths, cap, weight, tol)
+        assert np.array_equal(np.array(small), expected)
 
 
-def _maxmin_csr_loops(paths, capacity, weight, tolerance, alive):
-    """The compiled kernel's progressive filling as plain loops, one pass per step (the
-    kernel merges the share pass into the pass that keeps the live links): its reference."""
+def _components_networkx(paths, alive):
+    """The flows of each connected component (flows that share a link connect), by
+    networkx over a flow-link bipartite graph: independent of the solver's labelling."""
+    g = nx.Graph()
+    for f in np.flatnonzero(alive):
+        g.add_node(("f", int(f)))
+        for link in paths[f][paths[f] >= 0]:
+            g.add_edge(("f", int(f)), ("l", int(link)))
+    return [sorted(k for kind, k in c if kind == "f") for c in nx.connected_components(g)]
+
+
+def _by_component_loops(paths, capacity, weight, tolerance, alive):
+    """:func:`_maxmin_loops` on each component alone (``eps`` from every live flow)."""
+    alive = np.asarray(alive)
+    wmin = float(np.min(weight[alive]))
+    rate = np.zeros(len(paths))
+    for flows in _components_networkx(paths, alive):
+        only = np.zeros(len(paths), dtype=bool)
+        only[flows] = True
+        rate[only] = _maxmin_loops(paths, capacity, weight, tolerance, only, wmin)[only]
+    return rate
+
+
+def _maxmin_loops(paths, capacity, weight, tolerance, alive, wmin=None):
+    """Progressive filling over the ``alive`` flows as plain loops, one pass per step:
+    the reference of each component's filling in the compiled kernel."""
     n_links = len(capacity)
     cap, load = capacity.astype(float).copy(), np.zeros(n_links)
     live_flows = [f for f in range(len(paths)) if alive[f]]
@@ -399,7 +423,7 @@ def _maxmin_csr_loops(paths, capacity, weight, tolerance, alive):
                 break
             load[link] += weight[f]
             by_link[link].append(f)
-    eps = 1e-9 * min(weight[f] for f in live_flows)
+    eps = 1e-9 * (min(weight[f] for f in live_flows) if wmin is None else wmin)
     live = [link for link in range(n_links) if load[link] > eps]
     rate, frozen, level = np.zeros(len(paths)), ~np.asarray(alive), 0.0
     while live:
@@ -427,22 +451,29 @@ def _maxmin_csr_loops(paths, capacity, weight, tolerance, alive):
     return rate
 
 
+def _components_kernel(kernels, paths, cap, weight, tol, alive):
+    """Every component solved by the compiled kernel (all links marked changed)."""
+    ptr, flows = kernels["csr"](paths, len(cap), np.ones(len(paths), dtype=np.bool_))
+    rate = np.zeros(len(paths))
+    dirty = np.ones(len(cap), dtype=np.bool_)
+    kernels["components"](paths, cap, weight, tol, alive, ptr, flows, dirty, rate)
+    return rate
+
+
 def test_compiled_max_min_is_bit_identical_to_its_loop_reference():
-    """The compiled kernel (shares computed while the live links are kept) gives the rates
-    of the step-by-step loops bit for bit."""
+    """The compiled kernel gives the rates of the step-by-step loops run on each connected
+    component alone (components found by networkx), bit for bit."""
     from moesim.network.fluid import _compiled
 
     kernels = _compiled()
-    if "maxmin_csr" not in kernels:
+    if "components" not in kernels:
         pytest.skip("numba not installed")
     rng = np.random.default_rng(5)
     for paths, cap, weight, tol in _random_instances(9, 100):
         alive = rng.random(len(paths)) < 0.7
         alive[0] = True
-        ptr, flows = kernels["csr"](paths, len(cap), np.ones(len(paths), dtype=np.bool_))
-        active = np.zeros(len(cap), dtype=np.bool_)
-        rate = kernels["maxmin_csr"](paths, cap, weight, tol, active, alive, ptr, flows)
-        assert np.array_equal(rate, _maxmin_csr_loops(paths, cap, weight, tol, alive))
+        rate = _components_kernel(kernels, paths, cap, weight, tol, alive)
+        assert np.array_equal(rate, _by_component_loops(paths, cap, weight, tol, alive))
 
 
 def test_small_network_solver_changes_no_result(monkeypatch):
@@ -563,15 +594,14 @@ def test_merge_contributions_kernel_matches_bincount():
         assert np.all(scratch[3] == np.inf)
 
 
-def test_compiled_max_min_divides_only_where_needed_yet_matches_every_division():
-    """The kernel takes exact shares only for links whose estimate (capacity x kept
-    reciprocal of the load) is near the saturation threshold; on instances built to tie
-    (equal capacities, equal and fractional weights, zero tolerance and a large one) it
-    still gives the step-by-step loops' rates bit for bit."""
+def test_compiled_max_min_matches_the_loops_on_ties_and_fractional_weights():
+    """On instances built to tie (equal capacities, equal and fractional weights, zero
+    tolerance and a large one) the kernel still gives the per-component loops' rates bit
+    for bit."""
     from moesim.network.fluid import _compiled
 
     kernels = _compiled()
-    if "maxmin_csr" not in kernels:
+    if "components" not in kernels:
         pytest.skip("numba not installed")
     rng = np.random.default_rng(21)
     for trial in range(300):
@@ -588,7 +618,91 @@ def test_compiled_max_min_divides_only_where_needed_yet_matches_every_division()
         tol = [0.0, 1e-9, 1e-2, 0.5][trial % 4]
         alive = rng.random(n_flows) < 0.8
         alive[0] = True
-        ptr, flows = kernels["csr"](paths, n_links, alive)
-        active = np.zeros(n_links, dtype=np.bool_)
-        rate = kernels["maxmin_csr"](paths, cap, weight, tol, active, alive, ptr, flows)
-        assert np.array_equal(rate, _maxmin_csr_loops(paths, cap, weight, tol, alive))
+        rate = _components_kernel(kernels, paths, cap, weight, tol, alive)
+        assert np.array_equal(rate, _by_component_loops(paths, cap, weight, tol, alive))
+
+
+def test_link_components_are_networkx_connected_components():
+    from moesim.network.fluid import link_components
+
+    for paths, cap, _weight, _tol in _random_instances(13, 60):
+        label = link_components(paths, len(cap))
+        for flows in _components_networkx(paths, np.ones(len(paths), dtype=bool)):
+            links = np.unique(paths[flows][paths[flows] >= 0])
+            assert np.all(label[links] == links.min())  # one label: the smallest link id
+        used = np.unique(paths[paths >= 0])
+        unused = np.setdiff1d(np.arange(len(cap)), used)
+        assert np.array_equal(label[unused], unused)
+        every = np.ones(len(paths), dtype=bool)
+        assert len(np.unique(label[used])) == len(_components_networkx(paths, every))
+
+
+def test_vectorised_components_each_fill_as_if_alone():
+    """All components filled in the same vectorised rounds give, bit for bit, what the
+    one-component numpy filling gives on each component's flows alone."""
+    from moesim.network.fluid import maxmin_rates_by_component, maxmin_rates_numpy
+
+    for paths, cap, weight, tol in _random_instances(17, 80):
+        rate = maxmin_rates_by_component(paths, cap, weight, tol)
+        for flows in _components_networkx(paths, np.ones(len(paths), dtype=bool)):
+            alone = maxmin_rates_numpy(paths[flows], cap, weight[flows], tol)
+            assert np.array_equal(rate[flows], alone)
+
+
+def test_exact_max_min_is_the_same_by_component_or_over_every_flow():
+    """At zero tolerance the per-component rates are the textbook max-min rates of one
+    filling over every flow (components share no link)."""
+    from moesim.network.fluid import maxmin_rates_by_component, maxmin_rates_numpy
+
+    for paths, cap, weight, _tol in _random_instances(19, 80):
+        np.testing.assert_allclose(
+            maxmin_rates_by_component(paths, cap, weight, 0.0),
+            maxmin_rates_numpy(paths, cap, weight, 0.0),
+            rtol=1e-12,
+        )
+
+
+def test_a_component_rates_ignore_flows_it_shares_no_link_with():
+    """Two links, one flow each, 1% apart in fair share: at a 2% tolerance one filling over
+    both would saturate them together; by component each flow gets its link's capacity."""
+    paths = np.array([[0], [1]])
+    cap = np.array([1.0, 1.01])
+    np.testing.assert_array_equal(maxmin_rates(paths, cap, tolerance=0.02), cap)
+
+
+def test_re_solving_only_changed_components_equals_solving_all():
+    """The kernel re-solves only the components with a link marked changed; through random
+    arrivals, retirements and weight changes (each marking its flow's links) the rates stay
+    bit for bit those of solving every component afresh."""
+    from moesim.network.fluid import _compiled
+
+    kernels = _compiled()
+    if "components" not in kernels:
+        pytest.skip("numba not installed")
+    rng = np.random.default_rng(23)
+    n_flows, n_links = 120, 60
+    paths = np.full((n_flows, 3), -1, dtype=np.int64)
+    for f in range(n_flows):  # short paths on many links: many small components
+        k = rng.integers(1, 3)
+        paths[f, :k] = rng.choice(n_links, size=k, replace=False)
+    cap = rng.uniform(1.0, 10.0, n_links)
+    weight = rng.integers(1, 6, n_flows).astype(float)
+    alive = rng.random(n_flows) < 0.3
+    alive[0] = True
+    ptr, flows = kernels["csr"](paths, n_links, np.ones(n_flows, dtype=np.bool_))
+    rate = np.zeros(n_flows)
+    dirty = np.ones(n_links, dtype=np.bool_)
+    for step in range(200):
+        kernels["components"](paths, cap, weight, 1e-2, alive, ptr, flows, dirty, rate)
+        fresh = _components_kernel(kernels, paths, cap, weight, 1e-2, alive)
+        assert np.array_equal(rate, fresh), step
+        f = int(rng.integers(n_flows))
+        what = step % 3
+        if what == 0 or not alive[f]:  # a flow arrives (or leaves)
+            alive[f] = not alive[f]
+            if not alive[f]:
+                rate[f] = 0.0
+        else:  # more pairs merge into a live flow
+            weight[f] += 1.0
+        alive[0] = True
+        dirty[paths[f][paths[f] >= 0]] = True

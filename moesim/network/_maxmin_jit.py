@@ -1,10 +1,11 @@
 """Compiled progressive filling for :func:`moesim.network.fluid.maxmin_rates`.
 
-The same algorithm as the numpy version there (which stays as the reference and the fallback
-where numba is not installed), as loops: the filling rounds are sequential by nature, and
-compiled they cost O(rounds x live links + incidences) with no per-round call overhead, 5-7x
-faster on DeepSeek-V3 all-to-alls than the vectorised version. Compiled once per machine
-(``cache=True`` keeps the machine code next to this file).
+The same algorithm as the numpy version there (``maxmin_rates_by_component``, which stays
+as the reference and the fallback where numba is not installed), as loops: the
+filling rounds are sequential by nature, and compiled they cost O(incidences + the sum over
+components of rounds x links) with no per-round call overhead. The network re-solves only
+the components whose flows changed. Compiled once per machine (``cache=True`` keeps the
+machine code next to this file).
 """
 
 from __future__ import annotations
@@ -45,127 +46,150 @@ def build_csr(
 
 
 @njit(cache=True)
-def maxmin_csr(
+def _find(parent: np.ndarray, a: int) -> int:  # pragma: no cover - compiled
+    """Root of ``a`` in a union-find forest, compressing the path on the way."""
+    root = a
+    while parent[root] != root:
+        root = parent[root]
+    while parent[a] != root:
+        nxt = parent[a]
+        parent[a] = root
+        a = nxt
+    return root
+
+
+@njit(cache=True)
+def maxmin_components(
     paths: np.ndarray,
     capacity: np.ndarray,
     weight: np.ndarray,
     tolerance: float,
-    active: np.ndarray,
     alive: np.ndarray,
     ptr: np.ndarray,
     flows_by_link: np.ndarray,
-) -> np.ndarray:  # pragma: no cover - compiled
-    """Progressive filling given flows by link (:func:`build_csr`, over at least the live
-    rows; rows not ``alive`` in it are skipped), so a caller that keeps the CSR between solves
-    pays one pass over the live flows for the link loads plus one to freeze them.
+    dirty: np.ndarray,
+    rate: np.ndarray,
+) -> None:  # pragma: no cover - compiled
+    """Weighted max-min rates by progressive filling, run separately on each connected
+    component of the live flows (two flows connect when they share a link), in place in
+    ``rate``, and only on the components that hold a ``dirty`` link (one whose flows or
+    weights changed since the last solve); ``dirty`` is cleared.
 
-    A round divides only where it must: every live link's share ``cap / load`` is first
-    estimated as ``cap x (1 / load)`` (the reciprocal kept per link, renewed when its load
-    changes), within a few ulps of the quotient; the exact quotient is then taken for the
-    links whose estimate is within a 1e-12 margin of the smallest estimate's saturation
-    threshold. Those include the link of the smallest share and every link that saturates,
-    so the step, the links saturated and every floating-point operation on capacities and
-    loads are those of dividing every link: the same rates, bit for bit."""
+    A component with no dirty link has the flows, weights and links of its last solve, so
+    its rates stand: re-solving only the others gives the rates of solving every component.
+    Each component's filling is :func:`moesim.network.fluid.maxmin_rates_numpy` on its flows
+    alone (its own fill level, so the tolerance lumps links of one component only), with
+    ``eps = 1e-9 x`` the smallest live weight. ``ptr``/``flows_by_link``: flows by link
+    (:func:`build_csr`) over at least the live rows; rows not ``alive`` are skipped."""
     n_flows, width = paths.shape
     n_links = capacity.shape[0]
-    cap = capacity.copy()
-    load = np.zeros(n_links)
-    for link in range(n_links):
-        active[link] = False
+    parent = np.arange(n_links)
     wmin = np.inf
     for f in range(n_flows):
         if not alive[f]:
             continue
+        if weight[f] < wmin:
+            wmin = weight[f]
+        a = paths[f, 0]
+        if a < 0:
+            continue
+        ra = _find(parent, a)
+        for h in range(1, width):
+            b = paths[f, h]
+            if b < 0:
+                break
+            rb = _find(parent, b)
+            if rb != ra:  # the smaller id becomes the root: labels independent of order
+                if rb < ra:
+                    parent[ra] = rb
+                    ra = rb
+                else:
+                    parent[rb] = ra
+    eps = 1e-9 * wmin
+    redo = np.zeros(n_links, np.bool_)
+    for link in range(n_links):
+        if dirty[link]:
+            redo[_find(parent, link)] = True
+            dirty[link] = False
+    load = np.zeros(n_links)
+    frozen = np.ones(n_flows, np.bool_)  # flows not alive or of a component kept as it was
+    for f in range(n_flows):
+        if not alive[f]:
+            continue
+        a = paths[f, 0]
+        if a < 0 or not redo[_find(parent, a)]:
+            continue
+        frozen[f] = False
+        rate[f] = 0.0
         w = weight[f]
-        if w < wmin:
-            wmin = w
         for h in range(width):
             link = paths[f, h]
             if link < 0:
                 break
             load[link] += w
-            active[link] = True
-    eps = 1e-9 * wmin
-    inv = np.empty(n_links)
-    live = np.empty(n_links, np.int64)
-    approx = np.empty(n_links)
-    cand = np.empty(n_links, np.int64)
-    cshare = np.empty(n_links)
-    n_live = 0
-    amin = np.inf
+    # the loaded links of the components to solve, by root, ascending (a counting sort)
+    start = np.zeros(n_links + 1, np.int64)
+    n_sel = 0
     for link in range(n_links):
         if load[link] > eps:
-            live[n_live] = link
-            inv[link] = 1.0 / load[link]
-            a = cap[link] * inv[link]
-            approx[n_live] = a
-            if a < amin:
-                amin = a
-            n_live += 1
-    rate = np.zeros(n_flows)
-    frozen = ~alive
-    sat = np.empty(n_links, np.int64)
-    level = 0.0
-    margin = 1.0 + 1e-12
-    while n_live > 0:
-        # candidates: every link whose exact share could be the smallest or saturate
-        bound = (amin + tolerance * (level + amin)) * margin
-        if bound < 0:  # a share rounded below zero: the margin widens toward zero
-            bound = bound / margin / margin
-        n_cand = 0
-        step = np.inf
-        every = False
-        while n_cand == 0:  # a second pass divides everywhere (no estimate within the margin)
+            start[_find(parent, link) + 1] += 1
+            n_sel += 1
+    for r in range(n_links):
+        start[r + 1] += start[r]
+    fill = start[:-1].copy()
+    members = np.empty(n_sel, np.int64)
+    for link in range(n_links):
+        if load[link] > eps:
+            r = parent[link]  # compressed by the pass above
+            members[fill[r]] = link
+            fill[r] += 1
+    cap = capacity.copy()
+    live = np.empty(n_links, np.int64)
+    share = np.empty(n_links)
+    for r in range(n_links):
+        n_live = start[r + 1] - start[r]
+        for i in range(n_live):
+            live[i] = members[start[r] + i]
+        level = 0.0
+        while n_live > 0:
+            step = np.inf
             for i in range(n_live):
-                if every or approx[i] <= bound:
-                    link = live[i]
-                    s = cap[link] / load[link]
-                    cand[n_cand] = link
-                    cshare[n_cand] = s
-                    n_cand += 1
-                    if s < step:
-                        step = s
-            every = True  # n_live > 0: the second pass finds every live link
-        level += step
-        thr = step + tolerance * level
-        for i in range(n_live):
-            link = live[i]
-            cap[link] -= step * load[link]
-        n_sat = 0
-        for k in range(n_cand):
-            if cshare[k] <= thr:
-                sat[n_sat] = cand[k]
-                n_sat += 1
-        for k in range(n_sat):
-            link = sat[k]
-            for e in range(ptr[link], ptr[link + 1]):
-                f = flows_by_link[e]
-                if frozen[f]:
+                link = live[i]
+                s = cap[link] / load[link]
+                share[i] = s
+                if s < step:
+                    step = s
+            level += step
+            thr = step + tolerance * level
+            for i in range(n_live):
+                link = live[i]
+                cap[link] -= step * load[link]
+            for i in range(n_live):
+                if share[i] > thr:
                     continue
-                frozen[f] = True
-                w = weight[f]
-                rate[f] = level * w
-                for h in range(width):
-                    link2 = paths[f, h]
-                    if link2 < 0:
-                        break
-                    load[link2] -= w
-                    inv[link2] = 1.0 / load[link2] if load[link2] != 0.0 else 0.0
-        for k in range(n_sat):
-            load[sat[k]] = 0.0
-        j = 0
-        amin = np.inf
-        for i in range(n_live):
-            link = live[i]
-            if load[link] > eps:
-                live[j] = link
-                a = cap[link] * inv[link]
-                approx[j] = a
-                if a < amin:
-                    amin = a
-                j += 1
-        n_live = j
-    return rate
+                link = live[i]
+                for e in range(ptr[link], ptr[link + 1]):
+                    f = flows_by_link[e]
+                    if frozen[f]:
+                        continue
+                    frozen[f] = True
+                    w = weight[f]
+                    rate[f] = level * w
+                    for h in range(width):
+                        other = paths[f, h]
+                        if other < 0:
+                            break
+                        load[other] -= w
+            for i in range(n_live):
+                if share[i] <= thr:
+                    load[live[i]] = 0.0
+            j = 0
+            for i in range(n_live):
+                link = live[i]
+                if load[link] > eps:
+                    live[j] = link
+                    j += 1
+            n_live = j
 
 
 @njit(cache=True)
@@ -180,8 +204,14 @@ def maxmin_kernel(
     """Weighted max-min rates; arguments as in ``maxmin_rates`` (weight required). Flows not
     ``alive`` are skipped (rate 0); ``active`` (bool, one per link) is set to the links that
     carry a live flow."""
-    ptr, flows_by_link = build_csr(paths, capacity.shape[0], alive)
-    return maxmin_csr(paths, capacity, weight, tolerance, active, alive, ptr, flows_by_link)
+    n_links = capacity.shape[0]
+    ptr, flows_by_link = build_csr(paths, n_links, alive)
+    for link in range(n_links):
+        active[link] = ptr[link + 1] > ptr[link]
+    rate = np.zeros(paths.shape[0])
+    dirty = np.ones(n_links, np.bool_)
+    maxmin_components(paths, capacity, weight, tolerance, alive, ptr, flows_by_link, dirty, rate)
+    return rate
 
 
 @njit(cache=True)

@@ -36,7 +36,7 @@ def _compiled():
         _KERNELS.update(
             maxmin=jit.maxmin_kernel,
             csr=jit.build_csr,
-            maxmin_csr=jit.maxmin_csr,
+            components=jit.maxmin_components,
             due_rows=jit.due_rows,
             deliver=jit.deliver,
             link_loads=jit.link_loads,
@@ -76,7 +76,7 @@ def warm_up() -> None:
     yes, idx = np.ones(1, dtype=np.bool_), np.zeros(1, dtype=np.int64)
     k["maxmin"](paths, one, one, 1e-3, np.zeros(1, dtype=np.bool_), yes)
     ptr, flows = k["csr"](paths, 1, yes)
-    k["maxmin_csr"](paths, one, one, 1e-3, np.zeros(1, dtype=np.bool_), yes, ptr, flows)
+    k["components"](paths, one, one, 1e-3, yes, ptr, flows, yes.copy(), np.zeros(1))
     k["due_rows"](one, one, one, one, one, yes, 0.0, 1e-3, 0.0)
     k["deliver"](np.array([0, 1]), idx, idx, one, np.ones(1, dtype=np.int64), np.zeros(1))
     k["next_finish"](one, one, yes)
@@ -97,8 +97,9 @@ def maxmin_rates(
     tolerance: float = 1e-9,
     compiled: bool = True,
 ) -> np.ndarray:
-    """Weighted max-min fair rates of flows over links (see :func:`maxmin_rates_numpy`);
-    runs the compiled kernel when numba is available and ``compiled``."""
+    """Weighted max-min fair rates of flows over links, by progressive filling on each
+    connected component of the flows on its own (:func:`maxmin_rates_by_component`); runs
+    the compiled kernel when numba is available and ``compiled``."""
     return _rates_and_active(paths, capacity_bytes_per_s, weight, tolerance, compiled)[0]
 
 
@@ -132,8 +133,94 @@ def _rates_and_active(
     active[rows[rows >= 0]] = True
     rate = np.zeros(len(paths))
     w = None if weight is None else np.asarray(weight, dtype=float)[alive]
-    rate[alive] = maxmin_rates_numpy(rows, capacity_bytes_per_s, w, tolerance)
+    rate[alive] = maxmin_rates_by_component(rows, capacity_bytes_per_s, w, tolerance)
     return rate, active
+
+
+def link_components(paths: np.ndarray, n_links: int) -> np.ndarray:
+    """Connected components of flows over links (two flows connect where they share a
+    link): for each link, the smallest link id of its component (a link no flow crosses is
+    its own). Label propagation with pointer jumping, O(incidences x log diameter)."""
+    label = np.arange(n_links)
+    valid = paths >= 0
+    if not valid.any():
+        return label
+    flow_of, link_of = np.nonzero(valid)[0], paths[valid]
+    while True:
+        flow_label = np.full(len(paths), n_links)
+        np.minimum.at(flow_label, flow_of, label[link_of])
+        new = label.copy()
+        np.minimum.at(new, link_of, flow_label[flow_of])
+        new = new[new]  # every label is a smaller id of the same component
+        if np.array_equal(new, label):
+            return label
+        label = new
+
+
+def maxmin_rates_by_component(
+    paths: np.ndarray,
+    capacity_bytes_per_s: np.ndarray,
+    weight: np.ndarray | None = None,
+    tolerance: float = 1e-9,
+) -> np.ndarray:
+    """Weighted max-min fair rates: :func:`maxmin_rates_numpy` run on each connected
+    component of the flows (:func:`link_components`) with its own fill level, all components
+    in the same vectorised rounds (the operations on each are those of solving it alone;
+    ``eps`` from the smallest weight overall).
+
+    Exact max-min rates (``tolerance`` 0) are the same as one filling over every flow
+    (components share no link). With a tolerance, which saturates together the links
+    within ``tolerance`` of the fill level, each component's own level keeps links of
+    unrelated components from being lumped: a component's rates do not depend on flows it
+    shares no link with."""
+    n_flows = len(paths)
+    rate = np.zeros(n_flows)
+    if n_flows == 0:
+        return rate
+    weight = np.ones(n_flows) if weight is None else np.asarray(weight, dtype=float)
+    cap = np.asarray(capacity_bytes_per_s, dtype=float).copy()
+    n_links = len(cap)
+    comp = link_components(paths, n_links)
+    valid = paths >= 0
+    flow_of = np.nonzero(valid)[0]
+    link_of = paths[valid]
+    by_link = np.argsort(link_of, kind="stable")
+    flows_by_link = flow_of[by_link]
+    ptr = np.searchsorted(link_of[by_link], np.arange(n_links + 1))
+    load = np.bincount(link_of, weights=weight[flow_of], minlength=n_links)
+    eps = 1e-9 * float(weight.min())
+    live = np.flatnonzero(load > eps)
+    live = live[np.argsort(comp[live], kind="stable")]  # by component, ascending within
+    flow_comp = np.where(valid[:, 0], comp[np.maximum(paths[:, 0], 0)], 0)
+    level = np.zeros(n_links)  # per component, at its label
+    frozen = np.zeros(n_flows, dtype=bool)
+    stamp = np.empty(n_flows, dtype=np.int64)
+    while len(live):
+        share = cap[live] / load[live]
+        c = comp[live]
+        first = np.flatnonzero(np.concatenate([[True], c[1:] != c[:-1]]))
+        step = np.minimum.reduceat(share, first)
+        level[c[first]] += step
+        per_link = np.repeat(step, np.diff(np.append(first, len(live))))
+        cap[live] -= per_link * load[live]
+        sat = live[share <= per_link + tolerance * level[c]]
+        starts, lens = ptr[sat], ptr[sat + 1] - ptr[sat]
+        idx = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())
+        new = flows_by_link[idx]
+        new = new[~frozen[new]]
+        if len(new) > 1:  # drop duplicates (a flow on two saturated links)
+            stamp[new] = np.arange(len(new))
+            new = new[stamp[new] == np.arange(len(new))]
+        frozen[new] = True
+        rate[new] = level[flow_comp[new]] * weight[new]
+        rows = paths[new]
+        ok = rows >= 0
+        load -= np.bincount(
+            rows[ok], weights=np.repeat(weight[new], ok.sum(axis=1)), minlength=n_links
+        )
+        load[sat] = 0.0
+        live = live[load[live] > eps]
+    return rate
 
 
 def maxmin_rates_numpy(
@@ -214,24 +301,61 @@ SMALL_MAX_HOPS = 1024
 def maxmin_rates_small(
     rows: list[list[int]], capacity: list[float], weight: list[float], tolerance: float
 ) -> list[float]:
-    """:func:`maxmin_rates_numpy` over Python lists, the same floating-point operations in
-    the same order (so the same rates, bit for bit): ``rows[f]`` the links of flow ``f``
-    (no padding), ``capacity`` per link, ``weight`` per flow (all given)."""
+    """:func:`maxmin_rates_by_component` over Python lists, the same floating-point
+    operations on each component in the same order (so the same rates, bit for bit):
+    ``rows[f]`` the links of flow ``f`` (no padding), ``capacity`` per link, ``weight`` per
+    flow (all given)."""
     n_flows = len(rows)
     rate = [0.0] * n_flows
     if not n_flows:
         return rate
+    parent: dict[int, int] = {}
+
+    def find(a: int) -> int:
+        while parent.setdefault(a, a) != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for row in rows:
+        if row:
+            ra = find(row[0])
+            for link in row[1:]:
+                rb = find(link)
+                if rb != ra:
+                    ra, rb = min(ra, rb), max(ra, rb)
+                    parent[rb] = ra
+    members: dict[int, list[int]] = {}
+    for f, row in enumerate(rows):
+        if row:
+            members.setdefault(find(row[0]), []).append(f)
     cap = list(capacity)
-    load = [0.0] * len(cap)
-    by_link: dict[int, list[int]] = {}
-    for f, row in enumerate(rows):  # row-major: each link's flows ascending, as bincount adds
-        w = weight[f]
-        for link in row:
-            load[link] += w
-            by_link.setdefault(link, []).append(f)
     eps = 1e-9 * min(weight)
-    alive = [link for link in range(len(cap)) if load[link] > eps]
-    frozen = [False] * n_flows
+    for flows in members.values():
+        _fill_small(rows, flows, cap, weight, tolerance, eps, rate)
+    return rate
+
+
+def _fill_small(
+    rows: list[list[int]],
+    flows: list[int],
+    cap: list[float],
+    weight: list[float],
+    tolerance: float,
+    eps: float,
+    rate: list[float],
+) -> None:
+    """Progressive filling of one component (``flows``, ascending) in place in ``rate``,
+    using up ``cap`` on its links."""
+    load: dict[int, float] = {}
+    by_link: dict[int, list[int]] = {}
+    for f in flows:  # row-major: each link's flows ascending, as bincount adds
+        w = weight[f]
+        for link in rows[f]:
+            load[link] = load.get(link, 0.0) + w
+            by_link.setdefault(link, []).append(f)
+    alive = sorted(link for link, x in load.items() if x > eps)
+    frozen = set()
     level = 0.0
     while alive:
         share = [cap[link] / load[link] for link in alive]
@@ -241,13 +365,13 @@ def maxmin_rates_small(
             cap[link] -= step * load[link]
         threshold = step + tolerance * level
         sat = [link for link, sh in zip(alive, share, strict=True) if sh <= threshold]
-        new = [f for link in sat for f in by_link[link] if not frozen[f]]
+        new = [f for link in sat for f in by_link[link] if f not in frozen]
         if len(new) > 1:  # a flow on two saturated links: its last occurrence stays
             last = {f: i for i, f in enumerate(new)}
             new = [f for i, f in enumerate(new) if last[f] == i]
         delta: dict[int, float] = {}
         for f in new:
-            frozen[f] = True
+            frozen.add(f)
             w = weight[f]
             rate[f] = level * w
             for link in rows[f]:
@@ -257,7 +381,6 @@ def maxmin_rates_small(
         for link in sat:
             load[link] = 0.0
         alive = [link for link in alive if load[link] > eps]
-    return rate
 
 
 _COLUMNS = {
@@ -394,8 +517,11 @@ class FluidNetwork:
         self._scratch: tuple[np.ndarray, ...] | None = None
         big = topology.n_devices >= COMPILED_MIN_DEVICES
         self._kernels = _compiled() if big and "maxmin" in _compiled() else {}
-        if self._dominated is not None and "maxmin_csr" in self._kernels:
+        if self._dominated is not None and "components" in self._kernels:
             self._solve_store = self._path_store.copy()
+        # links whose flows or weights changed since the last solve: the compiled solve
+        # re-solves only their components (the others' rates stand)
+        self._dirty = np.zeros(n_links, dtype=np.bool_)
         # which kernels run: "compiled", "numpy" (small network), or "numpy (numba missing)",
         # which is 2.5-3.5x slower on big all-to-alls: the summary reports it
         self.kernels = "compiled" if self._kernels else "numpy"
@@ -625,6 +751,7 @@ class FluidNetwork:
             busy = pos >= 0
             self._remaining[pos[busy]] += nbytes[busy]
             self._weight[pos[busy]] += weight[busy]
+            self._mark(pos[busy])
             idle = ~busy
             empty = idle & (nbytes <= 0)
             if empty.any():  # nothing to send: no flow; the last sender's latency delivers it
@@ -666,8 +793,15 @@ class FluidNetwork:
             row = end
         self._n = row
         self._n_alive += added
+        self._mark(slice(first, row))
         hops = self._path_store[first:row]
         self._link_flows += np.bincount(hops[hops >= 0], minlength=len(self._link_flows))
+
+    def _mark(self, rows: np.ndarray | slice) -> None:
+        """Mark the links the solver sees on ``rows`` as changed (see ``_dirty``)."""
+        store = self._path_store if self._solve_store is None else self._solve_store
+        hops = store[rows]
+        self._dirty[hops[hops >= 0]] = True
 
     def _merge_scratch(self, n_slots: int) -> tuple[np.ndarray, ...]:
         """Scratch for the compiled ``merge`` (per-slot count, bytes, weight, first time),
@@ -769,6 +903,7 @@ class FluidNetwork:
             s = locs[sel]
             self._blocks[b].pos[s] = -1
             self._deliver(b, s, self.env.now + delay[sel])
+        self._mark(idx)
         hops = self._paths[idx]
         self._link_flows -= np.bincount(hops[hops >= 0], minlength=len(self._link_flows))
         # retired rows stay (dead) until they are half of the table, then it is compacted
@@ -842,7 +977,7 @@ class FluidNetwork:
     def _solve(self) -> None:
         self.solves += 1
         kernels = self._kernels
-        if self._n_alive and "maxmin_csr" in kernels:
+        if self._n_alive and "components" in kernels:
             n_links = self.topology.n_links
             if self._csr is None:
                 solve = self._paths
@@ -852,15 +987,16 @@ class FluidNetwork:
                 # leaving them out of the index gives the same rates as dropping them)
                 self._csr = (solve, *kernels["csr"](solve, n_links, self._alive))
             solve, ptr, flows = self._csr
-            self._rate = kernels["maxmin_csr"](
+            kernels["components"](
                 solve,
                 self.capacity,
                 self._weight,
                 self.tolerance,
-                np.zeros(n_links, dtype=np.bool_),
                 self._alive,
                 ptr,
                 flows,
+                self._dirty,
+                self._rate,  # a view of the column: updated in place
             )
         elif self._n_alive and self._n_alive * self._path_store.shape[1] <= SMALL_MAX_HOPS:
             live = np.flatnonzero(self._alive)
