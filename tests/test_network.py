@@ -399,18 +399,16 @@ def _components_networkx(paths, alive):
 
 
 def _by_component_loops(paths, capacity, weight, tolerance, alive):
-    """:func:`_maxmin_loops` on each component alone (``eps`` from every live flow)."""
-    alive = np.asarray(alive)
-    wmin = float(np.min(weight[alive]))
+    """:func:`_maxmin_loops` on each component alone."""
     rate = np.zeros(len(paths))
-    for flows in _components_networkx(paths, alive):
+    for flows in _components_networkx(paths, np.asarray(alive)):
         only = np.zeros(len(paths), dtype=bool)
         only[flows] = True
-        rate[only] = _maxmin_loops(paths, capacity, weight, tolerance, only, wmin)[only]
+        rate[only] = _maxmin_loops(paths, capacity, weight, tolerance, only)[only]
     return rate
 
 
-def _maxmin_loops(paths, capacity, weight, tolerance, alive, wmin=None):
+def _maxmin_loops(paths, capacity, weight, tolerance, alive):
     """Progressive filling over the ``alive`` flows as plain loops, one pass per step:
     the reference of each component's filling in the compiled kernel."""
     n_links = len(capacity)
@@ -423,7 +421,7 @@ def _maxmin_loops(paths, capacity, weight, tolerance, alive, wmin=None):
                 break
             load[link] += weight[f]
             by_link[link].append(f)
-    eps = 1e-9 * (min(weight[f] for f in live_flows) if wmin is None else wmin)
+    eps = 1e-9 * min(weight[f] for f in live_flows)
     live = [link for link in range(n_links) if load[link] > eps]
     rate, frozen, level = np.zeros(len(paths)), ~np.asarray(alive), 0.0
     while live:

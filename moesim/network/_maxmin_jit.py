@@ -78,18 +78,15 @@ def maxmin_components(
     A component with no dirty link has the flows, weights and links of its last solve, so
     its rates stand: re-solving only the others gives the rates of solving every component.
     Each component's filling is :func:`moesim.network.fluid.maxmin_rates_numpy` on its flows
-    alone (its own fill level, so the tolerance lumps links of one component only), with
-    ``eps = 1e-9 x`` the smallest live weight. ``ptr``/``flows_by_link``: flows by link
+    alone (its own fill level, so the tolerance lumps links of one component only, and
+    ``eps = 1e-9 x`` its smallest weight). ``ptr``/``flows_by_link``: flows by link
     (:func:`build_csr`) over at least the live rows; rows not ``alive`` are skipped."""
     n_flows, width = paths.shape
     n_links = capacity.shape[0]
     parent = np.arange(n_links)
-    wmin = np.inf
     for f in range(n_flows):
         if not alive[f]:
             continue
-        if weight[f] < wmin:
-            wmin = weight[f]
         a = paths[f, 0]
         if a < 0:
             continue
@@ -105,23 +102,28 @@ def maxmin_components(
                     ra = rb
                 else:
                     parent[rb] = ra
-    eps = 1e-9 * wmin
     redo = np.zeros(n_links, np.bool_)
     for link in range(n_links):
         if dirty[link]:
             redo[_find(parent, link)] = True
             dirty[link] = False
     load = np.zeros(n_links)
+    eps = np.full(n_links, np.inf)  # per component (at its root): 1e-9 x its least weight
     frozen = np.ones(n_flows, np.bool_)  # flows not alive or of a component kept as it was
     for f in range(n_flows):
         if not alive[f]:
             continue
         a = paths[f, 0]
-        if a < 0 or not redo[_find(parent, a)]:
+        if a < 0:
+            continue
+        r = _find(parent, a)
+        if not redo[r]:
             continue
         frozen[f] = False
         rate[f] = 0.0
         w = weight[f]
+        if 1e-9 * w < eps[r]:
+            eps[r] = 1e-9 * w
         for h in range(width):
             link = paths[f, h]
             if link < 0:
@@ -131,16 +133,17 @@ def maxmin_components(
     start = np.zeros(n_links + 1, np.int64)
     n_sel = 0
     for link in range(n_links):
-        if load[link] > eps:
-            start[_find(parent, link) + 1] += 1
+        r = _find(parent, link)
+        if load[link] > eps[r]:
+            start[r + 1] += 1
             n_sel += 1
     for r in range(n_links):
         start[r + 1] += start[r]
     fill = start[:-1].copy()
     members = np.empty(n_sel, np.int64)
     for link in range(n_links):
-        if load[link] > eps:
-            r = parent[link]  # compressed by the pass above
+        r = parent[link]  # compressed by the pass above
+        if load[link] > eps[r]:
             members[fill[r]] = link
             fill[r] += 1
     cap = capacity.copy()
@@ -150,6 +153,7 @@ def maxmin_components(
         n_live = start[r + 1] - start[r]
         for i in range(n_live):
             live[i] = members[start[r] + i]
+        tiny = eps[r]
         level = 0.0
         while n_live > 0:
             step = np.inf
@@ -186,7 +190,7 @@ def maxmin_components(
             j = 0
             for i in range(n_live):
                 link = live[i]
-                if load[link] > eps:
+                if load[link] > tiny:
                     live[j] = link
                     j += 1
             n_live = j

@@ -165,8 +165,8 @@ def maxmin_rates_by_component(
 ) -> np.ndarray:
     """Weighted max-min fair rates: :func:`maxmin_rates_numpy` run on each connected
     component of the flows (:func:`link_components`) with its own fill level, all components
-    in the same vectorised rounds (the operations on each are those of solving it alone;
-    ``eps`` from the smallest weight overall).
+    in the same vectorised rounds (the operations on each are those of solving it alone,
+    ``eps`` from its own smallest weight included).
 
     Exact max-min rates (``tolerance`` 0) are the same as one filling over every flow
     (components share no link). With a tolerance, which saturates together the links
@@ -188,10 +188,12 @@ def maxmin_rates_by_component(
     flows_by_link = flow_of[by_link]
     ptr = np.searchsorted(link_of[by_link], np.arange(n_links + 1))
     load = np.bincount(link_of, weights=weight[flow_of], minlength=n_links)
-    eps = 1e-9 * float(weight.min())
+    flow_comp = np.where(valid[:, 0], comp[np.maximum(paths[:, 0], 0)], 0)
+    eps = np.full(n_links, np.inf)  # per link: 1e-9 x the least weight of its component
+    np.minimum.at(eps, flow_comp[valid[:, 0]], 1e-9 * weight[valid[:, 0]])
+    eps = eps[comp]
     live = np.flatnonzero(load > eps)
     live = live[np.argsort(comp[live], kind="stable")]  # by component, ascending within
-    flow_comp = np.where(valid[:, 0], comp[np.maximum(paths[:, 0], 0)], 0)
     level = np.zeros(n_links)  # per component, at its label
     frozen = np.zeros(n_flows, dtype=bool)
     stamp = np.empty(n_flows, dtype=np.int64)
@@ -219,7 +221,7 @@ def maxmin_rates_by_component(
             rows[ok], weights=np.repeat(weight[new], ok.sum(axis=1)), minlength=n_links
         )
         load[sat] = 0.0
-        live = live[load[live] > eps]
+        live = live[load[live] > eps[live]]
     return rate
 
 
@@ -330,8 +332,8 @@ def maxmin_rates_small(
         if row:
             members.setdefault(find(row[0]), []).append(f)
     cap = list(capacity)
-    eps = 1e-9 * min(weight)
     for flows in members.values():
+        eps = 1e-9 * min(weight[f] for f in flows)
         _fill_small(rows, flows, cap, weight, tolerance, eps, rate)
     return rate
 
@@ -656,9 +658,12 @@ class FluidNetwork:
         self.contribute(bid, np.arange(n), nbytes, np.ones(n))
 
     def close_intervals(self) -> None:
-        """End the busy intervals of links still marked active (call after the run)."""
+        """End the busy intervals of links still marked active (call after the run: a
+        link's busy time is added when its interval ends)."""
+        still = np.flatnonzero(self._link_active)
+        self.stats.busy_s[still] += self.env.now - self._link_since[still]
         if self.record_intervals:
-            for lid in np.flatnonzero(self._link_active):
+            for lid in still:
                 self.stats.intervals.append((int(lid), float(self._link_since[lid]), self.env.now))
         self._link_active[:] = False
 
@@ -695,12 +700,12 @@ class FluidNetwork:
             self._wake_at = np.inf  # idle until the next contribution
 
     def _advance(self) -> None:
-        """Bring flows to now: busy links accrue the time; each live flow sends ``rate x
-        elapsed``, here or (compiled) in the same pass as the next completion check."""
+        """Bring flows to now: each live flow sends ``rate x elapsed``, here or (compiled) in
+        the same pass as the next completion check (a link's busy time is added when its
+        busy interval ends, in :meth:`_solve`)."""
         now = self.env.now
         elapsed = now - self._last_t
         if elapsed > 0 and self._n_alive:
-            self.stats.busy_s[self._link_active] += elapsed
             if "due_rows" in self._kernels:
                 self._unsent_s = elapsed  # applied by _retire before anything reads it
             else:
@@ -1018,12 +1023,13 @@ class FluidNetwork:
                 alive=self._alive,
             )[0]
         active = self._link_flows > 0
-        if self.record_intervals:
-            now = self.env.now
-            ended = np.flatnonzero(self._link_active & ~active)
-            if len(ended):
+        now = self.env.now
+        ended = np.flatnonzero(self._link_active & ~active)
+        if len(ended):
+            self.stats.busy_s[ended] += now - self._link_since[ended]
+            if self.record_intervals:
                 self.stats.intervals.extend(
                     zip(ended.tolist(), self._link_since[ended].tolist(), repeat(now))
                 )
-            self._link_since[active & ~self._link_active] = now
+        self._link_since[active & ~self._link_active] = now
         self._link_active = active
