@@ -53,30 +53,33 @@ class FlowPattern:
     def n_slots(self) -> int:
         return len(self.paths)
 
-    def contribution_bytes(self, nbytes: np.ndarray) -> np.ndarray:
-        """Bytes of every (sender, slot) contribution for per-pair ``nbytes``."""
-        return np.bincount(
-            self.entry_contrib,
-            weights=np.asarray(nbytes, float)[self.entry_pair],
-            minlength=len(self.contrib_slot),
-        )
+    def entry_bytes(self, nbytes: np.ndarray) -> np.ndarray:
+        """Per-pair ``nbytes`` at every entry (the argument of the three methods below, to
+        gather once what they all read)."""
+        return np.asarray(nbytes, float)[self.entry_pair]
 
-    def contribution_weights(self, nbytes: np.ndarray) -> np.ndarray:
+    def contribution_bytes(self, nbytes: np.ndarray, entry: np.ndarray | None = None) -> np.ndarray:
+        """Bytes of every (sender, slot) contribution for per-pair ``nbytes``
+        (``entry``: :meth:`entry_bytes`, if already gathered)."""
+        entry = self.entry_bytes(nbytes) if entry is None else entry
+        return np.bincount(self.entry_contrib, weights=entry, minlength=len(self.contrib_slot))
+
+    def contribution_weights(
+        self, nbytes: np.ndarray, entry: np.ndarray | None = None
+    ) -> np.ndarray:
         """Max-min weight of every (sender, slot) contribution for per-pair ``nbytes``: its
         pairs that carry bytes (a zero-byte pair would finish at once and take no share)."""
+        entry = self.entry_bytes(nbytes) if entry is None else entry
         return np.bincount(
-            self.entry_contrib,
-            weights=(np.asarray(nbytes)[self.entry_pair] > 0).astype(float),
-            minlength=len(self.contrib_slot),
+            self.entry_contrib, weights=(entry > 0).astype(float), minlength=len(self.contrib_slot)
         )
 
-    def link_bytes(self, nbytes: np.ndarray, n_links: int) -> np.ndarray:
+    def link_bytes(
+        self, nbytes: np.ndarray, n_links: int, entry: np.ndarray | None = None
+    ) -> np.ndarray:
         """Bytes each link carries (the same at every granularity)."""
-        per_slot = np.bincount(
-            self._entry_slot,
-            weights=np.asarray(nbytes, float)[self.entry_pair],
-            minlength=self.n_slots,
-        )
+        entry = self.entry_bytes(nbytes) if entry is None else entry
+        per_slot = np.bincount(self._entry_slot, weights=entry, minlength=self.n_slots)
         slot_of, link_of = self._incidence
         return np.bincount(link_of, weights=per_slot[slot_of], minlength=n_links)
 
@@ -167,6 +170,7 @@ def flow_pattern(topology: Topology, src: np.ndarray, dst: np.ndarray, mode: str
     # contributions: distinct (sender, slot), sorted by sender
     ckey, entry_contrib = np.unique(src[entry_pair] * n_slots + entry_slot, return_inverse=True)
     c_sender, c_slot = np.divmod(ckey, max(n_slots, 1))
+    slot_paths.setflags(write=False)  # shared by every block of the pattern (see add_block)
     return FlowPattern(
         paths=slot_paths,
         latency_s=slot_lat,

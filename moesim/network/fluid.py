@@ -524,6 +524,7 @@ class FluidNetwork:
         # links whose flows or weights changed since the last solve: the compiled solve
         # re-solves only their components (the others' rates stand)
         self._dirty = np.zeros(n_links, dtype=np.bool_)
+        self._seen_paths: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
         # which kernels run: "compiled", "numpy" (small network), or "numpy (numba missing)",
         # which is 2.5-3.5x slower on big all-to-alls: the summary reports it
         self.kernels = "compiled" if self._kernels else "numpy"
@@ -584,17 +585,13 @@ class FluidNetwork:
         bytes over bandwidth), which sets the time resolution of its admissions and
         completions. ``link_bytes``: the bytes the block will put on each link, counted now
         (otherwise counted per contribution)."""
-        cap = np.where(paths >= 0, self.capacity[np.maximum(paths, 0)], np.inf)
-        solve_paths = None
-        if self._solve_store is not None:  # once per block, not at every rebuild of the CSR
-            keep = (paths >= 0) & ~self._dominated[np.maximum(paths, 0)]
-            solve_paths = left_justify(np.where(keep, paths, -1))
+        cap_min, solve_paths = self._path_facts(paths)
         bid = self._next_block
         self._next_block += 1
         self._blocks[bid] = _Block(
             paths=paths,
             latency_s=np.asarray(latency_s, float),
-            cap_min=cap.min(axis=1) if paths.shape[1] else np.full(len(paths), np.inf),
+            cap_min=cap_min,
             group_ptr=group_ptr,
             groups=groups,
             contributors_left=np.asarray(contributors, np.int64).copy(),
@@ -608,6 +605,26 @@ class FluidNetwork:
         if link_bytes is not None:
             self.stats.bytes_carried += link_bytes
         return bid
+
+    def _path_facts(self, paths: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The slowest link's bandwidth on each of ``paths`` and the paths the solver sees
+        (dominated links left out), computed once per read-only paths array: the blocks of
+        every layer share their pattern's (the last few kept, by identity)."""
+        for seen, cap_min, solve_paths in self._seen_paths:
+            if seen is paths:
+                return cap_min, solve_paths
+        if paths.shape[1]:
+            cap = np.where(paths >= 0, self.capacity[np.maximum(paths, 0)], np.inf)
+            cap_min = cap.min(axis=1)
+        else:
+            cap_min = np.full(len(paths), np.inf)
+        solve_paths = None
+        if self._solve_store is not None:  # once per block, not at every rebuild of the CSR
+            keep = (paths >= 0) & ~self._dominated[np.maximum(paths, 0)]
+            solve_paths = left_justify(np.where(keep, paths, -1))
+        if not paths.flags.writeable:  # only a read-only array is known not to change
+            self._seen_paths = [(paths, cap_min, solve_paths), *self._seen_paths[:3]]
+        return cap_min, solve_paths
 
     def contribute(
         self, block: int, slots: np.ndarray, nbytes: np.ndarray, weight: np.ndarray
@@ -798,14 +815,14 @@ class FluidNetwork:
             row = end
         self._n = row
         self._n_alive += added
-        self._mark(slice(first, row))
         hops = self._path_store[first:row]
-        self._link_flows += np.bincount(hops[hops >= 0], minlength=len(self._link_flows))
+        hops = hops[hops >= 0]
+        self._dirty[hops] = True
+        self._link_flows += np.bincount(hops, minlength=len(self._link_flows))
 
-    def _mark(self, rows: np.ndarray | slice) -> None:
-        """Mark the links the solver sees on ``rows`` as changed (see ``_dirty``)."""
-        store = self._path_store if self._solve_store is None else self._solve_store
-        hops = store[rows]
+    def _mark(self, rows: np.ndarray) -> None:
+        """Mark the links of ``rows`` as changed (see ``_dirty``)."""
+        hops = self._path_store[rows]
         self._dirty[hops[hops >= 0]] = True
 
     def _merge_scratch(self, n_slots: int) -> tuple[np.ndarray, ...]:
@@ -908,9 +925,10 @@ class FluidNetwork:
             s = locs[sel]
             self._blocks[b].pos[s] = -1
             self._deliver(b, s, self.env.now + delay[sel])
-        self._mark(idx)
         hops = self._paths[idx]
-        self._link_flows -= np.bincount(hops[hops >= 0], minlength=len(self._link_flows))
+        hops = hops[hops >= 0]
+        self._dirty[hops] = True  # (a dominated link marked too: it is in no solve path)
+        self._link_flows -= np.bincount(hops, minlength=len(self._link_flows))
         # retired rows stay (dead) until they are half of the table, then it is compacted
         self._alive[idx] = False
         self._remaining[idx], self._rate[idx], self._waited[idx] = np.inf, 0.0, 0.0
