@@ -704,3 +704,27 @@ def test_re_solving_only_changed_components_equals_solving_all():
             weight[f] += 1.0
         alive[0] = True
         dirty[paths[f][paths[f] >= 0]] = True
+
+
+def test_compiled_contribution_sums_equal_the_bincounts(monkeypatch):
+    """On a pattern large enough for the compiled pass, contribution bytes, weights and slot
+    bytes are the numpy bincounts' bit for bit (zero-byte pairs included)."""
+    from moesim.network import aggregate, fluid
+    from moesim.network.aggregate import flow_pattern
+
+    if "sums" not in fluid._compiled():
+        pytest.skip("numba not installed")
+    topo = _topology(nodes=32, per_node=8, inter_node="rail_optimized")
+    src, dst = _all_pairs(256)
+    nbytes = np.random.default_rng(3).uniform(0, 4 * MB, len(src))
+    nbytes[::3] = 0.0
+    pat = flow_pattern(topo, src, dst, "node")
+    assert len(pat.entry_pair) >= aggregate.COMPILED_MIN_ENTRIES
+    compiled = pat.contribution_sums(nbytes)
+    monkeypatch.setattr(aggregate, "COMPILED_MIN_ENTRIES", 1 << 62)
+    reference = pat.contribution_sums(nbytes)
+    for got, want in zip(compiled, reference, strict=True):
+        assert np.array_equal(got, want)
+    assert np.array_equal(
+        pat.link_bytes(nbytes, topo.n_links), pat.link_bytes(nbytes, topo.n_links, compiled[2])
+    )

@@ -355,8 +355,8 @@ class Engine:
         inbound = np.bincount(pat.receivers, minlength=n)
         gids, events = self.net.groups(inbound)
         # the collective takes at least its busiest link's bytes over that link's bandwidth
-        entry = pat.entry_bytes(traffic.nbytes)  # gathered once for the three sums below
-        link_bytes = pat.link_bytes(traffic.nbytes, self.topology.n_links, entry)
+        nbytes, weight, per_slot = pat.contribution_sums(traffic.nbytes)
+        link_bytes = pat.link_bytes(traffic.nbytes, self.topology.n_links, per_slot)
         floor_s = float(np.max(link_bytes / self.net.capacity)) if len(link_bytes) else 0.0
         block = self.net.add_block(
             pat.paths,
@@ -372,8 +372,8 @@ class Engine:
         prep = _Prepared(
             pattern=pat,
             block=block,
-            nbytes=pat.contribution_bytes(traffic.nbytes, entry),
-            weight=pat.contribution_weights(traffic.nbytes, entry),
+            nbytes=nbytes,
+            weight=weight,
             senders_left=n if node.devices is None else int(np.count_nonzero(node.devices)),
             offsets=pat.contrib_offsets.tolist(),
         )

@@ -334,17 +334,28 @@ def merge_contributions(
     m = every.shape[0]
     touched = np.empty(m, np.int64)
     k = 0
+    lo, hi = count.shape[0], -1
     for i in range(m):
         s = every[i]
         if count[s] == 0:
             touched[k] = s
             k += 1
+            lo = min(lo, s)
+            hi = max(hi, s)
         count[s] += 1
         acc_bytes[s] += nbytes[i]
         acc_weight[s] += weight[i]
         if times[i] < first[s]:
             first[s] = times[i]
-    slots = np.sort(touched[:k])
+    if k * 16 > hi - lo:  # dense: one sweep over the range beats sorting the slots
+        slots = np.empty(k, np.int64)
+        j = 0
+        for s in range(lo, hi + 1):
+            if count[s] > 0:
+                slots[j] = s
+                j += 1
+    else:
+        slots = np.sort(touched[:k])
     out_bytes = np.empty(k)
     out_weight = np.empty(k)
     out_first = np.empty(k)
@@ -359,3 +370,26 @@ def merge_contributions(
         acc_weight[s] = 0.0
         first[s] = np.inf
     return slots, out_bytes, out_weight, out_first
+
+
+@njit(cache=True)
+def contribution_sums(
+    entry_contrib: np.ndarray,
+    entry_pair: np.ndarray,
+    entry_slot: np.ndarray,
+    nbytes: np.ndarray,
+    n_contrib: int,
+    n_slots: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """A flow pattern's sums over its entries, in entry order: bytes and pairs with bytes
+    per contribution, bytes per slot (``FlowPattern.contribution_sums``)."""
+    out_bytes = np.zeros(n_contrib)
+    out_weight = np.zeros(n_contrib)
+    per_slot = np.zeros(n_slots)
+    for i in range(entry_contrib.shape[0]):
+        b = nbytes[entry_pair[i]]
+        c = entry_contrib[i]
+        out_bytes[c] += b
+        out_weight[c] += 1.0 if b > 0 else 0.0
+        per_slot[entry_slot[i]] += b
+    return out_bytes, out_weight, per_slot

@@ -25,6 +25,9 @@ import numpy as np
 
 from moesim.network.topology import Topology, left_justify
 
+COMPILED_MIN_ENTRIES = 1 << 16
+"""Patterns with at least this many entries sum their contributions with a compiled pass."""
+
 
 @dataclass(frozen=True)
 class FlowPattern:
@@ -53,33 +56,44 @@ class FlowPattern:
     def n_slots(self) -> int:
         return len(self.paths)
 
-    def entry_bytes(self, nbytes: np.ndarray) -> np.ndarray:
-        """Per-pair ``nbytes`` at every entry (the argument of the three methods below, to
-        gather once what they all read)."""
-        return np.asarray(nbytes, float)[self.entry_pair]
+    def contribution_bytes(self, nbytes: np.ndarray) -> np.ndarray:
+        """Bytes of every (sender, slot) contribution for per-pair ``nbytes``."""
+        return self.contribution_sums(nbytes)[0]
 
-    def contribution_bytes(self, nbytes: np.ndarray, entry: np.ndarray | None = None) -> np.ndarray:
-        """Bytes of every (sender, slot) contribution for per-pair ``nbytes``
-        (``entry``: :meth:`entry_bytes`, if already gathered)."""
-        entry = self.entry_bytes(nbytes) if entry is None else entry
-        return np.bincount(self.entry_contrib, weights=entry, minlength=len(self.contrib_slot))
-
-    def contribution_weights(
-        self, nbytes: np.ndarray, entry: np.ndarray | None = None
-    ) -> np.ndarray:
+    def contribution_weights(self, nbytes: np.ndarray) -> np.ndarray:
         """Max-min weight of every (sender, slot) contribution for per-pair ``nbytes``: its
         pairs that carry bytes (a zero-byte pair would finish at once and take no share)."""
-        entry = self.entry_bytes(nbytes) if entry is None else entry
-        return np.bincount(
-            self.entry_contrib, weights=(entry > 0).astype(float), minlength=len(self.contrib_slot)
+        return self.contribution_sums(nbytes)[1]
+
+    def contribution_sums(self, nbytes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For per-pair ``nbytes``, in one pass over the entries: each contribution's bytes
+        and max-min weight, and each slot's bytes (all summed in entry order, as
+        ``np.bincount`` sums them; compiled on large patterns)."""
+        nbytes = np.asarray(nbytes, float)
+        n_contrib = len(self.contrib_slot)
+        if len(self.entry_pair) >= COMPILED_MIN_ENTRIES:
+            from moesim.network.fluid import _compiled
+
+            kernel = _compiled().get("sums")
+            if kernel is not None:
+                return kernel(
+                    self.entry_contrib, self.entry_pair, self._entry_slot, nbytes, n_contrib,
+                    self.n_slots,
+                )  # fmt: skip
+        entry = nbytes[self.entry_pair]
+        return (
+            np.bincount(self.entry_contrib, weights=entry, minlength=n_contrib),
+            np.bincount(self.entry_contrib, weights=(entry > 0).astype(float), minlength=n_contrib),
+            np.bincount(self._entry_slot, weights=entry, minlength=self.n_slots),
         )
 
     def link_bytes(
-        self, nbytes: np.ndarray, n_links: int, entry: np.ndarray | None = None
+        self, nbytes: np.ndarray, n_links: int, per_slot: np.ndarray | None = None
     ) -> np.ndarray:
-        """Bytes each link carries (the same at every granularity)."""
-        entry = self.entry_bytes(nbytes) if entry is None else entry
-        per_slot = np.bincount(self._entry_slot, weights=entry, minlength=self.n_slots)
+        """Bytes each link carries (the same at every granularity); ``per_slot``: the slots'
+        bytes (:meth:`contribution_sums`), if already summed."""
+        if per_slot is None:
+            per_slot = self.contribution_sums(nbytes)[2]
         slot_of, link_of = self._incidence
         return np.bincount(link_of, weights=per_slot[slot_of], minlength=n_links)
 
@@ -180,7 +194,7 @@ def flow_pattern(topology: Topology, src: np.ndarray, dst: np.ndarray, mode: str
         contrib_slot=c_slot,
         contrib_offsets=np.searchsorted(c_sender, np.arange(topology.n_devices + 1)),
         entry_pair=entry_pair,
-        entry_contrib=entry_contrib.ravel(),
+        entry_contrib=np.ascontiguousarray(entry_contrib.ravel(), np.int64),
     )
 
 

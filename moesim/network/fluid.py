@@ -42,6 +42,7 @@ def _compiled():
             link_loads=jit.link_loads,
             merge=jit.merge_contributions,
             next_finish=jit.next_finish_s,
+            sums=jit.contribution_sums,
         )
     return _KERNELS
 
@@ -83,6 +84,7 @@ def warm_up() -> None:
     k["link_loads"](paths, one, 1)
     count, inf = np.zeros(1, dtype=np.int64), np.full(1, np.inf)
     k["merge"](idx, one, one, one, np.ones(1, dtype=np.int64), count, np.zeros(1), np.zeros(1), inf)
+    k["sums"](idx, idx, idx, one, 1, 1)
 
 
 def compiled_kernel():
