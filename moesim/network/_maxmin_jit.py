@@ -102,10 +102,12 @@ def maxmin_components(
                     ra = rb
                 else:
                     parent[rb] = ra
+    for link in range(n_links):  # flatten: a parent is never above its child's id
+        parent[link] = parent[parent[link]]
     redo = np.zeros(n_links, np.bool_)
     for link in range(n_links):
         if dirty[link]:
-            redo[_find(parent, link)] = True
+            redo[parent[link]] = True
             dirty[link] = False
     load = np.zeros(n_links)
     eps = np.full(n_links, np.inf)  # per component (at its root): 1e-9 x its least weight
@@ -116,7 +118,7 @@ def maxmin_components(
         a = paths[f, 0]
         if a < 0:
             continue
-        r = _find(parent, a)
+        r = parent[a]
         if not redo[r]:
             continue
         frozen[f] = False
@@ -133,7 +135,7 @@ def maxmin_components(
     start = np.zeros(n_links + 1, np.int64)
     n_sel = 0
     for link in range(n_links):
-        r = _find(parent, link)
+        r = parent[link]
         if load[link] > eps[r]:
             start[r + 1] += 1
             n_sel += 1
@@ -142,7 +144,7 @@ def maxmin_components(
     fill = start[:-1].copy()
     members = np.empty(n_sel, np.int64)
     for link in range(n_links):
-        r = parent[link]  # compressed by the pass above
+        r = parent[link]
         if load[link] > eps[r]:
             members[fill[r]] = link
             fill[r] += 1

@@ -791,7 +791,12 @@ class FluidNetwork:
         added = sum(len(x[1]) for x in new)
         self._csr = None
         width = max(self._path_store.shape[1], *(self._blocks[x[0]].paths.shape[1] for x in new))
-        self._reserve(self._n + added, width)
+        solve_width = 0
+        if self._solve_store is not None:  # the solver's paths are often narrower
+            solve_width = max(
+                self._solve_store.shape[1], *(self._blocks[x[0]].solve_paths.shape[1] for x in new)
+            )
+        self._reserve(self._n + added, width, solve_width)
         cols, row = self._cols, self._n
         first = row
         for block, slots, nbytes, weight, sent in new:
@@ -839,24 +844,29 @@ class FluidNetwork:
             )
         return self._scratch
 
-    def _reserve(self, rows: int, width: int) -> None:
-        """Grow the columns (doubling) to hold ``rows`` rows and paths ``width`` hops wide."""
+    def _reserve(self, rows: int, width: int, solve_width: int = 0) -> None:
+        """Grow the columns (doubling) to hold ``rows`` rows, paths ``width`` hops wide and
+        the solver's paths ``solve_width`` hops wide."""
         capacity, old_width = self._path_store.shape
-        if rows <= capacity and width <= old_width:
+        old_solve = 0 if self._solve_store is None else self._solve_store.shape[1]
+        if rows <= capacity and width <= old_width and solve_width <= old_solve:
             return
+        grow = rows > capacity
         capacity = max(capacity, 1)
         while capacity < rows:
             capacity *= 2
-        for name, col in self._cols.items():
-            grown = np.zeros(capacity, dtype=col.dtype)
-            grown[: self._n] = col[: self._n]
-            self._cols[name] = grown
-        paths = np.full((capacity, max(width, old_width)), -1, dtype=np.int64)
-        paths[: self._n, :old_width] = self._path_store[: self._n]
-        self._path_store = paths
-        if self._solve_store is not None:
-            solve = np.full_like(paths, -1)
-            solve[: self._n, :old_width] = self._solve_store[: self._n]
+        if grow:
+            for name, col in self._cols.items():
+                grown = np.zeros(capacity, dtype=col.dtype)
+                grown[: self._n] = col[: self._n]
+                self._cols[name] = grown
+        if grow or width > old_width:
+            paths = np.full((capacity, max(width, old_width)), -1, dtype=np.int64)
+            paths[: self._n, :old_width] = self._path_store[: self._n]
+            self._path_store = paths
+        if self._solve_store is not None and (grow or solve_width > old_solve):
+            solve = np.full((capacity, max(solve_width, old_solve)), -1, dtype=np.int64)
+            solve[: self._n, :old_solve] = self._solve_store[: self._n]
             self._solve_store = solve
 
     def _backdate(self) -> None:
