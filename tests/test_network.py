@@ -566,19 +566,16 @@ def test_merge_contributions_kernel_matches_bincount():
         pytest.skip("numba not installed")
     rng = np.random.default_rng(13)
     n_slots = 50
-    scratch = (
-        np.zeros(n_slots, np.int64),
-        np.zeros(n_slots),
-        np.zeros(n_slots),
-        np.full(n_slots, np.inf),
-    )
+    scratch = np.zeros((n_slots, 4))
+    scratch[:, 3] = np.inf
+    mark = np.zeros(n_slots, np.uint8)
     for _ in range(30):
         m = int(rng.integers(1, 120))
         every = rng.integers(0, n_slots, m).astype(np.int64)
         nbytes, weight = rng.uniform(0, 1e6, m), rng.integers(0, 4, m).astype(float)
         times = rng.uniform(0, 1e-3, m)
         left = np.full(n_slots, 200, np.int64)
-        slots, b, w, first = kernels["merge"](every, nbytes, weight, times, left, *scratch)
+        slots, b, w, first = kernels["merge"](every, nbytes, weight, times, left, scratch, mark)
         count = np.bincount(every, minlength=n_slots)
         want = np.flatnonzero(count)
         assert np.array_equal(slots, want)
@@ -588,8 +585,8 @@ def test_merge_contributions_kernel_matches_bincount():
         np.minimum.at(lo, every, times)
         assert np.array_equal(first, lo[want])
         assert np.array_equal(left, 200 - count)
-        assert not scratch[0].any() and not scratch[1].any() and not scratch[2].any()
-        assert np.all(scratch[3] == np.inf)
+        assert not scratch[:, :3].any() and not mark.any()
+        assert np.all(scratch[:, 3] == np.inf)
 
 
 def test_compiled_max_min_matches_the_loops_on_ties_and_fractional_weights():

@@ -323,39 +323,38 @@ def merge_contributions(
     weight: np.ndarray,
     times: np.ndarray,
     contributors_left: np.ndarray,
-    count: np.ndarray,
-    acc_bytes: np.ndarray,
-    acc_weight: np.ndarray,
-    first: np.ndarray,
+    acc: np.ndarray,
+    mark: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - compiled
     """Several senders' contributions summed per slot (``every[i]`` the slot of entry ``i``):
     the slots ascending, their bytes and weights (added in entry order, as ``np.bincount``
     adds them) and their first sending time; ``contributors_left`` loses each slot's count.
-    ``count``/``acc_*``/``first`` are scratch, one per slot of the block, zero (``first``:
-    inf) on entry and left so, so that the cost is the entries', not the block's slots'."""
+    ``acc`` (count, bytes, weight, first time: one row per slot of the block) and ``mark``
+    (a byte per slot: touched) are scratch, zero (first: inf) on entry and left so; the
+    slots come out of a sweep of the touched range of ``mark`` (small enough to stay in
+    cache) or, where that range is far wider than the slots, a sort."""
     m = every.shape[0]
     touched = np.empty(m, np.int64)
     k = 0
-    lo, hi = count.shape[0], -1
-    for i in range(m):
+    lo, hi = acc.shape[0], -1
+    for i in range(m):  # branch-free: the slots come in no predictable order
         s = every[i]
-        if count[s] == 0:
-            touched[k] = s
-            k += 1
-            lo = min(lo, s)
-            hi = max(hi, s)
-        count[s] += 1
-        acc_bytes[s] += nbytes[i]
-        acc_weight[s] += weight[i]
-        if times[i] < first[s]:
-            first[s] = times[i]
-    if k * 16 > hi - lo:  # dense: one sweep over the range beats sorting the slots
-        slots = np.empty(k, np.int64)
+        touched[k] = s
+        k += mark[s] == 0
+        mark[s] = 1
+        lo = min(lo, s)
+        hi = max(hi, s)
+        acc[s, 0] += 1.0
+        acc[s, 1] += nbytes[i]
+        acc[s, 2] += weight[i]
+        acc[s, 3] = min(acc[s, 3], times[i])
+    if hi - lo < 64 * k:  # a branch-free sweep of the range beats sorting the slots
+        slots = np.empty(k + 1, np.int64)
         j = 0
         for s in range(lo, hi + 1):
-            if count[s] > 0:
-                slots[j] = s
-                j += 1
+            slots[j] = s
+            j += mark[s]
+        slots = slots[:k]
     else:
         slots = np.sort(touched[:k])
     out_bytes = np.empty(k)
@@ -363,14 +362,15 @@ def merge_contributions(
     out_first = np.empty(k)
     for j in range(k):
         s = slots[j]
-        out_bytes[j] = acc_bytes[s]
-        out_weight[j] = acc_weight[s]
-        out_first[j] = first[s]
-        contributors_left[s] -= count[s]
-        count[s] = 0
-        acc_bytes[s] = 0.0
-        acc_weight[s] = 0.0
-        first[s] = np.inf
+        out_bytes[j] = acc[s, 1]
+        out_weight[j] = acc[s, 2]
+        out_first[j] = acc[s, 3]
+        contributors_left[s] -= np.int64(acc[s, 0])
+        mark[s] = 0
+        acc[s, 0] = 0.0
+        acc[s, 1] = 0.0
+        acc[s, 2] = 0.0
+        acc[s, 3] = np.inf
     return slots, out_bytes, out_weight, out_first
 
 

@@ -82,8 +82,8 @@ def warm_up() -> None:
     k["deliver"](np.array([0, 1]), idx, idx, one, np.ones(1, dtype=np.int64), np.zeros(1))
     k["next_finish"](one, one, yes)
     k["link_loads"](paths, one, 1)
-    count, inf = np.zeros(1, dtype=np.int64), np.full(1, np.inf)
-    k["merge"](idx, one, one, one, np.ones(1, dtype=np.int64), count, np.zeros(1), np.zeros(1), inf)
+    acc, mark = np.array([[0.0, 0.0, 0.0, np.inf]]), np.zeros(1, dtype=np.uint8)
+    k["merge"](idx, one, one, one, np.ones(1, dtype=np.int64), acc, mark)
     k["sums"](idx, idx, idx, one, 1, 1)
 
 
@@ -518,7 +518,7 @@ class FluidNetwork:
         self._unsent_s = 0.0  # seconds of sending not yet taken off `remaining`
         self._wake_at = np.inf
         self.solves = 0
-        self._scratch: tuple[np.ndarray, ...] | None = None
+        self._scratch: tuple[np.ndarray, np.ndarray] | None = None
         big = topology.n_devices >= COMPILED_MIN_DEVICES
         self._kernels = _compiled() if big and "maxmin" in _compiled() else {}
         if self._dominated is not None and "components" in self._kernels:
@@ -832,16 +832,14 @@ class FluidNetwork:
         hops = self._path_store[rows]
         self._dirty[hops[hops >= 0]] = True
 
-    def _merge_scratch(self, n_slots: int) -> tuple[np.ndarray, ...]:
-        """Scratch for the compiled ``merge`` (per-slot count, bytes, weight, first time),
-        at least ``n_slots`` long; the kernel leaves it zero (first: inf) again."""
-        if self._scratch is None or len(self._scratch[0]) < n_slots:
-            self._scratch = (
-                np.zeros(n_slots, dtype=np.int64),
-                np.zeros(n_slots),
-                np.zeros(n_slots),
-                np.full(n_slots, np.inf),
-            )
+    def _merge_scratch(self, n_slots: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scratch for the compiled ``merge``: per slot (count, bytes, weight, first time)
+        and a touched byte, at least ``n_slots`` rows; the kernel leaves it zero (first:
+        inf) again."""
+        if self._scratch is None or len(self._scratch[1]) < n_slots:
+            acc = np.zeros((n_slots, 4))
+            acc[:, 3] = np.inf
+            self._scratch = (acc, np.zeros(n_slots, dtype=np.uint8))
         return self._scratch
 
     def _reserve(self, rows: int, width: int, solve_width: int = 0) -> None:
