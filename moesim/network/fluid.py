@@ -982,6 +982,8 @@ class FluidNetwork:
             self._arrive(blk.groups[gidx], np.repeat(at_s, lens))
             return
         done = kernel(blk.group_ptr, blk.groups, slots, at_s, self._group_left, self._group_at)
+        if len(done) > 1:
+            done.sort()  # ascending: the order their events are scheduled in
         for gid in done.tolist():
             self._succeed_at(gid)
 
