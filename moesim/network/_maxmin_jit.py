@@ -231,11 +231,18 @@ def due_rows(
     now: float,
     tolerance: float,
     elapsed: float,
+    paths: np.ndarray,
+    waited: np.ndarray,
+    link_flows: np.ndarray,
+    dirty: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
-    """First advance every live flow by ``rate x elapsed`` (in place); then the live flows
-    inside their completion window (``FluidNetwork._window``) and the delay until each is
-    delivered: its finish at the current rate plus its path latency."""
+    """First advance every live flow by ``rate x elapsed`` (in place); then retire the live
+    flows inside their completion window (``FluidNetwork._window``): their rows and the
+    delay until each is delivered (its finish at the current rate plus its path latency);
+    each retired row is left dead (not alive, remaining inf, rate and wait 0), off its links'
+    flow counts, and its links marked ``dirty``."""
     n = remaining.shape[0]
+    width = paths.shape[1]
     idx = np.empty(n, np.int64)
     delay = np.empty(n)
     k = 0
@@ -253,6 +260,16 @@ def due_rows(
             finish = remaining[f] / r if r > 0 else 0.0
             delay[k] = latency[f] + max(finish, 0.0)
             k += 1
+            alive[f] = False
+            remaining[f] = np.inf
+            rate[f] = 0.0
+            waited[f] = 0.0
+            for h in range(width):
+                link = paths[f, h]
+                if link < 0:
+                    break
+                link_flows[link] -= 1
+                dirty[link] = True
     return idx[:k], delay[:k]
 
 

@@ -78,7 +78,7 @@ def warm_up() -> None:
     k["maxmin"](paths, one, one, 1e-3, np.zeros(1, dtype=np.bool_), yes)
     ptr, flows = k["csr"](paths, 1, yes)
     k["components"](paths, one, one, 1e-3, yes, ptr, flows, yes.copy(), np.zeros(1))
-    k["due_rows"](one, one, one, one, one, yes, 0.0, 1e-3, 0.0)
+    k["due_rows"](one, one, one, one, one, yes, 0.0, 1e-3, 0.0, paths, one, idx.copy(), yes.copy())
     k["deliver"](np.array([0, 1]), idx, idx, one, np.ones(1, dtype=np.int64), np.zeros(1))
     k["next_finish"](one, one, yes)
     k["link_loads"](paths, one, 1)
@@ -907,7 +907,7 @@ class FluidNetwork:
         if not self._n_alive:
             return False
         kernels = self._kernels
-        if "due_rows" in kernels:
+        if "due_rows" in kernels:  # retires the rows too (see due_rows)
             idx, delay = kernels["due_rows"](
                 self._remaining,
                 self._rate,
@@ -918,6 +918,10 @@ class FluidNetwork:
                 self.env.now,
                 self.tolerance,
                 elapsed,
+                self._paths,
+                self._waited,
+                self._link_flows,
+                self._dirty,  # (a dominated link marked too: it is in no solve path)
             )
             if not len(idx):
                 return False
@@ -928,6 +932,13 @@ class FluidNetwork:
             idx = np.flatnonzero(done)
             rate = np.where(self._rate[idx] > 0, self._rate[idx], np.inf)
             delay = self._latency[idx] + np.maximum(self._remaining[idx] / rate, 0.0)
+            hops = self._paths[idx]
+            hops = hops[hops >= 0]
+            self._dirty[hops] = True
+            self._link_flows -= np.bincount(hops, minlength=len(self._link_flows))
+            # retired rows stay (dead) until they are half of the table, then compacted
+            self._alive[idx] = False
+            self._remaining[idx], self._rate[idx], self._waited[idx] = np.inf, 0.0, 0.0
         blk_ids, locs = self._blk[idx], self._loc[idx]
         lo, hi = int(blk_ids.min()), int(blk_ids.max())
         for b in [lo] if lo == hi else np.unique(blk_ids).tolist():
@@ -935,13 +946,6 @@ class FluidNetwork:
             s = locs[sel]
             self._blocks[b].pos[s] = -1
             self._deliver(b, s, self.env.now + delay[sel])
-        hops = self._paths[idx]
-        hops = hops[hops >= 0]
-        self._dirty[hops] = True  # (a dominated link marked too: it is in no solve path)
-        self._link_flows -= np.bincount(hops, minlength=len(self._link_flows))
-        # retired rows stay (dead) until they are half of the table, then it is compacted
-        self._alive[idx] = False
-        self._remaining[idx], self._rate[idx], self._waited[idx] = np.inf, 0.0, 0.0
         self._n_alive -= len(idx)
         if self._n - self._n_alive > max(256, self._n // 2):
             self._compact()
