@@ -1,7 +1,5 @@
 """``python -m moesim`` is the ``moesim`` command."""
 
-import sys
+from moesim.cli import run_as_program
 
-from moesim.cli import main
-
-sys.exit(main())
+run_as_program()

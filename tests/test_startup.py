@@ -38,3 +38,28 @@ def test_a_run_without_tables_imports_no_table_or_graph_library():
         " '--set', 'model.n_layers=1'])\n"
     )
     assert _heavy_imported_after(code) == {"numpy", "pydantic", "yaml"}
+
+
+def test_the_program_flushes_its_output_and_exit_code_before_its_fast_exit(tmp_path):
+    """``python -m moesim`` ends with ``os._exit`` after the command (no interpreter
+    teardown): what it printed and wrote is complete, and its exit codes are main's."""
+    import json
+
+    run = subprocess.run(
+        [sys.executable, "-m", "moesim", "run", "--json", "--set", "model.n_layers=1",
+         "scenarios/mixtral-8x7b-8xh100-decode.yaml", "--out", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    summary, _ = json.JSONDecoder().raw_decode(run.stdout)  # then the "wrote" line
+    assert summary["scenario"] == "mixtral-8x7b-8xh100-decode" and "wrote" in run.stdout
+    assert json.loads((tmp_path / "summary.json").read_text())["step_time_s"] > 0
+    bad = subprocess.run(
+        [sys.executable, "-m", "moesim", "run", "missing.yaml"],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ")
+    usage = subprocess.run(
+        [sys.executable, "-m", "moesim"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert usage.returncode == 2 and "COMMAND" in usage.stderr

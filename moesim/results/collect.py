@@ -540,116 +540,97 @@ def write_outputs(result: Result, out_dir: str | Path) -> Path:
     return out
 
 
-def _reprs(values: np.ndarray, conv: Callable[[Any], str]) -> list[str]:
-    """``[conv(v) for v in values.tolist()]``, converting each distinct value once (the
-    trace repeats its timestamps: many links start and end at the same instants). Values
-    are told apart by their bits, so -0.0 and 0.0 keep their own strings."""
+def _reprs(values: np.ndarray) -> list[str]:
+    """``[repr(v) for v in values.tolist()]``, converting each distinct value once (the
+    trace repeats its timestamps: many links start and end at the same instants), all of
+    them in one ``repr`` of their list (C speed, the same strings). Values are told apart by
+    their bits, so -0.0 and 0.0 keep their own strings."""
     if len(values) == 0:
         return []
     bits = values.view(np.int64) if values.dtype == np.float64 else values
     _, first, inverse = np.unique(bits, return_index=True, return_inverse=True)
-    strings = np.array([conv(v) for v in values[first].tolist()] + [""], dtype=object)[:-1]
-    return strings[inverse.reshape(-1)].tolist()
+    strings = np.array([*repr(values[first].tolist())[1:-1].split(", "), ""], dtype=object)
+    return strings[:-1][inverse.reshape(-1)].tolist()
 
 
-def _ints(values: list, offset: int = 0) -> list[str]:
-    """The strings of ``offset + int(v)`` for ``v`` in ``values``."""
-    return _reprs(np.array(values, dtype=np.int64) + offset, int.__repr__)
-
-
-def _trace_lines(*columns: list[str] | str) -> str:
-    """The lines ``"".join(parts)`` of the rows of ``columns`` (a str: the same in every
-    row), joined by ``", "``: interleaved by slicing and joined once, no Python loop per
-    row."""
-    n = next((len(c) for c in columns if not isinstance(c, str)), 0)
+def _interval_lines(
+    rows: list[tuple], start_end: tuple[int, int], heads: list[str], tails: list[str] | str
+) -> str:
+    """The trace events of ``rows`` (tuples holding a start and an end in seconds at
+    ``start_end``) joined by ``", "``: each ``head + ts + ', "dur": ' + dur + tail``, with
+    ``ts`` the start and ``dur`` the duration in microseconds as ``float.__repr__`` writes
+    them. ``tails`` (a list, or one string for every row) each end with the ``", "`` to the
+    next row, cut from the last. Put together by slicing and joined once: no Python loop
+    per row."""
+    n = len(rows)
     if n == 0:
         return ""
-    k = len(columns)
-    pieces: list[str] = [""] * (k * n + 1)
-    for i, column in enumerate(columns):
-        pieces[i : k * n : k] = [column] * n if isinstance(column, str) else column
-    pieces[k : k * n : k] = [", " + p for p in pieces[k : k * n : k]]  # between rows
+    start = np.array(list(map(itemgetter(start_end[0]), rows)), dtype=np.float64)
+    end = np.array(list(map(itemgetter(start_end[1]), rows)), dtype=np.float64)
+    pieces: list[str] = [""] * (5 * n)
+    pieces[0::5] = heads
+    pieces[1::5] = _reprs(start * 1e6)
+    pieces[2::5] = [', "dur": '] * n
+    pieces[3::5] = _reprs((end - start) * 1e6)
+    pieces[4::5] = [tails] * n if isinstance(tails, str) else tails
+    pieces[-1] = pieces[-1][:-2]
     return "".join(pieces)
 
 
-def _timeline(
-    rows: list[tuple], start_end: tuple[int, int]
-) -> tuple[list[list], list[str], list[str]]:
-    """The columns of ``rows`` (tuples), and the strings of their trace times: the start and
-    the duration in microseconds, as ``float.__repr__`` writes them (same arithmetic)."""
-    cols = [list(map(itemgetter(i), rows)) for i in range(len(rows[0]))]
-    start = np.array(cols[start_end[0]], dtype=np.float64)
-    end = np.array(cols[start_end[1]], dtype=np.float64)
-    return cols, _reprs(start * 1e6, float.__repr__), _reprs((end - start) * 1e6, float.__repr__)
+def _lookup(table: dict, keys: list) -> list:
+    """``[table[k] for k in keys]``, at C speed."""
+    return list(map(table.__getitem__, keys))
+
+
+def _slice_lines(slices: list[tuple], tid_offset: int, name_cat: Callable[[str], str]) -> str:
+    """The ``X`` events of device (or PIM unit) slices ``(device, phase, start, end, layer)``
+    on tracks ``tid_offset + device``; ``name_cat(phase)`` is the event's ``"name": ...,
+    "cat": ...``. A row's text before its start depends on (device, phase) alone and after
+    its duration on the layer alone: each is formatted once per distinct value."""
+    if not slices:
+        return ""
+    pairs = list(map(itemgetter(0, 1), slices))
+    layer = list(map(itemgetter(4), slices))
+    heads = {
+        (g, p): f'{{"ph": "X", "pid": 1, "tid": {int(g) + tid_offset}, {name_cat(p)}, "ts": '
+        for g, p in set(pairs)
+    }
+    tails = {k: f', "args": {{"layer": {int(k)}}}}}, ' for k in set(layer)}
+    return _interval_lines(slices, (2, 3), _lookup(heads, pairs), _lookup(tails, layer))
+
+
+def _phase_name_cat(phase: str) -> str:
+    cat = "compute" if phase in COMPUTE_PHASES else "wait"
+    return f'"name": {json.dumps(phase)}, "cat": "{cat}"'
+
+
+def _pim_name_cat(phase: str) -> str:
+    return f'"name": {json.dumps(f"pim_{phase}")}, "cat": "pim"'
 
 
 def write_trace(
     path: str | Path, result: Result, link_names: list[str], device_names: list[str]
 ) -> None:
     """Write ``json.dumps(chrome_trace(...))`` to ``path``, the same bytes, with the slices
-    formatted column by column rather than built as dicts first (numbers converted once per
-    distinct value, rows put together by slicing: several times faster on hundreds of
-    thousands of slices)."""
+    formatted column by column rather than built as dicts first (the text around each
+    number formatted once per distinct value, times once per distinct value, rows put
+    together by slicing: several times faster on hundreds of thousands of slices)."""
     n = len(device_names)
     parts = [", ".join(json.dumps(e) for e in _trace_head(result, link_names, device_names))]
-    if result.slices:
-        (g, phase, _, _, layer), ts, dur = _timeline(result.slices, (2, 3))
-        names = {
-            p: f'{json.dumps(p)}, "cat": "{"compute" if p in COMPUTE_PHASES else "wait"}"'
-            for p in set(phase)
-        }
-        parts.append(
-            _trace_lines(
-                '{"ph": "X", "pid": 1, "tid": ',
-                _ints(g),
-                ', "name": ',
-                [names[p] for p in phase],
-                ', "ts": ',
-                ts,
-                ', "dur": ',
-                dur,
-                ', "args": {"layer": ',
-                _ints(layer),
-                "}}",
-            )
-        )
+    parts.append(_slice_lines(result.slices, 0, _phase_name_cat))
     for g in sorted({g for g, *_ in result.pim_slices}):
         name = {"name": f"{device_names[g]}.pim"}
         parts.append(
             json.dumps({"ph": "M", "pid": 1, "tid": n + g, "name": "thread_name", "args": name})
         )
-    if result.pim_slices:
-        (g, phase, _, _, layer), ts, dur = _timeline(result.pim_slices, (2, 3))
-        names = {p: json.dumps(f"pim_{p}") for p in set(phase)}
-        parts.append(
-            _trace_lines(
-                '{"ph": "X", "pid": 1, "tid": ',
-                _ints(g, n),
-                ', "name": ',
-                [names[p] for p in phase],
-                ', "cat": "pim", "ts": ',
-                ts,
-                ', "dur": ',
-                dur,
-                ', "args": {"layer": ',
-                _ints(layer),
-                "}}",
-            )
-        )
+    parts.append(_slice_lines(result.pim_slices, n, _pim_name_cat))
     busy = [iv for iv in result.link_intervals if iv[2] > iv[1]]
-    if busy:
-        (lid, _, _), ts, dur = _timeline(busy, (1, 2))
-        parts.append(
-            _trace_lines(
-                '{"ph": "X", "pid": 2, "tid": ',
-                _ints(lid),
-                ', "name": "busy", "cat": "link", "ts": ',
-                ts,
-                ', "dur": ',
-                dur,
-                "}",
-            )
-        )
+    lid = list(map(itemgetter(0), busy))
+    heads = {
+        k: f'{{"ph": "X", "pid": 2, "tid": {int(k)}, "name": "busy", "cat": "link", "ts": '
+        for k in set(lid)
+    }
+    parts.append(_interval_lines(busy, (1, 2), _lookup(heads, lid), "}, "))
     with open(path, "w") as fh:
         fh.write('{"traceEvents": [')
         fh.write(", ".join(p for p in parts if p))
