@@ -725,3 +725,34 @@ def test_compiled_contribution_sums_equal_the_bincounts(monkeypatch):
     assert np.array_equal(
         pat.link_bytes(nbytes, topo.n_links), pat.link_bytes(nbytes, topo.n_links, compiled[2])
     )
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_late_zero_byte_sender_holds_its_receiver_one_latency(compiled):
+    """Two senders into one slot of one link (1 GB/s, 1 us latency): A sends 1 MB at 0, B a
+    zero-byte contribution at ``t``. The receiver completes at the later of A's last byte
+    (1 ms + 1 us) and B's sending time plus the latency, from counting B off alone."""
+    from moesim.network.fluid import FluidNetwork
+
+    topo = _topology(nodes=2, per_node=8, inter_node="rail_optimized")
+    for t_b, want in [(0.5e-3, 1e-3 + 1e-6), (3e-3, 3e-3 + 1e-6)]:
+        env = simpy.Environment()
+        net = FluidNetwork(env, topo, 1e-9, record_intervals=False)
+        if not compiled:
+            net._kernels = {}
+        net.capacity = np.full(topo.n_links, 1e9)
+        gid, done = net.group(1)
+        block = net.add_block(
+            np.array([[0]]), np.array([1e-6]), np.array([0, 1]), np.array([gid]), np.array([2])
+        )
+        net.contribute(block, np.array([0]), np.array([1e6]), np.array([1.0]))
+
+        def late(env, block=block, t_b=t_b):
+            yield env.timeout(t_b)
+            net.contribute_empty(block, np.array([0]))
+
+        at = []
+        done.callbacks.append(lambda _e, env=env: at.append(env.now))
+        env.process(late(env))
+        env.run()
+        assert at == [pytest.approx(want, rel=1e-9)]

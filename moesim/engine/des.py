@@ -23,7 +23,7 @@ from tqdm import tqdm
 from moesim.engine.inputs import step_inputs
 from moesim.engine.recorder import CountingEnvironment, Recorder
 from moesim.network import FluidNetwork, Topology
-from moesim.network.aggregate import FlowPattern, PatternCache
+from moesim.network.aggregate import PatternCache
 from moesim.network.fluid import LinkStats
 from moesim.plan.graph import (
     COLLECTIVE,
@@ -38,16 +38,19 @@ from moesim.plan.types import WorkloadPlan
 
 @dataclass
 class _Prepared:
-    """A collective node mapped onto flows: its pattern, network block, bytes and max-min
-    weight per contribution; for a barrier collective, the members still to join per
-    group and the devices held until their group is complete."""
+    """A collective node mapped onto flows: its network block and, per sender, its
+    contributions with bytes (slot, bytes, max-min weight) and its zero-byte ones (slot);
+    for a barrier collective, the members still to join per group and the devices held
+    until their group is complete."""
 
-    pattern: FlowPattern
     block: int
+    slot: np.ndarray  # contributions with bytes, by sender
     nbytes: np.ndarray
     weight: np.ndarray  # max-min weight per contribution: its pairs that carry bytes
+    empty_slot: np.ndarray  # zero-byte contributions, by sender
     senders_left: int
-    offsets: list[int] = field(default_factory=list)  # pattern.contrib_offsets, as ints
+    offsets: list[int] = field(default_factory=list)  # sender g: slot[offsets[g]:...]
+    empty_offsets: list[int] = field(default_factory=list)
     members: np.ndarray | None = None
     left: np.ndarray | None = None
     held: dict[int, list[int]] = field(default_factory=dict)
@@ -340,11 +343,13 @@ class Engine:
                 self._contribute(prep, h)
 
     def _contribute(self, prep: _Prepared, g: int) -> None:
+        net, block = self.net, prep.block
         lo, hi = prep.offsets[g], prep.offsets[g + 1]
         if hi > lo:
-            self.net.contribute(
-                prep.block, prep.pattern.contrib_slot[lo:hi], prep.nbytes[lo:hi], prep.weight[lo:hi]
-            )
+            net.contribute(block, prep.slot[lo:hi], prep.nbytes[lo:hi], prep.weight[lo:hi])
+        lo, hi = prep.empty_offsets[g], prep.empty_offsets[g + 1]
+        if hi > lo:
+            net.contribute_empty(block, prep.empty_slot[lo:hi])
 
     def _prepare(self, node: Node) -> list[simpy.Event]:
         """Map a collective onto flows once (routing cached across layers), register one
@@ -369,13 +374,17 @@ class Engine:
             floor_s,
             link_bytes,
         )
+        full = nbytes > 0  # the others carry nothing: counted off, never admitted
+        ahead = np.concatenate([[0], np.cumsum(full)])[pat.contrib_offsets]
         prep = _Prepared(
-            pattern=pat,
             block=block,
-            nbytes=nbytes,
-            weight=weight,
+            slot=pat.contrib_slot[full],
+            nbytes=nbytes[full],
+            weight=weight[full],
+            empty_slot=pat.contrib_slot[~full],
             senders_left=n if node.devices is None else int(np.count_nonzero(node.devices)),
-            offsets=pat.contrib_offsets.tolist(),
+            offsets=ahead.tolist(),
+            empty_offsets=(pat.contrib_offsets - ahead).tolist(),
         )
         if traffic.barrier and traffic.members is not None:
             prep.members = traffic.members

@@ -413,3 +413,21 @@ def contribution_sums(
         out_weight[c] += 1.0 if b > 0 else 0.0
         per_slot[entry_slot[i]] += b
     return out_bytes, out_weight, per_slot
+
+
+@njit(cache=True)
+def count_off(
+    contributors_left: np.ndarray, pos: np.ndarray, slots: np.ndarray
+) -> np.ndarray:  # pragma: no cover - compiled
+    """One contribution counted off each of ``slots`` (distinct); the slots this leaves
+    with no contributor to come and no flow in the network (``pos`` < 0), ascending as
+    given."""
+    final = np.empty(slots.shape[0], np.int64)
+    k = 0
+    for i in range(slots.shape[0]):
+        s = slots[i]
+        contributors_left[s] -= 1
+        if contributors_left[s] == 0 and pos[s] < 0:
+            final[k] = s
+            k += 1
+    return final[:k]

@@ -43,6 +43,7 @@ def _compiled():
             merge=jit.merge_contributions,
             next_finish=jit.next_finish_s,
             sums=jit.contribution_sums,
+            count_off=jit.count_off,
         )
     return _KERNELS
 
@@ -85,6 +86,7 @@ def warm_up() -> None:
     acc, mark = np.array([[0.0, 0.0, 0.0, np.inf]]), np.zeros(1, dtype=np.uint8)
     k["merge"](idx, one, one, one, np.ones(1, dtype=np.int64), acc, mark)
     k["sums"](idx, idx, idx, one, 1, 1)
+    k["count_off"](np.ones(1, dtype=np.int64), np.full(1, -1, dtype=np.int64), idx)
 
 
 def compiled_kernel():
@@ -655,6 +657,28 @@ class FluidNetwork:
         # bring the next cycle forward only if it would otherwise come after the admission
         if self._admit_at < self._wake_at:
             self._wake_in(self._admit_at - self.env.now)
+
+    def contribute_empty(self, block: int, slots: np.ndarray) -> None:
+        """One sender's zero-byte contributions to ``slots`` of ``block`` (each slot once):
+        nothing to send or admit, so they are counted off at once; a slot this makes final
+        whose flow has drained (or never started) is delivered one path latency from now,
+        as a zero-byte contribution admitted now would be."""
+        if len(slots) == 0:
+            return
+        blk = self._blocks[block]
+        now = self.env.now
+        blk.start_s = min(blk.start_s, now)
+        blk.contributions_left -= len(slots)
+        blk.open = blk.contributions_left > 0
+        kernel = self._kernels.get("count_off")
+        if kernel is not None:
+            final = kernel(blk.contributors_left, blk.pos, slots)
+        else:
+            left = blk.contributors_left
+            left[slots] -= 1
+            final = slots[(left[slots] == 0) & (blk.pos[slots] < 0)]
+        if len(final):
+            self._deliver(block, final, now + blk.latency_s[final])
 
     def send(
         self,
