@@ -747,12 +747,12 @@ def test_a_late_zero_byte_sender_holds_its_receiver_one_latency(compiled):
         )
         net.contribute(block, np.array([0]), np.array([1e6]), np.array([1.0]))
 
-        def late(env, block=block, t_b=t_b):
+        def late(env, net=net, block=block, t_b=t_b):
             yield env.timeout(t_b)
             net.contribute_empty(block, np.array([0]))
 
-        at = []
-        done.callbacks.append(lambda _e, env=env: at.append(env.now))
+        at: list[float] = []
+        done.callbacks.append(lambda _e, env=env, at=at: at.append(env.now))
         env.process(late(env))
         env.run()
         assert at == [pytest.approx(want, rel=1e-9)]
