@@ -431,3 +431,94 @@ def count_off(
             final[k] = s
             k += 1
     return final[:k]
+
+
+@njit(cache=True)
+def network_cycle(
+    remaining: np.ndarray,
+    rate: np.ndarray,
+    start: np.ndarray,
+    latency: np.ndarray,
+    floor: np.ndarray,
+    alive: np.ndarray,
+    waited: np.ndarray,
+    weight: np.ndarray,
+    paths: np.ndarray,
+    solve_paths: np.ndarray,
+    ptr: np.ndarray,
+    flows_by_link: np.ndarray,
+    capacity: np.ndarray,
+    link_flows: np.ndarray,
+    dirty: np.ndarray,
+    link_active: np.ndarray,
+    link_since: np.ndarray,
+    busy_s: np.ndarray,
+    now: float,
+    tolerance: float,
+    elapsed: float,
+    admitted: bool,
+) -> tuple[
+    np.ndarray, np.ndarray, bool, np.ndarray, np.ndarray, np.ndarray, np.ndarray, float
+]:  # pragma: no cover - compiled
+    """One cycle of ``FluidNetwork`` after its admissions, in one call: advance and retire
+    (:func:`due_rows`); if a flow retired or ``admitted``, re-solve the rates
+    (:func:`maxmin_components`, building the flows-by-link index first where ``ptr`` is
+    empty) and end and start the links' busy intervals (a link is busy while a live flow
+    crosses it: ``busy_s`` gains ``now - link_since`` at the end of each); after an
+    admission, credit the late-admitted flows (``FluidNetwork._backdate``); then the
+    seconds to the next finish among the live flows (inf if none).
+
+    Returns the retired rows and their delivery delays, whether it solved, the index it
+    solved with (``ptr``, ``flows_by_link``), the links whose busy interval ended with the
+    start of each, and the seconds to the next finish."""
+    idx, delay = due_rows(
+        remaining, rate, start, latency, floor, alive, now, tolerance, elapsed, paths,
+        waited, link_flows, dirty,
+    )  # fmt: skip
+    n_links = capacity.shape[0]
+    n = remaining.shape[0]
+    solved = idx.shape[0] > 0 or admitted
+    ended = np.empty(0, np.int64)
+    ended_since = np.empty(0)
+    if solved:
+        any_alive = False
+        for f in range(n):
+            if alive[f]:
+                any_alive = True
+                break
+        if any_alive:
+            if ptr.shape[0] == 0:
+                ptr, flows_by_link = build_csr(solve_paths, n_links, alive)
+            maxmin_components(
+                solve_paths, capacity, weight, tolerance, alive, ptr, flows_by_link, dirty, rate
+            )
+        n_ended = 0
+        for link in range(n_links):
+            if link_active[link] and link_flows[link] <= 0:
+                n_ended += 1
+        ended = np.empty(n_ended, np.int64)
+        ended_since = np.empty(n_ended)
+        k = 0
+        for link in range(n_links):
+            active = link_flows[link] > 0
+            if link_active[link] and not active:
+                ended[k] = link
+                ended_since[k] = link_since[link]
+                busy_s[link] += now - link_since[link]
+                k += 1
+            elif active and not link_active[link]:
+                link_since[link] = now
+            link_active[link] = active
+        if admitted:
+            for f in range(n):
+                if waited[f] > 0:
+                    left = remaining[f] - rate[f] * waited[f]
+                    remaining[f] = left if left >= 0.0 else 0.0  # as np.maximum
+                waited[f] = 0.0
+    wait = np.inf
+    for f in range(n):
+        if alive[f] and rate[f] > 0:
+            t = remaining[f] / rate[f]
+            if t < wait:
+                wait = t
+    return idx, delay, solved, ptr, flows_by_link, ended, ended_since, wait

@@ -37,11 +37,10 @@ def _compiled():
             maxmin=jit.maxmin_kernel,
             csr=jit.build_csr,
             components=jit.maxmin_components,
-            due_rows=jit.due_rows,
             deliver=jit.deliver,
             link_loads=jit.link_loads,
             merge=jit.merge_contributions,
-            next_finish=jit.next_finish_s,
+            cycle=jit.network_cycle,
             sums=jit.contribution_sums,
             count_off=jit.count_off,
         )
@@ -79,9 +78,13 @@ def warm_up() -> None:
     k["maxmin"](paths, one, one, 1e-3, np.zeros(1, dtype=np.bool_), yes)
     ptr, flows = k["csr"](paths, 1, yes)
     k["components"](paths, one, one, 1e-3, yes, ptr, flows, yes.copy(), np.zeros(1))
-    k["due_rows"](one, one, one, one, one, yes, 0.0, 1e-3, 0.0, paths, one, idx.copy(), yes.copy())
+    none, zero = np.zeros(0, dtype=np.int64), np.zeros(1)
+    k["cycle"](
+        one.copy(), one.copy(), one, one, one, yes.copy(), zero.copy(), one, paths, paths, none,
+        none, one, idx.copy(), yes.copy(), yes.copy(), zero.copy(), zero.copy(), 0.0, 1e-3, 0.0,
+        True,
+    )  # fmt: skip
     k["deliver"](np.array([0, 1]), idx, idx, one, np.ones(1, dtype=np.int64), np.zeros(1))
-    k["next_finish"](one, one, yes)
     k["link_loads"](paths, one, 1)
     acc, mark = np.array([[0.0, 0.0, 0.0, np.inf]]), np.zeros(1, dtype=np.uint8)
     k["merge"](idx, one, one, one, np.ones(1, dtype=np.int64), acc, mark)
@@ -506,7 +509,8 @@ class FluidNetwork:
         # the solver's paths (links that never set a rate left out, Topology.dominated_by)
         # and flows by link, kept until rows are added or moved (retired rows stay in it,
         # skipped as not alive)
-        self._csr: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._csr: tuple[np.ndarray, np.ndarray] | None = None
+        self._no_csr = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
         dominated = topology.dominated_by() >= 0
         self._dominated = dominated if dominated.any() else None
         # the solver's path of each row, kept beside `_path_store` where links are left out
@@ -730,17 +734,64 @@ class FluidNetwork:
         admitted = bool(self._pending) and env.now >= self._admit_at
         if admitted:
             self._admit()
-        if self._retire() or admitted:
-            self._solve()
-            if admitted:
-                self._backdate()
-        wait = self._admit_at - env.now
-        if self._n_alive:
-            wait = min(wait, self._next_finish_s())
+        if "cycle" in self._kernels:
+            finish_s = self._cycle_compiled(admitted)
+        else:
+            if self._retire() or admitted:
+                self._solve()
+                if admitted:
+                    self._backdate()
+            finish_s = self._next_finish_s() if self._n_alive else np.inf
+        wait = min(self._admit_at - env.now, finish_s)
         if np.isfinite(wait):
             self._wake_in(wait)
         else:
             self._wake_at = np.inf  # idle until the next contribution
+
+    def _cycle_compiled(self, admitted: bool) -> float:
+        """Advance, retire, re-solve (if a flow retired or ``admitted``), account the links'
+        busy intervals and backdate the admitted flows in one compiled call
+        (``network_cycle``: what :meth:`_retire`, :meth:`_solve`, :meth:`_backdate` and
+        :meth:`_next_finish_s` do); then deliver the retired slots. Seconds to the next
+        finish."""
+        elapsed, self._unsent_s = self._unsent_s, 0.0
+        n, cols, env = self._n, self._cols, self.env
+        store = self._path_store if self._solve_store is None else self._solve_store
+        solve = store[:n]
+        ptr, flows = self._csr if self._csr is not None else self._no_csr
+        idx, delay, solved, ptr, flows, ended, since, finish_s = self._kernels["cycle"](
+            cols["remaining"][:n],
+            cols["rate"][:n],
+            cols["start"][:n],
+            cols["latency"][:n],
+            cols["floor"][:n],
+            cols["alive"][:n],
+            cols["waited"][:n],
+            cols["weight"][:n],
+            self._path_store[:n],
+            solve,
+            ptr,
+            flows,
+            self.capacity,
+            self._link_flows,
+            self._dirty,
+            self._link_active,
+            self._link_since,
+            self.stats.busy_s,
+            env.now,
+            self.tolerance,
+            elapsed,
+            admitted,
+        )
+        if len(ptr):
+            self._csr = (ptr, flows)
+        if solved:
+            self.solves += 1
+            if self.record_intervals and len(ended):
+                self.stats.intervals.extend(zip(ended.tolist(), since.tolist(), repeat(env.now)))
+        if len(idx):
+            self._finish(idx, delay)
+        return finish_s
 
     def _advance(self) -> None:
         """Bring flows to now: each live flow sends ``rate x elapsed``, here or (compiled) in
@@ -749,8 +800,8 @@ class FluidNetwork:
         now = self.env.now
         elapsed = now - self._last_t
         if elapsed > 0 and self._n_alive:
-            if "due_rows" in self._kernels:
-                self._unsent_s = elapsed  # applied by _retire before anything reads it
+            if "cycle" in self._kernels:
+                self._unsent_s = elapsed  # applied by network_cycle before anything reads it
             else:
                 self._remaining -= self._rate * elapsed
         self._last_t = now
@@ -902,9 +953,6 @@ class FluidNetwork:
 
     def _next_finish_s(self) -> float:
         """Seconds until the first live flow finishes at its current rate."""
-        kernel = self._kernels.get("next_finish")
-        if kernel is not None:
-            return float(kernel(self._remaining, self._rate, self._alive))
         with np.errstate(divide="ignore", invalid="ignore"):
             finish = np.where(self._alive & (self._rate > 0), self._remaining / self._rate, np.inf)
         return float(np.min(finish))
@@ -926,43 +974,28 @@ class FluidNetwork:
     def _retire(self) -> bool:
         """Finish flows that end within their completion window (see :meth:`_window`). A
         finished slot with senders still to come idles; otherwise it is delivered at its own
-        finish time plus path latency."""
-        elapsed, self._unsent_s = self._unsent_s, 0.0
+        finish time plus path latency (numpy; compiled, ``network_cycle`` does this)."""
         if not self._n_alive:
             return False
-        kernels = self._kernels
-        if "due_rows" in kernels:  # retires the rows too (see due_rows)
-            idx, delay = kernels["due_rows"](
-                self._remaining,
-                self._rate,
-                self._start,
-                self._latency,
-                self._floor,
-                self._alive,
-                self.env.now,
-                self.tolerance,
-                elapsed,
-                self._paths,
-                self._waited,
-                self._link_flows,
-                self._dirty,  # (a dominated link marked too: it is in no solve path)
-            )
-            if not len(idx):
-                return False
-        else:
-            done = self._due()
-            if done is None:
-                return False
-            idx = np.flatnonzero(done)
-            rate = np.where(self._rate[idx] > 0, self._rate[idx], np.inf)
-            delay = self._latency[idx] + np.maximum(self._remaining[idx] / rate, 0.0)
-            hops = self._paths[idx]
-            hops = hops[hops >= 0]
-            self._dirty[hops] = True
-            self._link_flows -= np.bincount(hops, minlength=len(self._link_flows))
-            # retired rows stay (dead) until they are half of the table, then compacted
-            self._alive[idx] = False
-            self._remaining[idx], self._rate[idx], self._waited[idx] = np.inf, 0.0, 0.0
+        done = self._due()
+        if done is None:
+            return False
+        idx = np.flatnonzero(done)
+        rate = np.where(self._rate[idx] > 0, self._rate[idx], np.inf)
+        delay = self._latency[idx] + np.maximum(self._remaining[idx] / rate, 0.0)
+        hops = self._paths[idx]
+        hops = hops[hops >= 0]
+        self._dirty[hops] = True
+        self._link_flows -= np.bincount(hops, minlength=len(self._link_flows))
+        # retired rows stay (dead) until they are half of the table, then compacted
+        self._alive[idx] = False
+        self._remaining[idx], self._rate[idx], self._waited[idx] = np.inf, 0.0, 0.0
+        self._finish(idx, delay)
+        return True
+
+    def _finish(self, idx: np.ndarray, delay: np.ndarray) -> None:
+        """Retired rows ``idx`` (already dead): their slots idle or are delivered ``delay``
+        from now (see :meth:`_deliver`); the table is compacted once half of it is dead."""
         blk_ids, locs = self._blk[idx], self._loc[idx]
         lo, hi = int(blk_ids.min()), int(blk_ids.max())
         for b in [lo] if lo == hi else np.unique(blk_ids).tolist():
@@ -973,7 +1006,6 @@ class FluidNetwork:
         self._n_alive -= len(idx)
         if self._n - self._n_alive > max(256, self._n // 2):
             self._compact()
-        return True
 
     def _compact(self) -> None:
         """Drop retired rows and renumber the positions of the flows that stay."""
@@ -1038,30 +1070,10 @@ class FluidNetwork:
             self._succeed_at(gid)
 
     def _solve(self) -> None:
+        """Re-solve the rates of the live flows (numpy or plain Python; compiled,
+        ``network_cycle`` does this) and end and start the links' busy intervals."""
         self.solves += 1
-        kernels = self._kernels
-        if self._n_alive and "components" in kernels:
-            n_links = self.topology.n_links
-            if self._csr is None:
-                solve = self._paths
-                if self._solve_store is not None:  # rows already less the dominated links
-                    solve = self._solve_store[: self._n]
-                # retired rows stay where they are (compaction keeps the rows' order, so
-                # leaving them out of the index gives the same rates as dropping them)
-                self._csr = (solve, *kernels["csr"](solve, n_links, self._alive))
-            solve, ptr, flows = self._csr
-            kernels["components"](
-                solve,
-                self.capacity,
-                self._weight,
-                self.tolerance,
-                self._alive,
-                ptr,
-                flows,
-                self._dirty,
-                self._rate,  # a view of the column: updated in place
-            )
-        elif self._n_alive and self._n_alive * self._path_store.shape[1] <= SMALL_MAX_HOPS:
+        if self._n_alive and self._n_alive * self._path_store.shape[1] <= SMALL_MAX_HOPS:
             live = np.flatnonzero(self._alive)
             rows = [[link for link in row if link >= 0] for row in self._paths[live].tolist()]
             if self._capacity_list is None:
@@ -1077,7 +1089,7 @@ class FluidNetwork:
                 self.capacity,
                 self._weight,
                 self.tolerance,
-                compiled=bool(self._kernels),
+                compiled=False,
                 alive=self._alive,
             )[0]
         active = self._link_flows > 0
