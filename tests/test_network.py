@@ -499,7 +499,7 @@ def test_small_network_solver_changes_no_result(monkeypatch):
     assert fast.devices.equals(ref.devices) and fast.links.equals(ref.links)
 
 
-def _staggered_arrivals(drop_merge: bool, stagger_s: float) -> np.ndarray:
+def _staggered_arrivals(drop_admit: bool, stagger_s: float) -> np.ndarray:
     """Arrival times of a node-aggregated all-to-all over 16 devices whose senders start
     ``stagger_s`` apart (so merged slots have several senders and different first times)."""
     import simpy
@@ -514,8 +514,8 @@ def _staggered_arrivals(drop_merge: bool, stagger_s: float) -> np.ndarray:
     env = simpy.Environment()
     net = FluidNetwork(env, topo, 1e-2, record_intervals=False)
     assert net.kernels == "compiled"
-    if drop_merge:
-        net._kernels = {k: v for k, v in net._kernels.items() if k != "merge"}
+    if drop_admit:  # admissions in numpy, the rest compiled
+        net._kernels = {k: v for k, v in net._kernels.items() if k != "admit"}
     pat = flow_pattern(topo, src, dst, "node")
     n = topo.n_devices
     inbound = np.bincount(pat.receivers, minlength=n)
@@ -543,12 +543,13 @@ def _staggered_arrivals(drop_merge: bool, stagger_s: float) -> np.ndarray:
 
 @pytest.mark.parametrize("stagger_s", [0.0, 3e-7, 2e-5])
 def test_compiled_merge_of_senders_gives_the_numpy_arrival_times(stagger_s):
-    """Contributions of several senders admitted together are summed per slot by a compiled
-    kernel over the entries; the numpy bincounts over the block's slots give the same
-    arrival times, bit for bit (simultaneous, nearly simultaneous and spread senders)."""
+    """Contributions of several senders admitted together are summed per slot and turned
+    into flows by a compiled kernel (``admit_block``); the numpy bincounts over the block's
+    slots give the same arrival times, bit for bit (simultaneous, nearly simultaneous and
+    spread senders)."""
     from moesim.network import fluid
 
-    if "merge" not in fluid._compiled():
+    if "admit" not in fluid._compiled():
         pytest.skip("numba not installed")
     compiled = _staggered_arrivals(False, stagger_s)
     assert np.all(compiled > 0)

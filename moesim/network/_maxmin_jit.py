@@ -522,3 +522,108 @@ def network_cycle(
             if t < wait:
                 wait = t
     return idx, delay, solved, ptr, flows_by_link, ended, ended_since, wait
+
+
+@njit(cache=True)
+def admit_block(
+    slot_buf: np.ndarray,
+    bytes_buf: np.ndarray,
+    weight_buf: np.ndarray,
+    time_buf: np.ndarray,
+    m: int,
+    single: bool,
+    contributors_left: np.ndarray,
+    pos: np.ndarray,
+    acc: np.ndarray,
+    mark: np.ndarray,
+    paths: np.ndarray,
+    solve_paths: np.ndarray,
+    latency_s: np.ndarray,
+    start_s: float,
+    floor_s: float,
+    block: int,
+    now: float,
+    remaining: np.ndarray,
+    rate: np.ndarray,
+    weight: np.ndarray,
+    start: np.ndarray,
+    latency: np.ndarray,
+    floor: np.ndarray,
+    waited: np.ndarray,
+    alive: np.ndarray,
+    blk: np.ndarray,
+    loc: np.ndarray,
+    path_store: np.ndarray,
+    solve_store: np.ndarray,
+    row0: int,
+    dirty: np.ndarray,
+    link_flows: np.ndarray,
+) -> tuple[int, np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """``FluidNetwork._admit`` for one block's ``m`` pending entries (slot, bytes, weight,
+    sending time): summed per slot (:func:`merge_contributions`) unless they come from a
+    ``single`` sender (distinct slots, kept in order); a busy slot's flow grows (its links
+    marked ``dirty``); an idle slot with bytes starts a flow in a new row from ``row0`` (the
+    columns hold room for ``m`` more rows); an idle slot with none is returned, with the
+    time it is delivered (its first sending plus path latency). Returns the rows added and
+    those slots and times."""
+    if single:
+        slots = slot_buf[:m].copy()
+        nbytes = bytes_buf[:m]
+        wsum = weight_buf[:m]
+        sent = time_buf[:m]
+        for i in range(m):
+            contributors_left[slots[i]] -= 1
+    else:
+        slots, nbytes, wsum, sent = merge_contributions(
+            slot_buf[:m], bytes_buf[:m], weight_buf[:m], time_buf[:m], contributors_left, acc,
+            mark,
+        )  # fmt: skip
+    k = slots.shape[0]
+    width, store_width = paths.shape[1], path_store.shape[1]
+    solve_width, solve_store_width = solve_paths.shape[1], solve_store.shape[1]
+    empty = np.empty(k, np.int64)
+    empty_at = np.empty(k)
+    n_empty = 0
+    row = row0
+    for i in range(k):
+        s = slots[i]
+        p = pos[s]
+        if p >= 0:
+            remaining[p] += nbytes[i]
+            weight[p] += wsum[i]
+            for h in range(store_width):
+                link = path_store[p, h]
+                if link < 0:
+                    break
+                dirty[link] = True
+        elif nbytes[i] <= 0:
+            empty[n_empty] = s
+            empty_at[n_empty] = sent[i] + latency_s[s]
+            n_empty += 1
+        else:
+            for h in range(width):
+                link = paths[s, h]
+                path_store[row, h] = link
+                if link >= 0:
+                    dirty[link] = True
+                    link_flows[link] += 1
+            for h in range(width, store_width):
+                path_store[row, h] = -1
+            if solve_store_width:
+                for h in range(solve_width):
+                    solve_store[row, h] = solve_paths[s, h]
+                for h in range(solve_width, solve_store_width):
+                    solve_store[row, h] = -1
+            blk[row] = block
+            loc[row] = s
+            remaining[row] = nbytes[i]
+            weight[row] = wsum[i]
+            latency[row] = latency_s[s]
+            start[row] = start_s
+            floor[row] = floor_s
+            rate[row] = 0.0
+            waited[row] = now - sent[i]
+            alive[row] = True
+            pos[s] = row
+            row += 1
+    return row - row0, empty[:n_empty], empty_at[:n_empty]

@@ -41,6 +41,7 @@ def _compiled():
             link_loads=jit.link_loads,
             merge=jit.merge_contributions,
             cycle=jit.network_cycle,
+            admit=jit.admit_block,
             sums=jit.contribution_sums,
             count_off=jit.count_off,
         )
@@ -79,14 +80,22 @@ def warm_up() -> None:
     ptr, flows = k["csr"](paths, 1, yes)
     k["components"](paths, one, one, 1e-3, yes, ptr, flows, yes.copy(), np.zeros(1))
     none, zero = np.zeros(0, dtype=np.int64), np.zeros(1)
+    acc, mark = np.array([[0.0, 0.0, 0.0, np.inf]]), np.zeros(1, dtype=np.uint8)
     k["cycle"](
         one.copy(), one.copy(), one, one, one, yes.copy(), zero.copy(), one, paths, paths, none,
         none, one, idx.copy(), yes.copy(), yes.copy(), zero.copy(), zero.copy(), 0.0, 1e-3, 0.0,
         True,
     )  # fmt: skip
+    cols, fixed = [np.zeros(2) for _ in range(7)], _frozen(paths)
+    store = np.full((2, 1), -1, dtype=np.int64)
+    k["admit"](
+        idx.copy(), one, one, zero, 1, True, np.ones(1, dtype=np.int64), np.full(1, -1),
+        acc, mark, fixed, fixed, one, 0.0, 0.0, 0, 0.0, *cols, np.zeros(2, dtype=np.bool_),
+        np.zeros(2, dtype=np.int64), np.zeros(2, dtype=np.int64), store, store.copy(), 0,
+        yes.copy(), idx.copy(),
+    )  # fmt: skip
     k["deliver"](np.array([0, 1]), idx, idx, one, np.ones(1, dtype=np.int64), np.zeros(1))
     k["link_loads"](paths, one, 1)
-    acc, mark = np.array([[0.0, 0.0, 0.0, np.inf]]), np.zeros(1, dtype=np.uint8)
     k["merge"](idx, one, one, one, np.ones(1, dtype=np.int64), acc, mark)
     k["sums"](idx, idx, idx, one, 1, 1)
     k["count_off"](np.ones(1, dtype=np.int64), np.full(1, -1, dtype=np.int64), idx)
@@ -419,6 +428,16 @@ class _Column:
         net._cols[self.key][: net._n] = value
 
 
+def _frozen(a: np.ndarray) -> np.ndarray:
+    """``a`` as a read-only C-contiguous int64 array (one type for the compiled kernels,
+    which compile once per argument type)."""
+    a = np.ascontiguousarray(a, dtype=np.int64)
+    if a.flags.writeable:
+        a = a.view()
+        a.flags.writeable = False
+    return a
+
+
 @dataclass
 class _Block:
     """Slots (flows that may receive bytes from several senders) registered together."""
@@ -437,6 +456,32 @@ class _Block:
     start_s: float = np.inf  # first contribution
     open: bool = True  # some sender has yet to contribute
     counted: bool = False  # link bytes added to the stats at registration
+    # contributions waiting for admission, in arrival order: slot, bytes, weight, sending
+    # time (buffers with room to spare), how many entries and from how many senders
+    pending_slot: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    pending_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    pending_weight: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    pending_time: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    n_pending: int = 0
+    pending_senders: int = 0
+
+    def hold(self, slots: np.ndarray, nbytes: np.ndarray, weight: np.ndarray, t: float) -> None:
+        """Queue one sender's contributions (sent at ``t``) for admission."""
+        m, k = self.n_pending, len(slots)
+        if m + k > len(self.pending_slot):  # room for this and as many again, at most all
+            size = min(max(2 * (m + k), 1024), self.contributions_left)
+            for name in ("pending_slot", "pending_bytes", "pending_weight", "pending_time"):
+                old = getattr(self, name)
+                grown = np.empty(max(size, m + k), dtype=old.dtype)
+                grown[:m] = old[:m]
+                setattr(self, name, grown)
+        end = m + k
+        self.pending_slot[m:end] = slots
+        self.pending_bytes[m:end] = nbytes
+        self.pending_weight[m:end] = weight
+        self.pending_time[m:end] = t
+        self.n_pending = end
+        self.pending_senders += 1
 
 
 @dataclass
@@ -499,7 +544,7 @@ class FluidNetwork:
         self._next_group = 0
         self._blocks: dict[int, _Block] = {}
         self._next_block = 0
-        self._pending: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, float]] = []
+        self._pending: list[int] = []  # blocks with contributions to admit, in arrival order
         self._admit_at = np.inf
         # active flows, one row per busy slot, in columns with spare capacity (see _Column);
         # retired rows stay (not alive) until compaction
@@ -511,6 +556,11 @@ class FluidNetwork:
         # skipped as not alive)
         self._csr: tuple[np.ndarray, np.ndarray] | None = None
         self._no_csr = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+        # what the compiled admission gets where no solver paths are kept apart
+        self._no_solve, self._no_solve_store = (
+            _frozen(np.zeros((0, 0), np.int64)),
+            np.zeros((0, 0), np.int64),
+        )
         dominated = topology.dominated_by() >= 0
         self._dominated = dominated if dominated.any() else None
         # the solver's path of each row, kept beside `_path_store` where links are left out
@@ -594,6 +644,7 @@ class FluidNetwork:
         completions. ``link_bytes``: the bytes the block will put on each link, counted now
         (otherwise counted per contribution)."""
         cap_min, solve_paths = self._path_facts(paths)
+        paths = _frozen(paths)
         bid = self._next_block
         self._next_block += 1
         self._blocks[bid] = _Block(
@@ -629,7 +680,7 @@ class FluidNetwork:
         solve_paths = None
         if self._solve_store is not None:  # once per block, not at every rebuild of the CSR
             keep = (paths >= 0) & ~self._dominated[np.maximum(paths, 0)]
-            solve_paths = left_justify(np.where(keep, paths, -1))
+            solve_paths = _frozen(left_justify(np.where(keep, paths, -1)))
         if not paths.flags.writeable:  # only a read-only array is known not to change
             self._seen_paths = [(paths, cap_min, solve_paths), *self._seen_paths[:3]]
         return cap_min, solve_paths
@@ -650,9 +701,9 @@ class FluidNetwork:
                 weights=np.broadcast_to(nbytes[:, None], rows.shape)[valid],
                 minlength=self.topology.n_links,
             )
-        self._pending.append(
-            (block, np.asarray(slots), nbytes, np.asarray(weight, float), self.env.now)
-        )
+        if not blk.n_pending:
+            self._pending.append(block)
+        blk.hold(slots, nbytes, weight, self.env.now)
         # neither the block nor this contribution can finish sooner than this (a block's
         # floor, its busiest link, already bounds every flow's bytes over its slowest link)
         floor_s = blk.floor_s or float(np.max(nbytes / blk.cap_min[slots] + blk.latency_s[slots]))
@@ -808,99 +859,131 @@ class FluidNetwork:
 
     def _admit(self) -> None:
         """Add pending bytes to their slots: a busy slot's flow grows, an idle slot starts."""
-        now = self.env.now
-        new = []
-        by_block: dict[int, list] = {}
-        for item in self._pending:
-            by_block.setdefault(item[0], []).append(item)
-        for block, items in by_block.items():
-            blk = self._blocks[block]
-            if len(items) == 1:  # one sender: its slots are distinct already
-                _, slots, nbytes, weight, t = items[0]
-                sent = np.full(len(slots), t)
-                blk.contributors_left[slots] -= 1
-                blk.contributions_left -= len(slots)
-            elif "merge" in self._kernels:  # several senders, compiled: sum per slot
-                every = np.concatenate([x[1] for x in items])
-                times = np.repeat([x[4] for x in items], [len(x[1]) for x in items])
-                slots, nbytes, weight, sent = self._kernels["merge"](
-                    every,
-                    np.concatenate([x[2] for x in items]),
-                    np.concatenate([x[3] for x in items]),
-                    times,
-                    blk.contributors_left,
-                    *self._merge_scratch(len(blk.pos)),
-                )
-                blk.contributions_left -= len(every)
-            else:  # several senders: sum per slot (slot ids index the block, no sort)
-                every = np.concatenate([x[1] for x in items])
-                n_slots = len(blk.pos)
-                count = np.bincount(every, minlength=n_slots)
-                slots = np.flatnonzero(count)
-                nbytes = np.bincount(every, np.concatenate([x[2] for x in items]), n_slots)[slots]
-                weight = np.bincount(every, np.concatenate([x[3] for x in items]), n_slots)[slots]
-                first = np.full(n_slots, np.inf)
-                times = np.repeat([x[4] for x in items], [len(x[1]) for x in items])
-                np.minimum.at(first, every, times)
-                sent = first[slots]
-                blk.contributors_left -= count
-                blk.contributions_left -= len(every)
-            blk.open = blk.contributions_left > 0
-            pos = blk.pos[slots]
-            busy = pos >= 0
-            self._remaining[pos[busy]] += nbytes[busy]
-            self._weight[pos[busy]] += weight[busy]
-            self._mark(pos[busy])
-            idle = ~busy
-            empty = idle & (nbytes <= 0)
-            if empty.any():  # nothing to send: no flow; the last sender's latency delivers it
-                done = slots[empty]
-                self._deliver(block, done, sent[empty] + blk.latency_s[done])
-                idle &= ~empty
-            if idle.any():
-                new.append((block, slots[idle], nbytes[idle], weight[idle], sent[idle]))
-        self._pending = []
-        self._admit_at = np.inf
-        if not new:
-            return
-        added = sum(len(x[1]) for x in new)
-        self._csr = None
-        width = max(self._path_store.shape[1], *(self._blocks[x[0]].paths.shape[1] for x in new))
+        blocks = [self._blocks[b] for b in self._pending]
+        width = max(self._path_store.shape[1], *(blk.paths.shape[1] for blk in blocks))
         solve_width = 0
         if self._solve_store is not None:  # the solver's paths are often narrower
             solve_width = max(
-                self._solve_store.shape[1], *(self._blocks[x[0]].solve_paths.shape[1] for x in new)
+                self._solve_store.shape[1], *(blk.solve_paths.shape[1] for blk in blocks)
             )
-        self._reserve(self._n + added, width, solve_width)
-        cols, row = self._cols, self._n
-        first = row
-        for block, slots, nbytes, weight, sent in new:
-            blk, end = self._blocks[block], row + len(slots)
-            rows = blk.paths[slots]
-            self._path_store[row:end, : rows.shape[1]] = rows
-            self._path_store[row:end, rows.shape[1] :] = -1
-            if self._solve_store is not None:
-                rows = blk.solve_paths[slots]
-                self._solve_store[row:end, : rows.shape[1]] = rows
-                self._solve_store[row:end, rows.shape[1] :] = -1
-            cols["blk"][row:end] = block
-            cols["loc"][row:end] = slots
-            cols["remaining"][row:end] = nbytes
-            cols["weight"][row:end] = weight
-            cols["latency"][row:end] = blk.latency_s[slots]
-            cols["start"][row:end] = blk.start_s
-            cols["floor"][row:end] = blk.floor_s
-            cols["rate"][row:end] = 0.0
-            cols["waited"][row:end] = now - sent
-            cols["alive"][row:end] = True
-            blk.pos[slots] = np.arange(row, end)
-            row = end
-        self._n = row
-        self._n_alive += added
-        hops = self._path_store[first:row]
-        hops = hops[hops >= 0]
+        self._reserve(self._n + sum(blk.n_pending for blk in blocks), width, solve_width)
+        kernel = self._kernels.get("admit")
+        admit = self._admit_compiled if kernel is not None else self._admit_numpy
+        added = 0
+        for block, blk in zip(self._pending, blocks, strict=True):
+            added += admit(block, blk)
+            blk.contributions_left -= blk.n_pending
+            blk.open = blk.contributions_left > 0
+            blk.n_pending = blk.pending_senders = 0
+        self._pending = []
+        self._admit_at = np.inf
+        if added:
+            self._csr = None
+            self._n_alive += added
+
+    def _admit_compiled(self, block: int, blk: _Block) -> int:
+        """:meth:`_admit` of one block, compiled (``admit_block``): the rows it adds."""
+        cols, now = self._cols, self.env.now
+        solve_store = self._solve_store
+        if solve_store is None:
+            solve_store, solve_paths = self._no_solve_store, self._no_solve
+        else:
+            solve_paths = blk.solve_paths
+        added, empty, at_s = self._kernels["admit"](
+            blk.pending_slot,
+            blk.pending_bytes,
+            blk.pending_weight,
+            blk.pending_time,
+            blk.n_pending,
+            blk.pending_senders == 1,
+            blk.contributors_left,
+            blk.pos,
+            *self._merge_scratch(len(blk.pos)),
+            blk.paths,
+            solve_paths,
+            blk.latency_s,
+            blk.start_s,
+            blk.floor_s,
+            block,
+            now,
+            cols["remaining"],
+            cols["rate"],
+            cols["weight"],
+            cols["start"],
+            cols["latency"],
+            cols["floor"],
+            cols["waited"],
+            cols["alive"],
+            cols["blk"],
+            cols["loc"],
+            self._path_store,
+            solve_store,
+            self._n,
+            self._dirty,
+            self._link_flows,
+        )
+        self._n += added
+        if len(empty):  # nothing to send: no flow; the last sender's latency delivers it
+            self._deliver(block, empty, at_s)
+        return added
+
+    def _admit_numpy(self, block: int, blk: _Block) -> int:
+        """:meth:`_admit` of one block with numpy: the rows it adds."""
+        m = blk.n_pending
+        every = blk.pending_slot[:m]
+        if blk.pending_senders == 1:  # one sender: its slots are distinct already
+            slots = every.copy()
+            nbytes, weight, sent = (
+                blk.pending_bytes[:m],
+                blk.pending_weight[:m],
+                blk.pending_time[:m],
+            )
+            blk.contributors_left[slots] -= 1
+        else:  # several senders: sum per slot (slot ids index the block, no sort)
+            n_slots = len(blk.pos)
+            count = np.bincount(every, minlength=n_slots)
+            slots = np.flatnonzero(count)
+            nbytes = np.bincount(every, blk.pending_bytes[:m], n_slots)[slots]
+            weight = np.bincount(every, blk.pending_weight[:m], n_slots)[slots]
+            first = np.full(n_slots, np.inf)
+            np.minimum.at(first, every, blk.pending_time[:m])
+            sent = first[slots]
+            blk.contributors_left -= count
+        pos = blk.pos[slots]
+        busy = pos >= 0
+        self._remaining[pos[busy]] += nbytes[busy]
+        self._weight[pos[busy]] += weight[busy]
+        self._mark(pos[busy])
+        idle = ~busy
+        empty = idle & (nbytes <= 0)
+        if empty.any():  # nothing to send: no flow; the last sender's latency delivers it
+            done = slots[empty]
+            self._deliver(block, done, sent[empty] + blk.latency_s[done])
+            idle &= ~empty
+        if not idle.any():
+            return 0
+        slots, nbytes, weight, sent = slots[idle], nbytes[idle], weight[idle], sent[idle]
+        cols, row, now = self._cols, self._n, self.env.now
+        end = row + len(slots)
+        rows = blk.paths[slots]
+        self._path_store[row:end, : rows.shape[1]] = rows
+        self._path_store[row:end, rows.shape[1] :] = -1
+        cols["blk"][row:end] = block
+        cols["loc"][row:end] = slots
+        cols["remaining"][row:end] = nbytes
+        cols["weight"][row:end] = weight
+        cols["latency"][row:end] = blk.latency_s[slots]
+        cols["start"][row:end] = blk.start_s
+        cols["floor"][row:end] = blk.floor_s
+        cols["rate"][row:end] = 0.0
+        cols["waited"][row:end] = now - sent
+        cols["alive"][row:end] = True
+        blk.pos[slots] = np.arange(row, end)
+        self._n = end
+        hops = rows[rows >= 0]
         self._dirty[hops] = True
         self._link_flows += np.bincount(hops, minlength=len(self._link_flows))
+        return end - row
 
     def _mark(self, rows: np.ndarray) -> None:
         """Mark the links of ``rows`` as changed (see ``_dirty``)."""
