@@ -968,6 +968,10 @@ class FluidNetwork:
         rows = blk.paths[slots]
         self._path_store[row:end, : rows.shape[1]] = rows
         self._path_store[row:end, rows.shape[1] :] = -1
+        if self._solve_store is not None:
+            solve = blk.solve_paths[slots]
+            self._solve_store[row:end, : solve.shape[1]] = solve
+            self._solve_store[row:end, solve.shape[1] :] = -1
         cols["blk"][row:end] = block
         cols["loc"][row:end] = slots
         cols["remaining"][row:end] = nbytes
