@@ -574,9 +574,13 @@ def test_merge_contributions_kernel_matches_bincount():
         m = int(rng.integers(1, 120))
         every = rng.integers(0, n_slots, m).astype(np.int64)
         nbytes, weight = rng.uniform(0, 1e6, m), rng.integers(0, 4, m).astype(float)
-        times = rng.uniform(0, 1e-3, m)
+        cuts = np.unique(np.concatenate([[0, m], rng.integers(0, m, 4)]))  # senders' ranges
+        sent = rng.uniform(0, 1e-3, len(cuts) - 1)
+        times = np.repeat(sent, np.diff(cuts))
         left = np.full(n_slots, 200, np.int64)
-        slots, b, w, first = kernels["merge"](every, nbytes, weight, times, left, scratch, mark)
+        slots, b, w, first = kernels["merge"](
+            every, nbytes, weight, cuts[:-1], cuts[1:], sent, left, scratch, mark
+        )
         count = np.bincount(every, minlength=n_slots)
         want = np.flatnonzero(count)
         assert np.array_equal(slots, want)

@@ -38,18 +38,15 @@ from moesim.plan.types import WorkloadPlan
 
 @dataclass
 class _Prepared:
-    """A collective node mapped onto flows: its network block and, per sender, its
-    contributions with bytes (slot, bytes, max-min weight) and its zero-byte ones (slot);
+    """A collective node mapped onto flows: its network block (which holds every sender's
+    contributions with bytes), per sender the range of them and its zero-byte ones (slot);
     for a barrier collective, the members still to join per group and the devices held
     until their group is complete."""
 
-    block: int
-    slot: np.ndarray  # contributions with bytes, by sender
-    nbytes: np.ndarray
-    weight: np.ndarray  # max-min weight per contribution: its pairs that carry bytes
+    block: int  # its entries: the contributions with bytes, by sender
     empty_slot: np.ndarray  # zero-byte contributions, by sender
     senders_left: int
-    offsets: list[int] = field(default_factory=list)  # sender g: slot[offsets[g]:...]
+    offsets: list[int] = field(default_factory=list)  # sender g: entries offsets[g]:...
     empty_offsets: list[int] = field(default_factory=list)
     members: np.ndarray | None = None
     left: np.ndarray | None = None
@@ -346,7 +343,7 @@ class Engine:
         net, block = self.net, prep.block
         lo, hi = prep.offsets[g], prep.offsets[g + 1]
         if hi > lo:
-            net.contribute(block, prep.slot[lo:hi], prep.nbytes[lo:hi], prep.weight[lo:hi])
+            net.contribute_range(block, lo, hi)
         lo, hi = prep.empty_offsets[g], prep.empty_offsets[g + 1]
         if hi > lo:
             net.contribute_empty(block, prep.empty_slot[lo:hi])
@@ -363,6 +360,8 @@ class Engine:
         nbytes, weight, per_slot = pat.contribution_sums(traffic.nbytes)
         link_bytes = pat.link_bytes(traffic.nbytes, self.topology.n_links, per_slot)
         floor_s = float(np.max(link_bytes / self.net.capacity)) if len(link_bytes) else 0.0
+        full = nbytes > 0  # the others carry nothing: counted off, never admitted
+        ahead = np.concatenate([[0], np.cumsum(full)])[pat.contrib_offsets]
         block = self.net.add_block(
             pat.paths,
             self.topology.collective_latency_s(
@@ -373,14 +372,10 @@ class Engine:
             pat.contributors,
             floor_s,
             link_bytes,
+            (pat.contrib_slot[full], nbytes[full], weight[full]),
         )
-        full = nbytes > 0  # the others carry nothing: counted off, never admitted
-        ahead = np.concatenate([[0], np.cumsum(full)])[pat.contrib_offsets]
         prep = _Prepared(
             block=block,
-            slot=pat.contrib_slot[full],
-            nbytes=nbytes[full],
-            weight=weight[full],
             empty_slot=pat.contrib_slot[~full],
             senders_left=n if node.devices is None else int(np.count_nonzero(node.devices)),
             offsets=ahead.tolist(),

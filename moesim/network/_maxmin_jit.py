@@ -336,36 +336,43 @@ def link_loads(
 
 @njit(cache=True)
 def merge_contributions(
-    every: np.ndarray,
-    nbytes: np.ndarray,
-    weight: np.ndarray,
+    entry_slot: np.ndarray,
+    entry_bytes: np.ndarray,
+    entry_weight: np.ndarray,
+    first: np.ndarray,
+    end: np.ndarray,
     times: np.ndarray,
     contributors_left: np.ndarray,
     acc: np.ndarray,
     mark: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - compiled
-    """Several senders' contributions summed per slot (``every[i]`` the slot of entry ``i``):
-    the slots ascending, their bytes and weights (added in entry order, as ``np.bincount``
-    adds them) and their first sending time; ``contributors_left`` loses each slot's count.
-    ``acc`` (count, bytes, weight, first time: one row per slot of the block) and ``mark``
-    (a byte per slot: touched) are scratch, zero (first: inf) on entry and left so; the
-    slots come out of a sweep of the touched range of ``mark`` (small enough to stay in
-    cache) or, where that range is far wider than the slots, a sort."""
-    m = every.shape[0]
+    """Several senders' contributions summed per slot: sender ``j`` sent entries
+    ``first[j]:end[j]`` (slot, bytes, weight each) at ``times[j]``. Returns the slots
+    ascending, their bytes and weights (added in entry order, senders in the order given, as
+    ``np.bincount`` adds them) and their first sending time; ``contributors_left`` loses
+    each slot's count. ``acc`` (count, bytes, weight, first time: one row per slot of the
+    block) and ``mark`` (a byte per slot: touched) are scratch, zero (first: inf) on entry
+    and left so; the slots come out of a sweep of the touched range of ``mark`` (small
+    enough to stay in cache) or, where that range is far wider than the slots, a sort."""
+    m = 0
+    for j in range(first.shape[0]):
+        m += end[j] - first[j]
     touched = np.empty(m, np.int64)
     k = 0
     lo, hi = acc.shape[0], -1
-    for i in range(m):  # branch-free: the slots come in no predictable order
-        s = every[i]
-        touched[k] = s
-        k += mark[s] == 0
-        mark[s] = 1
-        lo = min(lo, s)
-        hi = max(hi, s)
-        acc[s, 0] += 1.0
-        acc[s, 1] += nbytes[i]
-        acc[s, 2] += weight[i]
-        acc[s, 3] = min(acc[s, 3], times[i])
+    for j in range(first.shape[0]):
+        t = times[j]
+        for i in range(first[j], end[j]):  # branch-free: slots come in no predictable order
+            s = entry_slot[i]
+            touched[k] = s
+            k += mark[s] == 0
+            mark[s] = 1
+            lo = min(lo, s)
+            hi = max(hi, s)
+            acc[s, 0] += 1.0
+            acc[s, 1] += entry_bytes[i]
+            acc[s, 2] += entry_weight[i]
+            acc[s, 3] = min(acc[s, 3], t)
     if hi - lo < 64 * k:  # a branch-free sweep of the range beats sorting the slots
         slots = np.empty(k + 1, np.int64)
         j = 0
@@ -547,12 +554,12 @@ def network_cycle(
 
 @njit(cache=True)
 def admit_block(
-    slot_buf: np.ndarray,
-    bytes_buf: np.ndarray,
-    weight_buf: np.ndarray,
-    time_buf: np.ndarray,
-    m: int,
-    single: bool,
+    entry_slot: np.ndarray,
+    entry_bytes: np.ndarray,
+    entry_weight: np.ndarray,
+    first: np.ndarray,
+    end: np.ndarray,
+    times: np.ndarray,
     contributors_left: np.ndarray,
     pos: np.ndarray,
     acc: np.ndarray,
@@ -580,23 +587,23 @@ def admit_block(
     dirty: np.ndarray,
     link_flows: np.ndarray,
 ) -> tuple[int, np.ndarray, np.ndarray]:  # pragma: no cover - compiled
-    """``FluidNetwork._admit`` for one block's ``m`` pending entries (slot, bytes, weight,
-    sending time): summed per slot (:func:`merge_contributions`) unless they come from a
-    ``single`` sender (distinct slots, kept in order); a busy slot's flow grows (its links
-    marked ``dirty``); an idle slot with bytes starts a flow in a new row from ``row0`` (the
-    columns hold room for ``m`` more rows); an idle slot with none is returned, with the
-    time it is delivered (its first sending plus path latency). Returns the rows added and
-    those slots and times."""
-    if single:
-        slots = slot_buf[:m].copy()
-        nbytes = bytes_buf[:m]
-        wsum = weight_buf[:m]
-        sent = time_buf[:m]
-        for i in range(m):
+    """``FluidNetwork._admit`` for one block: its senders' waiting entries
+    (``first[j]:end[j]`` sent at ``times[j]``) summed per slot
+    (:func:`merge_contributions`), or from a single sender (distinct slots) kept in order;
+    a busy slot's flow grows (its links marked ``dirty``); an idle slot with bytes starts a
+    flow in a new row from ``row0`` (the columns hold room for every entry); an idle slot
+    with none is returned, with the time it is delivered (its first sending plus path
+    latency). Returns the rows added and those slots and times."""
+    if first.shape[0] == 1:
+        slots = entry_slot[first[0] : end[0]].copy()
+        nbytes = entry_bytes[first[0] : end[0]]
+        wsum = entry_weight[first[0] : end[0]]
+        sent = np.full(slots.shape[0], times[0])
+        for i in range(slots.shape[0]):
             contributors_left[slots[i]] -= 1
     else:
         slots, nbytes, wsum, sent = merge_contributions(
-            slot_buf[:m], bytes_buf[:m], weight_buf[:m], time_buf[:m], contributors_left, acc,
+            entry_slot, entry_bytes, entry_weight, first, end, times, contributors_left, acc,
             mark,
         )  # fmt: skip
     k = slots.shape[0]

@@ -89,14 +89,15 @@ def warm_up() -> None:
     cols, fixed = [np.zeros(2) for _ in range(7)], _frozen(paths)
     store = np.full((2, 1), -1, dtype=np.int64)
     k["admit"](
-        idx.copy(), one, one, zero, 1, True, np.ones(1, dtype=np.int64), np.full(1, -1),
+        idx.copy(), one.copy(), one.copy(), idx, idx + 1, zero, np.ones(1, dtype=np.int64),
+        np.full(1, -1),
         acc, mark, fixed, fixed, one, 0.0, 0.0, 0, 0.0, *cols, np.zeros(2, dtype=np.bool_),
         np.zeros(2, dtype=np.int64), np.zeros(2, dtype=np.int64), store, store.copy(), 0,
         yes.copy(), idx.copy(),
     )  # fmt: skip
     k["deliver"](np.array([0, 1]), idx, idx, one, np.ones(1, dtype=np.int64), np.zeros(1))
     k["link_loads"](paths, one, 1)
-    k["merge"](idx, one, one, one, np.ones(1, dtype=np.int64), acc, mark)
+    k["merge"](idx, one, one, idx, idx + 1, one, np.ones(1, dtype=np.int64), acc, mark)
     k["sums"](idx, idx, idx, one, 1, 1)
     k["count_off"](np.ones(1, dtype=np.int64), np.full(1, -1, dtype=np.int64), idx)
 
@@ -456,32 +457,34 @@ class _Block:
     start_s: float = np.inf  # first contribution
     open: bool = True  # some sender has yet to contribute
     counted: bool = False  # link bytes added to the stats at registration
-    # contributions waiting for admission, in arrival order: slot, bytes, weight, sending
-    # time (buffers with room to spare), how many entries and from how many senders
-    pending_slot: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    pending_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    pending_weight: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    pending_time: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    n_pending: int = 0
-    pending_senders: int = 0
+    # its contributions, one entry per (sender, slot): slot, bytes, max-min weight; each
+    # sender's entries a range, given at registration or appended by each contribution
+    entry_slot: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    entry_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    entry_weight: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    n_entries: int = 0  # entries appended so far (all of them where given)
+    given: bool = False  # entries given at registration
+    # the senders' ranges waiting for admission, in arrival order, with their sending times
+    wait_lo: list[int] = field(default_factory=list)
+    wait_hi: list[int] = field(default_factory=list)
+    wait_t: list[float] = field(default_factory=list)
+    n_waiting: int = 0  # entries in them
 
-    def hold(self, slots: np.ndarray, nbytes: np.ndarray, weight: np.ndarray, t: float) -> None:
-        """Queue one sender's contributions (sent at ``t``) for admission."""
-        m, k = self.n_pending, len(slots)
-        if m + k > len(self.pending_slot):  # room for this and as many again, at most all
-            size = min(max(2 * (m + k), 1024), self.contributions_left)
-            for name in ("pending_slot", "pending_bytes", "pending_weight", "pending_time"):
+    def append(self, slots: np.ndarray, nbytes: np.ndarray, weight: np.ndarray) -> int:
+        """Add one sender's entries (buffers grown with room to spare); where they start."""
+        m, k = self.n_entries, len(slots)
+        if m + k > len(self.entry_slot):  # room for this and as many again, at most all
+            size = max(min(max(2 * (m + k), 1024), m + self.contributions_left), m + k)
+            for name in ("entry_slot", "entry_bytes", "entry_weight"):
                 old = getattr(self, name)
-                grown = np.empty(max(size, m + k), dtype=old.dtype)
+                grown = np.empty(size, dtype=old.dtype)
                 grown[:m] = old[:m]
                 setattr(self, name, grown)
-        end = m + k
-        self.pending_slot[m:end] = slots
-        self.pending_bytes[m:end] = nbytes
-        self.pending_weight[m:end] = weight
-        self.pending_time[m:end] = t
-        self.n_pending = end
-        self.pending_senders += 1
+        self.entry_slot[m : m + k] = slots
+        self.entry_bytes[m : m + k] = nbytes
+        self.entry_weight[m : m + k] = weight
+        self.n_entries = m + k
+        return m
 
 
 @dataclass
@@ -637,17 +640,20 @@ class FluidNetwork:
         contributors: np.ndarray,
         floor_s: float = 0.0,
         link_bytes: np.ndarray | None = None,
+        entries: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     ) -> int:
         """Register slots (``[S, H]`` link ids, -1 padded) and the groups each feeds (CSR).
         ``floor_s``: a lower bound on the whole block's duration (e.g. its busiest link's
         bytes over bandwidth), which sets the time resolution of its admissions and
         completions. ``link_bytes``: the bytes the block will put on each link, counted now
-        (otherwise counted per contribution)."""
+        (otherwise counted per contribution). ``entries``: every sender's contributions
+        (slot, bytes, max-min weight per entry, each sender's a range), which senders then
+        name by range (:meth:`contribute_range`) instead of passing them."""
         cap_min, solve_paths = self._path_facts(paths)
         paths = _frozen(paths)
         bid = self._next_block
         self._next_block += 1
-        self._blocks[bid] = _Block(
+        blk = self._blocks[bid] = _Block(
             paths=paths,
             latency_s=np.asarray(latency_s, float),
             cap_min=cap_min,
@@ -661,6 +667,12 @@ class FluidNetwork:
             floor_s=floor_s,
             counted=link_bytes is not None,
         )
+        if entries is not None:
+            slot, nbytes, weight = entries
+            blk.entry_slot = np.array(slot, dtype=np.int64)  # own, writable copies: one
+            blk.entry_bytes = np.array(nbytes, dtype=float)  # type for the kernels
+            blk.entry_weight = np.array(weight, dtype=float)
+            blk.n_entries, blk.given = len(slot), True
         if link_bytes is not None:
             self.stats.bytes_carried += link_bytes
         return bid
@@ -688,11 +700,24 @@ class FluidNetwork:
     def contribute(
         self, block: int, slots: np.ndarray, nbytes: np.ndarray, weight: np.ndarray
     ) -> None:
-        """One sender's bytes into ``slots`` of ``block`` (each slot once per sender)."""
+        """One sender's bytes into ``slots`` of ``block`` (each slot once per sender), with
+        their max-min ``weight`` (device pairs merged into each)."""
         if len(slots) == 0:
             return
         blk = self._blocks[block]
-        nbytes = np.asarray(nbytes, float)
+        if blk.given:
+            raise ValueError("block registered with its entries: use contribute_range")
+        lo = blk.append(slots, np.asarray(nbytes, float), np.asarray(weight, float))
+        self.contribute_range(block, lo, lo + len(slots))
+
+    def contribute_range(self, block: int, lo: int, hi: int) -> None:
+        """One sender's entries ``lo:hi`` of ``block`` (given at :meth:`add_block`, or
+        appended by :meth:`contribute`): queued for admission, which comes at most
+        ``tolerance`` x the block's floor from now."""
+        blk = self._blocks[block]
+        now = self.env.now
+        slots = blk.entry_slot[lo:hi]
+        nbytes = blk.entry_bytes[lo:hi]
         if not blk.counted:
             rows = blk.paths[slots]
             valid = rows >= 0
@@ -701,17 +726,20 @@ class FluidNetwork:
                 weights=np.broadcast_to(nbytes[:, None], rows.shape)[valid],
                 minlength=self.topology.n_links,
             )
-        if not blk.n_pending:
+        if not blk.wait_lo:
             self._pending.append(block)
-        blk.hold(slots, nbytes, weight, self.env.now)
+        blk.wait_lo.append(lo)
+        blk.wait_hi.append(hi)
+        blk.wait_t.append(now)
+        blk.n_waiting += hi - lo
         # neither the block nor this contribution can finish sooner than this (a block's
         # floor, its busiest link, already bounds every flow's bytes over its slowest link)
         floor_s = blk.floor_s or float(np.max(nbytes / blk.cap_min[slots] + blk.latency_s[slots]))
-        self._admit_at = min(self._admit_at, self.env.now + self.tolerance * floor_s)
-        blk.start_s = min(blk.start_s, self.env.now)
+        self._admit_at = min(self._admit_at, now + self.tolerance * floor_s)
+        blk.start_s = min(blk.start_s, now)
         # bring the next cycle forward only if it would otherwise come after the admission
         if self._admit_at < self._wake_at:
-            self._wake_in(self._admit_at - self.env.now)
+            self._wake_in(self._admit_at - now)
 
     def contribute_empty(self, block: int, slots: np.ndarray) -> None:
         """One sender's zero-byte contributions to ``slots`` of ``block`` (each slot once):
@@ -866,15 +894,14 @@ class FluidNetwork:
             solve_width = max(
                 self._solve_store.shape[1], *(blk.solve_paths.shape[1] for blk in blocks)
             )
-        self._reserve(self._n + sum(blk.n_pending for blk in blocks), width, solve_width)
-        kernel = self._kernels.get("admit")
-        admit = self._admit_compiled if kernel is not None else self._admit_numpy
+        self._reserve(self._n + sum(blk.n_waiting for blk in blocks), width, solve_width)
+        admit = self._admit_compiled if "admit" in self._kernels else self._admit_numpy
         added = 0
         for block, blk in zip(self._pending, blocks, strict=True):
             added += admit(block, blk)
-            blk.contributions_left -= blk.n_pending
+            blk.contributions_left -= blk.n_waiting
             blk.open = blk.contributions_left > 0
-            blk.n_pending = blk.pending_senders = 0
+            blk.wait_lo, blk.wait_hi, blk.wait_t, blk.n_waiting = [], [], [], 0
         self._pending = []
         self._admit_at = np.inf
         if added:
@@ -883,19 +910,19 @@ class FluidNetwork:
 
     def _admit_compiled(self, block: int, blk: _Block) -> int:
         """:meth:`_admit` of one block, compiled (``admit_block``): the rows it adds."""
-        cols, now = self._cols, self.env.now
+        cols = self._cols
         solve_store = self._solve_store
         if solve_store is None:
             solve_store, solve_paths = self._no_solve_store, self._no_solve
         else:
             solve_paths = blk.solve_paths
         added, empty, at_s = self._kernels["admit"](
-            blk.pending_slot,
-            blk.pending_bytes,
-            blk.pending_weight,
-            blk.pending_time,
-            blk.n_pending,
-            blk.pending_senders == 1,
+            blk.entry_slot,
+            blk.entry_bytes,
+            blk.entry_weight,
+            np.array(blk.wait_lo, dtype=np.int64),
+            np.array(blk.wait_hi, dtype=np.int64),
+            np.array(blk.wait_t, dtype=float),
             blk.contributors_left,
             blk.pos,
             *self._merge_scratch(len(blk.pos)),
@@ -905,7 +932,7 @@ class FluidNetwork:
             blk.start_s,
             blk.floor_s,
             block,
-            now,
+            self.env.now,
             cols["remaining"],
             cols["rate"],
             cols["weight"],
@@ -929,24 +956,23 @@ class FluidNetwork:
 
     def _admit_numpy(self, block: int, blk: _Block) -> int:
         """:meth:`_admit` of one block with numpy: the rows it adds."""
-        m = blk.n_pending
-        every = blk.pending_slot[:m]
-        if blk.pending_senders == 1:  # one sender: its slots are distinct already
-            slots = every.copy()
-            nbytes, weight, sent = (
-                blk.pending_bytes[:m],
-                blk.pending_weight[:m],
-                blk.pending_time[:m],
-            )
+        ranges = list(zip(blk.wait_lo, blk.wait_hi, strict=True))
+        every = np.concatenate([blk.entry_slot[lo:hi] for lo, hi in ranges])
+        if len(ranges) == 1:  # one sender: its slots are distinct already
+            (lo, hi), slots = ranges[0], every
+            nbytes, weight = blk.entry_bytes[lo:hi], blk.entry_weight[lo:hi]
+            sent = np.full(len(slots), float(blk.wait_t[0]))
             blk.contributors_left[slots] -= 1
         else:  # several senders: sum per slot (slot ids index the block, no sort)
             n_slots = len(blk.pos)
             count = np.bincount(every, minlength=n_slots)
             slots = np.flatnonzero(count)
-            nbytes = np.bincount(every, blk.pending_bytes[:m], n_slots)[slots]
-            weight = np.bincount(every, blk.pending_weight[:m], n_slots)[slots]
+            nbytes = np.concatenate([blk.entry_bytes[lo:hi] for lo, hi in ranges])
+            weight = np.concatenate([blk.entry_weight[lo:hi] for lo, hi in ranges])
+            nbytes = np.bincount(every, nbytes, n_slots)[slots]
+            weight = np.bincount(every, weight, n_slots)[slots]
             first = np.full(n_slots, np.inf)
-            np.minimum.at(first, every, blk.pending_time[:m])
+            np.minimum.at(first, every, np.repeat(blk.wait_t, [hi - lo for lo, hi in ranges]))
             sent = first[slots]
             blk.contributors_left -= count
         pos = blk.pos[slots]
