@@ -669,9 +669,10 @@ class FluidNetwork:
         )
         if entries is not None:
             slot, nbytes, weight = entries
-            blk.entry_slot = np.array(slot, dtype=np.int64)  # own, writable copies: one
-            blk.entry_bytes = np.array(nbytes, dtype=float)  # type for the kernels
-            blk.entry_weight = np.array(weight, dtype=float)
+            # contiguous and writable (copied only where not): one type for the kernels
+            blk.entry_slot = np.require(slot, np.int64, ["C", "W"])
+            blk.entry_bytes = np.require(nbytes, np.float64, ["C", "W"])
+            blk.entry_weight = np.require(weight, np.float64, ["C", "W"])
             blk.n_entries, blk.given = len(slot), True
         if link_bytes is not None:
             self.stats.bytes_carried += link_bytes
