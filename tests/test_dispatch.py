@@ -180,3 +180,28 @@ def test_column_sums_add_in_the_order_of_np_add_at():
             np.add.at(ref.T, cols, v.T.astype(float))
             got = _column_sums(v, cols, cols_n)
             assert got.dtype == float and np.array_equal(got, ref)
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_cached_distinct_tokens_equal_uncached_over_layers(uniform):
+    """The per-plan cache of :func:`distinct_tokens` (ratios kept per preferences and
+    columns) gives what a fresh computation gives, layer after layer, with other counts,
+    other columns and other preferences."""
+    rng = np.random.default_rng(1)
+    n_experts, k, ranks, n_src = 32, 4, 8, 12
+    group = np.repeat(np.arange(3), 4)
+    cache: dict = {}
+    for layer in range(6):
+        probs = np.full(n_experts, 1 / n_experts) if uniform else rng.dirichlet(np.ones(n_experts))
+        probs = probs if layer % 2 else np.full(n_experts, 1 / n_experts)
+        kept = rng.integers(0, 50, (n_src, n_experts))
+        routing = LayerRouting(kept, np.zeros((3, n_experts)), int(kept.sum()), probs)
+        rank_of = rng.permutation(np.arange(n_experts) % ranks)[None, :].repeat(3, axis=0)
+        rank_of = rank_of if layer < 3 else np.sort(rank_of, axis=1)
+        fresh = distinct_tokens(routing, rank_of, group, ranks, k)
+        cached = distinct_tokens(routing, rank_of, group, ranks, k, cache)
+        again = distinct_tokens(routing, rank_of, group, ranks, k, cache)
+        assert fresh.dtype == cached.dtype
+        np.testing.assert_array_equal(fresh, cached)
+        np.testing.assert_array_equal(fresh, again)
+    assert cache

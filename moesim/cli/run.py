@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 from pathlib import Path
 
 from moesim.cli.common import add_set_argument, fmt_s, non_negative_int, out_dir, parse_overrides
@@ -150,14 +151,21 @@ def run(args: argparse.Namespace) -> int:
     if args.no_trace:
         overrides["sim.trace"] = False
     scenario = load_scenario(args.scenario, overrides)
+    kernels = None
     try:
         check_size(scenario)
         if args.out:
             out_dir(args.out)
-        result = simulate(scenario, progress=not args.quiet)
+        kernels = KernelLoad.start_for(scenario)
+        result = simulate(
+            scenario, progress=not args.quiet, before_engine=kernels and kernels.wait
+        )
     except ScenarioError as err:
         err.file = err.file or str(args.scenario)
         raise
+    finally:
+        if kernels is not None:  # no thread outlives the command
+            kernels.thread.join()
     if scenario.workload.phase == "serve":
         return _serve_outputs(result, args)
     if args.json:
@@ -176,6 +184,49 @@ def run(args: argparse.Namespace) -> int:
                 "trace.json (open trace.json in https://ui.perfetto.dev)"
             )
     return 0
+
+
+class KernelLoad:
+    """The network's compiled kernels (:func:`moesim.network.fluid.warm_up`: importing numba,
+    loading each kernel from its on-disk cache, ~1 s) loaded on a daemon thread while the
+    main thread builds the plan; its routing draws (``Generator.multinomial``) and numpy
+    release the GIL, so the two overlap. :meth:`wait` joins the thread before the engine
+    starts: the engine then finds every kernel loaded (``fluid._compiled`` marks itself
+    loaded before its import finishes, so it must not be called while the thread is still
+    inside it), and the run is the one a main-thread load gives."""
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._load, name="moesim-kernels", daemon=True)
+
+    def _load(self) -> None:
+        from moesim.network.fluid import warm_up
+
+        try:
+            warm_up()
+        except BaseException as err:  # raised in the main thread by wait()
+            self.error = err
+
+    @classmethod
+    def start_for(cls, scenario) -> KernelLoad | None:
+        """A started load where the engine will use the compiled kernels (a discrete-event
+        run on at least ``COMPILED_MIN_DEVICES`` devices); None elsewhere: small networks
+        run the numpy kernels and pay nothing."""
+        from moesim.network.fluid import COMPILED_MIN_DEVICES
+
+        if scenario.workload.phase == "serve" or scenario.sim.fidelity != "des":
+            return None
+        if scenario.cluster.n_devices < COMPILED_MIN_DEVICES:
+            return None
+        load = cls()
+        load.thread.start()
+        return load
+
+    def wait(self) -> None:
+        """Join the load; re-raise here what it raised."""
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def _serve_outputs(result, args: argparse.Namespace) -> int:

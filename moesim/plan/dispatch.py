@@ -50,10 +50,14 @@ def distinct_tokens(
     group_of_source: np.ndarray,
     n_columns: int,
     top_k: int,
+    cache: dict | None = None,
 ) -> np.ndarray:
     """Tokens of each source that reach each column (an EP rank or a node) at least once,
     ``[source, column]``; ``column_of_expert[group, expert]`` is where a source of ``group``
-    sends its tokens for ``expert``."""
+    sends its tokens for ``expert``. ``cache`` (a dict the caller keeps, e.g. one per plan)
+    holds what aggregate counts use beyond the counts themselves: the per-column ratios of
+    expected distinct tokens to pairs, which depend on the preferences and the columns only
+    (the same in every layer of equal preferences)."""
     n_src = routing.kept.shape[0]
     out = np.zeros((n_src, n_columns), dtype=np.int64)
     if routing.token_experts:
@@ -65,13 +69,40 @@ def distinct_tokens(
             out += np.bincount(flat, minlength=n_src * n_columns).reshape(n_src, n_columns)
         return out
     # aggregate counts: pairs per column times the expected distinct tokens per pair
-    pi = inclusion_probabilities(routing.probs / routing.probs.sum(), top_k)
-    uniform = np.allclose(routing.probs, routing.probs[0])
+    probs, cols = routing.probs, column_of_expert
+    arrays = (probs, cols, group_of_source)
+    key = (*(x for a in arrays for x in (a.tobytes(), a.dtype.str, a.shape)), n_columns, top_k)
+    groups = cache.get(key) if cache is not None else None
+    if groups is None:
+        groups = _distinct_ratios(probs, cols, group_of_source, n_columns, top_k)
+        if cache is not None:
+            cache[key] = groups
+    for rows, sums, ratio, per_token in groups:
+        pairs = sums(routing.kept[rows])
+        distinct = np.rint(pairs * ratio)
+        # at least one token per min(k, experts there) pairs, at most one per pair
+        distinct = np.clip(distinct, np.ceil(pairs / per_token), pairs)
+        out[rows] = distinct.astype(np.int64)
+    return out
+
+
+def _distinct_ratios(
+    probs: np.ndarray,
+    column_of_expert: np.ndarray,
+    group_of_source: np.ndarray,
+    n_columns: int,
+    top_k: int,
+) -> list[tuple]:
+    """Per group of sources: its rows, its column sums (:func:`_column_summer`), the expected
+    distinct tokens per pair of each column, ``P(a token touches the column) / E[picks
+    there]``, and the most picks one token makes there, ``min(k, experts there)``."""
+    pi = inclusion_probabilities(probs / probs.sum(), top_k)
+    uniform = np.allclose(probs, probs[0])
     n_experts = len(pi)
+    groups = []
     for g in np.unique(group_of_source):
         rows = np.flatnonzero(group_of_source == g)
         cols = column_of_expert[g]
-        pairs = _column_sums(routing.kept[rows], cols, n_columns)
         picks = np.bincount(cols, weights=pi, minlength=n_columns)
         if uniform:
             size = np.bincount(cols, minlength=n_columns)
@@ -79,12 +110,26 @@ def distinct_tokens(
         else:
             miss = np.exp(np.bincount(cols, weights=np.log1p(-np.minimum(pi, 1 - 1e-12))))
         ratio = np.where(picks > 0, (1.0 - miss) / np.maximum(picks, 1e-300), 0.0)
-        distinct = np.rint(pairs * ratio)
-        # at least one token per min(k, experts there) pairs, at most one per pair
         per_token = np.minimum(top_k, np.maximum(np.bincount(cols, minlength=n_columns), 1))
-        distinct = np.clip(distinct, np.ceil(pairs / per_token), pairs)
-        out[rows] = distinct.astype(np.int64)
-    return out
+        groups.append((rows, _column_summer(cols, n_columns), ratio, per_token))
+    return groups
+
+
+def _column_summer(cols: np.ndarray, n_columns: int):
+    """``values -> _column_sums(values, cols, n_columns)``, with the sort of ``cols`` done
+    once: integer counts take one segmented sum (the same result)."""
+    order = np.argsort(cols, kind="stable")
+    present, starts = np.unique(cols[order], return_index=True)
+
+    def sums(values: np.ndarray) -> np.ndarray:
+        if not np.issubdtype(values.dtype, np.integer):
+            return _column_sums(values, cols, n_columns)
+        out = np.zeros((values.shape[0], n_columns), dtype=values.dtype)
+        if len(present):
+            out[:, present] = np.add.reduceat(values[:, order], starts, axis=1)
+        return out.astype(float)
+
+    return sums
 
 
 def _column_sums(values: np.ndarray, cols: np.ndarray, n_columns: int) -> np.ndarray:

@@ -121,6 +121,7 @@ class _Context:
     node_layout: _NodeLayout | None = None  # per_node: the network stage's pairs
     forward_layout: _DispatchLayout | None = None  # per_node: the intra-node stage's pairs
     tp_traffic: dict = field(default_factory=dict)  # tensor-parallel collectives, by algorithm
+    distinct_cache: dict = field(default_factory=dict)  # plan/dispatch.py distinct_tokens
 
     def tp(self, collective) -> Traffic:
         """The tensor-parallel ``collective`` (a ring algorithm) of every layer's replica
@@ -484,7 +485,9 @@ def _dispatch_traffic(
     m = ctx.sc.model
     primary = np.argmax(share, axis=1)  # the rank a token's copy for an expert goes to
     rank_of = np.broadcast_to(primary, (lay.edp, m.n_experts))
-    distinct = distinct_tokens(routing, rank_of, lay.group, lay.ep, m.top_k)  # [source, rank]
+    distinct = distinct_tokens(  # [source, rank]
+        routing, rank_of, lay.group, lay.ep, m.top_k, ctx.distinct_cache
+    )
     if mode == "per_rank":
         if r.global_routing or to_rank.dtype.kind == "f":  # scale the split pairs per source
             ratio = distinct.sum(axis=1) / np.maximum(to_rank.sum(axis=1), 1)
@@ -498,7 +501,9 @@ def _dispatch_traffic(
     # per_node: once per destination node to the sender's rail peer there, then forwarded
     dpn = ctx.sc.cluster.devices_per_node
     node_of = rank_of * lay.etp // dpn  # node of the group, per (group, expert)
-    per_node = distinct_tokens(routing, node_of, lay.group, ctx.node_layout.nodes, m.top_k)
+    per_node = distinct_tokens(
+        routing, node_of, lay.group, ctx.node_layout.nodes, m.top_k, ctx.distinct_cache
+    )
     forward = np.zeros((lay.n_devices, lay.ep), dtype=np.int64)
     size = lay.ep * lay.etp
     for g in range(lay.edp):

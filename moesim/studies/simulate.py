@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from moesim.config.scenario import Scenario
 from moesim.plan.limits import check_size
 
 
-def simulate(scenario: Scenario, progress: bool | None = None):
+def simulate(
+    scenario: Scenario,
+    progress: bool | None = None,
+    before_engine: Callable[[], object] | None = None,
+):
     """Run one step of ``scenario`` (``sim.fidelity``: discrete-event or analytic); returns a
     ``Result`` with ``summary``, ``devices``, ``links`` and ``routing``. ``phase: serve`` runs
     the request stream instead and returns a ``moesim.serving.simulation.ServeResult``.
-    Refuses a scenario whose estimated size exceeds ``moesim.plan.limits`` (ScenarioError)."""
+    Refuses a scenario whose estimated size exceeds ``moesim.plan.limits`` (ScenarioError).
+    ``before_engine`` is called once the plan is built, before the engine starts (``moesim
+    run`` waits there for the compiled kernels it loads alongside the plan)."""
     check_size(scenario)  # resolves batch_size: max first, as build_plan does
     if scenario.workload.phase == "serve":
         from moesim.serving.simulation import simulate_serving
@@ -22,4 +30,7 @@ def simulate(scenario: Scenario, progress: bool | None = None):
     from moesim.results.collect import collect
 
     engine_cls = AnalyticEngine if scenario.sim.fidelity == "analytic" else Engine
-    return collect(engine_cls(build_plan(scenario), progress=progress).run())
+    plan = build_plan(scenario)
+    if before_engine is not None:
+        before_engine()
+    return collect(engine_cls(plan, progress=progress).run())

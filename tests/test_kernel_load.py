@@ -1,0 +1,78 @@
+"""``moesim run`` loads the network's compiled kernels on a thread while it builds the plan
+(:class:`moesim.cli.run.KernelLoad`): only where the engine uses them, joined before the
+engine starts, and the outputs are those of a load on the main thread."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from moesim.cli import main
+from moesim.cli.run import KernelLoad
+from moesim.config.errors import ScenarioError
+from moesim.config.scenario import load_scenario
+from moesim.network.fluid import COMPILED_MIN_DEVICES
+from tests.conftest import ROOT
+
+SMALL = "scenarios/mixtral-8x7b-8xh100-decode.yaml"
+BIG = "scenarios/deepseek-v3-64xh800-decode.yaml"
+
+
+def test_the_load_starts_only_where_the_engine_uses_the_compiled_kernels():
+    small = load_scenario(ROOT / SMALL, {})
+    assert small.cluster.n_devices < COMPILED_MIN_DEVICES
+    assert KernelLoad.start_for(small) is None
+    analytic = load_scenario(ROOT / BIG, {"sim.fidelity": "analytic"})
+    assert KernelLoad.start_for(analytic) is None
+    load = KernelLoad.start_for(load_scenario(ROOT / BIG, {"sim.fidelity": "des"}))
+    assert load is not None and load.thread.daemon
+    load.wait()
+    assert not load.thread.is_alive()
+
+
+def test_wait_raises_what_the_load_raised(monkeypatch):
+    def broken() -> None:
+        raise RuntimeError("no kernels")
+
+    monkeypatch.setattr("moesim.network.fluid.warm_up", broken)
+    load = KernelLoad.start_for(load_scenario(ROOT / BIG, {"sim.fidelity": "des"}))
+    with pytest.raises(RuntimeError, match="no kernels"):
+        load.wait()
+
+
+def test_no_load_thread_outlives_a_failed_run(monkeypatch):
+    started: list[KernelLoad] = []
+    start_for = KernelLoad.start_for
+
+    def recording(scenario):
+        load = start_for(scenario)
+        started.append(load)
+        return load
+
+    def failing_plan(scenario):
+        raise ScenarioError("model", "no plan")
+
+    monkeypatch.setattr(KernelLoad, "start_for", staticmethod(recording))
+    monkeypatch.setattr("moesim.plan.workload.build_plan", failing_plan)
+    code = main(["run", "-q", str(ROOT / BIG), "--set", "sim.fidelity=des"])
+    assert code == 2 and started and not started[0].thread.is_alive()
+
+
+def test_a_program_run_with_the_thread_writes_what_an_in_process_run_writes(tmp_path):
+    """The process (thread, ``os._exit``) and ``simulate`` then ``write_outputs`` in this
+    process (kernels loaded on the main thread, or already) write the same files."""
+    from moesim.results.collect import write_outputs
+    from moesim.studies.simulate import simulate
+
+    overrides = {"model.n_layers": 4, "sim.fidelity": "des"}
+    sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
+    run = subprocess.run(
+        [sys.executable, "-m", "moesim", "run", BIG, "--out", str(tmp_path / "proc"), *sets],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    write_outputs(simulate(load_scenario(ROOT / BIG, overrides)), tmp_path / "here")
+    for name in ("devices.csv", "links.csv", "routing.csv", "expert_load.csv", "trace.json"):
+        assert (tmp_path / "proc" / name).read_bytes() == (tmp_path / "here" / name).read_bytes()
