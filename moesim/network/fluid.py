@@ -28,10 +28,10 @@ def _compiled():
     """The compiled kernels (numba, imported on first use: importing numba costs ~0.5 s), or
     an empty dict where numba is not installed; numpy versions do the same work slower."""
     if "loaded" not in _KERNELS:
-        _KERNELS["loaded"] = True
         try:
             from moesim.network import _maxmin_jit as jit
         except ImportError:  # pragma: no cover - numba not installed
+            _KERNELS["loaded"] = True
             return _KERNELS
         _KERNELS.update(
             maxmin=jit.maxmin_kernel,
@@ -45,6 +45,7 @@ def _compiled():
             sums=jit.contribution_sums,
             count_off=jit.count_off,
         )
+        _KERNELS["loaded"] = True  # after the import: a concurrent caller imports too
     return _KERNELS
 
 
