@@ -59,6 +59,23 @@ def _find(parent: np.ndarray, a: int) -> int:  # pragma: no cover - compiled
 
 
 @njit(cache=True)
+def _sort_small(a: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Sort ``a`` in place: insertion sort where short (a component's links), else numba's
+    (whose call costs more than sorting a few dozen numbers)."""
+    n = a.shape[0]
+    if n > 64:
+        a[:] = np.sort(a)
+        return
+    for i in range(1, n):
+        x = a[i]
+        j = i - 1
+        while j >= 0 and a[j] > x:
+            a[j + 1] = a[j]
+            j -= 1
+        a[j + 1] = x
+
+
+@njit(cache=True)
 def maxmin_components(
     paths: np.ndarray,
     capacity: np.ndarray,
@@ -77,85 +94,78 @@ def maxmin_components(
 
     A component with no dirty link has the flows, weights and links of its last solve, so
     its rates stand: re-solving only the others gives the rates of solving every component.
-    Each component's filling is :func:`moesim.network.fluid.maxmin_rates_numpy` on its flows
-    alone (its own fill level, so the tolerance lumps links of one component only, and
-    ``eps = 1e-9 x`` its smallest weight). ``ptr``/``flows_by_link``: flows by link
-    (:func:`build_csr`) over at least the live rows; rows not ``alive`` are skipped."""
+    The dirty components are found by a breadth-first search from their dirty links over
+    ``ptr``/``flows_by_link`` (flows by link, :func:`build_csr`, over at least the live
+    rows; rows not ``alive`` are skipped), so a solve costs the size of the components it
+    re-fills, not of the network. Each component's filling is
+    :func:`moesim.network.fluid.maxmin_rates_numpy` on its flows alone: its own fill level
+    (so the tolerance lumps links of one component only), ``eps = 1e-9 x`` its smallest
+    weight, its links' loads summed over their flows in row order and its links taken in
+    ascending id, the floating-point operations of filling it alone."""
     n_flows, width = paths.shape
     n_links = capacity.shape[0]
-    parent = np.arange(n_links)
-    for f in range(n_flows):
-        if not alive[f]:
-            continue
-        a = paths[f, 0]
-        if a < 0:
-            continue
-        ra = _find(parent, a)
-        for h in range(1, width):
-            b = paths[f, h]
-            if b < 0:
-                break
-            rb = _find(parent, b)
-            if rb != ra:  # the smaller id becomes the root: labels independent of order
-                if rb < ra:
-                    parent[ra] = rb
-                    ra = rb
-                else:
-                    parent[rb] = ra
-    for link in range(n_links):  # flatten: a parent is never above its child's id
-        parent[link] = parent[parent[link]]
-    redo = np.zeros(n_links, np.bool_)
-    for link in range(n_links):
-        if dirty[link]:
-            redo[parent[link]] = True
-            dirty[link] = False
-    load = np.zeros(n_links)
-    eps = np.full(n_links, np.inf)  # per component (at its root): 1e-9 x its least weight
+    seen = np.zeros(n_links, np.bool_)
     frozen = np.ones(n_flows, np.bool_)  # flows not alive or of a component kept as it was
-    for f in range(n_flows):
-        if not alive[f]:
+    links = np.empty(n_links, np.int64)  # the dirty components' links, one after another
+    starts = np.empty(n_links + 1, np.int64)
+    eps = np.empty(n_links)  # per component: 1e-9 x its least weight
+    n_comp = 0
+    n_seen = 0
+    for first in range(n_links):
+        if not dirty[first]:
             continue
-        a = paths[f, 0]
-        if a < 0:
+        dirty[first] = False
+        if seen[first]:
             continue
-        r = parent[a]
-        if not redo[r]:
-            continue
-        frozen[f] = False
-        rate[f] = 0.0
-        w = weight[f]
-        if 1e-9 * w < eps[r]:
-            eps[r] = 1e-9 * w
-        for h in range(width):
-            link = paths[f, h]
-            if link < 0:
-                break
-            load[link] += w
-    # the loaded links of the components to solve, by root, ascending (a counting sort)
-    start = np.zeros(n_links + 1, np.int64)
-    n_sel = 0
-    for link in range(n_links):
-        r = parent[link]
-        if load[link] > eps[r]:
-            start[r + 1] += 1
-            n_sel += 1
-    for r in range(n_links):
-        start[r + 1] += start[r]
-    fill = start[:-1].copy()
-    members = np.empty(n_sel, np.int64)
-    for link in range(n_links):
-        r = parent[link]
-        if load[link] > eps[r]:
-            members[fill[r]] = link
-            fill[r] += 1
-    cap = capacity.copy()
+        starts[n_comp] = n_seen
+        tiny = np.inf
+        seen[first] = True
+        links[n_seen] = first
+        n_seen += 1
+        head = starts[n_comp]
+        while head < n_seen:
+            link = links[head]
+            head += 1
+            for e in range(ptr[link], ptr[link + 1]):
+                f = flows_by_link[e]
+                if not alive[f] or not frozen[f]:
+                    continue
+                frozen[f] = False
+                rate[f] = 0.0
+                if 1e-9 * weight[f] < tiny:
+                    tiny = 1e-9 * weight[f]
+                for h in range(width):
+                    other = paths[f, h]
+                    if other < 0:
+                        break
+                    if not seen[other]:
+                        seen[other] = True
+                        links[n_seen] = other
+                        n_seen += 1
+        eps[n_comp] = tiny
+        n_comp += 1
+    starts[n_comp] = n_seen
+    load = np.empty(n_links)  # valid on the dirty components' links
+    cap = np.empty(n_links)
     live = np.empty(n_links, np.int64)
     share = np.empty(n_links)
-    for r in range(n_links):
-        n_live = start[r + 1] - start[r]
-        for i in range(n_live):
-            live[i] = members[start[r] + i]
-        tiny = eps[r]
+    for c in range(n_comp):
+        members = links[starts[c] : starts[c + 1]]
+        _sort_small(members)
+        tiny = eps[c]
+        n_live = 0
+        for i in range(members.shape[0]):
+            link = members[i]
+            total = 0.0
+            for e in range(ptr[link], ptr[link + 1]):  # its flows in row order
+                f = flows_by_link[e]
+                if not frozen[f]:
+                    total += weight[f]
+            load[link] = total
+            cap[link] = capacity[link]
+            if total > tiny:
+                live[n_live] = link
+                n_live += 1
         level = 0.0
         while n_live > 0:
             step = np.inf
