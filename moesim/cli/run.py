@@ -157,9 +157,7 @@ def run(args: argparse.Namespace) -> int:
         if args.out:
             out_dir(args.out)
         kernels = KernelLoad.start_for(scenario)
-        result = simulate(
-            scenario, progress=not args.quiet, before_engine=kernels and kernels.wait
-        )
+        result = simulate(scenario, progress=not args.quiet, before_engine=kernels and kernels.wait)
     except ScenarioError as err:
         err.file = err.file or str(args.scenario)
         raise
