@@ -97,7 +97,10 @@ def maxmin_components(
     The dirty components are found by a breadth-first search from their dirty links over
     ``ptr``/``flows_by_link`` (flows by link, :func:`build_csr`, over at least the live
     rows; rows not ``alive`` are skipped), so a solve costs the size of the components it
-    re-fills, not of the network. Each component's filling is
+    re-fills, not of the network; the search sums each link's load as it visits the link
+    (all its live flows are in its component). Each round of a filling takes the next
+    round's smallest share in the pass that drops its saturated links. Each component's
+    filling is
     :func:`moesim.network.fluid.maxmin_rates_numpy` on its flows alone: its own fill level
     (so the tolerance lumps links of one component only), ``eps = 1e-9 x`` its smallest
     weight, its links' loads summed over their flows in row order and its links taken in
@@ -109,6 +112,7 @@ def maxmin_components(
     links = np.empty(n_links, np.int64)  # the dirty components' links, one after another
     starts = np.empty(n_links + 1, np.int64)
     eps = np.empty(n_links)  # per component: 1e-9 x its least weight
+    load = np.empty(n_links)  # valid on the dirty components' links
     n_comp = 0
     n_seen = 0
     for first in range(n_links):
@@ -126,14 +130,19 @@ def maxmin_components(
         while head < n_seen:
             link = links[head]
             head += 1
-            for e in range(ptr[link], ptr[link + 1]):
+            total = 0.0
+            for e in range(ptr[link], ptr[link + 1]):  # its flows in row order
                 f = flows_by_link[e]
-                if not alive[f] or not frozen[f]:
+                if not alive[f]:
+                    continue
+                w = weight[f]
+                total += w
+                if not frozen[f]:
                     continue
                 frozen[f] = False
                 rate[f] = 0.0
-                if 1e-9 * weight[f] < tiny:
-                    tiny = 1e-9 * weight[f]
+                if 1e-9 * w < tiny:
+                    tiny = 1e-9 * w
                 for h in range(width):
                     other = paths[f, h]
                     if other < 0:
@@ -142,10 +151,10 @@ def maxmin_components(
                         seen[other] = True
                         links[n_seen] = other
                         n_seen += 1
+            load[link] = total
         eps[n_comp] = tiny
         n_comp += 1
     starts[n_comp] = n_seen
-    load = np.empty(n_links)  # valid on the dirty components' links
     cap = np.empty(n_links)
     live = np.empty(n_links, np.int64)
     share = np.empty(n_links)
@@ -154,27 +163,19 @@ def maxmin_components(
         _sort_small(members)
         tiny = eps[c]
         n_live = 0
+        step = np.inf
         for i in range(members.shape[0]):
             link = members[i]
-            total = 0.0
-            for e in range(ptr[link], ptr[link + 1]):  # its flows in row order
-                f = flows_by_link[e]
-                if not frozen[f]:
-                    total += weight[f]
-            load[link] = total
             cap[link] = capacity[link]
-            if total > tiny:
+            if load[link] > tiny:
                 live[n_live] = link
+                s = cap[link] / load[link]
+                share[n_live] = s
+                if s < step:
+                    step = s
                 n_live += 1
         level = 0.0
         while n_live > 0:
-            step = np.inf
-            for i in range(n_live):
-                link = live[i]
-                s = cap[link] / load[link]
-                share[i] = s
-                if s < step:
-                    step = s
             level += step
             thr = step + tolerance * level
             for i in range(n_live):
@@ -196,16 +197,21 @@ def maxmin_components(
                         if other < 0:
                             break
                         load[other] -= w
-            for i in range(n_live):
-                if share[i] <= thr:
-                    load[live[i]] = 0.0
-            j = 0
+            j = 0  # drop the saturated and emptied links; the next round's least share
+            nxt = np.inf
             for i in range(n_live):
                 link = live[i]
-                if load[link] > tiny:
+                if share[i] <= thr:
+                    load[link] = 0.0
+                elif load[link] > tiny:
                     live[j] = link
+                    s = cap[link] / load[link]
+                    share[j] = s
+                    if s < nxt:
+                        nxt = s
                     j += 1
             n_live = j
+            step = nxt
 
 
 @njit(cache=True)
