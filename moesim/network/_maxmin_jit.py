@@ -440,20 +440,32 @@ def contribution_sums(
 
 @njit(cache=True)
 def count_off(
-    contributors_left: np.ndarray, pos: np.ndarray, slots: np.ndarray
-) -> np.ndarray:  # pragma: no cover - compiled
+    contributors_left: np.ndarray,
+    pos: np.ndarray,
+    slots: np.ndarray,
+    latency_s: np.ndarray,
+    now: float,
+    group_ptr: np.ndarray,
+    groups: np.ndarray,
+    group_left: np.ndarray,
+    group_at: np.ndarray,
+) -> tuple[int, np.ndarray]:  # pragma: no cover - compiled
     """One contribution counted off each of ``slots`` (distinct); the slots this leaves
-    with no contributor to come and no flow in the network (``pos`` < 0), ascending as
-    given."""
+    with no contributor to come and no flow in the network (``pos`` < 0) are delivered
+    ``latency_s`` from ``now`` to the groups they feed (:func:`deliver`, ascending as
+    given). Returns how many slots were delivered and the groups whose last slot this
+    was."""
     final = np.empty(slots.shape[0], np.int64)
+    at_s = np.empty(slots.shape[0])
     k = 0
     for i in range(slots.shape[0]):
         s = slots[i]
         contributors_left[s] -= 1
         if contributors_left[s] == 0 and pos[s] < 0:
             final[k] = s
+            at_s[k] = now + latency_s[s]
             k += 1
-    return final[:k]
+    return k, deliver(group_ptr, groups, final[:k], at_s[:k], group_left, group_at)
 
 
 @njit(cache=True)

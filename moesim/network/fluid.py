@@ -100,7 +100,10 @@ def warm_up() -> None:
     k["link_loads"](paths, one, 1)
     k["merge"](idx, one, one, idx, idx + 1, one, np.ones(1, dtype=np.int64), acc, mark)
     k["sums"](idx, idx, idx, one, 1, 1)
-    k["count_off"](np.ones(1, dtype=np.int64), np.full(1, -1, dtype=np.int64), idx)
+    k["count_off"](
+        np.ones(1, dtype=np.int64), np.full(1, -1, dtype=np.int64), idx, one, 0.0,
+        np.array([0, 1]), idx, np.ones(1, dtype=np.int64), np.zeros(1),
+    )  # fmt: skip
 
 
 def compiled_kernel():
@@ -756,12 +759,17 @@ class FluidNetwork:
         blk.contributions_left -= len(slots)
         blk.open = blk.contributions_left > 0
         kernel = self._kernels.get("count_off")
-        if kernel is not None:
-            final = kernel(blk.contributors_left, blk.pos, slots)
-        else:
-            left = blk.contributors_left
-            left[slots] -= 1
-            final = slots[(left[slots] == 0) & (blk.pos[slots] < 0)]
+        if kernel is not None:  # counted off and delivered in one call
+            delivered, done = kernel(
+                blk.contributors_left, blk.pos, slots, blk.latency_s, now, blk.group_ptr,
+                blk.groups, self._group_left, self._group_at,
+            )  # fmt: skip
+            if delivered:
+                self._delivered(block, blk, delivered, done)
+            return
+        left = blk.contributors_left
+        left[slots] -= 1
+        final = slots[(left[slots] == 0) & (blk.pos[slots] < 0)]
         if len(final):
             self._deliver(block, final, now + blk.latency_s[final])
 
@@ -1147,16 +1155,25 @@ class FluidNetwork:
         slots, at_s = slots[final], at_s[final]
         if not len(slots):
             return
-        blk.slots_left -= len(slots)
-        if blk.slots_left == 0:
-            del self._blocks[block]
         kernel = self._kernels.get("deliver")
         if kernel is None:
+            blk.slots_left -= len(slots)
+            if blk.slots_left == 0:
+                del self._blocks[block]
             starts, lens = blk.group_ptr[slots], blk.group_ptr[slots + 1] - blk.group_ptr[slots]
             gidx = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())
             self._arrive(blk.groups[gidx], np.repeat(at_s, lens))
             return
         done = kernel(blk.group_ptr, blk.groups, slots, at_s, self._group_left, self._group_at)
+        self._delivered(block, blk, len(slots), done)
+
+    def _delivered(self, block: int, blk: _Block, n_slots: int, done: np.ndarray) -> None:
+        """``n_slots`` final slots of ``block`` delivered (compiled, :func:`deliver`): drop
+        the block once all are, and succeed the groups ``done`` (their last slot was among
+        them) in ascending order."""
+        blk.slots_left -= n_slots
+        if blk.slots_left == 0:
+            del self._blocks[block]
         if len(done) > 1:
             done.sort()  # ascending: the order their events are scheduled in
         for gid in done.tolist():
