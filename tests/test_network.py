@@ -284,6 +284,29 @@ def test_left_justify_keeps_each_rows_hops_in_order():
             assert got[: len(want)].tolist() == want and np.all(got[len(want) :] == -1)
 
 
+def test_path_latency_equals_the_row_reductions_bit_for_bit():
+    """Column-at-a-time sums and maxima give what ``sum(axis=1)`` and ``max(axis=1,
+    initial=0)`` give on every row, at every width (also past the column loop's limit), on
+    routed pairs of a two-tier topology and on random padded paths."""
+    from moesim.network.topology import ROW_SUM_MAX_WIDTH, _row_sums
+
+    rng = np.random.default_rng(5)
+    for width in range(ROW_SUM_MAX_WIDTH + 4):
+        a = rng.random((500, width)) * 10.0 ** rng.uniform(-9, -3, (500, width))
+        assert np.array_equal(_row_sums(a), a.sum(axis=1))
+    topo = _topology(nodes=4, per_node=8, inter_node="fat_tree")
+    assert topo.message_s.size  # the maxima are exercised
+    src, dst = _all_pairs(32)
+    paths = topo.routes(src, dst)
+    random_paths = rng.integers(-1, topo.n_links, (300, 6))
+    for p in (paths, random_paths, paths[:, :0]):
+        valid, ids = p >= 0, np.maximum(p, 0)
+        lat = np.where(valid, topo.latency_s[ids], 0.0).sum(axis=1)
+        msg = np.where(valid, topo.message_s[ids], 0.0).max(axis=1, initial=0.0)
+        want = lat + np.where(valid.any(axis=1), msg, 0.0)
+        assert np.array_equal(topo.path_latency_s(p), want)
+
+
 def test_numpy_fallback_gives_the_compiled_arrival_times(monkeypatch):
     """Without numba every network step runs its numpy version: same arrival times."""
     from moesim.network import fluid

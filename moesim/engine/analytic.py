@@ -110,7 +110,7 @@ class AnalyticEngine:
                 if done is None:
                     done = self._transfer(node, ready)
                 elif self._comm and node.phase != "pipeline":
-                    self.rec.in_flight(np.arange(n), ready, done)
+                    self.rec.in_flight_all(ready, done)
                 if stream is not None:
                     if node.wait:
                         if gpu:

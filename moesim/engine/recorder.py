@@ -69,6 +69,8 @@ class Recorder:
     def __post_init__(self) -> None:
         self.phase_s = {p: np.zeros(self.n_devices) for p in COMPUTE_PHASES + COMM_PHASES}
         self.finish_s = np.zeros(self.n_devices)
+        self._every = np.arange(self.n_devices)  # the devices of `in_flight_all`, read-only
+        self._every.flags.writeable = False
 
     def add(self, g: int, phase: str, start: float, end: float, layer: int) -> None:
         self.phase_s[phase][g] += end - start
@@ -88,6 +90,12 @@ class Recorder:
         if end.shape != devices.shape:
             end = np.broadcast_to(end, devices.shape)
         self.comm.append((devices, start, end))
+
+    def in_flight_all(self, start: np.ndarray, end: np.ndarray) -> None:
+        """A collective in flight on every device, device ``g`` from ``start[g]`` to
+        ``end[g]`` (:meth:`in_flight` over all devices, without its checks)."""
+        self._gather_one()
+        self.comm.append((self._every, start, end))
 
     def in_flight_one(self, g: int, start: float, end: float) -> None:
         """A collective in flight on device ``g`` from ``start`` to ``end``."""
@@ -109,7 +117,10 @@ class Recorder:
         """``(starts, ends)`` as ``[device, interval]`` tables in recording order, padded
         with +inf starts and -inf ends."""
         n, every = self.n_devices, np.arange(self.n_devices)
-        if all(len(c[0]) == n and np.array_equal(c[0], every) for c in self.comm):
+        if all(
+            c[0] is self._every or (len(c[0]) == n and np.array_equal(c[0], every))
+            for c in self.comm
+        ):
             # every collective on every device (the analytic engine's inference steps)
             return np.stack([c[1] for c in self.comm], 1), np.stack([c[2] for c in self.comm], 1)
         g = np.concatenate([c[0] for c in self.comm])
