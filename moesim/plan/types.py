@@ -101,10 +101,11 @@ def _layer_sums(tables: list[dict[str, np.ndarray]]) -> list[float]:
     arrays share a 1-D shape (a row's sum is the 1-D sum, bit for bit)."""
     arrays = [np.asarray(a, dtype=float) for t in tables for a in t.values()]
     if arrays and len({a.shape for a in arrays}) == 1 and arrays[0].ndim == 1:
-        sums = iter(np.stack(arrays).sum(axis=1).tolist())
+        sums = np.stack(arrays).sum(axis=1).tolist()
     else:
-        sums = iter([float(np.sum(a)) for a in arrays])
-    return [sum(next(sums) for _ in t) for t in tables]
+        sums = [float(np.sum(a)) for a in arrays]
+    ends = np.cumsum([len(t) for t in tables]).tolist()
+    return [sum(sums[lo:hi]) for lo, hi in zip([0, *ends[:-1]], ends, strict=True)]
 
 
 @dataclass
@@ -193,13 +194,15 @@ class WorkloadPlan:
 
     def measured_fraction(self) -> float:
         """Share of all devices' compute seconds that came from measured kernel tables."""
-        total = float(self.lm_head_s.sum())
         measured = (
             float(np.sum(self.lm_head_measured_s)) if self.lm_head_measured_s is not None else 0.0
         )
         # each layer's phases summed, then added in layer order: a plain loop's order
-        total = sum(_layer_sums([lp.compute_s for lp in self.layers]), total)
         measured = sum(_layer_sums([lp.measured_s for lp in self.layers]), measured)
+        if measured == 0.0:  # no measured kernel: the total is not needed
+            return 0.0
+        total = float(self.lm_head_s.sum())
+        total = sum(_layer_sums([lp.compute_s for lp in self.layers]), total)
         return measured / total if total > 0 else 0.0
 
     @property
