@@ -305,6 +305,13 @@ def test_path_latency_equals_the_row_reductions_bit_for_bit():
         msg = np.where(valid, topo.message_s[ids], 0.0).max(axis=1, initial=0.0)
         want = lat + np.where(valid.any(axis=1), msg, 0.0)
         assert np.array_equal(topo.path_latency_s(p), want)
+    # gathered from the all-pairs table: the same bits, also where a subset's routes are
+    # narrower than the table (pairs inside one node)
+    local = src // 8 == dst // 8
+    assert topo.routes(src[local], dst[local]).shape[1] < topo.tables["route_table"].shape[1]
+    for s, d in [(src, dst), (src[local], dst[local])]:
+        direct = topo.path_latency_s(topo.routes(s, d))
+        assert np.array_equal(topo.pair_latency_s(s, d), direct)
 
 
 def test_numpy_fallback_gives_the_compiled_arrival_times(monkeypatch):

@@ -216,7 +216,7 @@ class AnalyticEngine:
             if np.array_equal(s, src) and np.array_equal(d, dst):
                 return hit
         paths = self.topology.routes(src, dst)
-        hit = (paths, float(self.topology.path_latency_s(paths).max()))
+        hit = (paths, float(self.topology.pair_latency_s(src, dst).max()))
         self._recent_hops = [(src, dst, hit), *self._recent_hops[:3]]  # never modified
         return hit
 

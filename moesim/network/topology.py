@@ -93,8 +93,23 @@ class Topology:
             every = np.arange(n_dev * n_dev)
             table = self.tables["route_table"] = self._route(every // n_dev, every % n_dev)
         out = table[src * n_dev + dst]
-        width = int((out >= 0).sum(axis=1).max()) if len(out) else 0
+        width = out.shape[1]  # rows are left-justified: drop the columns no row reaches
+        while width and not (out[:, width - 1] >= 0).any():
+            width -= 1
         return out[:, :width]
+
+    def pair_latency_s(self, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+        """:meth:`path_latency_s` of each (src, dst) pair's route, gathered from a table of
+        every pair's where :meth:`routes` keeps one (the same numbers: a row's trailing
+        padding adds zeros)."""
+        table = self.tables.get("route_table")
+        if table is None or table.shape[1] > ROW_SUM_MAX_WIDTH:
+            return self.path_latency_s(self.routes(src, dst))
+        latency = self.tables.get("route_latency_s")
+        if latency is None:
+            latency = self.tables["route_latency_s"] = self.path_latency_s(table)
+        src, dst = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
+        return latency[src * self.n_devices + dst]
 
     def _route(self, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
         n = self.devices_per_node
