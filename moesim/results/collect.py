@@ -215,7 +215,9 @@ def _csv_column(values: Any) -> list | None:
 
 def _per_row(arrays: list[np.ndarray], stat) -> np.ndarray:
     """``stat`` (a function of a 2-D array along its rows) of each array: all at once where
-    they have one shape, one by one otherwise."""
+    they have one shape, one by one otherwise (a single 2-D array: its rows)."""
+    if len(arrays) == 1 and arrays[0].ndim == 2:
+        return stat(arrays[0])
     if len({a.shape for a in arrays}) == 1:
         return stat(np.stack(arrays))
     return np.concatenate([stat(a[None, :]) for a in arrays])
@@ -245,26 +247,29 @@ def routing_rows(plan: WorkloadPlan) -> list[dict[str, Any]]:
     if not moe:
         return []
     per_expert = [lp.expert_load.sum(axis=0) for lp in moe]
-    mom, cv = _per_row(per_expert, _max_over_mean_rows), _per_row(per_expert, _cv_rows)
+    if len({a.shape for a in per_expert}) == 1:  # one stack for both statistics
+        per_expert = [np.stack(per_expert)]
+    mom = _per_row(per_expert, _max_over_mean_rows).tolist()
+    cv = _per_row(per_expert, _cv_rows).tolist()
     # over the devices holding the layer's experts (its pipeline stage)
     held = [lp.device_tokens[lp.local_experts > 0] for lp in moe]
-    device_mom = _per_row(held, _max_over_mean_rows)
+    device_mom = _per_row(held, _max_over_mean_rows).tolist()
     # seconds the slowest device's experts add over the average device's
-    imbalance_s = _per_row([lp.compute_s["experts"] for lp in moe], _spread_rows)
+    imbalance_s = _per_row([lp.compute_s["experts"] for lp in moe], _spread_rows).tolist()
     rows = []
     for k, lp in enumerate(moe):
         history = lp.balance_history
         rows.append(
             {
                 "layer": lp.index,
-                "max_over_mean_load": float(mom[k]),
-                "cv_load": float(cv[k]),
-                "device_max_over_mean_load": float(device_mom[k]),
+                "max_over_mean_load": mom[k],
+                "cv_load": cv[k],
+                "device_max_over_mean_load": device_mom[k],
                 "routed_pairs": lp.routed_pairs,
                 "dropped_pairs": lp.dropped_pairs,
                 "cross_node_pairs": lp.cross_node_pairs,
                 "dispatch_bytes": lp.dispatch.total_bytes,
-                "imbalance_s": float(imbalance_s[k]),
+                "imbalance_s": imbalance_s[k],
                 "balance_steps": len(history),
                 "balance_first": float(history[0]) if len(history) else None,
                 "balance_last": float(history[-1]) if len(history) else None,
