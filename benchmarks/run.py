@@ -32,6 +32,7 @@ import csv
 import multiprocessing as mp
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -243,9 +244,57 @@ TARGETS = [
 ]
 
 
-def targets(quick: bool, points: int, csv_path: str | None) -> int:
-    """Time TARGETS and the reference workload in one run; print seconds, the ratio to the
-    simpy reference and the load average next to each."""
+def targets(quick: bool, points: int, csv_path: str | None, runs: int = 1) -> int:
+    """Time TARGETS and the reference workload ``runs`` times, printing each run as it goes
+    (:func:`_target_run`); after several, each row's median seconds and median ``x_simpy``
+    with every run's seconds beside them. The CSV holds the single run, or the medians."""
+    every = []
+    for k in range(runs):
+        if runs > 1:
+            print(f"run {k + 1} of {runs}", flush=True)
+        every.append(_target_run(quick, points))
+    rows = every[0] if runs == 1 else _median_rows(every)
+    if runs > 1:
+        print(f"median of {runs} runs")
+        print(f"{'row':<48} {'seconds':>9} {'x_simpy':>8} {'target_s':>8}  runs (seconds)")
+        for row in rows:
+            target = "" if row["target_s"] is None else f"{row['target_s']:g}"
+            print(
+                f"{row['row']:<48} {row['seconds']:>9.4f} {row['x_simpy']:>8.3f} {target:>8}  "
+                f"{row['runs']}  {row.get('kernels', '')}".rstrip()
+            )
+    if csv_path:
+        fields = ["row", "seconds", "x_simpy", "target_s", "load", "kernels"]
+        with open(csv_path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields + (["runs"] if runs > 1 else []))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {csv_path}")
+    return 0
+
+
+def _median_rows(every: list[list[dict]]) -> list[dict]:
+    """Per row of several runs: the median seconds, the median ``x_simpy`` (each run's own
+    ratio), the highest load, and every run's seconds (``runs``)."""
+    out = []
+    for same in zip(*every, strict=True):
+        seconds = [r["seconds"] for r in same]
+        digits = 4 if max(seconds) < 1 else 2
+        out.append(
+            {
+                **same[0],
+                "seconds": statistics.median(seconds),
+                "x_simpy": statistics.median(r["x_simpy"] for r in same),
+                "load": max(r["load"] for r in same),
+                "runs": ", ".join(f"{s:.{digits}f}" for s in seconds),
+            }
+        )
+    return out
+
+
+def _target_run(quick: bool, points: int) -> list[dict]:
+    """One run of TARGETS after the reference workload; prints seconds, the ratio to the
+    simpy reference and the load average next to each row as it finishes."""
     ref = reference_simpy_s()
     ref_np = reference_numpy_s()
     rows = [
@@ -286,15 +335,7 @@ def targets(quick: bool, points: int, csv_path: str | None) -> int:
         row = {"row": name, "seconds": seconds, "target_s": target, "kernels": kernels}
         show(row)
         rows.append(row)
-    if csv_path:
-        with open(csv_path, "w", newline="") as fh:
-            writer = csv.DictWriter(
-                fh, fieldnames=["row", "seconds", "x_simpy", "target_s", "load", "kernels"]
-            )
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"wrote {csv_path}")
-    return 0
+    return rows
 
 
 def main() -> int:
@@ -326,7 +367,8 @@ def main() -> int:
         type=int,
         default=1,
         help="run each scenario this many times (each in a fresh process) and report the "
-        "run with the median wall time (this VM's timings move 5-20%% between runs)",
+        "run with the median wall time (this VM's timings move 5-20%% between runs); with "
+        "--targets, run the whole set this many times and print each row's median",
     )
     p.add_argument(
         "--csv",
@@ -335,7 +377,7 @@ def main() -> int:
     )
     args = p.parse_args()
     if args.targets:
-        return targets(args.quick, args.points, args.csv)
+        return targets(args.quick, args.points, args.csv, args.repeat)
     ctx = mp.get_context("spawn")
     rows = []
     fidelities = ["analytic", "des"] if args.fidelity == "both" else [args.fidelity]
