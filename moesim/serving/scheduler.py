@@ -566,9 +566,12 @@ class ServingSimulation:
         replica, preempt its newest running requests (their KV freed, back to the head of the
         instance's queue, recomputed when readmitted), as vLLM does. Returns
         :meth:`_running` after it."""
-        per_token = self.costs.kv_bytes_per_token
-        for rep in inst.replicas:
-            need = self._gain(np.asarray(rep.running, dtype=np.int64)) * per_token
+        running, counts = self._running(inst)
+        every = self._gain(running) * self.costs.kv_bytes_per_token  # replica after replica
+        preempted = False
+        lo = 0
+        for rep, count in zip(inst.replicas, counts, strict=True):
+            need = every[lo : lo + count]
             total = float(need.sum())
             while len(rep.running) > 1 and rep.used_bytes + total > rep.capacity_bytes:
                 victim = rep.running.pop()
@@ -577,11 +580,13 @@ class ServingSimulation:
                 rep.seated -= 1
                 self.preemptions[victim] += 1
                 inst.waiting.appendleft(victim)
-            if rep.running:
+                preempted = True
+            if rep.running:  # what stays is a prefix of the replica's running list
                 need = need[: len(rep.running)]
-                self.held[np.asarray(rep.running, dtype=np.int64)] += need
+                self.held[running[lo : lo + len(rep.running)]] += need
                 self._kv(rep, float(need.sum()))
-        return self._running(inst)
+            lo += count
+        return self._running(inst) if preempted else (running, counts)
 
     def _hand_off(self, rep: _Replica, r: int) -> None:
         target = ROUTERS[self.serve.router](self.back, r)
