@@ -105,7 +105,7 @@ def _layer_sums(tables: list[dict[str, np.ndarray]]) -> list[float]:
     else:
         sums = [float(np.sum(a)) for a in arrays]
     ends = np.cumsum([len(t) for t in tables]).tolist()
-    return [sum(sums[lo:hi]) for lo, hi in zip([0, *ends[:-1]], ends, strict=True)]
+    return [sum(sums[lo:hi]) for lo, hi in zip([0, *ends][:-1], ends, strict=True)]
 
 
 @dataclass
