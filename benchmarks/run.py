@@ -179,9 +179,9 @@ def _process_s(args: list[str], repeat: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _des_in_process(path: str, overrides: dict) -> float:
+def _des_in_process(path: str, overrides: dict) -> tuple[float, str]:
     """Wall seconds of one discrete-event ``simulate`` (kernels warmed, no trace, no
-    progress), in a fresh process."""
+    progress), in a fresh process, and the network kernels it ran."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_run, args=(path, overrides, queue))
