@@ -213,14 +213,18 @@ def _csv_column(values: Any) -> list | None:
     return None
 
 
-def _per_row(arrays: list[np.ndarray], stat) -> np.ndarray:
-    """``stat`` (a function of a 2-D array along its rows) of each array: all at once where
-    they have one shape, one by one otherwise (a single 2-D array: its rows)."""
-    if len(arrays) == 1 and arrays[0].ndim == 2:
-        return stat(arrays[0])
-    if len({a.shape for a in arrays}) == 1:
-        return stat(np.stack(arrays))
-    return np.concatenate([stat(a[None, :]) for a in arrays])
+def _rows(arrays: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    """The arrays as the rows of one 2-D array where they have one shape, else as given."""
+    return np.stack(arrays) if len({a.shape for a in arrays}) == 1 else arrays
+
+
+def _per_row(arrays: np.ndarray | list[np.ndarray], stat) -> np.ndarray:
+    """``stat`` (a function of a 2-D array along its rows) of each row: all at once where
+    they are (or stack into) one 2-D array, one by one otherwise."""
+    rows = _rows(arrays) if isinstance(arrays, list) else arrays
+    if isinstance(rows, np.ndarray):
+        return stat(rows)
+    return np.concatenate([stat(a[None, :]) for a in rows])
 
 
 def _max_over_mean_rows(x: np.ndarray) -> np.ndarray:
@@ -246,9 +250,7 @@ def routing_rows(plan: WorkloadPlan) -> list[dict[str, Any]]:
     moe = [lp for lp in plan.layers if lp.moe]
     if not moe:
         return []
-    per_expert = [lp.expert_load.sum(axis=0) for lp in moe]
-    if len({a.shape for a in per_expert}) == 1:  # one stack for both statistics
-        per_expert = [np.stack(per_expert)]
+    per_expert = _rows([lp.expert_load.sum(axis=0) for lp in moe])  # stacked once, for both
     mom = _per_row(per_expert, _max_over_mean_rows).tolist()
     cv = _per_row(per_expert, _cv_rows).tolist()
     # over the devices holding the layer's experts (its pipeline stage)
