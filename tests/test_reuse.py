@@ -68,13 +68,21 @@ def test_reused_layer_plans_equal_field_by_field(monkeypatch):
         assert same(vars(la), vars(lb)), la.index
 
 
-def test_reused_blocks_are_copies(monkeypatch):
-    """A change to one layer's arrays leaves the others' alone."""
-    sc = moesim.load_scenario("scenarios/mixtral-8x7b-8xh100-decode.yaml", {"sim.trace": False})
+def test_reused_blocks_share_no_writable_array(monkeypatch):
+    """Layers that reuse a block share its arrays read-only: a write to one layer's array
+    raises and leaves the others' alone; their tables are their own."""
+    sc = moesim.load_scenario(
+        "scenarios/mixtral-8x7b-8xh100-decode.yaml", {"sim.trace": False, "sim.fidelity": "analytic"}
+    )
     layers = _layers(sc, True, monkeypatch)
+    assert layers[0].compute_s["experts"] is layers[1].compute_s["experts"]  # reused
     before = layers[1].compute_s["experts"].copy()
-    layers[0].compute_s["experts"] *= 2.0
+    with pytest.raises(ValueError, match="read-only"):
+        layers[0].compute_s["experts"] *= 2.0
     assert np.array_equal(layers[1].compute_s["experts"], before)
+    layers[0].compute_s["experts"] = before * 2.0  # a table entry replaced: that layer's only
+    assert np.array_equal(layers[1].compute_s["experts"], before)
+    assert layers[0].compute_s is not layers[1].compute_s
 
 
 def test_the_key_spawns_nothing():

@@ -356,12 +356,14 @@ def _apply_block(lp: LayerPlan, delta: dict) -> None:
 
 
 def _copier(value):
-    """A function that returns a copy of ``value`` sharing no writable array with it: arrays,
-    containers and dataclass instances (a block's tables) copied; a :class:`Traffic` (its
-    arrays are read-only), numbers, strings and None shared. The structure is walked once,
-    here, so each copy only copies."""
+    """A function that returns a copy of ``value`` sharing no writable array with it:
+    containers and dataclass instances (a block's tables) copied; arrays made read-only and
+    shared (a write to one layer's array raises instead of changing every layer's); a
+    :class:`Traffic` (its arrays are read-only), numbers, strings and None shared. The
+    structure is walked once, here, so each copy only copies."""
     if isinstance(value, np.ndarray):
-        return value.copy
+        value.flags.writeable = False
+        return lambda: value
     if isinstance(value, dict):
         items = [(k, _copier(v)) for k, v in value.items()]
         return lambda: {k: copy() for k, copy in items}
