@@ -72,7 +72,8 @@ def test_reused_blocks_share_no_writable_array(monkeypatch):
     """Layers that reuse a block share its arrays read-only: a write to one layer's array
     raises and leaves the others' alone; their tables are their own."""
     sc = moesim.load_scenario(
-        "scenarios/mixtral-8x7b-8xh100-decode.yaml", {"sim.trace": False, "sim.fidelity": "analytic"}
+        "scenarios/mixtral-8x7b-8xh100-decode.yaml",
+        {"sim.trace": False, "sim.fidelity": "analytic"},
     )
     layers = _layers(sc, True, monkeypatch)
     assert layers[0].compute_s["experts"] is layers[1].compute_s["experts"]  # reused
