@@ -12,6 +12,7 @@ and admission batches, not with tokens, bytes or flows delivered.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from itertools import repeat
 
@@ -327,57 +328,59 @@ def maxmin_rates_small(
     """:func:`maxmin_rates_by_component` over Python lists, the same floating-point
     operations on each component in the same order (so the same rates, bit for bit):
     ``rows[f]`` the links of flow ``f`` (no padding), ``capacity`` per link, ``weight`` per
-    flow (all given)."""
+    flow (all given). Each link's load and flows are gathered in one pass over the rows
+    (flows ascending, as ``np.bincount`` adds), its component found by a search over them
+    (a link belongs to one component, so these are the component's own sums)."""
     n_flows = len(rows)
     rate = [0.0] * n_flows
     if not n_flows:
         return rate
-    parent: dict[int, int] = {}
-
-    def find(a: int) -> int:
-        while parent.setdefault(a, a) != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for row in rows:
-        if row:
-            ra = find(row[0])
-            for link in row[1:]:
-                rb = find(link)
-                if rb != ra:
-                    ra, rb = min(ra, rb), max(ra, rb)
-                    parent[rb] = ra
-    members: dict[int, list[int]] = {}
+    load: dict[int, float] = {}
+    by_link: dict[int, list[int]] = {}
     for f, row in enumerate(rows):
-        if row:
-            members.setdefault(find(row[0]), []).append(f)
+        w = weight[f]
+        for link in row:
+            if link in load:
+                load[link] += w
+                by_link[link].append(f)
+            else:
+                load[link] = w
+                by_link[link] = [f]
     cap = list(capacity)
-    for flows in members.values():
-        eps = 1e-9 * min(weight[f] for f in flows)
-        _fill_small(rows, flows, cap, weight, tolerance, eps, rate)
+    seen: set[int] = set()
+    for first in by_link:
+        if first in seen:
+            continue
+        seen.add(first)
+        links, todo, tiny = [first], [first], math.inf
+        while todo:
+            for f in by_link[todo.pop()]:
+                if weight[f] < tiny:
+                    tiny = weight[f]
+                for link in rows[f]:
+                    if link not in seen:
+                        seen.add(link)
+                        links.append(link)
+                        todo.append(link)
+        eps = 1e-9 * tiny
+        _fill_small(rows, sorted(x for x in links if load[x] > eps), load, by_link, cap,
+                    weight, tolerance, eps, rate)  # fmt: skip
     return rate
 
 
 def _fill_small(
     rows: list[list[int]],
-    flows: list[int],
+    alive: list[int],
+    load: dict[int, float],
+    by_link: dict[int, list[int]],
     cap: list[float],
     weight: list[float],
     tolerance: float,
     eps: float,
     rate: list[float],
 ) -> None:
-    """Progressive filling of one component (``flows``, ascending) in place in ``rate``,
-    using up ``cap`` on its links."""
-    load: dict[int, float] = {}
-    by_link: dict[int, list[int]] = {}
-    for f in flows:  # row-major: each link's flows ascending, as bincount adds
-        w = weight[f]
-        for link in rows[f]:
-            load[link] = load.get(link, 0.0) + w
-            by_link.setdefault(link, []).append(f)
-    alive = sorted(link for link, x in load.items() if x > eps)
+    """Progressive filling of one component (its loaded links ``alive``, ascending) in place
+    in ``rate``, using up ``cap`` and ``load`` on its links."""
     frozen = set()
     level = 0.0
     while alive:

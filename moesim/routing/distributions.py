@@ -92,13 +92,13 @@ def topk_inclusion(probs: np.ndarray, top_k: int, nodes: int = INCLUSION_NODES) 
     quadrature (no sampling; :mod:`moesim.routing._inclusion_jit` gives the integral):
     ``pi_e = int_0^inf P(N_{-e}(u) < k) p_e exp(-p_e u) du``. Sums to ``top_k``; exactly
     ``k/E`` for uniform preferences; experts of zero preference get 0."""
-    from moesim.routing._inclusion_jit import inclusion_quadrature
-
     probs = np.asarray(probs, dtype=float)
     if np.allclose(probs, probs[0]):
         return np.full(len(probs), top_k / len(probs))
     if top_k == 1:
         return probs / probs.sum()
+    from moesim.routing._inclusion_jit import inclusion_quadrature  # numba: only where needed
+
     live = probs > 0
     pi = np.zeros(len(probs))
     p = probs[live] / probs[live].sum()
