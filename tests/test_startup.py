@@ -40,6 +40,17 @@ def test_a_run_without_tables_imports_no_table_or_graph_library():
     assert _heavy_imported_after(code) == {"numpy", "pydantic", "yaml"}
 
 
+def test_an_analytic_run_of_uniform_routing_imports_no_numba():
+    """Expected routing of uniform preferences needs no quadrature: the analytic run loads
+    neither numba nor the network's kernels (the compiled integral is for skewed ones)."""
+    code = (
+        "from moesim.cli import main\n"
+        "main(['run', '-q', 'scenarios/mixtral-8x7b-8xh100-decode.yaml',"
+        " '--set', 'sim.fidelity=analytic'])\n"
+    )
+    assert _heavy_imported_after(code) == {"numpy", "pydantic", "yaml"}
+
+
 def test_the_program_flushes_its_output_and_exit_code_before_its_fast_exit(tmp_path):
     """``python -m moesim`` ends with ``os._exit`` after the command (no interpreter
     teardown): what it printed and wrote is complete, and its exit codes are main's."""
