@@ -719,3 +719,38 @@ def test_kv_transfers_share_the_prefill_replicas_egress(tmp_path):
     prefilled = res.requests["first_token_s"].max()
     expected = prefilled + 2 * per_device / spec.bandwidth_bytes_per_s + spec.latency_s
     assert len(first) == 2 and np.allclose(first, expected, rtol=1e-9)
+
+
+@pytest.mark.parametrize("utilization", [None, "tight"])
+def test_kv_growth_in_one_pass_equals_replica_by_replica(monkeypatch, utilization):
+    """On-demand KV growth over 8 attention replicas: the one-pass update (whole bytes per
+    token, no replica preempting) gives the tables the replica-by-replica loop gives, with
+    room to spare and with a pool so small that decodes preempt (then it falls back)."""
+    from moesim.serving.scheduler import ServingSimulation
+
+    serve = {
+        "rate_per_s": 4000.0,
+        "n_requests": 300,
+        "max_batch_size": 256,
+        "kv_allocation": "on_demand",
+        "output_tokens": {"distribution": "uniform", "low": 2, "high": 200},
+    }
+    if utilization == "tight":
+        probe = simulate(serve_scenario({**serve, "n_requests": 2})).summary["kv_cache"]
+        budget = 10 * (PROMPT + 100) * probe["bytes_per_token"]  # per device: one replica
+        fixed = probe["weights_bytes_per_device"] + probe["activations_bytes_per_device"]
+        serve["memory_utilization"] = (fixed + budget) / 8e10
+    sc = serve_scenario(serve)
+    one_pass = simulate(sc)
+    calls = []
+
+    def per_replica(self, *args):
+        calls.append(1)
+        return False
+
+    monkeypatch.setattr(ServingSimulation, "_grow_all", per_replica)
+    loop = simulate(sc)
+    assert calls  # the one-pass path was on the way
+    assert one_pass.requests.equals(loop.requests) and one_pass.iterations.equals(loop.iterations)
+    preempted = int(one_pass.requests["preemptions"].sum())
+    assert (preempted > 0) == (utilization == "tight")

@@ -568,6 +568,8 @@ class ServingSimulation:
         :meth:`_running` after it."""
         running, counts = self._running(inst)
         every = self._gain(running) * self.costs.kv_bytes_per_token  # replica after replica
+        if len(counts) > 1 and self._grow_all(inst, running, counts, every):
+            return running, counts
         preempted = False
         lo = 0
         for rep, count in zip(inst.replicas, counts, strict=True):
@@ -587,6 +589,34 @@ class ServingSimulation:
                 self._kv(rep, float(need.sum()))
             lo += count
         return self._running(inst) if preempted else (running, counts)
+
+    def _grow_all(
+        self, inst: _Instance, running: np.ndarray, counts: list[int], every: np.ndarray
+    ) -> bool:
+        """:meth:`_grow` in one pass where no replica preempts and each replica's sum is
+        exact in any order (whole bytes per token, so integer bytes, summed below 2**53):
+        every replica's total from one cumulative sum, one update of ``held``. False, with
+        nothing changed, where that does not hold."""
+        if not float(self.costs.kv_bytes_per_token).is_integer():
+            return False
+        ends = np.cumsum(counts)
+        cum = np.concatenate(([0.0], np.cumsum(every)))
+        if cum[-1] >= 2.0**53:
+            return False
+        totals = (cum[ends] - cum[ends - counts]).tolist()
+        for rep, total in zip(inst.replicas, totals, strict=True):
+            if len(rep.running) > 1 and rep.used_bytes + total > rep.capacity_bytes:
+                return False
+        self.held[running] += every
+        now = self.env.now
+        for rep, total in zip(inst.replicas, totals, strict=True):
+            if rep.running:  # self._kv(rep, total), inlined
+                used = rep.used_bytes
+                rep.kv_area += used * (now - rep.kv_since)
+                rep.kv_since = now
+                rep.used_bytes = used = max(used + total, 0.0)
+                rep.peak_bytes = max(rep.peak_bytes, used)
+        return True
 
     def _hand_off(self, rep: _Replica, r: int) -> None:
         target = ROUTERS[self.serve.router](self.back, r)
