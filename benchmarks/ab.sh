@@ -8,7 +8,7 @@
 #   benchmarks/ab.sh /tmp/before des-2048-decode 2
 #
 # Rows (timed by each tree's own benchmarks/run.py, as --targets times them):
-#   des-2048-decode  des-256-prefill  process-256-prefill  points  serving
+#   des-2048-decode  des-256-prefill  process-256-prefill  process-mixtral  points  serving
 set -euo pipefail
 before=$(cd "${1:?older tree}" && pwd)
 row=${2:?row}
@@ -20,6 +20,7 @@ case "$row" in
   des-2048-decode) code="run._des_in_process('$S/deepseek-v3-2048xh800-decode.yaml', {'sim.fidelity': 'des'})[0]" ;;
   des-256-prefill) code="run._des_in_process('$S/deepseek-v3-256xh800-prefill.yaml', {'sim.fidelity': 'des'})[0]" ;;
   process-256-prefill) code="run._process_s(['run', '$S/deepseek-v3-256xh800-prefill.yaml'], 3)" ;;
+  process-mixtral) code="run._process_s(['run', '$S/mixtral-8x7b-8xh100-decode.yaml'], 5)" ;;
   points) code="'mixtral %.2f ms, deepseek-v3 256 %.2f ms' % (1e3 * run._analytic_points('$S/mixtral-8x7b-8xh100-decode.yaml', {}, 40), 1e3 * run._analytic_points('$S/deepseek-v3-256xh800-prefill.yaml', {}, 20))" ;;
   serving) code="run._serving_point_s('$S/mixtral-8x7b-8xh100-serve.yaml', 5)" ;;
   *) echo "error: unknown row '$row'" >&2; exit 2 ;;

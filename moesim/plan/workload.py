@@ -336,13 +336,17 @@ _PHASE_TABLES = ("compute_s", "flops", "measured_s")
 
 def _block_delta(before: dict, lp: LayerPlan) -> dict:
     """What the MoE block set on ``lp``: fields it replaced, and the phases it added, each as
-    a function that returns a fresh copy (:func:`_copier`)."""
+    a function that returns a fresh copy (:func:`_copier`); a phase table of shared values
+    is kept as the table itself (``update`` copies its entries)."""
     delta = {}
     for k, v in vars(lp).items():
         if k in _PHASE_TABLES:
-            delta[k] = _copier({p: v[p] for p in v if p not in before[k]})
+            added = {p: v[p] for p in v if p not in before[k]}
+            copy = _copier(added)
+            delta[k] = added if copy is None else copy
         elif k != "index" and v is not before[k]:
-            delta[k] = _copier(v)
+            copy = _copier(v)
+            delta[k] = (lambda v=v: v) if copy is None else copy
     return delta
 
 
@@ -350,30 +354,40 @@ def _apply_block(lp: LayerPlan, delta: dict) -> None:
     """Set on ``lp`` copies of what :func:`_block_delta` recorded."""
     for k, copy in delta.items():
         if k in _PHASE_TABLES:
-            getattr(lp, k).update(copy())
+            getattr(lp, k).update(copy if isinstance(copy, dict) else copy())
         else:
             setattr(lp, k, copy())
 
 
 def _copier(value):
-    """A function that returns a copy of ``value`` sharing no writable array with it:
-    containers and dataclass instances (a block's tables) copied; arrays made read-only and
-    shared (a write to one layer's array raises instead of changing every layer's); a
-    :class:`Traffic` (its arrays are read-only), numbers, strings and None shared. The
-    structure is walked once, here, so each copy only copies."""
+    """A function that returns a copy of ``value`` sharing no writable array with it, or
+    None where ``value`` itself can be shared: containers and dataclass instances (a block's
+    tables) copied; arrays made read-only and shared (a write to one layer's array raises
+    instead of changing every layer's); a :class:`Traffic` (its arrays are read-only),
+    numbers, strings and None shared. The structure is walked once, here, so each copy only
+    copies."""
     if isinstance(value, np.ndarray):
         value.flags.writeable = False
-        return lambda: value
+        return None
     if isinstance(value, dict):
-        items = [(k, _copier(v)) for k, v in value.items()]
-        return lambda: {k: copy() for k, copy in items}
+        items = [(k, v, _copier(v)) for k, v in value.items()]
+        if all(copy is None for _, _, copy in items):
+            return value.copy
+        return lambda: {k: v if copy is None else copy() for k, v, copy in items}
     if isinstance(value, list | tuple):
-        kind, parts = type(value), [_copier(v) for v in value]
-        return lambda: kind(copy() for copy in parts)
+        kind, parts = type(value), [(v, _copier(v)) for v in value]
+        if all(copy is None for _, copy in parts):
+            return value.copy if kind is list else None  # a tuple of shared values: itself
+        return lambda: kind(v if copy is None else copy() for v, copy in parts)
     if is_dataclass(value) and not isinstance(value, type | Traffic):
-        parts = [(f.name, _copier(getattr(value, f.name))) for f in fields(value) if f.init]
-        return lambda: replace(value, **{name: copy() for name, copy in parts})
-    return lambda: value  # Traffic, numbers, strings, None: shared
+        parts = [
+            (f.name, getattr(value, f.name), _copier(getattr(value, f.name)))
+            for f in fields(value)
+            if f.init
+        ]
+        changed = [(name, copy) for name, _, copy in parts if copy is not None]
+        return lambda: replace(value, **{name: copy() for name, copy in changed})
+    return None  # Traffic, numbers, strings, None: shared
 
 
 def _route(ctx: _Context, layer_seed, moe_index: int):
