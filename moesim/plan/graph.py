@@ -91,6 +91,8 @@ class Node:
 def _per_device(seconds, n_devices: int) -> np.ndarray:
     """``seconds`` as a read-only float vector over the devices (a view: never copied)."""
     if isinstance(seconds, np.ndarray) and seconds.shape == (n_devices,) and seconds.dtype == float:
+        if not seconds.flags.writeable:  # read-only already (a reused block's): itself
+            return seconds
         view = seconds.view()  # the common case, ~30x cheaper than broadcast_to
         view.flags.writeable = False
         return view
@@ -130,10 +132,12 @@ class StepGraph:
         """A kernel of ``seconds[g]`` on every device's ``stream`` (``None``: a join)."""
         if seconds is not None:
             seconds = _per_device(seconds, self.n_devices)
-        return self._add(
-            kind=COMPUTE, phase=phase, layer=layer, deps=deps, stream=stream, seconds=seconds,
-            label=label, devices=devices,
-        )  # fmt: skip
+        # what _add does, without its keyword dict (most nodes are kernels)
+        nid, mask = len(self.nodes), self.mask if devices is None else devices
+        node = Node(nid, COMPUTE, phase, layer, deps, stream, seconds=seconds, label=label)
+        node.devices = mask
+        self.nodes.append(node)
+        return nid
 
     def collective(
         self,
