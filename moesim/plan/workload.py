@@ -380,12 +380,8 @@ def _copier(value):
             return value.copy if kind is list else None  # a tuple of shared values: itself
         return lambda: kind(v if copy is None else copy() for v, copy in parts)
     if is_dataclass(value) and not isinstance(value, type | Traffic):
-        parts = [
-            (f.name, getattr(value, f.name), _copier(getattr(value, f.name)))
-            for f in fields(value)
-            if f.init
-        ]
-        changed = [(name, copy) for name, _, copy in parts if copy is not None]
+        parts = [(f.name, _copier(getattr(value, f.name))) for f in fields(value) if f.init]
+        changed = [(name, copy) for name, copy in parts if copy is not None]
         return lambda: replace(value, **{name: copy() for name, copy in changed})
     return None  # Traffic, numbers, strings, None: shared
 
