@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "moesim"
 # the data flow, first to last (docs/code-map.md)
 STAGES = [
     "_version",
+    "_jit",
     "catalog",
     "config",
     "cost",

@@ -74,3 +74,22 @@ def test_the_program_flushes_its_output_and_exit_code_before_its_fast_exit(tmp_p
         [sys.executable, "-m", "moesim"], capture_output=True, text=True, cwd=ROOT
     )
     assert usage.returncode == 2 and "COMMAND" in usage.stderr
+
+
+def test_loading_the_compiled_kernels_imports_no_scipy_linalg():
+    """numba's BLAS probe (an import of ``scipy.linalg``) is skipped while its array-math
+    module loads (``moesim._jit``): the kernels load and run without it, and afterwards
+    ``scipy.linalg`` imports and works as usual."""
+    code = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from moesim.network.fluid import maxmin_rates, warm_up\n"
+        "warm_up()\n"
+        "assert 'scipy.linalg' not in sys.modules\n"
+        "rates = maxmin_rates(np.array([[0], [0]]), np.array([3.0]), compiled=True)\n"
+        "assert np.allclose(rates, [1.5, 1.5]), rates\n"
+        "import scipy.linalg\n"
+        "assert np.isclose(scipy.linalg.det(np.eye(2) * 2.0), 4.0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr

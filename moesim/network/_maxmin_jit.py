@@ -11,7 +11,8 @@ machine code next to this file).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+
+from moesim._jit import njit
 
 
 @njit(cache=True)

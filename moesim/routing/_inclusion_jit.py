@@ -28,7 +28,7 @@ import math
 import numpy as np
 
 try:  # pragma: no cover - exercised where numba is installed
-    from numba import njit
+    from moesim._jit import njit
 except ImportError:  # pragma: no cover - numba not installed
 
     def njit(**_kwargs):
