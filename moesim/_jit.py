@@ -28,7 +28,7 @@ class _HideScipyLinalg(importlib.abc.MetaPathFinder):
     def __init__(self) -> None:
         self.thread = threading.get_ident()
 
-    def find_spec(self, name, path=None, target=None):  # noqa: ANN001 - importlib's signature
+    def find_spec(self, name, path=None, target=None):
         if name == "scipy.linalg" and threading.get_ident() == self.thread:
             raise ImportError("scipy.linalg hidden while numba.np.arraymath imports")
         return None
