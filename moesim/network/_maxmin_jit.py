@@ -321,6 +321,46 @@ def deliver(
 
 
 @njit(cache=True)
+def finish_rows(
+    idx: np.ndarray,
+    delay: np.ndarray,
+    blk_col: np.ndarray,
+    loc_col: np.ndarray,
+    block: int,
+    now: float,
+    pos: np.ndarray,
+    contributors_left: np.ndarray,
+    group_ptr: np.ndarray,
+    groups: np.ndarray,
+    group_left: np.ndarray,
+    group_at: np.ndarray,
+) -> tuple[int, np.ndarray, int]:  # pragma: no cover - compiled
+    """``FluidNetwork._finish`` of the retired rows ``idx`` (delivery delays ``delay``)
+    that belong to ``block``: each one's slot idles (``pos`` -1); those with no contributor
+    to come are delivered at ``now + delay`` to the groups they feed (:func:`deliver`, in
+    the order of ``idx``). Returns how many slots were delivered, the groups whose last
+    slot this was, and how many rows of ``idx`` belong to other blocks (left as they are)."""
+    k = idx.shape[0]
+    final = np.empty(k, np.int64)
+    at_s = np.empty(k)
+    n_final = 0
+    others = 0
+    for i in range(k):
+        r = idx[i]
+        if blk_col[r] != block:
+            others += 1
+            continue
+        s = loc_col[r]
+        pos[s] = -1
+        if contributors_left[s] == 0:
+            final[n_final] = s
+            at_s[n_final] = now + delay[i]
+            n_final += 1
+    done = deliver(group_ptr, groups, final[:n_final], at_s[:n_final], group_left, group_at)
+    return n_final, done, others
+
+
+@njit(cache=True)
 def next_finish_s(
     remaining: np.ndarray, rate: np.ndarray, alive: np.ndarray
 ) -> float:  # pragma: no cover - compiled

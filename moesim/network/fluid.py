@@ -45,6 +45,7 @@ def _compiled():
             admit=jit.admit_block,
             sums=jit.contribution_sums,
             count_off=jit.count_off,
+            finish=jit.finish_rows,
         )
         _KERNELS["loaded"] = True  # after the import: a concurrent caller imports too
     return _KERNELS
@@ -98,6 +99,10 @@ def warm_up() -> None:
         yes.copy(), idx.copy(),
     )  # fmt: skip
     k["deliver"](np.array([0, 1]), idx, idx, one, np.ones(1, dtype=np.int64), np.zeros(1))
+    k["finish"](
+        idx, one, idx, idx, 0, 0.0, np.full(1, -1), np.ones(1, dtype=np.int64), np.array([0, 1]),
+        idx, np.ones(1, dtype=np.int64), np.zeros(1),
+    )  # fmt: skip
     k["link_loads"](paths, one, 1)
     k["merge"](idx, one, one, idx, idx + 1, one, np.ones(1, dtype=np.int64), acc, mark)
     k["sums"](idx, idx, idx, one, 1, 1)
@@ -882,7 +887,7 @@ class FluidNetwork:
             if self.record_intervals and len(ended):
                 self.stats.intervals.extend(zip(ended.tolist(), since.tolist(), repeat(env.now)))
         if len(idx):
-            self._finish(idx, delay)
+            self._finish_compiled(idx, delay)
         return finish_s
 
     def _advance(self) -> None:
@@ -1133,6 +1138,34 @@ class FluidNetwork:
         if self._n - self._n_alive > max(256, self._n // 2):
             self._compact()
 
+    def _finish_compiled(self, idx: np.ndarray, delay: np.ndarray) -> None:
+        """:meth:`_finish` with the compiled ``finish_rows``: the rows of each block counted
+        off and delivered in one call (blocks share no slot and no group), then each block's
+        completed groups succeeded, blocks in ascending id as :meth:`_finish` does."""
+        cols, now, kernel = self._cols, self.env.now, self._kernels["finish"]
+        blk_col, loc_col = cols["blk"], cols["loc"]
+        first = int(blk_col[idx[0]])
+        blocks = [first]
+        out = []
+        for block in blocks:
+            blk = self._blocks[block]
+            n_final, done, others = kernel(
+                idx, delay, blk_col, loc_col, block, now, blk.pos, blk.contributors_left,
+                blk.group_ptr, blk.groups, self._group_left, self._group_at,
+            )  # fmt: skip
+            out.append((block, blk, n_final, done))
+            if others and block == first:
+                ids = blk_col[idx]
+                blocks.extend(np.unique(ids[ids != first]).tolist())
+        if len(out) > 1:
+            out.sort(key=lambda o: o[0])
+        for block, blk, n_final, done in out:
+            if n_final:
+                self._delivered(block, blk, n_final, done)
+        self._n_alive -= len(idx)
+        if self._n - self._n_alive > max(256, self._n // 2):
+            self._compact()
+
     def _compact(self) -> None:
         """Drop retired rows and renumber the positions of the flows that stay."""
         keep = np.flatnonzero(self._alive)
@@ -1177,10 +1210,16 @@ class FluidNetwork:
         blk.slots_left -= n_slots
         if blk.slots_left == 0:
             del self._blocks[block]
+        if not len(done):
+            return
         if len(done) > 1:
             done.sort()  # ascending: the order their events are scheduled in
-        for gid in done.tolist():
-            self._succeed_at(gid)
+        # what _succeed_at does for each, in one loop
+        pop, schedule, now = self._group_event.pop, self.env.schedule, self.env.now
+        for gid, at in zip(done.tolist(), self._group_at[done].tolist(), strict=True):
+            event = pop(gid)
+            event._ok, event._value = True, None
+            schedule(event, NORMAL, max(at - now, 0.0))
 
     def _succeed_at(self, gid: int) -> None:
         """Succeed group ``gid``'s event at its latest arrival: what a timeout whose callback
