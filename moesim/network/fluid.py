@@ -887,7 +887,7 @@ class FluidNetwork:
             if self.record_intervals and len(ended):
                 self.stats.intervals.extend(zip(ended.tolist(), since.tolist(), repeat(env.now)))
         if len(idx):
-            self._finish_compiled(idx, delay)
+            self._finish(idx, delay)
         return finish_s
 
     def _advance(self) -> None:
@@ -1126,28 +1126,32 @@ class FluidNetwork:
 
     def _finish(self, idx: np.ndarray, delay: np.ndarray) -> None:
         """Retired rows ``idx`` (already dead): their slots idle or are delivered ``delay``
-        from now (see :meth:`_deliver`); the table is compacted once half of it is dead."""
-        blk_ids, locs = self._blk[idx], self._loc[idx]
-        lo, hi = int(blk_ids.min()), int(blk_ids.max())
-        for b in [lo] if lo == hi else np.unique(blk_ids).tolist():
-            sel = slice(None) if lo == hi else blk_ids == b
-            s = locs[sel]
-            self._blocks[b].pos[s] = -1
-            self._deliver(b, s, self.env.now + delay[sel])
+        from now (see :meth:`_deliver`), block by block in ascending id; the table is
+        compacted once half of it is dead."""
+        if "finish" in self._kernels:
+            self._finish_compiled(idx, delay)
+        else:
+            blk_ids, locs = self._blk[idx], self._loc[idx]
+            lo, hi = int(blk_ids.min()), int(blk_ids.max())
+            for b in [lo] if lo == hi else np.unique(blk_ids).tolist():
+                sel = slice(None) if lo == hi else blk_ids == b
+                s = locs[sel]
+                self._blocks[b].pos[s] = -1
+                self._deliver(b, s, self.env.now + delay[sel])
         self._n_alive -= len(idx)
         if self._n - self._n_alive > max(256, self._n // 2):
             self._compact()
 
     def _finish_compiled(self, idx: np.ndarray, delay: np.ndarray) -> None:
-        """:meth:`_finish` with the compiled ``finish_rows``: the rows of each block counted
-        off and delivered in one call (blocks share no slot and no group), then each block's
-        completed groups succeeded, blocks in ascending id as :meth:`_finish` does."""
+        """:meth:`_finish`'s deliveries with the compiled ``finish_rows``: each block's rows
+        counted off and delivered in one call (blocks share no slot and no group), then
+        each block's completed groups succeeded, blocks in ascending id."""
         cols, now, kernel = self._cols, self.env.now, self._kernels["finish"]
         blk_col, loc_col = cols["blk"], cols["loc"]
         first = int(blk_col[idx[0]])
         blocks = [first]
         out = []
-        for block in blocks:
+        for block in blocks:  # the first row's block, then (where there are) the others
             blk = self._blocks[block]
             n_final, done, others = kernel(
                 idx, delay, blk_col, loc_col, block, now, blk.pos, blk.contributors_left,
@@ -1162,9 +1166,6 @@ class FluidNetwork:
         for block, blk, n_final, done in out:
             if n_final:
                 self._delivered(block, blk, n_final, done)
-        self._n_alive -= len(idx)
-        if self._n - self._n_alive > max(256, self._n // 2):
-            self._compact()
 
     def _compact(self) -> None:
         """Drop retired rows and renumber the positions of the flows that stay."""
@@ -1210,23 +1211,19 @@ class FluidNetwork:
         blk.slots_left -= n_slots
         if blk.slots_left == 0:
             del self._blocks[block]
-        if not len(done):
-            return
         if len(done) > 1:
             done.sort()  # ascending: the order their events are scheduled in
-        # what _succeed_at does for each, in one loop
+        self._succeed(done)
+
+    def _succeed(self, gids: np.ndarray) -> None:
+        """Succeed the events of groups ``gids``, in that order, each at its latest arrival:
+        what a timeout whose callback succeeds it would do (simpy's Timeout sets these same
+        fields), in one event not two."""
         pop, schedule, now = self._group_event.pop, self.env.schedule, self.env.now
-        for gid, at in zip(done.tolist(), self._group_at[done].tolist(), strict=True):
+        for gid, at in zip(gids.tolist(), self._group_at[gids].tolist(), strict=True):
             event = pop(gid)
             event._ok, event._value = True, None
             schedule(event, NORMAL, max(at - now, 0.0))
-
-    def _succeed_at(self, gid: int) -> None:
-        """Succeed group ``gid``'s event at its latest arrival: what a timeout whose callback
-        succeeds it would do (simpy's Timeout sets these same fields), in one event not two."""
-        event = self._group_event.pop(gid)
-        event._ok, event._value = True, None
-        self.env.schedule(event, NORMAL, max(float(self._group_at[gid]) - self.env.now, 0.0))
 
     def _arrive(self, gids: np.ndarray, at_s: np.ndarray) -> None:
         """Count slots delivered to their groups (arriving at ``at_s``); a group whose last
@@ -1240,8 +1237,7 @@ class FluidNetwork:
         counts = np.bincount(gids - lo, minlength=span)
         ids = np.flatnonzero(counts) + lo
         self._group_left[window] -= counts
-        for gid in ids[self._group_left[ids] == 0].tolist():
-            self._succeed_at(gid)
+        self._succeed(ids[self._group_left[ids] == 0])
 
     def _solve(self) -> None:
         """Re-solve the rates of the live flows (numpy or plain Python; compiled,
