@@ -984,7 +984,7 @@ class FluidNetwork:
         else:  # several senders: sum per slot (slot ids index the block, no sort)
             n_slots = len(blk.pos)
             count = np.bincount(every, minlength=n_slots)
-            slots = np.flatnonzero(count)
+            slots = count.nonzero()[0]
             nbytes = np.concatenate([blk.entry_bytes[lo:hi] for lo, hi in ranges])
             weight = np.concatenate([blk.entry_weight[lo:hi] for lo, hi in ranges])
             nbytes = np.bincount(every, nbytes, n_slots)[slots]
@@ -1076,7 +1076,7 @@ class FluidNetwork:
     def _backdate(self) -> None:
         """Credit flows admitted late (see class docstring) with what their first fair rate
         would have carried since they were sent, so batching admissions adds no delay."""
-        idx = np.flatnonzero(self._waited > 0)
+        idx = (self._waited > 0).nonzero()[0]
         if len(idx):
             credit = self._rate[idx] * self._waited[idx]
             self._remaining[idx] = np.maximum(self._remaining[idx] - credit, 0.0)
@@ -1084,15 +1084,17 @@ class FluidNetwork:
 
     def _next_finish_s(self) -> float:
         """Seconds until the first live flow finishes at its current rate."""
-        with np.errstate(divide="ignore", invalid="ignore"):
-            finish = np.where(self._alive & (self._rate > 0), self._remaining / self._rate, np.inf)
-        return float(np.min(finish))
+        rate = self._rate
+        finish = np.empty(len(rate))
+        finish.fill(np.inf)  # where no live flow sends (dividing only where one does)
+        np.divide(self._remaining, rate, out=finish, where=self._alive & (rate > 0))
+        return float(finish.min())
 
-    def _due(self) -> np.ndarray | None:
-        """Mask of the live flows inside their completion window, or None if there are none
-        (numpy; compiled, ``due_rows`` does this)."""
+    def _due(self) -> np.ndarray:
+        """Rows of the live flows inside their completion window (numpy; compiled,
+        ``due_rows`` does this)."""
         done = self._alive & (self._remaining <= self._rate * self._window() + 1e-9)
-        return done if done.any() else None
+        return done.nonzero()[0]
 
     def _window(self) -> np.ndarray:
         """Each flow's completion window: ``tolerance`` x its block's end-to-end time so far
@@ -1108,10 +1110,9 @@ class FluidNetwork:
         finish time plus path latency (numpy; compiled, ``network_cycle`` does this)."""
         if not self._n_alive:
             return False
-        done = self._due()
-        if done is None:
+        idx = self._due()
+        if not len(idx):
             return False
-        idx = np.flatnonzero(done)
         rate = np.where(self._rate[idx] > 0, self._rate[idx], np.inf)
         delay = self._latency[idx] + np.maximum(self._remaining[idx] / rate, 0.0)
         hops = self._paths[idx]
@@ -1169,7 +1170,7 @@ class FluidNetwork:
 
     def _compact(self) -> None:
         """Drop retired rows and renumber the positions of the flows that stay."""
-        keep = np.flatnonzero(self._alive)
+        keep = self._alive.nonzero()[0]
         k = len(keep)
         self._csr = None
         for col in self._cols.values():
@@ -1198,8 +1199,8 @@ class FluidNetwork:
             if blk.slots_left == 0:
                 del self._blocks[block]
             starts, lens = blk.group_ptr[slots], blk.group_ptr[slots + 1] - blk.group_ptr[slots]
-            gidx = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())
-            self._arrive(blk.groups[gidx], np.repeat(at_s, lens))
+            gidx = (starts - lens.cumsum() + lens).repeat(lens) + np.arange(lens.sum())
+            self._arrive(blk.groups[gidx], at_s.repeat(lens))
             return
         done = kernel(blk.group_ptr, blk.groups, slots, at_s, self._group_left, self._group_at)
         self._delivered(block, blk, len(slots), done)
@@ -1235,7 +1236,7 @@ class FluidNetwork:
         window = slice(lo, lo + span)
         np.maximum(self._group_at[window], latest, out=self._group_at[window])
         counts = np.bincount(gids - lo, minlength=span)
-        ids = np.flatnonzero(counts) + lo
+        ids = counts.nonzero()[0] + lo
         self._group_left[window] -= counts
         self._succeed(ids[self._group_left[ids] == 0])
 
@@ -1244,7 +1245,7 @@ class FluidNetwork:
         ``network_cycle`` does this) and end and start the links' busy intervals."""
         self.solves += 1
         if self._n_alive and self._n_alive * self._path_store.shape[1] <= SMALL_MAX_HOPS:
-            live = np.flatnonzero(self._alive)
+            live = self._alive.nonzero()[0]
             rows = [[link for link in row if link >= 0] for row in self._paths[live].tolist()]
             if self._capacity_list is None:
                 self._capacity_list = self.capacity.tolist()
@@ -1264,7 +1265,7 @@ class FluidNetwork:
             )[0]
         active = self._link_flows > 0
         now = self.env.now
-        ended = np.flatnonzero(self._link_active & ~active)
+        ended = (self._link_active & ~active).nonzero()[0]
         if len(ended):
             self.stats.busy_s[ended] += now - self._link_since[ended]
             if self.record_intervals:
