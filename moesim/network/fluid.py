@@ -1147,26 +1147,29 @@ class FluidNetwork:
         """:meth:`_finish`'s deliveries with the compiled ``finish_rows``: each block's rows
         counted off and delivered in one call (blocks share no slot and no group), then
         each block's completed groups succeeded, blocks in ascending id."""
-        cols, now, kernel = self._cols, self.env.now, self._kernels["finish"]
-        blk_col, loc_col = cols["blk"], cols["loc"]
+        blk_col = self._cols["blk"]
         first = int(blk_col[idx[0]])
-        blocks = [first]
-        out = []
-        for block in blocks:  # the first row's block, then (where there are) the others
-            blk = self._blocks[block]
-            n_final, done, others = kernel(
-                idx, delay, blk_col, loc_col, block, now, blk.pos, blk.contributors_left,
-                blk.group_ptr, blk.groups, self._group_left, self._group_at,
-            )  # fmt: skip
-            out.append((block, blk, n_final, done))
-            if others and block == first:
-                ids = blk_col[idx]
-                blocks.extend(np.unique(ids[ids != first]).tolist())
-        if len(out) > 1:
+        out = [self._finish_block(first, idx, delay)]
+        if out[0][3]:  # rows of other blocks too (rare): each of them in its own call
+            ids = blk_col[idx]
+            others = np.unique(ids[ids != first]).tolist()
+            out += [self._finish_block(b, idx, delay) for b in others]
             out.sort(key=lambda o: o[0])
-        for block, blk, n_final, done in out:
+        for block, n_final, done, _ in out:
             if n_final:
-                self._delivered(block, blk, n_final, done)
+                self._delivered(block, self._blocks[block], n_final, done)
+
+    def _finish_block(
+        self, block: int, idx: np.ndarray, delay: np.ndarray
+    ) -> tuple[int, int, np.ndarray, int]:
+        """``finish_rows`` on the rows of ``idx`` in ``block``: (block, slots delivered,
+        groups completed, rows of other blocks)."""
+        blk, cols = self._blocks[block], self._cols
+        n_final, done, others = self._kernels["finish"](
+            idx, delay, cols["blk"], cols["loc"], block, self.env.now, blk.pos,
+            blk.contributors_left, blk.group_ptr, blk.groups, self._group_left, self._group_at,
+        )  # fmt: skip
+        return block, n_final, done, others
 
     def _compact(self) -> None:
         """Drop retired rows and renumber the positions of the flows that stay."""
