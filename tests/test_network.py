@@ -241,9 +241,12 @@ def test_kept_flow_index_skips_retired_flows():
 
 def test_component_search_gives_the_reference_rates_on_long_chains():
     """The compiled solve finds each dirty component by a search over the flows-by-link
-    index, and takes its links in ascending id whatever their number (short ones sorted by
-    insertion, long ones by numba's sort): components of 3 to 200 links, the links numbered
-    out of order along each chain, give the rates of the numpy reference bit for bit."""
+    index, and takes its links in ascending id whatever their number: sorted per component
+    (by insertion where short, by numba's sort where long) when the dirty links are few
+    against the network's, and by one pass over the links in id order when they are many.
+    Components of 3 to 200 links, the links numbered out of order along each chain, one
+    chain dirty among 1 or 12 clean ones, give the rates of the numpy reference bit for
+    bit."""
     from moesim.network.fluid import _compiled, maxmin_rates_by_component
 
     kernels = _compiled()
@@ -251,24 +254,29 @@ def test_component_search_gives_the_reference_rates_on_long_chains():
         pytest.skip("numba not installed")
     rng = np.random.default_rng(17)
     for length in [3, 40, 64, 65, 200]:
-        n_links = 2 * length
-        order = rng.permutation(n_links)  # chain position -> link id
-        rows = [[order[i], order[i + 1]] for i in range(length - 1)]  # chain over `length`
-        rows += [[order[length + i], order[length + i + 1]] for i in range(length - 1)]
-        paths = np.array(rows, dtype=np.int64)
-        cap = rng.uniform(1.0, 10.0, n_links)
-        weight = rng.integers(1, 5, len(paths)).astype(float)
-        alive = np.ones(len(paths), dtype=np.bool_)
-        ptr, flows = kernels["csr"](paths, n_links, alive)
-        rate = np.full(len(paths), -1.0)
-        dirty = np.zeros(n_links, dtype=np.bool_)
-        dirty[order[length // 2]] = True  # only the first chain is re-solved
-        kernels["components"](paths, cap, weight, 1e-2, alive, ptr, flows, dirty, rate)
-        first = np.arange(len(paths)) < length - 1
-        expected = maxmin_rates_by_component(paths[first], cap, weight[first], 1e-2)
-        assert np.array_equal(rate[first], expected)
-        assert np.all(rate[~first] == -1.0)  # the clean chain's rates stand
-        assert not dirty.any()
+        for n_clean in [1, 12]:
+            n_chains = 1 + n_clean
+            n_links = n_chains * length
+            order = rng.permutation(n_links)  # chain position -> link id
+            rows = [
+                [order[c * length + i], order[c * length + i + 1]]
+                for c in range(n_chains)
+                for i in range(length - 1)
+            ]
+            paths = np.array(rows, dtype=np.int64)
+            cap = rng.uniform(1.0, 10.0, n_links)
+            weight = rng.integers(1, 5, len(paths)).astype(float)
+            alive = np.ones(len(paths), dtype=np.bool_)
+            ptr, flows = kernels["csr"](paths, n_links, alive)
+            rate = np.full(len(paths), -1.0)
+            dirty = np.zeros(n_links, dtype=np.bool_)
+            dirty[order[length // 2]] = True  # only the first chain is re-solved
+            kernels["components"](paths, cap, weight, 1e-2, alive, ptr, flows, dirty, rate)
+            first = np.arange(len(paths)) < length - 1
+            expected = maxmin_rates_by_component(paths[first], cap, weight[first], 1e-2)
+            assert np.array_equal(rate[first], expected)
+            assert np.all(rate[~first] == -1.0)  # the clean chains' rates stand
+            assert not dirty.any()
 
 
 def test_left_justify_keeps_each_rows_hops_in_order():
