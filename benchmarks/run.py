@@ -17,7 +17,8 @@ number is that run's). Also written to benchmarks/results.csv.
 
 ``--targets`` times the screening and start-up targets instead (see TARGETS): analytic points
 in-process, a serving point (2,000 requests, iteration grid already timed) in-process, whole
-``moesim run`` processes as a user runs them (trace and progress on), the discrete-event runs;
+``moesim run`` processes as a user runs them (progress on; the 256-GPU prefill also with
+``--out``, which records the timelines and writes trace.json), the discrete-event runs;
 and, in the same run, a fixed reference workload (one million simpy timeouts; a fixed numpy
 kernel), so that every row also reads as a ratio to the reference (``x_simpy``: seconds over
 the simpy reference's seconds), which moves far less than seconds from one machine to the
@@ -235,6 +236,12 @@ TARGETS = [
         f"{S}/deepseek-v3-256xh800-prefill.yaml",
         5.0,
     ),
+    (
+        "process: moesim run deepseek-v3 256 prefill --out",
+        "process-out",
+        f"{S}/deepseek-v3-256xh800-prefill.yaml",
+        5.0,
+    ),
     ("des: deepseek-v3 256 prefill", "des", f"{S}/deepseek-v3-256xh800-prefill.yaml", None),
     ("des: deepseek-v3 2048 decode", "des", f"{S}/deepseek-v3-2048xh800-decode.yaml", 30.0),
     (
@@ -361,6 +368,9 @@ def _target_run(quick: bool, points: int) -> list[dict]:
             seconds = _process_s(["--version"], 5)
         elif how == "process":
             seconds = _process_s(["run", path], 3 if "mixtral" in path else 1)
+        elif how == "process-out":  # every output written, trace.json with its timelines
+            with tempfile.TemporaryDirectory() as out:
+                seconds = _process_s(["run", path, "--out", f"{out}/run"], 1)
         elif how == "sweep":  # a fresh folder (nothing to resume); two layouts do not fit
             with tempfile.TemporaryDirectory() as out:
                 seconds = _process_s(["sweep", path, "--out", out, "--allow-failures"], 1)

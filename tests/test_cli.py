@@ -115,6 +115,41 @@ def test_run_prints_table_and_writes_outputs(tmp_path, capsys):
     }
 
 
+def test_run_records_timelines_only_where_out_writes_them(tmp_path, capsys, monkeypatch):
+    """Without --out nothing writes trace.json, so the engine records no timelines (the
+    scenario it gets has ``sim.trace`` off); the summary it prints is the one --out writes
+    with the timelines recorded, all but the run's own timings."""
+    import moesim.studies.simulate as simulate_module
+
+    seen = []
+    real = simulate_module.simulate
+
+    def spy(scenario, *args, **kwargs):
+        seen.append(scenario.sim.trace)
+        return real(scenario, *args, **kwargs)
+
+    monkeypatch.setattr(simulate_module, "simulate", spy)
+    path = _write(tmp_path, GOOD)
+    assert main(["run", str(path), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    out = tmp_path / "run"
+    assert main(["run", str(path), "--out", str(out), "-q"]) == 0
+    assert main(["run", str(path), "--out", str(tmp_path / "bare"), "--no-trace", "-q"]) == 0
+    assert seen == [False, True, False]
+
+    def slices(folder):
+        events = json.loads((folder / "trace.json").read_text())["traceEvents"]
+        return sum(e["ph"] == "X" for e in events)
+
+    assert slices(out) > 0 and slices(tmp_path / "bare") == 0
+    written = json.loads((out / "summary.json").read_text())
+    written.pop("scenario_resolved")
+    for summary in (printed, written):
+        for key in ("wall_s", "cpu_s"):
+            summary["sim"].pop(key, None)
+    assert printed == written
+
+
 def test_catalog_schema_version(capsys):
     assert main(["catalog"]) == 0
     text = capsys.readouterr().out

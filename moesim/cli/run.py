@@ -47,7 +47,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--no-trace",
         action="store_true",
-        help="skip recording timelines (faster, smaller output on big clusters)",
+        help="with --out, record no timelines (faster; trace.json holds only the track "
+        "names); without --out none are recorded, as nothing writes them",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing, no progress bar")
     return p
@@ -148,8 +149,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.set)
     if args.seed is not None:
         overrides["sim.seed"] = args.seed
-    if args.no_trace:
-        overrides["sim.trace"] = False
+    if args.no_trace or args.out is None:
+        overrides["sim.trace"] = False  # timelines are written only to --out: record none
     scenario = load_scenario(args.scenario, overrides)
     kernels = None
     try:
