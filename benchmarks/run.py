@@ -21,9 +21,9 @@ in-process, a serving point (2,000 requests, iteration grid already timed) in-pr
 ``--out``, which records the timelines and writes trace.json), the discrete-event runs;
 and, in the same run, a fixed reference workload (one million simpy timeouts; a fixed numpy
 kernel), so that every row also reads as a ratio to the reference (``x_simpy``: seconds over
-the simpy reference's seconds), which moves far less than seconds from one machine to the
-next. The load average is printed with each row. Written to
-benchmarks/targets.csv with --csv.
+the simpy reference's seconds, timed again just before and after the row), which moves far
+less than seconds from one machine to the next. The load average is printed with each row.
+Written to benchmarks/targets.csv with --csv.
 """
 
 from __future__ import annotations
@@ -97,6 +97,18 @@ def reference_simpy_s(n: int = 1_000_000) -> float:
     start = time.perf_counter()
     env.run()
     return time.perf_counter() - start
+
+
+BRACKET_TIMEOUTS = 300_000
+"""simpy timeouts timed just before and just after each target row: the mean of the two,
+scaled to a million, is the reference the row's ``x_simpy`` divides by (the machine's speed
+drifts over minutes, so a reference timed at the start of the run would not be the one the
+row ran at)."""
+
+
+def _bracket_simpy_s() -> float:
+    """The simpy reference, one million timeouts' worth, from :data:`BRACKET_TIMEOUTS`."""
+    return reference_simpy_s(BRACKET_TIMEOUTS) * (1_000_000 / BRACKET_TIMEOUTS)
 
 
 def reference_numpy_s() -> float:
@@ -282,7 +294,9 @@ def targets(quick: bool, points: int, csv_path: str | None, runs: int = 1) -> in
                 f"{_target_cells(row)}  {row['runs']}  {row.get('kernels', '')}".rstrip()
             )
     if csv_path:
-        fields = ["row", "seconds", "x_simpy", "target_s", "target_x", "met", "load", "kernels"]
+        fields = [
+            "row", "seconds", "x_simpy", "ref_s", "target_s", "target_x", "met", "load", "kernels"
+        ]  # fmt: skip
         with open(csv_path, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=fields + (["runs"] if runs > 1 else []))
             writer.writeheader()
@@ -324,6 +338,7 @@ def _median_rows(every: list[list[dict]]) -> list[dict]:
                 **same[0],
                 "seconds": statistics.median(seconds),
                 "x_simpy": statistics.median(r["x_simpy"] for r in same),
+                "ref_s": statistics.median(r["ref_s"] for r in same),
                 "load": max(r["load"] for r in same),
                 "runs": ", ".join(f"{s:.{digits}f}" for s in seconds),
             }
@@ -345,8 +360,9 @@ def _target_run(quick: bool, points: int) -> list[dict]:
         f"{'load':>5}  kernels"
     )
 
-    def show(row: dict) -> None:
-        row["x_simpy"] = row["seconds"] / ref
+    def show(row: dict, ref_s: float) -> None:
+        row["ref_s"] = ref_s
+        row["x_simpy"] = row["seconds"] / ref_s
         row["load"] = _load()
         _verdict(row)
         print(
@@ -356,10 +372,11 @@ def _target_run(quick: bool, points: int) -> list[dict]:
         )
 
     for row in rows:
-        show(row)
+        show(row, ref)
     for name, how, path, target in TARGETS:
         if quick and (("2048" in name and how != "point") or how == "sweep"):
             continue
+        before_s = _bracket_simpy_s()
         if how == "point":
             seconds = _analytic_points(path, {}, points)
         elif how == "serving":
@@ -378,7 +395,7 @@ def _target_run(quick: bool, points: int) -> list[dict]:
         if how == "des":
             seconds, kernels = _des_in_process(path, {"sim.fidelity": "des"})
         row = {"row": name, "seconds": seconds, "target_s": target, "kernels": kernels}
-        show(row)
+        show(row, (before_s + _bracket_simpy_s()) / 2)
         rows.append(row)
     return rows
 
