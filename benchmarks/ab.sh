@@ -7,6 +7,10 @@
 #   git worktree add /tmp/before <commit>
 #   benchmarks/ab.sh /tmp/before des-2048-decode 2
 #
+# A change that uses the second core (work on a thread beside the main one) cannot show on
+# one core: `serial` as a fourth argument runs the two trees one after the other instead,
+# each on every core, the first of each round alternating.
+#
 # Rows (timed by each tree's own benchmarks/run.py, as --targets times them):
 #   des-2048-decode  des-256-prefill  process-256-prefill  process-mixtral  points  serving
 set -euo pipefail
@@ -26,15 +30,23 @@ case "$row" in
   *) echo "error: unknown row '$row'" >&2; exit 2 ;;
 esac
 
-side() {  # side NAME TREE CORE
+mode=${4:-paired}
+case "$mode" in paired | serial) ;; *) echo "error: unknown mode '$mode' (paired | serial)" >&2; exit 2 ;; esac
+side() {  # side NAME TREE CORES
   (cd "$2" && PYTHONPATH="$2" taskset -c "$3" python -c "
 import sys; sys.path.insert(0, 'benchmarks'); import run
 print('$1', $code, flush=True)")
 }
 
+every=$(seq -s, 0 $(($(nproc) - 1)))
 for ((k = 0; k < rounds; k++)); do
   a=$((k % 2)); b=$((1 - a))
-  side before "$before" "$a" &
-  side now "$now" "$b" &
-  wait
+  if [ "$mode" = serial ]; then
+    if [ $a = 0 ]; then side before "$before" "$every"; side now "$now" "$every"
+    else side now "$now" "$every"; side before "$before" "$every"; fi
+  else
+    side before "$before" "$a" &
+    side now "$now" "$b" &
+    wait
+  fi
 done

@@ -802,6 +802,38 @@ def test_compiled_contribution_sums_equal_the_bincounts(monkeypatch):
     )
 
 
+def test_compiled_split_of_contributions_equals_the_masks(monkeypatch):
+    """Splitting a collective's contributions into those with bytes and the others: the
+    compiled pass gives the numpy masks' arrays (values, dtypes, per-sender offsets); each
+    sender's two ranges hold its contributions, in order."""
+    from moesim.network import aggregate, fluid
+    from moesim.network.aggregate import flow_pattern
+
+    if "split" not in fluid._compiled():
+        pytest.skip("numba not installed")
+    topo = _topology(nodes=32, per_node=8, inter_node="rail_optimized")
+    src, dst = _all_pairs(256)
+    nbytes = np.random.default_rng(4).uniform(0, 4 * MB, len(src))
+    nbytes[np.random.default_rng(5).random(len(src)) < 0.7] = 0.0
+    pat = flow_pattern(topo, src, dst, "node")
+    per_contrib, weight, _ = pat.contribution_sums(nbytes)
+    assert 0 < np.count_nonzero(per_contrib) < len(per_contrib)
+    compiled = pat.split_contributions(per_contrib, weight)
+    monkeypatch.setattr(aggregate, "COMPILED_MIN_ENTRIES", 1 << 62)
+    reference = pat.split_contributions(per_contrib, weight)
+    for got, want in zip(compiled, reference, strict=True):
+        assert np.array_equal(got, want) and got.dtype == want.dtype
+    slot, carried, _, full_at, empty_slot, empty_at = compiled
+    off = pat.contrib_offsets
+    for g in (0, 17, 255):
+        mine = pat.contrib_slot[off[g] : off[g + 1]]
+        sent = per_contrib[off[g] : off[g + 1]]
+        has = sent > 0
+        assert np.array_equal(slot[full_at[g] : full_at[g + 1]], mine[has])
+        assert np.array_equal(carried[full_at[g] : full_at[g + 1]], sent[has])
+        assert np.array_equal(empty_slot[empty_at[g] : empty_at[g + 1]], mine[~has])
+
+
 @pytest.mark.parametrize("compiled", [True, False])
 def test_a_late_zero_byte_sender_holds_its_receiver_one_latency(compiled):
     """Two senders into one slot of one link (1 GB/s, 1 us latency): A sends 1 MB at 0, B a

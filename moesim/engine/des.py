@@ -64,6 +64,7 @@ class Engine:
         topology: Topology | None = None,
         progress: bool | None = None,
         graph: StepGraph | None = None,
+        patterns: PatternCache | None = None,
     ) -> None:
         sc = plan.scenario
         self.plan = plan
@@ -72,7 +73,14 @@ class Engine:
         self.net = FluidNetwork(
             self.env, self.topology, sc.sim.network_tolerance, record_intervals=sc.sim.trace
         )
-        self.patterns = PatternCache(self.topology, sc.sim.aggregate)
+        fresh = PatternCache(self.topology, sc.sim.aggregate)
+        if (
+            patterns is None
+            or patterns.topology is not self.topology
+            or (patterns.mode != fresh.mode)
+        ):
+            patterns = fresh
+        self.patterns = patterns  # flow patterns by pairs (given: built alongside the plan)
         self.rec = Recorder(plan.n_devices, sc.sim.trace)
         self._comm = plan.train is None  # collectives in flight (inference summaries)
         nodes = self.graph.nodes
@@ -354,14 +362,13 @@ class Engine:
         traffic = node.traffic
         n = self.plan.n_devices
         pat = self.patterns.get(traffic.src, traffic.dst)
-        inbound = np.bincount(pat.receivers, minlength=n)
-        gids, events = self.net.groups(inbound)
+        gids, events = self.net.groups(pat.inbound(n))
         # the collective takes at least its busiest link's bytes over that link's bandwidth
         nbytes, weight, per_slot = pat.contribution_sums(traffic.nbytes)
         link_bytes = pat.link_bytes(traffic.nbytes, self.topology.n_links, per_slot)
         floor_s = float(np.max(link_bytes / self.net.capacity)) if len(link_bytes) else 0.0
-        full = nbytes > 0  # the others carry nothing: counted off, never admitted
-        ahead = np.concatenate([[0], np.cumsum(full)])[pat.contrib_offsets]
+        # the contributions without bytes are counted off, never admitted
+        *full, full_at, empty_slot, empty_at = pat.split_contributions(nbytes, weight)
         block = self.net.add_block(
             pat.paths,
             self.topology.collective_latency_s(
@@ -372,14 +379,14 @@ class Engine:
             pat.contributors,
             floor_s,
             link_bytes,
-            (pat.contrib_slot[full], nbytes[full], weight[full]),
+            tuple(full),
         )
         prep = _Prepared(
             block=block,
-            empty_slot=pat.contrib_slot[~full],
+            empty_slot=empty_slot,
             senders_left=n if node.devices is None else int(np.count_nonzero(node.devices)),
-            offsets=ahead.tolist(),
-            empty_offsets=(pat.contrib_offsets - ahead).tolist(),
+            offsets=full_at.tolist(),
+            empty_offsets=empty_at.tolist(),
         )
         if traffic.barrier and traffic.members is not None:
             prep.members = traffic.members

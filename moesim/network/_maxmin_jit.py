@@ -495,6 +495,43 @@ def contribution_sums(
 
 
 @njit(cache=True)
+def split_contributions(
+    nbytes: np.ndarray, weight: np.ndarray, slot: np.ndarray, offsets: np.ndarray
+) -> tuple[
+    np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray
+]:  # pragma: no cover - compiled
+    """A collective's contributions (sender ``g``'s are ``offsets[g]:offsets[g + 1]``)
+    split in one pass into those that carry bytes (their slot, bytes and weight) and the
+    others (their slot), each kept in order, with each sender's offsets into both
+    (``FlowPattern.split_contributions``)."""
+    n = nbytes.shape[0]
+    n_senders = offsets.shape[0] - 1
+    full_slot = np.empty(n, np.int64)
+    full_bytes = np.empty(n)
+    full_weight = np.empty(n)
+    empty_slot = np.empty(n, np.int64)
+    full_at = np.empty(n_senders + 1, np.int64)
+    empty_at = np.empty(n_senders + 1, np.int64)
+    k = 0
+    z = 0
+    for g in range(n_senders):
+        full_at[g] = k
+        empty_at[g] = z
+        for i in range(offsets[g], offsets[g + 1]):
+            if nbytes[i] > 0:
+                full_slot[k] = slot[i]
+                full_bytes[k] = nbytes[i]
+                full_weight[k] = weight[i]
+                k += 1
+            else:
+                empty_slot[z] = slot[i]
+                z += 1
+    full_at[n_senders] = k
+    empty_at[n_senders] = z
+    return full_slot[:k], full_bytes[:k], full_weight[:k], full_at, empty_slot[:z], empty_at
+
+
+@njit(cache=True)
 def count_off(
     contributors_left: np.ndarray,
     pos: np.ndarray,

@@ -87,6 +87,40 @@ class FlowPattern:
             np.bincount(self._entry_slot, weights=entry, minlength=self.n_slots),
         )
 
+    def split_contributions(
+        self, nbytes: np.ndarray, weight: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The contributions of bytes ``nbytes`` (weights ``weight``, per contribution:
+        :meth:`contribution_sums`) split into those that carry bytes and the others, each in
+        order: ``(slot, bytes, weight)`` of the first, their offsets per sender (``[g]:[g +
+        1]`` sender ``g``'s), the others' slots and their offsets per sender (one compiled
+        pass on patterns of at least ``COMPILED_MIN_ENTRIES`` entries)."""
+        if len(self.entry_pair) >= COMPILED_MIN_ENTRIES:
+            from moesim.network.fluid import _compiled
+
+            kernel = _compiled().get("split")
+            if kernel is not None:
+                return kernel(
+                    np.asarray(nbytes, float), np.asarray(weight, float), self.contrib_slot,
+                    self.contrib_offsets,
+                )  # fmt: skip
+        full = nbytes > 0
+        full_at = np.concatenate([[0], np.cumsum(full)])[self.contrib_offsets]
+        slot = self.contrib_slot
+        return (
+            slot[full], nbytes[full], weight[full], full_at, slot[~full],
+            self.contrib_offsets - full_at,
+        )  # fmt: skip
+
+    def inbound(self, n_devices: int) -> np.ndarray:
+        """Slots feeding each of ``n_devices`` devices (computed once, read-only)."""
+        cached = self.__dict__.get("_inbound")
+        if cached is None or len(cached) != n_devices:
+            cached = np.bincount(self.receivers, minlength=n_devices)
+            cached.setflags(write=False)
+            self.__dict__["_inbound"] = cached
+        return cached
+
     def link_bytes(
         self, nbytes: np.ndarray, n_links: int, per_slot: np.ndarray | None = None
     ) -> np.ndarray:

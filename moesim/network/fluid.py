@@ -44,6 +44,7 @@ def _compiled():
             cycle=jit.network_cycle,
             admit=jit.admit_block,
             sums=jit.contribution_sums,
+            split=jit.split_contributions,
             count_off=jit.count_off,
             finish=jit.finish_rows,
         )
@@ -106,6 +107,7 @@ def warm_up() -> None:
     k["link_loads"](paths, one, 1)
     k["merge"](idx, one, one, idx, idx + 1, one, np.ones(1, dtype=np.int64), acc, mark)
     k["sums"](idx, idx, idx, one, 1, 1)
+    k["split"](one, one, idx, np.array([0, 1]))
     k["count_off"](
         np.ones(1, dtype=np.int64), np.full(1, -1, dtype=np.int64), idx, one, 0.0,
         np.array([0, 1]), idx, np.ones(1, dtype=np.int64), np.zeros(1),

@@ -169,14 +169,7 @@ def _build(sc: Scenario, stage: range | list[int], check: bool = True) -> Worklo
     r = sc.routing
     trace = load_trace(r.trace) if r.distribution == "trace" else None
     ctx = _Context(sc, lay, b, _dispatch_layout(lay, r.global_routing), trace, {})
-    ctx.mode = dispatch_mode(sc)
-    dpn = sc.cluster.devices_per_node
-    size = lay.ep * lay.etp
-    if ctx.mode == "per_node" and (size <= dpn or size % dpn):
-        ctx.mode = "per_rank"  # an expert group inside one node (or not whole nodes)
-    if ctx.mode == "per_node":
-        ctx.node_layout = _node_layout(lay, dpn)
-        ctx.forward_layout = _dispatch_layout(lay, False, same_node=True)
+    ctx.mode, ctx.node_layout, ctx.forward_layout = _dispatch_stages(sc, lay)
     layer_seeds = np.random.SeedSequence(sc.sim.seed).spawn(m.n_layers)
     layers: list[LayerPlan] = []
     planned: dict[bytes, dict] = {}  # MoE blocks of expected routing, by preferences
@@ -226,6 +219,47 @@ def _build(sc: Scenario, stage: range | list[int], check: bool = True) -> Worklo
         # pim.sub_batches: one plan per sub-batch, interleaved in the graph (pim_placement.py)
         plan.sub_plans = [build_plan(half) for half in sub_batch_scenarios(sc)]
     return plan
+
+
+def _dispatch_stages(
+    sc: Scenario, lay: Layout
+) -> tuple[str, _NodeLayout | None, _DispatchLayout | None]:
+    """The dispatch mode as it applies to ``lay`` and, for ``per_node``, the pairs of its
+    network and intra-node stages."""
+    mode = dispatch_mode(sc)
+    dpn = sc.cluster.devices_per_node
+    size = lay.ep * lay.etp
+    if mode == "per_node" and (size <= dpn or size % dpn):
+        mode = "per_rank"  # an expert group inside one node (or not whole nodes)
+    if mode != "per_node":
+        return mode, None, None
+    return mode, _node_layout(lay, dpn), _dispatch_layout(lay, False, same_node=True)
+
+
+def dispatch_pairs(sc: Scenario) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (source, destination) device pairs of every MoE dispatch stage of ``sc``'s step
+    and of its combine (the same pairs reversed), fixed by the layout before any routing
+    draw: what the engine maps onto network flows (``moesim.network.aggregate``), known
+    while the plan is still being built. Empty where the model has no MoE layer, and with
+    pipeline stages or inference micro-batches (whose pieces have layouts of their own)."""
+    sc = with_batch_resolved(sc)
+    par, m = sc.parallelism, sc.model
+    if par.pp > 1 or par.inference_micro_batches > 1 or m.n_dense_layers >= m.n_layers:
+        return []
+    lay = layout(sc)
+    mode, node_layout, forward_layout = _dispatch_stages(sc, lay)
+    if mode != "per_node":
+        pairs = _dispatch_layout(lay, sc.routing.global_routing)
+        return [(pairs.src, pairs.dst), (pairs.dst, pairs.src)]
+    stages = [(node_layout.src, node_layout.dst), (forward_layout.src, forward_layout.dst)]
+    combine = [(dst, src) for src, dst in reversed(stages)]  # LayerPlan.combine_stages
+    if sc.routing.per_node_stages != "streamed":
+        return stages + combine
+    # one collective of both legs (moesim.plan.types.streamed, as the step graph merges them)
+    return [
+        (np.concatenate([s for s, _ in legs]), np.concatenate([d for _, d in legs]))
+        for legs in (stages, combine)
+    ]
 
 
 def _tp_bytes(ctx: _Context) -> np.ndarray:

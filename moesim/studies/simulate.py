@@ -29,8 +29,16 @@ def simulate(
     from moesim.plan.workload import build_plan
     from moesim.results.collect import collect
 
-    engine_cls = AnalyticEngine if scenario.sim.fidelity == "analytic" else Engine
-    plan = build_plan(scenario)
+    if scenario.sim.fidelity == "analytic":
+        plan = build_plan(scenario)
+        if before_engine is not None:
+            before_engine()
+        return collect(AnalyticEngine(plan, progress=progress).run())
+    from moesim.engine.inputs import NetworkPrefetch
+
+    network = NetworkPrefetch(scenario)  # topology and all-to-all flows, beside the plan
+    plan = build_plan(scenario)  # (if it raises, the daemon thread's work is dropped)
+    topology, patterns = network.result()
     if before_engine is not None:
         before_engine()
-    return collect(engine_cls(plan, progress=progress).run())
+    return collect(Engine(plan, topology, progress, patterns=patterns).run())
