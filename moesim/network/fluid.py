@@ -731,9 +731,8 @@ class FluidNetwork:
         ``tolerance`` x the block's floor from now."""
         blk = self._blocks[block]
         now = self.env.now
-        slots = blk.entry_slot[lo:hi]
-        nbytes = blk.entry_bytes[lo:hi]
         if not blk.counted:
+            slots, nbytes = blk.entry_slot[lo:hi], blk.entry_bytes[lo:hi]
             rows = blk.paths[slots]
             valid = rows >= 0
             self.stats.bytes_carried += np.bincount(
@@ -749,7 +748,10 @@ class FluidNetwork:
         blk.n_waiting += hi - lo
         # neither the block nor this contribution can finish sooner than this (a block's
         # floor, its busiest link, already bounds every flow's bytes over its slowest link)
-        floor_s = blk.floor_s or float(np.max(nbytes / blk.cap_min[slots] + blk.latency_s[slots]))
+        floor_s = blk.floor_s
+        if not floor_s:
+            slots, nbytes = blk.entry_slot[lo:hi], blk.entry_bytes[lo:hi]
+            floor_s = float(np.max(nbytes / blk.cap_min[slots] + blk.latency_s[slots]))
         self._admit_at = min(self._admit_at, now + self.tolerance * floor_s)
         blk.start_s = min(blk.start_s, now)
         # bring the next cycle forward only if it would otherwise come after the admission
@@ -818,8 +820,9 @@ class FluidNetwork:
         """Run the next cycle ``delay`` seconds from now (one timeout; a cycle scheduled
         earlier and now superseded finds its ticket stale and does nothing)."""
         self._ticket += 1
-        self._wake_at = self.env.now + max(delay, 0.0)
-        timeout = self.env.timeout(max(delay, 0.0))
+        delay = delay if delay > 0.0 else 0.0  # as max(delay, 0.0)
+        self._wake_at = self.env.now + delay
+        timeout = self.env.timeout(delay)
         timeout.callbacks.append(lambda _e, ticket=self._ticket: self._cycle(ticket))
 
     def _cycle(self, ticket: int) -> None:
