@@ -264,3 +264,37 @@ def test_time_in_flight_adds_in_the_order_of_a_plain_loop():
                 want[g] += max(0.0, e - max(s, reach))
                 reach = max(reach, e)
         assert np.array_equal(rec.comm_busy_s(), want)
+
+
+def test_a_stream_runs_its_walk_as_a_simpy_process_would():
+    """``_Stream`` drives a generator with the events ``simpy.Process`` gives it: the same
+    clock at every step, a failed event raised into it (and caught there), the value of a
+    succeeded one sent, and the same number of events processed, its end included."""
+    from moesim.engine.des import _Stream
+    from moesim.engine.recorder import CountingEnvironment
+
+    def walk(env, seen):
+        yield env.timeout(1.5)
+        seen.append(env.now)
+        bad = env.event()
+        bad.fail(ValueError("late"))
+        try:
+            yield bad
+        except ValueError as err:
+            seen.append(str(err))
+        good = env.event()
+        good.succeed("value")
+        seen.append((yield good))
+        yield env.timeout(0.25)
+        seen.append(env.now)
+
+    runs = []
+    for start in (lambda env, g: env.process(g), _Stream):
+        env, seen = CountingEnvironment(), []
+        for _ in range(3):
+            start(env, walk(env, seen))
+        env.run()
+        runs.append((seen, env.now, env.events_processed))
+    assert runs[0] == runs[1]
+    seen, end, _ = runs[0]
+    assert seen == [1.5] * 3 + ["late"] * 3 + ["value"] * 3 + [1.75] * 3 and end == 1.75
