@@ -19,19 +19,22 @@ are built from, so that a screening loop (or a sweep over layouts of one cluster
 once; a topology is never modified after it is built, apart from its lazily routed table."""
 
 _TOPOLOGIES: dict[str, Topology] = {}
+_TOPOLOGIES_LOCK = threading.Lock()  # a prefetch thread may still run beside the next point
 
 
 def scenario_topology(sc) -> Topology:
     """The topology of scenario ``sc``, built once per distinct cluster settings
-    (:data:`TOPOLOGY_CACHE_SIZE` kept, the oldest dropped first)."""
+    (:data:`TOPOLOGY_CACHE_SIZE` kept, the oldest dropped first); safe to call from
+    several threads."""
     parts = (sc.cluster, sc.topology, sc.pim, sc.tiers)
     key = "\n".join("null" if p is None else p.model_dump_json() for p in parts)
-    topology = _TOPOLOGIES.pop(key, None)
-    if topology is None:
-        topology = build_topology(*parts)
-    _TOPOLOGIES[key] = topology  # most recent last
-    while len(_TOPOLOGIES) > TOPOLOGY_CACHE_SIZE:
-        del _TOPOLOGIES[next(iter(_TOPOLOGIES))]
+    with _TOPOLOGIES_LOCK:
+        topology = _TOPOLOGIES.pop(key, None)
+        if topology is None:
+            topology = build_topology(*parts)
+        _TOPOLOGIES[key] = topology  # most recent last
+        while len(_TOPOLOGIES) > TOPOLOGY_CACHE_SIZE:
+            del _TOPOLOGIES[next(iter(_TOPOLOGIES))]
     return topology
 
 
