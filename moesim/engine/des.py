@@ -22,7 +22,7 @@ from simpy.events import URGENT
 from tqdm import tqdm
 
 from moesim.engine.inputs import step_inputs
-from moesim.engine.recorder import CountingEnvironment, Recorder
+from moesim.engine.recorder import CountingEnvironment, Recorder, failure_copy
 from moesim.network import FluidNetwork, Topology
 from moesim.network.aggregate import PatternCache
 from moesim.network.fluid import LinkStats
@@ -79,9 +79,7 @@ class _Stream:
                     event = send(event._value)
                 else:  # as simpy: the walk gets its own copy of the exception
                     event._defused = True
-                    exc = type(event._value)(*event._value.args)
-                    exc.__cause__ = event._value
-                    event = self._generator.throw(exc)
+                    event = self._generator.throw(failure_copy(event))
             except StopIteration:
                 end = simpy.Event(self._env)  # a process is an event that ends it
                 end._ok, end._value = True, None

@@ -12,6 +12,14 @@ import simpy
 from moesim.plan.graph import COMM_PHASES, COMPUTE_PHASES
 
 
+def failure_copy(event: simpy.Event) -> BaseException:
+    """The exception of a failed ``event``, copied as simpy copies it for whoever raises it
+    (its cause the original, whose traceback other waiters keep)."""
+    exc = type(event._value)(*event._value.args)
+    exc.__cause__ = event._value
+    return exc
+
+
 class CountingEnvironment(simpy.Environment):
     """A simpy environment that counts processed events (monitoring by wrapping ``step``).
 
@@ -40,9 +48,7 @@ class CountingEnvironment(simpy.Environment):
         for callback in callbacks:
             callback(event)
         if not event._ok and not hasattr(event, "_defused"):
-            exc = type(event._value)(*event._value.args)  # as simpy's step raises
-            exc.__cause__ = event._value
-            raise exc
+            raise failure_copy(event)  # as simpy's step raises
 
     def run(self, until=None):
         if until is not None:
@@ -58,9 +64,7 @@ class CountingEnvironment(simpy.Environment):
                 for callback in callbacks:
                     callback(event)
                 if not event._ok and not hasattr(event, "_defused"):
-                    exc = type(event._value)(*event._value.args)  # as simpy's step raises
-                    exc.__cause__ = event._value
-                    raise exc
+                    raise failure_copy(event)  # as simpy's step raises
             n += 1  # the step that finds the queue empty
         finally:
             self.events_processed += n
