@@ -24,7 +24,7 @@ from tqdm import tqdm
 from moesim.engine.inputs import step_inputs
 from moesim.engine.recorder import CountingEnvironment, Recorder, failure_copy
 from moesim.network import FluidNetwork, Topology
-from moesim.network.aggregate import PatternCache
+from moesim.network.aggregate import PatternCache, aggregation_mode
 from moesim.network.fluid import LinkStats
 from moesim.plan.graph import (
     COLLECTIVE,
@@ -111,13 +111,9 @@ class Engine:
         self.net = FluidNetwork(
             self.env, self.topology, sc.sim.network_tolerance, record_intervals=sc.sim.trace
         )
-        fresh = PatternCache(self.topology, sc.sim.aggregate)
-        if (
-            patterns is None
-            or patterns.topology is not self.topology
-            or (patterns.mode != fresh.mode)
-        ):
-            patterns = fresh
+        mode = aggregation_mode(self.topology, sc.sim.aggregate)
+        if patterns is None or patterns.topology is not self.topology or patterns.mode != mode:
+            patterns = PatternCache(self.topology, mode)
         self.patterns = patterns  # flow patterns by pairs (given: built alongside the plan)
         self.rec = Recorder(plan.n_devices, sc.sim.trace)
         self._comm = plan.train is None  # collectives in flight (inference summaries)
