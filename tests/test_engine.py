@@ -298,3 +298,30 @@ def test_a_stream_runs_its_walk_as_a_simpy_process_would():
     assert runs[0] == runs[1]
     seen, end, _ = runs[0]
     assert seen == [1.5] * 3 + ["late"] * 3 + ["value"] * 3 + [1.75] * 3 and end == 1.75
+
+
+def test_the_counting_environment_schedules_timeouts_and_events_as_simpy_does():
+    """Its own ``timeout`` and ``event`` queue what simpy's would: the same (time, priority,
+    id) entries for the same calls, a value carried, a negative delay refused."""
+    import simpy
+
+    from moesim.engine.recorder import CountingEnvironment
+
+    queues = []
+    for env in (simpy.Environment(), CountingEnvironment()):
+        env.timeout(0.5)
+        pending = env.event()
+        pending.succeed("done")
+        env.timeout(2.0, value="late")
+        env.timeout(0.0)
+        queues.append([(t, prio, eid, type(ev), ev._value) for t, prio, eid, ev in env._queue])
+        with pytest.raises(ValueError, match="Negative delay"):
+            env.timeout(-1.0)
+    assert queues[0] == queues[1]
+    by_id = sorted(queues[1], key=lambda entry: entry[2])
+    assert [(entry[0], entry[4]) for entry in by_id] == [
+        (0.5, None),
+        (0.0, "done"),
+        (2.0, "late"),
+        (0.0, None),
+    ]

@@ -4,10 +4,11 @@ monitoring by wrapping, outside the device and network models."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from heapq import heappop
+from heapq import heappop, heappush
 
 import numpy as np
 import simpy
+from simpy.events import NORMAL, Timeout
 
 from moesim.plan.graph import COMM_PHASES, COMPUTE_PHASES
 
@@ -35,6 +36,23 @@ class CountingEnvironment(simpy.Environment):
         super().__init__()
         self.now = self._now
         self.events_processed = 0
+
+    def timeout(self, delay: float, value=None) -> Timeout:
+        """simpy's ``Timeout``, made and scheduled here: simpy binds ``env.timeout`` to its
+        environment's own class only, so on a subclass each access went through a
+        descriptor; the same event, scheduled the same way."""
+        if delay < 0:
+            raise ValueError(f"Negative delay {delay}")
+        event = object.__new__(Timeout)
+        event.env, event.callbacks, event._value, event._delay, event._ok = (
+            self, [], value, delay, True
+        )
+        heappush(self._queue, (self._now + delay, NORMAL, next(self._eid), event))
+        return event
+
+    def event(self) -> simpy.Event:
+        """simpy's ``Event`` (pending), without the descriptor of ``env.event``."""
+        return simpy.Event(self)
 
     def step(self) -> None:
         """simpy's ``step``, with the clock kept in ``now`` too."""
