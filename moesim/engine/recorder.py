@@ -24,11 +24,12 @@ def failure_copy(event: simpy.Event) -> BaseException:
 class CountingEnvironment(simpy.Environment):
     """A simpy environment that counts processed events (monitoring by wrapping ``step``).
 
-    ``run()`` to the end processes events in its own loop, what ``step`` does inlined (one
-    Python call less per event), with the same count: every ``step`` call, the one that
-    finds the queue empty included. ``now`` is a plain attribute, set with simpy's ``_now``
-    as each event is taken off the queue, instead of simpy's property: the engine and the
-    network read the clock about four times an event."""
+    ``run()`` to the end processes events in one loop, what ``step`` does inlined (one
+    Python call less per event; ``step`` runs the same loop for one event), with the same
+    count: every ``step`` call, the one that finds the queue empty included. ``now`` is a
+    plain attribute, set with simpy's ``_now`` as each event is taken off the queue, instead
+    of simpy's property: the engine and the network read the clock about four times an
+    event."""
 
     now: float = 0.0  # shadows simpy's read-only property: an instance attribute from here
 
@@ -45,7 +46,11 @@ class CountingEnvironment(simpy.Environment):
             raise ValueError(f"Negative delay {delay}")
         event = object.__new__(Timeout)
         event.env, event.callbacks, event._value, event._delay, event._ok = (
-            self, [], value, delay, True
+            self,
+            [],
+            value,
+            delay,
+            True,
         )
         heappush(self._queue, (self._now + delay, NORMAL, next(self._eid), event))
         return event
@@ -55,26 +60,25 @@ class CountingEnvironment(simpy.Environment):
         return simpy.Event(self)
 
     def step(self) -> None:
-        """simpy's ``step``, with the clock kept in ``now`` too."""
-        self.events_processed += 1
-        try:
-            self._now, _, _, event = heappop(self._queue)
-        except IndexError:
-            raise simpy.core.EmptySchedule() from None
-        self.now = self._now
-        callbacks, event.callbacks = event.callbacks, None
-        for callback in callbacks:
-            callback(event)
-        if not event._ok and not hasattr(event, "_defused"):
-            raise failure_copy(event)  # as simpy's step raises
+        """simpy's ``step``, with the clock kept in ``now`` too (``run(until)`` steps)."""
+        if not self._queue:
+            self.events_processed += 1
+            raise simpy.core.EmptySchedule()
+        self._process(1)
 
     def run(self, until=None):
         if until is not None:
             return super().run(until)
+        self._process(None)
+        return None
+
+    def _process(self, limit: int | None) -> None:
+        """Process up to ``limit`` events (None: until the queue is empty, counting the
+        step that finds it so), what simpy's ``step`` does for each, inlined."""
         queue = self._queue
         n = 0
         try:
-            while queue:
+            while queue and n != limit:
                 n += 1
                 self._now, _, _, event = heappop(queue)
                 self.now = self._now
@@ -83,10 +87,10 @@ class CountingEnvironment(simpy.Environment):
                     callback(event)
                 if not event._ok and not hasattr(event, "_defused"):
                     raise failure_copy(event)  # as simpy's step raises
-            n += 1  # the step that finds the queue empty
+            if limit is None:
+                n += 1  # the step that finds the queue empty
         finally:
             self.events_processed += n
-        return None
 
 
 @dataclass
