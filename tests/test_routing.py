@@ -37,6 +37,20 @@ def test_aggregate_sampling_matches_exact_per_token_sampling():
     np.testing.assert_allclose(counts / counts.sum(), exact / exact.sum(), atol=2e-3)
 
 
+def test_standard_gumbel_is_numpys_gumbel_on_the_same_stream():
+    """Same stream (one double a draw: the generators end in the same state), values within
+    a few ulp of ``rng.gumbel``, and the Gumbel law: mean = Euler's gamma, var = pi^2 / 6."""
+    from moesim.routing.distributions import standard_gumbel
+
+    a, b = np.random.default_rng(7), np.random.default_rng(7)
+    ours, numpys = standard_gumbel(a, (2000, 64)), b.gumbel(size=(2000, 64))
+    np.testing.assert_allclose(ours, numpys, rtol=0, atol=8 * np.finfo(float).eps * 40)
+    assert a.random() == b.random()
+    assert abs(ours.mean() - np.euler_gamma) < 5 * np.pi / np.sqrt(6 * ours.size)
+    assert abs(ours.var() / (np.pi**2 / 6) - 1) < 0.02
+    assert np.isfinite(standard_gumbel(np.random.default_rng(0), (0,))).all()
+
+
 def test_capacity_drops_and_keeps_capacity():
     counts = np.array([[10, 0, 2, 0], [6, 2, 0, 0]])  # group load: 16, 2, 2, 0 -> 20 pairs
     kept, dropped = position_capacity(counts, np.array([0, 0]), 1, capacity_factor=1.0)
