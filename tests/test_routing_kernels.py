@@ -49,3 +49,33 @@ def test_limited_topk_paths_agree_with_the_per_group_loop(tokens, n_experts, n_g
     reached = np.array([len(set(group_of_expert[row])) for row in compiled])
     assert reached.max() <= limit
     np.testing.assert_allclose(w.sum(axis=1), 1.0)
+
+
+@pytest.mark.parametrize("scores", ["distinct", "ties", "minus_inf", "nan"])
+def test_compiled_topk_makes_the_numpy_choices(scores):
+    """The one-pass compiled top-k equals argpartition + stable sort token for token: on
+    distinct scores by itself, and on tokens with equal scores, -inf (experts a token cannot
+    take) or NaN among its best k + 1 by handing them to the numpy path."""
+    from moesim.routing import gating
+
+    pytest.importorskip("numba")
+    assert gating._jit() is not None and gating._jit_if_loaded() is not None  # loaded now
+    rng = np.random.default_rng(len(scores))
+    for trial in range(40):
+        tokens, n_experts = int(rng.integers(1, 200)), int(rng.integers(2, 80))
+        k = int(rng.integers(1, n_experts + 1))
+        logits = rng.normal(size=(tokens, n_experts))
+        if scores == "ties":
+            logits = np.round(logits)  # a few values: ties in most tokens
+        elif scores == "minus_inf":
+            logits[rng.random(logits.shape) < 0.8] = -np.inf
+        elif scores == "nan":
+            logits[rng.random(logits.shape) < 0.02] = np.nan
+        bias = rng.normal(0, 0.3, n_experts) if trial % 2 else None
+        numpy_path, _ = topk_gate(logits, k, bias, weights=False, compiled=False)
+        compiled, _ = topk_gate(logits, k, bias, weights=False)
+        assert compiled.dtype == numpy_path.dtype
+        np.testing.assert_array_equal(compiled, numpy_path)
+        if scores == "distinct":  # largest first, k distinct experts per token
+            chosen = np.take_along_axis(logits + (0 if bias is None else bias), compiled, 1)
+            assert (np.diff(chosen, axis=1) < 0).all()
