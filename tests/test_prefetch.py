@@ -96,6 +96,31 @@ def test_prefetched_patterns_give_the_run_that_builds_them(path, over):
     assert _summary(moesim.simulate(sc)) == _summary(collect(built))
 
 
+def test_patterns_built_at_once_are_those_built_one_by_one():
+    """``PatternCache.build`` (one thread per pair set) caches the patterns, and leaves the
+    recent list, that ``get`` on each pair set in turn does; a repeated pair set is built
+    once."""
+    from moesim.engine.inputs import scenario_topology
+    from moesim.network.aggregate import PatternCache
+
+    sc = _scenario(*CASES[4])
+    topology = scenario_topology(sc)
+    pairs = dispatch_pairs(sc)
+    assert len(pairs) == 2
+    at_once, in_turn = PatternCache(topology, "auto"), PatternCache(topology, "auto")
+    at_once.build([*pairs, pairs[0]])
+    for src, dst in [*pairs, pairs[0]]:
+        in_turn.get(src, dst)
+    assert list(at_once._cache) == list(in_turn._cache)
+    for a, b in zip(at_once._cache.values(), in_turn._cache.values(), strict=True):
+        for field in vars(a):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    assert [
+        (s is s2, d is d2)
+        for (s, d, _), (s2, d2, _) in zip(at_once._recent, in_turn._recent, strict=True)
+    ] == [(True, True)] * len(in_turn._recent)
+
+
 def test_a_failure_in_the_prefetch_is_raised_by_simulate(monkeypatch):
     def broken(sc):
         raise RuntimeError("topology failed")

@@ -68,8 +68,7 @@ class NetworkPrefetch:
         try:
             topology = scenario_topology(self.scenario)
             patterns = PatternCache(topology, self.scenario.sim.aggregate)
-            for src, dst in dispatch_pairs(self.scenario):
-                patterns.get(src, dst)
+            patterns.build(dispatch_pairs(self.scenario))
             self.topology, self.patterns = topology, patterns
         except BaseException as err:  # raised in the main thread by result()
             self.error = err
