@@ -40,7 +40,7 @@ def _best_first(
             out[c] = i
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def limited_topk(
     select: np.ndarray,
     k: int,
@@ -92,7 +92,7 @@ def limited_topk(
     return experts
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def topk_rows(select: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
     """Experts ``[tokens, k]``: each token's ``k`` largest selection scores, largest first,
     by insertion into a sorted list of ``k + 1`` (one pass over a token's scores). Where a
