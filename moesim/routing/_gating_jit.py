@@ -95,11 +95,12 @@ def limited_topk(
 @njit(cache=True, nogil=True)
 def topk_rows(select: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
     """Experts ``[tokens, k]``: each token's ``k`` largest selection scores, largest first,
-    by insertion into a sorted list of ``k + 1`` (one pass over a token's scores). Where a
-    token's best ``k + 1`` scores hold two equal ones (or a NaN), the choice among them is
+    by insertion into a sorted list of ``k + 1`` (:func:`_best_first`, one pass over a
+    token's scores; NaN scores are never taken, so the caller flags tokens holding one).
+    Where a token's best ``k + 1`` scores hold two equal ones, the choice among them is
     the numpy reference's (``argpartition``) and not this loop's: such tokens are flagged
-    (``tied``; so are tokens with fewer than ``k + 1`` finite scores) for the caller to take
-    from :func:`moesim.routing.gating.topk_gate`'s numpy path. Elsewhere the best ``k`` are
+    (``tied``; so are tokens with fewer than ``k + 1`` scores above -inf) for the caller to
+    take from :func:`moesim.routing.gating.topk_gate`'s numpy path. Elsewhere the best ``k`` are
     distinct and strictly above every other score, so the set and its order are the
     reference's."""
     n_tok, m = select.shape
@@ -108,21 +109,7 @@ def topk_rows(select: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:  # p
     best = np.empty(k + 1)
     idx = np.empty(k + 1, np.int64)
     for t in range(n_tok):
-        for c in range(k + 1):
-            best[c] = -np.inf
-            idx[c] = -1
-        for j in range(m):
-            v = select[t, j]
-            if v > best[k]:
-                c = k
-                while c > 0 and v > best[c - 1]:
-                    best[c] = best[c - 1]
-                    idx[c] = idx[c - 1]
-                    c -= 1
-                best[c] = v
-                idx[c] = j
-            elif v != v:
-                tied[t] = True
+        _best_first(select[t], m, k + 1, idx, best)
         for c in range(k):
             if best[c] == best[c + 1]:  # -inf among the best k + 1 too (never inserted)
                 tied[t] = True

@@ -62,7 +62,8 @@ def topk_gate(
         if jit is not None:
             select = np.ascontiguousarray(select, dtype=np.float64)
             experts, tied = jit.topk_rows(select, k)
-            if tied.any():  # equal scores among a token's best k + 1: numpy's choice
+            tied |= np.isnan(select).any(axis=1)
+            if tied.any():  # equal scores among a token's best k + 1, or NaN: numpy's choice
                 rows = np.flatnonzero(tied)
                 experts[rows] = topk_gate(select[rows], k, weights=False, compiled=False)[0]
             return experts, None
