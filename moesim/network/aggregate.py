@@ -267,12 +267,14 @@ class PatternCache:
         """The patterns of every ``(src, dst)`` of ``pairs`` built at once, one thread each
         (their numpy sorts and gathers release the GIL), then cached in that order: what
         calling :meth:`get` on each in turn leaves."""
-        todo = [(s, d) for s, d in pairs if _pairs_key(s, d) not in self._cache]
+        todo = {_pairs_key(s, d): (s, d) for s, d in pairs}  # each distinct set once
+        todo = {key: sd for key, sd in todo.items() if key not in self._cache}
         if len(todo) > 1:
             with ThreadPoolExecutor(len(todo), thread_name_prefix="moesim-pattern") as pool:
-                built = list(pool.map(lambda sd: flow_pattern(self.topology, *sd, self.mode), todo))
-            for (s, d), pattern in zip(todo, built, strict=True):
-                self._cache.setdefault(_pairs_key(s, d), pattern)
+                built = pool.map(
+                    lambda sd: flow_pattern(self.topology, *sd, self.mode), todo.values()
+                )
+                self._cache.update(zip(todo, built, strict=True))
         for s, d in pairs:
             self.get(s, d)
 

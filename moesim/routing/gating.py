@@ -52,7 +52,7 @@ def topk_gate(
     weights are the softmax probabilities of the chosen experts, renormalised over the k
     (Mixtral) when ``normalize``; ``weights=False`` skips them (returns None) where only the
     assignment is needed, and then, where numba is loaded, the compiled one-pass selection of
-    :mod:`moesim.routing._gating_jit` makes the choices (5x faster on 256 experts; tokens with
+    :mod:`moesim.routing._gating_jit` makes the choices (7x faster on 256 experts; tokens with
     equal scores among their best ``k + 1`` take this numpy path's; ``compiled=False``
     forces it for every token).
     """
