@@ -73,16 +73,17 @@ def link_loads(paths: np.ndarray, nbytes: np.ndarray, n_links: int) -> np.ndarra
 
 
 def warm_up() -> None:
-    """Load every compiled kernel (from numba's cache, compiling it once per machine) by
-    running it on a tiny input, so that timings leave that one-off cost out."""
+    """Load every compiled kernel that the network calls from Python (from numba's cache,
+    compiling it once per machine) by running it on a tiny input, so that timings leave that
+    one-off cost out. The kernels only they call (``build_csr``, ``maxmin_components``,
+    ``merge_contributions``) come compiled into them, and :func:`maxmin_rates`' own
+    (``maxmin_kernel``, which no run calls) loads on its first call: loading those four
+    too cost about 40 ms a process."""
     k = _compiled()
     if not k:
         return
     paths, one = np.zeros((1, 1), dtype=np.int64), np.ones(1)
     yes, idx = np.ones(1, dtype=np.bool_), np.zeros(1, dtype=np.int64)
-    k["maxmin"](paths, one, one, 1e-3, np.zeros(1, dtype=np.bool_), yes)
-    ptr, flows = k["csr"](paths, 1, yes)
-    k["components"](paths, one, one, 1e-3, yes, ptr, flows, yes.copy(), np.zeros(1))
     none, zero = np.zeros(0, dtype=np.int64), np.zeros(1)
     acc, mark = np.array([[0.0, 0.0, 0.0, np.inf]]), np.zeros(1, dtype=np.uint8)
     k["cycle"](
@@ -105,8 +106,9 @@ def warm_up() -> None:
         idx, np.ones(1, dtype=np.int64), np.zeros(1),
     )  # fmt: skip
     k["link_loads"](paths, one, 1)
-    k["merge"](idx, one, one, idx, idx + 1, one, np.ones(1, dtype=np.int64), acc, mark)
-    k["sums"](idx, idx, idx, one, 1, 1)
+    frozen_bytes = np.ones(1)
+    frozen_bytes.flags.writeable = False  # the plan's per-pair bytes are read-only
+    k["sums"](idx, idx, idx, frozen_bytes, 1, 1)
     k["split"](one, one, idx, np.array([0, 1]))
     k["count_off"](
         np.ones(1, dtype=np.int64), np.full(1, -1, dtype=np.int64), idx, one, 0.0,
