@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -114,3 +115,23 @@ def test_outputs_need_no_pandas_and_equal_pandas_tables(tmp_path):
         assert (tmp_path / "built" / f"{name}.csv").read_bytes() == (
             tmp_path / f"{name}.csv"
         ).read_bytes(), name
+
+
+def test_trace_times_are_the_nearest_nanoseconds(tmp_path):
+    """``ts`` and ``dur`` are microseconds to the nanosecond: each slice's start and end
+    within half a nanosecond of its times, and a slice that starts where another ends starts
+    where that one's ``ts + dur`` puts its end (the rounded ends, not durations)."""
+    rng = np.random.default_rng(3)
+    edges = np.cumsum(rng.exponential(3.7e-6, 200))  # back-to-back slices on one device
+    slices = [(0, "experts", float(a), float(b), 0) for a, b in itertools.pairwise(edges)]
+    result = Result({}, None, None, None, slices=slices)
+    write_trace(tmp_path / "trace.json", result, [], ["gpu0"])
+    events = [e for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"]]
+    xs = [e for e in events if e["ph"] == "X"]
+    assert len(xs) == len(slices)
+    start_ns = np.array([e["ts"] * 1e3 for e in xs])
+    end_ns = np.array([(e["ts"] + e["dur"]) * 1e3 for e in xs])
+    assert np.allclose(start_ns, np.round(start_ns), rtol=0, atol=1e-6)  # whole nanoseconds
+    assert np.all(np.abs(start_ns - edges[:-1] * 1e9) <= 0.5 + 1e-6)
+    assert np.all(np.abs(end_ns - edges[1:] * 1e9) <= 0.5 + 1e-6)
+    assert np.array_equal(np.round(end_ns[:-1]), np.round(start_ns[1:]))  # still back to back

@@ -342,8 +342,8 @@ def test_trace_has_a_track_per_pim_unit_without_overlaps(tmp_path, fidelity):
     }
     pim = [e for e in trace if e.get("cat") == "pim"]
     assert pim and all(names[e["tid"]].endswith(".pim") and e["tid"] >= 8 for e in pim)
-    busy = sum(e["dur"] for e in pim) * 1e-6
-    assert busy == pytest.approx(r.devices["pim_busy_s"].sum(), rel=1e-9)
+    busy = sum(e["dur"] for e in pim) * 1e-6  # each to the nanosecond: within 1 ns a slice
+    assert busy == pytest.approx(r.devices["pim_busy_s"].sum(), rel=1e-9, abs=1e-9 * len(pim))
     for tid in {e["tid"] for e in trace if e["ph"] == "X" and e["pid"] == 1}:
         spans = sorted(
             (e["ts"], e["ts"] + e["dur"])

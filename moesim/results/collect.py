@@ -479,12 +479,24 @@ def _trace_head(
     return events
 
 
+def trace_us(start_s: float, end_s: float) -> tuple[float, float]:
+    """A slice's ``ts`` and ``dur`` in microseconds at nanosecond resolution: its start and
+    end each rounded to the nearest nanosecond (half to even), ``ts = start_ns / 1e3`` and
+    ``dur = (end_ns - start_ns) / 1e3``. Perfetto keeps trace times as integer nanoseconds,
+    so finer digits only lengthen the file; rounding the ends (not the duration) keeps
+    back-to-back slices back to back."""
+    start_ns = round(start_s * 1e9)
+    return start_ns / 1e3, (round(end_s * 1e9) - start_ns) / 1e3
+
+
 def chrome_trace(result: Result, link_names: list[str], device_names: list[str]) -> dict:
     """Chrome trace-event JSON (opens in Perfetto / chrome://tracing): one track per device
-    (pid 1) and per link that carried traffic (pid 2); timestamps in microseconds."""
+    (pid 1) and per link that carried traffic (pid 2); timestamps in microseconds, to the
+    nanosecond (:func:`trace_us`)."""
     events = _trace_head(result, link_names, device_names)
     for g, phase, start, end, layer in result.slices:
         cat = "compute" if phase in COMPUTE_PHASES else "wait"
+        ts, dur = trace_us(start, end)
         events.append(
             {
                 "ph": "X",
@@ -492,8 +504,8 @@ def chrome_trace(result: Result, link_names: list[str], device_names: list[str])
                 "tid": g,
                 "name": phase,
                 "cat": cat,
-                "ts": start * 1e6,
-                "dur": (end - start) * 1e6,
+                "ts": ts,
+                "dur": dur,
                 "args": {"layer": layer},
             }
         )
@@ -502,6 +514,7 @@ def chrome_trace(result: Result, link_names: list[str], device_names: list[str])
         name = {"name": f"{device_names[g]}.pim"}
         events.append({"ph": "M", "pid": 1, "tid": n + g, "name": "thread_name", "args": name})
     for g, phase, start, end, layer in result.pim_slices:
+        ts, dur = trace_us(start, end)
         events.append(
             {
                 "ph": "X",
@@ -509,13 +522,14 @@ def chrome_trace(result: Result, link_names: list[str], device_names: list[str])
                 "tid": n + g,
                 "name": f"pim_{phase}",
                 "cat": "pim",
-                "ts": start * 1e6,
-                "dur": (end - start) * 1e6,
+                "ts": ts,
+                "dur": dur,
                 "args": {"layer": layer},
             }
         )
     for lid, start, end in result.link_intervals:
         if end > start:
+            ts, dur = trace_us(start, end)
             events.append(
                 {
                     "ph": "X",
@@ -523,8 +537,8 @@ def chrome_trace(result: Result, link_names: list[str], device_names: list[str])
                     "tid": lid,
                     "name": "busy",
                     "cat": "link",
-                    "ts": start * 1e6,
-                    "dur": (end - start) * 1e6,
+                    "ts": ts,
+                    "dur": dur,
                 }
             )
     return {"traceEvents": events, "displayTimeUnit": "ns"}
@@ -565,20 +579,20 @@ def _interval_lines(
 ) -> str:
     """The trace events of ``rows`` (tuples holding a start and an end in seconds at
     ``start_end``) joined by ``", "``: each ``head + ts + ', "dur": ' + dur + tail``, with
-    ``ts`` the start and ``dur`` the duration in microseconds as ``float.__repr__`` writes
-    them. ``tails`` (a list, or one string for every row) each end with the ``", "`` to the
-    next row, cut from the last. Put together by slicing and joined once: no Python loop
-    per row."""
+    ``ts`` and ``dur`` :func:`trace_us`'s (``np.rint`` rounds half to even as ``round``
+    does) as ``float.__repr__`` writes them. ``tails`` (a list, or one string for every row)
+    each end with the ``", "`` to the next row, cut from the last. Put together by slicing
+    and joined once: no Python loop per row."""
     n = len(rows)
     if n == 0:
         return ""
-    start = np.array(list(map(itemgetter(start_end[0]), rows)), dtype=np.float64)
-    end = np.array(list(map(itemgetter(start_end[1]), rows)), dtype=np.float64)
+    start = np.rint(np.array(list(map(itemgetter(start_end[0]), rows)), dtype=np.float64) * 1e9)
+    end = np.rint(np.array(list(map(itemgetter(start_end[1]), rows)), dtype=np.float64) * 1e9)
     pieces: list[str] = [""] * (5 * n)
     pieces[0::5] = heads
-    pieces[1::5] = _reprs(start * 1e6)
+    pieces[1::5] = _reprs(start / 1e3)
     pieces[2::5] = [', "dur": '] * n
-    pieces[3::5] = _reprs((end - start) * 1e6)
+    pieces[3::5] = _reprs((end - start) / 1e3)
     pieces[4::5] = [tails] * n if isinstance(tails, str) else tails
     pieces[-1] = pieces[-1][:-2]
     return "".join(pieces)
