@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from moesim.results import collect
 from moesim.results.collect import Result, _Frame, chrome_trace, write_outputs, write_trace
 from tests.conftest import ROOT
 
@@ -73,12 +74,60 @@ def _result(n_slices: int, seed: int) -> tuple[Result, list[str], list[str]]:
     return result, [f"link{k}" for k in range(6)], [f"gpu{k}" for k in range(4)]
 
 
+def _formatter(compiled: bool, monkeypatch) -> list:
+    """Rows written by the compiled formatter (numba loaded, from one row) or by ``repr``;
+    the formatters handed out, to check which one ran."""
+    if compiled:
+        pytest.importorskip("numba")
+        import moesim.results._trace_jit  # noqa: F401  (numba loaded, as the network loads it)
+    monkeypatch.setattr(collect, "TRACE_COMPILED_MIN_ROWS", 1 if compiled else 1 << 62)
+    used: list = []
+    real = collect._trace_kernel
+
+    def spy():
+        kernel = real()
+        used.append(kernel)
+        return kernel
+
+    monkeypatch.setattr(collect, "_trace_kernel", spy)
+    return used
+
+
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_trace_is_the_bytes_of_json_dumps(seed, tmp_path):
+def test_trace_is_the_bytes_of_json_dumps(seed, compiled, tmp_path, monkeypatch):
+    used = _formatter(compiled, monkeypatch)
     result, link_names, device_names = _result(500, seed)
     write_trace(tmp_path / "trace.json", result, link_names, device_names)
     expected = json.dumps(chrome_trace(result, link_names, device_names))
     assert (tmp_path / "trace.json").read_text() == expected
+    assert all(k is not None for k in used) if compiled else not used
+    assert used or not compiled
+
+
+TRICKY_TIMES_S = [
+    0.0, 1e-9, 2.5e-9, 3.5e-9, 1.5e-6, 1e-3, 0.1 + 0.2, 123.456789012, 4.0000005e-6,
+    999.9999995, 1e6, 86_400.123456789,
+]  # fmt: skip
+"""Slice ends: zero, a nanosecond, halves (rounded to even), whole microseconds (``.0``),
+fractions with trailing zeros, a day."""
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("odd", [None, -0.0, 2.0**53 / 1e9, np.inf])
+def test_trace_bytes_on_tricky_times(compiled, odd, tmp_path, monkeypatch):
+    """The formatter writes every time as ``json.dumps`` does, and leaves a trace holding a
+    time it cannot write (-0.0, 2^53 ns or more, inf) to ``repr``."""
+    used = _formatter(compiled, monkeypatch)
+    times = sorted(TRICKY_TIMES_S)
+    slices = [(0, "experts", a, b, 1) for a, b in itertools.product(times, times) if b >= a]
+    if odd is not None:
+        slices.append((1, "attention", odd, odd if np.isinf(odd) else odd + 1.0, 2))
+    result = Result({}, None, None, None, slices=slices)
+    write_trace(tmp_path / "trace.json", result, [], ["gpu0", "gpu1"])
+    expected = json.dumps(chrome_trace(result, [], ["gpu0", "gpu1"]))
+    assert (tmp_path / "trace.json").read_text() == expected
+    assert len(used) == (1 if compiled else 0)
 
 
 def test_empty_trace_is_the_bytes_of_json_dumps(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from collections.abc import Callable
 from operator import itemgetter
 from pathlib import Path
@@ -485,8 +486,9 @@ def trace_us(start_s: float, end_s: float) -> tuple[float, float]:
     ``dur = (end_ns - start_ns) / 1e3``. Perfetto keeps trace times as integer nanoseconds,
     so finer digits only lengthen the file; rounding the ends (not the duration) keeps
     back-to-back slices back to back."""
-    start_ns = round(start_s * 1e9)
-    return start_ns / 1e3, (round(end_s * 1e9) - start_ns) / 1e3
+    start_ns = float(np.rint(start_s * 1e9)) + 0.0  # + 0.0: no -0.0
+    end_ns = float(np.rint(end_s * 1e9)) + 0.0
+    return start_ns / 1e3, (end_ns - start_ns) / 1e3
 
 
 def chrome_trace(result: Result, link_names: list[str], device_names: list[str]) -> dict:
@@ -561,63 +563,133 @@ def write_outputs(result: Result, out_dir: str | Path) -> Path:
     return out
 
 
+_JSON_NONFINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
 def _reprs(values: np.ndarray) -> list[str]:
     """``[repr(v) for v in values.tolist()]``, converting each distinct value once (the
     trace repeats its timestamps: many links start and end at the same instants), all of
-    them in one ``repr`` of their list (C speed, the same strings). Values are told apart by
-    their bits, so -0.0 and 0.0 keep their own strings."""
+    them in one ``repr`` of their list (C speed, the same strings), NaN and infinities as
+    ``json.dumps`` names them. Values are told apart by their bits, so -0.0 and 0.0 keep
+    their own strings."""
     if len(values) == 0:
         return []
     bits = values.view(np.int64) if values.dtype == np.float64 else values
     _, first, inverse = np.unique(bits, return_index=True, return_inverse=True)
-    strings = np.array([*repr(values[first].tolist())[1:-1].split(", "), ""], dtype=object)
+    texts = repr(values[first].tolist())[1:-1].split(", ")
+    if not np.isfinite(values[first]).all():  # json.dumps's names for them
+        texts = [_JSON_NONFINITE.get(t, t) for t in texts]
+    strings = np.array([*texts, ""], dtype=object)
     return strings[:-1][inverse.reshape(-1)].tolist()
 
 
+TRACE_COMPILED_MIN_ROWS = 4096
+"""Rows from which trace.json's slices are written by the compiled formatter
+(:mod:`moesim.results._trace_jit`), where numba is loaded already (the network's kernels
+loaded it): the same bytes, several times faster than ``repr`` and ``join``."""
+
+
+def _trace_kernel() -> Callable | None:
+    """The compiled row formatter where numba is imported already; None elsewhere (a trace
+    is not worth numba's import)."""
+    if "numba" not in sys.modules:
+        return None
+    try:
+        from moesim.results._trace_jit import interval_rows
+    except ImportError:  # pragma: no cover - numba half installed
+        return None
+    return interval_rows
+
+
+def _whole_ns(start: np.ndarray, end: np.ndarray) -> bool:
+    """Whether every ``start <= end`` are whole nanoseconds (no -0.0 left) the compiled
+    formatter writes as ``repr`` does: from 0 up to 2^53 (NaN fails the comparisons)."""
+    return bool(np.all((start >= 0) & (end >= start) & (end < 2.0**53)))
+
+
+def _encoded(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``texts`` encoded back to back (uint8) and the offset of each (``ptr[k]:ptr[k + 1]``)."""
+    raw = [t.encode() for t in texts]
+    ptr = np.zeros(len(raw) + 1, dtype=np.int64)
+    ptr[1:] = np.cumsum([len(b) for b in raw])
+    return np.frombuffer(b"".join(raw), dtype=np.uint8), ptr
+
+
+_DUR = ', "dur": '
+
+
 def _interval_lines(
-    rows: list[tuple], start_end: tuple[int, int], heads: list[str], tails: list[str] | str
-) -> str:
+    rows: list[tuple],
+    start_end: tuple[int, int],
+    heads: list[str],
+    head_of: list[int],
+    tails: list[str],
+    tail_of: list[int] | None,
+) -> bytes | np.ndarray:
     """The trace events of ``rows`` (tuples holding a start and an end in seconds at
-    ``start_end``) joined by ``", "``: each ``head + ts + ', "dur": ' + dur + tail``, with
-    ``ts`` and ``dur`` :func:`trace_us`'s (``np.rint`` rounds half to even as ``round``
-    does) as ``float.__repr__`` writes them. ``tails`` (a list, or one string for every row)
-    each end with the ``", "`` to the next row, cut from the last. Put together by slicing
-    and joined once: no Python loop per row."""
+    ``start_end``) joined by ``", "``, encoded: each ``head + ts + ', "dur": ' + dur +
+    tail``, with ``ts`` and ``dur`` :func:`trace_us`'s (``np.rint`` rounds half to even as
+    ``round`` does) as ``float.__repr__`` writes them; row ``i``'s head is
+    ``heads[head_of[i]]`` and its tail ``tails[tail_of[i]]`` (``tails[0]`` for every row
+    where ``tail_of`` is None), each tail ending with the ``", "`` to the next row, cut from
+    the last. Compiled where numba is loaded and the rows are many
+    (:data:`TRACE_COMPILED_MIN_ROWS`); else put together by slicing and joined once."""
     n = len(rows)
     if n == 0:
-        return ""
+        return b""
     start = np.rint(np.array(list(map(itemgetter(start_end[0]), rows)), dtype=np.float64) * 1e9)
     end = np.rint(np.array(list(map(itemgetter(start_end[1]), rows)), dtype=np.float64) * 1e9)
+    start += 0.0  # -0.0 -> 0.0, as in trace_us
+    end += 0.0
+    kernel = _trace_kernel() if n >= TRACE_COMPILED_MIN_ROWS else None
+    if kernel is not None and _whole_ns(start, end):
+        pool, ptr = _encoded(heads + tails)
+        head = np.asarray(head_of, dtype=np.int64)
+        tail = len(heads) + (
+            np.zeros(n, dtype=np.int64) if tail_of is None else np.asarray(tail_of, np.int64)
+        )
+        mid = np.frombuffer(_DUR.encode(), dtype=np.uint8)
+        return kernel(pool, ptr, head, tail, start, end, mid)[:-2]
     pieces: list[str] = [""] * (5 * n)
-    pieces[0::5] = heads
+    pieces[0::5] = _lookup(heads, head_of)
     pieces[1::5] = _reprs(start / 1e3)
-    pieces[2::5] = [', "dur": '] * n
-    pieces[3::5] = _reprs((end - start) / 1e3)
-    pieces[4::5] = [tails] * n if isinstance(tails, str) else tails
+    pieces[2::5] = [_DUR] * n
+    with np.errstate(invalid="ignore"):  # inf - inf: NaN, as trace_us gives
+        pieces[3::5] = _reprs((end - start) / 1e3)
+    pieces[4::5] = [tails[0]] * n if tail_of is None else _lookup(tails, tail_of)
     pieces[-1] = pieces[-1][:-2]
-    return "".join(pieces)
+    return "".join(pieces).encode()
 
 
-def _lookup(table: dict, keys: list) -> list:
+def _lookup(table, keys: list) -> list:
     """``[table[k] for k in keys]``, at C speed."""
     return list(map(table.__getitem__, keys))
 
 
-def _slice_lines(slices: list[tuple], tid_offset: int, name_cat: Callable[[str], str]) -> str:
+def _ids(keys: list) -> tuple[list, list[int]]:
+    """The distinct ``keys`` and, per key, its place among them."""
+    distinct = list(set(keys))
+    place = {k: i for i, k in enumerate(distinct)}
+    return distinct, _lookup(place, keys)
+
+
+def _slice_lines(
+    slices: list[tuple], tid_offset: int, name_cat: Callable[[str], str]
+) -> bytes | np.ndarray:
     """The ``X`` events of device (or PIM unit) slices ``(device, phase, start, end, layer)``
     on tracks ``tid_offset + device``; ``name_cat(phase)`` is the event's ``"name": ...,
     "cat": ...``. A row's text before its start depends on (device, phase) alone and after
     its duration on the layer alone: each is formatted once per distinct value."""
     if not slices:
-        return ""
-    pairs = list(map(itemgetter(0, 1), slices))
-    layer = list(map(itemgetter(4), slices))
-    heads = {
-        (g, p): f'{{"ph": "X", "pid": 1, "tid": {int(g) + tid_offset}, {name_cat(p)}, "ts": '
-        for g, p in set(pairs)
-    }
-    tails = {k: f', "args": {{"layer": {int(k)}}}}}, ' for k in set(layer)}
-    return _interval_lines(slices, (2, 3), _lookup(heads, pairs), _lookup(tails, layer))
+        return b""
+    pairs, head_of = _ids(list(map(itemgetter(0, 1), slices)))
+    layers, tail_of = _ids(list(map(itemgetter(4), slices)))
+    heads = [
+        f'{{"ph": "X", "pid": 1, "tid": {int(g) + tid_offset}, {name_cat(p)}, "ts": '
+        for g, p in pairs
+    ]
+    tails = [f', "args": {{"layer": {int(k)}}}}}, ' for k in layers]
+    return _interval_lines(slices, (2, 3), heads, head_of, tails, tail_of)
 
 
 def _phase_name_cat(phase: str) -> str:
@@ -634,28 +706,31 @@ def write_trace(
 ) -> None:
     """Write ``json.dumps(chrome_trace(...))`` to ``path``, the same bytes, with the slices
     formatted column by column rather than built as dicts first (the text around each
-    number formatted once per distinct value, times once per distinct value, rows put
-    together by slicing: several times faster on hundreds of thousands of slices)."""
+    number formatted once per distinct value, the rows written by a compiled formatter or
+    put together by slicing: several times faster on hundreds of thousands of slices)."""
     n = len(device_names)
-    parts = [", ".join(json.dumps(e) for e in _trace_head(result, link_names, device_names))]
+    head = ", ".join(json.dumps(e) for e in _trace_head(result, link_names, device_names))
+    parts: list[bytes | np.ndarray] = [head.encode()]
     parts.append(_slice_lines(result.slices, 0, _phase_name_cat))
     for g in sorted({g for g, *_ in result.pim_slices}):
         name = {"name": f"{device_names[g]}.pim"}
-        parts.append(
-            json.dumps({"ph": "M", "pid": 1, "tid": n + g, "name": "thread_name", "args": name})
-        )
+        meta = {"ph": "M", "pid": 1, "tid": n + g, "name": "thread_name", "args": name}
+        parts.append(json.dumps(meta).encode())
     parts.append(_slice_lines(result.pim_slices, n, _pim_name_cat))
     busy = [iv for iv in result.link_intervals if iv[2] > iv[1]]
-    lid = list(map(itemgetter(0), busy))
-    heads = {
-        k: f'{{"ph": "X", "pid": 2, "tid": {int(k)}, "name": "busy", "cat": "link", "ts": '
-        for k in set(lid)
-    }
-    parts.append(_interval_lines(busy, (1, 2), _lookup(heads, lid), "}, "))
-    with open(path, "w") as fh:
-        fh.write('{"traceEvents": [')
-        fh.write(", ".join(p for p in parts if p))
-        fh.write('], "displayTimeUnit": "ns"}')
+    links, head_of = _ids(list(map(itemgetter(0), busy)))
+    heads = [
+        f'{{"ph": "X", "pid": 2, "tid": {int(k)}, "name": "busy", "cat": "link", "ts": '
+        for k in links
+    ]
+    parts.append(_interval_lines(busy, (1, 2), heads, head_of, ["}, "], None))
+    with open(path, "wb") as fh:
+        fh.write(b'{"traceEvents": [')
+        for k, part in enumerate(p for p in parts if len(p)):
+            if k:
+                fh.write(b", ")
+            fh.write(part)
+        fh.write(b'], "displayTimeUnit": "ns"}')
 
 
 def _expert_load_columns(plan: WorkloadPlan) -> dict[str, np.ndarray] | Callable[[], Any]:
