@@ -240,8 +240,10 @@ class AnalyticEngine:
         self.link_stats.bytes_carried += loads
         self.link_stats.busy_s += busy
         if self.rec.keep_slices:
-            for lid in np.flatnonzero(busy):
-                self.link_stats.intervals.append((int(lid), begin_s, begin_s + float(busy[lid])))
+            lids = np.flatnonzero(busy)
+            self.link_stats.intervals.add(
+                lids, np.full(len(lids), float(begin_s)), begin_s + busy[lids]
+            )
         return span_s
 
     # -- timeline slices ----------------------------------------------------------------

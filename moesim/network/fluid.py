@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from itertools import repeat
 
 import numpy as np
 import simpy
@@ -503,13 +502,59 @@ class _Block:
         return m
 
 
+class IntervalLog:
+    """Links' busy intervals ``(link, start_s, end_s)`` in the order recorded, kept as the
+    arrays they end in (a network cycle ends a batch of them at one instant: one chunk, not
+    a tuple an interval); :meth:`columns` joins them, iterating gives the tuples."""
+
+    __slots__ = ("_chunks", "_n")
+
+    def __init__(self) -> None:
+        self._chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._n = 0
+
+    @classmethod
+    def of(cls, intervals) -> IntervalLog:
+        """A log holding ``intervals`` (tuples ``(link, start_s, end_s)``)."""
+        log = cls()
+        rows = list(intervals)
+        if rows:
+            links, starts, ends = zip(*rows, strict=True)
+            log.add(np.array(links, dtype=np.int64), np.array(starts, float), np.array(ends, float))
+        return log
+
+    def add(self, links: np.ndarray, starts: np.ndarray, ends: np.ndarray | float) -> None:
+        """Intervals of ``links`` (int64) from ``starts`` to ``ends`` (one end for all, or
+        one each); the arrays are kept as given, so the caller hands over its own."""
+        if len(links):
+            ends = np.full(len(links), float(ends)) if np.ndim(ends) == 0 else ends
+            self._chunks.append((links, starts, ends))
+            self._n += len(links)
+
+    def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Links (int64), starts and ends (float) of every interval, in the order recorded."""
+        if len(self._chunks) != 1:
+            if not self._chunks:
+                return np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0)
+            self._chunks = [tuple(np.concatenate(c) for c in zip(*self._chunks, strict=True))]
+        links, starts, ends = self._chunks[0]
+        return links, starts, ends
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self):
+        links, starts, ends = self.columns()
+        return zip(links.tolist(), starts.tolist(), ends.tolist(), strict=True)
+
+
 @dataclass
 class LinkStats:
     """Per-link accounting collected while the network runs."""
 
     bytes_carried: np.ndarray
     busy_s: np.ndarray
-    intervals: list[tuple[int, float, float]] = field(default_factory=list)
+    intervals: IntervalLog = field(default_factory=IntervalLog)
 
 
 class FluidNetwork:
@@ -813,8 +858,7 @@ class FluidNetwork:
         still = np.flatnonzero(self._link_active)
         self.stats.busy_s[still] += self.env.now - self._link_since[still]
         if self.record_intervals:
-            for lid in still:
-                self.stats.intervals.append((int(lid), float(self._link_since[lid]), self.env.now))
+            self.stats.intervals.add(still, self._link_since[still], self.env.now)
         self._link_active[:] = False
 
     # -- the network's cycles ----------------------------------------------------------------
@@ -891,8 +935,8 @@ class FluidNetwork:
             self._csr = (ptr, flows)
         if solved:
             self.solves += 1
-            if self.record_intervals and len(ended):
-                self.stats.intervals.extend(zip(ended.tolist(), since.tolist(), repeat(env.now)))
+            if self.record_intervals:
+                self.stats.intervals.add(ended, since, env.now)
         if len(idx):
             self._finish(idx, delay)
         return finish_s
@@ -1279,8 +1323,6 @@ class FluidNetwork:
         if len(ended):
             self.stats.busy_s[ended] += now - self._link_since[ended]
             if self.record_intervals:
-                self.stats.intervals.extend(
-                    zip(ended.tolist(), self._link_since[ended].tolist(), repeat(now))
-                )
+                self.stats.intervals.add(ended, self._link_since[ended], now)
         self._link_since[active & ~self._link_active] = now
         self._link_active = active

@@ -15,6 +15,7 @@ import numpy as np
 from moesim.config.resolve import resolve
 from moesim.engine.analytic import AnalyticEngine
 from moesim.engine.des import Engine
+from moesim.network.fluid import IntervalLog
 from moesim.plan.graph import (
     COMM_PHASES,
     COMPUTE_PHASES,
@@ -68,7 +69,7 @@ class Result:
         routing: pd.DataFrame | Callable[[], pd.DataFrame],
         expert_load: pd.DataFrame | Callable[[], pd.DataFrame] | None = None,
         slices: list[tuple[int, str, float, float, int]] | None = None,
-        link_intervals: list[tuple[int, float, float]] | None = None,
+        link_intervals: IntervalLog | list[tuple[int, float, float]] | None = None,
         pim_slices: list[tuple[int, str, float, float, int]] | None = None,
     ) -> None:
         self.summary = summary
@@ -79,7 +80,9 @@ class Result:
             "expert_load": expert_load if expert_load is not None else _empty_table,
         }
         self.slices = slices if slices is not None else []
-        self.link_intervals = link_intervals if link_intervals is not None else []
+        if not isinstance(link_intervals, IntervalLog):
+            link_intervals = IntervalLog.of(link_intervals or [])
+        self.link_intervals = link_intervals  # (link, start_s, end_s), iterated as tuples
         self.pim_slices = pim_slices if pim_slices is not None else []
 
     def _table(self, name: str) -> pd.DataFrame:
@@ -466,7 +469,7 @@ def _trace_head(
         events.append(
             {"ph": "M", "pid": 1, "tid": g, "name": "thread_name", "args": {"name": name}}
         )
-    used_links = sorted({lid for lid, _, _ in result.link_intervals})
+    used_links = np.unique(result.link_intervals.columns()[0]).tolist()
     for lid in used_links:
         events.append(
             {
@@ -619,26 +622,25 @@ _DUR = ', "dur": '
 
 
 def _interval_lines(
-    rows: list[tuple],
-    start_end: tuple[int, int],
+    start_end_s: tuple[np.ndarray, np.ndarray],
     heads: list[str],
     head_of: list[int],
     tails: list[str],
     tail_of: list[int] | None,
 ) -> bytes | np.ndarray:
-    """The trace events of ``rows`` (tuples holding a start and an end in seconds at
-    ``start_end``) joined by ``", "``, encoded: each ``head + ts + ', "dur": ' + dur +
+    """The trace events of rows starting and ending at ``start_end_s`` (seconds) joined by
+    ``", "``, encoded: each ``head + ts + ', "dur": ' + dur +
     tail``, with ``ts`` and ``dur`` :func:`trace_us`'s (``np.rint`` rounds half to even as
     ``round`` does) as ``float.__repr__`` writes them; row ``i``'s head is
     ``heads[head_of[i]]`` and its tail ``tails[tail_of[i]]`` (``tails[0]`` for every row
     where ``tail_of`` is None), each tail ending with the ``", "`` to the next row, cut from
     the last. Compiled where numba is loaded and the rows are many
     (:data:`TRACE_COMPILED_MIN_ROWS`); else put together by slicing and joined once."""
-    n = len(rows)
+    n = len(start_end_s[0])
     if n == 0:
         return b""
-    start = np.rint(np.array(list(map(itemgetter(start_end[0]), rows)), dtype=np.float64) * 1e9)
-    end = np.rint(np.array(list(map(itemgetter(start_end[1]), rows)), dtype=np.float64) * 1e9)
+    start = np.rint(np.asarray(start_end_s[0], dtype=np.float64) * 1e9)
+    end = np.rint(np.asarray(start_end_s[1], dtype=np.float64) * 1e9)
     start += 0.0  # -0.0 -> 0.0, as in trace_us
     end += 0.0
     kernel = _trace_kernel() if n >= TRACE_COMPILED_MIN_ROWS else None
@@ -651,7 +653,7 @@ def _interval_lines(
         mid = np.frombuffer(_DUR.encode(), dtype=np.uint8)
         return kernel(pool, ptr, head, tail, start, end, mid)[:-2]
     pieces: list[str] = [""] * (5 * n)
-    pieces[0::5] = _lookup(heads, head_of)
+    pieces[0::5] = _lookup(heads, np.asarray(head_of).tolist())
     pieces[1::5] = _reprs(start / 1e3)
     pieces[2::5] = [_DUR] * n
     with np.errstate(invalid="ignore"):  # inf - inf: NaN, as trace_us gives
@@ -689,7 +691,8 @@ def _slice_lines(
         for g, p in pairs
     ]
     tails = [f', "args": {{"layer": {int(k)}}}}}, ' for k in layers]
-    return _interval_lines(slices, (2, 3), heads, head_of, tails, tail_of)
+    times = tuple(np.array(list(map(itemgetter(k), slices)), dtype=np.float64) for k in (2, 3))
+    return _interval_lines(times, heads, head_of, tails, tail_of)
 
 
 def _phase_name_cat(phase: str) -> str:
@@ -717,13 +720,14 @@ def write_trace(
         meta = {"ph": "M", "pid": 1, "tid": n + g, "name": "thread_name", "args": name}
         parts.append(json.dumps(meta).encode())
     parts.append(_slice_lines(result.pim_slices, n, _pim_name_cat))
-    busy = [iv for iv in result.link_intervals if iv[2] > iv[1]]
-    links, head_of = _ids(list(map(itemgetter(0), busy)))
+    lid, start, end = result.link_intervals.columns()
+    busy = end > start
+    links, head_of = np.unique(lid[busy], return_inverse=True)
     heads = [
         f'{{"ph": "X", "pid": 2, "tid": {int(k)}, "name": "busy", "cat": "link", "ts": '
-        for k in links
+        for k in links.tolist()
     ]
-    parts.append(_interval_lines(busy, (1, 2), heads, head_of, ["}, "], None))
+    parts.append(_interval_lines((start[busy], end[busy]), heads, head_of, ["}, "], None))
     with open(path, "wb") as fh:
         fh.write(b'{"traceEvents": [')
         for k, part in enumerate(p for p in parts if len(p)):
