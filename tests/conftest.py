@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from moesim import scenario_from_dict
@@ -29,3 +30,17 @@ def small_scenario(**overrides):
 @pytest.fixture
 def small():
     return small_scenario
+
+
+def same_value(x, y) -> bool:
+    """Whether two plan values are equal all the way down: arrays by dtype and contents,
+    dicts, lists and tuples item by item, objects field by field."""
+    if isinstance(x, np.ndarray):
+        return isinstance(y, np.ndarray) and x.dtype == y.dtype and np.array_equal(x, y)
+    if isinstance(x, dict):
+        return x.keys() == y.keys() and all(same_value(x[k], y[k]) for k in x)
+    if hasattr(x, "__dict__") and not isinstance(x, type):
+        return type(x) is type(y) and same_value(vars(x), vars(y))
+    if isinstance(x, list | tuple):
+        return len(x) == len(y) and all(same_value(p, q) for p, q in zip(x, y, strict=True))
+    return x == y

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import threading
 
-import numpy as np
 import pytest
 
 import moesim
 from moesim.plan import workload
 from moesim.plan.ahead import Ahead
 from moesim.plan.workload import build_plan
+from tests.conftest import same_value
 
 
 def _gated(keys):
@@ -71,18 +71,6 @@ def test_close_cancels_what_has_not_started():
     assert [k for k, _ in started] in ([], [0])
 
 
-def _same(x, y) -> bool:
-    if isinstance(x, np.ndarray):
-        return isinstance(y, np.ndarray) and x.dtype == y.dtype and np.array_equal(x, y)
-    if isinstance(x, dict):
-        return x.keys() == y.keys() and all(_same(x[k], y[k]) for k in x)
-    if hasattr(x, "__dict__") and not isinstance(x, type):
-        return type(x) is type(y) and _same(vars(x), vars(y))
-    if isinstance(x, list | tuple):
-        return len(x) == len(y) and all(_same(p, q) for p, q in zip(x, y, strict=True))
-    return x == y
-
-
 @pytest.mark.parametrize(
     ("path", "over"),
     [
@@ -109,4 +97,4 @@ def test_routes_drawn_ahead_give_the_layer_by_layer_plan(path, over, monkeypatch
     assert not calls
     assert len(ahead.layers) == len(in_turn.layers)
     for a, b in zip(ahead.layers, in_turn.layers, strict=True):
-        assert _same(vars(a), vars(b)), a.index
+        assert same_value(vars(a), vars(b)), a.index

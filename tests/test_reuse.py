@@ -11,6 +11,7 @@ import pytest
 import moesim
 from moesim.plan import workload
 from moesim.plan.workload import build_plan
+from tests.conftest import same_value
 
 CASES = [
     ("mixtral-8x7b-8xh100-decode.yaml", {}),
@@ -53,19 +54,8 @@ def test_reused_layer_plans_equal_field_by_field(monkeypatch):
     a, b = _layers(sc, True, monkeypatch), _layers(sc, False, monkeypatch)
     assert len(a) == len(b)
 
-    def same(x, y) -> bool:
-        if isinstance(x, np.ndarray):
-            return isinstance(y, np.ndarray) and np.array_equal(x, y)
-        if isinstance(x, dict):
-            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
-        if hasattr(x, "__dict__") and not isinstance(x, type):
-            return type(x) is type(y) and same(vars(x), vars(y))
-        if isinstance(x, list | tuple):
-            return len(x) == len(y) and all(same(p, q) for p, q in zip(x, y, strict=True))
-        return x == y
-
     for la, lb in zip(a, b, strict=True):
-        assert same(vars(la), vars(lb)), la.index
+        assert same_value(vars(la), vars(lb)), la.index
 
 
 def test_reused_blocks_share_no_writable_array(monkeypatch):
