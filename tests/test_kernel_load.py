@@ -10,9 +10,10 @@ import sys
 import pytest
 
 from moesim.cli import main
-from moesim.cli.run import KernelLoad
+from moesim.cli.run import COMPILING, KernelLoad
 from moesim.config.errors import ScenarioError
 from moesim.config.scenario import load_scenario
+from moesim.network import fluid
 from moesim.network.fluid import COMPILED_MIN_DEVICES
 from tests.conftest import ROOT
 
@@ -46,8 +47,8 @@ def test_no_load_thread_outlives_a_failed_run(monkeypatch):
     started: list[KernelLoad] = []
     start_for = KernelLoad.start_for
 
-    def recording(scenario):
-        load = start_for(scenario)
+    def recording(scenario, **kwargs):
+        load = start_for(scenario, **kwargs)
         started.append(load)
         return load
 
@@ -76,3 +77,38 @@ def test_a_program_run_with_the_thread_writes_what_an_in_process_run_writes(tmp_
     write_outputs(simulate(load_scenario(ROOT / BIG, overrides)), tmp_path / "here")
     for name in ("devices.csv", "links.csv", "routing.csv", "expert_load.csv", "trace.json"):
         assert (tmp_path / "proc" / name).read_bytes() == (tmp_path / "here" / name).read_bytes()
+
+
+def test_the_cache_holds_the_kernels_once_loaded():
+    """After a load (compiling where the cache is cold), numba's cache index holds every
+    kernel the load took, for this source."""
+    pytest.importorskip("numba")
+    fluid.warm_up()
+    assert fluid.kernels_cached()
+
+
+@pytest.mark.parametrize(("cached", "announce", "said"), [
+    (False, True, True), (False, False, False), (True, True, False),
+])  # fmt: skip
+def test_a_cold_cache_is_announced_once_on_stderr(cached, announce, said, monkeypatch, capsys):
+    monkeypatch.setattr(fluid, "kernels_cached", lambda: cached)
+    monkeypatch.setattr(fluid, "warm_up", lambda: None)
+    load = KernelLoad.start_for(load_scenario(ROOT / BIG, {"sim.fidelity": "des"}), announce)
+    load.wait()
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert out.err.count(COMPILING) == (1 if said else 0)
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_moesim_run_announces_a_compile_unless_quiet(quiet, monkeypatch, capsys):
+    monkeypatch.setattr(fluid, "kernels_cached", lambda: False)
+    monkeypatch.setattr(fluid, "warm_up", lambda: None)
+
+    def failing_plan(scenario):
+        raise ScenarioError("model", "no plan")
+
+    monkeypatch.setattr("moesim.plan.workload.build_plan", failing_plan)
+    args = ["run", str(ROOT / BIG), "--set", "sim.fidelity=des"] + (["-q"] if quiet else [])
+    assert main(args) == 2
+    assert (COMPILING in capsys.readouterr().err) != quiet

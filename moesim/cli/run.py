@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import threading
 from pathlib import Path
 
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         check_size(scenario)
         if args.out:
             out_dir(args.out)
-        kernels = KernelLoad.start_for(scenario)
+        kernels = KernelLoad.start_for(scenario, announce=not args.quiet)
         result = simulate(scenario, progress=not args.quiet, before_engine=kernels and kernels.wait)
     except ScenarioError as err:
         err.file = err.file or str(args.scenario)
@@ -185,6 +186,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+COMPILING = (
+    "moesim: compiling the network kernels for this machine (once: numba caches them; 10-20 s)"
+)
+"""The line ``moesim run`` prints on stderr when the kernels it needs are not cached yet."""
+
+
 class KernelLoad:
     """The network's compiled kernels (:func:`moesim.network.fluid.warm_up`: importing numba,
     loading each kernel from its on-disk cache, ~1 s) loaded on a daemon thread while the
@@ -194,30 +201,34 @@ class KernelLoad:
     loaded before its import finishes, so it must not be called while the thread is still
     inside it), and the run is the one a main-thread load gives."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = False) -> None:
         self.error: BaseException | None = None
+        self.announce = announce
         self.thread = threading.Thread(target=self._load, name="moesim-kernels", daemon=True)
 
     def _load(self) -> None:
-        from moesim.network.fluid import warm_up
+        from moesim.network import fluid
 
         try:
-            warm_up()
+            if self.announce and not fluid.kernels_cached():
+                print(COMPILING, file=sys.stderr, flush=True)
+            fluid.warm_up()
         except BaseException as err:  # raised in the main thread by wait()
             self.error = err
 
     @classmethod
-    def start_for(cls, scenario) -> KernelLoad | None:
+    def start_for(cls, scenario, announce: bool = False) -> KernelLoad | None:
         """A started load where the engine will use the compiled kernels (a discrete-event
         run on at least ``COMPILED_MIN_DEVICES`` devices); None elsewhere: small networks
-        run the numpy kernels and pay nothing."""
+        run the numpy kernels and pay nothing. ``announce``: say so on stderr when the
+        kernels are not in numba's cache yet (:data:`COMPILING`)."""
         from moesim.network.fluid import COMPILED_MIN_DEVICES
 
         if scenario.workload.phase == "serve" or scenario.sim.fidelity != "des":
             return None
         if scenario.cluster.n_devices < COMPILED_MIN_DEVICES:
             return None
-        load = cls()
+        load = cls(announce)
         load.thread.start()
         return load
 

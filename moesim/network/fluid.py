@@ -71,6 +71,25 @@ def link_loads(paths: np.ndarray, nbytes: np.ndarray, n_links: int) -> np.ndarra
     return np.bincount(paths[valid], weights=weights, minlength=n_links)
 
 
+WARM_KERNELS = ("cycle", "admit", "deliver", "finish", "link_loads", "sums", "split", "count_off")
+"""The kernels :func:`warm_up` loads: those the network calls from Python."""
+
+
+def kernels_cached() -> bool:
+    """Whether numba's on-disk cache holds every kernel :func:`warm_up` loads, for this
+    source (its index matches the file's stamp): False on a machine's first run, or after
+    the source changed, when loading them means compiling them (10-20 s on 2 cores). True
+    where numba is missing or its cache cannot be read (nothing to announce). Reads numba's
+    cache index (``Dispatcher._cache``, numba's own)."""
+    k = _compiled()
+    if not k:
+        return True
+    try:
+        return all(bool(k[name]._cache._cache_file._load_index()) for name in WARM_KERNELS)
+    except Exception:  # another numba's cache layout: say nothing
+        return True
+
+
 def warm_up() -> None:
     """Load every compiled kernel that the network calls from Python (from numba's cache,
     compiling it once per machine) by running it on a tiny input, so that timings leave that
