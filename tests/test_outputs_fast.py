@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from moesim.network.fluid import IntervalLog
 from moesim.results import collect
 from moesim.results.collect import Result, _Frame, chrome_trace, write_outputs, write_trace
 from tests.conftest import ROOT
@@ -184,3 +185,17 @@ def test_trace_times_are_the_nearest_nanoseconds(tmp_path):
     assert np.all(np.abs(start_ns - edges[:-1] * 1e9) <= 0.5 + 1e-6)
     assert np.all(np.abs(end_ns - edges[1:] * 1e9) <= 0.5 + 1e-6)
     assert np.array_equal(np.round(end_ns[:-1]), np.round(start_ns[1:]))  # still back to back
+
+
+def test_interval_log_keeps_the_intervals_in_order():
+    """Chunks added at once (one end for all, or one each) iterate back as the tuples, in
+    order, with int links and float times; logs compare by their intervals."""
+    log = IntervalLog()
+    log.add(np.array([3, 1]), np.array([0.0, 0.5]), 1)  # an int end, as env.now at 0
+    log.add(np.zeros(0, dtype=np.int64), np.zeros(0), 2.0)  # nothing
+    log.add(np.array([2]), np.array([1.5]), np.array([2.25]))
+    expected = [(3, 0.0, 1.0), (1, 0.5, 1.0), (2, 1.5, 2.25)]
+    assert len(log) == 3 and list(log) == expected and log == expected
+    assert [type(v) for v in next(iter(log))] == [int, float, float]
+    assert log == IntervalLog.of(expected) and log != IntervalLog.of(expected[:2])
+    assert list(IntervalLog()) == [] and IntervalLog() == IntervalLog.of([])

@@ -566,6 +566,16 @@ class IntervalLog:
         links, starts, ends = self.columns()
         return zip(links.tolist(), starts.tolist(), ends.tolist(), strict=True)
 
+    def __eq__(self, other: object) -> bool:
+        """The same intervals in the same order (a list of tuples compares as its tuples)."""
+        if isinstance(other, IntervalLog):
+            return all(map(np.array_equal, self.columns(), other.columns()))
+        if isinstance(other, list):
+            return list(self) == other
+        return NotImplemented
+
+    __hash__ = None  # mutable, as the list it stands for
+
 
 @dataclass
 class LinkStats:
