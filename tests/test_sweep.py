@@ -279,3 +279,44 @@ def test_overrides_apply_to_a_deep_copy():
     copy = apply_overrides(base, {})
     copy["a"]["b"][1]["c"] = 9
     assert base["a"]["b"][1]["c"] == 2
+
+
+BIG_BASE = {**BASE, "cluster": {"nodes": 2, "devices_per_node": 8, "device": "h100-sxm"}}
+
+
+@pytest.mark.parametrize(
+    ("base", "fidelity", "compiled"),
+    [(BASE, "des", False), (BIG_BASE, "des", True), (BIG_BASE, "analytic", False)],
+)
+def test_a_sweep_knows_whether_a_point_runs_the_compiled_kernels(
+    base, fidelity, compiled, tmp_path
+):
+    path = _sweep(tmp_path, base={**base, "sim": {"fidelity": fidelity}})
+    spec, b = load_sweep(path)
+    assert prepare(spec, b, tmp_path / "out", str(path)).compiled_kernels is compiled
+
+
+@pytest.mark.parametrize(("base", "quiet"), [(BIG_BASE, False), (BIG_BASE, True), (BASE, False)])
+def test_a_sweep_compiles_the_kernels_once_before_its_workers(
+    base, quiet, tmp_path, monkeypatch, capsys
+):
+    """On a cold cache the sweep compiles the kernels itself, before any point runs (and
+    says so unless quiet); a sweep of small networks loads none."""
+    from moesim.cli.run import COMPILING
+    from moesim.network import fluid
+
+    loads: list[int] = []
+    monkeypatch.setattr(fluid, "kernels_cached", lambda: False)
+    monkeypatch.setattr(fluid, "warm_up", lambda: loads.append(1))
+
+    def interrupted(run, executor, progress=True):
+        assert len(loads) == (1 if base is BIG_BASE else 0)  # before the first point
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("moesim.studies.sweep.execute", interrupted)
+    path = _sweep(tmp_path, base={**base, "sim": {"fidelity": "des"}})
+    args = ["sweep", str(path), "--out", str(tmp_path / "out")] + (["-q"] if quiet else [])
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert (COMPILING in err) == (base is BIG_BASE and not quiet)
+    assert len(loads) == (1 if base is BIG_BASE else 0)

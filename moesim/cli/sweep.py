@@ -80,6 +80,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _compile_once(quiet: bool) -> None:
+    """Compile the network kernels here, once, where numba's cache does not hold them yet
+    (saying so unless ``quiet``): the workers then load them from the cache instead of each
+    compiling them at once."""
+    from moesim.cli.run import COMPILING
+    from moesim.network import fluid
+
+    if not fluid.kernels_cached():
+        if not quiet:
+            print(COMPILING, file=sys.stderr, flush=True)
+        fluid.warm_up()
+
+
 def run(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
 
@@ -106,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
     out_dir(out)
     start = time.perf_counter()
     try:
+        if run.compiled_kernels:
+            _compile_once(args.quiet)
         with make_executor(args.executor, args.workers, args.address) as executor:
             table = execute(run, executor, progress=not args.quiet)
     except KeyboardInterrupt:

@@ -157,6 +157,7 @@ class SweepRun:
     skipped: list[Point]
     out: Path
     fmt: Literal["parquet", "csv"] = "parquet"
+    compiled_kernels: bool = False  # a point runs the compiled network kernels
 
     @property
     def journal(self) -> Path:
@@ -226,6 +227,7 @@ def prepare(
     """Expand, filter by constraints and validate every point (schema and size limits);
     raises :class:`ScenarioError` naming the axis path and value of the first invalid point."""
     kept, skipped = [], []
+    compiled = False
     for point in expand(spec):
         over = point_overrides(spec, point)
         try:
@@ -236,7 +238,8 @@ def prepare(
             skipped.append(point)
             continue
         try:
-            check_size(scenario_from_dict(base, over))
+            sc = scenario_from_dict(base, over)
+            check_size(sc)
         except ScenarioError as err:
             axis = next(
                 (a for a in point.values if err.path == a or err.path.startswith(a + ".")), None
@@ -247,7 +250,17 @@ def prepare(
                 ) from None
             raise ScenarioError(err.path, f"{err.reason} (at point {point.values})", file) from None
         kept.append(point)
-    return SweepRun(spec, base, kept, skipped, out, fmt)
+        compiled = compiled or uses_compiled_kernels(sc)
+    return SweepRun(spec, base, kept, skipped, out, fmt, compiled)
+
+
+def uses_compiled_kernels(sc) -> bool:
+    """Whether a run of ``sc`` uses the network's compiled kernels: discrete-event, not
+    serving, on at least ``COMPILED_MIN_DEVICES`` devices."""
+    from moesim.network.fluid import COMPILED_MIN_DEVICES
+
+    des = sc.sim.fidelity == "des" and sc.workload.phase != "serve"
+    return des and sc.cluster.n_devices >= COMPILED_MIN_DEVICES
 
 
 @contextlib.contextmanager
