@@ -192,6 +192,17 @@ COMPILING = (
 """The line ``moesim run`` prints on stderr when the kernels it needs are not cached yet."""
 
 
+def kernels_cold(quiet: bool) -> bool:
+    """Whether loading the network's compiled kernels means compiling them (numba's cache
+    does not hold them yet); says so on stderr (:data:`COMPILING`) unless ``quiet``."""
+    from moesim.network import fluid
+
+    cold = not fluid.kernels_cached()
+    if cold and not quiet:
+        print(COMPILING, file=sys.stderr, flush=True)
+    return cold
+
+
 class KernelLoad:
     """The network's compiled kernels (:func:`moesim.network.fluid.warm_up`: importing numba,
     loading each kernel from its on-disk cache, ~1 s) loaded on a daemon thread while the
@@ -210,8 +221,8 @@ class KernelLoad:
         from moesim.network import fluid
 
         try:
-            if self.announce and not fluid.kernels_cached():
-                print(COMPILING, file=sys.stderr, flush=True)
+            if self.announce:
+                kernels_cold(quiet=False)
             fluid.warm_up()
         except BaseException as err:  # raised in the main thread by wait()
             self.error = err
