@@ -10,11 +10,11 @@ import sys
 import pytest
 
 from moesim.cli import main
-from moesim.cli.run import COMPILING, KernelLoad
+from moesim.cli.run import KernelLoad
 from moesim.config.errors import ScenarioError
 from moesim.config.scenario import load_scenario
 from moesim.network import fluid
-from moesim.network.fluid import COMPILED_MIN_DEVICES
+from moesim.network.fluid import COMPILED_MIN_DEVICES, COMPILING
 from tests.conftest import ROOT
 
 SMALL = "scenarios/mixtral-8x7b-8xh100-decode.yaml"
@@ -77,6 +77,31 @@ def test_a_program_run_with_the_thread_writes_what_an_in_process_run_writes(tmp_
     write_outputs(simulate(load_scenario(ROOT / BIG, overrides)), tmp_path / "here")
     for name in ("devices.csv", "links.csv", "routing.csv", "expert_load.csv", "trace.json"):
         assert (tmp_path / "proc" / name).read_bytes() == (tmp_path / "here" / name).read_bytes()
+
+
+@pytest.mark.parametrize(("path", "cached", "progress", "said"), [
+    (BIG, False, True, True), (BIG, False, False, False), (BIG, True, True, False),
+    (SMALL, False, True, False),
+])  # fmt: skip
+def test_an_engine_with_progress_announces_a_compile_and_compiles_first(
+    path, cached, progress, said, monkeypatch, capsys
+):
+    """The Python API (``simulate`` or ``Engine``) with progress on says it compiles, then
+    compiles before its progress bar starts, where its network runs the compiled kernels
+    and they are not cached; otherwise it says and does nothing."""
+    from moesim.engine.des import Engine
+    from moesim.plan.workload import build_plan
+
+    warmed: list[bool] = []
+    monkeypatch.setattr(fluid, "kernels_cached", lambda: cached)
+    monkeypatch.setattr("moesim.engine.des.warm_up", lambda: warmed.append(True))
+    plan = build_plan(load_scenario(ROOT / path, {"sim.fidelity": "des", "model.n_layers": 4}))
+    capsys.readouterr()
+    engine = Engine(plan, progress=progress)
+    out = capsys.readouterr()
+    assert engine.net.compiled == (path == BIG)
+    assert out.out == "" and out.err.count(COMPILING) == int(said)
+    assert warmed == [True] * said
 
 
 def test_the_cache_holds_the_kernels_once_loaded():

@@ -302,8 +302,8 @@ def test_a_sweep_compiles_the_kernels_once_before_its_workers(
 ):
     """On a cold cache the sweep compiles the kernels itself, before any point runs (and
     says so unless quiet); a sweep of small networks loads none."""
-    from moesim.cli.run import COMPILING
     from moesim.network import fluid
+    from moesim.network.fluid import COMPILING
 
     loads: list[int] = []
     monkeypatch.setattr(fluid, "kernels_cached", lambda: False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import threading
 from pathlib import Path
 
@@ -186,23 +185,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-COMPILING = (
-    "moesim: compiling the network kernels for this machine (once: numba caches them; 10-20 s)"
-)
-"""The line ``moesim run`` prints on stderr when the kernels it needs are not cached yet."""
-
-
-def kernels_cold(quiet: bool) -> bool:
-    """Whether loading the network's compiled kernels means compiling them (numba's cache
-    does not hold them yet); says so on stderr (:data:`COMPILING`) unless ``quiet``."""
-    from moesim.network import fluid
-
-    cold = not fluid.kernels_cached()
-    if cold and not quiet:
-        print(COMPILING, file=sys.stderr, flush=True)
-    return cold
-
-
 class KernelLoad:
     """The network's compiled kernels (:func:`moesim.network.fluid.warm_up`: importing numba,
     loading each kernel from its on-disk cache, ~1 s) loaded on a daemon thread while the
@@ -222,7 +204,7 @@ class KernelLoad:
 
         try:
             if self.announce:
-                kernels_cold(quiet=False)
+                fluid.kernels_cold(quiet=False)
             fluid.warm_up()
         except BaseException as err:  # raised in the main thread by wait()
             self.error = err
@@ -232,7 +214,7 @@ class KernelLoad:
         """A started load where the engine will use the compiled kernels (a discrete-event
         run on at least ``COMPILED_MIN_DEVICES`` devices); None elsewhere: small networks
         run the numpy kernels and pay nothing. ``announce``: say so on stderr when the
-        kernels are not in numba's cache yet (:data:`COMPILING`)."""
+        kernels are not in numba's cache yet (:data:`moesim.network.fluid.COMPILING`)."""
         from moesim.network.fluid import COMPILED_MIN_DEVICES
 
         if scenario.workload.phase == "serve" or scenario.sim.fidelity != "des":

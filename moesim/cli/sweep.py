@@ -84,10 +84,9 @@ def _compile_once(quiet: bool) -> None:
     """Compile the network kernels here, once, where numba's cache does not hold them yet
     (saying so unless ``quiet``): the workers then load them from the cache instead of each
     compiling them at once."""
-    from moesim.cli.run import kernels_cold
     from moesim.network import fluid
 
-    if kernels_cold(quiet):
+    if fluid.kernels_cold(quiet):
         fluid.warm_up()
 
 

@@ -25,7 +25,7 @@ from moesim.engine.inputs import step_inputs
 from moesim.engine.recorder import CountingEnvironment, Recorder, failure_copy
 from moesim.network import FluidNetwork, Topology
 from moesim.network.aggregate import PatternCache, aggregation_mode
-from moesim.network.fluid import LinkStats
+from moesim.network.fluid import LinkStats, kernels_cold, warm_up
 from moesim.plan.graph import (
     COLLECTIVE,
     COMPUTE,
@@ -145,6 +145,8 @@ class Engine:
         gpu_layers = [node.layer for node in nodes if node.stream == GPU]
         spans = 1 + sum(a != b for a, b in itertools.pairwise(gpu_layers))
         show = sc.sim.progress if progress is None else progress
+        if show and self.net.compiled and kernels_cold(quiet=False):
+            warm_up()  # compiled here, announced, rather than stalling the progress bar
         self._bar = tqdm(
             total=plan.n_devices * spans,
             delay=2.0,

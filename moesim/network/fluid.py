@@ -13,6 +13,7 @@ and admission batches, not with tokens, bytes or flows delivered.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -88,6 +89,22 @@ def kernels_cached() -> bool:
         return all(bool(k[name]._cache._cache_file._load_index()) for name in WARM_KERNELS)
     except Exception:  # another numba's cache layout: say nothing
         return True
+
+
+COMPILING = (
+    "moesim: compiling the network kernels for this machine (once: numba caches them; 10-20 s)"
+)
+"""The line printed on stderr (by ``moesim run``, ``moesim sweep`` and a discrete-event run
+with progress on) when the kernels a run needs are not cached yet."""
+
+
+def kernels_cold(quiet: bool) -> bool:
+    """Whether loading the compiled kernels means compiling them (:func:`kernels_cached` is
+    False); says so on stderr (:data:`COMPILING`) unless ``quiet``."""
+    cold = not kernels_cached()
+    if cold and not quiet:
+        print(COMPILING, file=sys.stderr, flush=True)
+    return cold
 
 
 def warm_up() -> None:
@@ -670,6 +687,7 @@ class FluidNetwork:
         self._scratch: tuple[np.ndarray, np.ndarray] | None = None
         big = topology.n_devices >= COMPILED_MIN_DEVICES
         self._kernels = _compiled() if big and "maxmin" in _compiled() else {}
+        self.compiled = bool(self._kernels)  # runs the compiled kernels (>= 16 devices, numba)
         if self._dominated is not None and "components" in self._kernels:
             self._solve_store = self._path_store.copy()
         # links whose flows or weights changed since the last solve: the compiled solve
