@@ -4,12 +4,14 @@ engine starts, and the outputs are those of a load on the main thread."""
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 
 import pytest
 
 from moesim.cli import main
+from moesim.cli.common import PROCESS
 from moesim.cli.run import KernelLoad
 from moesim.config.errors import ScenarioError
 from moesim.config.scenario import load_scenario
@@ -19,6 +21,7 @@ from tests.conftest import ROOT
 
 SMALL = "scenarios/mixtral-8x7b-8xh100-decode.yaml"
 BIG = "scenarios/deepseek-v3-64xh800-decode.yaml"
+SERVE = "scenarios/mixtral-8x7b-8xh100-serve.yaml"
 
 
 def test_the_load_starts_only_where_the_engine_uses_the_compiled_kernels():
@@ -137,3 +140,39 @@ def test_moesim_run_announces_a_compile_unless_quiet(quiet, monkeypatch, capsys)
     args = ["run", str(ROOT / BIG), "--set", "sim.fidelity=des"] + (["-q"] if quiet else [])
     assert main(args) == 2
     assert (COMPILING in capsys.readouterr().err) != quiet
+
+
+@pytest.fixture
+def collector_restored():
+    """The cyclic garbage collector on again after the test, whatever it left."""
+    yield
+    gc.enable()
+
+
+@pytest.mark.parametrize(("ends", "path", "off"), [
+    (False, SMALL, False), (True, SMALL, True), (True, SERVE, False),
+])  # fmt: skip
+def test_only_a_process_that_ends_with_its_run_leaves_the_collector_off(
+    ends, path, off, monkeypatch, collector_restored
+):
+    """``moesim run`` in the ``moesim`` program (one command, then ``os._exit``) turns the
+    cyclic collector off for its step; a serving run, and ``main`` called in a process that
+    goes on (tests, scripts), leave it as it was."""
+    monkeypatch.setitem(PROCESS, "ends_after_command", ends)
+    gc.enable()
+    args = ["run", "-q", str(ROOT / path)]
+    assert main(args + (["--set", "workload.serve.n_requests=50"] if path == SERVE else [])) == 0
+    assert gc.isenabled() != off
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_a_compile_runs_with_the_collector_on(cached, monkeypatch, collector_restored):
+    """numba's compiler makes cyclic garbage: a load that compiles turns the collector on
+    for the compile and off again after; a load from the cache leaves it off."""
+    seen: list[bool] = []
+    monkeypatch.setattr(fluid, "kernels_cached", lambda: cached)
+    monkeypatch.setattr(fluid, "warm_up", lambda: seen.append(gc.isenabled()))
+    gc.disable()
+    KernelLoad.start_for(load_scenario(ROOT / BIG, {"sim.fidelity": "des"})).wait()
+    assert seen == [not cached]
+    assert not gc.isenabled()

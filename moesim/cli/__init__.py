@@ -26,7 +26,7 @@ from moesim.cli import (
     sweep,
     validate,
 )
-from moesim.cli.common import EXIT_BROKEN_PIPE, handle_errors
+from moesim.cli.common import EXIT_BROKEN_PIPE, PROCESS, handle_errors
 
 COMMANDS = [run, compare, routing, calibrate, validate, model, sweep, plan, catalog, schema]
 
@@ -57,7 +57,10 @@ def run_as_program() -> NoReturn:
     one; after a run that loaded the network's compiled kernels that alone takes ~0.4 s
     (numba's and LLVM's objects), a tenth of a 256-device run. An output pipe closed early
     exits 141, as :func:`moesim.cli.common.handle_errors` does. Exceptions other than
-    ``SystemExit`` leave as usual (traceback, full teardown)."""
+    ``SystemExit`` leave as usual (traceback, full teardown). The command learns that the
+    process ends with it (``PROCESS["ends_after_command"]``: ``moesim run`` turns the cyclic
+    garbage collector off)."""
+    PROCESS["ends_after_command"] = True
     try:
         code = main()
     except SystemExit as stop:

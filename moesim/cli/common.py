@@ -17,6 +17,12 @@ EXIT_INTERNAL = 70
 EXIT_BROKEN_PIPE = 141
 """128 + SIGPIPE, what a shell reports for a writer whose reader closed the pipe."""
 
+PROCESS: dict[str, bool] = {"ends_after_command": False}
+"""``ends_after_command``: this process runs one command and ends (the ``moesim`` program,
+:func:`moesim.cli.run_as_program`), so a command may leave the cyclic garbage collector off
+(:func:`moesim.cli.run.run`); False where :func:`moesim.cli.main` is called in a process
+that goes on (tests, scripts)."""
+
 
 def fmt_s(seconds: float) -> str:
     """A duration in s, ms or us with a readable number of digits."""
