@@ -204,8 +204,10 @@ def run(args: argparse.Namespace) -> int:
 class KernelLoad:
     """The network's compiled kernels (:func:`moesim.network.fluid.warm_up`: importing numba,
     loading each kernel from its on-disk cache, ~1 s) loaded on a daemon thread while the
-    main thread builds the plan; its routing draws (``Generator.multinomial``) and numpy
-    release the GIL, so the two overlap. :meth:`wait` joins the thread before the engine
+    main thread builds the plan. Both are mostly Python, which holds the GIL, so the load
+    runs beside the plan's routing draws (``Generator.multinomial`` releases it) and little
+    else: 0.78-0.90 s for the two against 0.85-0.96 s one after the other on the 256-GPU
+    prefill (docs/speed.md). :meth:`wait` joins the thread before the engine
     starts: the engine then finds every kernel loaded (``fluid._compiled`` marks itself
     loaded before its import finishes, so it must not be called while the thread is still
     inside it), and the run is the one a main-thread load gives. Where the kernels are not
