@@ -13,6 +13,7 @@ import moesim
 from moesim.engine import inputs
 from moesim.engine.des import Engine
 from moesim.engine.inputs import NetworkPrefetch, step_inputs
+from moesim.engine.parts import pair_components, pairs_by_component
 from moesim.plan.workload import build_plan, dispatch_pairs
 from moesim.results.collect import collect
 from tests.conftest import ROOT
@@ -72,24 +73,39 @@ def _summary(result) -> dict:
     return json.loads(json.dumps(s, sort_keys=True, default=str))
 
 
+def _pair_sets(pairs, label) -> set[tuple[bytes, bytes]]:
+    """The distinct pair sets of ``pairs``, each split by the components of ``label`` where
+    there are several (what a run of independent parts looks up), else whole."""
+    if label is not None and len(np.unique(label)) > 1:
+        pairs = [p for s, d in pairs for p in pairs_by_component(s, d, label)]
+    return {(s.tobytes(), d.tobytes()) for s, d in pairs}
+
+
+@pytest.mark.parametrize("parts", ["split", "whole"])
 @pytest.mark.parametrize(("path", "over"), [CASES[3], CASES[4]])
-def test_prefetched_patterns_give_the_run_that_builds_them(path, over):
+def test_prefetched_patterns_give_the_run_that_builds_them(path, over, parts):
     """The engine given the prefetched patterns builds no all-to-all pattern of its own and
-    gives the result of an engine that builds every pattern on first use."""
-    sc = _scenario(path, over)
+    gives the result of an engine that builds every pattern on first use; split into
+    independent parts (the 256-GPU prefill: 4), the patterns prefetched are the parts'."""
+    sc = _scenario(path, {**over, "sim.parts": parts})
     prefetch = NetworkPrefetch(sc)
     plan = build_plan(sc)
     topology, patterns = prefetch.result()
     prefetched = len(patterns._cache)
-    assert prefetched == len({(s.tobytes(), d.tobytes()) for s, d in dispatch_pairs(sc)})
+    pairs = dispatch_pairs(sc)
+    label = pair_components(pairs, plan.n_devices) if parts == "split" else None
+    assert prefetched == len(_pair_sets(pairs, label))
     given = Engine(plan, topology, False, patterns=patterns).run()
     assert given.patterns is patterns
     _, graph = step_inputs(plan, topology)
-    others = {  # the other collectives' pair sets (tensor-parallel rings)
-        (n.traffic.src.tobytes(), n.traffic.dst.tobytes())
-        for n in graph.nodes
-        if n.kind == "collective" and n.traffic is not None and n.phase not in ALL_TO_ALL
-    }
+    others = _pair_sets(  # the other collectives' pair sets (tensor-parallel rings)
+        [
+            (n.traffic.src, n.traffic.dst)
+            for n in graph.nodes
+            if n.kind == "collective" and n.traffic is not None and n.phase not in ALL_TO_ALL
+        ],
+        label,
+    )
     assert len(patterns._cache) == prefetched + len(others)
     built = Engine(build_plan(sc), progress=False).run()
     assert _summary(collect(given)) == _summary(collect(built))

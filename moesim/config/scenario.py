@@ -528,6 +528,20 @@ class SimConfig(Config):
         "steps, each waiting for its receive (a late member's delay travels round the ring; "
         "2 (n - 1) times the network events)",
     )
+    parts: Literal["split", "whole"] = Field(
+        "split",
+        description="discrete-event runs of a cluster whose devices fall into independent parts "
+        "(sets that exchange no traffic and share no link, e.g. data-parallel inference "
+        "replicas): split simulates each part on its own network and event loop, so a part's "
+        "flow completions and admissions are batched (network_tolerance) with its own events "
+        "only, and the parts can run in parallel (workers); whole: one network for all",
+    )
+    workers: Literal["auto"] | PositiveInt = Field(
+        "auto",
+        description="processes that simulate the independent parts at once (parts: split; "
+        "forked, so Linux and macOS): auto is one per CPU, at most one per part; the results "
+        "are the same bytes for any number; 1 in the points of a sweep that runs in processes",
+    )
     trace: bool = Field(True, description="record device/link timelines for trace.json")
     progress: bool = Field(True, description="progress bar on runs longer than a few seconds")
 

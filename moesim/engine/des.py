@@ -22,6 +22,7 @@ from simpy.events import URGENT
 from tqdm import tqdm
 
 from moesim.engine.inputs import step_inputs
+from moesim.engine.parts import independent_parts, run_parts, worker_count
 from moesim.engine.recorder import CountingEnvironment, Recorder, failure_copy
 from moesim.network import FluidNetwork, Topology
 from moesim.network.aggregate import PatternCache, aggregation_mode
@@ -91,6 +92,17 @@ class _Stream:
                 return
 
 
+class _NoBar:
+    """The progress bar of a run that shows none: no tqdm (whose lock a forked part
+    must never need)."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Engine:
     """Runs one step of a :class:`WorkloadPlan` on its topology."""
 
@@ -103,9 +115,22 @@ class Engine:
         progress: bool | None = None,
         graph: StepGraph | None = None,
         patterns: PatternCache | None = None,
+        devices: np.ndarray | None = None,
     ) -> None:
+        """``devices``: simulate only these (an independent part of the step,
+        :func:`~moesim.engine.parts.independent_parts`): their streams, and of each
+        collective the pairs they send; None: every device, split into its independent parts
+        by :meth:`run` where ``sim.parts`` is ``split``."""
         sc = plan.scenario
         self.plan = plan
+        self._part = None if devices is None else np.asarray(devices, dtype=np.int64)
+        self._in_part: np.ndarray | None = None
+        if self._part is not None:
+            self._in_part = np.zeros(plan.n_devices, dtype=bool)
+            self._in_part[self._part] = True
+        self._sub_pairs: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
+        self._part_counts = {"events": 0, "network_solves": 0}
+        self.parts = 1
         self.topology, self.graph = step_inputs(plan, topology, graph)
         self.env = CountingEnvironment()
         self.net = FluidNetwork(
@@ -147,13 +172,19 @@ class Engine:
         show = sc.sim.progress if progress is None else progress
         if show and self.net.compiled and kernels_cold(quiet=False):
             warm_up()  # compiled here, announced, rather than stalling the progress bar
-        self._bar = tqdm(
-            total=plan.n_devices * spans,
-            delay=2.0,
-            disable=not show,
-            unit="device-layer",
-            desc=sc.name,
-            leave=False,
+        self._spans = spans
+        self._devices = range(plan.n_devices) if self._part is None else self._part.tolist()
+        self._bar = (
+            _NoBar()
+            if not show
+            else tqdm(
+                total=len(self._devices) * spans,
+                delay=2.0,
+                disable=not show,
+                unit="device-layer",
+                desc=sc.name,
+                leave=False,
+            )
         )
         self.wall_s = 0.0
 
@@ -163,12 +194,25 @@ class Engine:
 
     @property
     def counters(self) -> dict[str, int]:
-        return {"events": self.env.events_processed, "network_solves": self.net.solves}
+        counts = self._part_counts
+        return {
+            "events": self.env.events_processed + counts["events"],
+            "network_solves": self.net.solves + counts["network_solves"],
+            "network_parts": self.parts,
+        }
 
     def run(self) -> Engine:
         start = time.perf_counter()
+        if self._part is None and self.plan.scenario.sim.parts == "split":
+            parts = independent_parts(
+                self.graph, self.patterns, self.plan.n_devices, self.topology.n_links
+            )
+            if len(parts) > 1:
+                self._run_parts(parts)
+                self.wall_s = time.perf_counter() - start
+                return self
         for stream, ids in self._walk_lists.items():
-            for g in range(self.plan.n_devices):
+            for g in self._devices:
                 _Stream(self.env, self._walk(g, stream, ids))
         # the walk allocates (events, slices) without making cyclic garbage: the cyclic
         # collector only rescans the growing heap (~8% of the run on 256 devices), so it
@@ -192,6 +236,46 @@ class Engine:
         self.wall_s = time.perf_counter() - start
         self.net.close_intervals()
         return self
+
+    def _run_parts(self, parts: list[np.ndarray]) -> None:
+        """Simulate each independent part (:mod:`moesim.engine.parts`) on its own network
+        and event loop, in ``sim.workers`` processes, and gather their records here in part
+        order: every device's and every link's numbers come from the one part that holds it
+        (links are never shared between parts), so they are the part's own."""
+        self.parts = len(parts)
+        workers = worker_count(self.plan.scenario.sim.workers, len(parts), self.plan.n_devices)
+
+        def run(k: int) -> dict:
+            part = Engine(self.plan, self.topology, False, self.graph, self.patterns, parts[k])
+            return part.run()._records()
+
+        done = {}
+        for k, records in run_parts(run, len(parts), workers):
+            done[k] = records
+            self._bar.update(len(parts[k]) * self._spans)
+        stats = self.net.stats
+        for k, part in enumerate(parts):
+            records = done.pop(k)
+            self.rec.add_part(part, records["recorder"])
+            stats.busy_s += records["busy_s"]
+            stats.bytes_carried += records["bytes_carried"]
+            stats.intervals.add(*records["intervals"])
+            self._part_counts["events"] += records["events"]
+            self._part_counts["network_solves"] += records["network_solves"]
+        self._bar.close()
+
+    def _records(self) -> dict:
+        """What a part's run hands back to the whole: its devices' records, its links'
+        accounting and its counts (picklable: a forked worker sends it)."""
+        stats = self.net.stats
+        return {
+            "recorder": self.rec.part_records(self._part),
+            "busy_s": stats.busy_s,
+            "bytes_carried": stats.bytes_carried,
+            "intervals": stats.intervals.columns(),
+            "events": self.env.events_processed,
+            "network_solves": self.net.solves,
+        }
 
     # -- events -------------------------------------------------------------------------
     def _event(self, nid: int, g: int) -> simpy.Event:
@@ -405,11 +489,20 @@ class Engine:
         group per receiver, fed by every flow that carries bytes to it; its events."""
         traffic = node.traffic
         n = self.plan.n_devices
-        pat = self.patterns.get(traffic.src, traffic.dst)
-        gids, events = self.net.groups(pat.inbound(n))
+        src, dst, pair_bytes = traffic.src, traffic.dst, traffic.nbytes
+        if self._in_part is not None:  # this part's pairs (a part sends only within itself)
+            src, dst, pair_bytes = self._part_pairs(traffic)
+        pat = self.patterns.get(src, dst)
+        if self._part is None:
+            gids, events = self.net.groups(pat.inbound(n))
+        else:  # groups for the part's receivers only (the others' events are never used)
+            gids, events = np.full(n, -1, dtype=np.int64), [self._complete] * n
+            gids[self._part], part_events = self.net.groups(pat.inbound(n)[self._part])
+            for g, event in zip(self._devices, part_events, strict=True):
+                events[g] = event
         # the collective takes at least its busiest link's bytes over that link's bandwidth
-        nbytes, weight, per_slot = pat.contribution_sums(traffic.nbytes)
-        link_bytes = pat.link_bytes(traffic.nbytes, self.topology.n_links, per_slot)
+        nbytes, weight, per_slot = pat.contribution_sums(pair_bytes)
+        link_bytes = pat.link_bytes(pair_bytes, self.topology.n_links, per_slot)
         floor_s = float(np.max(link_bytes / self.net.capacity)) if len(link_bytes) else 0.0
         # the contributions without bytes are counted off, never admitted
         *full, full_at, empty_slot, empty_at = pat.split_contributions(nbytes, weight)
@@ -425,16 +518,39 @@ class Engine:
             link_bytes,
             tuple(full),
         )
+        involved = node.devices if self._in_part is None else self._in_part
+        if node.devices is not None and self._in_part is not None:
+            involved = node.devices & self._in_part
         prep = _Prepared(
             block=block,
             empty_slot=empty_slot,
-            senders_left=n if node.devices is None else int(np.count_nonzero(node.devices)),
+            senders_left=n if involved is None else int(np.count_nonzero(involved)),
             offsets=full_at.tolist(),
             empty_offsets=empty_at.tolist(),
         )
         if traffic.barrier and traffic.members is not None:
-            prep.members = traffic.members
-            valid = traffic.members[traffic.members >= 0]
+            members = traffic.members
+            if self._in_part is not None:  # the part's groups: a group is in one part
+                members = np.where(self._in_part[: len(members)], members, -1)
+            prep.members = members
+            valid = members[members >= 0]
             prep.left = np.bincount(valid) if len(valid) else np.zeros(0, dtype=np.int64)
         self._prepared[node.id] = prep
         return events
+
+    def _part_pairs(self, traffic) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``traffic``'s pairs sent by this part's devices (their receivers are in it too)
+        and their bytes; the pairs selected once per pair set (the same arrays every layer,
+        so the flow pattern is found by identity), read-only as the plan's are."""
+        key = (id(traffic.src), id(traffic.dst))
+        found = self._sub_pairs.get(key)
+        if found is None or found[0] is not traffic.src:
+            sel = np.flatnonzero(self._in_part[traffic.src])
+            src, dst = traffic.src[sel], traffic.dst[sel]
+            for a in (src, dst, sel):
+                a.flags.writeable = False
+            found = self._sub_pairs[key] = (traffic.src, sel, src, dst)
+        _, sel, src, dst = found
+        nbytes = np.asarray(traffic.nbytes)[sel]
+        nbytes.flags.writeable = np.asarray(traffic.nbytes).flags.writeable
+        return src, dst, nbytes

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
+
+from moesim.engine.parts import pair_components, pairs_by_component
 from moesim.network import Topology, build_topology
 from moesim.network.aggregate import PatternCache
 from moesim.plan.graph import StepGraph, build_graph
@@ -68,7 +71,12 @@ class NetworkPrefetch:
         try:
             topology = scenario_topology(self.scenario)
             patterns = PatternCache(topology, self.scenario.sim.aggregate)
-            patterns.build(dispatch_pairs(self.scenario))
+            pairs = dispatch_pairs(self.scenario)
+            if self.scenario.sim.parts == "split":  # the parts' own pairs, if it splits
+                label = pair_components(pairs, topology.n_devices)
+                if len(np.unique(label)) > 1:
+                    pairs = [p for s, d in pairs for p in pairs_by_component(s, d, label)]
+            patterns.build(pairs)
             self.topology, self.patterns = topology, patterns
         except BaseException as err:  # raised in the main thread by result()
             self.error = err

@@ -148,6 +148,29 @@ class Recorder:
         one[1].append(start)
         one[2].append(end)
 
+    def part_records(self, devices: np.ndarray) -> dict:
+        """What this recorder holds of ``devices`` (the part it recorded): their phase times
+        and finish times, the slices and the collectives in flight, in recording order."""
+        self._gather_one()
+        return {
+            "phase_s": {phase: seconds[devices] for phase, seconds in self.phase_s.items()},
+            "finish_s": self.finish_s[devices],
+            "slices": self.slices,
+            "pim_slices": self.pim_slices,
+            "comm": self.comm,
+        }
+
+    def add_part(self, devices: np.ndarray, records: dict) -> None:
+        """Take in a part's :meth:`part_records` (its devices recorded nowhere else): their
+        numbers as they were, its slices and collectives after those already here."""
+        self._gather_one()
+        for phase, seconds in records["phase_s"].items():
+            self.phase_s[phase][devices] = seconds
+        self.finish_s[devices] = records["finish_s"]
+        self.slices += records["slices"]
+        self.pim_slices += records["pim_slices"]
+        self.comm += records["comm"]
+
     def _gather_one(self) -> None:
         """Move the single-device intervals recorded so far into ``comm`` (order kept)."""
         g, start, end = self._one

@@ -289,8 +289,16 @@ def make_executor(
     if n == 1:
         yield None
         return
-    with ProcessPoolExecutor(max_workers=n) as pool:
+    with ProcessPoolExecutor(max_workers=n, initializer=_one_process_a_point) as pool:
         yield pool
+
+
+def _one_process_a_point() -> None:
+    """A sweep worker runs a point's independent parts in itself (the sweep already runs a
+    point per CPU: forking more would oversubscribe them)."""
+    from moesim.engine.parts import FORK_ALLOWED
+
+    FORK_ALLOWED["parts"] = False
 
 
 def _finished(
