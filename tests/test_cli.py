@@ -226,3 +226,9 @@ def test_schema_of_each_file_kind(kind, capsys):
         for field, info in model.model_fields.items():
             assert info.description, (kind, model.__name__, field)
     assert ("axes" if kind == "sweep" else "targets") in schema["required"]
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, "lots", True])
+def test_bad_worker_count_is_one_line(tmp_path, capsys, value):
+    err = _bad(tmp_path, capsys, _with("sim.workers", value))
+    assert "sim.workers: 'auto' or a whole number of processes, at least 1" in err
