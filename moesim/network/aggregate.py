@@ -241,6 +241,12 @@ def aggregation_mode(topology: Topology, requested: str) -> str:
     return "node" if topology.nodes > 1 and topology.inter_kind == "rail_optimized" else "device"
 
 
+PATTERN_THREADS = 2
+"""Threads :meth:`PatternCache.build` builds patterns on: the dispatch's and the combine's
+side by side (more, for the parts of a split run, only contend for the GIL's share of
+the work with the plan beside them)."""
+
+
 class PatternCache:
     """Flow patterns keyed by the exact (src, dst) pairs, built once per distinct pair set."""
 
@@ -264,13 +270,14 @@ class PatternCache:
         return self._cache[key]
 
     def build(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
-        """The patterns of every ``(src, dst)`` of ``pairs`` built at once, one thread each
-        (their numpy sorts and gathers release the GIL), then cached in that order: what
-        calling :meth:`get` on each in turn leaves."""
+        """The patterns of every ``(src, dst)`` of ``pairs`` built at once, on
+        :data:`PATTERN_THREADS` threads (their numpy sorts and gathers release the GIL),
+        then cached in that order: what calling :meth:`get` on each in turn leaves."""
         todo = {_pairs_key(s, d): (s, d) for s, d in pairs}  # each distinct set once
         todo = {key: sd for key, sd in todo.items() if key not in self._cache}
         if len(todo) > 1:
-            with ThreadPoolExecutor(len(todo), thread_name_prefix="moesim-pattern") as pool:
+            threads = min(len(todo), PATTERN_THREADS)
+            with ThreadPoolExecutor(threads, thread_name_prefix="moesim-pattern") as pool:
                 built = pool.map(
                     lambda sd: flow_pattern(self.topology, *sd, self.mode), todo.values()
                 )
