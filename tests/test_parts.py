@@ -176,6 +176,10 @@ def test_workers_are_one_where_forking_is_not_wise(monkeypatch):
     thread.start()
     thread.join()
     assert out == [1]
+    monkeypatch.setattr(eparts.sys, "platform", "darwin")
+    assert eparts.worker_count(4, 8, 4096) == 1
+    monkeypatch.setattr(eparts.sys, "platform", "linux")
+    assert eparts.worker_count(4, 8, 4096) == 4
     monkeypatch.setitem(eparts.FORK_ALLOWED, "parts", False)
     assert eparts.worker_count(4, 8, 4096) == 1
 

@@ -540,7 +540,7 @@ class SimConfig(Config):
     workers: Literal["auto"] | int = Field(
         "auto",
         description="processes that simulate the independent parts at once (parts: split; "
-        "forked, so Linux and macOS): auto is one per CPU, at most one per part; the results "
+        "forked, on Linux): auto is one per CPU, at most one per part; the results "
         "are the same bytes for any number; 1 in the points of a sweep that runs in processes",
     )
     trace: bool = Field(True, description="record device/link timelines for trace.json")

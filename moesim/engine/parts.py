@@ -17,6 +17,7 @@ import hashlib
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -164,11 +165,11 @@ def independent_parts(
 def worker_count(requested: int | str, n_parts: int, n_devices: int) -> int:
     """Processes to run ``n_parts`` parts of ``n_devices`` in: ``sim.workers`` (``auto``: one
     per CPU this process may use), at most one per part; 1 where forking is not possible or
-    not worth it (no ``fork`` start method, not the main thread, a sweep's worker process,
-    or fewer than :data:`PARALLEL_MIN_DEVICES` devices)."""
+    not worth it (not Linux, not the main thread, a sweep's worker process, or fewer than
+    :data:`PARALLEL_MIN_DEVICES` devices)."""
     if n_parts < 2 or n_devices < PARALLEL_MIN_DEVICES or not FORK_ALLOWED["parts"]:
         return 1
-    if "fork" not in multiprocessing.get_all_start_methods():
+    if not sys.platform.startswith("linux"):  # fork: macOS's system libraries refuse it
         return 1
     if threading.current_thread() is not threading.main_thread():
         return 1
