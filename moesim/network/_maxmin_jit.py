@@ -563,24 +563,28 @@ def count_off(
 
 @njit(cache=True)
 def link_intervals(
+    links: np.ndarray,
     link_flows: np.ndarray,
     link_active: np.ndarray,
     link_since: np.ndarray,
     busy_s: np.ndarray,
     now: float,
 ) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
-    """End and start the links' busy intervals at ``now``: a link is busy while a live flow
-    crosses it (``link_flows`` > 0); an interval that ends adds ``now - link_since`` to
-    ``busy_s``. Returns the links whose interval ended and the start of each."""
-    n_links = link_flows.shape[0]
+    """End and start the busy intervals of ``links`` (ascending: those whose flows changed
+    since the last call; every other link is as busy as it was) at ``now``: a link is busy
+    while a live flow crosses it (``link_flows`` > 0); an interval that ends adds
+    ``now - link_since`` to ``busy_s``. Returns the links whose interval ended and the start
+    of each."""
     n_ended = 0
-    for link in range(n_links):
+    for i in range(links.shape[0]):
+        link = links[i]
         if link_active[link] and link_flows[link] <= 0:
             n_ended += 1
     ended = np.empty(n_ended, np.int64)
     ended_since = np.empty(n_ended)
     k = 0
-    for link in range(n_links):
+    for i in range(links.shape[0]):
+        link = links[i]
         active = link_flows[link] > 0
         if link_active[link] and not active:
             ended[k] = link
@@ -591,6 +595,22 @@ def link_intervals(
             link_since[link] = now
         link_active[link] = active
     return ended, ended_since
+
+
+@njit(cache=True)
+def _marked(flags: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    """The indices of the set ``flags``, ascending."""
+    n = 0
+    for i in range(flags.shape[0]):
+        if flags[i]:
+            n += 1
+    out = np.empty(n, np.int64)
+    k = 0
+    for i in range(flags.shape[0]):
+        if flags[i]:
+            out[k] = i
+            k += 1
+    return out
 
 
 @njit(cache=True)
@@ -638,8 +658,10 @@ def network_cycle(
     """One cycle of ``FluidNetwork`` after its admissions, in one call: advance and retire
     (:func:`due_rows`); if a flow retired or ``admitted``, re-solve the rates
     (:func:`maxmin_components`, building the flows-by-link index first where ``ptr`` is
-    empty) and end and start the links' busy intervals (a link is busy while a live flow
-    crosses it: ``busy_s`` gains ``now - link_since`` at the end of each); after an
+    empty) and end and start the busy intervals of the links whose flows changed, the
+    ``dirty`` ones (a link is busy while a live flow crosses it: ``busy_s`` gains
+    ``now - link_since`` at the end of each; every change of a link's flows marks it
+    dirty, and the solve that clears the marks runs in the same call); after an
     admission, credit the late-admitted flows (``FluidNetwork._backdate``); then the
     seconds to the next finish among the live flows (inf if none).
 
@@ -655,6 +677,7 @@ def network_cycle(
     solved = idx.shape[0] > 0 or admitted
     ended, ended_since = np.empty(0, np.int64), np.empty(0)
     if solved:
+        changed = _marked(dirty)  # every link whose flows changed (the solve clears them)
         any_alive = False
         for f in range(n):
             if alive[f]:
@@ -666,7 +689,9 @@ def network_cycle(
             maxmin_components(
                 solve_paths, capacity, weight, tolerance, alive, ptr, flows_by_link, dirty, rate
             )
-        ended, ended_since = link_intervals(link_flows, link_active, link_since, busy_s, now)
+        ended, ended_since = link_intervals(
+            changed, link_flows, link_active, link_since, busy_s, now
+        )
         if admitted:
             backdate(remaining, rate, waited)
     wait = next_finish_s(remaining, rate, alive)
