@@ -62,7 +62,7 @@ class AnalyticEngine:
         self._comm = plan.train is None  # collectives in flight (inference summaries)
         n_links = self.topology.n_links
         self.link_stats = LinkStats(np.zeros(n_links), np.zeros(n_links))
-        self.counters = {"events": 0, "network_solves": 0}
+        self.counters = {"events": 0, "network_solves": 0, "network_parts": 0}  # no network
         self.wall_s = 0.0
         self._link_loads: dict[int, tuple[Traffic, np.ndarray, np.ndarray, float]] = {}
 
