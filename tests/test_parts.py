@@ -200,3 +200,18 @@ def test_a_failing_part_fails_the_run(monkeypatch):
 
     with pytest.raises(RuntimeError, match="part"):
         list(eparts.run_parts(boom, 3, 2))
+
+
+def test_a_worker_that_dies_fails_the_run_rather_than_waiting():
+    """A worker killed mid-part (as the kernel's memory killer would) breaks the pool: the
+    run raises instead of waiting for a result that never comes."""
+    import os
+    from concurrent.futures.process import BrokenProcessPool
+
+    def die(k):
+        if k == 1:
+            os._exit(9)
+        return k
+
+    with pytest.raises(BrokenProcessPool):
+        list(eparts.run_parts(die, 3, 2))

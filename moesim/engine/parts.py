@@ -21,6 +21,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
 
 import numpy as np
@@ -194,17 +195,27 @@ def _worker_start() -> None:
 def run_parts(run: Callable[[int], Any], n_parts: int, workers: int) -> Iterator[tuple[int, Any]]:
     """``(k, run(k))`` for every part ``k``: in order in this process (``workers`` 1), else as
     forked workers finish them (each inherits this process as it is: the plan, the flow
-    patterns and the loaded kernels)."""
+    patterns and the loaded kernels). A worker that dies (killed for memory, say) fails the
+    run (``BrokenProcessPool``) rather than leaving it waiting; on any error, Ctrl-C
+    included, the workers are stopped at once."""
     if workers <= 1:
         for k in range(n_parts):
             yield k, run(k)
         return
     _JOB["run"] = run
-    try:
-        with warnings.catch_warnings():  # Python >= 3.12 warns on fork with threads alive
-            warnings.filterwarnings("ignore", ".*fork.*", DeprecationWarning)
-            ctx = multiprocessing.get_context("fork")
-            with ctx.Pool(workers, initializer=_worker_start) as pool:
-                yield from pool.imap_unordered(_run_one, range(n_parts))
-    finally:
-        _JOB.clear()
+    with warnings.catch_warnings():  # Python >= 3.12 warns on fork with threads alive
+        warnings.filterwarnings("ignore", ".*fork.*", DeprecationWarning)
+        pool = ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("fork"), initializer=_worker_start
+        )
+        try:
+            futures = [pool.submit(_run_one, k) for k in range(n_parts)]
+            for future in as_completed(futures):
+                yield future.result()
+        except BaseException:
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.terminate()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            _JOB.clear()
