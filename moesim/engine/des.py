@@ -130,7 +130,7 @@ class Engine:
             self._in_part[self._part] = True
         self._sub_pairs: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
         self._part_counts = {"events": 0, "network_solves": 0}
-        self.parts = 1
+        self.n_parts = 1  # the independent parts run apart (1: one network)
         self.topology, self.graph = step_inputs(plan, topology, graph)
         self.env = CountingEnvironment()
         self.net = FluidNetwork(
@@ -180,7 +180,6 @@ class Engine:
             else tqdm(
                 total=len(self._devices) * spans,
                 delay=2.0,
-                disable=not show,
                 unit="device-layer",
                 desc=sc.name,
                 leave=False,
@@ -198,7 +197,7 @@ class Engine:
         return {
             "events": self.env.events_processed + counts["events"],
             "network_solves": self.net.solves + counts["network_solves"],
-            "network_parts": self.parts,
+            "network_parts": self.n_parts,
         }
 
     def run(self) -> Engine:
@@ -242,7 +241,7 @@ class Engine:
         and event loop, in ``sim.workers`` processes, and gather their records here in part
         order: every device's and every link's numbers come from the one part that holds it
         (links are never shared between parts), so they are the part's own."""
-        self.parts = len(parts)
+        self.n_parts = len(parts)
         workers = worker_count(self.plan.scenario.sim.workers, len(parts), self.plan.n_devices)
 
         def run(k: int) -> dict:
@@ -518,9 +517,9 @@ class Engine:
             link_bytes,
             tuple(full),
         )
-        involved = node.devices if self._in_part is None else self._in_part
-        if node.devices is not None and self._in_part is not None:
-            involved = node.devices & self._in_part
+        involved = node.devices  # the senders (None: every device)
+        if self._in_part is not None:
+            involved = self._in_part if involved is None else involved & self._in_part
         prep = _Prepared(
             block=block,
             empty_slot=empty_slot,
@@ -544,13 +543,13 @@ class Engine:
         so the flow pattern is found by identity), read-only as the plan's are."""
         key = (id(traffic.src), id(traffic.dst))
         found = self._sub_pairs.get(key)
-        if found is None or found[0] is not traffic.src:
+        if found is None or found[0] is not traffic.src or found[1] is not traffic.dst:
             sel = np.flatnonzero(self._in_part[traffic.src])
             src, dst = traffic.src[sel], traffic.dst[sel]
             for a in (src, dst, sel):
                 a.flags.writeable = False
-            found = self._sub_pairs[key] = (traffic.src, sel, src, dst)
-        _, sel, src, dst = found
+            found = self._sub_pairs[key] = (traffic.src, traffic.dst, sel, src, dst)
+        _, _, sel, src, dst = found
         nbytes = np.asarray(traffic.nbytes)[sel]
         nbytes.flags.writeable = np.asarray(traffic.nbytes).flags.writeable
         return src, dst, nbytes
